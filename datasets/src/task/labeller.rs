@@ -1,0 +1,188 @@
+//! A simulated human labeller for the bundled task.
+//!
+//! Writing demonstrations, it is right with probability `accuracy` and
+//! otherwise makes the mistakes people make: a forgotten carry, two numbers
+//! left swapped, a dropped letter, the input copied back. Ranking answers,
+//! it orders them by the gold score plus Gaussian noise, so that it agrees
+//! with the gold ranking on most pairs but not all (InstructGPT's labellers
+//! agreed with each other on about 73% of comparisons).
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::{judge, Instruction};
+
+/// One plausible wrong answer to `instruction`.
+pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
+    let correct = instruction.answer();
+    match instruction {
+        Instruction::Reverse(word) => {
+            let chars: Vec<char> = correct.chars().collect();
+            match rng.random_range(0..4) {
+                0 if chars.len() > 1 => {
+                    // Two neighbouring letters swapped.
+                    let mut c = chars.clone();
+                    let i = rng.random_range(0..c.len() - 1);
+                    c.swap(i, i + 1);
+                    c.into_iter().collect()
+                }
+                1 if chars.len() > 2 => {
+                    // A letter dropped.
+                    let mut c = chars.clone();
+                    c.remove(rng.random_range(0..c.len()));
+                    c.into_iter().collect()
+                }
+                2 => word.clone(), // the word copied back
+                _ => {
+                    // First letter kept in place.
+                    let mut c: Vec<char> = word.chars().collect();
+                    c[1..].reverse();
+                    c.into_iter().collect()
+                }
+            }
+        }
+        Instruction::Sort(xs) => {
+            let mut sorted = xs.clone();
+            sorted.sort_unstable();
+            let out: Vec<u32> = match rng.random_range(0..4) {
+                0 => {
+                    let mut v = sorted.clone();
+                    let i = rng.random_range(0..v.len() - 1);
+                    v.swap(i, i + 1);
+                    v
+                }
+                1 => {
+                    let mut v = sorted.clone();
+                    v.remove(rng.random_range(0..v.len()));
+                    v
+                }
+                2 => xs.clone(),
+                _ => sorted.iter().rev().copied().collect(),
+            };
+            out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        }
+        Instruction::Add(a, b) => {
+            let sum = i64::from(a + b);
+            let wrong = match rng.random_range(0..4) {
+                0 => i64::from(a % 10 + b % 10) % 10 + 10 * i64::from((a / 10 + b / 10) % 10), // no carry
+                1 => sum + if rng.random_bool(0.5) { 1 } else { -1 },
+                2 => sum + if rng.random_bool(0.5) { 10 } else { -10 },
+                _ => i64::from(a.abs_diff(*b)), // subtracted instead
+            };
+            wrong.max(0).to_string()
+        }
+    }
+}
+
+/// A demonstration: correct with probability `accuracy`, else a mistake.
+pub fn demonstrate(instruction: &Instruction, accuracy: f64, rng: &mut impl Rng) -> String {
+    if rng.random_bool(accuracy) {
+        instruction.answer()
+    } else {
+        mistake(instruction, rng)
+    }
+}
+
+/// `k` distinct candidate answers (the correct one among them with
+/// probability `p_correct`), in random order.
+pub fn candidates(
+    instruction: &Instruction,
+    k: usize,
+    p_correct: f64,
+    rng: &mut impl Rng,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(k);
+    if rng.random_bool(p_correct) {
+        out.push(instruction.answer());
+    }
+    let mut tries = 0;
+    while out.len() < k && tries < 200 {
+        tries += 1;
+        let m = mistake(instruction, rng);
+        // Stack two mistakes sometimes, for worse answers.
+        let m = if rng.random_bool(0.3) {
+            mutate(&m, rng)
+        } else {
+            m
+        };
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    out.shuffle(rng);
+    out
+}
+
+/// A character-level edit: drop or duplicate one character.
+fn mutate(s: &str, rng: &mut impl Rng) -> String {
+    let mut c: Vec<char> = s.chars().collect();
+    if c.len() < 2 {
+        return format!("{s}{s}");
+    }
+    let i = rng.random_range(0..c.len());
+    if rng.random_bool(0.5) {
+        c.remove(i);
+    } else {
+        c.insert(i, c[i]);
+    }
+    c.into_iter().collect()
+}
+
+/// Ranks `answers` (0 = best) by gold score plus `noise`-sd Gaussian noise;
+/// `noise = 0` gives the gold ranking (ties broken by position).
+pub fn rank(prompt: &str, answers: &[String], noise: f64, rng: &mut impl Rng) -> Vec<usize> {
+    let normal = Normal::new(0.0, noise.max(1e-12)).expect("valid sd");
+    let noisy: Vec<f64> = answers
+        .iter()
+        .map(|a| {
+            judge(prompt, a).unwrap_or(0.0) + if noise > 0.0 { normal.sample(rng) } else { 0.0 }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..answers.len()).collect();
+    order.sort_by(|&i, &j| noisy[j].total_cmp(&noisy[i]).then(i.cmp(&j)));
+    let mut ranking = vec![0; answers.len()];
+    for (r, &i) in order.iter().enumerate() {
+        ranking[i] = r;
+    }
+    ranking
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn mistakes_are_wrong_and_demonstrations_mix() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut right = 0;
+        for _ in 0..2000 {
+            let i = Instruction::random(&mut rng);
+            let m = mistake(&i, &mut rng);
+            if m == i.answer() {
+                // Only possible for palindromes-like or duplicate numbers.
+                continue;
+            }
+            assert!(judge(&i.prompt(), &m).unwrap() < 1.0);
+            if demonstrate(&i, 0.6, &mut rng) == i.answer() {
+                right += 1;
+            }
+        }
+        assert!((1050..1350).contains(&right), "{right}");
+    }
+
+    #[test]
+    fn gold_rank_orders_by_score_and_noise_flips_some_pairs() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let p = "Add: 37+48\n";
+        let answers = vec!["75".to_string(), "85".into(), "eighty".into()];
+        assert_eq!(rank(p, &answers, 0.0, &mut rng), vec![1, 0, 2]);
+        let mut flips = 0;
+        for _ in 0..1000 {
+            let r = rank(p, &answers, 0.3, &mut rng);
+            flips += usize::from(r[0] < r[1]);
+        }
+        assert!(flips > 20 && flips < 300, "{flips}");
+    }
+}

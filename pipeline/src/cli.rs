@@ -1,0 +1,130 @@
+//! The command line: every subcommand and its flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rlhf",
+    version,
+    about = "The InstructGPT recipe (SFT -> reward model -> PPO) on your own GPT"
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a randomly initialised GPT model folder.
+    Init(InitArgs),
+    /// Sample answers to prompts with the KV cache.
+    Generate(GenerateArgs),
+    /// Per-token log-probabilities and NLL of texts (perplexity), as JSON lines.
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HeadArg {
+    Lm,
+    Scalar,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Folder to write (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub n_layer: i64,
+    #[arg(long, default_value_t = 4)]
+    pub n_head: i64,
+    #[arg(long, default_value_t = 128)]
+    pub n_embd: i64,
+    #[arg(long, default_value_t = 256)]
+    pub n_positions: i64,
+    /// Vocabulary size; default: the tokenizer's, rounded up to a multiple of 8.
+    #[arg(long)]
+    pub vocab_size: Option<i64>,
+    /// An HF tokenizer.json (or a folder with one); default: built-in bytes.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = HeadArg::Lm)]
+    pub head: HeadArg,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceArg {
+    /// auto (CUDA if present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A model folder (rlhf checkpoint or HF GPT-2).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text; repeat for a batch.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: i64,
+    /// 1 keeps all tokens.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: i64,
+    /// Keep sampling past EOS.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Print JSON lines (prompt, answer, token ids, finished) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// A model folder (rlhf checkpoint or HF GPT-2).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Text to score; repeatable.
+    #[arg(long)]
+    pub text: Vec<String>,
+    /// JSON lines with a "text" (string) or "ids" (token ids) field; - for stdin.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,114 @@
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use rlhf_datasets::Tokenizer;
+use rlhf_stages::device::parse_device;
+use rlhf_stages::score::sequence_logprobs;
+use rlhf_stages::{Head, HeadChoice, Model};
+use serde_json::{json, Value};
+
+use crate::cli::ScoreArgs;
+
+/// One thing to score: its text (if given as text) and its ids.
+struct Item {
+    text: Option<String>,
+    ids: Vec<i64>,
+}
+
+pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device.device)?;
+    let model = Model::load(&args.model, HeadChoice::Want(Head::Lm), device)?;
+    let tok = &model.tokenizer;
+    let mut items = Vec::new();
+    for t in &args.text {
+        items.push(Item {
+            text: Some(t.clone()),
+            ids: tok.encode(t)?,
+        });
+    }
+    if let Some(path) = &args.input {
+        items.extend(read_items(path, tok)?);
+    }
+    if items.is_empty() {
+        bail!("nothing to score: give --text or --input");
+    }
+    let limit = model.gpt.config().n_positions as usize;
+    let vocab = model.gpt.config().vocab_size;
+    for (i, item) in items.iter().enumerate() {
+        if item.ids.len() > limit {
+            bail!(
+                "item {i}: {} tokens exceed the model's n_positions ({limit})",
+                item.ids.len()
+            );
+        }
+        if let Some(bad) = item.ids.iter().find(|&&id| id < 0 || id >= vocab) {
+            bail!("item {i}: token id {bad} is outside the vocabulary (0..{vocab})");
+        }
+    }
+    let seqs: Vec<Vec<i64>> = items.iter().map(|it| it.ids.clone()).collect();
+    let logprobs = sequence_logprobs(&model.gpt, &seqs, args.batch_size, device);
+    for (item, lp) in items.iter().zip(logprobs) {
+        let nll: f64 = -lp.iter().sum::<f64>();
+        let n = lp.len();
+        let mean_nll = if n > 0 { nll / n as f64 } else { f64::NAN };
+        let line = json!({
+            "text": item.text,
+            "ids": item.ids,
+            "tokens": item.ids.iter().map(|&id| tok.token_text(id)).collect::<Vec<_>>(),
+            "logprobs": lp,
+            "n_scored": n,
+            "nll": nll,
+            "mean_nll": if n > 0 { json!(mean_nll) } else { Value::Null },
+            "perplexity": if n > 0 { json!(mean_nll.exp()) } else { Value::Null },
+        });
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn read_items(path: &Path, tok: &Tokenizer) -> anyhow::Result<Vec<Item>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        Box::new(BufReader::new(f))
+    };
+    let mut items = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let row = n + 1;
+        let line =
+            line.with_context(|| format!("{}: line {row}: not valid UTF-8 text", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}: line {row}: invalid JSON", path.display()))?;
+        let item = match (v.get("text"), v.get("ids")) {
+            (Some(Value::String(t)), _) => Item {
+                text: Some(t.clone()),
+                ids: tok.encode(t)?,
+            },
+            (_, Some(Value::Array(ids))) => Item {
+                text: None,
+                ids: ids
+                    .iter()
+                    .map(|x| x.as_i64())
+                    .collect::<Option<Vec<_>>>()
+                    .with_context(|| {
+                        format!(
+                            "{}: line {row}: \"ids\" must be a list of integers",
+                            path.display()
+                        )
+                    })?,
+            },
+            _ => bail!(
+                "{}: line {row}: expected a \"text\" string or an \"ids\" list of integers",
+                path.display()
+            ),
+        };
+        items.push(item);
+    }
+    Ok(items)
+}

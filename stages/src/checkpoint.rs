@@ -1,0 +1,547 @@
+//! Model folders: `config.json` (HF `GPT2Config`, plus an `rlhf` section),
+//! `model.safetensors` (HF GPT-2 key names) and `tokenizer.json`.
+//!
+//! The same format is an HF GPT-2 folder: a `GPT2LMHeadModel` saved by
+//! `transformers` loads here, and a folder written here opens in
+//! `transformers`. Folders are written whole to a temporary sibling and
+//! renamed, so a reader never sees half a checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rlhf_datasets::atomic::{self, AtomicWriteError};
+use rlhf_datasets::tokenizer::{Tokenizer, TokenizerError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::gpt::{Gpt, GptConfig, GptConfigError, Head};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// HF nests the trunk under this prefix in `GPT2LMHeadModel` files.
+const HF_TRUNK_PREFIX: &str = "transformer.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a model folder (no {CONFIG_FILE}); expected a folder written by rlhf or an HF GPT-2 folder")]
+    NotAModel { path: PathBuf },
+    #[error("{path}: {message}")]
+    BadConfig { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Shapes {
+        path: PathBuf,
+        #[source]
+        source: GptConfigError,
+    },
+    #[error("{path}: cannot read the weights ({source}); the file may be truncated or corrupt")]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, the config implies {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("{path}: the tokenizer has {tokenizer} ids but the model's vocab_size is {model}")]
+    VocabTooSmall {
+        path: PathBuf,
+        tokenizer: usize,
+        model: i64,
+    },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
+    #[error("cannot write weights to {path}: {source}")]
+    WriteWeights {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+}
+
+/// What rlhf keeps in `config.json` beside HF's keys (`"rlhf": {...}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    /// Which head the weights carry; absent in plain HF folders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<Head>,
+    /// Stage-specific entries (reward normalisation, provenance, ...).
+    #[serde(default, flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// A GPT with its variables and tokenizer: what a model folder holds.
+#[derive(Debug)]
+pub struct Model {
+    pub vs: VarStore,
+    pub gpt: Gpt,
+    pub tokenizer: Tokenizer,
+    pub meta: ModelMeta,
+}
+
+/// Which head to build when loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadChoice {
+    /// Whatever the folder has.
+    AsSaved,
+    /// This head; a scalar head missing from the folder is freshly
+    /// initialised (a reward model starting from an SFT policy).
+    Want(Head),
+}
+
+impl Model {
+    /// A randomly initialised model (seed tch first for reproducibility).
+    pub fn init(
+        config: &GptConfig,
+        head: Head,
+        tokenizer: Tokenizer,
+        device: Device,
+    ) -> Result<Self, CheckpointError> {
+        config
+            .validate()
+            .map_err(|source| CheckpointError::Shapes {
+                path: PathBuf::from("<new model>"),
+                source,
+            })?;
+        if tokenizer.vocab_size() as i64 > config.vocab_size {
+            return Err(CheckpointError::VocabTooSmall {
+                path: PathBuf::from("<new model>"),
+                tokenizer: tokenizer.vocab_size(),
+                model: config.vocab_size,
+            });
+        }
+        let vs = VarStore::new(device);
+        let gpt = Gpt::new(&vs.root(), config, head);
+        Ok(Self {
+            vs,
+            gpt,
+            tokenizer,
+            meta: ModelMeta {
+                head: Some(head),
+                ..ModelMeta::default()
+            },
+        })
+    }
+
+    /// Loads a model folder onto `device`.
+    pub fn load(dir: &Path, head: HeadChoice, device: Device) -> Result<Self, CheckpointError> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.exists() {
+            return Err(CheckpointError::NotAModel {
+                path: dir.to_owned(),
+            });
+        }
+        let (config, meta) = read_config(&config_path)?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let tensors = read_weights(&weights_path)?;
+        let saved_head = meta
+            .head
+            .unwrap_or(if tensors.contains_key("score.weight") {
+                Head::Scalar
+            } else {
+                Head::Lm
+            });
+        let head = match head {
+            HeadChoice::AsSaved => saved_head,
+            HeadChoice::Want(h) => h,
+        };
+        let tokenizer = Tokenizer::from_model_dir(dir)?;
+        if tokenizer.vocab_size() as i64 > config.vocab_size {
+            return Err(CheckpointError::VocabTooSmall {
+                path: dir.to_owned(),
+                tokenizer: tokenizer.vocab_size(),
+                model: config.vocab_size,
+            });
+        }
+        let vs = VarStore::new(device);
+        let gpt = Gpt::new(&vs.root(), &config, head);
+        copy_into(&vs, &tensors, &weights_path)?;
+        Ok(Self {
+            vs,
+            gpt,
+            tokenizer,
+            meta: ModelMeta {
+                head: Some(head),
+                ..meta
+            },
+        })
+    }
+
+    /// Writes the folder atomically; `extra` may add files (optimiser state,
+    /// training state) into the same temporary folder before the rename.
+    pub fn save_with<E>(
+        &self,
+        dir: &Path,
+        extra: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        E: From<CheckpointError> + From<AtomicWriteError>,
+    {
+        atomic::write_dir(dir, |tmp| {
+            self.write_files(tmp)?;
+            extra(tmp)
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+        self.save_with(dir, |_| Ok::<(), CheckpointError>(()))
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let config = hf_config_json(
+            self.gpt.config(),
+            self.gpt.head(),
+            &self.tokenizer,
+            &self.meta,
+        );
+        let text = serde_json::to_string_pretty(&config).expect("config serialises");
+        atomic::write_file(&dir.join(CONFIG_FILE), text.as_bytes())?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    hf_name(&name),
+                    t.detach().to_device(Device::Cpu).contiguous(),
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        Tensor::write_safetensors(&named, &weights_path).map_err(|source| {
+            CheckpointError::WriteWeights {
+                path: weights_path.clone(),
+                source,
+            }
+        })?;
+        self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+        Ok(())
+    }
+}
+
+/// Our variable name -> HF key: the trunk goes under `transformer.`.
+fn hf_name(name: &str) -> String {
+    if name.starts_with("score.") {
+        name.to_owned()
+    } else {
+        format!("{HF_TRUNK_PREFIX}{name}")
+    }
+}
+
+fn read_weights(path: &Path) -> Result<BTreeMap<String, Tensor>, CheckpointError> {
+    if !path.exists() {
+        return Err(CheckpointError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+        });
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|source| CheckpointError::Weights {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let name = name
+                .strip_prefix(HF_TRUNK_PREFIX)
+                .map(str::to_owned)
+                .unwrap_or(name);
+            (name, t)
+        })
+        .collect())
+}
+
+/// Copies file tensors into the model's variables, checking every shape.
+/// Converts dtype (an fp16 HF file loads into fp32 variables).
+fn copy_into(
+    vs: &VarStore,
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let vars = vs.variables();
+    for (name, var) in &vars {
+        let Some(src) = tensors.get(name) else {
+            if name.starts_with("score.") {
+                tracing::info!(
+                    "{}: no scalar head saved; `{name}` starts freshly initialised",
+                    path.display()
+                );
+                continue;
+            }
+            return Err(CheckpointError::MissingTensor {
+                path: path.to_owned(),
+                name: name.clone(),
+            });
+        };
+        if src.size() != var.size() {
+            return Err(CheckpointError::ShapeMismatch {
+                path: path.to_owned(),
+                name: name.clone(),
+                expected: var.size(),
+                found: src.size(),
+            });
+        }
+        tch::no_grad(|| var.shallow_clone().copy_(src));
+    }
+    // Keys HF writes that carry nothing of ours: the tied LM head and the
+    // causal-mask buffers of old GPT-2 files.
+    let ignorable = |k: &str| {
+        k == "lm_head.weight" || k.ends_with(".attn.bias") || k.ends_with(".attn.masked_bias")
+    };
+    let unused: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !vars.contains_key(*k) && !ignorable(k))
+        .collect();
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{}: ignoring tensors the model does not use: {unused:?}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// HF `GPT2Config` keys with HF's defaults, so any GPT-2 `config.json` reads.
+fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let bad = |message: String| CheckpointError::BadConfig {
+        path: path.to_owned(),
+        message,
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("expected a JSON object".into()))?;
+    if let Some(t) = obj.get("model_type").and_then(Value::as_str) {
+        if t != "gpt2" {
+            return Err(bad(format!(
+                "model_type is \"{t}\"; rlhf runs GPT-2-layout models (\"gpt2\")"
+            )));
+        }
+    }
+    let int = |key: &str, default: i64| -> Result<i64, CheckpointError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x
+                .as_i64()
+                .ok_or_else(|| bad(format!("`{key}` must be an integer, got {x}"))),
+        }
+    };
+    let float = |key: &str, default: f64| -> Result<f64, CheckpointError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| bad(format!("`{key}` must be a number, got {x}"))),
+        }
+    };
+    let activation = obj
+        .get("activation_function")
+        .and_then(Value::as_str)
+        .unwrap_or("gelu_new");
+    if !matches!(activation, "gelu_new" | "gelu_pytorch_tanh") {
+        return Err(bad(format!(
+            "activation_function \"{activation}\" is not supported; rlhf's GPT uses GELU (tanh), HF's \"gelu_new\""
+        )));
+    }
+    for (key, supported) in [
+        ("scale_attn_by_inverse_layer_idx", false),
+        ("scale_attn_weights", true),
+        ("tie_word_embeddings", true),
+    ] {
+        if let Some(b) = obj.get(key).and_then(Value::as_bool) {
+            if b != supported {
+                return Err(bad(format!(
+                    "`{key}: {b}` is not supported (rlhf needs {supported})"
+                )));
+            }
+        }
+    }
+    let n_inner = match obj.get("n_inner") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(int("n_inner", 0)?),
+    };
+    let config = GptConfig {
+        vocab_size: int("vocab_size", 50257)?,
+        n_positions: int("n_positions", int("n_ctx", 1024)?)?,
+        n_embd: int("n_embd", 768)?,
+        n_layer: int("n_layer", 12)?,
+        n_head: int("n_head", 12)?,
+        n_inner,
+        layer_norm_epsilon: float("layer_norm_epsilon", 1e-5)?,
+        embd_pdrop: float("embd_pdrop", 0.1)?,
+        attn_pdrop: float("attn_pdrop", 0.1)?,
+        resid_pdrop: float("resid_pdrop", 0.1)?,
+    };
+    config
+        .validate()
+        .map_err(|source| CheckpointError::Shapes {
+            path: path.to_owned(),
+            source,
+        })?;
+    let meta = match obj.get("rlhf") {
+        None => ModelMeta::default(),
+        Some(m) => {
+            serde_json::from_value(m.clone()).map_err(|e| bad(format!("`rlhf` section: {e}")))?
+        }
+    };
+    Ok((config, meta))
+}
+
+fn hf_config_json(
+    config: &GptConfig,
+    head: Head,
+    tokenizer: &Tokenizer,
+    meta: &ModelMeta,
+) -> Value {
+    let architecture = match head {
+        Head::Lm => "GPT2LMHeadModel",
+        Head::Scalar => "GPT2ForSequenceClassification",
+    };
+    let eos = tokenizer.eos_id();
+    let mut meta = meta.clone();
+    meta.head = Some(head);
+    json!({
+        "architectures": [architecture],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_ctx": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "embd_pdrop": config.embd_pdrop,
+        "attn_pdrop": config.attn_pdrop,
+        "resid_pdrop": config.resid_pdrop,
+        "initializer_range": 0.02,
+        "scale_attn_weights": true,
+        "tie_word_embeddings": true,
+        "use_cache": true,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_id(),
+        "num_labels": 1,
+        "torch_dtype": "float32",
+        "rlhf": meta,
+    })
+}
+
+/// The checkpoint's tensors in fp32 on the CPU, by our variable names (for
+/// bit-for-bit comparisons of two runs).
+pub fn weights_of(model: &Model) -> BTreeMap<String, Tensor> {
+    model
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).to_kind(Kind::Float)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> GptConfig {
+        GptConfig {
+            vocab_size: 264,
+            n_positions: 16,
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            ..GptConfig::default()
+        }
+    }
+
+    #[test]
+    fn save_then_load_gives_identical_weights_and_head() {
+        tch::manual_seed(1);
+        let d = tempfile::tempdir().unwrap();
+        let m = Model::init(&tiny(), Head::Scalar, Tokenizer::bytes(), Device::Cpu).unwrap();
+        m.save(&d.path().join("ck")).unwrap();
+        let back = Model::load(&d.path().join("ck"), HeadChoice::AsSaved, Device::Cpu).unwrap();
+        assert_eq!(back.gpt.head(), Head::Scalar);
+        let (a, b) = (weights_of(&m), weights_of(&back));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (k, t) in &a {
+            assert!(t.equal(&b[k]), "{k} differs");
+        }
+    }
+
+    #[test]
+    fn lm_checkpoint_loads_as_reward_model_with_fresh_head() {
+        tch::manual_seed(2);
+        let d = tempfile::tempdir().unwrap();
+        let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
+        m.save(d.path()).unwrap();
+        let rm = Model::load(d.path(), HeadChoice::Want(Head::Scalar), Device::Cpu).unwrap();
+        assert_eq!(rm.gpt.head(), Head::Scalar);
+        assert!(weights_of(&m)["wte.weight"].equal(&weights_of(&rm)["wte.weight"]));
+    }
+
+    #[test]
+    fn truncated_weights_are_reported_with_their_path() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
+        m.save(d.path()).unwrap();
+        let w = d.path().join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&w).unwrap();
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Model::load(d.path(), HeadChoice::AsSaved, Device::Cpu).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("truncated"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn config_errors_name_file_and_key() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
+        m.save(d.path()).unwrap();
+        let cfg = d.path().join(CONFIG_FILE);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        v["n_embd"] = json!("wide");
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let msg = Model::load(d.path(), HeadChoice::AsSaved, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("config.json") && msg.contains("n_embd"),
+            "{msg}"
+        );
+        v["n_embd"] = json!(24);
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let msg = Model::load(d.path(), HeadChoice::AsSaved, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("shape"), "{msg}");
+        let msg = Model::load(&d.path().join("nope"), HeadChoice::AsSaved, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a model folder"), "{msg}");
+    }
+}

@@ -1,0 +1,690 @@
+//! A decoder-only GPT in the GPT-2 layout (Radford et al., 2019), read top to
+//! bottom like nanoGPT's `model.py`.
+//!
+//! Parameter names and shapes are HF GPT-2's (`wte`, `wpe`, `h.{i}.attn.c_attn`,
+//! ...), linear layers included: they are kept in HF's Conv1D layout
+//! `(in, out)`, so loading or saving an HF folder is a plain key copy. The LM
+//! head is tied to `wte`. An optional scalar head (`score`) gives one value per
+//! position, for the reward model and the critic.
+//!
+//! The KV cache lives outside the model ([`KvCache`]): the model is `&self`
+//! and one instance serves training and generation.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+/// The shapes of a GPT. Field names and defaults are HF `GPT2Config`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GptConfig {
+    /// Token ids the model can read and predict (at least the tokenizer's).
+    pub vocab_size: i64,
+    /// Longest sequence: the number of learned positions.
+    pub n_positions: i64,
+    pub n_embd: i64,
+    pub n_layer: i64,
+    pub n_head: i64,
+    /// MLP width; `None` means 4 * n_embd as in GPT-2.
+    pub n_inner: Option<i64>,
+    pub layer_norm_epsilon: f64,
+    pub embd_pdrop: f64,
+    pub attn_pdrop: f64,
+    pub resid_pdrop: f64,
+}
+
+impl Default for GptConfig {
+    /// A small model that trains in minutes on 2 CPU cores, sized for the
+    /// byte tokenizer (261 ids, padded to 264 for aligned matmuls).
+    fn default() -> Self {
+        Self {
+            vocab_size: 264,
+            n_positions: 256,
+            n_embd: 128,
+            n_layer: 4,
+            n_head: 4,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            embd_pdrop: 0.0,
+            attn_pdrop: 0.0,
+            resid_pdrop: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GptConfigError {
+    #[error("model config: {field} must be positive, got {value}")]
+    NotPositive { field: &'static str, value: i64 },
+    #[error("model config: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")]
+    HeadsDoNotDivide { n_embd: i64, n_head: i64 },
+    #[error("model config: {field} must lie in [0, 1), got {value}")]
+    BadDropout { field: &'static str, value: f64 },
+    #[error("model config: layer_norm_epsilon must be positive, got {0}")]
+    BadEpsilon(f64),
+}
+
+impl GptConfig {
+    pub fn validate(&self) -> Result<(), GptConfigError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_inner", self.n_inner.unwrap_or(1)),
+        ];
+        for (field, value) in positive {
+            if value <= 0 {
+                return Err(GptConfigError::NotPositive { field, value });
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(GptConfigError::HeadsDoNotDivide {
+                n_embd: self.n_embd,
+                n_head: self.n_head,
+            });
+        }
+        for (field, value) in [
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+            ("resid_pdrop", self.resid_pdrop),
+        ] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(GptConfigError::BadDropout { field, value });
+            }
+        }
+        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon <= 0.0 {
+            return Err(GptConfigError::BadEpsilon(self.layer_norm_epsilon));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.n_embd / self.n_head
+    }
+
+    pub fn inner_dim(&self) -> i64 {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    /// Trainable parameters of the trunk (the tied LM head adds none).
+    pub fn n_params(&self) -> i64 {
+        let (c, f) = (self.n_embd, self.inner_dim());
+        let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c);
+        self.vocab_size * c + self.n_positions * c + self.n_layer * block + 2 * c
+    }
+}
+
+/// Which heads sit on the trunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Head {
+    /// Next-token logits through the tied `wte` (the policy).
+    Lm,
+    /// One scalar per position, `score.{weight,bias}` (reward model, critic).
+    Scalar,
+}
+
+/// HF's Conv1D: a linear layer stored `(in, out)`, computing `x @ W + b`.
+#[derive(Debug)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(p: nn::Path, n_in: i64, n_out: i64, std: f64) -> Self {
+        Self {
+            weight: p.var(
+                "weight",
+                &[n_in, n_out],
+                Init::Randn {
+                    mean: 0.,
+                    stdev: std,
+                },
+            ),
+            bias: p.var("bias", &[n_out], Init::Const(0.)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut out_shape = x.size();
+        let n_in = *out_shape.last().expect("input has a feature dim");
+        *out_shape.last_mut().expect("input has a feature dim") = self.weight.size()[1];
+        self.bias
+            .addmm(&x.reshape([-1, n_in]), &self.weight)
+            .view(out_shape.as_slice())
+    }
+}
+
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: p.var("weight", &[dim], Init::Const(1.)),
+            bias: p.var("bias", &[dim], Init::Const(0.)),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = *x.size().last().expect("input has a feature dim");
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// How attention is masked in one forward call.
+enum AttentionMask {
+    /// Plain causal attention without past keys: SDPA's fused `is_causal`.
+    Causal,
+    /// One new query that may see every cached key.
+    Unmasked,
+    /// Boolean `(B, 1, T, S)`, true where a query may attend.
+    Explicit(Tensor),
+}
+
+#[derive(Debug)]
+struct CausalSelfAttention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    n_head: i64,
+    attn_pdrop: f64,
+    resid_pdrop: f64,
+}
+
+impl CausalSelfAttention {
+    fn new(p: nn::Path, cfg: &GptConfig) -> Self {
+        let c = cfg.n_embd;
+        Self {
+            c_attn: Conv1D::new(&p / "c_attn", c, 3 * c, 0.02),
+            // GPT-2 scales residual projections by 1/sqrt(2 * n_layer).
+            c_proj: Conv1D::new(&p / "c_proj", c, c, residual_std(cfg)),
+            n_head: cfg.n_head,
+            attn_pdrop: cfg.attn_pdrop,
+            resid_pdrop: cfg.resid_pdrop,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&mut LayerCache, i64)>,
+        train: bool,
+    ) -> Tensor {
+        let (b, t, c) = x.size3().expect("attention input is (B, T, C)");
+        let hs = c / self.n_head;
+        let qkv = self.c_attn.forward(x).split(c, 2);
+        let heads = |z: &Tensor| z.view([b, t, self.n_head, hs]).transpose(1, 2); // (B, nh, T, hs)
+        let (q, mut k, mut v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
+        if let Some((layer, past)) = cache {
+            (k, v) = layer.append(&k, &v, past); // (B, nh, past + T, hs)
+        }
+        let dropout = if train { self.attn_pdrop } else { 0.0 };
+        let y = match mask {
+            AttentionMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, dropout, true, None, false,
+            ),
+            AttentionMask::Unmasked => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, dropout, false, None, false,
+            ),
+            AttentionMask::Explicit(m) => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(m),
+                dropout,
+                false,
+                None,
+                false,
+            ),
+        }; // (B, nh, T, hs)
+        let y = y.transpose(1, 2).contiguous().view([b, t, c]);
+        self.c_proj.forward(&y).dropout(self.resid_pdrop, train)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+    resid_pdrop: f64,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, cfg: &GptConfig) -> Self {
+        let (c, f) = (cfg.n_embd, cfg.inner_dim());
+        Self {
+            c_fc: Conv1D::new(&p / "c_fc", c, f, 0.02),
+            c_proj: Conv1D::new(&p / "c_proj", f, c, residual_std(cfg)),
+            resid_pdrop: cfg.resid_pdrop,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        // GPT-2's "gelu_new" is the tanh approximation.
+        let h = self.c_fc.forward(x).gelu("tanh");
+        self.c_proj.forward(&h).dropout(self.resid_pdrop, train)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &GptConfig) -> Self {
+        let eps = cfg.layer_norm_epsilon;
+        Self {
+            ln_1: LayerNorm::new(&p / "ln_1", cfg.n_embd, eps),
+            attn: CausalSelfAttention::new(&p / "attn", cfg),
+            ln_2: LayerNorm::new(&p / "ln_2", cfg.n_embd, eps),
+            mlp: Mlp::new(&p / "mlp", cfg),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&mut LayerCache, i64)>,
+        train: bool,
+    ) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), mask, cache, train);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    }
+}
+
+fn residual_std(cfg: &GptConfig) -> f64 {
+    0.02 / ((2 * cfg.n_layer) as f64).sqrt()
+}
+
+/// `score`: one scalar per position.
+#[derive(Debug)]
+struct ScalarHead {
+    weight: Tensor, // (1, C), as HF's GPT2ForSequenceClassification
+    bias: Tensor,   // (1,)
+}
+
+/// The GPT: embeddings, blocks, final LayerNorm, tied LM head, optional
+/// scalar head.
+#[derive(Debug)]
+pub struct Gpt {
+    config: GptConfig,
+    wte: Tensor, // (V, C)
+    wpe: Tensor, // (P, C)
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    score: Option<ScalarHead>,
+}
+
+impl Gpt {
+    /// Creates the variables under `p` (randomly initialised as GPT-2 is).
+    /// The LM head is always there (tied, no parameters); `Head::Scalar` adds
+    /// `score`.
+    pub fn new(p: &nn::Path, config: &GptConfig, head: Head) -> Self {
+        let c = config.n_embd;
+        let init = Init::Randn {
+            mean: 0.,
+            stdev: 0.02,
+        };
+        let wte = (p / "wte").var("weight", &[config.vocab_size, c], init);
+        let wpe = (p / "wpe").var(
+            "weight",
+            &[config.n_positions, c],
+            Init::Randn {
+                mean: 0.,
+                stdev: 0.01,
+            },
+        );
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::new(p / "h" / i, config))
+            .collect();
+        let ln_f = LayerNorm::new(p / "ln_f", c, config.layer_norm_epsilon);
+        let score = (head == Head::Scalar).then(|| {
+            let sp = p / "score";
+            ScalarHead {
+                weight: sp.var(
+                    "weight",
+                    &[1, c],
+                    Init::Randn {
+                        mean: 0.,
+                        stdev: 1.0 / ((c + 1) as f64).sqrt(),
+                    },
+                ),
+                bias: sp.var("bias", &[1], Init::Const(0.)),
+            }
+        });
+        Self {
+            config: config.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            score,
+        }
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// The dtype of the weights (the KV cache must match it).
+    pub fn kind(&self) -> Kind {
+        self.wte.kind()
+    }
+
+    pub fn head(&self) -> Head {
+        if self.score.is_some() {
+            Head::Scalar
+        } else {
+            Head::Lm
+        }
+    }
+
+    /// Hidden states after `ln_f`, `(B, T, C)`.
+    ///
+    /// - `input_ids`: `(B, T)`, the new tokens (after any cached ones).
+    /// - `attention_mask`: `(B, past + T)`, 1 for real tokens and 0 for
+    ///   padding, needed for left padding; positions then count real tokens
+    ///   only. `None` means no padding before or among the tokens (right
+    ///   padding needs no mask under causal attention).
+    /// - `cache`: keys and values of earlier tokens; this call appends.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let (_, t) = input_ids.size2().expect("input_ids is (B, T)");
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let device = input_ids.device();
+        assert!(
+            past + t <= self.config.n_positions,
+            "sequence of {} tokens exceeds n_positions = {}",
+            past + t,
+            self.config.n_positions
+        );
+        let positions = match attention_mask {
+            // Left padding: a token's position is the number of real tokens before it.
+            Some(m) => (m.cumsum(1, Kind::Int64) - 1)
+                .clamp_min(0)
+                .narrow(1, past, t),
+            None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
+        };
+        let mask = match attention_mask {
+            Some(m) => AttentionMask::Explicit(explicit_mask(m, past, t)),
+            None if past == 0 => AttentionMask::Causal,
+            None if t == 1 => AttentionMask::Unmasked,
+            None => AttentionMask::Explicit(explicit_mask(
+                &Tensor::ones([1, past + t], (Kind::Bool, device)),
+                past,
+                t,
+            )),
+        };
+        let tok = Tensor::embedding(&self.wte, input_ids, -1, false, false);
+        let pos = Tensor::embedding(&self.wpe, &positions, -1, false, false);
+        let mut x = (tok + pos).dropout(self.config.embd_pdrop, train);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
+            x = block.forward(&x, &mask, layer, train);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// Next-token logits from hidden states: `(.., C) -> (.., V)`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.wte.tr())
+    }
+
+    /// Scalar head values from hidden states: `(B, T, C) -> (B, T)`.
+    ///
+    /// Panics if the model was built without a scalar head.
+    pub fn values(&self, hidden: &Tensor) -> Tensor {
+        let head = self.score.as_ref().expect("values() needs Head::Scalar");
+        hidden.matmul(&head.weight.tr()).squeeze_dim(-1) + &head.bias
+    }
+
+    /// `hidden` then `logits`, for the common case.
+    pub fn forward_logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        self.logits(&self.hidden(input_ids, attention_mask, None, train))
+    }
+
+    /// Adds `delta` to the scalar head's bias (reward normalisation).
+    pub fn shift_scalar_bias(&self, delta: f64) {
+        let head = self.score.as_ref().expect("shift needs Head::Scalar");
+        tch::no_grad(|| {
+            let _ = head.bias.shallow_clone().g_add_scalar_(delta);
+        });
+    }
+}
+
+/// `(B, 1, T, S)` booleans: query `i` (at absolute position `past + i`) may see
+/// key `j` if `j` is not after it and is a real token. A query always sees
+/// itself, so padding rows never have zero keys (SDPA would return NaN).
+fn explicit_mask(key_valid: &Tensor, past: i64, t: i64) -> Tensor {
+    let device = key_valid.device();
+    let s = past + t;
+    let q_pos = Tensor::arange_start(past, s, (Kind::Int64, device)).unsqueeze(1); // (T, 1)
+    let k_pos = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0); // (1, S)
+    let causal = k_pos.le_tensor(&q_pos); // (T, S)
+    let itself = k_pos.eq_tensor(&q_pos); // (T, S)
+    let valid = key_valid.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1); // (B, 1, 1, S)
+    valid.logical_or(&itself).logical_and(&causal) // (B, 1, T, S)
+}
+
+/// One layer's preallocated keys and values, `(B, nh, capacity, hs)`.
+#[derive(Debug)]
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+}
+
+impl LayerCache {
+    /// Writes the new keys/values at `past..past+T` and returns views of
+    /// everything so far. No reallocation: the buffers are sized once.
+    fn append(&mut self, k: &Tensor, v: &Tensor, past: i64) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        self.keys.narrow(2, past, t).copy_(k);
+        self.values.narrow(2, past, t).copy_(v);
+        (
+            self.keys.narrow(2, 0, past + t),
+            self.values.narrow(2, 0, past + t),
+        )
+    }
+}
+
+/// Keys and values of the tokens seen so far, for incremental decoding.
+/// Use under `tch::no_grad`.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// Room for `capacity` tokens of `batch` sequences.
+    pub fn new(config: &GptConfig, batch: i64, capacity: i64, device: Device, kind: Kind) -> Self {
+        let shape = [batch, config.n_head, capacity, config.head_dim()];
+        let layers = (0..config.n_layer)
+            .map(|_| LayerCache {
+                keys: Tensor::zeros(shape, (kind, device)),
+                values: Tensor::zeros(shape, (kind, device)),
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(head: Head) -> (nn::VarStore, Gpt) {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = GptConfig {
+            vocab_size: 50,
+            n_positions: 32,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 4,
+            ..GptConfig::default()
+        };
+        let gpt = Gpt::new(&vs.root(), &cfg, head);
+        (vs, gpt)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn parameter_names_and_shapes_are_hf_gpt2() {
+        let (vs, gpt) = tiny(Head::Scalar);
+        let vars = vs.variables();
+        let shape = |k: &str| vars.get(k).unwrap_or_else(|| panic!("missing {k}")).size();
+        assert_eq!(shape("wte.weight"), vec![50, 32]);
+        assert_eq!(shape("wpe.weight"), vec![32, 32]);
+        assert_eq!(shape("h.1.attn.c_attn.weight"), vec![32, 96]);
+        assert_eq!(shape("h.1.attn.c_proj.weight"), vec![32, 32]);
+        assert_eq!(shape("h.0.mlp.c_fc.weight"), vec![32, 128]);
+        assert_eq!(shape("h.0.mlp.c_proj.weight"), vec![128, 32]);
+        assert_eq!(shape("h.0.ln_1.bias"), vec![32]);
+        assert_eq!(shape("ln_f.weight"), vec![32]);
+        assert_eq!(shape("score.weight"), vec![1, 32]);
+        let n: i64 = vars
+            .iter()
+            .filter(|(k, _)| !k.starts_with("score"))
+            .map(|(_, v)| v.numel() as i64)
+            .sum();
+        assert_eq!(n, gpt.config().n_params());
+    }
+
+    #[test]
+    fn kv_cache_decoding_matches_full_forward() {
+        let (_vs, gpt) = tiny(Head::Lm);
+        let ids = Tensor::randint(50, [3, 12], (Kind::Int64, Device::Cpu));
+        tch::no_grad(|| {
+            let full = gpt.forward_logits(&ids, None, false); // (3, 12, V)
+            let mut cache = KvCache::new(gpt.config(), 3, 12, Device::Cpu, Kind::Float);
+            // A 5-token prefill, then one token at a time.
+            let pre = gpt.logits(&gpt.hidden(&ids.narrow(1, 0, 5), None, Some(&mut cache), false));
+            assert!(max_abs_diff(&pre, &full.narrow(1, 0, 5)) < 1e-5);
+            for i in 5..12 {
+                let step =
+                    gpt.logits(&gpt.hidden(&ids.narrow(1, i, 1), None, Some(&mut cache), false));
+                let d = max_abs_diff(&step, &full.narrow(1, i, 1));
+                assert!(d < 1e-5, "position {i}: max abs diff {d}");
+            }
+            assert_eq!(cache.len(), 12);
+        });
+    }
+
+    #[test]
+    fn left_padding_with_mask_matches_unpadded_sequences() {
+        let (_vs, gpt) = tiny(Head::Lm);
+        tch::no_grad(|| {
+            let a = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10]).view([1, 6]);
+            let b = Tensor::from_slice(&[11i64, 12, 13]).view([1, 3]);
+            let pad = 0i64;
+            let batch =
+                Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10, pad, pad, pad, 11, 12, 13]).view([2, 6]);
+            let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]).view([2, 6]);
+            let padded = gpt.forward_logits(&batch, Some(&mask), false);
+            let la = gpt.forward_logits(&a, None, false);
+            let lb = gpt.forward_logits(&b, None, false);
+            assert!(max_abs_diff(&padded.narrow(0, 0, 1), &la) < 1e-5);
+            assert!(max_abs_diff(&padded.narrow(0, 1, 1).narrow(1, 3, 3), &lb) < 1e-5);
+            // Incremental decoding on the padded batch, mask growing by one column a step.
+            let mut cache = KvCache::new(gpt.config(), 2, 8, Device::Cpu, Kind::Float);
+            let _ = gpt.hidden(&batch, Some(&mask), Some(&mut cache), false);
+            let next = Tensor::from_slice(&[20i64, 21]).view([2, 1]);
+            let mask2 = Tensor::cat(
+                &[&mask, &Tensor::ones([2, 1], (Kind::Int64, Device::Cpu))],
+                1,
+            );
+            let step = gpt.logits(&gpt.hidden(&next, Some(&mask2), Some(&mut cache), false));
+            let full_b = gpt.forward_logits(
+                &Tensor::from_slice(&[11i64, 12, 13, 21]).view([1, 4]),
+                None,
+                false,
+            );
+            assert!(max_abs_diff(&step.narrow(0, 1, 1), &full_b.narrow(1, 3, 1)) < 1e-5);
+        });
+    }
+
+    #[test]
+    fn scalar_head_gives_one_value_per_position_and_bias_shifts() {
+        let (_vs, gpt) = tiny(Head::Scalar);
+        let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
+        let h = gpt.hidden(&ids, None, None, false);
+        let v = gpt.values(&h);
+        assert_eq!(v.size(), vec![2, 7]);
+        gpt.shift_scalar_bias(1.5);
+        let shifted = gpt.values(&h);
+        assert!(max_abs_diff(&(shifted - 1.5), &v) < 1e-6);
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let bad = GptConfig {
+            n_head: 3,
+            ..GptConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("n_head"));
+        let bad = GptConfig {
+            n_layer: 0,
+            ..GptConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("n_layer"));
+        let bad = GptConfig {
+            attn_pdrop: 1.0,
+            ..GptConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("attn_pdrop"));
+        GptConfig::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,17 @@
+//! libtorch: the GPT and the math of each RLHF stage.
+//!
+//! - [`gpt`]: the GPT-2-layout model, KV cache, LM and scalar heads.
+//! - [`checkpoint`]: model folders (HF GPT-2 compatible), atomic writes.
+//! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
+//! - [`sample`]: batched KV-cache sampling.
+//! - [`score`]: per-token log-probabilities of texts.
+
+pub mod checkpoint;
+pub mod device;
+pub mod gpt;
+pub mod optim;
+pub mod sample;
+pub mod score;
+
+pub use checkpoint::{HeadChoice, Model};
+pub use gpt::{Gpt, GptConfig, Head, KvCache};

@@ -47,12 +47,17 @@ test: setup
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace
 
-# The main job on the bundled data.
+# The main job on the bundled data: every stage of configs/default.yaml.
 pipeline: build
-    mkdir -p runs/default
-    {{rlhf}} init --out runs/default/init --seed 0
-    {{rlhf}} generate --model runs/default/init --prompt "Reverse: hello" --temperature 0 --max-new-tokens 32
-    {{rlhf}} score --model runs/default/init --text "Reverse: hello => olleh"
+    {{rlhf}} stage --config configs/default.yaml sft
+
+# Stage 1 alone: supervised fine-tuning on the bundled demonstrations.
+sft *args: build
+    {{rlhf}} stage --config configs/default.yaml sft {{args}}
+
+# Regenerate the bundled task's data files (deterministic).
+task: build
+    {{rlhf}} task generate --out datasets/task
 
 # Run the rlhf binary with any arguments: just rlhf generate --model DIR --prompt hi
 rlhf *args: build

@@ -1,8 +1,18 @@
 //! Files -> examples -> token batches: loaders, schemas, tokenizers, the
 //! bundled task. No model code lives here.
+//!
+//! - [`load`]: Polars readers (JSONL, JSONL.gz, Parquet, CSV) and column checks.
+//! - [`schema`]: SFT records (`{prompt, completion}`, `{messages}`), chat template.
+//! - [`batch`]: truncation, seeded shuffles and splits, padded batches.
+//! - [`tokenizer`]: the byte-level default and HF `tokenizer.json`.
+//! - [`task`]: the bundled task, its simulated labeller and gold judge.
+//! - [`atomic`]: files and folders written whole or not at all.
 
 pub mod atomic;
+pub mod batch;
+pub mod load;
+pub mod schema;
+pub mod task;
 pub mod tokenizer;
 
 pub use tokenizer::Tokenizer;
-pub mod task;

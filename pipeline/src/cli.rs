@@ -26,6 +26,52 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Per-token log-probabilities and NLL of texts (perplexity), as JSON lines.
     Score(ScoreArgs),
+    /// Run one stage of an experiment file in this process.
+    Stage(StageArgs),
+    /// Score answers with the bundled task's gold judge (JSON lines in and out).
+    Judge(JudgeArgs),
+    /// The bundled task's data files.
+    #[command(subcommand)]
+    Task(TaskCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    /// The experiment file (YAML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Which stage of it to run.
+    pub name: String,
+    /// Override a setting: --set stages.sft.epochs=3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Stop after this optimiser step as if killed (for resume tests).
+    #[arg(long, hide = true)]
+    pub stop_after_step: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct JudgeArgs {
+    /// JSON lines with "prompt" and "answer"; - for stdin (the default).
+    #[arg(long, default_value = "-")]
+    pub input: PathBuf,
+    /// Judge one answer given on the command line (with --answer).
+    #[arg(long, requires = "answer")]
+    pub prompt: Option<String>,
+    #[arg(long, requires = "prompt")]
+    pub answer: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Write the task's files (demonstrations, rankings, prompts).
+    Generate {
+        /// Output folder.
+        #[arg(long, default_value = "datasets/task")]
+        out: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,8 +168,10 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();

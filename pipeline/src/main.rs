@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod config;
 
 use std::process::ExitCode;
 

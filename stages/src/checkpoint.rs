@@ -477,6 +477,7 @@ mod tests {
 
     #[test]
     fn save_then_load_gives_identical_weights_and_head() {
+        let _rng = crate::rng_lock();
         tch::manual_seed(1);
         let d = tempfile::tempdir().unwrap();
         let m = Model::init(&tiny(), Head::Scalar, Tokenizer::bytes(), Device::Cpu).unwrap();
@@ -492,6 +493,7 @@ mod tests {
 
     #[test]
     fn lm_checkpoint_loads_as_reward_model_with_fresh_head() {
+        let _rng = crate::rng_lock();
         tch::manual_seed(2);
         let d = tempfile::tempdir().unwrap();
         let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
@@ -503,6 +505,7 @@ mod tests {
 
     #[test]
     fn truncated_weights_are_reported_with_their_path() {
+        let _rng = crate::rng_lock();
         let d = tempfile::tempdir().unwrap();
         let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
         m.save(d.path()).unwrap();
@@ -519,6 +522,7 @@ mod tests {
 
     #[test]
     fn config_errors_name_file_and_key() {
+        let _rng = crate::rng_lock();
         let d = tempfile::tempdir().unwrap();
         let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
         m.save(d.path()).unwrap();

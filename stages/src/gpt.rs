@@ -579,6 +579,7 @@ mod tests {
 
     #[test]
     fn parameter_names_and_shapes_are_hf_gpt2() {
+        let _rng = crate::rng_lock();
         let (vs, gpt) = tiny(Head::Scalar);
         let vars = vs.variables();
         let shape = |k: &str| vars.get(k).unwrap_or_else(|| panic!("missing {k}")).size();
@@ -601,6 +602,7 @@ mod tests {
 
     #[test]
     fn kv_cache_decoding_matches_full_forward() {
+        let _rng = crate::rng_lock();
         let (_vs, gpt) = tiny(Head::Lm);
         let ids = Tensor::randint(50, [3, 12], (Kind::Int64, Device::Cpu));
         tch::no_grad(|| {
@@ -621,6 +623,7 @@ mod tests {
 
     #[test]
     fn left_padding_with_mask_matches_unpadded_sequences() {
+        let _rng = crate::rng_lock();
         let (_vs, gpt) = tiny(Head::Lm);
         tch::no_grad(|| {
             let a = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10]).view([1, 6]);
@@ -654,6 +657,7 @@ mod tests {
 
     #[test]
     fn scalar_head_gives_one_value_per_position_and_bias_shifts() {
+        let _rng = crate::rng_lock();
         let (_vs, gpt) = tiny(Head::Scalar);
         let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
         let h = gpt.hidden(&ids, None, None, false);
@@ -666,6 +670,7 @@ mod tests {
 
     #[test]
     fn config_validation_names_the_field() {
+        let _rng = crate::rng_lock();
         let bad = GptConfig {
             n_head: 3,
             ..GptConfig::default()

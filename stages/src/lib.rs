@@ -15,3 +15,14 @@ pub mod score;
 
 pub use checkpoint::{HeadChoice, Model};
 pub use gpt::{Gpt, GptConfig, Head, KvCache};
+pub mod sft;
+pub mod train;
+
+/// Serialises the unit tests that seed libtorch's global RNG: tests run on
+/// threads of one process, and a seed means nothing if another test draws
+/// from the same generator in between.
+#[cfg(test)]
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

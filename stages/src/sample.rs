@@ -274,6 +274,7 @@ mod tests {
 
     #[test]
     fn top_k_and_top_p_keep_the_right_tokens() {
+        let _rng = crate::rng_lock();
         let logits = Tensor::from_slice(&[0.0f32, 3.0, 1.0, 2.0])
             .log_softmax(-1, Kind::Float)
             .view([1, 4]);
@@ -295,6 +296,7 @@ mod tests {
 
     #[test]
     fn greedy_batched_generation_equals_one_prompt_at_a_time() {
+        let _rng = crate::rng_lock();
         let (_vs, gpt) = tiny();
         let prompts = vec![vec![1i64, 2, 3, 4, 5], vec![7i64, 8], vec![9i64, 10, 11]];
         let cfg = SamplingConfig {
@@ -323,6 +325,7 @@ mod tests {
 
     #[test]
     fn stops_at_eos_and_pads_after() {
+        let _rng = crate::rng_lock();
         let (_vs, gpt) = tiny();
         let prompts = vec![vec![1i64, 2], vec![3i64, 4, 5]];
         let cfg = SamplingConfig {
@@ -358,6 +361,7 @@ mod tests {
 
     #[test]
     fn seeded_sampling_is_reproducible_and_validates() {
+        let _rng = crate::rng_lock();
         let (_vs, gpt) = tiny();
         let prompts = vec![vec![1i64, 2, 3]; 4];
         let cfg = SamplingConfig {

@@ -64,6 +64,7 @@ mod tests {
 
     #[test]
     fn batched_logprobs_equal_single_and_match_log_softmax() {
+        let _rng = crate::rng_lock();
         tch::manual_seed(5);
         let vs = VarStore::new(Device::Cpu);
         let cfg = GptConfig {

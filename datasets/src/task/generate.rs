@@ -20,8 +20,11 @@ pub struct TaskConfig {
     pub seed: u64,
     /// Demonstrations `{prompt, completion}`.
     pub sft_examples: usize,
-    /// How often a demonstration is correct.
+    /// How often a demonstration of an easy item is correct.
     pub labeller_accuracy: f64,
+    /// How often a demonstration of a hard item is correct (else the
+    /// labeller's habitual mistake).
+    pub labeller_hard_accuracy: f64,
     /// Prompts ranked by the noisy labeller, K answers each.
     pub preference_prompts: usize,
     /// Held-out prompts ranked by the gold judge without noise.
@@ -40,13 +43,14 @@ impl Default for TaskConfig {
     fn default() -> Self {
         Self {
             seed: 2026,
-            sft_examples: 4000,
-            labeller_accuracy: 0.6,
+            sft_examples: 6000,
+            labeller_accuracy: 0.8,
+            labeller_hard_accuracy: 0.35,
             preference_prompts: 1500,
             gold_preference_prompts: 200,
             k_min: 4,
             k_max: 9,
-            ranking_noise: 0.15,
+            ranking_noise: 0.22,
             ppo_prompts: 2000,
             eval_prompts: 200,
         }
@@ -118,7 +122,12 @@ pub fn generate(out: &Path, cfg: &TaskConfig) -> Result<TaskSummary, AtomicWrite
     let mut lines = Vec::new();
     let mut correct = 0usize;
     for i in &sft {
-        let completion = demonstrate(i, cfg.labeller_accuracy, &mut rng);
+        let completion = demonstrate(
+            i,
+            cfg.labeller_accuracy,
+            cfg.labeller_hard_accuracy,
+            &mut rng,
+        );
         correct += usize::from(completion == i.answer());
         lines.push(json!({"prompt": i.prompt(), "completion": completion, "family": i.family()}));
     }

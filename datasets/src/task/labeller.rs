@@ -75,9 +75,45 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
     }
 }
 
-/// A demonstration: correct with probability `accuracy`, else a mistake.
-pub fn demonstrate(instruction: &Instruction, accuracy: f64, rng: &mut impl Rng) -> String {
-    if rng.random_bool(accuracy) {
+/// The mistake a labeller makes again and again on hard items: the carry
+/// forgotten, the first letter left in place, the last two numbers left
+/// unsorted.
+pub fn habitual_mistake(instruction: &Instruction) -> String {
+    match instruction {
+        Instruction::Reverse(word) => {
+            let mut c: Vec<char> = word.chars().collect();
+            c[1..].reverse();
+            c.into_iter().collect()
+        }
+        Instruction::Sort(xs) => {
+            let mut v = xs.clone();
+            v.sort_unstable();
+            let n = v.len();
+            v.swap(n - 2, n - 1);
+            v.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        }
+        Instruction::Add(a, b) => ((a / 10) * 10 + (a % 10 + b % 10) % 10).to_string(),
+    }
+}
+
+/// A demonstration. Easy items are right with probability `accuracy`
+/// (else a random mistake); hard items are right only with probability
+/// `hard_accuracy`, else the habitual mistake. A model imitating these
+/// demonstrations learns the habit, which a reward model trained on
+/// rankings can then teach it out of.
+pub fn demonstrate(
+    instruction: &Instruction,
+    accuracy: f64,
+    hard_accuracy: f64,
+    rng: &mut impl Rng,
+) -> String {
+    if instruction.is_hard() {
+        if rng.random_bool(hard_accuracy) {
+            instruction.answer()
+        } else {
+            habitual_mistake(instruction)
+        }
+    } else if rng.random_bool(accuracy) {
         instruction.answer()
     } else {
         mistake(instruction, rng)
@@ -95,6 +131,11 @@ pub fn candidates(
     let mut out: Vec<String> = Vec::with_capacity(k);
     if rng.random_bool(p_correct) {
         out.push(instruction.answer());
+    }
+    // Rankings must show the habit is worse, or no reward model can learn it.
+    let habit = habitual_mistake(instruction);
+    if instruction.is_hard() && rng.random_bool(0.7) && !out.contains(&habit) {
+        out.push(habit);
     }
     let mut tries = 0;
     while out.len() < k && tries < 200 {
@@ -165,18 +206,25 @@ mod tests {
                 continue;
             }
             assert!(judge(&i.prompt(), &m).unwrap() < 1.0);
-            if demonstrate(&i, 0.6, &mut rng) == i.answer() {
+            if !i.is_hard() && demonstrate(&i, 0.6, 0.3, &mut rng) == i.answer() {
                 right += 1;
             }
+            if i.is_hard() {
+                let d = demonstrate(&i, 0.6, 0.0, &mut rng);
+                assert_eq!(d, habitual_mistake(&i));
+                if d != i.answer() {
+                    assert!(judge(&i.prompt(), &d).unwrap() < 1.0, "{i:?}: {d}");
+                }
+            }
         }
-        assert!((1050..1350).contains(&right), "{right}");
+        assert!((450..750).contains(&right), "{right}");
     }
 
     #[test]
     fn gold_rank_orders_by_score_and_noise_flips_some_pairs() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-        let p = "Add: 37+48\n";
-        let answers = vec!["75".to_string(), "85".into(), "eighty".into()];
+        let p = "Add: 37+8\n";
+        let answers = vec!["35".to_string(), "45".into(), "forty".into()];
         assert_eq!(rank(p, &answers, 0.0, &mut rng), vec![1, 0, 2]);
         let mut flips = 0;
         for _ in 0..1000 {

@@ -6,7 +6,10 @@
 //! |---------|--------------------|----------------|
 //! | reverse | `Reverse: planet\n` | `tenalp`       |
 //! | sort    | `Sort: 7 2 9 4\n`   | `2 4 7 9`      |
-//! | add     | `Add: 37+48\n`      | `85`           |
+//! | add     | `Add: 37+8\n`       | `45`           |
+//!
+//! Words have 3-7 letters, lists 3-6 digits, sums a two-digit and a
+//! one-digit number: sizes a small byte-level GPT learns in minutes on CPU.
 //!
 //! [`judge`] is the gold judge: 1 for the exact answer, partial credit in
 //! [0, 0.9) for near misses, so that better answers always score higher and
@@ -55,7 +58,8 @@ impl Instruction {
             // Half dictionary words, half random letters: reversal must be
             // learnt as a skill, not memorised word by word.
             0 if rng.random_bool(0.5) => {
-                Instruction::Reverse(WORDS[rng.random_range(0..WORDS.len())].to_owned())
+                let short: Vec<&&str> = WORDS.iter().filter(|w| w.len() <= 7).collect();
+                Instruction::Reverse((*short[rng.random_range(0..short.len())]).to_owned())
             }
             0 => {
                 let n = rng.random_range(3..=7);
@@ -66,10 +70,20 @@ impl Instruction {
                 )
             }
             1 => {
-                let n = rng.random_range(3..=5);
-                Instruction::Sort((0..n).map(|_| rng.random_range(0..100)).collect())
+                let n = rng.random_range(3..=6);
+                Instruction::Sort((0..n).map(|_| rng.random_range(0..10)).collect())
             }
-            _ => Instruction::Add(rng.random_range(0..100), rng.random_range(0..100)),
+            _ => Instruction::Add(rng.random_range(0..100), rng.random_range(0..10)),
+        }
+    }
+
+    /// Items on which the simulated labeller errs most: long words, long
+    /// lists, sums with a carry (people err more on harder items).
+    pub fn is_hard(&self) -> bool {
+        match self {
+            Instruction::Reverse(w) => w.chars().count() >= 6,
+            Instruction::Sort(xs) => xs.len() >= 5,
+            Instruction::Add(a, b) => a % 10 + b % 10 >= 10,
         }
     }
 

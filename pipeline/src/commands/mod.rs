@@ -2,7 +2,10 @@
 
 mod generate;
 mod init;
+mod judge;
 mod score;
+mod stage;
+mod task;
 
 use crate::cli::Command;
 
@@ -11,5 +14,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Init(args) => init::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
+        Command::Stage(args) => stage::run(args),
+        Command::Judge(args) => judge::run(args),
+        Command::Task(cmd) => task::run(cmd),
     }
 }

@@ -1,0 +1,362 @@
+//! Tables from files, through Polars: JSON lines (plain or gzip, as public
+//! preference sets ship), Parquet and CSV, chosen by extension.
+//!
+//! Errors name the file and, where one is to blame, the line or row.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+/// Something wrong with a data file.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: unknown data format; expected .jsonl, .jsonl.gz, .json, .parquet or .csv")]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: the file has no rows")]
+    Empty { path: PathBuf },
+    #[error("{path}: line {line}: not valid UTF-8 text")]
+    InvalidUtf8 { path: PathBuf, line: usize },
+    #[error("{path}: line {line}: {message}")]
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: missing column `{column}` (the file has: {found}); expected {expected}")]
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: column `{column}` holds {found}, expected {expected}")]
+    WrongType {
+        path: PathBuf,
+        column: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{path}: row {row}: `{column}` {message}")]
+    BadValue {
+        path: PathBuf,
+        row: usize,
+        column: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    JsonLines { gzip: bool },
+    Parquet,
+    Csv,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Result<Self, DataError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        let (stem, gzip) = match name.strip_suffix(".gz") {
+            Some(stem) => (stem.to_owned(), true),
+            None => (name.clone(), false),
+        };
+        let ext = stem.rsplit('.').next().unwrap_or("");
+        match (ext, gzip) {
+            ("jsonl" | "ndjson" | "json", gzip) => Ok(Format::JsonLines { gzip }),
+            ("parquet", false) => Ok(Format::Parquet),
+            ("csv", false) => Ok(Format::Csv),
+            _ => Err(DataError::UnknownFormat {
+                path: path.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Reads a whole table. An empty file is an error.
+pub fn read_table(path: &Path) -> Result<DataFrame, DataError> {
+    let io = |source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let df = match Format::of(path)? {
+        Format::JsonLines { gzip } => {
+            let raw = std::fs::read(path).map_err(io)?;
+            let bytes = if gzip { gunzip(path, &raw)? } else { raw };
+            read_json_lines(path, bytes)?
+        }
+        Format::Parquet => {
+            let file = std::fs::File::open(path).map_err(io)?;
+            ParquetReader::new(file)
+                .finish()
+                .map_err(|e| DataError::Parse {
+                    path: path.to_owned(),
+                    message: format!("not a readable Parquet file ({e})"),
+                })?
+        }
+        Format::Csv => {
+            let raw = std::fs::read(path).map_err(io)?;
+            check_text(path, &raw)?;
+            CsvReadOptions::default()
+                .with_has_header(true)
+                .try_into_reader_with_file_path(Some(path.to_owned()))
+                .and_then(|r| r.finish())
+                .map_err(|e| DataError::Parse {
+                    path: path.to_owned(),
+                    message: format!("not a readable CSV file ({e})"),
+                })?
+        }
+    };
+    if df.height() == 0 {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(df)
+}
+
+fn gunzip(path: &Path, raw: &[u8]) -> Result<Vec<u8>, DataError> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(raw)
+        .read_to_end(&mut out)
+        .map_err(|e| DataError::Parse {
+            path: path.to_owned(),
+            message: format!("not a valid gzip file ({e})"),
+        })?;
+    Ok(out)
+}
+
+/// UTF-8 and non-empty, with the line of the first bad byte.
+fn check_text(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let line = 1 + bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        return Err(DataError::InvalidUtf8 {
+            path: path.to_owned(),
+            line,
+        });
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn read_json_lines(path: &Path, bytes: Vec<u8>) -> Result<DataFrame, DataError> {
+    check_text(path, &bytes)?;
+    // Polars' messages do not say which line is bad; find it ourselves
+    // first (cheap next to training, and the error is the user's only clue).
+    let text = std::str::from_utf8(&bytes).expect("checked above");
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(_)) => {}
+            Ok(_) => {
+                return Err(DataError::BadLine {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    message: "expected a JSON object".into(),
+                })
+            }
+            Err(e) => {
+                return Err(DataError::BadLine {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    message: format!("invalid JSON ({e})"),
+                })
+            }
+        }
+    }
+    JsonReader::new(std::io::Cursor::new(bytes))
+        .with_json_format(JsonFormat::JsonLines)
+        .infer_schema_len(None)
+        .finish()
+        .map_err(|e| DataError::Parse {
+            path: path.to_owned(),
+            message: format!("cannot read JSON lines ({e})"),
+        })
+}
+
+/// Writes a table as Parquet, atomically.
+pub fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<(), DataError> {
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf)
+        .finish(df)
+        .map_err(|e| DataError::Parse {
+            path: path.to_owned(),
+            message: format!("cannot encode Parquet ({e})"),
+        })?;
+    crate::atomic::write_file(path, &buf).map_err(|e| DataError::Io {
+        path: path.to_owned(),
+        source: e.source,
+    })
+}
+
+/// A required string column, with the row of any null.
+pub fn string_column(
+    df: &DataFrame,
+    path: &Path,
+    name: &str,
+    expected: &str,
+) -> Result<Vec<String>, DataError> {
+    let column = require(df, path, name, expected)?;
+    let strings = column.str().map_err(|_| DataError::WrongType {
+        path: path.to_owned(),
+        column: name.into(),
+        expected: "strings".into(),
+        found: describe(column.dtype()),
+    })?;
+    strings
+        .iter()
+        .enumerate()
+        .map(|(row, v)| {
+            v.map(str::to_owned).ok_or_else(|| DataError::BadValue {
+                path: path.to_owned(),
+                row: row + 1,
+                column: name.into(),
+                message: "is missing (null)".into(),
+            })
+        })
+        .collect()
+}
+
+/// A column that must exist.
+pub fn require<'a>(
+    df: &'a DataFrame,
+    path: &Path,
+    name: &str,
+    expected: &str,
+) -> Result<&'a Column, DataError> {
+    df.column(name).map_err(|_| DataError::MissingColumn {
+        path: path.to_owned(),
+        column: name.into(),
+        found: df
+            .get_column_names()
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        expected: expected.into(),
+    })
+}
+
+/// A type as a person reads it.
+pub fn describe(dtype: &DataType) -> String {
+    match dtype {
+        DataType::String => "strings".into(),
+        DataType::Null => "only nulls".into(),
+        DataType::Boolean => "booleans".into(),
+        d if d.is_integer() => "integers".into(),
+        d if d.is_float() => "numbers".into(),
+        DataType::List(inner) => format!("lists of {}", describe(inner)),
+        DataType::Struct(fields) => format!(
+            "objects {{{}}}",
+            fields
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_jsonl_gzip_csv_and_parquet_alike() {
+        let d = tempfile::tempdir().unwrap();
+        let jsonl = b"{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": \"c\", \"completion\": \"d\"}\n";
+        let p = write(d.path(), "x.jsonl", jsonl);
+        let df = read_table(&p).unwrap();
+        assert_eq!(
+            string_column(&df, &p, "completion", "").unwrap(),
+            vec!["b", "d"]
+        );
+
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(jsonl).unwrap();
+        let pg = write(d.path(), "x.jsonl.gz", &gz.finish().unwrap());
+        assert!(read_table(&pg).unwrap().equals(&df));
+
+        let pc = write(d.path(), "x.csv", b"prompt,completion\na,b\nc,d\n");
+        assert!(read_table(&pc).unwrap().equals(&df));
+
+        let pq = d.path().join("x.parquet");
+        write_parquet(&pq, &mut df.clone()).unwrap();
+        assert!(read_table(&pq).unwrap().equals(&df));
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let msg = |p: PathBuf| read_table(&p).unwrap_err().to_string();
+        let m = msg(write(d.path(), "e.jsonl", b"  \n"));
+        assert!(m.contains("e.jsonl") && m.contains("no rows"), "{m}");
+        let m = msg(write(
+            d.path(),
+            "u.jsonl",
+            b"{\"a\": \"x\"}\n{\"a\": \"\xff\"}\n",
+        ));
+        assert!(m.contains("line 2") && m.contains("UTF-8"), "{m}");
+        let m = msg(write(d.path(), "j.jsonl", b"{\"a\": 1}\n{\"a\": 2\n"));
+        assert!(m.contains("line 2") && m.contains("invalid JSON"), "{m}");
+        let m = msg(write(d.path(), "l.jsonl", b"[1, 2]\n"));
+        assert!(m.contains("line 1") && m.contains("object"), "{m}");
+        let m = msg(write(d.path(), "x.txt", b"hi"));
+        assert!(m.contains("unknown data format"), "{m}");
+        let m = msg(write(d.path(), "g.jsonl.gz", b"not gzip"));
+        assert!(m.contains("gzip"), "{m}");
+        let m = msg(write(d.path(), "p.parquet", b"not parquet"));
+        assert!(m.contains("Parquet"), "{m}");
+    }
+
+    #[test]
+    fn column_checks_name_column_row_and_types() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "t.jsonl",
+            b"{\"prompt\": \"a\", \"n\": 1}\n{\"prompt\": null, \"n\": 2}\n",
+        );
+        let df = read_table(&p).unwrap();
+        let m = string_column(&df, &p, "completion", "{prompt, completion}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("missing column `completion`") && m.contains("prompt, n"),
+            "{m}"
+        );
+        let m = string_column(&df, &p, "n", "").unwrap_err().to_string();
+        assert!(m.contains("`n` holds integers, expected strings"), "{m}");
+        let m = string_column(&df, &p, "prompt", "")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("row 2") && m.contains("null"), "{m}");
+    }
+}

@@ -1,0 +1,47 @@
+//! `rlhf stage`: one stage of an experiment, in this process. The runner
+//! spawns this as a child per stage; people use it to run one stage alone.
+
+use anyhow::Context;
+use rlhf_datasets::Tokenizer;
+use rlhf_stages::device::{device_name, parse_device};
+use rlhf_stages::sft::{self, ScratchModel, SftJob};
+
+use crate::cli::StageArgs;
+use crate::config::{Experiment, StageFile};
+
+pub fn run(args: StageArgs) -> anyhow::Result<()> {
+    let exp = Experiment::load(&args.config, &args.overrides)?;
+    let stage = exp.stage(&args.name)?;
+    let device = parse_device(&exp.spec.device)?;
+    let out_dir = exp.stage_dir(&args.name);
+    tracing::info!(
+        "stage {} ({}) of {} on {} -> {}",
+        args.name,
+        stage.kind(),
+        exp.file.display(),
+        device_name(device),
+        out_dir.display()
+    );
+    match stage {
+        StageFile::Sft(config) => {
+            let tokenizer = match &exp.spec.tokenizer {
+                Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
+                Some(p) => Tokenizer::from_file(p)?,
+                None => Tokenizer::bytes(),
+            };
+            let job = SftJob {
+                config: config.clone(),
+                scratch: ScratchModel {
+                    config: exp.spec.model.clone(),
+                    tokenizer,
+                },
+                out_dir: out_dir.clone(),
+                device,
+                stop_after_step: args.stop_after_step,
+            };
+            let summary = sft::run(&job).with_context(|| format!("stage {} failed", args.name))?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+    }
+    Ok(())
+}

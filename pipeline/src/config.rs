@@ -1,0 +1,367 @@
+//! The experiment file: shared settings and named stages.
+//!
+//! ```yaml
+//! name: default
+//! seed: 0
+//! device: auto            # auto | cpu | cuda | cuda:N
+//! out_dir: ../runs        # runs/<name>/<stage>/
+//! model: {n_layer: 4, n_head: 4, n_embd: 128, n_positions: 128}
+//! tokenizer: null         # null: built-in bytes; or a tokenizer.json
+//! stages:
+//!   sft:
+//!     kind: sft
+//!     data: ../datasets/task/sft.jsonl
+//! ```
+//!
+//! Relative paths are relative to the experiment file's folder, so a run
+//! does not depend on the directory it is started from. Parsing is two
+//! steps (candle's pattern): serde structs mirror the file, then
+//! [`Experiment::resolve`] checks and resolves them once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rlhf_stages::sft::SftConfig;
+use rlhf_stages::GptConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentFile {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_out_dir")]
+    pub out_dir: PathBuf,
+    /// Shape of models that start from scratch.
+    #[serde(default)]
+    pub model: GptConfig,
+    /// An HF tokenizer.json; unset means the built-in byte tokenizer.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    pub stages: BTreeMap<String, StageFile>,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+fn default_out_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+/// One stage as written: its kind and that kind's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StageFile {
+    Sft(SftConfig),
+}
+
+impl StageFile {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageFile::Sft(_) => "sft",
+        }
+    }
+}
+
+/// A checked experiment with absolute paths.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    pub file: PathBuf,
+    pub spec: ExperimentFile,
+    /// `out_dir/<name>`.
+    pub run_dir: PathBuf,
+}
+
+impl Experiment {
+    /// Reads, parses and resolves an experiment file; `overrides` are
+    /// `dotted.key=value` settings applied before parsing.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut value: serde_norway::Value =
+            serde_norway::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|m| invalid(format!("--set {o}: {m}")))?;
+        }
+        // Parse from the text when nothing was overridden, so that errors
+        // carry the file's line and column.
+        let spec: ExperimentFile = if overrides.is_empty() {
+            serde_norway::from_str(&text)
+        } else {
+            serde_norway::from_value(value)
+        }
+        .map_err(|e| invalid(pinpoint_unknown_field(&text, &e.to_string())))?;
+        Self::resolve(path, spec)
+    }
+
+    fn resolve(path: &Path, mut spec: ExperimentFile) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if spec.name.is_empty()
+            || !spec
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(format!(
+                "name \"{}\" must be non-empty letters, digits, '-', '_' or '.' (it names the run folder)",
+                spec.name
+            )));
+        }
+        if spec.stages.is_empty() {
+            return Err(invalid("stages: no stages defined".into()));
+        }
+        spec.model
+            .validate()
+            .map_err(|e| invalid(format!("model: {e}")))?;
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        spec.out_dir = abs(&spec.out_dir);
+        spec.tokenizer = spec.tokenizer.as_deref().map(abs);
+        let run_dir = spec.out_dir.join(&spec.name);
+        let stage_names: Vec<String> = spec.stages.keys().cloned().collect();
+        for (name, stage) in spec.stages.iter_mut() {
+            let ctx = |m: String| invalid(format!("stages.{name}: {m}"));
+            match stage {
+                StageFile::Sft(c) => {
+                    c.data = abs(&c.data);
+                    c.eval_prompts = c.eval_prompts.as_deref().map(abs);
+                    c.init = c
+                        .init
+                        .as_deref()
+                        .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs));
+                    if c.seed == 0 {
+                        c.seed = spec.seed;
+                    }
+                    c.validate().map_err(|e| ctx(e.to_string()))?;
+                }
+            }
+        }
+        Ok(Self {
+            file: path.to_owned(),
+            spec,
+            run_dir,
+        })
+    }
+
+    pub fn stage(&self, name: &str) -> Result<&StageFile, ConfigError> {
+        self.spec
+            .stages
+            .get(name)
+            .ok_or_else(|| ConfigError::Invalid {
+                path: self.file.clone(),
+                message: format!(
+                    "no stage named \"{name}\"; the file defines: {}",
+                    self.spec
+                        .stages
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    /// The folder a stage writes.
+    pub fn stage_dir(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+}
+
+/// Serde reports an unknown key inside a stage (an internally tagged enum)
+/// at the stage's first line; point at the key's own line instead.
+fn pinpoint_unknown_field(text: &str, message: &str) -> String {
+    let field = message
+        .split_once("unknown field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(f, _)| f);
+    let at = message.rfind(" at line ").and_then(|i| {
+        let line: usize = message[i + 9..].split_whitespace().next()?.parse().ok()?;
+        Some((i, line))
+    });
+    let (Some(field), Some((cut, line))) = (field, at) else {
+        return message.to_owned();
+    };
+    let found = text
+        .lines()
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .find(|(_, l)| {
+            let l = l.trim_start().trim_start_matches("- ");
+            l.strip_prefix(field)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        });
+    match found {
+        Some((i, _)) => format!("{} at line {}", &message[..cut], i + 1),
+        None => message.to_owned(),
+    }
+}
+
+/// A model reference: another stage's name (its final checkpoint) or a path.
+fn resolve_model_ref(
+    init: &Path,
+    stage_names: &[String],
+    run_dir: &Path,
+    abs: &dyn Fn(&Path) -> PathBuf,
+) -> PathBuf {
+    let s = init.to_string_lossy();
+    if stage_names.iter().any(|n| *n == s) {
+        run_dir.join(s.as_ref()).join(rlhf_stages::train::FINAL_DIR)
+    } else {
+        abs(init)
+    }
+}
+
+/// Applies `a.b.c=value` to a YAML tree; the value is parsed as YAML
+/// (`0.05` is a number, `[1, 2]` a list, `cpu` a string).
+pub fn apply_override(root: &mut serde_norway::Value, assignment: &str) -> Result<(), String> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE, e.g. stages.sft.epochs=3".to_string())?;
+    let value: serde_norway::Value = serde_norway::from_str(raw)
+        .map_err(|e| format!("value `{raw}` is not valid YAML ({e})"))?;
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("key `{key}` has an empty part"));
+    }
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| format!("`{}` is not a mapping", parts[..i].join(".")))?;
+        let k = serde_norway::Value::String((*part).to_owned());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map
+            .entry(k)
+            .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
+    }
+    unreachable!("the loop returns at the last part")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("exp.yaml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = "name: t\nseed: 3\nstages:\n  sft:\n    kind: sft\n    data: data/sft.jsonl\n    epochs: 1\n";
+
+    #[test]
+    fn resolves_paths_against_the_file_and_inherits_the_seed() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Experiment::load(&write(d.path(), GOOD), &[]).unwrap();
+        let StageFile::Sft(c) = e.stage("sft").unwrap();
+        assert_eq!(c.data, d.path().join("data/sft.jsonl"));
+        assert_eq!(c.seed, 3);
+        assert_eq!(e.stage_dir("sft"), d.path().join("runs/t/sft"));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("    epochs: 1\n", "    epochs: 1\n    epocs: 2\n");
+        let m = Experiment::load(&write(d.path(), &text), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("exp.yaml") && m.contains("epocs") && m.contains("line 8"),
+            "{m}"
+        );
+        let m = Experiment::load(&write(d.path(), "name: t\nstagez: {}\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("stagez"), "{m}");
+        let m = Experiment::load(
+            &write(d.path(), &GOOD.replace("kind: sft", "kind: dpo")),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(m.contains("dpo") && m.contains("sft"), "{m}");
+    }
+
+    #[test]
+    fn overrides_set_nested_values_and_reject_bad_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), GOOD);
+        let e = Experiment::load(
+            &p,
+            &["stages.sft.optimizer.lr=0.01".into(), "device=cpu".into()],
+        )
+        .unwrap();
+        let StageFile::Sft(c) = e.stage("sft").unwrap();
+        assert_eq!(c.optimizer.lr, 0.01);
+        assert_eq!(e.spec.device, "cpu");
+        let m = Experiment::load(&p, &["stages.sft.epochs".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("KEY=VALUE"), "{m}");
+        let m = Experiment::load(&p, &["stages.sft.epochs=many".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("epochs") || m.contains("invalid type"), "{m}");
+        let m = Experiment::load(&p, &["seed.x=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("not a mapping"), "{m}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_stage() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Experiment::load(
+            &write(d.path(), &GOOD.replace("epochs: 1", "batch_size: 0")),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(m.contains("stages.sft") && m.contains("batch_size"), "{m}");
+        let m = Experiment::load(&write(d.path(), &GOOD.replace("name: t", "name: a/b")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("name"), "{m}");
+    }
+}

@@ -1,0 +1,205 @@
+//! What every training stage shares: the stage error, training checkpoints
+//! (model + optimiser moments + trainer state), the metrics log and the
+//! progress bar.
+//!
+//! A run folder holds `checkpoints/step-NNNNNNNN/` while training (the last
+//! two kept), `checkpoint/` when done, and `metrics.jsonl`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rlhf_datasets::atomic::{self, AtomicWriteError};
+use rlhf_datasets::load::DataError;
+use rlhf_datasets::tokenizer::TokenizerError;
+use serde::{de::DeserializeOwned, Serialize};
+use tch::{Device, Tensor};
+
+use crate::checkpoint::{CheckpointError, HeadChoice, Model};
+use crate::optim::{AdamW, OptimError};
+use crate::sample::SamplingError;
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const FINAL_DIR: &str = "checkpoint";
+pub const PERIODIC_DIR: &str = "checkpoints";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Optimizer(#[from] OptimError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadState { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("step {step}: {quantity} is {value}; stopping (the last good checkpoint is kept)")]
+    NonFinite {
+        step: i64,
+        quantity: &'static str,
+        value: f64,
+    },
+    #[error("stopped after step {0} as asked")]
+    StoppedEarly(i64),
+}
+
+pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + '_ {
+    move |source| StageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Fails on a NaN or infinite value, naming it.
+pub fn check_finite(step: i64, quantity: &'static str, value: f64) -> Result<(), StageError> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(StageError::NonFinite {
+            step,
+            quantity,
+            value,
+        })
+    }
+}
+
+/// Writes model, optimiser moments and trainer state into `dir`, whole.
+pub fn save_training<S: Serialize>(
+    dir: &Path,
+    model: &Model,
+    opt: &AdamW,
+    state: &S,
+) -> Result<(), StageError> {
+    model.save_with(dir, |tmp| -> Result<(), StageError> {
+        let path = tmp.join(OPTIMIZER_FILE);
+        Tensor::write_safetensors(&opt.state_tensors(), &path)
+            .map_err(|source| CheckpointError::WriteWeights { path, source })?;
+        let json = serde_json::to_string_pretty(state).expect("state serialises");
+        atomic::write_file(&tmp.join(STATE_FILE), json.as_bytes())?;
+        Ok(())
+    })
+}
+
+/// Reads what [`save_training`] wrote.
+pub fn load_training<S: DeserializeOwned>(
+    dir: &Path,
+    head: HeadChoice,
+    device: Device,
+) -> Result<(Model, BTreeMap<String, Tensor>, S), StageError> {
+    let model = Model::load(dir, head, device)?;
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let moments = Tensor::read_safetensors(&opt_path)
+        .map_err(|source| CheckpointError::Weights {
+            path: opt_path.clone(),
+            source,
+        })?
+        .into_iter()
+        .collect();
+    let state_path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state = serde_json::from_str(&text).map_err(|e| StageError::BadState {
+        path: state_path.clone(),
+        message: format!("invalid trainer state ({e})"),
+    })?;
+    Ok((model, moments, state))
+}
+
+/// `checkpoints/step-00000120`.
+pub fn periodic_dir(run_dir: &Path, step: i64) -> PathBuf {
+    run_dir.join(PERIODIC_DIR).join(format!("step-{step:08}"))
+}
+
+/// Periodic checkpoints, oldest first.
+pub fn periodic_checkpoints(run_dir: &Path) -> Vec<(i64, PathBuf)> {
+    let mut found: Vec<(i64, PathBuf)> = fs::read_dir(run_dir.join(PERIODIC_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Keeps the newest `keep` periodic checkpoints.
+pub fn prune_periodic(run_dir: &Path, keep: usize) {
+    let all = periodic_checkpoints(run_dir);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+/// Appends one JSON object per line, flushed at once, so a crash loses
+/// nothing already logged and `tail -f` shows progress.
+#[derive(Debug)]
+pub struct MetricsLog {
+    file: fs::File,
+}
+
+impl MetricsLog {
+    /// Opens the log; when resuming after `resume_step`, drops the lines of
+    /// later steps (they are about to be recomputed), else starts empty.
+    pub fn open(path: &Path, resume_step: Option<i64>) -> Result<Self, StageError> {
+        let kept = match (resume_step, fs::read_to_string(path)) {
+            (Some(step), Ok(text)) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(serde_json::Value::as_i64))
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+            _ => String::new(),
+        };
+        atomic::write_file(path, kept.as_bytes())?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        Ok(Self { file })
+    }
+
+    pub fn write(&mut self, record: &serde_json::Value) {
+        // Metrics are best effort: a full disk must not kill training.
+        let _ = writeln!(self.file, "{record}");
+        let _ = self.file.flush();
+    }
+}
+
+/// A progress bar on stderr; invisible when stderr is not a terminal.
+pub fn progress_bar(total: u64, done: u64, label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {elapsed}<{eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar.set_position(done);
+    bar
+}

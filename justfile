@@ -50,10 +50,15 @@ test: setup
 # The main job on the bundled data: every stage of configs/default.yaml.
 pipeline: build
     {{rlhf}} stage --config configs/default.yaml sft
+    {{rlhf}} stage --config configs/default.yaml rm
 
 # Stage 1 alone: supervised fine-tuning on the bundled demonstrations.
 sft *args: build
     {{rlhf}} stage --config configs/default.yaml sft {{args}}
+
+# Stage 2 alone: the reward model on the bundled rankings (needs `just sft` first).
+rm *args: build
+    {{rlhf}} stage --config configs/default.yaml rm {{args}}
 
 # Regenerate the bundled task's data files (deterministic).
 task: build

@@ -182,3 +182,50 @@ fn bad_inputs_get_clear_errors() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
 }
+
+#[test]
+fn reward_scores_answers_and_refuses_lm_models() {
+    let d = tempfile::tempdir().unwrap();
+    let lm = tiny_model(d.path());
+    let rm = d.path().join("rm");
+    rlhf_ok(&[
+        "init",
+        "--out",
+        rm.to_str().unwrap(),
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--head",
+        "scalar",
+    ]);
+    let rm = rm.to_str().unwrap();
+    let by_flag = json_lines(&rlhf_ok(&[
+        "reward", "--model", rm, "--prompt", "Q\n", "--answer", "a", "--answer", "bb",
+    ]));
+    assert_eq!(by_flag.len(), 2);
+    let input = d.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"Q\\n\", \"answer\": \"bb\", \"id\": 7}\n",
+    )
+    .unwrap();
+    let by_file = json_lines(&rlhf_ok(&[
+        "reward",
+        "--model",
+        rm,
+        "--input",
+        input.to_str().unwrap(),
+    ]));
+    assert_eq!(by_file[0]["id"], 7, "input fields are echoed");
+    let (a, b) = (
+        by_flag[1]["reward"].as_f64().unwrap(),
+        by_file[0]["reward"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-6 && a.is_finite());
+    assert_ne!(by_flag[0]["reward"], by_flag[1]["reward"]);
+    let out = rlhf(&["reward", "--model", &lm, "--prompt", "Q", "--answer", "a"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no scalar head"));
+}

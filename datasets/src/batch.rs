@@ -233,3 +233,147 @@ mod tests {
         assert_eq!(stats.prompts_cut, 1);
     }
 }
+
+/// A tokenised ranked group: one prompt, K answers (each ending with EOS),
+/// its `(better, worse)` pairs and margin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedGroup {
+    pub prompt: Vec<i64>,
+    pub responses: Vec<Vec<i64>>,
+    pub pairs: Vec<(usize, usize)>,
+    pub margin: f64,
+}
+
+/// Tokenises ranked groups with the same policy as demonstrations: every
+/// answer is kept (cut on the right only if longer than the whole budget),
+/// the shared prompt is cut from the left to fit the longest answer.
+pub fn tokenize_groups(
+    groups: &[crate::preference::RankedGroup],
+    tokenizer: &Tokenizer,
+    max_len: usize,
+) -> Result<(Vec<TokenizedGroup>, TruncationStats), TokenizerError> {
+    assert!(
+        max_len >= 2,
+        "max_len must leave room for a prompt and an answer token"
+    );
+    let eos = tokenizer.eos_id();
+    let mut stats = TruncationStats::default();
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut prompt = tokenizer.encode(&g.prompt)?;
+        if prompt.is_empty() {
+            prompt.push(eos);
+        }
+        let mut responses = Vec::with_capacity(g.responses.len());
+        let mut cut_answer = false;
+        for r in &g.responses {
+            let mut ids = tokenizer.encode(r)?;
+            ids.push(eos);
+            if ids.len() > max_len - 1 {
+                ids.truncate(max_len - 1);
+                cut_answer = true;
+            }
+            responses.push(ids);
+        }
+        let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
+        let room = max_len - longest;
+        if prompt.len() > room {
+            prompt.drain(..prompt.len() - room);
+            stats.prompts_cut += 1;
+        }
+        stats.completions_cut += usize::from(cut_answer);
+        out.push(TokenizedGroup {
+            prompt,
+            responses,
+            pairs: g.pairs(),
+            margin: g.margin,
+        });
+    }
+    Ok((out, stats))
+}
+
+/// Groups collated for one K-wise forward: every answer of every group is
+/// one right-padded row, and pairs index rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupBatch {
+    pub rows: usize,
+    pub width: usize,
+    pub input_ids: Vec<i64>,
+    /// Per row, the position of its last real token (where the reward is read).
+    pub last_index: Vec<i64>,
+    /// Per pair, the rows of the better and the worse answer.
+    pub better: Vec<i64>,
+    pub worse: Vec<i64>,
+    pub margin: Vec<f32>,
+    /// Per pair, 1 / (pairs in its group * groups in the batch): each group
+    /// weighs the same, its loss the mean over its pairs (InstructGPT eq. 1).
+    pub pair_weight: Vec<f32>,
+    pub groups: usize,
+}
+
+pub fn collate_groups(groups: &[&TokenizedGroup], pad: i64) -> GroupBatch {
+    let width = groups
+        .iter()
+        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()))
+        .max()
+        .unwrap_or(0);
+    let mut b = GroupBatch {
+        rows: 0,
+        width,
+        input_ids: Vec::new(),
+        last_index: Vec::new(),
+        better: Vec::new(),
+        worse: Vec::new(),
+        margin: Vec::new(),
+        pair_weight: Vec::new(),
+        groups: groups.len(),
+    };
+    for g in groups {
+        let first_row = b.rows as i64;
+        for r in &g.responses {
+            let n = g.prompt.len() + r.len();
+            b.input_ids.extend(g.prompt.iter().chain(r).copied());
+            b.input_ids.extend(std::iter::repeat_n(pad, width - n));
+            b.last_index.push(n as i64 - 1);
+            b.rows += 1;
+        }
+        let weight = 1.0 / (g.pairs.len() as f32 * groups.len() as f32);
+        for &(i, j) in &g.pairs {
+            b.better.push(first_row + i as i64);
+            b.worse.push(first_row + j as i64);
+            b.margin.push(g.margin as f32);
+            b.pair_weight.push(weight);
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn groups_collate_into_rows_and_weighted_pairs() {
+        let a = TokenizedGroup {
+            prompt: vec![1, 2],
+            responses: vec![vec![3, 0], vec![4, 5, 0], vec![6, 0]],
+            pairs: vec![(1, 0), (1, 2), (0, 2)],
+            margin: 0.5,
+        };
+        let b = TokenizedGroup {
+            prompt: vec![7],
+            responses: vec![vec![8, 0], vec![9, 0]],
+            pairs: vec![(1, 0)],
+            margin: 0.0,
+        };
+        let batch = collate_groups(&[&a, &b], 99);
+        assert_eq!((batch.rows, batch.width, batch.groups), (5, 5, 2));
+        assert_eq!(batch.last_index, vec![3, 4, 3, 2, 2]);
+        assert_eq!(&batch.input_ids[15..20], &[7, 8, 0, 99, 99]);
+        assert_eq!(batch.better, vec![1, 1, 0, 4]);
+        assert_eq!(batch.worse, vec![0, 2, 2, 3]);
+        let w: f32 = batch.pair_weight.iter().sum();
+        assert!((w - 1.0).abs() < 1e-6);
+        assert_eq!(batch.pair_weight[3], 0.5);
+    }
+}

@@ -11,6 +11,7 @@
 pub mod atomic;
 pub mod batch;
 pub mod load;
+pub mod preference;
 pub mod schema;
 pub mod task;
 pub mod tokenizer;

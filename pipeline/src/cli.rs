@@ -26,6 +26,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Per-token log-probabilities and NLL of texts (perplexity), as JSON lines.
     Score(ScoreArgs),
+    /// Reward-model scores of answers, as JSON lines.
+    Reward(RewardArgs),
     /// Run one stage of an experiment file in this process.
     Stage(StageArgs),
     /// Score answers with the bundled task's gold judge (JSON lines in and out).
@@ -33,6 +35,27 @@ pub enum Command {
     /// The bundled task's data files.
     #[command(subcommand)]
     Task(TaskCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RewardArgs {
+    /// A reward-model folder (a checkpoint with a scalar head).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt of the answers given with --answer.
+    #[arg(long, requires = "answer")]
+    pub prompt: Option<String>,
+    /// An answer to --prompt; repeatable.
+    #[arg(long, requires = "prompt")]
+    pub answer: Vec<String>,
+    /// JSON lines with "prompt" and "answer" (or "text", a whole
+    /// dialogue); - for stdin.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]

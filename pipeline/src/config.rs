@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rlhf_stages::reward::RewardConfig;
 use rlhf_stages::sft::SftConfig;
 use rlhf_stages::GptConfig;
 use serde::{Deserialize, Serialize};
@@ -70,12 +71,14 @@ fn default_out_dir() -> PathBuf {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StageFile {
     Sft(SftConfig),
+    Reward(RewardConfig),
 }
 
 impl StageFile {
     pub fn kind(&self) -> &'static str {
         match self {
             StageFile::Sft(_) => "sft",
+            StageFile::Reward(_) => "reward",
         }
     }
 }
@@ -162,6 +165,19 @@ impl Experiment {
                 StageFile::Sft(c) => {
                     c.data = abs(&c.data);
                     c.eval_prompts = c.eval_prompts.as_deref().map(abs);
+                    c.init = c
+                        .init
+                        .as_deref()
+                        .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs));
+                    if c.seed == 0 {
+                        c.seed = spec.seed;
+                    }
+                    c.validate().map_err(|e| ctx(e.to_string()))?;
+                }
+                StageFile::Reward(c) => {
+                    c.data = abs(&c.data);
+                    c.eval_data = c.eval_data.as_deref().map(abs);
+                    c.normalize_on = c.normalize_on.as_deref().map(abs);
                     c.init = c
                         .init
                         .as_deref()
@@ -293,7 +309,9 @@ mod tests {
     fn resolves_paths_against_the_file_and_inherits_the_seed() {
         let d = tempfile::tempdir().unwrap();
         let e = Experiment::load(&write(d.path(), GOOD), &[]).unwrap();
-        let StageFile::Sft(c) = e.stage("sft").unwrap();
+        let StageFile::Sft(c) = e.stage("sft").unwrap() else {
+            panic!("sft")
+        };
         assert_eq!(c.data, d.path().join("data/sft.jsonl"));
         assert_eq!(c.seed, 3);
         assert_eq!(e.stage_dir("sft"), d.path().join("runs/t/sft"));
@@ -332,7 +350,9 @@ mod tests {
             &["stages.sft.optimizer.lr=0.01".into(), "device=cpu".into()],
         )
         .unwrap();
-        let StageFile::Sft(c) = e.stage("sft").unwrap();
+        let StageFile::Sft(c) = e.stage("sft").unwrap() else {
+            panic!("sft")
+        };
         assert_eq!(c.optimizer.lr, 0.01);
         assert_eq!(e.spec.device, "cpu");
         let m = Experiment::load(&p, &["stages.sft.epochs".into()])
@@ -347,6 +367,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(m.contains("not a mapping"), "{m}");
+    }
+
+    #[test]
+    fn stage_references_resolve_to_checkpoints() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!("{GOOD}  rm:\n    kind: reward\n    init: sft\n    data: prefs.jsonl\n");
+        let e = Experiment::load(&write(d.path(), &text), &[]).unwrap();
+        let StageFile::Reward(c) = e.stage("rm").unwrap() else {
+            panic!("reward")
+        };
+        assert_eq!(
+            c.init.as_deref(),
+            Some(d.path().join("runs/t/sft/checkpoint").as_path())
+        );
+        assert_eq!(c.data, d.path().join("prefs.jsonl"));
     }
 
     #[test]

@@ -30,8 +30,8 @@ use crate::gpt::{Gpt, GptConfig, Head};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 use crate::sample::{generate, SamplingConfig};
 use crate::train::{
-    check_finite, io_err, load_training, periodic_checkpoints, periodic_dir, progress_bar,
-    prune_periodic, save_training, MetricsLog, StageError, FINAL_DIR, METRICS_FILE,
+    check_finite, finished_summary, io_err, progress_bar, resume_point, write_summary,
+    Checkpointer, MetricsLog, StageError, METRICS_FILE,
 };
 
 /// Settings of the SFT stage (the `sft` stage of an experiment file).
@@ -207,25 +207,16 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
     let started = Instant::now();
     let out = &job.out_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let final_dir = out.join(FINAL_DIR);
-    let summary_path = out.join("summary.json");
-    if final_dir.join(crate::train::STATE_FILE).exists() && summary_path.exists() {
-        let text = std::fs::read_to_string(&summary_path).map_err(io_err(&summary_path))?;
-        if let Ok(summary) = serde_json::from_str(&text) {
-            tracing::info!("sft: {} is complete; nothing to do", final_dir.display());
-            return Ok(summary);
-        }
+    if let Some(summary) = finished_summary(out) {
+        tracing::info!("sft: {} is complete; nothing to do", out.display());
+        return Ok(summary);
     }
 
     // The model: a periodic checkpoint to resume, else init or scratch.
-    let resume = periodic_checkpoints(out).pop();
-    let (model, moments, state) = match &resume {
-        Some((step, dir)) => {
-            tracing::info!("sft: resuming from {} (step {step})", dir.display());
-            let (m, moments, state): (Model, _, SftState) =
-                load_training(dir, HeadChoice::Want(Head::Lm), job.device)?;
-            (m, Some(moments), Some(state))
-        }
+    let resume = resume_point::<SftState>(out, HeadChoice::Want(Head::Lm), job.device)?;
+    let resumed_at = resume.as_ref().map(|r| r.0);
+    let (model, moments, state) = match resume {
+        Some((_, m, moments, state)) => (m, Some(moments), Some(state)),
         None => {
             tch::manual_seed(cfg.seed as i64);
             let m = match &cfg.init {
@@ -283,7 +274,13 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
     );
 
     let start_step = state.as_ref().map_or(0, |s| s.step);
-    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.as_ref().map(|(s, _)| *s))?;
+    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resumed_at)?;
+    let checkpointer = Checkpointer {
+        out_dir: out.clone(),
+        every: cfg.checkpoint_every,
+        total_steps,
+        stop_after: job.stop_after_step,
+    };
     let bar = progress_bar(total_steps as u64, start_step as u64, "sft");
     let pad = model.tokenizer.pad_id();
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
@@ -352,23 +349,17 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
                 last_eval
             );
         }
-        let stop_now = job.stop_after_step == Some(done);
-        if (done % cfg.checkpoint_every == 0 || stop_now) && done < total_steps {
-            let state = SftState {
-                stage: "sft".into(),
-                step: done,
-                total_steps,
-                seed: cfg.seed,
-                last_train_loss: last_loss,
-                done: false,
-            };
-            save_training(&periodic_dir(out, done), &model, &opt, &state)?;
-            prune_periodic(out, 2);
-        }
-        if stop_now && done < total_steps {
-            bar.abandon();
-            return Err(StageError::StoppedEarly(done));
-        }
+        let state = SftState {
+            stage: "sft".into(),
+            step: done,
+            total_steps,
+            seed: cfg.seed,
+            last_train_loss: last_loss,
+            done: false,
+        };
+        checkpointer
+            .after_step(done, &model, &opt, &state)
+            .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
 
@@ -380,8 +371,7 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
         last_train_loss: last_loss,
         done: true,
     };
-    save_training(&final_dir, &model, &opt, &state)?;
-    prune_periodic(out, 0);
+    checkpointer.finish(&model, &opt, &state)?;
 
     let (eval_gold_score, eval_exact) = match &cfg.eval_prompts {
         Some(path) => {
@@ -409,8 +399,7 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
         tokens_per_second: tokens_seen as f64 / train_time.max(1e-9),
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
-    rlhf_datasets::atomic::write_file(&summary_path, text.as_bytes())?;
+    write_summary(out, &summary)?;
     Ok(summary)
 }
 

@@ -203,3 +203,85 @@ pub fn progress_bar(total: u64, done: u64, label: &str) -> indicatif::ProgressBa
     bar.set_position(done);
     bar
 }
+
+/// A stage's run that finished before: its final checkpoint and summary
+/// exist. Rerunning it is a no-op that returns the summary.
+pub fn finished_summary<T: DeserializeOwned>(out_dir: &Path) -> Option<T> {
+    if !out_dir.join(FINAL_DIR).join(STATE_FILE).exists() {
+        return None;
+    }
+    let text = fs::read_to_string(out_dir.join(SUMMARY_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Writes `summary.json` atomically.
+pub fn write_summary<T: Serialize>(out_dir: &Path, summary: &T) -> Result<(), StageError> {
+    let text = serde_json::to_string_pretty(summary).expect("summary serialises");
+    atomic::write_file(&out_dir.join(SUMMARY_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+/// The newest periodic checkpoint of a run, loaded: (step, model, AdamW
+/// moments, trainer state).
+pub type ResumePoint<S> = (i64, Model, BTreeMap<String, Tensor>, S);
+
+pub fn resume_point<S: DeserializeOwned>(
+    out_dir: &Path,
+    head: HeadChoice,
+    device: Device,
+) -> Result<Option<ResumePoint<S>>, StageError> {
+    let Some((step, dir)) = periodic_checkpoints(out_dir).pop() else {
+        return Ok(None);
+    };
+    tracing::info!("resuming from {} (step {step})", dir.display());
+    let (model, moments, state) = load_training(&dir, head, device)?;
+    Ok(Some((step, model, moments, state)))
+}
+
+/// Periodic checkpoints and the test hook that stops a run early.
+#[derive(Debug, Clone)]
+pub struct Checkpointer {
+    pub out_dir: PathBuf,
+    pub every: i64,
+    pub total_steps: i64,
+    /// Stop after this step as if killed (its checkpoint is written first).
+    pub stop_after: Option<i64>,
+}
+
+impl Checkpointer {
+    /// Call after optimiser step `done` (1-based).
+    pub fn after_step<S: Serialize>(
+        &self,
+        done: i64,
+        model: &Model,
+        opt: &AdamW,
+        state: &S,
+    ) -> Result<(), StageError> {
+        if done >= self.total_steps {
+            return Ok(());
+        }
+        let stop = self.stop_after == Some(done);
+        if done % self.every == 0 || stop {
+            save_training(&periodic_dir(&self.out_dir, done), model, opt, state)?;
+            prune_periodic(&self.out_dir, 2);
+        }
+        if stop {
+            return Err(StageError::StoppedEarly(done));
+        }
+        Ok(())
+    }
+
+    /// The final checkpoint; periodic ones are then removed.
+    pub fn finish<S: Serialize>(
+        &self,
+        model: &Model,
+        opt: &AdamW,
+        state: &S,
+    ) -> Result<(), StageError> {
+        save_training(&self.out_dir.join(FINAL_DIR), model, opt, state)?;
+        prune_periodic(&self.out_dir, 0);
+        Ok(())
+    }
+}

@@ -3,6 +3,7 @@
 mod generate;
 mod init;
 mod judge;
+mod reward;
 mod score;
 mod stage;
 mod task;
@@ -14,6 +15,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Init(args) => init::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
+        Command::Reward(args) => reward::run(args),
         Command::Stage(args) => stage::run(args),
         Command::Judge(args) => judge::run(args),
         Command::Task(cmd) => task::run(cmd),

@@ -4,6 +4,7 @@
 use anyhow::Context;
 use rlhf_datasets::Tokenizer;
 use rlhf_stages::device::{device_name, parse_device};
+use rlhf_stages::reward::{self, RewardJob};
 use rlhf_stages::sft::{self, ScratchModel, SftJob};
 
 use crate::cli::StageArgs;
@@ -22,26 +23,38 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         device_name(device),
         out_dir.display()
     );
-    match stage {
+    let tokenizer = match &exp.spec.tokenizer {
+        Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
+        Some(p) => Tokenizer::from_file(p)?,
+        None => Tokenizer::bytes(),
+    };
+    let scratch = ScratchModel {
+        config: exp.spec.model.clone(),
+        tokenizer,
+    };
+    let failed = || format!("stage {} failed", args.name);
+    let summary = match stage {
         StageFile::Sft(config) => {
-            let tokenizer = match &exp.spec.tokenizer {
-                Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
-                Some(p) => Tokenizer::from_file(p)?,
-                None => Tokenizer::bytes(),
-            };
             let job = SftJob {
                 config: config.clone(),
-                scratch: ScratchModel {
-                    config: exp.spec.model.clone(),
-                    tokenizer,
-                },
-                out_dir: out_dir.clone(),
+                scratch,
+                out_dir,
                 device,
                 stop_after_step: args.stop_after_step,
             };
-            let summary = sft::run(&job).with_context(|| format!("stage {} failed", args.name))?;
-            println!("{}", serde_json::to_string(&summary)?);
+            serde_json::to_value(sft::run(&job).with_context(failed)?)?
         }
-    }
+        StageFile::Reward(config) => {
+            let job = RewardJob {
+                config: config.clone(),
+                scratch,
+                out_dir,
+                device,
+                stop_after_step: args.stop_after_step,
+            };
+            serde_json::to_value(reward::run(&job).with_context(failed)?)?
+        }
+    };
+    println!("{summary}");
     Ok(())
 }

@@ -1,0 +1,87 @@
+//! `rlhf reward`: score answers with a reward model.
+//!
+//! Each answer is scored as the reward model was trained: prompt + answer +
+//! EOS, the head read at the EOS.
+
+use std::io::{BufRead, BufReader};
+
+use anyhow::{bail, Context};
+use rlhf_stages::device::parse_device;
+use rlhf_stages::reward::sequence_rewards;
+use rlhf_stages::{Head, HeadChoice, Model};
+use serde_json::{json, Value};
+
+use crate::cli::RewardArgs;
+
+pub fn run(args: RewardArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device.device)?;
+    let model = Model::load(&args.model, HeadChoice::AsSaved, device)?;
+    if model.gpt.head() != Head::Scalar {
+        bail!(
+            "{}: this model has no scalar head; `rlhf reward` needs a reward model (a reward stage's checkpoint)",
+            args.model.display()
+        );
+    }
+    // (the JSON line to echo, prompt, answer)
+    let mut items: Vec<(Value, String, String)> = Vec::new();
+    if let Some(prompt) = &args.prompt {
+        for a in &args.answer {
+            items.push((
+                json!({"prompt": prompt, "answer": a}),
+                prompt.clone(),
+                a.clone(),
+            ));
+        }
+    }
+    if let Some(path) = &args.input {
+        let name = path.display().to_string();
+        let reader: Box<dyn BufRead> = if name == "-" {
+            Box::new(BufReader::new(std::io::stdin()))
+        } else {
+            Box::new(BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?,
+            ))
+        };
+        for (i, line) in reader.lines().enumerate() {
+            let row = i + 1;
+            let line = line.with_context(|| format!("{name}: line {row}: not valid UTF-8"))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line)
+                .with_context(|| format!("{name}: line {row}: invalid JSON"))?;
+            let (prompt, answer) = match (v["prompt"].as_str(), v["answer"].as_str(), v["text"].as_str()) {
+                (Some(p), Some(a), _) => (p.to_owned(), a.to_owned()),
+                (_, _, Some(t)) => (String::new(), t.to_owned()),
+                _ => bail!("{name}: line {row}: expected \"prompt\" and \"answer\" strings, or a \"text\" string"),
+            };
+            items.push((v, prompt, answer));
+        }
+    }
+    if items.is_empty() {
+        bail!("nothing to score: give --prompt with --answer, or --input");
+    }
+    let tok = &model.tokenizer;
+    let limit = model.gpt.config().n_positions as usize;
+    let mut seqs = Vec::with_capacity(items.len());
+    for (i, (_, p, a)) in items.iter().enumerate() {
+        let mut ids = tok.encode(p)?;
+        ids.extend(tok.encode(a)?);
+        ids.push(tok.eos_id());
+        if ids.len() > limit {
+            // Keep the answer's end, where the reward is read.
+            ids.drain(..ids.len() - limit);
+            tracing::warn!(
+                "item {}: longer than n_positions ({limit}); the prompt was cut from the left",
+                i + 1
+            );
+        }
+        seqs.push(ids);
+    }
+    let rewards = sequence_rewards(&model.gpt, &seqs, args.batch_size, device);
+    for ((mut v, _, _), r) in items.into_iter().zip(rewards) {
+        v["reward"] = json!(r);
+        println!("{v}");
+    }
+    Ok(())
+}

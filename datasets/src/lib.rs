@@ -12,6 +12,7 @@ pub mod atomic;
 pub mod batch;
 pub mod load;
 pub mod preference;
+pub mod rollout;
 pub mod schema;
 pub mod task;
 pub mod tokenizer;

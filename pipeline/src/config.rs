@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rlhf_stages::ppo::PpoConfig;
 use rlhf_stages::reward::RewardConfig;
 use rlhf_stages::sft::SftConfig;
 use rlhf_stages::GptConfig;
@@ -69,9 +70,11 @@ fn default_out_dir() -> PathBuf {
 /// One stage as written: its kind and that kind's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[allow(clippy::large_enum_variant)] // a handful per experiment, parsed once
 pub enum StageFile {
     Sft(SftConfig),
     Reward(RewardConfig),
+    Ppo(PpoConfig),
 }
 
 impl StageFile {
@@ -79,6 +82,7 @@ impl StageFile {
         match self {
             StageFile::Sft(_) => "sft",
             StageFile::Reward(_) => "reward",
+            StageFile::Ppo(_) => "ppo",
         }
     }
 }
@@ -169,6 +173,25 @@ impl Experiment {
                         .init
                         .as_deref()
                         .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs));
+                    if c.seed == 0 {
+                        c.seed = spec.seed;
+                    }
+                    c.validate().map_err(|e| ctx(e.to_string()))?;
+                }
+                StageFile::Ppo(c) => {
+                    let model_ref = |p: &Option<PathBuf>| {
+                        p.as_deref()
+                            .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs))
+                    };
+                    c.prompts = abs(&c.prompts);
+                    c.eval_prompts = c.eval_prompts.as_deref().map(abs);
+                    c.policy = model_ref(&c.policy);
+                    c.reference = model_ref(&c.reference);
+                    c.reward_model = model_ref(&c.reward_model);
+                    c.critic = model_ref(&c.critic);
+                    if let Some(ptx) = &mut c.ptx {
+                        ptx.data = abs(&ptx.data);
+                    }
                     if c.seed == 0 {
                         c.seed = spec.seed;
                     }

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod gpt;
 pub mod optim;
+pub mod ppo;
 pub mod reward;
 pub mod sample;
 pub mod score;

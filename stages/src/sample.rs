@@ -73,6 +73,26 @@ impl SamplingConfig {
     }
 }
 
+/// The ids sampling needs to know: end of text, padding, and how many ids
+/// the tokenizer has (a model's vocabulary is often padded past it, e.g. to
+/// a multiple of 8; those ids are never sampled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub eos: i64,
+    pub pad: i64,
+    pub vocab_size: i64,
+}
+
+impl TokenSpec {
+    pub fn of(tokenizer: &rlhf_datasets::Tokenizer) -> Self {
+        Self {
+            eos: tokenizer.eos_id(),
+            pad: tokenizer.pad_id(),
+            vocab_size: tokenizer.vocab_size() as i64,
+        }
+    }
+}
+
 /// A sampled batch.
 #[derive(Debug)]
 pub struct Generation {
@@ -96,11 +116,15 @@ pub fn generate(
     model: &Gpt,
     prompts: &[Vec<i64>],
     config: &SamplingConfig,
-    eos: i64,
-    pad: i64,
+    spec: TokenSpec,
     device: Device,
 ) -> Result<Generation, SamplingError> {
     config.validate()?;
+    let TokenSpec {
+        eos,
+        pad,
+        vocab_size,
+    } = spec;
     let limit = model.config().n_positions;
     for (index, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -147,6 +171,7 @@ pub fn generate(
         let mut steps = 0;
         for step in 0..config.max_new_tokens {
             let logits = model.logits(&hidden.select(1, -1)); // (B, V)
+            let logits = logits.narrow(1, 0, vocab_size.min(logits.size()[1]));
             let next = pick_next(&logits, config); // (B,)
             let alive = finished.logical_not();
             let next = next.where_self(&alive, &Tensor::from(pad).to_device(device));
@@ -257,6 +282,14 @@ mod tests {
     use crate::gpt::{GptConfig, Head};
     use tch::nn::VarStore;
 
+    fn spec(eos: i64) -> TokenSpec {
+        TokenSpec {
+            eos,
+            pad: 39,
+            vocab_size: 40,
+        }
+    }
+
     fn tiny() -> (VarStore, Gpt) {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
@@ -305,9 +338,10 @@ mod tests {
             stop_at_eos: false,
             ..SamplingConfig::default()
         };
-        let batched = generate(&gpt, &prompts, &cfg, 0, 39, Device::Cpu).unwrap();
+        let batched = generate(&gpt, &prompts, &cfg, spec(0), Device::Cpu).unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let single = generate(&gpt, std::slice::from_ref(p), &cfg, 0, 39, Device::Cpu).unwrap();
+            let single =
+                generate(&gpt, std::slice::from_ref(p), &cfg, spec(0), Device::Cpu).unwrap();
             assert_eq!(batched.answers[i], single.answers[0], "prompt {i}");
             // And equal to a full forward re-run without the cache.
             let mut seq = p.clone();
@@ -341,13 +375,12 @@ mod tests {
                 stop_at_eos: false,
                 ..cfg.clone()
             },
-            0,
-            39,
+            spec(0),
             Device::Cpu,
         )
         .unwrap();
         let eos = free.answers[0][0];
-        let out = generate(&gpt, &prompts, &cfg, eos, 39, Device::Cpu).unwrap();
+        let out = generate(&gpt, &prompts, &cfg, spec(eos), Device::Cpu).unwrap();
         assert_eq!(out.answers[0], vec![eos]);
         assert!(out.finished[0]);
         // The other row continues exactly as without stopping, up to its own EOS.
@@ -372,13 +405,13 @@ mod tests {
             stop_at_eos: false,
         };
         tch::manual_seed(11);
-        let a = generate(&gpt, &prompts, &cfg, 0, 39, Device::Cpu).unwrap();
+        let a = generate(&gpt, &prompts, &cfg, spec(0), Device::Cpu).unwrap();
         tch::manual_seed(11);
-        let b = generate(&gpt, &prompts, &cfg, 0, 39, Device::Cpu).unwrap();
+        let b = generate(&gpt, &prompts, &cfg, spec(0), Device::Cpu).unwrap();
         assert_eq!(a.answers, b.answers);
-        let err = generate(&gpt, &[vec![1; 38]], &cfg, 0, 39, Device::Cpu).unwrap_err();
+        let err = generate(&gpt, &[vec![1; 38]], &cfg, spec(0), Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("n_positions"), "{err}");
         let bad = SamplingConfig { top_p: 0.0, ..cfg };
-        assert!(generate(&gpt, &prompts, &bad, 0, 39, Device::Cpu).is_err());
+        assert!(generate(&gpt, &prompts, &bad, spec(0), Device::Cpu).is_err());
     }
 }

@@ -28,7 +28,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{HeadChoice, Model};
 use crate::gpt::{Gpt, GptConfig, Head};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
-use crate::sample::{generate, SamplingConfig};
+use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::train::{
     check_finite, finished_summary, io_err, progress_bar, resume_point, write_summary,
     Checkpointer, MetricsLog, StageError, METRICS_FILE,
@@ -477,7 +477,7 @@ pub fn greedy_answers(
             .iter()
             .map(|p| tok.encode(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let g = generate(&model.gpt, &ids, &cfg, tok.eos_id(), tok.pad_id(), device)?;
+        let g = generate(&model.gpt, &ids, &cfg, TokenSpec::of(tok), device)?;
         for a in &g.answers {
             out.push(tok.decode(a, false)?);
         }

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use rlhf_stages::device::parse_device;
-use rlhf_stages::sample::{generate, SamplingConfig};
+use rlhf_stages::sample::{generate, SamplingConfig, TokenSpec};
 use rlhf_stages::{HeadChoice, Model};
 
 use crate::cli::GenerateArgs;
@@ -22,15 +22,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|p| tok.encode(p))
         .collect::<Result<Vec<_>, _>>()?;
     tch::manual_seed(args.seed);
-    let out = generate(
-        &model.gpt,
-        &prompts,
-        &config,
-        tok.eos_id(),
-        tok.pad_id(),
-        device,
-    )
-    .context("sampling failed")?;
+    let out = generate(&model.gpt, &prompts, &config, TokenSpec::of(tok), device)
+        .context("sampling failed")?;
     for (i, prompt) in args.prompt.iter().enumerate() {
         let answer = tok.decode(&out.answers[i], false)?;
         if args.json {

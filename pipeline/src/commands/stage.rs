@@ -4,6 +4,7 @@
 use anyhow::Context;
 use rlhf_datasets::Tokenizer;
 use rlhf_stages::device::{device_name, parse_device};
+use rlhf_stages::ppo::{self, PpoJob};
 use rlhf_stages::reward::{self, RewardJob};
 use rlhf_stages::sft::{self, ScratchModel, SftJob};
 
@@ -53,6 +54,16 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
                 stop_after_step: args.stop_after_step,
             };
             serde_json::to_value(reward::run(&job).with_context(failed)?)?
+        }
+        StageFile::Ppo(config) => {
+            let job = PpoJob {
+                config: config.clone(),
+                out_dir,
+                device,
+                reward_rule: None,
+                stop_after_iteration: args.stop_after_step,
+            };
+            serde_json::to_value(ppo::run(&job).with_context(failed)?)?
         }
     };
     println!("{summary}");

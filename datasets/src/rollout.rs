@@ -1,0 +1,141 @@
+//! PPO rollouts as tables: one row per sampled answer, with its per-token
+//! numbers, for people to inspect and later stages to label.
+
+use std::path::Path;
+
+use polars::prelude::*;
+
+use crate::load::{write_parquet, DataError};
+
+/// One sampled answer and what PPO computed for it. Per-token vectors run
+/// over the answer's tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutRow {
+    pub iteration: i64,
+    pub prompt: String,
+    pub answer: String,
+    pub token_ids: Vec<i64>,
+    pub logprobs: Vec<f64>,
+    pub ref_logprobs: Vec<f64>,
+    pub values: Vec<f64>,
+    pub rewards: Vec<f64>,
+    pub advantages: Vec<f64>,
+    pub returns: Vec<f64>,
+    /// The reward model's score of the whole answer.
+    pub score: f64,
+    /// Whether the answer ended with EOS.
+    pub finished: bool,
+}
+
+fn list_f64(name: &str, rows: &[RolloutRow], get: impl Fn(&RolloutRow) -> &Vec<f64>) -> Column {
+    let items: Vec<Series> = rows
+        .iter()
+        .map(|r| Series::new("".into(), get(r).as_slice()))
+        .collect();
+    Series::new(name.into(), items).into()
+}
+
+/// The rows as a DataFrame.
+pub fn rollout_frame(rows: &[RolloutRow]) -> Result<DataFrame, PolarsError> {
+    let ids: Vec<Series> = rows
+        .iter()
+        .map(|r| Series::new("".into(), r.token_ids.as_slice()))
+        .collect();
+    DataFrame::new_infer_height(vec![
+        Column::new(
+            "iteration".into(),
+            rows.iter().map(|r| r.iteration).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "prompt".into(),
+            rows.iter().map(|r| r.prompt.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "answer".into(),
+            rows.iter().map(|r| r.answer.as_str()).collect::<Vec<_>>(),
+        ),
+        Series::new("token_ids".into(), ids).into(),
+        list_f64("logprobs", rows, |r| &r.logprobs),
+        list_f64("ref_logprobs", rows, |r| &r.ref_logprobs),
+        list_f64("values", rows, |r| &r.values),
+        list_f64("rewards", rows, |r| &r.rewards),
+        list_f64("advantages", rows, |r| &r.advantages),
+        list_f64("returns", rows, |r| &r.returns),
+        Column::new(
+            "score".into(),
+            rows.iter().map(|r| r.score).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "finished".into(),
+            rows.iter().map(|r| r.finished).collect::<Vec<_>>(),
+        ),
+    ])
+}
+
+/// Writes rollouts as Parquet, atomically.
+pub fn write_rollouts(path: &Path, rows: &[RolloutRow]) -> Result<(), DataError> {
+    let mut df = rollout_frame(rows).map_err(|e| DataError::Parse {
+        path: path.to_owned(),
+        message: format!("cannot build the rollout table ({e})"),
+    })?;
+    write_parquet(path, &mut df)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::read_table;
+
+    #[test]
+    fn rollouts_round_trip_through_parquet() {
+        let row = RolloutRow {
+            iteration: 3,
+            prompt: "Add: 1+2\n".into(),
+            answer: "3".into(),
+            token_ids: vec![51, 256],
+            logprobs: vec![-0.1, -0.2],
+            ref_logprobs: vec![-0.3, -0.4],
+            values: vec![0.5, 0.6],
+            rewards: vec![0.0, 1.0],
+            advantages: vec![0.1, -0.1],
+            returns: vec![0.6, 0.5],
+            score: 1.0,
+            finished: true,
+        };
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("iter-0003.parquet");
+        write_rollouts(&p, &[row.clone(), row]).unwrap();
+        let df = read_table(&p).unwrap();
+        assert_eq!(df.height(), 2);
+        let names: Vec<String> = df
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        for c in [
+            "prompt",
+            "answer",
+            "token_ids",
+            "logprobs",
+            "ref_logprobs",
+            "values",
+            "rewards",
+            "advantages",
+            "returns",
+            "score",
+        ] {
+            assert!(names.contains(&c.to_string()), "{c} missing");
+        }
+        let ids = df
+            .column("token_ids")
+            .unwrap()
+            .list()
+            .unwrap()
+            .get_as_series(0)
+            .unwrap();
+        assert_eq!(
+            ids.i64().unwrap().iter().collect::<Vec<_>>(),
+            vec![Some(51), Some(256)]
+        );
+    }
+}

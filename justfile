@@ -47,18 +47,22 @@ test: setup
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace
 
-# The main job on the bundled data: every stage of configs/default.yaml.
+# The main job on the bundled data: every stage of configs/default.yaml
+# (SFT -> reward model -> PPO); finished stages are cached.
 pipeline: build
-    {{rlhf}} stage --config configs/default.yaml sft
-    {{rlhf}} stage --config configs/default.yaml rm
+    {{rlhf}} run configs/default.yaml
 
 # Stage 1 alone: supervised fine-tuning on the bundled demonstrations.
 sft *args: build
-    {{rlhf}} stage --config configs/default.yaml sft {{args}}
+    {{rlhf}} run configs/default.yaml --only sft {{args}}
 
-# Stage 2 alone: the reward model on the bundled rankings (needs `just sft` first).
+# Stage 2: the reward model on the bundled rankings (runs SFT first if needed).
 rm *args: build
-    {{rlhf}} stage --config configs/default.yaml rm {{args}}
+    {{rlhf}} run configs/default.yaml --only rm {{args}}
+
+# Stage 3: PPO against the reward model (runs SFT and the reward model first if needed).
+ppo *args: build
+    {{rlhf}} run configs/default.yaml --only ppo {{args}}
 
 # Regenerate the bundled task's data files (deterministic).
 task: build

@@ -28,6 +28,10 @@ pub enum Command {
     Score(ScoreArgs),
     /// Reward-model scores of answers, as JSON lines.
     Reward(RewardArgs),
+    /// Run an experiment: every stage in dependency order, cached stages skipped.
+    Run(RunArgs),
+    /// Print an experiment's plan: stage order, dependencies, cache state.
+    Plan(PlanArgs),
     /// Run one stage of an experiment file in this process.
     Stage(StageArgs),
     /// Score answers with the bundled task's gold judge (JSON lines in and out).
@@ -56,6 +60,29 @@ pub struct RewardArgs {
     pub batch_size: usize,
     #[command(flatten)]
     pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The experiment file (YAML).
+    pub config: PathBuf,
+    /// Rerun this stage and everything after it, even if cached (repeatable).
+    #[arg(long)]
+    pub force: Vec<String>,
+    /// Run only this stage and the stages it needs.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Override a setting: --set stages.sft.epochs=3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The experiment file (YAML).
+    pub config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -18,7 +18,7 @@
 //! steps (candle's pattern): serde structs mirror the file, then
 //! [`Experiment::resolve`] checks and resolves them once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use rlhf_stages::ppo::PpoConfig;
@@ -94,6 +94,8 @@ pub struct Experiment {
     pub spec: ExperimentFile,
     /// `out_dir/<name>`.
     pub run_dir: PathBuf,
+    /// Each stage's upstream stages (the ones whose checkpoints it reads).
+    pub deps: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Experiment {
@@ -153,42 +155,74 @@ impl Experiment {
             base
         };
         let abs = |p: &Path| {
-            if p.is_absolute() {
+            clean_path(&if p.is_absolute() {
                 p.to_owned()
             } else {
                 base.join(p)
-            }
+            })
         };
         spec.out_dir = abs(&spec.out_dir);
         spec.tokenizer = spec.tokenizer.as_deref().map(abs);
         let run_dir = spec.out_dir.join(&spec.name);
         let stage_names: Vec<String> = spec.stages.keys().cloned().collect();
+        let mut deps = BTreeMap::new();
         for (name, stage) in spec.stages.iter_mut() {
             let ctx = |m: String| invalid(format!("stages.{name}: {m}"));
+            let mut refs = BTreeSet::new();
+            // A model reference: another stage's name (its final checkpoint,
+            // and a dependency) or a model folder on disk.
+            let mut model_ref = |field: &str,
+                                 value: &mut Option<PathBuf>|
+             -> Result<(), ConfigError> {
+                let Some(v) = value.as_deref() else {
+                    return Ok(());
+                };
+                let s = v.to_string_lossy().into_owned();
+                if stage_names.contains(&s) {
+                    if s == *name {
+                        return Err(ctx(format!("{field}: a stage cannot start from itself")));
+                    }
+                    *value = Some(run_dir.join(&s).join(rlhf_stages::train::FINAL_DIR));
+                    refs.insert(s);
+                } else {
+                    let folder = abs(v);
+                    if !folder.is_dir() {
+                        return Err(ctx(format!(
+                            "{field}: \"{s}\" is neither a stage of this file ({}) nor an existing model folder",
+                            stage_names.join(", ")
+                        )));
+                    }
+                    *value = Some(folder);
+                }
+                Ok(())
+            };
             match stage {
                 StageFile::Sft(c) => {
+                    model_ref("init", &mut c.init)?;
                     c.data = abs(&c.data);
                     c.eval_prompts = c.eval_prompts.as_deref().map(abs);
-                    c.init = c
-                        .init
-                        .as_deref()
-                        .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs));
+                    if c.seed == 0 {
+                        c.seed = spec.seed;
+                    }
+                    c.validate().map_err(|e| ctx(e.to_string()))?;
+                }
+                StageFile::Reward(c) => {
+                    model_ref("init", &mut c.init)?;
+                    c.data = abs(&c.data);
+                    c.eval_data = c.eval_data.as_deref().map(abs);
+                    c.normalize_on = c.normalize_on.as_deref().map(abs);
                     if c.seed == 0 {
                         c.seed = spec.seed;
                     }
                     c.validate().map_err(|e| ctx(e.to_string()))?;
                 }
                 StageFile::Ppo(c) => {
-                    let model_ref = |p: &Option<PathBuf>| {
-                        p.as_deref()
-                            .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs))
-                    };
+                    model_ref("policy", &mut c.policy)?;
+                    model_ref("reference", &mut c.reference)?;
+                    model_ref("reward_model", &mut c.reward_model)?;
+                    model_ref("critic", &mut c.critic)?;
                     c.prompts = abs(&c.prompts);
                     c.eval_prompts = c.eval_prompts.as_deref().map(abs);
-                    c.policy = model_ref(&c.policy);
-                    c.reference = model_ref(&c.reference);
-                    c.reward_model = model_ref(&c.reward_model);
-                    c.critic = model_ref(&c.critic);
                     if let Some(ptx) = &mut c.ptx {
                         ptx.data = abs(&ptx.data);
                     }
@@ -197,25 +231,14 @@ impl Experiment {
                     }
                     c.validate().map_err(|e| ctx(e.to_string()))?;
                 }
-                StageFile::Reward(c) => {
-                    c.data = abs(&c.data);
-                    c.eval_data = c.eval_data.as_deref().map(abs);
-                    c.normalize_on = c.normalize_on.as_deref().map(abs);
-                    c.init = c
-                        .init
-                        .as_deref()
-                        .map(|init| resolve_model_ref(init, &stage_names, &run_dir, &abs));
-                    if c.seed == 0 {
-                        c.seed = spec.seed;
-                    }
-                    c.validate().map_err(|e| ctx(e.to_string()))?;
-                }
             }
+            deps.insert(name.clone(), refs);
         }
         Ok(Self {
             file: path.to_owned(),
             spec,
             run_dir,
+            deps,
         })
     }
 
@@ -272,18 +295,26 @@ fn pinpoint_unknown_field(text: &str, message: &str) -> String {
     }
 }
 
-/// A model reference: another stage's name (its final checkpoint) or a path.
-fn resolve_model_ref(
-    init: &Path,
-    stage_names: &[String],
-    run_dir: &Path,
-    abs: &dyn Fn(&Path) -> PathBuf,
-) -> PathBuf {
-    let s = init.to_string_lossy();
-    if stage_names.iter().any(|n| *n == s) {
-        run_dir.join(s.as_ref()).join(rlhf_stages::train::FINAL_DIR)
+/// `a/b/../c` -> `a/c`, without touching the file system (the folder may
+/// not exist yet), so messages and manifests show plain paths.
+fn clean_path(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
     } else {
-        abs(init)
+        out
     }
 }
 

@@ -1,8 +1,11 @@
 //! `rlhf`: parse, run, map the error to an exit code.
 
+mod artifact;
 mod cli;
 mod commands;
 mod config;
+mod dag;
+mod runner;
 
 use std::process::ExitCode;
 

@@ -344,9 +344,9 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
         bar.set_position(done as u64);
         bar.set_message(format!("loss {loss_sum:.3}"));
         if done % cfg.eval_every == 0 {
+            let eval = last_eval.map_or("-".into(), |e| format!("{e:.4}"));
             tracing::info!(
-                "sft: step {done}/{total_steps} loss {loss_sum:.4} eval {:?} lr {lr:.2e}",
-                last_eval
+                "sft: step {done}/{total_steps} loss {loss_sum:.4} eval {eval} lr {lr:.2e}"
             );
         }
         let state = SftState {

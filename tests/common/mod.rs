@@ -50,7 +50,7 @@ pub fn run_python(script: &str, args: &[&str]) {
 pub fn rlhf(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rlhf"))
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .output()
         .expect("rlhf runs")
 }

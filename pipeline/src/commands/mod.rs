@@ -3,6 +3,7 @@
 mod generate;
 mod init;
 mod judge;
+mod plan;
 mod reward;
 mod score;
 mod stage;
@@ -17,6 +18,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Score(args) => score::run(args),
         Command::Reward(args) => reward::run(args),
         Command::Stage(args) => stage::run(args),
+        Command::Run(args) => plan::run(args),
+        Command::Plan(args) => plan::plan(args),
         Command::Judge(args) => judge::run(args),
         Command::Task(cmd) => task::run(cmd),
     }

@@ -1,0 +1,133 @@
+//! Stage folders' manifests: what a stage read (content hashes), with what
+//! settings, and how it ended. A stage whose key (settings + input hashes +
+//! upstream keys) matches a complete manifest is not rerun.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rlhf_datasets::atomic;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Experiment, StageFile};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The key a stage folder was started with, so a changed stage is redone
+/// from scratch while an interrupted one resumes.
+pub const KEY_FILE: &str = ".key";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub stage: String,
+    pub kind: String,
+    pub key: String,
+    /// Input files and their sha256.
+    pub inputs: BTreeMap<String, String>,
+    /// Upstream stages and their keys.
+    pub upstream: BTreeMap<String, String>,
+    pub config: serde_json::Value,
+    pub status: String,
+    pub seconds: f64,
+    pub summary: serde_json::Value,
+}
+
+/// sha256 of a file's bytes, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Files a stage reads that are not other stages' outputs.
+pub fn input_files(exp: &Experiment, stage: &StageFile) -> Vec<PathBuf> {
+    let model_files = |dir: &Path| -> Vec<PathBuf> {
+        if dir.starts_with(&exp.run_dir) {
+            return vec![]; // another stage's checkpoint: covered by its key
+        }
+        ["config.json", "model.safetensors", "tokenizer.json"]
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.exists())
+            .collect()
+    };
+    let mut files: Vec<PathBuf> = exp.spec.tokenizer.iter().cloned().collect();
+    match stage {
+        StageFile::Sft(c) => {
+            files.push(c.data.clone());
+            files.extend(c.eval_prompts.clone());
+            files.extend(c.init.iter().flat_map(|d| model_files(d)));
+        }
+        StageFile::Reward(c) => {
+            files.push(c.data.clone());
+            files.extend(c.eval_data.clone());
+            files.extend(c.normalize_on.clone());
+            files.extend(c.init.iter().flat_map(|d| model_files(d)));
+        }
+        StageFile::Ppo(c) => {
+            files.push(c.prompts.clone());
+            files.extend(c.eval_prompts.clone());
+            files.extend(c.ptx.iter().map(|p| p.data.clone()));
+            for m in [&c.policy, &c.reference, &c.reward_model, &c.critic]
+                .into_iter()
+                .flatten()
+            {
+                files.extend(model_files(m));
+            }
+        }
+    }
+    files
+}
+
+/// The stage's key and the hashes it was made from.
+pub fn stage_key(
+    exp: &Experiment,
+    name: &str,
+    upstream_keys: &BTreeMap<String, String>,
+) -> anyhow::Result<(String, BTreeMap<String, String>, serde_json::Value)> {
+    let stage = exp.stage(name)?;
+    let mut inputs = BTreeMap::new();
+    for f in input_files(exp, stage) {
+        let hash = sha256_file(&f)
+            .map_err(|e| anyhow::anyhow!("stage {name}: cannot read input {}: {e}", f.display()))?;
+        inputs.insert(f.display().to_string(), hash);
+    }
+    let config = serde_json::json!({
+        "stage": serde_json::to_value(stage)?,
+        "model": serde_json::to_value(&exp.spec.model)?,
+    });
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(config.to_string().as_bytes());
+    h.update(serde_json::to_string(&inputs)?.as_bytes());
+    h.update(serde_json::to_string(upstream_keys)?.as_bytes());
+    Ok((format!("{:x}", h.finalize()), inputs, config))
+}
+
+pub fn read_manifest(dir: &Path) -> Option<Manifest> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(m)?;
+    atomic::write_file(&dir.join(MANIFEST_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+/// Complete, with this key, and its checkpoint still there.
+pub fn is_cached(dir: &Path, key: &str) -> bool {
+    read_manifest(dir).is_some_and(|m| m.status == "complete" && m.key == key)
+        && dir
+            .join(rlhf_stages::train::FINAL_DIR)
+            .join(rlhf_stages::train::STATE_FILE)
+            .exists()
+}

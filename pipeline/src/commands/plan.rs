@@ -1,0 +1,30 @@
+//! `rlhf plan` and `rlhf run`.
+
+use crate::cli::{PlanArgs, RunArgs};
+use crate::config::Experiment;
+use crate::runner::{self, Outcome, RunOptions};
+
+pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    let exp = Experiment::load(&args.config, &args.overrides)?;
+    print!("{}", runner::describe_plan(&exp)?);
+    Ok(())
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let exp = Experiment::load(&args.config, &args.overrides)?;
+    let opts = RunOptions {
+        force: args.force,
+        only: args.only,
+        overrides: args.overrides,
+    };
+    let outcomes = runner::run(&exp, &opts)?;
+    let ran = outcomes.iter().filter(|(_, o)| *o == Outcome::Ran).count();
+    tracing::info!(
+        "{}: {} stage(s) ran, {} cached; results in {}",
+        exp.spec.name,
+        ran,
+        outcomes.len() - ran,
+        exp.run_dir.display()
+    );
+    Ok(())
+}

@@ -147,3 +147,120 @@ fn cycles_and_dangling_references_are_errors() {
         "{err}"
     );
 }
+
+/// The DAG with one loop round, ranked by a user's program: every artifact
+/// and manifest exists, the program's rankings land in the round's
+/// preference data, and a second run is all cache hits.
+#[test]
+fn loop_round_with_command_labeller() {
+    let d = tempfile::tempdir().unwrap();
+    head("sft.jsonl", &d.path().join("sft.jsonl"), 64);
+    head("preferences.jsonl", &d.path().join("prefs.jsonl"), 16);
+    head("prompts.jsonl", &d.path().join("prompts.jsonl"), 16);
+    // Longer answers rank higher; ties share a rank.
+    std::fs::write(
+        d.path().join("label.py"),
+        "import json, sys\nfor line in sys.stdin:\n    r = json.loads(line)['responses']\n    \
+         print(json.dumps({'ranking': [sum(len(o) > len(a) for o in r) for a in r]}))\n",
+    )
+    .unwrap();
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: loop\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 2, batch_size: 8}\n\
+         \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 4}\n\
+         \x20 ppo:\n    kind: ppo\n    policy: sft\n    reward_model: rm\n    prompts: prompts.jsonl\n    iterations: 2\n\
+         \x20   rollout_batch: 4\n    minibatch_size: 4\n    ppo_epochs: 1\n    sampling: {max_new_tokens: 6}\n\
+         loop:\n  repeat: [rm, ppo]\n  rounds: 1\n  prompts: prompts.jsonl\n  prompts_per_round: 5\n  k: 3\n\
+         \x20 sampling: {max_new_tokens: 6, stop_at_eos: false}\n  labeller: {kind: command, command: [python3, label.py]}\n",
+    )
+    .unwrap();
+    // The labeller runs from the current directory: run from the temp dir.
+    let run_here = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+            .args(["run", "exp.yaml"])
+            .current_dir(d.path())
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let log = run_here();
+    let runs = d.path().join("runs/loop");
+    for f in [
+        "sft/manifest.json",
+        "rm/manifest.json",
+        "ppo/manifest.json",
+        "ppo/rollouts/iter-0002.parquet",
+        "round-1/collect/manifest.json",
+        "round-1/preferences.parquet",
+        "round-1/rm/manifest.json",
+        "round-1/rm/checkpoint/model.safetensors",
+        "round-1/ppo/manifest.json",
+        "round-1/ppo/checkpoint/model.safetensors",
+        "rounds.jsonl",
+    ] {
+        assert!(runs.join(f).exists(), "{f} missing\n{log}");
+    }
+    let p = runs.join("round-1/preferences.parquet");
+    let table = rlhf_datasets::load::read_table(&p).unwrap();
+    let groups = rlhf_datasets::preference::ranked_groups(&table, &p).unwrap();
+    let rounds: Vec<i64> = table
+        .column("round")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap())
+        .collect();
+    assert_eq!(
+        rounds.iter().filter(|&&r| r == 0).count(),
+        16,
+        "the earlier data is kept"
+    );
+    let new: Vec<_> = groups
+        .iter()
+        .zip(&rounds)
+        .filter(|(_, &r)| r == 1)
+        .map(|(g, _)| g)
+        .collect();
+    assert!(!new.is_empty());
+    for g in new {
+        assert_eq!(g.responses.len(), 3);
+        // Python's len counts characters.
+        let len = |s: &String| s.chars().count();
+        let by_length: Vec<usize> = g
+            .responses
+            .iter()
+            .map(|a| g.responses.iter().filter(|o| len(o) > len(a)).count())
+            .collect();
+        assert_eq!(
+            g.ranking, by_length,
+            "the labeller's ranking is stored as given"
+        );
+    }
+    let policy = table
+        .column("policy")
+        .unwrap()
+        .str()
+        .unwrap()
+        .get(16)
+        .unwrap()
+        .to_owned();
+    assert!(policy.ends_with("ppo/checkpoint"), "provenance: {policy}");
+
+    let log = run_here();
+    for stage in [
+        "sft",
+        "rm",
+        "ppo",
+        "round-1/collect",
+        "round-1/rm",
+        "round-1/ppo",
+    ] {
+        assert!(cached(&log, stage), "{stage} not cached:\n{log}");
+    }
+}

@@ -32,6 +32,9 @@ pub enum Command {
     Run(RunArgs),
     /// Print an experiment's plan: stage order, dependencies, cache state.
     Plan(PlanArgs),
+    /// Sample, rank and append one loop round's comparisons (run by `rlhf run`).
+    #[command(hide = true)]
+    Collect(crate::commands::collect::CollectArgs),
     /// Run one stage of an experiment file in this process.
     Stage(StageArgs),
     /// Score answers with the bundled task's gold judge (JSON lines in and out).
@@ -95,6 +98,9 @@ pub struct StageArgs {
     /// Override a setting: --set stages.sft.epochs=3 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Write the stage's folder here instead of runs/<name>/<stage>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Stop after this optimiser step as if killed (for resume tests).
     #[arg(long, hide = true)]
     pub stop_after_step: Option<i64>,

@@ -57,6 +57,62 @@ pub struct ExperimentFile {
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
     pub stages: BTreeMap<String, StageFile>,
+    /// Rounds of fresh comparisons: sample the policy, rank, retrain the
+    /// reward model, run PPO again.
+    #[serde(default, rename = "loop")]
+    pub rounds: Option<LoopFile>,
+}
+
+/// `loop:`: the iterated RM -> PPO rounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopFile {
+    /// The reward stage and the PPO stage to repeat, in that order.
+    pub repeat: Vec<String>,
+    pub rounds: usize,
+    /// Prompts to sample answers for (`{prompt}` rows).
+    pub prompts: PathBuf,
+    #[serde(default = "default_prompts_per_round")]
+    pub prompts_per_round: usize,
+    /// Answers sampled per prompt.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    #[serde(default)]
+    pub labeller: Labeller,
+    /// Retrain each round's reward model from the previous round's
+    /// (`previous`) or from the reward stage's own `init` (`stage`).
+    #[serde(default)]
+    pub reward_init: RewardInit,
+    #[serde(default)]
+    pub sampling: rlhf_stages::sample::SamplingConfig,
+}
+
+fn default_prompts_per_round() -> usize {
+    200
+}
+
+fn default_k() -> usize {
+    4
+}
+
+/// Who ranks the sampled answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Labeller {
+    /// The bundled task's gold judge (ties for equal scores).
+    #[default]
+    Gold,
+    /// A program: reads `{"prompt", "responses"}` JSON lines on stdin,
+    /// writes one `{"ranking": [...]}` line per input line on stdout.
+    Command { command: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardInit {
+    #[default]
+    Previous,
+    Stage,
 }
 
 fn default_device() -> String {
@@ -233,6 +289,32 @@ impl Experiment {
                 }
             }
             deps.insert(name.clone(), refs);
+        }
+        if let Some(l) = &mut spec.rounds {
+            let ctx = |m: String| invalid(format!("loop: {m}"));
+            let kinds: Vec<&str> = l
+                .repeat
+                .iter()
+                .map(|n| spec.stages.get(n).map_or("missing", StageFile::kind))
+                .collect();
+            if kinds != ["reward", "ppo"] {
+                return Err(ctx(format!(
+                    "repeat must name a reward stage then a ppo stage, got {:?} (kinds {kinds:?})",
+                    l.repeat
+                )));
+            }
+            if l.rounds == 0 || l.k < 2 || l.prompts_per_round == 0 {
+                return Err(ctx(
+                    "rounds and prompts_per_round must be >= 1, k >= 2".into()
+                ));
+            }
+            if let Labeller::Command { command } = &l.labeller {
+                if command.is_empty() {
+                    return Err(ctx("labeller.command is empty".into()));
+                }
+            }
+            l.prompts = abs(&l.prompts);
+            l.sampling.validate().map_err(|e| ctx(e.to_string()))?;
         }
         Ok(Self {
             file: path.to_owned(),

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod config;
 mod dag;
+mod labeller;
 mod runner;
 
 use std::process::ExitCode;

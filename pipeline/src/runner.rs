@@ -12,8 +12,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use crate::artifact::{is_cached, stage_key, write_manifest, Manifest, KEY_FILE};
-use crate::config::Experiment;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::artifact::{
+    is_cached, read_manifest, sha256_file, stage_key, write_manifest, Manifest, KEY_FILE,
+};
+use crate::config::{Experiment, LoopFile, RewardInit, StageFile};
 use crate::dag;
 
 #[derive(Debug, Default, Clone)]
@@ -50,62 +56,256 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
             .iter()
             .map(|u| (u.clone(), keys[u].clone()))
             .collect();
-        let (key, inputs, config) = stage_key(exp, name, &upstream)?;
-        let dir = exp.stage_dir(name);
-        if !forced.contains(name) && is_cached(&dir, &key) {
-            tracing::info!("[{name}] cached ({})", dir.display());
-            keys.insert(name.clone(), key);
-            outcomes.push((name.clone(), Outcome::Cached));
-            continue;
-        }
-        // A folder started with other settings (or forced) starts over; one
-        // started with these settings resumes from its last checkpoint.
-        let started_key = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
-        if dir.exists() && (forced.contains(name) || started_key.as_deref() != Some(key.as_str())) {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir)?;
-        rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
-        let t0 = Instant::now();
-        let summary = run_child(exp, name, &opts.overrides)?;
-        let manifest = Manifest {
-            stage: name.clone(),
-            kind: exp.stage(name)?.kind().into(),
-            key: key.clone(),
-            inputs,
+        let job = StageRun {
+            exp,
+            name,
+            label: name,
+            out_dir: exp.stage_dir(name),
+            extra: vec![],
             upstream,
-            config,
-            status: "complete".into(),
-            seconds: t0.elapsed().as_secs_f64(),
-            summary,
+            force: forced.contains(name),
         };
-        write_manifest(&dir, &manifest)?;
+        let (key, outcome) = ensure_stage(&job, &opts.overrides)?;
         keys.insert(name.clone(), key);
-        outcomes.push((name.clone(), Outcome::Ran));
+        outcomes.push((name.clone(), outcome));
+    }
+    if opts.only.is_none() {
+        if let Some(spec) = &exp.spec.rounds {
+            outcomes.extend(run_rounds(
+                exp,
+                spec,
+                &keys,
+                !opts.force.is_empty(),
+                &opts.overrides,
+            )?);
+        }
     }
     Ok(outcomes)
 }
 
-/// Runs `rlhf stage` for one stage, prefixing its output lines with the
-/// stage name; returns the JSON summary it prints last.
-fn run_child(
-    exp: &Experiment,
-    name: &str,
-    overrides: &[String],
-) -> anyhow::Result<serde_json::Value> {
-    let exe = std::env::current_exe().context("locating the rlhf binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("stage").arg("--config").arg(&exp.file).arg(name);
-    for o in overrides {
-        cmd.arg("--set").arg(o);
+/// One stage to bring up to date: a stage of the file, or a round's copy
+/// of one (another folder, extra overrides).
+struct StageRun<'a> {
+    exp: &'a Experiment,
+    name: &'a str,
+    /// How logs name it (`rm`, `round-1/rm`).
+    label: &'a str,
+    out_dir: PathBuf,
+    extra: Vec<String>,
+    upstream: BTreeMap<String, String>,
+    force: bool,
+}
+
+/// Skips the stage if its manifest matches, else runs it as a child and
+/// writes its manifest. Returns its key.
+fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String, Outcome)> {
+    let all: Vec<String> = overrides.iter().chain(&job.extra).cloned().collect();
+    let exp = if job.extra.is_empty() {
+        job.exp.clone()
+    } else {
+        Experiment::load(&job.exp.file, &all)?
+    };
+    let (key, inputs, config) = stage_key(&exp, job.name, &job.upstream)?;
+    let dir = &job.out_dir;
+    let label = job.label;
+    if !job.force && is_cached(dir, &key) {
+        tracing::info!("[{label}] cached ({})", dir.display());
+        return Ok((key, Outcome::Cached));
     }
-    let mut child = cmd
+    // A folder started with other settings (or forced) starts over; one
+    // started with these settings resumes from its last checkpoint.
+    let started_key = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
+    if dir.exists() && (job.force || started_key.as_deref() != Some(key.as_str())) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
+    let t0 = Instant::now();
+    let mut args = vec![
+        "stage".to_owned(),
+        "--config".into(),
+        exp.file.display().to_string(),
+        job.name.into(),
+    ];
+    args.extend(["--out".into(), dir.display().to_string()]);
+    for o in &all {
+        args.extend(["--set".into(), o.clone()]);
+    }
+    let summary = run_child(label, &args)?;
+    let manifest = Manifest {
+        stage: label.into(),
+        kind: exp.stage(job.name)?.kind().into(),
+        key: key.clone(),
+        inputs,
+        upstream: job.upstream.clone(),
+        config,
+        status: "complete".into(),
+        seconds: t0.elapsed().as_secs_f64(),
+        summary,
+    };
+    write_manifest(dir, &manifest)?;
+    Ok((key, Outcome::Ran))
+}
+
+/// The loop: each round samples the latest policy, ranks its answers,
+/// appends them to the preference data, retrains the reward model and runs
+/// PPO from the latest policy. Rounds live in `round-N/`.
+fn run_rounds(
+    exp: &Experiment,
+    spec: &LoopFile,
+    keys: &BTreeMap<String, String>,
+    force: bool,
+    overrides: &[String],
+) -> anyhow::Result<Vec<(String, Outcome)>> {
+    let (rm, ppo) = (&spec.repeat[0], &spec.repeat[1]);
+    let (StageFile::Reward(rm_cfg), StageFile::Ppo(ppo_cfg)) = (exp.stage(rm)?, exp.stage(ppo)?)
+    else {
+        bail!("loop.repeat must name a reward stage then a ppo stage");
+    };
+    let final_of = |dir: &Path| dir.join(rlhf_stages::train::FINAL_DIR);
+    let reference = ppo_cfg
+        .reference
+        .clone()
+        .or(ppo_cfg.policy.clone())
+        .context("the ppo stage has no policy")?;
+    let (mut policy_dir, mut policy_key) = (final_of(&exp.stage_dir(ppo)), keys[ppo].clone());
+    let (mut rm_dir, mut rm_key) = (final_of(&exp.stage_dir(rm)), keys[rm].clone());
+    let (mut prefs, mut prefs_key) = (rm_cfg.data.clone(), String::new());
+    let mut outcomes = Vec::new();
+    let mut rounds_log = String::new();
+    for round in 1..=spec.rounds {
+        let round_dir = exp.run_dir.join(format!("round-{round}"));
+        // 1. Fresh comparisons of the current policy's answers.
+        let collect_label = format!("round-{round}/collect");
+        let collect_dir = round_dir.join("collect");
+        let out_prefs = round_dir.join("preferences.parquet");
+        let prefs_hash = sha256_file(&prefs)?;
+        let mut h = Sha256::new();
+        h.update(serde_json::to_string(spec)?.as_bytes());
+        h.update(format!("{round}|{policy_key}|{prefs_key}|{prefs_hash}").as_bytes());
+        let collect_key = format!("{:x}", h.finalize());
+        if !force
+            && read_manifest(&collect_dir).is_some_and(|m| m.key == collect_key)
+            && out_prefs.exists()
+        {
+            tracing::info!("[{collect_label}] cached ({})", out_prefs.display());
+            outcomes.push((collect_label, Outcome::Cached));
+        } else {
+            std::fs::create_dir_all(&collect_dir)?;
+            let t0 = Instant::now();
+            let mut args = vec![
+                "collect".to_owned(),
+                "--config".into(),
+                exp.file.display().to_string(),
+            ];
+            args.extend([
+                "--round".into(),
+                round.to_string(),
+                "--policy".into(),
+                policy_dir.display().to_string(),
+            ]);
+            args.extend([
+                "--base".into(),
+                prefs.display().to_string(),
+                "--out".into(),
+                out_prefs.display().to_string(),
+            ]);
+            for o in overrides {
+                args.extend(["--set".into(), o.clone()]);
+            }
+            let summary = run_child(&collect_label, &args)?;
+            let manifest = Manifest {
+                stage: collect_label.clone(),
+                kind: "collect".into(),
+                key: collect_key.clone(),
+                inputs: BTreeMap::from([(prefs.display().to_string(), prefs_hash)]),
+                upstream: BTreeMap::from([("policy".into(), policy_key.clone())]),
+                config: serde_json::to_value(spec)?,
+                status: "complete".into(),
+                seconds: t0.elapsed().as_secs_f64(),
+                summary,
+            };
+            write_manifest(&collect_dir, &manifest)?;
+            outcomes.push((collect_label, Outcome::Ran));
+        }
+        // 2. The reward model on everything so far.
+        let rm_init = match spec.reward_init {
+            RewardInit::Previous => Some(rm_dir.clone()),
+            RewardInit::Stage => rm_cfg.init.clone(),
+        };
+        let mut extra = vec![format!("stages.{rm}.data={}", out_prefs.display())];
+        if let Some(init) = &rm_init {
+            extra.push(format!("stages.{rm}.init={}", init.display()));
+        }
+        let rm_label = format!("round-{round}/{rm}");
+        let job = StageRun {
+            exp,
+            name: rm,
+            label: &rm_label,
+            out_dir: round_dir.join(rm),
+            extra,
+            upstream: BTreeMap::from([
+                ("collect".into(), collect_key.clone()),
+                ("init".into(), rm_key.clone()),
+            ]),
+            force,
+        };
+        let (key, outcome) = ensure_stage(&job, overrides)?;
+        outcomes.push((rm_label, outcome));
+        (rm_dir, rm_key) = (final_of(&round_dir.join(rm)), key);
+        // 3. PPO from the latest policy against the new reward model.
+        let extra = vec![
+            format!("stages.{ppo}.policy={}", policy_dir.display()),
+            format!("stages.{ppo}.reference={}", reference.display()),
+            format!("stages.{ppo}.reward_model={}", rm_dir.display()),
+        ];
+        let ppo_label = format!("round-{round}/{ppo}");
+        let job = StageRun {
+            exp,
+            name: ppo,
+            label: &ppo_label,
+            out_dir: round_dir.join(ppo),
+            extra,
+            upstream: BTreeMap::from([
+                ("policy".into(), policy_key.clone()),
+                ("reward_model".into(), rm_key.clone()),
+            ]),
+            force,
+        };
+        let (key, outcome) = ensure_stage(&job, overrides)?;
+        outcomes.push((ppo_label, outcome));
+        (policy_dir, policy_key) = (final_of(&round_dir.join(ppo)), key);
+        (prefs, prefs_key) = (out_prefs, collect_key);
+        let summary = |dir: &Path| read_manifest(dir).map(|m| m.summary).unwrap_or_default();
+        let (c, r, p) = (
+            summary(&collect_dir),
+            summary(&round_dir.join(rm)),
+            summary(&round_dir.join(ppo)),
+        );
+        let line = serde_json::json!({
+            "round": round, "new_groups": c["new_groups"], "total_groups": c["total_groups"],
+            "rm_eval_accuracy": r["eval"]["accuracy"], "ppo_first_score": p["first_mean_score"],
+            "ppo_last_score": p["last_mean_score"], "kl": p["last_kl"],
+            "eval_gold_before": p["eval_gold_before"], "eval_gold_after": p["eval_gold_after"],
+        });
+        rounds_log.push_str(&format!("{line}\n"));
+    }
+    rlhf_datasets::atomic::write_file(&exp.run_dir.join("rounds.jsonl"), rounds_log.as_bytes())?;
+    Ok(outcomes)
+}
+
+/// Runs `rlhf ARGS` as a child, prefixing its output lines with `label`;
+/// returns the JSON summary it prints last.
+fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe().context("locating the rlhf binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting stage {name}"))?;
+        .with_context(|| format!("starting {label}"))?;
     let stderr = child.stderr.take().expect("piped");
-    let prefix = format!("[{name}] ");
+    let prefix = format!("[{label}] ");
     let echo = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("{prefix}{line}");
@@ -116,13 +316,13 @@ fn run_child(
         .lines()
         .map_while(Result::ok)
     {
-        println!("[{name}] {line}");
+        println!("[{label}] {line}");
         last = line;
     }
     let status = child.wait()?;
     let _ = echo.join();
     if !status.success() {
-        bail!("stage {name} failed ({status}); rerun to resume it from its last checkpoint");
+        bail!("{label} failed ({status}); rerun to resume it from its last checkpoint");
     }
     Ok(serde_json::from_str(&last).unwrap_or(serde_json::Value::Null))
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod collect;
 mod generate;
 mod init;
 mod judge;
@@ -19,6 +20,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Reward(args) => reward::run(args),
         Command::Stage(args) => stage::run(args),
         Command::Run(args) => plan::run(args),
+        Command::Collect(args) => collect::run(args),
         Command::Plan(args) => plan::plan(args),
         Command::Judge(args) => judge::run(args),
         Command::Task(cmd) => task::run(cmd),

@@ -15,7 +15,10 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
     let stage = exp.stage(&args.name)?;
     let device = parse_device(&exp.spec.device)?;
-    let out_dir = exp.stage_dir(&args.name);
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| exp.stage_dir(&args.name));
     tracing::info!(
         "stage {} ({}) of {} on {} -> {}",
         args.name,

@@ -1,0 +1,117 @@
+//! `rlhf collect` (run by the loop): sample K answers per prompt from a
+//! policy, have the labeller rank them, and write the round's preference
+//! data: everything before plus the new rankings, with provenance.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use rlhf_datasets::batch::epoch_order;
+use rlhf_datasets::load::{read_table, string_column};
+use rlhf_datasets::preference::{ranked_groups, write_ranked_groups, RankedGroup};
+use rlhf_stages::device::parse_device;
+use rlhf_stages::sample::sample_answers;
+use rlhf_stages::{Head, HeadChoice, Model};
+
+use crate::config::Experiment;
+use crate::labeller;
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    #[arg(long, short)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub round: usize,
+    /// The policy to sample.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// The preference data so far.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Where to write this round's preference data (Parquet).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+pub fn run(args: CollectArgs) -> anyhow::Result<()> {
+    let exp = Experiment::load(&args.config, &args.overrides)?;
+    let spec = exp
+        .spec
+        .rounds
+        .as_ref()
+        .context("the experiment has no `loop` section")?;
+    let device = parse_device(&exp.spec.device)?;
+    let policy = Model::load(&args.policy, HeadChoice::Want(Head::Lm), device)?;
+    let table = read_table(&spec.prompts)?;
+    let all_prompts = string_column(&table, &spec.prompts, "prompt", "{prompt}")?;
+    let seed = exp.spec.seed ^ (args.round as u64).wrapping_mul(0x51_7c_c1_b7);
+    let prompts: Vec<String> = epoch_order(all_prompts.len(), seed, 0)
+        .into_iter()
+        .take(spec.prompts_per_round)
+        .map(|i| all_prompts[i].clone())
+        .collect();
+    tch::manual_seed(seed as i64);
+    let answers = sample_answers(
+        &policy.gpt,
+        &policy.tokenizer,
+        &prompts,
+        spec.k,
+        &spec.sampling,
+        device,
+    )?;
+    let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
+    let rankings = labeller::rank(&spec.labeller, &groups)?;
+    let mut new = Vec::new();
+    let mut all_tied = 0;
+    for ((prompt, responses), ranking) in groups.into_iter().zip(rankings) {
+        let g = RankedGroup {
+            prompt,
+            responses,
+            ranking,
+            margin: 0.0,
+        };
+        if g.pairs().is_empty() {
+            all_tied += 1; // every answer ranked equal: nothing to learn
+        } else {
+            new.push(g);
+        }
+    }
+
+    // Everything so far, with its provenance where the file has it.
+    let base_table = read_table(&args.base)?;
+    let base = ranked_groups(&base_table, &args.base)?;
+    let rounds: Vec<i64> = match base_table.column("round").ok().and_then(|c| {
+        c.i64()
+            .ok()
+            .map(|c| c.iter().map(|v| v.unwrap_or(0)).collect())
+    }) {
+        Some(r) => r,
+        None => vec![0; base.len()],
+    };
+    let policies: Vec<String> = match base_table.column("policy").ok().and_then(|c| {
+        c.str()
+            .ok()
+            .map(|c| c.iter().map(|v| v.unwrap_or("").to_owned()).collect())
+    }) {
+        Some(p) => p,
+        None => vec![String::new(); base.len()],
+    };
+    let n_new = new.len();
+    let mut groups = base;
+    groups.extend(new);
+    let mut round_col = rounds;
+    round_col.extend(std::iter::repeat_n(args.round as i64, n_new));
+    let mut policy_col = policies;
+    policy_col.extend(std::iter::repeat_n(
+        args.policy.display().to_string(),
+        n_new,
+    ));
+    write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
+    println!(
+        "{}",
+        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len()})
+    );
+    Ok(())
+}

@@ -204,12 +204,14 @@ impl Experiment {
         spec.model
             .validate()
             .map_err(|e| invalid(format!("model: {e}")))?;
+        // Absolute, so paths mean the same in child processes and overrides.
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
+        let base = std::path::absolute(if base.as_os_str().is_empty() {
+            Path::new(".")
         } else {
-            base
-        };
+            &base
+        })
+        .map_err(|e| invalid(format!("cannot resolve the file's folder: {e}")))?;
         let abs = |p: &Path| {
             clean_path(&if p.is_absolute() {
                 p.to_owned()

@@ -297,13 +297,34 @@ fn run_rounds(
 /// Runs `rlhf ARGS` as a child, prefixing its output lines with `label`;
 /// returns the JSON summary it prints last.
 fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
+    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("locating the rlhf binary")?;
+    // The child gets its own process group: a terminal's Ctrl-C reaches only
+    // the runner, which forwards it once (a second signal would make the
+    // child stop without its checkpoint).
     let mut child = Command::new(exe)
         .args(args)
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {label}"))?;
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if rlhf_stages::train::interrupt_requested() {
+                    let _ = Command::new("kill")
+                        .args(["-INT", &pid.to_string()])
+                        .status();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        })
+    };
     let stderr = child.stderr.take().expect("piped");
     let prefix = format!("[{label}] ");
     let echo = std::thread::spawn(move || {
@@ -320,8 +341,13 @@ fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> 
         last = line;
     }
     let status = child.wait()?;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = echo.join();
+    let _ = watcher.join();
     if !status.success() {
+        if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
+            bail!("{label} was interrupted; its last checkpoint is saved: rerun to continue");
+        }
         bail!("{label} failed ({status}); rerun to resume it from its last checkpoint");
     }
     Ok(serde_json::from_str(&last).unwrap_or(serde_json::Value::Null))
@@ -366,6 +392,12 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
             exp.stage(name)?.kind()
         ));
         keys.insert(name.clone(), key);
+    }
+    if let Some(l) = &exp.spec.rounds {
+        out.push_str(&format!(
+            "then {} round(s) of: collect ({} prompts x {} answers, {:?} labeller) -> {} -> {}\n",
+            l.rounds, l.prompts_per_round, l.k, l.labeller, l.repeat[0], l.repeat[1]
+        ));
     }
     Ok(out)
 }

@@ -58,6 +58,20 @@ pub enum StageError {
     },
     #[error("stopped after step {0} as asked")]
     StoppedEarly(i64),
+    #[error("interrupted after step {0}; its checkpoint is saved: rerun to continue")]
+    Interrupted(i64),
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks training loops to stop at the end of the current step, after
+/// writing a checkpoint (the binary's Ctrl-C / SIGTERM handler calls this).
+pub fn request_interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn interrupt_requested() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + '_ {
@@ -263,12 +277,16 @@ impl Checkpointer {
             return Ok(());
         }
         let stop = self.stop_after == Some(done);
-        if done % self.every == 0 || stop {
+        let interrupted = interrupt_requested();
+        if done % self.every == 0 || stop || interrupted {
             save_training(&periodic_dir(&self.out_dir, done), model, opt, state)?;
             prune_periodic(&self.out_dir, 2);
         }
         if stop {
             return Err(StageError::StoppedEarly(done));
+        }
+        if interrupted {
+            return Err(StageError::Interrupted(done));
         }
         Ok(())
     }

@@ -3,15 +3,14 @@
 //! Each answer is scored as the reward model was trained: prompt + answer +
 //! EOS, the head read at the EOS.
 
-use std::io::{BufRead, BufReader};
-
-use anyhow::{bail, Context};
+use anyhow::bail;
 use rlhf_stages::device::parse_device;
 use rlhf_stages::reward::sequence_rewards;
 use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 
 use crate::cli::RewardArgs;
+use crate::jsonl::read_json_lines;
 
 pub fn run(args: RewardArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
@@ -34,26 +33,14 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &args.input {
-        let name = path.display().to_string();
-        let reader: Box<dyn BufRead> = if name == "-" {
-            Box::new(BufReader::new(std::io::stdin()))
-        } else {
-            Box::new(BufReader::new(
-                std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?,
-            ))
-        };
-        for (i, line) in reader.lines().enumerate() {
-            let row = i + 1;
-            let line = line.with_context(|| format!("{name}: line {row}: not valid UTF-8"))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&line)
-                .with_context(|| format!("{name}: line {row}: invalid JSON"))?;
+        for (row, v) in read_json_lines(path)? {
             let (prompt, answer) = match (v["prompt"].as_str(), v["answer"].as_str(), v["text"].as_str()) {
                 (Some(p), Some(a), _) => (p.to_owned(), a.to_owned()),
                 (_, _, Some(t)) => (String::new(), t.to_owned()),
-                _ => bail!("{name}: line {row}: expected \"prompt\" and \"answer\" strings, or a \"text\" string"),
+                _ => bail!(
+                    "{}: line {row}: expected \"prompt\" and \"answer\" strings, or a \"text\" string",
+                    path.display()
+                ),
             };
             items.push((v, prompt, answer));
         }

@@ -1,4 +1,3 @@
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -9,6 +8,7 @@ use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 
 use crate::cli::ScoreArgs;
+use crate::jsonl::read_json_lines;
 
 /// One thing to score: its text (if given as text) and its ids.
 struct Item {
@@ -68,23 +68,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
 }
 
 fn read_items(path: &Path, tok: &Tokenizer) -> anyhow::Result<Vec<Item>> {
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(BufReader::new(std::io::stdin()))
-    } else {
-        let f =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        Box::new(BufReader::new(f))
-    };
     let mut items = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let row = n + 1;
-        let line =
-            line.with_context(|| format!("{}: line {row}: not valid UTF-8 text", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}: line {row}: invalid JSON", path.display()))?;
+    for (row, v) in read_json_lines(path)? {
         let item = match (v.get("text"), v.get("ids")) {
             (Some(Value::String(t)), _) => Item {
                 text: Some(t.clone()),

@@ -81,7 +81,11 @@ fn ctrl_c_then_rerun_equals_an_uninterrupted_run() {
         .unwrap()
         .collect();
     assert_eq!(checkpoints.len(), 1, "the interrupt wrote its checkpoint");
-    assert!(!b.path().join("runs/ctrlc/sft/manifest.json").exists());
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(b.path().join("runs/ctrlc/sft/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["status"], "interrupted");
 
     let out = rlhf_run(&exp).output().unwrap();
     assert!(

@@ -131,7 +131,21 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     for o in &all {
         args.extend(["--set".into(), o.clone()]);
     }
-    let summary = run_child(label, &args)?;
+    let result = run_child(label, &args);
+    let (status, summary) = match &result {
+        Ok(summary) => ("complete".to_owned(), summary.clone()),
+        Err(e) => {
+            let status = if rlhf_stages::train::interrupt_requested() {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            (
+                status.to_owned(),
+                serde_json::json!({"error": format!("{e:#}")}),
+            )
+        }
+    };
     let manifest = Manifest {
         stage: label.into(),
         kind: exp.stage(job.name)?.kind().into(),
@@ -139,11 +153,12 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         inputs,
         upstream: job.upstream.clone(),
         config,
-        status: "complete".into(),
+        status,
         seconds: t0.elapsed().as_secs_f64(),
         summary,
     };
     write_manifest(dir, &manifest)?;
+    result?;
     Ok((key, Outcome::Ran))
 }
 

@@ -162,3 +162,40 @@ fn stopped_ppo_resumes_to_identical_weights() {
         }
     }
 }
+
+#[test]
+fn ptx_adds_the_demonstration_loss() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = setup(d.path());
+    let demos = common::task_slice(d.path(), "sft.jsonl", 40);
+    let mut cfg = config(policy, prompts, 2);
+    cfg.ptx = Some(rlhf_stages::ppo::PtxConfig {
+        data: demos,
+        coef: 27.8,
+        batch_size: 4,
+    });
+    let job = PpoJob {
+        config: cfg,
+        out_dir: d.path().join("run"),
+        device: Device::Cpu,
+        reward_rule: Some(Arc::new(lowercase_share)),
+        stop_after_iteration: None,
+    };
+    run(&job).unwrap();
+    let metrics = std::fs::read_to_string(d.path().join("run/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // An untrained model's demonstration loss is near ln(264) = 5.6 nats;
+    // 27.8 times that dominates the update, so it must fall at once.
+    let (first, second) = (
+        lines[0]["ptx_loss"].as_f64().unwrap(),
+        lines[1]["ptx_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        first > 4.0 && second < first,
+        "ptx loss {first} -> {second}"
+    );
+}

@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rlhf_datasets::batch::{
-    collate_groups, epoch_order, tokenize_groups, tokenize_pairs, train_eval_split, GroupBatch,
-    TokenizedGroup,
+    collate_groups, tokenize_groups, tokenize_pairs, train_eval_split, GroupBatch, TokenizedGroup,
 };
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::preference::ranked_groups;
@@ -27,13 +26,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{HeadChoice, Model};
+use crate::checkpoint::Model;
 use crate::gpt::{Gpt, Head};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::sft::ScratchModel;
 use crate::train::{
-    check_finite, finished_summary, io_err, progress_bar, resume_point, write_summary,
-    Checkpointer, MetricsLog, StageError, METRICS_FILE,
+    check_finite, finished_summary, io_err, progress_bar, start_or_resume, write_summary,
+    Checkpointer, EpochBatches, MetricsLog, StageError, Start, METRICS_FILE,
 };
 
 /// Settings of a reward stage (`kind: reward`).
@@ -319,28 +318,20 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
         tracing::info!("reward: {} is complete; nothing to do", out.display());
         return Ok(summary);
     }
-    let resume = resume_point::<RewardState>(out, HeadChoice::Want(Head::Scalar), job.device)?;
-    let resumed_at = resume.as_ref().map(|r| r.0);
-    let (model, moments, state) = match resume {
-        Some((_, m, moments, state)) => (m, Some(moments), Some(state)),
-        None => {
-            tch::manual_seed(cfg.seed as i64);
-            let m = match &cfg.init {
-                Some(dir) => Model::load(dir, HeadChoice::Want(Head::Scalar), job.device)?,
-                None => Model::init(
-                    &job.scratch.config,
-                    Head::Scalar,
-                    job.scratch.tokenizer.clone(),
-                    job.device,
-                )?,
-            };
-            (m, None, None)
-        }
-    };
-    let mut opt = AdamW::new(&model.vs, cfg.optimizer.clone());
-    if let Some(m) = &moments {
-        opt.load_state_tensors(m)?;
-    }
+    let Start {
+        model,
+        mut opt,
+        resumed_at,
+        state,
+    } = start_or_resume::<RewardState>(
+        out,
+        Head::Scalar,
+        cfg.init.as_deref(),
+        &job.scratch,
+        &cfg.optimizer,
+        cfg.seed,
+        job.device,
+    )?;
 
     let max_len = cfg.max_len.min(model.gpt.config().n_positions as usize);
     let all = load_groups(&cfg.data, &model, max_len)?;
@@ -379,7 +370,7 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
     };
     let bar = progress_bar(total_steps as u64, start_step as u64, "reward");
     let pad = model.tokenizer.pad_id();
-    let (mut order_epoch, mut order) = (-1i64, Vec::new());
+    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed);
     let mut last_eval = None;
     for step in start_step..total_steps {
         tch::manual_seed((cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
@@ -388,16 +379,10 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
         let (mut loss_sum, mut correct, mut pairs) = (0.0, 0usize, 0usize);
         for k in 0..cfg.grad_accum as i64 {
             let micro = step * cfg.grad_accum as i64 + k;
-            let (epoch, pos) = (micro / per_epoch, (micro % per_epoch) as usize);
-            if epoch != order_epoch {
-                order = epoch_order(train.len(), cfg.seed, epoch as u64);
-                order_epoch = epoch;
-            }
-            let rows: Vec<&TokenizedGroup> = order
-                .iter()
-                .skip(pos * cfg.batch_size)
-                .take(cfg.batch_size)
-                .map(|&i| train[i])
+            let rows: Vec<&TokenizedGroup> = micro_batches
+                .rows(micro)
+                .into_iter()
+                .map(|i| train[i])
                 .collect();
             let batch = collate_groups(&rows, pad);
             let rewards = batch_rewards(&model.gpt, &batch, job.device, true);

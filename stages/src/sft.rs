@@ -14,24 +14,21 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rlhf_datasets::batch::{
-    collate, epoch_order, tokenize_pairs, train_eval_split, LmBatch, TokenizedPair,
-};
+use rlhf_datasets::batch::{collate, tokenize_pairs, train_eval_split, LmBatch, TokenizedPair};
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{sft_records, ChatTemplate};
 use rlhf_datasets::task;
-use rlhf_datasets::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{HeadChoice, Model};
-use crate::gpt::{Gpt, GptConfig, Head};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::checkpoint::Model;
+use crate::gpt::{Gpt, Head};
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::train::{
-    check_finite, finished_summary, io_err, progress_bar, resume_point, write_summary,
-    Checkpointer, MetricsLog, StageError, METRICS_FILE,
+    check_finite, finished_summary, io_err, progress_bar, start_or_resume, write_summary,
+    Checkpointer, EpochBatches, MetricsLog, StageError, Start, METRICS_FILE,
 };
 
 /// Settings of the SFT stage (the `sft` stage of an experiment file).
@@ -128,12 +125,7 @@ impl SftConfig {
     }
 }
 
-/// Where the SFT model comes from when `init` is unset.
-#[derive(Debug, Clone)]
-pub struct ScratchModel {
-    pub config: GptConfig,
-    pub tokenizer: Tokenizer,
-}
+pub use crate::train::ScratchModel;
 
 /// One SFT run.
 #[derive(Debug, Clone)]
@@ -213,28 +205,20 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
     }
 
     // The model: a periodic checkpoint to resume, else init or scratch.
-    let resume = resume_point::<SftState>(out, HeadChoice::Want(Head::Lm), job.device)?;
-    let resumed_at = resume.as_ref().map(|r| r.0);
-    let (model, moments, state) = match resume {
-        Some((_, m, moments, state)) => (m, Some(moments), Some(state)),
-        None => {
-            tch::manual_seed(cfg.seed as i64);
-            let m = match &cfg.init {
-                Some(dir) => Model::load(dir, HeadChoice::Want(Head::Lm), job.device)?,
-                None => Model::init(
-                    &job.scratch.config,
-                    Head::Lm,
-                    job.scratch.tokenizer.clone(),
-                    job.device,
-                )?,
-            };
-            (m, None, None)
-        }
-    };
-    let mut opt = AdamW::new(&model.vs, cfg.optimizer.clone());
-    if let Some(moments) = &moments {
-        opt.load_state_tensors(moments)?;
-    }
+    let Start {
+        model,
+        mut opt,
+        resumed_at,
+        state,
+    } = start_or_resume::<SftState>(
+        out,
+        Head::Lm,
+        cfg.init.as_deref(),
+        &job.scratch,
+        &cfg.optimizer,
+        cfg.seed,
+        job.device,
+    )?;
 
     // The data.
     let table = read_table(&cfg.data)?;
@@ -285,8 +269,7 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
     let pad = model.tokenizer.pad_id();
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
     let mut last_eval = None;
-    let mut order_epoch = -1i64;
-    let mut order = Vec::new();
+    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed);
     let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
 
     for step in start_step..total_steps {
@@ -297,16 +280,10 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
         let mut batches = Vec::with_capacity(cfg.grad_accum);
         for k in 0..cfg.grad_accum as i64 {
             let micro = step * cfg.grad_accum as i64 + k;
-            let (epoch, pos) = (micro / per_epoch, (micro % per_epoch) as usize);
-            if epoch != order_epoch {
-                order = epoch_order(train.len(), cfg.seed, epoch as u64);
-                order_epoch = epoch;
-            }
-            let rows: Vec<&TokenizedPair> = order
-                .iter()
-                .skip(pos * cfg.batch_size)
-                .take(cfg.batch_size)
-                .map(|&i| train[i])
+            let rows: Vec<&TokenizedPair> = micro_batches
+                .rows(micro)
+                .into_iter()
+                .map(|i| train[i])
                 .collect();
             batches.push(collate(&rows, pad));
         }
@@ -488,6 +465,7 @@ pub fn greedy_answers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpt::GptConfig;
     use rlhf_datasets::batch::collate;
     use tch::nn::VarStore;
 

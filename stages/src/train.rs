@@ -303,3 +303,99 @@ impl Checkpointer {
         Ok(())
     }
 }
+
+/// The model a stage trains, where its optimiser stands, and its saved
+/// state when it resumes.
+pub struct Start<S> {
+    pub model: Model,
+    pub opt: AdamW,
+    /// The step of the checkpoint resumed from.
+    pub resumed_at: Option<i64>,
+    pub state: Option<S>,
+}
+
+/// Resumes from the newest periodic checkpoint of `out_dir`, else loads
+/// `init` (or builds a fresh model from `scratch`), seeded by `seed`.
+pub fn start_or_resume<S: DeserializeOwned>(
+    out_dir: &Path,
+    head: crate::gpt::Head,
+    init: Option<&Path>,
+    scratch: &ScratchModel,
+    optimizer: &crate::optim::AdamWConfig,
+    seed: u64,
+    device: Device,
+) -> Result<Start<S>, StageError> {
+    let (model, moments, resumed_at, state) =
+        match resume_point::<S>(out_dir, HeadChoice::Want(head), device)? {
+            Some((step, m, moments, state)) => (m, Some(moments), Some(step), Some(state)),
+            None => {
+                tch::manual_seed(seed as i64);
+                let m = match init {
+                    Some(dir) => Model::load(dir, HeadChoice::Want(head), device)?,
+                    None => Model::init(&scratch.config, head, scratch.tokenizer.clone(), device)?,
+                };
+                (m, None, None, None)
+            }
+        };
+    let mut opt = AdamW::new(&model.vs, optimizer.clone());
+    if let Some(m) = &moments {
+        opt.load_state_tensors(m)?;
+    }
+    Ok(Start {
+        model,
+        opt,
+        resumed_at,
+        state,
+    })
+}
+
+/// The model a stage starts from when its config names no `init`.
+#[derive(Debug, Clone)]
+pub struct ScratchModel {
+    pub config: crate::gpt::GptConfig,
+    pub tokenizer: rlhf_datasets::Tokenizer,
+}
+
+/// Micro-batches in a seeded order per epoch: micro-batch `m` is a
+/// function of `(seed, m)` alone, which is what makes resume exact.
+#[derive(Debug)]
+pub struct EpochBatches {
+    n: usize,
+    batch_size: usize,
+    seed: u64,
+    epoch: i64,
+    order: Vec<usize>,
+}
+
+impl EpochBatches {
+    pub fn new(n: usize, batch_size: usize, seed: u64) -> Self {
+        Self {
+            n,
+            batch_size,
+            seed,
+            epoch: -1,
+            order: Vec::new(),
+        }
+    }
+
+    /// Micro-batches per epoch (the last may be short).
+    pub fn per_epoch(&self) -> i64 {
+        self.n.div_ceil(self.batch_size) as i64
+    }
+
+    /// Example indices of micro-batch `micro` (counted from the start).
+    pub fn rows(&mut self, micro: i64) -> Vec<usize> {
+        let per_epoch = self.per_epoch().max(1);
+        let (epoch, pos) = (micro / per_epoch, (micro % per_epoch) as usize);
+        if epoch != self.epoch {
+            self.order = rlhf_datasets::batch::epoch_order(self.n, self.seed, epoch as u64);
+            self.epoch = epoch;
+        }
+        self.order
+            .iter()
+            .skip(pos * self.batch_size)
+            .take(self.batch_size)
+            .copied()
+            .collect()
+    }
+}

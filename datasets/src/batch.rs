@@ -50,19 +50,46 @@ pub fn tokenize_pairs(
         max_len >= 2,
         "max_len must leave room for a prompt and an answer token"
     );
-    let eos = tokenizer.eos_id();
     let mut stats = TruncationStats::default();
     let mut out = Vec::with_capacity(records.len());
     for r in records {
-        let mut prompt = tokenizer.encode(&r.prompt)?;
-        if prompt.is_empty() {
-            prompt.push(eos);
-        }
-        let mut completion = tokenizer.encode(&r.completion)?;
-        completion.push(eos);
+        let prompt = encode_prompt(tokenizer, &r.prompt)?;
+        let completion = encode_answer(tokenizer, &r.completion)?;
         out.push(truncate(prompt, completion, max_len, &mut stats));
     }
     Ok((out, stats))
+}
+
+/// A prompt's ids; an empty prompt becomes a lone EOS (GPT-2's
+/// beginning-of-text), as the first answer token needs a context.
+fn encode_prompt(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<i64>, TokenizerError> {
+    let mut ids = tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        ids.push(tokenizer.eos_id());
+    }
+    Ok(ids)
+}
+
+/// An answer's ids, ending with EOS.
+fn encode_answer(tokenizer: &Tokenizer, answer: &str) -> Result<Vec<i64>, TokenizerError> {
+    let mut ids = tokenizer.encode(answer)?;
+    ids.push(tokenizer.eos_id());
+    Ok(ids)
+}
+
+/// Sequences right-padded with `pad` into one row-major block; returns it
+/// and the width (the longest sequence).
+pub fn right_pad(seqs: &[Vec<i64>], pad: i64) -> (Vec<i64>, usize) {
+    let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let flat = seqs
+        .iter()
+        .flat_map(|s| {
+            s.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, width - s.len()))
+        })
+        .collect();
+    (flat, width)
 }
 
 /// Applies the truncation policy to one pair.
@@ -256,19 +283,14 @@ pub fn tokenize_groups(
         max_len >= 2,
         "max_len must leave room for a prompt and an answer token"
     );
-    let eos = tokenizer.eos_id();
     let mut stats = TruncationStats::default();
     let mut out = Vec::with_capacity(groups.len());
     for g in groups {
-        let mut prompt = tokenizer.encode(&g.prompt)?;
-        if prompt.is_empty() {
-            prompt.push(eos);
-        }
+        let mut prompt = encode_prompt(tokenizer, &g.prompt)?;
         let mut responses = Vec::with_capacity(g.responses.len());
         let mut cut_answer = false;
         for r in &g.responses {
-            let mut ids = tokenizer.encode(r)?;
-            ids.push(eos);
+            let mut ids = encode_answer(tokenizer, r)?;
             if ids.len() > max_len - 1 {
                 ids.truncate(max_len - 1);
                 cut_answer = true;

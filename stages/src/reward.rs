@@ -213,15 +213,7 @@ pub fn sequence_rewards(
     let mut out = Vec::with_capacity(seqs.len());
     tch::no_grad(|| {
         for chunk in seqs.chunks(batch_size.max(1)) {
-            let width = chunk.iter().map(Vec::len).max().unwrap_or(1);
-            let ids: Vec<i64> = chunk
-                .iter()
-                .flat_map(|s| {
-                    s.iter()
-                        .copied()
-                        .chain(std::iter::repeat_n(0, width - s.len()))
-                })
-                .collect();
+            let (ids, width) = rlhf_datasets::batch::right_pad(chunk, 0);
             let batch = GroupBatch {
                 rows: chunk.len(),
                 width,

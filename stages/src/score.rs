@@ -26,19 +26,11 @@ pub fn sequence_logprobs(
     let mut out = Vec::with_capacity(seqs.len());
     tch::no_grad(|| {
         for chunk in seqs.chunks(batch_size.max(1)) {
-            let width = chunk.iter().map(Vec::len).max().unwrap_or(0);
+            let (flat, width) = rlhf_datasets::batch::right_pad(chunk, 0);
             if width < 2 {
                 out.extend(chunk.iter().map(|_| Vec::new()));
                 continue;
             }
-            let flat: Vec<i64> = chunk
-                .iter()
-                .flat_map(|s| {
-                    s.iter()
-                        .copied()
-                        .chain(std::iter::repeat_n(0, width - s.len()))
-                })
-                .collect();
             let ids = Tensor::from_slice(&flat)
                 .view([chunk.len() as i64, width as i64])
                 .to_device(device);

@@ -81,6 +81,15 @@ pub fn write_rollouts(path: &Path, rows: &[RolloutRow]) -> Result<(), DataError>
     write_parquet(path, &mut df)
 }
 
+/// The prompt and answer of each row of a rollouts file, for judging
+/// them afresh (the gold-score-against-KL picture).
+pub fn read_prompts_and_answers(path: &Path) -> Result<Vec<(String, String)>, DataError> {
+    let df = crate::load::read_table(path)?;
+    let prompts = crate::load::string_column(&df, path, "prompt", "the prompt text")?;
+    let answers = crate::load::string_column(&df, path, "answer", "the sampled answer")?;
+    Ok(prompts.into_iter().zip(answers).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +114,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("iter-0003.parquet");
         write_rollouts(&p, &[row.clone(), row]).unwrap();
+        assert_eq!(
+            read_prompts_and_answers(&p).unwrap(),
+            vec![("Add: 1+2\n".to_string(), "3".to_string()); 2]
+        );
         let df = read_table(&p).unwrap();
         assert_eq!(df.height(), 2);
         let names: Vec<String> = df

@@ -39,6 +39,11 @@ pub enum Command {
     Stage(StageArgs),
     /// Score answers with the bundled task's gold judge (JSON lines in and out).
     Judge(JudgeArgs),
+    /// Evaluate a finished run: every policy and reward model on held-out
+    /// data; writes <run>/report/ (JSON, Markdown, PNG plots).
+    Eval(EvalArgs),
+    /// Prompts with each policy's answer side by side, with their scores.
+    Samples(SamplesArgs),
     /// The bundled task's data files.
     #[command(subcommand)]
     Task(TaskCommand),
@@ -107,6 +112,55 @@ pub struct StageArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The run folder (`runs/<experiment name>`).
+    pub run: PathBuf,
+    /// Held-out prompts (JSONL/Parquet/CSV with "prompt"); default: the
+    /// run's PPO (else SFT) stage's eval_prompts.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Held-out rankings for the reward models; default: each reward
+    /// stage's eval_data.
+    #[arg(long)]
+    pub preferences: Option<PathBuf>,
+    /// Evaluate only the first N prompts.
+    #[arg(long)]
+    pub max_prompts: Option<usize>,
+    /// Longest answer, in tokens.
+    #[arg(long, default_value_t = 24)]
+    pub max_new_tokens: i64,
+    /// Sampled answers per prompt for the KL estimate.
+    #[arg(long, default_value_t = 4)]
+    pub kl_samples: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: i64,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct SamplesArgs {
+    /// The run folder (`runs/<experiment name>`).
+    pub run: PathBuf,
+    /// How many prompts to show.
+    #[arg(long, short, default_value_t = 12)]
+    pub n: usize,
+    /// Show only prompts where the policies' gold scores differ.
+    #[arg(long)]
+    pub differing: bool,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Held-out prompts; default: as `rlhf eval`.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 24)]
+    pub max_new_tokens: i64,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
 pub struct JudgeArgs {
     /// JSON lines with "prompt" and "answer"; - for stdin (the default).
     #[arg(long, default_value = "-")]
@@ -127,6 +181,12 @@ pub enum TaskCommand {
         out: PathBuf,
         #[arg(long)]
         seed: Option<u64>,
+        /// Demonstrations to write (default 6000).
+        #[arg(long)]
+        sft_examples: Option<usize>,
+        /// Prompts ranked by the noisy labeller (default in the task's README).
+        #[arg(long)]
+        preference_prompts: Option<usize>,
     },
 }
 

@@ -5,9 +5,11 @@
 //! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
 //! - [`sample`]: batched KV-cache sampling.
 //! - [`score`]: per-token log-probabilities of texts.
+//! - [`eval`]: held-out evaluation of policies: gold and reward scores, win rates, KL.
 
 pub mod checkpoint;
 pub mod device;
+pub mod eval;
 pub mod gpt;
 pub mod optim;
 pub mod ppo;

@@ -274,6 +274,26 @@ pub fn evaluate(
     })
 }
 
+/// The reward model's pairwise accuracy and loss on a rankings file (any
+/// format the reward stage reads); `None` if it has no comparisons.
+pub fn evaluate_file(
+    model: &Model,
+    path: &Path,
+    max_len: usize,
+    batch_size: usize,
+    device: Device,
+) -> Result<Option<RewardEval>, StageError> {
+    let groups = load_groups(path, model, max_len)?;
+    let refs: Vec<&TokenizedGroup> = groups.iter().collect();
+    Ok(evaluate(
+        &model.gpt,
+        &refs,
+        batch_size,
+        model.tokenizer.pad_id(),
+        device,
+    ))
+}
+
 fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
     let mean = xs.iter().sum::<f64>() / n;

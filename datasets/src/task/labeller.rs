@@ -170,8 +170,9 @@ fn mutate(s: &str, rng: &mut impl Rng) -> String {
     c.into_iter().collect()
 }
 
-/// Ranks `answers` (0 = best) by gold score plus `noise`-sd Gaussian noise;
-/// `noise = 0` gives the gold ranking (ties broken by position).
+/// Ranks `answers` (0 = best) by gold score plus `noise`-sd Gaussian noise.
+/// `noise = 0` gives the gold ranking, in which answers of equal gold score
+/// share a rank (a tie, which no comparison is made of).
 pub fn rank(prompt: &str, answers: &[String], noise: f64, rng: &mut impl Rng) -> Vec<usize> {
     let normal = Normal::new(0.0, noise.max(1e-12)).expect("valid sd");
     let noisy: Vec<f64> = answers
@@ -180,13 +181,11 @@ pub fn rank(prompt: &str, answers: &[String], noise: f64, rng: &mut impl Rng) ->
             judge(prompt, a).unwrap_or(0.0) + if noise > 0.0 { normal.sample(rng) } else { 0.0 }
         })
         .collect();
-    let mut order: Vec<usize> = (0..answers.len()).collect();
-    order.sort_by(|&i, &j| noisy[j].total_cmp(&noisy[i]).then(i.cmp(&j)));
-    let mut ranking = vec![0; answers.len()];
-    for (r, &i) in order.iter().enumerate() {
-        ranking[i] = r;
-    }
-    ranking
+    // Competition ranking: an answer's rank is how many score higher.
+    noisy
+        .iter()
+        .map(|s| noisy.iter().filter(|&&o| o > *s).count())
+        .collect()
 }
 
 #[cfg(test)]
@@ -226,6 +225,9 @@ mod tests {
         let p = "Add: 37+8\n";
         let answers = vec!["35".to_string(), "45".into(), "forty".into()];
         assert_eq!(rank(p, &answers, 0.0, &mut rng), vec![1, 0, 2]);
+        // Equal gold scores tie: 35 and 55 are each one digit off.
+        let tied = vec!["35".to_string(), "45".into(), "55".into(), "x".into()];
+        assert_eq!(rank(p, &tied, 0.0, &mut rng), vec![1, 0, 1, 3]);
         let mut flips = 0;
         for _ in 0..1000 {
             let r = rank(p, &answers, 0.3, &mut rng);

@@ -1,11 +1,13 @@
 //! One module per subcommand.
 
 pub mod collect;
+mod eval;
 mod generate;
 mod init;
 mod judge;
 mod plan;
 mod reward;
+mod samples;
 mod score;
 mod stage;
 mod task;
@@ -23,6 +25,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Collect(args) => collect::run(args),
         Command::Plan(args) => plan::plan(args),
         Command::Judge(args) => judge::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Samples(args) => samples::run(args),
         Command::Task(cmd) => task::run(cmd),
     }
 }

@@ -1,0 +1,32 @@
+//! `rlhf eval RUN`: evaluate a finished run and write its report.
+
+use rlhf_stages::device::parse_device;
+use rlhf_stages::eval::EvalSettings;
+
+use crate::cli::EvalArgs;
+use crate::report::{evaluate_run, write_report, EvalOptions, REPORT_JSON, REPORT_MD};
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device.device)?;
+    let opts = EvalOptions {
+        prompts: args.prompts,
+        preferences: args.preferences,
+        max_prompts: args.max_prompts,
+        settings: EvalSettings {
+            max_new_tokens: args.max_new_tokens,
+            kl_samples_per_prompt: args.kl_samples,
+            seed: args.seed,
+            ..EvalSettings::default()
+        },
+        skip_kl: false,
+    };
+    let mut evaluation = evaluate_run(&args.run, &opts, device)?;
+    let dir = write_report(&mut evaluation)?;
+    print!("{}", crate::report::markdown::render(&evaluation.report));
+    eprintln!(
+        "report: {} and {} (plots and answers.jsonl beside them)",
+        dir.join(REPORT_MD).display(),
+        dir.join(REPORT_JSON).display()
+    );
+    Ok(())
+}

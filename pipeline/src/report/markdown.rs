@@ -1,0 +1,97 @@
+//! The report as Markdown: the tables a person reads first.
+
+use std::fmt::Write;
+
+use super::{PolicyRow, Report, VersusReference};
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{:.1}%", 100.0 * v))
+}
+
+fn versus(v: &Option<VersusReference>) -> String {
+    match v {
+        Some(v) => format!("{} ({}-{}-{})", pct(v.win_rate), v.wins, v.ties, v.losses),
+        None => "-".into(),
+    }
+}
+
+fn policy_line(out: &mut String, p: &PolicyRow) {
+    let _ = writeln!(
+        out,
+        "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0}% |",
+        p.label,
+        num(p.gold_score, 3),
+        pct(p.exact),
+        versus(&p.gold_vs_reference),
+        num(p.reward_score, 3),
+        versus(&p.reward_vs_reference),
+        num(p.kl_to_reference, 2),
+        p.answer_tokens,
+        100.0 * p.finished,
+    );
+}
+
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Evaluation of `{}`\n", r.run.display());
+    let _ = writeln!(
+        out,
+        "{} held-out prompts from `{}`, greedy answers of up to {} tokens. \
+         Reference policy: `{}`; reward model scoring every policy: `{}`. \
+         KL to the reference is measured on {} sampled answers per prompt (temperature 1).\n",
+        r.prompts,
+        r.prompts_file.display(),
+        r.settings.max_new_tokens,
+        r.reference,
+        r.reward_model.as_deref().unwrap_or("none"),
+        r.settings.kl_samples_per_prompt,
+    );
+    let _ = writeln!(out, "## Policies\n");
+    let _ = writeln!(
+        out,
+        "| policy | gold score | exact | gold win rate vs {0} (W-T-L) | RM score | RM win rate vs {0} (W-T-L) | KL to {0} (nats) | answer tokens | ended with EOS |",
+        r.reference
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for p in &r.policies {
+        policy_line(&mut out, p);
+    }
+    let _ = writeln!(
+        out,
+        "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart.\n"
+    );
+    if !r.reward_models.is_empty() {
+        let _ = writeln!(out, "## Reward models\n");
+        let _ = writeln!(
+            out,
+            "| reward model | trained on (groups) | held-out pairwise accuracy | pairs | held-out loss | held-out rankings |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for m in &r.reward_models {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                m.label,
+                m.train_groups.map_or_else(|| "-".into(), |g| g.to_string()),
+                pct(m.accuracy),
+                m.pairs,
+                num(m.loss, 3),
+                m.eval_data
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |p| format!("`{}`", p.display())),
+            );
+        }
+        out.push('\n');
+    }
+    if !r.plots.is_empty() {
+        let _ = writeln!(out, "## Plots\n");
+        for p in &r.plots {
+            let _ = writeln!(out, "![{p}]({p})\n");
+        }
+    }
+    out
+}

@@ -1,0 +1,379 @@
+//! `rlhf eval` and `rlhf samples`: what a finished run achieved.
+//!
+//! Every policy of the run (SFT, PPO, each round's PPO) answers the same
+//! held-out prompts greedily; the answers are judged by the bundled task's
+//! gold judge (where it knows the prompts) and by the run's latest reward
+//! model, compared head to head with the reference (SFT) policy, and the KL
+//! to the reference is measured on sampled answers. Each reward model's
+//! pairwise accuracy is measured on held-out rankings. The report is
+//! written to `<run>/report/` as JSON, Markdown and PNG plots.
+
+pub mod markdown;
+pub mod plots;
+pub mod run_folder;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use rlhf_datasets::atomic;
+use rlhf_stages::eval::{self, EvalSettings, PolicyAnswers, Tally};
+use rlhf_stages::{HeadChoice, Model};
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+pub use run_folder::{finished_stages, FinishedStage};
+
+pub const REPORT_DIR: &str = "report";
+pub const REPORT_JSON: &str = "report.json";
+pub const REPORT_MD: &str = "report.md";
+pub const ANSWERS_FILE: &str = "answers.jsonl";
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Held-out prompts; default: the PPO (else SFT) stage's `eval_prompts`.
+    pub prompts: Option<PathBuf>,
+    /// Held-out rankings for the reward models; default: each reward
+    /// stage's own `eval_data`.
+    pub preferences: Option<PathBuf>,
+    /// Evaluate at most this many prompts (the first ones).
+    pub max_prompts: Option<usize>,
+    pub settings: EvalSettings,
+    /// Skip the KL estimate (for `rlhf samples`: answers only).
+    pub skip_kl: bool,
+}
+
+/// Head-to-head counts and the win rate over the non-tied ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersusReference {
+    pub wins: usize,
+    pub ties: usize,
+    pub losses: usize,
+    pub win_rate: Option<f64>,
+}
+
+impl From<Tally> for VersusReference {
+    fn from(t: Tally) -> Self {
+        Self {
+            wins: t.wins,
+            ties: t.ties,
+            losses: t.losses,
+            win_rate: t.win_rate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyRow {
+    pub label: String,
+    pub round: usize,
+    pub checkpoint: PathBuf,
+    /// Mean gold-judge score of the greedy answers.
+    pub gold_score: Option<f64>,
+    /// Share of exactly right answers.
+    pub exact: Option<f64>,
+    /// Gold-judge comparisons against the reference's answers.
+    pub gold_vs_reference: Option<VersusReference>,
+    /// Mean reward-model score of the greedy answers.
+    pub reward_score: Option<f64>,
+    /// Reward-model comparisons against the reference's answers.
+    pub reward_vs_reference: Option<VersusReference>,
+    /// KL(policy || reference), nats per answer, on sampled answers.
+    pub kl_to_reference: Option<f64>,
+    /// Mean answer length in tokens (EOS included).
+    pub answer_tokens: f64,
+    /// Share of answers that ended with EOS.
+    pub finished: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardRow {
+    pub label: String,
+    pub round: usize,
+    pub eval_data: Option<PathBuf>,
+    /// Pairwise accuracy on held-out rankings (tied answers not compared).
+    pub accuracy: Option<f64>,
+    pub pairs: usize,
+    pub loss: Option<f64>,
+    /// Groups (prompts with ranked answers) it was trained on.
+    pub train_groups: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub run: PathBuf,
+    pub prompts_file: PathBuf,
+    pub prompts: usize,
+    /// The policy the others are compared with and KL is measured to.
+    pub reference: String,
+    /// The reward model that scores every policy's answers (the latest).
+    pub reward_model: Option<String>,
+    pub settings: EvalSettings,
+    pub policies: Vec<PolicyRow>,
+    pub reward_models: Vec<RewardRow>,
+    /// The loop's rounds as `rlhf run` recorded them (`rounds.jsonl`).
+    pub rounds: Vec<serde_json::Value>,
+    /// PNG files written beside the report.
+    pub plots: Vec<String>,
+}
+
+/// One prompt and every policy's answer to it (the `answers.jsonl` line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptAnswers {
+    pub prompt: String,
+    pub answers: Vec<LabelledAnswer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabelledAnswer {
+    pub policy: String,
+    pub answer: String,
+    pub gold: Option<f64>,
+    pub reward: Option<f64>,
+}
+
+/// Everything `rlhf eval` computes: the report and each prompt's answers.
+#[derive(Debug)]
+pub struct Evaluation {
+    pub report: Report,
+    pub answers: Vec<PromptAnswers>,
+}
+
+/// The eval prompts' file: given, else the last PPO stage's, else an SFT
+/// stage's `eval_prompts`.
+fn prompts_file(stages: &[FinishedStage], given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    stages
+        .iter()
+        .rev()
+        .filter(|s| s.kind == "ppo")
+        .chain(stages.iter().filter(|s| s.kind == "sft"))
+        .find_map(|s| s.path_setting("eval_prompts"))
+        .context("no stage of this run names eval_prompts; give --prompts FILE (JSONL with a \"prompt\" field)")
+}
+
+/// The reference policy: the checkpoint the PPO stages were anchored to,
+/// else the first SFT stage.
+fn reference_stage(stages: &[FinishedStage]) -> anyhow::Result<&FinishedStage> {
+    let policies: Vec<&FinishedStage> = stages.iter().filter(|s| s.kind != "reward").collect();
+    let named = stages
+        .iter()
+        .filter(|s| s.kind == "ppo")
+        .find_map(|s| s.path_setting("reference"))
+        .and_then(|r| policies.iter().find(|s| s.checkpoint() == r).copied());
+    named
+        .or_else(|| policies.iter().find(|s| s.kind == "sft").copied())
+        .or_else(|| policies.first().copied())
+        .context("this run has no finished policy (SFT or PPO stage) to evaluate")
+}
+
+fn read_prompts(path: &Path, max: Option<usize>) -> anyhow::Result<Vec<String>> {
+    let table = rlhf_datasets::load::read_table(path)?;
+    let mut prompts =
+        rlhf_datasets::load::string_column(&table, path, "prompt", "{\"prompt\": ...} rows")?;
+    if let Some(m) = max {
+        prompts.truncate(m);
+    }
+    if prompts.is_empty() {
+        bail!("{}: no prompts to evaluate", path.display());
+    }
+    Ok(prompts)
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for x in xs {
+        sum += x;
+        n += 1;
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Evaluates every finished stage of `run_dir`.
+pub fn evaluate_run(
+    run_dir: &Path,
+    opts: &EvalOptions,
+    device: Device,
+) -> anyhow::Result<Evaluation> {
+    let stages = finished_stages(run_dir)?;
+    let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
+    let prompts = read_prompts(&prompts_path, opts.max_prompts)?;
+    let reference_stage = reference_stage(&stages)?;
+    let load = |s: &FinishedStage, head| {
+        Model::load(&s.checkpoint(), head, device)
+            .with_context(|| format!("loading {} ({})", s.label, s.checkpoint().display()))
+    };
+    let reference = load(reference_stage, HeadChoice::AsSaved)?;
+    let reward_stage = stages.iter().rev().find(|s| s.kind == "reward");
+    let reward_model = reward_stage
+        .map(|s| load(s, HeadChoice::AsSaved))
+        .transpose()?;
+
+    let mut policies = Vec::new();
+    let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
+    let policy_stages: Vec<&FinishedStage> = std::iter::once(reference_stage)
+        .chain(
+            stages
+                .iter()
+                .filter(|s| s.kind != "reward" && s.label != reference_stage.label),
+        )
+        .collect();
+    for stage in policy_stages {
+        tracing::info!("evaluating {} on {} prompts", stage.label, prompts.len());
+        let model = load(stage, HeadChoice::AsSaved)?;
+        let answers = eval::answer_and_score(
+            &model,
+            reward_model.as_ref(),
+            &prompts,
+            &opts.settings,
+            device,
+        )?;
+        let kl = if opts.skip_kl {
+            None
+        } else {
+            Some(eval::kl_to_reference(
+                &model,
+                &reference,
+                &prompts,
+                &opts.settings,
+                device,
+            )?)
+        };
+        let base = all_answers.first().map(|(_, a)| a).unwrap_or(&answers);
+        let gold_vs = gold_tally(&answers, base);
+        let reward_vs = match (&answers.reward, &base.reward) {
+            (Some(ours), Some(theirs)) => Some(Tally::of(ours, theirs, 1e-6).into()),
+            _ => None,
+        };
+        let n = prompts.len() as f64;
+        policies.push(PolicyRow {
+            label: stage.label.clone(),
+            round: stage.round,
+            checkpoint: stage.checkpoint(),
+            gold_score: eval::mean_present(&answers.gold),
+            exact: mean(
+                answers
+                    .gold
+                    .iter()
+                    .flatten()
+                    .map(|&g| f64::from(u8::from(g == 1.0))),
+            ),
+            gold_vs_reference: gold_vs,
+            reward_score: answers
+                .reward
+                .as_ref()
+                .and_then(|r| mean(r.iter().copied())),
+            reward_vs_reference: reward_vs,
+            kl_to_reference: kl,
+            answer_tokens: answers.answer_tokens.iter().sum::<usize>() as f64 / n,
+            finished: answers.finished.iter().filter(|&&f| f).count() as f64 / n,
+        });
+        all_answers.push((stage.label.clone(), answers));
+    }
+
+    let mut reward_models = Vec::new();
+    for stage in stages.iter().filter(|s| s.kind == "reward") {
+        let data = opts
+            .preferences
+            .clone()
+            .or_else(|| stage.path_setting("eval_data"));
+        let model = load(stage, HeadChoice::AsSaved)?;
+        let max_len = stage.manifest.config["stage"]["max_len"]
+            .as_u64()
+            .unwrap_or(model.gpt.config().n_positions as u64) as usize;
+        let result = match &data {
+            Some(path) => rlhf_stages::reward::evaluate_file(
+                &model,
+                path,
+                max_len,
+                opts.settings.batch_size,
+                device,
+            )?,
+            None => None,
+        };
+        reward_models.push(RewardRow {
+            label: stage.label.clone(),
+            round: stage.round,
+            eval_data: data,
+            accuracy: result.as_ref().map(|r| r.accuracy),
+            pairs: result.as_ref().map_or(0, |r| r.pairs),
+            loss: result.as_ref().map(|r| r.loss),
+            train_groups: stage.manifest.summary["train_groups"].as_u64(),
+        });
+    }
+
+    let answers = (0..prompts.len())
+        .map(|i| PromptAnswers {
+            prompt: prompts[i].clone(),
+            answers: all_answers
+                .iter()
+                .map(|(label, a)| LabelledAnswer {
+                    policy: label.clone(),
+                    answer: a.answers[i].clone(),
+                    gold: a.gold[i],
+                    reward: a.reward.as_ref().map(|r| r[i]),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Evaluation {
+        report: Report {
+            run: run_dir.to_owned(),
+            prompts_file: prompts_path,
+            prompts: prompts.len(),
+            reference: reference_stage.label.clone(),
+            reward_model: reward_stage.map(|s| s.label.clone()),
+            settings: opts.settings.clone(),
+            policies,
+            reward_models,
+            rounds: read_rounds(run_dir),
+            plots: vec![],
+        },
+        answers,
+    })
+}
+
+/// Gold comparisons over the prompts the judge knows.
+fn gold_tally(ours: &PolicyAnswers, theirs: &PolicyAnswers) -> Option<VersusReference> {
+    let (a, b): (Vec<f64>, Vec<f64>) = ours
+        .gold
+        .iter()
+        .zip(&theirs.gold)
+        .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
+        .unzip();
+    (!a.is_empty()).then(|| Tally::of(&a, &b, 1e-9).into())
+}
+
+fn read_rounds(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("rounds.jsonl"))
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes `report.json`, `report.md`, `answers.jsonl` and the plots into
+/// `<run>/report/`; returns the folder.
+pub fn write_report(evaluation: &mut Evaluation) -> anyhow::Result<PathBuf> {
+    let dir = evaluation.report.run.join(REPORT_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stages = finished_stages(&evaluation.report.run)?;
+    evaluation.report.plots = plots::write_all(&stages, &dir)?;
+    let json = serde_json::to_string_pretty(&evaluation.report)?;
+    atomic::write_file(&dir.join(REPORT_JSON), json.as_bytes())?;
+    atomic::write_file(
+        &dir.join(REPORT_MD),
+        markdown::render(&evaluation.report).as_bytes(),
+    )?;
+    let mut lines = String::new();
+    for a in &evaluation.answers {
+        lines.push_str(&serde_json::to_string(a)?);
+        lines.push('\n');
+    }
+    atomic::write_file(&dir.join(ANSWERS_FILE), lines.as_bytes())?;
+    Ok(dir)
+}

@@ -1,0 +1,341 @@
+//! Evaluating finished policies on held-out prompts: greedy answers, their
+//! gold and reward-model scores, head-to-head tallies against a reference
+//! policy, and the KL to that reference measured on sampled answers.
+//!
+//! Everything here is deterministic for a given seed, so two evaluations of
+//! the same run give the same report.
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use rlhf_datasets::task;
+
+use crate::checkpoint::Model;
+use crate::reward::sequence_rewards;
+use crate::sample::{generate, SamplingConfig, TokenSpec};
+use crate::score::sequence_logprobs;
+use crate::train::StageError;
+
+/// How answers are drawn for evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalSettings {
+    pub max_new_tokens: i64,
+    /// Sampled answers per prompt for the KL estimate.
+    pub kl_samples_per_prompt: usize,
+    pub batch_size: usize,
+    pub seed: i64,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 24,
+            kl_samples_per_prompt: 4,
+            batch_size: 64,
+            seed: 1,
+        }
+    }
+}
+
+/// A policy's greedy answers to the evaluation prompts and their scores,
+/// one entry per prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyAnswers {
+    pub answers: Vec<String>,
+    /// Answer length in tokens (EOS included when the answer stopped).
+    pub answer_tokens: Vec<usize>,
+    pub finished: Vec<bool>,
+    /// The bundled task's gold judge; `None` where it does not know the prompt.
+    pub gold: Vec<Option<f64>>,
+    /// The reward model's score, where one was given.
+    pub reward: Option<Vec<f64>>,
+}
+
+/// Head-to-head comparisons of two policies' answers to the same prompts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub wins: usize,
+    pub ties: usize,
+    pub losses: usize,
+}
+
+impl Tally {
+    /// Compares `ours[i]` with `theirs[i]`; differences within `tie` are ties.
+    pub fn of(ours: &[f64], theirs: &[f64], tie: f64) -> Self {
+        let mut t = Tally::default();
+        for (a, b) in ours.iter().zip(theirs) {
+            if (a - b).abs() <= tie {
+                t.ties += 1;
+            } else if a > b {
+                t.wins += 1;
+            } else {
+                t.losses += 1;
+            }
+        }
+        t
+    }
+
+    /// Wins over the comparisons that were not ties; `None` if all were.
+    pub fn win_rate(&self) -> Option<f64> {
+        let decided = self.wins + self.losses;
+        (decided > 0).then(|| self.wins as f64 / decided as f64)
+    }
+}
+
+/// Greedy answers of `policy` to `prompts`, judged by the gold judge and,
+/// if given, scored by `reward_model`.
+pub fn answer_and_score(
+    policy: &Model,
+    reward_model: Option<&Model>,
+    prompts: &[String],
+    settings: &EvalSettings,
+    device: Device,
+) -> Result<PolicyAnswers, StageError> {
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        max_new_tokens: settings.max_new_tokens,
+        ..SamplingConfig::default()
+    };
+    let (ids, samples) = sample(policy, prompts, 1, &greedy, settings.batch_size, device)?;
+    drop(ids);
+    let tok = &policy.tokenizer;
+    let mut out = PolicyAnswers {
+        answers: Vec::with_capacity(prompts.len()),
+        answer_tokens: Vec::with_capacity(prompts.len()),
+        finished: Vec::with_capacity(prompts.len()),
+        gold: Vec::with_capacity(prompts.len()),
+        reward: None,
+    };
+    for (p, (answer, finished)) in prompts.iter().zip(samples) {
+        let text = tok.decode(&answer, false)?;
+        out.gold.push(task::judge(p, &text));
+        out.answers.push(text);
+        out.answer_tokens.push(answer.len());
+        out.finished.push(finished);
+    }
+    if let Some(rm) = reward_model {
+        out.reward = Some(reward_scores(rm, prompts, &out.answers, settings, device)?);
+    }
+    Ok(out)
+}
+
+/// Reward-model scores of `answers[i]` to `prompts[i]`, read as the reward
+/// model was trained: prompt + answer + EOS, the head at the EOS. A
+/// sequence longer than the model's context keeps its end.
+pub fn reward_scores(
+    reward_model: &Model,
+    prompts: &[String],
+    answers: &[String],
+    settings: &EvalSettings,
+    device: Device,
+) -> Result<Vec<f64>, StageError> {
+    let tok = &reward_model.tokenizer;
+    let limit = reward_model.gpt.config().n_positions as usize;
+    let mut seqs = Vec::with_capacity(prompts.len());
+    for (p, a) in prompts.iter().zip(answers) {
+        let mut ids = tok.encode(p)?;
+        ids.extend(tok.encode(a)?);
+        ids.push(tok.eos_id());
+        if ids.len() > limit {
+            ids.drain(..ids.len() - limit);
+        }
+        seqs.push(ids);
+    }
+    Ok(sequence_rewards(
+        &reward_model.gpt,
+        &seqs,
+        settings.batch_size,
+        device,
+    ))
+}
+
+/// KL(policy || reference) in nats per answer, estimated on answers sampled
+/// from the policy at temperature 1: the mean over samples of
+/// `sum_t log p(y_t) - log p_ref(y_t)`, the quantity PPO penalises.
+pub fn kl_to_reference(
+    policy: &Model,
+    reference: &Model,
+    prompts: &[String],
+    settings: &EvalSettings,
+    device: Device,
+) -> Result<f64, StageError> {
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        max_new_tokens: settings.max_new_tokens,
+        ..SamplingConfig::default()
+    };
+    tch::manual_seed(settings.seed);
+    let (prompt_ids, samples) = sample(
+        policy,
+        prompts,
+        settings.kl_samples_per_prompt.max(1),
+        &sampling,
+        settings.batch_size,
+        device,
+    )?;
+    let seqs: Vec<Vec<i64>> = prompt_ids
+        .iter()
+        .zip(&samples)
+        .map(|(p, (a, _))| p.iter().chain(a).copied().collect())
+        .collect();
+    let lp = sequence_logprobs(&policy.gpt, &seqs, settings.batch_size, device);
+    let ref_lp = sequence_logprobs(&reference.gpt, &seqs, settings.batch_size, device);
+    let mut total = 0.0;
+    for ((lp, ref_lp), (answer, _)) in lp.iter().zip(&ref_lp).zip(&samples) {
+        // The answer's tokens are the last `answer.len()` log-probabilities.
+        let n = answer.len();
+        total += lp[lp.len() - n..]
+            .iter()
+            .zip(&ref_lp[ref_lp.len() - n..])
+            .map(|(a, b)| a - b)
+            .sum::<f64>();
+    }
+    Ok(total / samples.len().max(1) as f64)
+}
+
+/// `k` answers to each prompt (in prompt order, each prompt's `k` together)
+/// as token ids with whether each stopped at EOS, and the prompts' ids
+/// repeated to match.
+#[allow(clippy::type_complexity)]
+fn sample(
+    model: &Model,
+    prompts: &[String],
+    k: usize,
+    config: &SamplingConfig,
+    batch_size: usize,
+    device: Device,
+) -> Result<(Vec<Vec<i64>>, Vec<(Vec<i64>, bool)>), StageError> {
+    let tok = &model.tokenizer;
+    let limit = (model.gpt.config().n_positions - config.max_new_tokens).max(1) as usize;
+    let mut ids = Vec::with_capacity(prompts.len() * k);
+    for p in prompts {
+        let mut p_ids = tok.encode(p)?;
+        if p_ids.is_empty() {
+            p_ids.push(tok.eos_id());
+        }
+        if p_ids.len() > limit {
+            p_ids.drain(..p_ids.len() - limit);
+        }
+        ids.extend(std::iter::repeat_n(p_ids, k));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(batch_size.max(1)) {
+        let g = generate(&model.gpt, chunk, config, TokenSpec::of(tok), device)?;
+        out.extend(g.answers.into_iter().zip(g.finished));
+    }
+    Ok((ids, out))
+}
+
+/// Mean of the values that are present; `None` if none are.
+pub fn mean_present(xs: &[Option<f64>]) -> Option<f64> {
+    let present: Vec<f64> = xs.iter().flatten().copied().collect();
+    (!present.is_empty()).then(|| present.iter().sum::<f64>() / present.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Model;
+    use crate::gpt::{GptConfig, Head};
+
+    fn tiny(seed: i64) -> Model {
+        tch::manual_seed(seed);
+        let cfg = GptConfig {
+            vocab_size: 264,
+            n_positions: 48,
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            ..GptConfig::default()
+        };
+        Model::init(
+            &cfg,
+            Head::Lm,
+            rlhf_datasets::Tokenizer::bytes(),
+            Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tally_counts_wins_ties_losses_and_rate_ignores_ties() {
+        let t = Tally::of(&[1.0, 0.5, 0.2, 0.9], &[0.5, 0.5, 0.7, 0.1], 1e-9);
+        assert_eq!(
+            t,
+            Tally {
+                wins: 2,
+                ties: 1,
+                losses: 1
+            }
+        );
+        assert_eq!(t.win_rate(), Some(2.0 / 3.0));
+        assert_eq!(Tally::of(&[1.0], &[1.0], 0.0).win_rate(), None);
+    }
+
+    #[test]
+    fn kl_on_samples_matches_the_exact_kl_of_one_token_answers() {
+        let _rng = crate::rng_lock();
+        let (a, b) = (tiny(1), tiny(2));
+        // Sharpen b so that the two next-token distributions differ a lot.
+        tch::no_grad(|| {
+            for (name, mut t) in b.vs.variables() {
+                if name.ends_with("wte.weight") {
+                    let _ = t.g_mul_scalar_(60.0);
+                }
+            }
+        });
+        let prompts = vec!["Add: 3+4\n".to_string(), "Reverse: cat\n".into()];
+        let settings = EvalSettings {
+            max_new_tokens: 1,
+            kl_samples_per_prompt: 3000,
+            batch_size: 512,
+            seed: 7,
+        };
+        let same = kl_to_reference(&a, &a, &prompts, &settings, Device::Cpu).unwrap();
+        assert!(same.abs() < 1e-9, "{same}");
+        let estimate = kl_to_reference(&a, &b, &prompts, &settings, Device::Cpu).unwrap();
+        // Exactly: sum_v p(v) (log p(v) - log q(v)) at the prompt's end,
+        // averaged over the prompts.
+        let mut exact = 0.0;
+        for p in &prompts {
+            let ids = a.tokenizer.encode(p).unwrap();
+            let ids = tch::Tensor::from_slice(&ids).view([1, -1]);
+            let last = |m: &Model| {
+                m.gpt
+                    .forward_logits(&ids, None, false)
+                    .select(1, -1)
+                    .log_softmax(-1, tch::Kind::Double)
+            };
+            let (lp, lq) = (last(&a), last(&b));
+            exact += (lp.exp() * (&lp - &lq))
+                .sum(tch::Kind::Double)
+                .double_value(&[]);
+        }
+        exact /= prompts.len() as f64;
+        assert!(exact > 0.5, "the test needs distinct models: {exact}");
+        assert!(
+            (estimate - exact).abs() < 0.08 * exact,
+            "estimate {estimate} vs exact {exact}"
+        );
+        let again = kl_to_reference(&a, &b, &prompts, &settings, Device::Cpu).unwrap();
+        assert_eq!(estimate, again, "same seed, same estimate");
+    }
+
+    #[test]
+    fn greedy_answers_are_judged_per_prompt() {
+        let _rng = crate::rng_lock();
+        let m = tiny(3);
+        let prompts = vec!["Add: 3+4\n".to_string(), "not a task prompt".into()];
+        let settings = EvalSettings {
+            max_new_tokens: 5,
+            ..EvalSettings::default()
+        };
+        let got = answer_and_score(&m, None, &prompts, &settings, Device::Cpu).unwrap();
+        assert_eq!(got.answers.len(), 2);
+        assert!(got.gold[0].is_some());
+        assert_eq!(got.gold[1], None);
+        assert!(got.answer_tokens.iter().all(|&n| n <= 5));
+        // The judge's verdict on exactly these answers.
+        assert_eq!(got.gold[0], task::judge(&prompts[0], &got.answers[0]));
+    }
+}

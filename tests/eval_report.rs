@@ -1,0 +1,213 @@
+//! `rlhf eval` and `rlhf samples` on a tiny finished run with one loop
+//! round: the report's numbers agree with the answers it lists (recounted
+//! here), the reference's KL to itself is zero, the plots are PNGs, and a
+//! second evaluation gives the same report.
+
+mod common;
+
+use std::path::Path;
+
+use common::{rlhf, workspace};
+use serde_json::Value;
+
+fn head(src: &str, dst: &Path, n: usize) {
+    let text = std::fs::read_to_string(workspace().join("datasets/task").join(src)).unwrap();
+    std::fs::write(
+        dst,
+        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+}
+
+fn json_file(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
+    let d = tempfile::tempdir().unwrap();
+    head("sft.jsonl", &d.path().join("sft.jsonl"), 64);
+    head("preferences.jsonl", &d.path().join("prefs.jsonl"), 16);
+    head("preferences_gold.jsonl", &d.path().join("gold.jsonl"), 8);
+    head("prompts.jsonl", &d.path().join("prompts.jsonl"), 16);
+    head("prompts_eval.jsonl", &d.path().join("eval.jsonl"), 12);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: ev\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 8, eval_every: 2}\n\
+         \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, eval_data: gold.jsonl, max_steps: 4, batch_size: 4, eval_every: 2}\n\
+         \x20 ppo:\n    kind: ppo\n    policy: sft\n    reward_model: rm\n    prompts: prompts.jsonl\n    eval_prompts: eval.jsonl\n    iterations: 3\n\
+         \x20   rollout_batch: 4\n    minibatch_size: 4\n    ppo_epochs: 1\n    sampling: {max_new_tokens: 6}\n    policy_optimizer: {lr: 0.01}\n\
+         loop:\n  repeat: [rm, ppo]\n  rounds: 1\n  prompts: prompts.jsonl\n  prompts_per_round: 4\n  k: 3\n\
+         \x20 sampling: {max_new_tokens: 6}\n  labeller: {kind: gold}\n",
+    )
+    .unwrap();
+    let out = rlhf(&["run", exp.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = d.path().join("runs/ev");
+
+    let out = rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report_dir = run.join("report");
+    let report = json_file(&report_dir.join("report.json"));
+    let labels: Vec<&str> = report["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["sft", "ppo", "round-1/ppo"]);
+    assert_eq!(report["reference"], "sft");
+    assert_eq!(report["reward_model"], "round-1/rm");
+    assert_eq!(report["prompts"], 12);
+
+    // Recount every number from the answers it lists.
+    let answers: Vec<Value> = std::fs::read_to_string(report_dir.join("answers.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 12);
+    for (i, policy) in report["policies"].as_array().unwrap().iter().enumerate() {
+        let (mut wins, mut ties, mut losses, mut gold_sum, mut exact) = (0, 0, 0, 0.0, 0);
+        for a in &answers {
+            let ours = &a["answers"][i];
+            let theirs = &a["answers"][0];
+            assert_eq!(ours["policy"], policy["label"]);
+            let (g, r) = (
+                ours["gold"].as_f64().unwrap(),
+                theirs["gold"].as_f64().unwrap(),
+            );
+            gold_sum += g;
+            exact += usize::from(g == 1.0);
+            match g.partial_cmp(&r).unwrap() {
+                std::cmp::Ordering::Greater => wins += 1,
+                std::cmp::Ordering::Equal => ties += 1,
+                std::cmp::Ordering::Less => losses += 1,
+            }
+        }
+        let vs = &policy["gold_vs_reference"];
+        assert_eq!(
+            (
+                vs["wins"].as_u64(),
+                vs["ties"].as_u64(),
+                vs["losses"].as_u64()
+            ),
+            (Some(wins), Some(ties), Some(losses)),
+            "{}",
+            policy["label"]
+        );
+        let rate = vs["win_rate"].as_f64();
+        if wins + losses > 0 {
+            assert!((rate.unwrap() - wins as f64 / (wins + losses) as f64).abs() < 1e-12);
+        } else {
+            assert!(rate.is_none());
+        }
+        assert!((policy["gold_score"].as_f64().unwrap() - gold_sum / 12.0).abs() < 1e-9);
+        assert!((policy["exact"].as_f64().unwrap() - exact as f64 / 12.0).abs() < 1e-9);
+        assert!(policy["kl_to_reference"].as_f64().unwrap().is_finite());
+    }
+    // The reference against itself: all ties, no KL.
+    let sft = &report["policies"][0];
+    assert_eq!(sft["kl_to_reference"].as_f64(), Some(0.0));
+    assert_eq!(sft["gold_vs_reference"]["ties"], 12);
+    // PPO at a high learning rate has moved away from SFT.
+    assert!(report["policies"][2]["kl_to_reference"].as_f64().unwrap() > 0.0);
+
+    // The gold judge, run apart, agrees with the listed scores.
+    let input: String = answers
+        .iter()
+        .map(|a| {
+            serde_json::json!({"prompt": a["prompt"], "answer": a["answers"][1]["answer"]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let judge_in = d.path().join("judge.jsonl");
+    std::fs::write(&judge_in, input).unwrap();
+    let judged = rlhf(&["judge", "--input", judge_in.to_str().unwrap()]);
+    assert!(judged.status.success());
+    for (line, a) in String::from_utf8(judged.stdout)
+        .unwrap()
+        .lines()
+        .zip(&answers)
+    {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["score"], a["answers"][1]["gold"]);
+    }
+
+    // Reward models: one per round, measured on the held-out rankings.
+    let rms = report["reward_models"].as_array().unwrap();
+    assert_eq!(rms.len(), 2);
+    for m in rms {
+        let acc = m["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc) && m["pairs"].as_u64().unwrap() > 0);
+    }
+
+    // Plots: real PNGs, listed in the report and linked from the Markdown.
+    let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
+    for plot in [
+        "sft_loss.png",
+        "reward_accuracy.png",
+        "ppo_training.png",
+        "overoptimization.png",
+    ] {
+        let bytes = std::fs::read(report_dir.join(plot)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{plot}");
+        assert!(md.contains(&format!("]({plot})")), "{plot} not linked");
+    }
+    assert!(md.contains("| round-1/ppo |"), "{md}");
+
+    // Same run, same seed: the same report.
+    let first = std::fs::read(report_dir.join("report.json")).unwrap();
+    assert!(
+        rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        first,
+        std::fs::read(report_dir.join("report.json")).unwrap()
+    );
+
+    // Samples: each shown prompt with one line per policy.
+    let out = rlhf(&["samples", run.to_str().unwrap(), "-n", "3"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for a in answers.iter().take(3) {
+        assert!(
+            text.contains(a["prompt"].as_str().unwrap().trim_end()),
+            "{text}"
+        );
+    }
+    assert_eq!(text.matches("round-1/ppo").count(), 3, "{text}");
+    let out = rlhf(&["samples", run.to_str().unwrap(), "-n", "2", "--json"]);
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["answers"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn eval_of_a_folder_that_is_not_a_run_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    let out = rlhf(&["eval", d.path().join("nope").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no such run folder"), "{err}");
+    let out = rlhf(&["eval", d.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no finished stages"), "{err}");
+}

@@ -110,7 +110,7 @@ fn plan_run_cache_hit_and_misses() {
 
     // An input file of sft changes: sft and (through its key) rm rerun.
     let mut data = std::fs::read_to_string(d.path().join("sft.jsonl")).unwrap();
-    data.push_str("{\"prompt\": \"Add: 1+1\\n\", \"completion\": \"2\"}\n");
+    data.push_str("{\"prompt\": \"Upper: ab\\n\", \"completion\": \"AB\"}\n");
     std::fs::write(d.path().join("sft.jsonl"), data).unwrap();
     let log = run(&exp, &[]);
     assert!(!cached(&log, "sft") && !cached(&log, "rm"), "{log}");

@@ -7,9 +7,11 @@
 //! - [`tokenizer`]: the byte-level default and HF `tokenizer.json`.
 //! - [`task`]: the bundled task, its simulated labeller and gold judge.
 //! - [`atomic`]: files and folders written whole or not at all.
+//! - [`checksum`]: sha256 lists that let a loader refuse a damaged folder.
 
 pub mod atomic;
 pub mod batch;
+pub mod checksum;
 pub mod load;
 pub mod preference;
 pub mod rollout;

@@ -96,8 +96,13 @@ pub fn stage_key(
     let stage = exp.stage(name)?;
     let mut inputs = BTreeMap::new();
     for f in input_files(exp, stage) {
-        let hash = sha256_file(&f)
-            .map_err(|e| anyhow::anyhow!("stage {name}: cannot read input {}: {e}", f.display()))?;
+        let hash = sha256_file(&f).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: stage {name}: cannot read input {}: {e}",
+                exp.file.display(),
+                f.display()
+            )
+        })?;
         inputs.insert(f.display().to_string(), hash);
     }
     let config = serde_json::json!({
@@ -123,11 +128,22 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Complete, with this key, and its checkpoint still there.
+/// Complete, with this key, and its checkpoint still there and intact.
 pub fn is_cached(dir: &Path, key: &str) -> bool {
+    let final_dir = dir.join(rlhf_stages::train::FINAL_DIR);
     read_manifest(dir).is_some_and(|m| m.status == "complete" && m.key == key)
-        && dir
-            .join(rlhf_stages::train::FINAL_DIR)
-            .join(rlhf_stages::train::STATE_FILE)
-            .exists()
+        && final_dir.join(rlhf_stages::train::STATE_FILE).exists()
+        && checkpoint_intact(&final_dir)
+}
+
+/// Whether a finished checkpoint still matches its checksums; a damaged one
+/// is named, and the stage is then run again rather than trusted.
+fn checkpoint_intact(dir: &Path) -> bool {
+    match rlhf_datasets::checksum::verify(dir) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("{e}; the stage will run again");
+            false
+        }
+    }
 }

@@ -109,6 +109,9 @@ pub struct StageArgs {
     /// Stop after this optimiser step as if killed (for resume tests).
     #[arg(long, hide = true)]
     pub stop_after_step: Option<i64>,
+    /// Set by `rlhf run`, which keys and clears stage folders itself.
+    #[arg(long, hide = true)]
+    pub managed: bool,
 }
 
 #[derive(Debug, Args)]

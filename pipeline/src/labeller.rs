@@ -106,8 +106,13 @@ mod tests {
     #[test]
     fn gold_ranking_ties_equal_scores() {
         let r = gold_ranking(
-            "Add: 37+8\n",
-            &["45".into(), "35".into(), "45".into(), "x".into()],
+            "Upper: candle\n",
+            &[
+                "CANDLE".into(),
+                "CANDlE".into(),
+                "CANDLE".into(),
+                "x".into(),
+            ],
         )
         .unwrap();
         assert_eq!(r, vec![0, 2, 0, 3]);

@@ -112,10 +112,12 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         tracing::info!("[{label}] cached ({})", dir.display());
         return Ok((key, Outcome::Cached));
     }
-    // A folder started with other settings (or forced) starts over; one
-    // started with these settings resumes from its last checkpoint.
+    // A folder started with other settings (or forced), or a finished one
+    // whose checkpoint is gone or damaged, starts over; one started with
+    // these settings and stopped resumes from its last good checkpoint.
     let started_key = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
-    if dir.exists() && (job.force || started_key.as_deref() != Some(key.as_str())) {
+    let finished = read_manifest(dir).is_some_and(|m| m.status == "complete");
+    if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
@@ -123,6 +125,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     let t0 = Instant::now();
     let mut args = vec![
         "stage".to_owned(),
+        "--managed".into(),
         "--config".into(),
         exp.file.display().to_string(),
         job.name.into(),
@@ -248,7 +251,8 @@ fn run_rounds(
             RewardInit::Previous => Some(rm_dir.clone()),
             RewardInit::Stage => rm_cfg.init.clone(),
         };
-        let mut extra = vec![format!("stages.{rm}.data={}", out_prefs.display())];
+        let mut extra = spec.set.clone();
+        extra.push(format!("stages.{rm}.data={}", out_prefs.display()));
         if let Some(init) = &rm_init {
             extra.push(format!("stages.{rm}.init={}", init.display()));
         }
@@ -269,11 +273,12 @@ fn run_rounds(
         outcomes.push((rm_label, outcome));
         (rm_dir, rm_key) = (final_of(&round_dir.join(rm)), key);
         // 3. PPO from the latest policy against the new reward model.
-        let extra = vec![
+        let mut extra = spec.set.clone();
+        extra.extend([
             format!("stages.{ppo}.policy={}", policy_dir.display()),
             format!("stages.{ppo}.reference={}", reference.display()),
             format!("stages.{ppo}.reward_model={}", rm_dir.display()),
-        ];
+        ]);
         let ppo_label = format!("round-{round}/{ppo}");
         let job = StageRun {
             exp,

@@ -66,6 +66,8 @@ pub enum CheckpointError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Write(#[from] AtomicWriteError),
+    #[error(transparent)]
+    Corrupt(#[from] rlhf_datasets::checksum::ChecksumError),
     #[error("cannot write weights to {path}: {source}")]
     WriteWeights {
         path: PathBuf,
@@ -146,6 +148,7 @@ impl Model {
                 path: dir.to_owned(),
             });
         }
+        rlhf_datasets::checksum::verify(dir)?;
         let (config, meta) = read_config(&config_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let tensors = read_weights(&weights_path)?;
@@ -194,7 +197,10 @@ impl Model {
     {
         atomic::write_dir(dir, |tmp| {
             self.write_files(tmp)?;
-            extra(tmp)
+            extra(tmp)?;
+            // Last, over every file: loads check it (truncation, bit rot).
+            rlhf_datasets::checksum::write(tmp).map_err(CheckpointError::from)?;
+            Ok(())
         })
     }
 

@@ -13,6 +13,20 @@ pub enum DeviceError {
 }
 
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+/// Checks that `spec` is a device name (auto, cpu, cuda, gpu, cuda:N)
+/// without asking the machine: for config files read on another machine.
+pub fn check_device_spec(spec: &str) -> Result<(), DeviceError> {
+    let s = spec.trim().to_ascii_lowercase();
+    let indexed = s
+        .strip_prefix("cuda:")
+        .is_some_and(|n| n.parse::<usize>().is_ok());
+    if matches!(s.as_str(), "auto" | "cpu" | "cuda" | "gpu") || indexed {
+        Ok(())
+    } else {
+        Err(DeviceError::Unknown(spec.into()))
+    }
+}
+
 pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
     let spec_lc = spec.trim().to_ascii_lowercase();
     let cuda_count = || tch::Cuda::device_count() as usize;

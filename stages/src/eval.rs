@@ -284,7 +284,7 @@ mod tests {
                 }
             }
         });
-        let prompts = vec!["Add: 3+4\n".to_string(), "Reverse: cat\n".into()];
+        let prompts = vec!["Upper: cat\n".to_string(), "Reverse: cat\n".into()];
         let settings = EvalSettings {
             max_new_tokens: 1,
             kl_samples_per_prompt: 3000,
@@ -325,7 +325,7 @@ mod tests {
     fn greedy_answers_are_judged_per_prompt() {
         let _rng = crate::rng_lock();
         let m = tiny(3);
-        let prompts = vec!["Add: 3+4\n".to_string(), "not a task prompt".into()];
+        let prompts = vec!["Upper: cat\n".to_string(), "not a task prompt".into()];
         let settings = EvalSettings {
             max_new_tokens: 5,
             ..EvalSettings::default()

@@ -460,6 +460,25 @@ enum Scorer {
 }
 
 /// Runs (or resumes, or finds done) a PPO run.
+/// Policy, critic, their optimisers and the trainer state of a periodic
+/// checkpoint.
+type PpoResume = (Model, Model, AdamW, AdamW, PpoState);
+
+fn load_resume_point(dir: &Path, cfg: &PpoConfig, device: Device) -> Result<PpoResume, StageError> {
+    let (p, pm, state): (Model, _, PpoState) =
+        load_training(&dir.join(POLICY_DIR), HeadChoice::Want(Head::Lm), device)?;
+    let (c, cm, _): (Model, _, PpoState) = load_training(
+        &dir.join(CRITIC_DIR),
+        HeadChoice::Want(Head::Scalar),
+        device,
+    )?;
+    let mut popt = AdamW::new(&p.vs, cfg.policy_optimizer.clone());
+    popt.load_state_tensors(&pm)?;
+    let mut copt = AdamW::new(&c.vs, cfg.critic_optimizer.clone());
+    copt.load_state_tensors(&cm)?;
+    Ok((p, c, popt, copt, state))
+}
+
 pub fn run(job: &PpoJob) -> Result<PpoSummary, StageError> {
     let cfg = &job.config;
     cfg.validate()?;
@@ -475,23 +494,23 @@ pub fn run(job: &PpoJob) -> Result<PpoSummary, StageError> {
     tch::manual_seed(cfg.seed as i64);
 
     // Models: resume both trained ones from a periodic checkpoint, or start.
-    let resume = periodic_checkpoints(out).pop();
-    let (policy, critic, mut popt, mut copt, state) = match &resume {
-        Some((it, dir)) => {
-            tracing::info!("ppo: resuming from {} (iteration {it})", dir.display());
-            let (p, pm, state): (Model, _, PpoState) =
-                load_training(&dir.join(POLICY_DIR), HeadChoice::Want(Head::Lm), device)?;
-            let (c, cm, _): (Model, _, PpoState) = load_training(
-                &dir.join(CRITIC_DIR),
-                HeadChoice::Want(Head::Scalar),
-                device,
-            )?;
-            let mut popt = AdamW::new(&p.vs, cfg.policy_optimizer.clone());
-            popt.load_state_tensors(&pm)?;
-            let mut copt = AdamW::new(&c.vs, cfg.critic_optimizer.clone());
-            copt.load_state_tensors(&cm)?;
-            (p, c, popt, copt, Some(state))
+    // Newest first; a damaged checkpoint is named and passed over.
+    let mut resume = None;
+    for (it, dir) in periodic_checkpoints(out).into_iter().rev() {
+        match load_resume_point(&dir, cfg, device) {
+            Ok(r) => {
+                tracing::info!("ppo: resuming from {} (iteration {it})", dir.display());
+                resume = Some(r);
+                break;
+            }
+            Err(e) => tracing::warn!(
+                "ppo: checkpoint {} is unusable ({e}); falling back to the one before it",
+                dir.display()
+            ),
         }
+    }
+    let (policy, critic, mut popt, mut copt, state) = match resume {
+        Some((p, c, popt, copt, state)) => (p, c, popt, copt, Some(state)),
         None => {
             let p = Model::load(policy_init, HeadChoice::Want(Head::Lm), device)?;
             let critic_init = cfg
@@ -586,7 +605,8 @@ pub fn run(job: &PpoJob) -> Result<PpoSummary, StageError> {
         },
         |s| s.kl,
     );
-    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.as_ref().map(|(s, _)| *s))?;
+    let mut metrics =
+        MetricsLog::open(&out.join(METRICS_FILE), state.as_ref().map(|s| s.iteration))?;
     let bar = progress_bar(cfg.iterations as u64, start as u64, "ppo");
     let per_epoch = (prompts.len() / cfg.rollout_batch).max(1) as i64;
     let (mut gen_time, mut train_time) = (0.0, 0.0);

@@ -246,12 +246,21 @@ pub fn resume_point<S: DeserializeOwned>(
     head: HeadChoice,
     device: Device,
 ) -> Result<Option<ResumePoint<S>>, StageError> {
-    let Some((step, dir)) = periodic_checkpoints(out_dir).pop() else {
-        return Ok(None);
-    };
-    tracing::info!("resuming from {} (step {step})", dir.display());
-    let (model, moments, state) = load_training(&dir, head, device)?;
-    Ok(Some((step, model, moments, state)))
+    // Newest first; a damaged one (a killed disk write, bit rot) is named
+    // and passed over for the one before it.
+    for (step, dir) in periodic_checkpoints(out_dir).into_iter().rev() {
+        match load_training(&dir, head, device) {
+            Ok((model, moments, state)) => {
+                tracing::info!("resuming from {} (step {step})", dir.display());
+                return Ok(Some((step, model, moments, state)));
+            }
+            Err(e) => tracing::warn!(
+                "checkpoint {} is unusable ({e}); falling back to the one before it",
+                dir.display()
+            ),
+        }
+    }
+    Ok(None)
 }
 
 /// Periodic checkpoints and the test hook that stops a run early.

@@ -46,7 +46,7 @@ impl Default for TaskConfig {
             sft_examples: 6000,
             labeller_accuracy: 0.8,
             labeller_hard_accuracy: 0.35,
-            preference_prompts: 1500,
+            preference_prompts: 6000,
             gold_preference_prompts: 200,
             k_min: 4,
             k_max: 9,

@@ -62,22 +62,39 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
             };
             out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         }
-        Instruction::Add(a, b) => {
-            let sum = i64::from(a + b);
-            let wrong = match rng.random_range(0..4) {
-                0 => i64::from(a % 10 + b % 10) % 10 + 10 * i64::from((a / 10 + b / 10) % 10), // no carry
-                1 => sum + if rng.random_bool(0.5) { 1 } else { -1 },
-                2 => sum + if rng.random_bool(0.5) { 10 } else { -10 },
-                _ => i64::from(a.abs_diff(*b)), // subtracted instead
-            };
-            wrong.max(0).to_string()
+        Instruction::Upper(word) => {
+            let chars: Vec<char> = correct.chars().collect();
+            match rng.random_range(0..4) {
+                0 => {
+                    // A letter left lowercase.
+                    let mut c = chars.clone();
+                    let i = rng.random_range(0..c.len());
+                    c[i] = c[i].to_ascii_lowercase();
+                    c.into_iter().collect()
+                }
+                1 if chars.len() > 2 => {
+                    // A letter dropped.
+                    let mut c = chars.clone();
+                    c.remove(rng.random_range(0..c.len()));
+                    c.into_iter().collect()
+                }
+                2 => word.clone(), // the word copied back
+                _ => title_case(word),
+            }
         }
     }
 }
 
-/// The mistake a labeller makes again and again on hard items: the carry
-/// forgotten, the first letter left in place, the last two numbers left
-/// unsorted.
+/// Only the first letter capitalised ("Candle" for "CANDLE").
+fn title_case(word: &str) -> String {
+    let mut c: Vec<char> = word.chars().collect();
+    c[0] = c[0].to_ascii_uppercase();
+    c.into_iter().collect()
+}
+
+/// The mistake a labeller makes again and again on hard items: the first
+/// letter left in place, the last two numbers left unsorted, only the first
+/// letter capitalised.
 pub fn habitual_mistake(instruction: &Instruction) -> String {
     match instruction {
         Instruction::Reverse(word) => {
@@ -92,7 +109,7 @@ pub fn habitual_mistake(instruction: &Instruction) -> String {
             v.swap(n - 2, n - 1);
             v.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         }
-        Instruction::Add(a, b) => ((a / 10) * 10 + (a % 10 + b % 10) % 10).to_string(),
+        Instruction::Upper(word) => title_case(word),
     }
 }
 
@@ -222,11 +239,16 @@ mod tests {
     #[test]
     fn gold_rank_orders_by_score_and_noise_flips_some_pairs() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-        let p = "Add: 37+8\n";
-        let answers = vec!["35".to_string(), "45".into(), "forty".into()];
+        let p = "Upper: candle\n";
+        let answers = vec!["CANDlE".to_string(), "CANDLE".into(), "candle".into()];
         assert_eq!(rank(p, &answers, 0.0, &mut rng), vec![1, 0, 2]);
-        // Equal gold scores tie: 35 and 55 are each one digit off.
-        let tied = vec!["35".to_string(), "45".into(), "55".into(), "x".into()];
+        // Equal gold scores tie: each is one letter off.
+        let tied = vec![
+            "CANDlE".to_string(),
+            "CANDLE".into(),
+            "cANDLE".into(),
+            "x".into(),
+        ];
         assert_eq!(rank(p, &tied, 0.0, &mut rng), vec![1, 0, 1, 3]);
         let mut flips = 0;
         for _ in 0..1000 {

@@ -6,10 +6,13 @@
 //! |---------|--------------------|----------------|
 //! | reverse | `Reverse: planet\n` | `tenalp`       |
 //! | sort    | `Sort: 7 2 9 4\n`   | `2 4 7 9`      |
-//! | add     | `Add: 37+8\n`       | `45`           |
+//! | upper   | `Upper: candle\n`   | `CANDLE`       |
 //!
-//! Words have 3-7 letters, lists 3-6 digits, sums a two-digit and a
-//! one-digit number: sizes a small byte-level GPT learns in minutes on CPU.
+//! Words have 3-7 letters and lists 3-6 digits: sizes a small byte-level
+//! GPT learns in minutes on CPU. (An `Add: 37+8` family was tried and
+//! dropped: a 4-layer byte-level GPT did not learn the units digit in 16
+//! epochs, so neither SFT nor a reward model could do it and PPO had no
+//! right answers to reinforce.)
 //!
 //! [`judge`] is the gold judge: 1 for the exact answer, partial credit in
 //! [0, 0.9) for near misses, so that better answers always score higher and
@@ -27,12 +30,12 @@ use rand::Rng;
 pub enum Instruction {
     Reverse(String),
     Sort(Vec<u32>),
-    Add(u32, u32),
+    Upper(String),
 }
 
-pub const FAMILIES: [&str; 3] = ["reverse", "sort", "add"];
+pub const FAMILIES: [&str; 3] = ["reverse", "sort", "upper"];
 
-/// Words for `Reverse`, 3 to 8 letters.
+/// Words for `Reverse` and `Upper`, 3 to 8 letters.
 const WORDS: &[&str] = &[
     "apple", "river", "planet", "garden", "window", "silver", "forest", "candle", "bridge",
     "yellow", "orange", "pencil", "rocket", "basket", "dragon", "castle", "mirror", "summer",
@@ -51,29 +54,32 @@ const WORDS: &[&str] = &[
     "evening", "kitchen",
 ];
 
+/// Half dictionary words, half random letters: reversal and upper-casing
+/// must be learnt as skills, not memorised word by word.
+fn random_word(rng: &mut impl Rng) -> String {
+    if rng.random_bool(0.5) {
+        let short: Vec<&&str> = WORDS.iter().filter(|w| w.len() <= 7).collect();
+        (*short[rng.random_range(0..short.len())]).to_owned()
+    } else {
+        let n = rng.random_range(3..=7);
+        (0..n)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect()
+    }
+}
+
 impl Instruction {
     /// A random instruction of a random family.
     pub fn random(rng: &mut impl Rng) -> Self {
         match rng.random_range(0..3) {
             // Half dictionary words, half random letters: reversal must be
             // learnt as a skill, not memorised word by word.
-            0 if rng.random_bool(0.5) => {
-                let short: Vec<&&str> = WORDS.iter().filter(|w| w.len() <= 7).collect();
-                Instruction::Reverse((*short[rng.random_range(0..short.len())]).to_owned())
-            }
-            0 => {
-                let n = rng.random_range(3..=7);
-                Instruction::Reverse(
-                    (0..n)
-                        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-                        .collect(),
-                )
-            }
+            0 => Instruction::Reverse(random_word(rng)),
             1 => {
                 let n = rng.random_range(3..=6);
                 Instruction::Sort((0..n).map(|_| rng.random_range(0..10)).collect())
             }
-            _ => Instruction::Add(rng.random_range(0..100), rng.random_range(0..10)),
+            _ => Instruction::Upper(random_word(rng)),
         }
     }
 
@@ -83,7 +89,7 @@ impl Instruction {
         match self {
             Instruction::Reverse(w) => w.chars().count() >= 6,
             Instruction::Sort(xs) => xs.len() >= 5,
-            Instruction::Add(a, b) => a % 10 + b % 10 >= 10,
+            Instruction::Upper(w) => w.chars().count() >= 6,
         }
     }
 
@@ -91,7 +97,7 @@ impl Instruction {
         match self {
             Instruction::Reverse(_) => "reverse",
             Instruction::Sort(_) => "sort",
-            Instruction::Add(..) => "add",
+            Instruction::Upper(_) => "upper",
         }
     }
 
@@ -100,7 +106,7 @@ impl Instruction {
         match self {
             Instruction::Reverse(w) => format!("Reverse: {w}\n"),
             Instruction::Sort(xs) => format!("Sort: {}\n", join(xs)),
-            Instruction::Add(a, b) => format!("Add: {a}+{b}\n"),
+            Instruction::Upper(w) => format!("Upper: {w}\n"),
         }
     }
 
@@ -119,12 +125,10 @@ impl Instruction {
             let xs: Option<Vec<u32>> = xs.split_whitespace().map(|x| x.parse().ok()).collect();
             return xs.filter(|v| !v.is_empty()).map(Instruction::Sort);
         }
-        if let Some(sum) = p.strip_prefix("Add: ") {
-            let (a, b) = sum.split_once('+')?;
-            return Some(Instruction::Add(
-                a.trim().parse().ok()?,
-                b.trim().parse().ok()?,
-            ));
+        if let Some(w) = p.strip_prefix("Upper: ") {
+            let w = w.trim();
+            return (!w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase()))
+                .then(|| Instruction::Upper(w.into()));
         }
         None
     }
@@ -138,7 +142,7 @@ impl Instruction {
                 v.sort_unstable();
                 join(&v)
             }
-            Instruction::Add(a, b) => (a + b).to_string(),
+            Instruction::Upper(w) => w.to_ascii_uppercase(),
         }
     }
 }
@@ -163,7 +167,7 @@ pub fn judge(prompt: &str, answer: &str) -> Option<f64> {
         return Some(1.0);
     }
     let partial = match &instruction {
-        Instruction::Reverse(_) => similarity(got, &expected),
+        Instruction::Reverse(_) | Instruction::Upper(_) => similarity(got, &expected),
         Instruction::Sort(_) => {
             let nums: Option<Vec<&str>> = {
                 let parts: Vec<&str> = got.split_whitespace().collect();
@@ -179,19 +183,6 @@ pub fn judge(prompt: &str, answer: &str) -> Option<f64> {
                     hits as f64 / parts.len().max(want.len()) as f64
                 }
                 _ => 0.0,
-            }
-        }
-        Instruction::Add(..) => {
-            if got.parse::<u64>().is_ok() {
-                // Digits right-aligned: a wrong carry costs one digit.
-                let (g, e): (Vec<char>, Vec<char>) = (
-                    got.chars().rev().collect(),
-                    expected.chars().rev().collect(),
-                );
-                let hits = g.iter().zip(&e).filter(|(a, b)| a == b).count();
-                hits as f64 / g.len().max(e.len()) as f64
-            } else {
-                0.0
             }
         }
     };
@@ -232,21 +223,27 @@ mod tests {
             assert_eq!(judge(&i.prompt(), &i.answer()), Some(1.0));
         }
         assert_eq!(Instruction::Sort(vec![7, 2, 9, 4]).answer(), "2 4 7 9");
-        assert_eq!(Instruction::Add(37, 48).answer(), "85");
+        assert_eq!(Instruction::Upper("candle".into()).answer(), "CANDLE");
         assert_eq!(Instruction::Reverse("planet".into()).answer(), "tenalp");
     }
 
     #[test]
     fn judge_gives_partial_credit_below_exact() {
         let s = |p: &str, a: &str| judge(p, a).unwrap();
-        assert_eq!(s("Add: 37+48\n", " 85 "), 1.0);
-        assert_eq!(s("Add: 37+48\n", "85<|endoftext|>"), 1.0);
-        assert!((s("Add: 37+48\n", "75") - 0.45).abs() < 1e-12); // forgot the carry
-        assert_eq!(s("Add: 37+48\n", "eighty"), 0.0);
+        assert_eq!(s("Upper: candle\n", " CANDLE "), 1.0);
+        assert_eq!(s("Upper: candle\n", "CANDLE<|endoftext|>"), 1.0);
+        // Only the first letter capitalised: one letter of six right.
+        assert!((s("Upper: candle\n", "Candle") - 0.9 / 6.0).abs() < 1e-12);
+        assert!((s("Upper: candle\n", "CANDlE") - 0.9 * 5.0 / 6.0).abs() < 1e-12);
+        assert_eq!(
+            judge("Upper: Candle\n", "CANDLE"),
+            None,
+            "lowercase words only"
+        );
         assert!((s("Sort: 7 2 9 4\n", "2 4 9 7") - 0.45).abs() < 1e-12);
         assert_eq!(s("Sort: 7 2 9 4\n", "7 2 9 4"), 0.0);
         assert!((s("Reverse: planet\n", "tenalq") - 0.9 * 5.0 / 6.0).abs() < 1e-12);
-        assert!(s("Reverse: planet\n", "tenalp\nAdd") < 0.9);
+        assert!(s("Reverse: planet\n", "tenalp\nUpper") < 0.9);
         assert_eq!(judge("Translate: hi", "salut"), None);
     }
 

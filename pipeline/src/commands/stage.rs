@@ -8,6 +8,9 @@ use rlhf_stages::ppo::{self, PpoJob};
 use rlhf_stages::reward::{self, RewardJob};
 use rlhf_stages::sft::{self, ScratchModel, SftJob};
 
+use std::path::Path;
+
+use crate::artifact::{stage_key, KEY_FILE};
 use crate::cli::StageArgs;
 use crate::config::{Experiment, StageFile};
 
@@ -27,6 +30,9 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         device_name(device),
         out_dir.display()
     );
+    if !args.managed {
+        prepare_standalone(&exp, &args.name, &out_dir)?;
+    }
     let tokenizer = match &exp.spec.tokenizer {
         Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
         Some(p) => Tokenizer::from_file(p)?,
@@ -70,5 +76,45 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         }
     };
     println!("{summary}");
+    Ok(())
+}
+
+/// Files that mark a folder as a stage's (safe to clear and redo).
+const STAGE_MARKS: [&str; 5] = [
+    KEY_FILE,
+    "summary.json",
+    "metrics.jsonl",
+    "checkpoint",
+    "checkpoints",
+];
+
+/// Run alone, a stage folder made with other settings or inputs starts
+/// over (a finished one would otherwise be reported as done); one made
+/// with these resumes. A non-empty folder that is not a stage's is refused.
+fn prepare_standalone(exp: &Experiment, name: &str, out_dir: &Path) -> anyhow::Result<()> {
+    let (key, _, _) = stage_key(exp, name, &Default::default())?;
+    let started = std::fs::read_to_string(out_dir.join(KEY_FILE)).ok();
+    if out_dir.exists() && started.as_deref() != Some(key.as_str()) {
+        let is_stage = STAGE_MARKS.iter().any(|m| out_dir.join(m).exists());
+        let empty = std::fs::read_dir(out_dir)
+            .with_context(|| format!("reading {}", out_dir.display()))?
+            .next()
+            .is_none();
+        if is_stage {
+            tracing::info!(
+                "{}: made with other settings or inputs; starting over",
+                out_dir.display()
+            );
+            std::fs::remove_dir_all(out_dir)
+                .with_context(|| format!("clearing {}", out_dir.display()))?;
+        } else if !empty {
+            anyhow::bail!(
+                "{}: not empty and not a stage folder; give --out a new or empty folder",
+                out_dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    rlhf_datasets::atomic::write_file(&out_dir.join(KEY_FILE), key.as_bytes())?;
     Ok(())
 }

@@ -1,0 +1,155 @@
+//! sha256 checksums of a folder's files, kept in `checksums.sha256` in the
+//! format `sha256sum -c` reads. Written with every checkpoint and checked
+//! when it is loaded, so a truncated or altered file is named and refused
+//! instead of loaded.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::atomic::{self, AtomicWriteError};
+
+pub const CHECKSUM_FILE: &str = "checksums.sha256";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChecksumError {
+    #[error("{path}: cannot read ({source})")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt: its sha256 is {found} but {CHECKSUM_FILE} recorded {expected} when it was written (truncated or changed on disk)")]
+    Mismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("{path}: missing, though {CHECKSUM_FILE} lists it")]
+    Missing { path: PathBuf },
+    #[error("{path}: line {line}: expected `<64 hex digits>  <file name>`")]
+    BadList { path: PathBuf, line: usize },
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
+}
+
+/// sha256 of a file's bytes, streamed, as lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Writes `dir/checksums.sha256` for every regular file in `dir`.
+pub fn write(dir: &Path) -> Result<(), ChecksumError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ChecksumError::Io { path, source }
+    };
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != CHECKSUM_FILE)
+        .collect();
+    names.sort();
+    let mut list = String::new();
+    for name in names {
+        let path = dir.join(&name);
+        let hash = sha256_file(&path).map_err(io(&path))?;
+        list.push_str(&format!("{hash}  {name}\n"));
+    }
+    atomic::write_file(&dir.join(CHECKSUM_FILE), list.as_bytes())?;
+    Ok(())
+}
+
+/// Checks every file `dir/checksums.sha256` lists. Returns whether there
+/// was a list (folders from elsewhere, such as HF downloads, have none).
+pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
+    let list_path = dir.join(CHECKSUM_FILE);
+    let text = match fs::read_to_string(&list_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(ChecksumError::Io {
+                path: list_path,
+                source,
+            })
+        }
+    };
+    for (i, line) in text.lines().enumerate() {
+        let bad = || ChecksumError::BadList {
+            path: list_path.clone(),
+            line: i + 1,
+        };
+        let (hash, name) = line.split_once("  ").ok_or_else(bad)?;
+        if hash.len() != 64
+            || !hash.bytes().all(|b| b.is_ascii_hexdigit())
+            || name.is_empty()
+            || name.contains('/')
+        {
+            return Err(bad());
+        }
+        let path = dir.join(name);
+        let found = match sha256_file(&path) {
+            Ok(h) => h,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ChecksumError::Missing { path })
+            }
+            Err(source) => return Err(ChecksumError::Io { path, source }),
+        };
+        if found != hash {
+            return Err(ChecksumError::Mismatch {
+                path,
+                expected: hash.to_owned(),
+                found,
+            });
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_folder_verifies_and_any_change_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("a.bin"), b"hello").unwrap();
+        fs::write(d.path().join("b.json"), b"{}").unwrap();
+        assert!(!verify(d.path()).unwrap(), "no list yet");
+        write(d.path()).unwrap();
+        let list = fs::read_to_string(d.path().join(CHECKSUM_FILE)).unwrap();
+        // sha256("hello"), as sha256sum prints it.
+        assert!(list.starts_with(
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824  a.bin\n"
+        ));
+        assert!(verify(d.path()).unwrap());
+
+        // Truncated.
+        fs::write(d.path().join("a.bin"), b"hel").unwrap();
+        let e = verify(d.path()).unwrap_err().to_string();
+        assert!(e.contains("a.bin") && e.contains("corrupt"), "{e}");
+        fs::write(d.path().join("a.bin"), b"hello").unwrap();
+        // Deleted.
+        fs::remove_file(d.path().join("b.json")).unwrap();
+        let e = verify(d.path()).unwrap_err().to_string();
+        assert!(e.contains("b.json") && e.contains("missing"), "{e}");
+        // A mangled list.
+        fs::write(d.path().join(CHECKSUM_FILE), "nonsense\n").unwrap();
+        let e = verify(d.path()).unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+    }
+}

@@ -9,6 +9,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 venv := env_var_or_default("RLHF_VENV", justfile_directory() / ".venv")
 torch_version := "2.11.0"
 transformers_version := "5.24.0"
+# TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`.
+trl_version := "0.29.1"
 
 export VIRTUAL_ENV := venv
 export LIBTORCH_USE_PYTORCH := "1"
@@ -48,9 +50,24 @@ test: setup
     cargo test --release --workspace
 
 # The main job on the bundled data: every stage of configs/default.yaml
-# (SFT -> reward model -> PPO); finished stages are cached.
+# (SFT -> reward model -> PPO -> 3 rounds of fresh rankings), then the
+# evaluation report in runs/default/report/. Finished stages are cached.
 pipeline: build
     {{rlhf}} run configs/default.yaml
+    {{rlhf}} eval runs/default
+
+# Evaluate a finished run: report.md, report.json and plots in RUN/report/.
+eval run="runs/default" *args: build
+    {{rlhf}} eval {{run}} {{args}}
+
+# Speed and memory against PyTorch eager, HF generate and TRL's PPO:
+# bench/results.md (add --quick for a short run).
+bench *args: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    python -c "import trl, sys; sys.exit(trl.__version__ != '{{trl_version}}')" 2>/dev/null \
+        || pip install --quiet "trl=={{trl_version}}"
+    RLHF_BIN={{rlhf}} python bench/bench.py {{args}}
 
 # Stage 1 alone: supervised fine-tuning on the bundled demonstrations.
 sft *args: build

@@ -7,17 +7,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{rlhf, workspace};
+use common::rlhf;
 use serde_json::Value;
 
-fn head(src: &str, dst: &Path, n: usize) {
-    let text = std::fs::read_to_string(workspace().join("datasets/task").join(src)).unwrap();
-    std::fs::write(
-        dst,
-        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .unwrap();
-}
+use common::task_head as head;
 
 fn json_file(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()

@@ -6,16 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{rlhf, workspace};
+use common::rlhf;
 
-fn head(src: &str, dst: &Path, n: usize) {
-    let text = std::fs::read_to_string(workspace().join("datasets/task").join(src)).unwrap();
-    std::fs::write(
-        dst,
-        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .unwrap();
-}
+use common::task_head as head;
 
 fn experiment(dir: &Path) -> std::path::PathBuf {
     head("sft.jsonl", &dir.join("sft.jsonl"), 64);

@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::Model;
 
-fn head(src: &str, dst: &Path, n: usize) {
-    let text =
-        std::fs::read_to_string(common::workspace().join("datasets/task").join(src)).unwrap();
-    std::fs::write(
-        dst,
-        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .unwrap();
-}
+use common::task_head as head;
 
 fn experiment(dir: &Path) -> PathBuf {
     head("sft.jsonl", &dir.join("sft.jsonl"), 200);
@@ -79,6 +71,19 @@ fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
+/// SIGKILL for the runner and every process under it, as an OOM killer or
+/// a preempted machine would.
+fn kill_all(mut child: std::process::Child) {
+    let below = descendants(child.id());
+    child.kill().unwrap();
+    for p in below {
+        let _ = Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+    let _ = child.wait();
+}
+
 fn has_checkpoint(stage_dir: &Path) -> bool {
     std::fs::read_dir(stage_dir.join("checkpoints")).is_ok_and(|d| {
         d.flatten()
@@ -108,14 +113,7 @@ fn kill_when_checkpointed(exp: &Path, stage_dir: &Path) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let below = descendants(child.id());
-    child.kill().unwrap(); // SIGKILL
-    for p in below {
-        let _ = Command::new("kill")
-            .args(["-KILL", &p.to_string()])
-            .status();
-    }
-    let _ = child.wait();
+    kill_all(child);
     // The stage process is gone too: no manifest says it finished.
     std::thread::sleep(Duration::from_millis(50));
     let manifest = std::fs::read_to_string(stage_dir.join("manifest.json")).unwrap_or_default();
@@ -206,14 +204,7 @@ fn a_damaged_periodic_checkpoint_is_named_and_the_one_before_it_used() {
         assert!(started.elapsed() < Duration::from_secs(120));
         std::thread::sleep(Duration::from_millis(5));
     }
-    let below = descendants(child.id());
-    child.kill().unwrap();
-    for p in below {
-        let _ = Command::new("kill")
-            .args(["-KILL", &p.to_string()])
-            .status();
-    }
-    let _ = child.wait();
+    kill_all(child);
     let mut steps: Vec<PathBuf> = std::fs::read_dir(sft.join("checkpoints"))
         .unwrap()
         .flatten()
@@ -237,8 +228,7 @@ fn a_damaged_periodic_checkpoint_is_named_and_the_one_before_it_used() {
         .set_len(len / 2)
         .unwrap();
     let direct = Model::load(&newest, HeadChoice::AsSaved, tch::Device::Cpu)
-        .err()
-        .expect("a truncated checkpoint must not load")
+        .expect_err("a truncated checkpoint must not load")
         .to_string();
     assert!(
         direct.contains("model.safetensors") && direct.contains("corrupt"),

@@ -21,7 +21,7 @@ pub enum ChecksumError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: corrupt: its sha256 is {found} but {CHECKSUM_FILE} recorded {expected} when it was written (truncated or changed on disk)")]
+    #[error("{path}: corrupt: its sha256 is {found} but {CHECKSUM_FILE} recorded {expected} when it was written (truncated or changed on disk; if you edited it on purpose, delete {CHECKSUM_FILE})")]
     Mismatch {
         path: PathBuf,
         expected: String,

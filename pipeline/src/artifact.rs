@@ -3,7 +3,6 @@
 //! upstream keys) matches a complete manifest is not rerun.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rlhf_datasets::atomic;
@@ -32,20 +31,7 @@ pub struct Manifest {
     pub summary: serde_json::Value,
 }
 
-/// sha256 of a file's bytes, streamed.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
+pub use rlhf_datasets::checksum::sha256_file;
 
 /// Files a stage reads that are not other stages' outputs.
 pub fn input_files(exp: &Experiment, stage: &StageFile) -> Vec<PathBuf> {

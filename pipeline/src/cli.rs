@@ -44,6 +44,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Prompts with each policy's answer side by side, with their scores.
     Samples(SamplesArgs),
+    /// Time one piece of work for `just bench` (one JSON line).
+    #[command(hide = true)]
+    Bench(BenchArgs),
     /// The bundled task's data files.
     #[command(subcommand)]
     Task(TaskCommand),
@@ -159,6 +162,57 @@ pub struct SamplesArgs {
     pub prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 24)]
     pub max_new_tokens: i64,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    Train,
+    Generate,
+    Ppo,
+    Matmul,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub mode: BenchMode,
+    /// A model folder (HF GPT-2 or rlhf) for generate and ppo; default: a
+    /// random model of the shape below.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub n_layer: i64,
+    #[arg(long, default_value_t = 4)]
+    pub n_head: i64,
+    #[arg(long, default_value_t = 128)]
+    pub n_embd: i64,
+    #[arg(long, default_value_t = 256)]
+    pub n_positions: i64,
+    #[arg(long, default_value_t = 264)]
+    pub vocab_size: i64,
+    #[arg(long, default_value_t = 16)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 128)]
+    pub seq: i64,
+    #[arg(long, default_value_t = 16)]
+    pub prompt_len: i64,
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: i64,
+    #[arg(long, default_value_t = 8)]
+    pub minibatch: i64,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: i64,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: i64,
+    /// Matrix size for matmul.
+    #[arg(long, default_value_t = 1024)]
+    pub size: i64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
     #[command(flatten)]
     pub device: DeviceArg,
 }

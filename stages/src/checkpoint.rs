@@ -532,6 +532,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
         m.save(d.path()).unwrap();
+        // Edited by hand, as a user may: without its checksum list the
+        // folder loads as an HF one, and the config itself is checked.
+        std::fs::remove_file(d.path().join(rlhf_datasets::checksum::CHECKSUM_FILE)).unwrap();
         let cfg = d.path().join(CONFIG_FILE);
         let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
         v["n_embd"] = json!("wide");

@@ -826,6 +826,8 @@ pub fn run(job: &PpoJob) -> Result<PpoSummary, StageError> {
             "finished_fraction": g.finished.iter().filter(|&&f| f).count() as f64 / b as f64,
             "ptx_loss": if cfg.ptx.is_some() { json!(ptx_sum / updates) } else { json!(null) },
             "generation_seconds": gen_time, "training_seconds": train_time,
+            // Rollout, scoring and update of this iteration alone.
+            "iteration_seconds": t0.elapsed().as_secs_f64(),
         }));
         if cfg.save_rollouts {
             let rows: Vec<RolloutRow> = (0..b)

@@ -35,12 +35,12 @@ fn unigram_entropy(path: &std::path::Path) -> f64 {
 #[test]
 fn sft_on_a_task_slice_beats_the_prompt_blind_bound() {
     let d = tempfile::tempdir().unwrap();
-    let data = common::task_slice(d.path(), "sft.jsonl", 1200);
+    let data = common::task_slice(d.path(), "sft.jsonl", 2000);
     let h = unigram_entropy(&data);
     let config = SftConfig {
         eval_fraction: 0.1,
         batch_size: 32,
-        epochs: 12,
+        epochs: 10,
         optimizer: AdamWConfig {
             lr: 3e-3,
             ..AdamWConfig::default()
@@ -55,9 +55,9 @@ fn sft_on_a_task_slice_beats_the_prompt_blind_bound() {
     };
     let summary = run(&common::sft_job(data, d.path().join("run"), config)).unwrap();
     let eval = summary.final_eval_loss.unwrap();
-    // Answer tokens carry about 3 nats by frequency alone. Half of that
-    // needs the prompt read: copying the tens digit, reversing letters and
-    // ordering digits all depend on it. The labeller's 37% wrong answers
+    // Answer tokens carry about 3.5 nats by frequency alone. Half of that
+    // needs the prompt read: upper-casing and reversing letters and
+    // ordering digits all depend on it. The labeller's 38% wrong answers
     // put a floor above 0, so the bound is not "near zero".
     assert!(h > 2.0, "unigram entropy {h}");
     assert!(

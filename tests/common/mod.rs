@@ -65,3 +65,13 @@ pub fn rlhf_ok(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
+
+/// The first `n` lines of a bundled task file (`datasets/task/SRC`), written to `dst`.
+pub fn task_head(src: &str, dst: &Path, n: usize) {
+    let text = std::fs::read_to_string(workspace().join("datasets/task").join(src)).unwrap();
+    std::fs::write(
+        dst,
+        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+}

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 pub mod collect;
 mod eval;
 mod generate;
@@ -26,6 +27,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Plan(args) => plan::plan(args),
         Command::Judge(args) => judge::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Samples(args) => samples::run(args),
         Command::Task(cmd) => task::run(cmd),
     }

@@ -1,0 +1,219 @@
+"""`just bench`: rlhf against the Python references on the same machine,
+in the same invocation, alternating, several repetitions, medians.
+
+Writes bench/results.json and bench/results.md. Ratios > 1 mean rlhf is
+faster. Usage: python bench/bench.py [--quick] [--reps N]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RLHF = os.environ.get("RLHF_BIN", str(ROOT / "target/release/rlhf"))
+PY = sys.executable
+REF = str(ROOT / "bench/reference.py")
+
+
+def run_with_rss(cmd):
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err.decode()[-3000:]}")
+    line = [l for l in out.decode().splitlines() if l.startswith("{")][-1]
+    result = json.loads(line)
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def pair(rlhf_cmd, ref_cmd, reps, key, higher_is_better=True):
+    """Alternates the two sides `reps` times; medians of `key` and RSS."""
+    ours, theirs = [], []
+    for _ in range(reps):
+        ours.append(run_with_rss(rlhf_cmd))
+        theirs.append(run_with_rss(ref_cmd))
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
+    a, b = med(ours, key), med(theirs, key)
+    return {
+        "rlhf": a, "reference": b, "ratio": a / b if higher_is_better else b / a,
+        "rlhf_rss_mib": med(ours, "peak_rss_mib"), "reference_rss_mib": med(theirs, "peak_rss_mib"),
+        "runs": {"rlhf": ours, "reference": theirs},
+    }
+
+
+def shape_args(s):
+    return ["--n-layer", str(s["n_layer"]), "--n-head", str(s["n_head"]), "--n-embd", str(s["n_embd"]),
+            "--n-positions", str(s["n_positions"])]
+
+
+def flops_per_token(s, seq, vocab=264):
+    # Matmul FLOPs of one training token (forward + backward = 3x forward):
+    # 12 C^2 per layer (QKV, projection, MLP), the tied LM head V C, and
+    # attention's scores and weighted sum, 2 T C per layer.
+    L, C = s["n_layer"], s["n_embd"]
+    return 6 * (12 * L * C * C + vocab * C) + 12 * L * seq * C
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for mod in ["torch", "transformers", "trl"]:
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            versions[mod] = f"not installed ({e.__class__.__name__})"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(), "python": platform.python_version(),
+            "versions": versions, "rlhf_commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench"))
+    a = ap.parse_args()
+    reps = 1 if a.quick else a.reps
+    results = {"machine": machine(), "reps": reps, "train": [], "generate": [], "ppo": None}
+
+    peak = run_with_rss([RLHF, "bench", "matmul", "--size", "1024", "--warmup", "3", "--steps", "10"])
+    results["matmul_peak_flops"] = peak["flops_per_s"]
+
+    sizes = [
+        {"name": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 256, "batch": 16, "seq": 128},
+        {"name": "small", "n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256, "batch": 16, "seq": 128},
+        {"name": "medium", "n_layer": 6, "n_head": 6, "n_embd": 384, "n_positions": 256, "batch": 8, "seq": 128},
+        {"name": "gpt2-small width", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 256,
+         "batch": 4, "seq": 128},
+    ]
+    if a.quick:
+        sizes = sizes[:2]
+    for s in sizes:
+        steps = ["--warmup", "1", "--steps", "3"] if s["n_embd"] >= 384 else ["--warmup", "2", "--steps", "8"]
+        common = shape_args(s) + ["--batch", str(s["batch"]), "--seq", str(s["seq"])] + steps
+        print(f"train {s['name']} ...", file=sys.stderr, flush=True)
+        r = pair([RLHF, "bench", "train"] + common, [PY, REF, "train"] + common, reps, "tokens_per_s")
+        fpt = flops_per_token(s, s["seq"])
+        r.update(size=s, params=r["runs"]["rlhf"][0]["params"],
+                 mfu_rlhf=r["rlhf"] * fpt / peak["flops_per_s"],
+                 mfu_reference=r["reference"] * fpt / peak["flops_per_s"])
+        results["train"].append(r)
+
+    tmp = Path(tempfile.mkdtemp())
+    def model_dir(s):
+        d = tmp / s["name"].replace(" ", "-")
+        if not d.exists():
+            run_with_rss([PY, REF, "make-model", "--model", str(d), "--seed", "1"] + shape_args(s))
+            tokdir = tmp / "tok"
+            if not tokdir.exists():
+                subprocess.run([RLHF, "init", "--out", str(tokdir), "--n-layer", "1", "--n-head", "1",
+                                "--n-embd", "8", "--n-positions", "8"], check=True, capture_output=True)
+            shutil.copy(tokdir / "tokenizer.json", d / "tokenizer.json")
+        return d
+
+    gen_cases = [(sizes[1], 64, 16, 32)] + ([] if a.quick else [(sizes[2], 32, 16, 64)])
+    for s, batch, prompt_len, new in gen_cases:
+        d = model_dir(s)
+        common = ["--model", str(d), "--batch", str(batch), "--prompt-len", str(prompt_len),
+                  "--new-tokens", str(new), "--warmup", "1", "--steps", "5"]
+        print(f"generate {s['name']} ...", file=sys.stderr, flush=True)
+        r = pair([RLHF, "bench", "generate"] + common, [PY, REF, "generate"] + common, reps, "tokens_per_s")
+        r.update(size=s, batch=batch, prompt_len=prompt_len, new_tokens=new)
+        results["generate"].append(r)
+
+    s = sizes[0]
+    d = model_dir(s)
+    common = ["--model", str(d), "--batch", "32", "--minibatch", "8", "--prompt-len", "16",
+              "--new-tokens", "24", "--warmup", "1", "--steps", "4"]
+    print("ppo iteration ...", file=sys.stderr, flush=True)
+    r = pair([RLHF, "bench", "ppo"] + common, [PY, REF, "ppo"] + common, reps, "iteration_seconds",
+             higher_is_better=False)
+    r.update(size=s, batch=32, minibatch=8, prompt_len=16, new_tokens=24)
+    results["ppo"] = r
+
+    out = Path(a.out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(r):
+    m = r["machine"]
+    lines = [
+        "# Benchmarks: rlhf against the Python references",
+        "",
+        f"Made by `just bench` on {m['date']}: {m['cpu']}, {m['cores']} cores "
+        f"({m['torch_threads']} torch threads), CUDA {'yes' if m['cuda'] else 'no'}; "
+        f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+        f"trl {m['versions']['trl']}; rlhf {m['rlhf_commit']}. Each pair ran alternately, "
+        f"{r['reps']} time(s) each, in one invocation; the numbers are medians. "
+        "Ratio > 1: rlhf is faster. Peak memory is each process's maximum RSS.",
+        "",
+        "## SFT training (random tokens, vocab 264, AdamW, clip 1.0)",
+        "",
+        "| model | params | batch x seq | rlhf tokens/s | PyTorch eager tokens/s | ratio | rlhf MFU | PyTorch MFU | rlhf RSS | PyTorch RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in r["train"]:
+        s = t["size"]
+        lines.append(
+            f"| {s['name']} ({s['n_layer']}L, {s['n_embd']} wide) | {t['params'] / 1e6:.2f}M | {s['batch']} x {s['seq']} "
+            f"| {t['rlhf']:,.0f} | {t['reference']:,.0f} | **{t['ratio']:.2f}x** | {100 * t['mfu_rlhf']:.0f}% "
+            f"| {100 * t['mfu_reference']:.0f}% | {t['rlhf_rss_mib']:.0f} MiB | {t['reference_rss_mib']:.0f} MiB |")
+    lines += [
+        "",
+        f"MFU: model matmul FLOPs per second (6 x (12 L C^2 + V C) + 12 L T C per token) over the "
+        f"libtorch float32 matmul peak measured in the same run, {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
+        "(1024 x 1024 matmuls).",
+        "",
+        "## Rollouts (sampling at temperature 1, KV cache, no early stop)",
+        "",
+        "| model | batch | prompt + new tokens | rlhf tokens/s | HF generate tokens/s | ratio | rlhf RSS | HF RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in r["generate"]:
+        s = g["size"]
+        lines.append(
+            f"| {s['name']} ({s['n_layer']}L, {s['n_embd']} wide) | {g['batch']} | {g['prompt_len']} + {g['new_tokens']} "
+            f"| {g['rlhf']:,.0f} | {g['reference']:,.0f} | **{g['ratio']:.2f}x** | {g['rlhf_rss_mib']:.0f} MiB "
+            f"| {g['reference_rss_mib']:.0f} MiB |")
+    p = r["ppo"]
+    s = p["size"]
+    lines += [
+        "",
+        "## One PPO iteration (rollout, reference and reward scoring, advantages, one epoch of updates)",
+        "",
+        "| model | rollout batch / minibatch | answer tokens | rlhf s/iteration | TRL PPOTrainer s/iteration | ratio | rlhf RSS | TRL RSS |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {s['name']} ({s['n_layer']}L, {s['n_embd']} wide) | {p['batch']} / {p['minibatch']} | {p['new_tokens']} "
+        f"| {p['rlhf']:.3f} | {p['reference']:.3f} | **{p['ratio']:.2f}x** | {p['rlhf_rss_mib']:.0f} MiB "
+        f"| {p['reference_rss_mib']:.0f} MiB |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

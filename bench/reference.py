@@ -1,0 +1,163 @@
+"""The Python references of `just bench`, one JSON line per run (as
+`rlhf bench` prints):
+
+  train    HF GPT2LMHeadModel (SDPA attention), PyTorch eager: forward,
+           mean cross-entropy over every token, backward, clip to norm 1,
+           torch.optim.AdamW. The same work as `rlhf bench train`.
+  generate HF `generate` (KV cache, sampling at temperature 1, no early
+           stop) of a GPT-2 folder, the one `rlhf bench generate` loads.
+  ppo      TRL's PPOTrainer (trl.experimental.ppo, pinned in the justfile):
+           one rollout + update per iteration, median iteration time.
+  make-model DIR  writes a random GPT2LMHeadModel folder both sides load.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def gpt2(a):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=a.vocab_size, n_positions=a.n_positions, n_embd=a.n_embd,
+        n_layer=a.n_layer, n_head=a.n_head, bos_token_id=256, eos_token_id=256,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg)
+
+
+def train(a):
+    torch.manual_seed(a.seed)
+    model = gpt2(a)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.randint(0, a.vocab_size, (a.batch, a.seq + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    times = []
+    for step in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"mode": "train", "params": n_params, "batch": a.batch, "seq": a.seq,
+            "step_seconds": s, "tokens_per_s": a.batch * a.seq / s}
+
+
+def generate(a):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(a.seed)
+    model = GPT2LMHeadModel.from_pretrained(a.model, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 256, (a.batch, a.prompt_len))
+    mask = torch.ones_like(ids)
+    times = []
+    for rep in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                top_p=1.0, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                pad_token_id=0, use_cache=True,
+            )
+        assert out.shape[1] == a.prompt_len + a.new_tokens
+        if rep >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    return {"mode": "generate", "batch": a.batch, "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens, "seconds": s, "tokens_per_s": a.batch * a.new_tokens / s}
+
+
+def ppo(a):
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, GPT2LMHeadModel,
+                              PreTrainedTokenizerFast, TrainerCallback)
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(a.seed)
+    # A byte-level tokenizer of 256 ids + eos/pad, like rlhf's built-in one.
+    vocab = {chr(i) if i >= 33 else f"<{i}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<0>", pad_token="<1>")
+    policy = GPT2LMHeadModel.from_pretrained(a.model, attn_implementation="sdpa")
+    ref = GPT2LMHeadModel.from_pretrained(a.model, attn_implementation="sdpa")
+    rm = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1)
+    for m in (rm, value):
+        m.config.pad_token_id = 1
+    prompts = [
+        [((i * 7 + j * 13) % 26) + 97 for j in range(a.prompt_len)] for i in range(a.batch * (a.warmup + a.steps))
+    ]
+    ds = Dataset.from_dict({"input_ids": prompts})
+    times = []
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
+
+    out = tempfile.mkdtemp()
+    cfg = PPOConfig(
+        # A rollout of `batch` answers, updated in minibatches of `minibatch`.
+        output_dir=out, per_device_train_batch_size=a.minibatch,
+        gradient_accumulation_steps=a.batch // a.minibatch,
+        num_mini_batches=a.batch // a.minibatch, local_rollout_forward_batch_size=a.batch,
+        total_episodes=a.batch * (a.warmup + a.steps), num_ppo_epochs=1, response_length=a.new_tokens,
+        stop_token=None, temperature=1.0, learning_rate=3e-5, report_to=[], save_strategy="no",
+        logging_steps=10_000, num_sample_generations=0, seed=a.seed, use_cpu=not torch.cuda.is_available(),
+        bf16=False, fp16=False,
+    )
+    trainer = PPOTrainer(
+        args=cfg, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=rm,
+        train_dataset=ds, value_model=value, callbacks=[Timer()],
+    )
+    trainer.train()
+    timed = times[a.warmup:]
+    assert timed, f"TRL ran {len(times)} iterations"
+    return {"mode": "ppo", "batch": a.batch, "new_tokens": a.new_tokens,
+            "iteration_seconds": statistics.median(timed), "iterations": len(times)}
+
+
+def make_model(a):
+    torch.manual_seed(a.seed)
+    gpt2(a).save_pretrained(a.model)
+    return {"mode": "make-model", "dir": a.model}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["train", "generate", "ppo", "make-model"])
+    p.add_argument("--model")
+    for name, default in [("n-layer", 4), ("n-head", 4), ("n-embd", 128), ("n-positions", 256),
+                          ("vocab-size", 264), ("batch", 16), ("seq", 128), ("prompt-len", 16),
+                          ("new-tokens", 32), ("minibatch", 8), ("warmup", 2), ("steps", 5), ("seed", 0)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    a = p.parse_args()
+    print(json.dumps({"train": train, "generate": generate, "ppo": ppo, "make-model": make_model}[a.mode](a)))
+
+
+if __name__ == "__main__":
+    main()

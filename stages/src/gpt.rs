@@ -227,27 +227,41 @@ impl CausalSelfAttention {
         if let Some((layer, past)) = cache {
             (k, v) = layer.append(&k, &v, past); // (B, nh, past + T, hs)
         }
-        let dropout = if train { self.attn_pdrop } else { 0.0 };
+        let attn_dropout = if train { self.attn_pdrop } else { 0.0 };
         let y = match mask {
             AttentionMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, dropout, true, None, false,
+                &q,
+                &k,
+                &v,
+                None,
+                attn_dropout,
+                true,
+                None,
+                false,
             ),
             AttentionMask::Unmasked => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, dropout, false, None, false,
+                &q,
+                &k,
+                &v,
+                None,
+                attn_dropout,
+                false,
+                None,
+                false,
             ),
             AttentionMask::Explicit(m) => Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
                 &v,
                 Some(m),
-                dropout,
+                attn_dropout,
                 false,
                 None,
                 false,
             ),
         }; // (B, nh, T, hs)
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
-        self.c_proj.forward(&y).dropout(self.resid_pdrop, train)
+        dropout(self.c_proj.forward(&y), self.resid_pdrop, train)
     }
 }
 
@@ -271,7 +285,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // GPT-2's "gelu_new" is the tanh approximation.
         let h = self.c_fc.forward(x).gelu("tanh");
-        self.c_proj.forward(&h).dropout(self.resid_pdrop, train)
+        dropout(self.c_proj.forward(&h), self.resid_pdrop, train)
     }
 }
 
@@ -303,6 +317,16 @@ impl Block {
     ) -> Tensor {
         let x = x + self.attn.forward(&self.ln_1.forward(x), mask, cache, train);
         &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    }
+}
+
+/// Dropout in training only; otherwise the tensor itself, without a
+/// libtorch call (decoding makes hundreds of them per token).
+fn dropout(x: Tensor, p: f64, train: bool) -> Tensor {
+    if train && p > 0.0 {
+        x.dropout(p, true)
+    } else {
+        x
     }
 }
 
@@ -436,7 +460,7 @@ impl Gpt {
         };
         let tok = Tensor::embedding(&self.wte, input_ids, -1, false, false);
         let pos = Tensor::embedding(&self.wpe, &positions, -1, false, false);
-        let mut x = (tok + pos).dropout(self.config.embd_pdrop, train);
+        let mut x = dropout(tok + pos, self.config.embd_pdrop, train);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
             x = block.forward(&x, &mask, layer, train);

@@ -169,12 +169,13 @@ pub fn generate(
             false,
         );
         let mut steps = 0;
+        let pad_token = Tensor::from(pad).to_device(device);
         for step in 0..config.max_new_tokens {
             let logits = model.logits(&hidden.select(1, -1)); // (B, V)
             let logits = logits.narrow(1, 0, vocab_size.min(logits.size()[1]));
             let next = pick_next(&logits, config); // (B,)
             let alive = finished.logical_not();
-            let next = next.where_self(&alive, &Tensor::from(pad).to_device(device));
+            let next = next.where_self(&alive, &pad_token);
             let col = width + step;
             tokens.narrow(1, col, 1).copy_(&next.unsqueeze(1));
             attention
@@ -271,11 +272,14 @@ pub fn pick_next(logits: &Tensor, config: &SamplingConfig) -> Tensor {
     if config.temperature == 0.0 {
         return logits.argmax(-1, false);
     }
-    let logits = filter_logits(
-        &(logits.to_kind(Kind::Float) / config.temperature),
-        config.top_k,
-        config.top_p,
-    );
+    // Each skipped op is one libtorch call less per decoded token.
+    let mut logits = logits.shallow_clone();
+    if config.temperature != 1.0 {
+        logits = logits.to_kind(Kind::Float) / config.temperature;
+    }
+    if config.top_k > 0 || config.top_p < 1.0 {
+        logits = filter_logits(&logits, config.top_k, config.top_p);
+    }
     logits
         .softmax(-1, Kind::Float)
         .multinomial(1, false)

@@ -50,7 +50,7 @@ test: setup
     cargo test --release --workspace
 
 # The main job on the bundled data: every stage of configs/default.yaml
-# (SFT -> reward model -> PPO -> 3 rounds of fresh rankings), then the
+# (SFT -> reward model -> PPO -> 2 rounds of fresh rankings), then the
 # evaluation report in runs/default/report/. Finished stages are cached.
 pipeline: build
     {{rlhf}} run configs/default.yaml

@@ -34,6 +34,18 @@ fn experiment(dir: &Path) -> PathBuf {
     exp
 }
 
+/// `rlhf run --only sft`, which must succeed; returns its log.
+fn run_sft_only(exp: &Path) -> String {
+    let out = rlhf_run(exp)
+        .args(["--only", "sft"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    log
+}
+
 fn rlhf_run(exp: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
     c.args(["run", exp.to_str().unwrap()]);
@@ -133,8 +145,10 @@ const FINAL: [&str; 6] = [
     "round-1/ppo/checkpoint",
 ];
 
-fn assert_same_weights(a: &Path, b: &Path) {
-    for f in FINAL {
+/// Each of `folders` (relative to the run) holds the same weights in the
+/// runs under `a` and `b`.
+fn assert_same_weights(a: &Path, b: &Path, folders: &[&str]) {
+    for f in folders {
         let load = |root: &Path| {
             weights_of(
                 &Model::load(
@@ -178,22 +192,20 @@ fn killed_in_every_stage_and_rerun_equals_an_uninterrupted_run() {
         log.contains("resuming from"),
         "the last stage resumed:\n{log}"
     );
-    assert_same_weights(a.path(), b.path());
+    assert_same_weights(a.path(), b.path(), &FINAL);
 }
 
 #[test]
 fn a_damaged_periodic_checkpoint_is_named_and_the_one_before_it_used() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let exp_a = experiment(a.path());
-    let only_sft = ["--only", "sft"];
-    let out = rlhf_run(&exp_a).args(only_sft).output().unwrap();
-    assert!(out.status.success());
+    run_sft_only(&exp_a);
 
     // Kill mid-SFT once two periodic checkpoints exist.
     let exp = experiment(b.path());
     let sft = b.path().join("runs/kill/sft");
     let mut child = rlhf_run(&exp)
-        .args(only_sft)
+        .args(["--only", "sft"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -235,45 +247,20 @@ fn a_damaged_periodic_checkpoint_is_named_and_the_one_before_it_used() {
         "{direct}"
     );
 
-    let out = rlhf_run(&exp)
-        .args(only_sft)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = run_sft_only(&exp);
     assert!(
         log.contains(&format!("checkpoint {} is unusable", newest.display()))
             && log.contains("falling back"),
         "{log}"
     );
-    let load = |root: &Path| {
-        weights_of(
-            &Model::load(
-                &root.join("runs/kill/sft/checkpoint"),
-                HeadChoice::AsSaved,
-                tch::Device::Cpu,
-            )
-            .unwrap(),
-        )
-    };
-    let (wa, wb) = (load(a.path()), load(b.path()));
-    for (k, t) in &wa {
-        assert!(t.equal(&wb[k]), "{k} differs");
-    }
+    assert_same_weights(a.path(), b.path(), &["sft/checkpoint"]);
 }
 
 #[test]
 fn a_damaged_finished_checkpoint_is_reported_and_the_stage_rerun() {
     let d = tempfile::tempdir().unwrap();
     let exp = experiment(d.path());
-    let only_sft = ["--only", "sft"];
-    let out = rlhf_run(&exp)
-        .args(only_sft)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    run_sft_only(&exp);
     let ckpt = d.path().join("runs/kill/sft/checkpoint");
     let before = weights_of(&Model::load(&ckpt, HeadChoice::AsSaved, tch::Device::Cpu).unwrap());
     // Flip one byte in the middle of the weights.
@@ -299,13 +286,7 @@ fn a_damaged_finished_checkpoint_is_reported_and_the_stage_rerun() {
     );
 
     // The runner does not trust it: it says so and runs the stage again.
-    let out = rlhf_run(&exp)
-        .args(only_sft)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = run_sft_only(&exp);
     assert!(
         log.contains("corrupt") && !log.contains("[sft] cached"),
         "{log}"

@@ -27,12 +27,7 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
                     c.swap(i, i + 1);
                     c.into_iter().collect()
                 }
-                1 if chars.len() > 2 => {
-                    // A letter dropped.
-                    let mut c = chars.clone();
-                    c.remove(rng.random_range(0..c.len()));
-                    c.into_iter().collect()
-                }
+                1 if chars.len() > 2 => drop_one(&chars, rng),
                 2 => word.clone(), // the word copied back
                 _ => {
                     // First letter kept in place.
@@ -72,17 +67,19 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
                     c[i] = c[i].to_ascii_lowercase();
                     c.into_iter().collect()
                 }
-                1 if chars.len() > 2 => {
-                    // A letter dropped.
-                    let mut c = chars.clone();
-                    c.remove(rng.random_range(0..c.len()));
-                    c.into_iter().collect()
-                }
+                1 if chars.len() > 2 => drop_one(&chars, rng),
                 2 => word.clone(), // the word copied back
                 _ => title_case(word),
             }
         }
     }
+}
+
+/// `chars` with one of them, at random, dropped.
+fn drop_one(chars: &[char], rng: &mut impl Rng) -> String {
+    let mut c = chars.to_vec();
+    c.remove(rng.random_range(0..c.len()));
+    c.into_iter().collect()
 }
 
 /// Only the first letter capitalised ("Candle" for "CANDLE").

@@ -109,6 +109,35 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
         assert!((policy["exact"].as_f64().unwrap() - exact as f64 / 12.0).abs() < 1e-9);
         assert!(policy["kl_to_reference"].as_f64().unwrap().is_finite());
     }
+    // By family: the eval file's families, adding up to the totals.
+    let eval_families: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(d.path().join("eval.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["family"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+    for policy in report["policies"].as_array().unwrap() {
+        let by = policy["gold_vs_reference_by_family"].as_object().unwrap();
+        assert_eq!(
+            by.keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>(),
+            eval_families
+        );
+        for key in ["wins", "ties", "losses"] {
+            let sum: u64 = by.values().map(|v| v[key].as_u64().unwrap()).sum();
+            assert_eq!(
+                sum,
+                policy["gold_vs_reference"][key].as_u64().unwrap(),
+                "{key}"
+            );
+        }
+    }
     // The reference against itself: all ties, no KL.
     let sft = &report["policies"][0];
     assert_eq!(sft["kl_to_reference"].as_f64(), Some(0.0));

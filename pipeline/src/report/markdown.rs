@@ -64,6 +64,29 @@ pub fn render(r: &Report) -> String {
         out,
         "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart.\n"
     );
+    let families: std::collections::BTreeSet<&String> = r
+        .policies
+        .iter()
+        .flat_map(|p| p.gold_vs_reference_by_family.keys())
+        .collect();
+    if !families.is_empty() {
+        let _ = writeln!(
+            out,
+            "### Gold win rate vs {} by family (W-T-L)\n",
+            r.reference
+        );
+        let names: Vec<&str> = families.iter().map(|f| f.as_str()).collect();
+        let _ = writeln!(out, "| policy | {} |", names.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---|".repeat(names.len()));
+        for p in &r.policies {
+            let cells: Vec<String> = families
+                .iter()
+                .map(|f| versus(&p.gold_vs_reference_by_family.get(*f).cloned()))
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", p.label, cells.join(" | "));
+        }
+        out.push('\n');
+    }
     if !r.reward_models.is_empty() {
         let _ = writeln!(out, "## Reward models\n");
         let _ = writeln!(

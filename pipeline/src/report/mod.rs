@@ -12,6 +12,7 @@ pub mod markdown;
 pub mod plots;
 pub mod run_folder;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -74,6 +75,9 @@ pub struct PolicyRow {
     pub exact: Option<f64>,
     /// Gold-judge comparisons against the reference's answers.
     pub gold_vs_reference: Option<VersusReference>,
+    /// The same, by the prompt file's `family` column where it has one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gold_vs_reference_by_family: BTreeMap<String, VersusReference>,
     /// Mean reward-model score of the greedy answers.
     pub reward_score: Option<f64>,
     /// Reward-model comparisons against the reference's answers.
@@ -169,17 +173,30 @@ fn reference_stage(stages: &[FinishedStage]) -> anyhow::Result<&FinishedStage> {
         .context("this run has no finished policy (SFT or PPO stage) to evaluate")
 }
 
-fn read_prompts(path: &Path, max: Option<usize>) -> anyhow::Result<Vec<String>> {
-    let table = rlhf_datasets::load::read_table(path)?;
-    let mut prompts =
-        rlhf_datasets::load::string_column(&table, path, "prompt", "{\"prompt\": ...} rows")?;
+/// The prompts and, where the file has a `family` column (the bundled
+/// task's does), each prompt's family.
+fn read_prompts(
+    path: &Path,
+    max: Option<usize>,
+) -> anyhow::Result<(Vec<String>, Option<Vec<String>>)> {
+    use rlhf_datasets::load::{read_table, string_column, DataError};
+    let table = read_table(path)?;
+    let mut prompts = string_column(&table, path, "prompt", "{\"prompt\": ...} rows")?;
+    let mut families = match string_column(&table, path, "family", "strings") {
+        Ok(f) => Some(f),
+        Err(DataError::MissingColumn { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
     if let Some(m) = max {
         prompts.truncate(m);
+        if let Some(f) = &mut families {
+            f.truncate(m);
+        }
     }
     if prompts.is_empty() {
         bail!("{}: no prompts to evaluate", path.display());
     }
-    Ok(prompts)
+    Ok((prompts, families))
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
@@ -199,7 +216,7 @@ pub fn evaluate_run(
 ) -> anyhow::Result<Evaluation> {
     let stages = finished_stages(run_dir)?;
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
-    let prompts = read_prompts(&prompts_path, opts.max_prompts)?;
+    let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
     let load = |s: &FinishedStage, head| {
         Model::load(&s.checkpoint(), head, device)
@@ -242,7 +259,20 @@ pub fn evaluate_run(
             )?)
         };
         let base = all_answers.first().map(|(_, a)| a).unwrap_or(&answers);
-        let gold_vs = gold_tally(&answers, base);
+        let gold_vs = gold_tally(&answers, base, None);
+        let by_family = families
+            .as_deref()
+            .map(|f| {
+                let names: std::collections::BTreeSet<&String> = f.iter().collect();
+                names
+                    .into_iter()
+                    .filter_map(|name| {
+                        let keep: Vec<bool> = f.iter().map(|x| x == name).collect();
+                        Some((name.clone(), gold_tally(&answers, base, Some(&keep))?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let reward_vs = match (&answers.reward, &base.reward) {
             (Some(ours), Some(theirs)) => Some(Tally::of(ours, theirs, 1e-6).into()),
             _ => None,
@@ -261,6 +291,7 @@ pub fn evaluate_run(
                     .map(|&g| f64::from(u8::from(g == 1.0))),
             ),
             gold_vs_reference: gold_vs,
+            gold_vs_reference_by_family: by_family,
             reward_score: answers
                 .reward
                 .as_ref()
@@ -335,13 +366,19 @@ pub fn evaluate_run(
     })
 }
 
-/// Gold comparisons over the prompts the judge knows.
-fn gold_tally(ours: &PolicyAnswers, theirs: &PolicyAnswers) -> Option<VersusReference> {
+/// Gold comparisons over the prompts the judge knows (and `keep` allows).
+fn gold_tally(
+    ours: &PolicyAnswers,
+    theirs: &PolicyAnswers,
+    keep: Option<&[bool]>,
+) -> Option<VersusReference> {
     let (a, b): (Vec<f64>, Vec<f64>) = ours
         .gold
         .iter()
         .zip(&theirs.gold)
-        .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
+        .enumerate()
+        .filter(|(i, _)| keep.is_none_or(|k| k[*i]))
+        .filter_map(|(_, (a, b))| Some(((*a)?, (*b)?)))
         .unzip();
     (!a.is_empty()).then(|| Tally::of(&a, &b, 1e-9).into())
 }

@@ -33,7 +33,7 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
          \x20 ppo:\n    kind: ppo\n    policy: sft\n    reward_model: rm\n    prompts: prompts.jsonl\n    eval_prompts: eval.jsonl\n    iterations: 3\n\
          \x20   rollout_batch: 4\n    minibatch_size: 4\n    ppo_epochs: 1\n    sampling: {max_new_tokens: 6}\n    policy_optimizer: {lr: 0.01}\n\
          loop:\n  repeat: [rm, ppo]\n  rounds: 1\n  prompts: prompts.jsonl\n  prompts_per_round: 4\n  k: 3\n\
-         \x20 sampling: {max_new_tokens: 6}\n  labeller: {kind: gold}\n",
+         \x20 sampling: {max_new_tokens: 6}\n  labeller: {kind: gold}\n  policy_init: reference\n",
     )
     .unwrap();
     let out = rlhf(&["run", exp.to_str().unwrap()]);
@@ -43,6 +43,16 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     let run = d.path().join("runs/ev");
+    // policy_init: reference: the round's PPO starts again from SFT, while
+    // the round's answers were sampled from the first PPO's policy.
+    let round_ppo = json_file(&run.join("round-1/ppo/manifest.json"));
+    assert_eq!(
+        round_ppo["config"]["stage"]["policy"].as_str().unwrap(),
+        run.join("sft/checkpoint").to_str().unwrap()
+    );
+    let collect = json_file(&run.join("round-1/collect/manifest.json"));
+    let first_ppo = json_file(&run.join("ppo/manifest.json"));
+    assert_eq!(collect["upstream"]["policy"], first_ppo["key"]);
 
     let out = rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"]);
     assert!(

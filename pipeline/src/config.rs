@@ -83,6 +83,11 @@ pub struct LoopFile {
     /// (`previous`) or from the reward stage's own `init` (`stage`).
     #[serde(default)]
     pub reward_init: RewardInit,
+    /// Start each round's PPO from the latest policy (`previous`) or afresh
+    /// from the reference (SFT) policy (`reference`), so that KL does not
+    /// pile up over rounds. Rounds sample the latest policy either way.
+    #[serde(default)]
+    pub policy_init: PolicyInit,
     #[serde(default)]
     pub sampling: rlhf_stages::sample::SamplingConfig,
     /// Settings for the rounds' stages only, as `--set` writes them:
@@ -118,6 +123,14 @@ pub enum RewardInit {
     #[default]
     Previous,
     Stage,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyInit {
+    #[default]
+    Previous,
+    Reference,
 }
 
 fn default_device() -> String {

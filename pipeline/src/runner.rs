@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::artifact::{
     is_cached, read_manifest, sha256_file, stage_key, write_manifest, Manifest, KEY_FILE,
 };
-use crate::config::{Experiment, LoopFile, RewardInit, StageFile};
+use crate::config::{Experiment, LoopFile, PolicyInit, RewardInit, StageFile};
 use crate::dag;
 
 #[derive(Debug, Default, Clone)]
@@ -187,6 +187,12 @@ fn run_rounds(
         .or(ppo_cfg.policy.clone())
         .context("the ppo stage has no policy")?;
     let (mut policy_dir, mut policy_key) = (final_of(&exp.stage_dir(ppo)), keys[ppo].clone());
+    // The reference's key: its stage's, or its folder for an outside model
+    // (whose files the PPO stage's inputs hash).
+    let reference_key = keys
+        .iter()
+        .find(|(name, _)| final_of(&exp.stage_dir(name)) == reference)
+        .map_or_else(|| reference.display().to_string(), |(_, k)| k.clone());
     let (mut rm_dir, mut rm_key) = (final_of(&exp.stage_dir(rm)), keys[rm].clone());
     let (mut prefs, mut prefs_key) = (rm_cfg.data.clone(), String::new());
     let mut outcomes = Vec::new();
@@ -272,10 +278,15 @@ fn run_rounds(
         let (key, outcome) = ensure_stage(&job, overrides)?;
         outcomes.push((rm_label, outcome));
         (rm_dir, rm_key) = (final_of(&round_dir.join(rm)), key);
-        // 3. PPO from the latest policy against the new reward model.
+        // 3. PPO from the latest (or the reference) policy against the new
+        // reward model.
+        let (start_dir, start_key) = match spec.policy_init {
+            PolicyInit::Previous => (&policy_dir, &policy_key),
+            PolicyInit::Reference => (&reference, &reference_key),
+        };
         let mut extra = spec.set.clone();
         extra.extend([
-            format!("stages.{ppo}.policy={}", policy_dir.display()),
+            format!("stages.{ppo}.policy={}", start_dir.display()),
             format!("stages.{ppo}.reference={}", reference.display()),
             format!("stages.{ppo}.reward_model={}", rm_dir.display()),
         ]);
@@ -287,7 +298,7 @@ fn run_rounds(
             out_dir: round_dir.join(ppo),
             extra,
             upstream: BTreeMap::from([
-                ("policy".into(), policy_key.clone()),
+                ("policy".into(), start_key.clone()),
                 ("reward_model".into(), rm_key.clone()),
             ]),
             force,

@@ -40,7 +40,7 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
         Instruction::Sort(xs) => {
             let mut sorted = xs.clone();
             sorted.sort_unstable();
-            let out: Vec<u32> = match rng.random_range(0..4) {
+            let out: Vec<u32> = match rng.random_range(0..5) {
                 0 => {
                     let mut v = sorted.clone();
                     let i = rng.random_range(0..v.len() - 1);
@@ -53,6 +53,18 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
                     v
                 }
                 2 => xs.clone(),
+                3 => {
+                    // One number written twice, its neighbour lost: the
+                    // mistake PPO found when the rankings lacked it.
+                    let mut v = sorted.clone();
+                    let i = rng.random_range(0..v.len() - 1);
+                    if rng.random_bool(0.5) {
+                        v[i] = v[i + 1];
+                    } else {
+                        v[i + 1] = v[i];
+                    }
+                    v
+                }
                 _ => sorted.iter().rev().copied().collect(),
             };
             out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")

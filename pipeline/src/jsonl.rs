@@ -7,6 +7,19 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::Value;
 
+/// The lines of a log the program itself appends to (`metrics.jsonl`,
+/// `rounds.jsonl`) that parse; none if the file is absent. A line cut short
+/// by a crash is skipped rather than failing a report.
+pub fn read_log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Each non-blank line parsed, with its 1-based line number.
 pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, Value)>> {
     let name = path.display().to_string();

@@ -11,7 +11,7 @@ use tch::Device;
 use rlhf_datasets::task;
 
 use crate::checkpoint::Model;
-use crate::reward::sequence_rewards;
+use crate::reward::{reward_sequence, sequence_rewards};
 use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::score::sequence_logprobs;
 use crate::train::StageError;
@@ -96,8 +96,7 @@ pub fn answer_and_score(
         max_new_tokens: settings.max_new_tokens,
         ..SamplingConfig::default()
     };
-    let (ids, samples) = sample(policy, prompts, 1, &greedy, settings.batch_size, device)?;
-    drop(ids);
+    let (_, samples) = sample(policy, prompts, 1, &greedy, settings.batch_size, device)?;
     let tok = &policy.tokenizer;
     let mut out = PolicyAnswers {
         answers: Vec::with_capacity(prompts.len()),
@@ -129,18 +128,12 @@ pub fn reward_scores(
     settings: &EvalSettings,
     device: Device,
 ) -> Result<Vec<f64>, StageError> {
-    let tok = &reward_model.tokenizer;
     let limit = reward_model.gpt.config().n_positions as usize;
-    let mut seqs = Vec::with_capacity(prompts.len());
-    for (p, a) in prompts.iter().zip(answers) {
-        let mut ids = tok.encode(p)?;
-        ids.extend(tok.encode(a)?);
-        ids.push(tok.eos_id());
-        if ids.len() > limit {
-            ids.drain(..ids.len() - limit);
-        }
-        seqs.push(ids);
-    }
+    let seqs = prompts
+        .iter()
+        .zip(answers)
+        .map(|(p, a)| Ok(reward_sequence(&reward_model.tokenizer, p, a, limit)?.0))
+        .collect::<Result<Vec<_>, StageError>>()?;
     Ok(sequence_rewards(
         &reward_model.gpt,
         &seqs,

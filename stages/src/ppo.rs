@@ -34,7 +34,7 @@ use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::score::gather_logprobs;
 use crate::sft::{gold_eval, masked_nll_sum};
 use crate::train::{
-    check_finite, finished_summary, io_err, load_training, periodic_checkpoints, periodic_dir,
+    check_finite, finished_summary, io_err, load_training, newest_usable, periodic_dir,
     progress_bar, prune_periodic, save_training, write_summary, MetricsLog, StageError, FINAL_DIR,
     METRICS_FILE,
 };
@@ -494,21 +494,11 @@ pub fn run(job: &PpoJob) -> Result<PpoSummary, StageError> {
     tch::manual_seed(cfg.seed as i64);
 
     // Models: resume both trained ones from a periodic checkpoint, or start.
-    // Newest first; a damaged checkpoint is named and passed over.
-    let mut resume = None;
-    for (it, dir) in periodic_checkpoints(out).into_iter().rev() {
-        match load_resume_point(&dir, cfg, device) {
-            Ok(r) => {
-                tracing::info!("ppo: resuming from {} (iteration {it})", dir.display());
-                resume = Some(r);
-                break;
-            }
-            Err(e) => tracing::warn!(
-                "ppo: checkpoint {} is unusable ({e}); falling back to the one before it",
-                dir.display()
-            ),
-        }
-    }
+    let resume =
+        newest_usable(out, |dir| load_resume_point(dir, cfg, device)).map(|(it, dir, r)| {
+            tracing::info!("ppo: resuming from {} (iteration {it})", dir.display());
+            r
+        });
     let (policy, critic, mut popt, mut copt, state) = match resume {
         Some((p, c, popt, copt, state)) => (p, c, popt, copt, Some(state)),
         None => {

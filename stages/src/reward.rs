@@ -202,6 +202,25 @@ pub fn kwise_loss(rewards: &Tensor, batch: &GroupBatch) -> (Tensor, Tensor) {
     (loss, gap)
 }
 
+/// The sequence a reward model reads for `answer` to `prompt`, as it was
+/// trained: prompt + answer + EOS. Longer than `limit` tokens, it keeps its
+/// end (where the reward is read) and says it was cut.
+pub fn reward_sequence(
+    tokenizer: &rlhf_datasets::Tokenizer,
+    prompt: &str,
+    answer: &str,
+    limit: usize,
+) -> Result<(Vec<i64>, bool), rlhf_datasets::tokenizer::TokenizerError> {
+    let mut ids = tokenizer.encode(prompt)?;
+    ids.extend(tokenizer.encode(answer)?);
+    ids.push(tokenizer.eos_id());
+    let cut = ids.len() > limit;
+    if cut {
+        ids.drain(..ids.len() - limit);
+    }
+    Ok((ids, cut))
+}
+
 /// Rewards of whole sequences (prompt + answer + EOS): the head at the
 /// last token. Batched, right-padded.
 pub fn sequence_rewards(

@@ -246,21 +246,33 @@ pub fn resume_point<S: DeserializeOwned>(
     head: HeadChoice,
     device: Device,
 ) -> Result<Option<ResumePoint<S>>, StageError> {
-    // Newest first; a damaged one (a killed disk write, bit rot) is named
-    // and passed over for the one before it.
-    for (step, dir) in periodic_checkpoints(out_dir).into_iter().rev() {
-        match load_training(&dir, head, device) {
-            Ok((model, moments, state)) => {
+    Ok(
+        newest_usable(out_dir, |dir| load_training(dir, head, device)).map(
+            |(step, dir, (model, moments, state))| {
                 tracing::info!("resuming from {} (step {step})", dir.display());
-                return Ok(Some((step, model, moments, state)));
-            }
+                (step, model, moments, state)
+            },
+        ),
+    )
+}
+
+/// The newest periodic checkpoint of `out_dir` that `load` accepts, with
+/// its step and folder. A damaged one (a killed disk write, bit rot) is
+/// named and passed over for the one before it.
+pub fn newest_usable<T>(
+    out_dir: &Path,
+    load: impl Fn(&Path) -> Result<T, StageError>,
+) -> Option<(i64, PathBuf, T)> {
+    for (step, dir) in periodic_checkpoints(out_dir).into_iter().rev() {
+        match load(&dir) {
+            Ok(t) => return Some((step, dir, t)),
             Err(e) => tracing::warn!(
                 "checkpoint {} is unusable ({e}); falling back to the one before it",
                 dir.display()
             ),
         }
     }
-    Ok(None)
+    None
 }
 
 /// Periodic checkpoints and the test hook that stops a run early.

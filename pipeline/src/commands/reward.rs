@@ -5,7 +5,7 @@
 
 use anyhow::bail;
 use rlhf_stages::device::parse_device;
-use rlhf_stages::reward::sequence_rewards;
+use rlhf_stages::reward::{reward_sequence, sequence_rewards};
 use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 
@@ -48,16 +48,12 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
     if items.is_empty() {
         bail!("nothing to score: give --prompt with --answer, or --input");
     }
-    let tok = &model.tokenizer;
     let limit = model.gpt.config().n_positions as usize;
     let mut seqs = Vec::with_capacity(items.len());
     for (i, (_, p, a)) in items.iter().enumerate() {
-        let mut ids = tok.encode(p)?;
-        ids.extend(tok.encode(a)?);
-        ids.push(tok.eos_id());
-        if ids.len() > limit {
-            // Keep the answer's end, where the reward is read.
-            ids.drain(..ids.len() - limit);
+        let (ids, cut) = reward_sequence(&model.tokenizer, p, a, limit)?;
+        if cut {
+            // The answer's end, where the reward is read, was kept.
             tracing::warn!(
                 "item {}: longer than n_positions ({limit}); the prompt was cut from the left",
                 i + 1

@@ -141,6 +141,8 @@ pub struct LabelledAnswer {
 pub struct Evaluation {
     pub report: Report,
     pub answers: Vec<PromptAnswers>,
+    /// The run's stages, as read for the report (the plots use them).
+    pub stages: Vec<FinishedStage>,
 }
 
 /// The eval prompts' file: given, else the last PPO stage's, else an SFT
@@ -359,10 +361,11 @@ pub fn evaluate_run(
             settings: opts.settings.clone(),
             policies,
             reward_models,
-            rounds: read_rounds(run_dir),
+            rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
             plots: vec![],
         },
         answers,
+        stages,
     })
 }
 
@@ -383,23 +386,12 @@ fn gold_tally(
     (!a.is_empty()).then(|| Tally::of(&a, &b, 1e-9).into())
 }
 
-fn read_rounds(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("rounds.jsonl"))
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Writes `report.json`, `report.md`, `answers.jsonl` and the plots into
 /// `<run>/report/`; returns the folder.
 pub fn write_report(evaluation: &mut Evaluation) -> anyhow::Result<PathBuf> {
     let dir = evaluation.report.run.join(REPORT_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let stages = finished_stages(&evaluation.report.run)?;
-    evaluation.report.plots = plots::write_all(&stages, &dir)?;
+    evaluation.report.plots = plots::write_all(&evaluation.stages, &dir)?;
     let json = serde_json::to_string_pretty(&evaluation.report)?;
     atomic::write_file(&dir.join(REPORT_JSON), json.as_bytes())?;
     atomic::write_file(

@@ -146,13 +146,7 @@ pub fn draw(path: &Path, panels: &[Panel], cols: usize) -> anyhow::Result<()> {
 
 /// A stage's metrics lines (empty if it has none).
 fn metrics(stage: &FinishedStage) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(stage.metrics())
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    crate::jsonl::read_log_lines(&stage.metrics())
 }
 
 /// `(x, y)` for the lines that have both fields.

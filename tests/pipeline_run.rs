@@ -257,3 +257,50 @@ fn loop_round_with_command_labeller() {
         assert!(cached(&log, stage), "{stage} not cached:\n{log}");
     }
 }
+
+#[test]
+fn a_run_survives_its_binary_being_replaced() {
+    // A rebuild or an upgrade replaces the file while a pipeline runs: the
+    // stages must still start, with the runner's own code.
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let exe = d.path().join("rlhf-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_rlhf"), &exe).unwrap();
+    let child = std::process::Command::new(&exe)
+        .args(["run", exp.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // spawn() returns after exec: the file can go now.
+    std::fs::remove_file(&exe).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rlhf run failed:\n{stderr}");
+    assert!(d.path().join("runs/tiny/rm/checkpoint/model.safetensors").exists());
+}
+
+#[test]
+fn a_copied_run_folder_stays_cached() {
+    // Stage keys do not depend on where the run folder is: a run copied
+    // elsewhere (to branch an experiment off it) reuses every stage.
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    run(&exp, &[]);
+    let copy = d.path().join("elsewhere");
+    std::fs::create_dir_all(&copy).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(d.path().join("runs/tiny"))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out_dir = format!("out_dir={}", copy.display());
+    let log = run(&exp, &["--set", &out_dir]);
+    assert!(cached(&log, "sft") && cached(&log, "rm"), "{log}");
+    // A setting that differs still reruns the stage in the copy.
+    let log = run(&exp, &["--set", &out_dir, "--set", "stages.rm.max_steps=3"]);
+    assert!(cached(&log, "sft") && !cached(&log, "rm"), "{log}");
+}

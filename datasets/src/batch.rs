@@ -79,11 +79,12 @@ fn encode_answer(tokenizer: &Tokenizer, answer: &str) -> Result<Vec<i64>, Tokeni
 
 /// Sequences right-padded with `pad` into one row-major block; returns it
 /// and the width (the longest sequence).
-pub fn right_pad(seqs: &[Vec<i64>], pad: i64) -> (Vec<i64>, usize) {
-    let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+pub fn right_pad<S: AsRef<[i64]>>(seqs: &[S], pad: i64) -> (Vec<i64>, usize) {
+    let width = seqs.iter().map(|s| s.as_ref().len()).max().unwrap_or(0);
     let flat = seqs
         .iter()
         .flat_map(|s| {
+            let s = s.as_ref();
             s.iter()
                 .copied()
                 .chain(std::iter::repeat_n(pad, width - s.len()))
@@ -323,6 +324,8 @@ pub struct GroupBatch {
     pub input_ids: Vec<i64>,
     /// Per row, the position of its last real token (where the reward is read).
     pub last_index: Vec<i64>,
+    /// Per row, the position of its first answer token.
+    pub answer_start: Vec<i64>,
     /// Per pair, the rows of the better and the worse answer.
     pub better: Vec<i64>,
     pub worse: Vec<i64>,
@@ -344,6 +347,7 @@ pub fn collate_groups(groups: &[&TokenizedGroup], pad: i64) -> GroupBatch {
         width,
         input_ids: Vec::new(),
         last_index: Vec::new(),
+        answer_start: Vec::new(),
         better: Vec::new(),
         worse: Vec::new(),
         margin: Vec::new(),
@@ -357,6 +361,7 @@ pub fn collate_groups(groups: &[&TokenizedGroup], pad: i64) -> GroupBatch {
             b.input_ids.extend(g.prompt.iter().chain(r).copied());
             b.input_ids.extend(std::iter::repeat_n(pad, width - n));
             b.last_index.push(n as i64 - 1);
+            b.answer_start.push(g.prompt.len() as i64);
             b.rows += 1;
         }
         let weight = 1.0 / (g.pairs.len() as f32 * groups.len() as f32);

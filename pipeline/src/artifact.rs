@@ -95,10 +95,15 @@ pub fn stage_key(
         "stage": serde_json::to_value(stage)?,
         "model": serde_json::to_value(&exp.spec.model)?,
     });
+    // Paths inside the run folder are other stages' outputs, which the
+    // upstream keys already identify: hashed relative to the run folder, a
+    // copied or moved run folder stays cached.
+    let run_dir = format!("{}/", exp.run_dir.display());
+    let portable = |text: String| text.replace(&run_dir, "<run>/");
     let mut h = Sha256::new();
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(config.to_string().as_bytes());
-    h.update(serde_json::to_string(&inputs)?.as_bytes());
+    h.update(portable(config.to_string()).as_bytes());
+    h.update(portable(serde_json::to_string(&inputs)?).as_bytes());
     h.update(serde_json::to_string(upstream_keys)?.as_bytes());
     Ok((format!("{:x}", h.finalize()), inputs, config))
 }

@@ -325,15 +325,28 @@ fn run_rounds(
     Ok(outcomes)
 }
 
+/// The running binary, for stage children. On Linux `/proc/self/exe`: it
+/// stays valid when the file is replaced mid-run (a rebuild, an upgrade),
+/// where `current_exe()` names a deleted path, and every stage of a run
+/// keeps the runner's code.
+fn own_binary() -> anyhow::Result<std::path::PathBuf> {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_owned());
+    }
+    std::env::current_exe().context("locating the rlhf binary")
+}
+
 /// Runs `rlhf ARGS` as a child, prefixing its output lines with `label`;
 /// returns the JSON summary it prints last.
 fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().context("locating the rlhf binary")?;
+    let exe = own_binary()?;
     // The child gets its own process group: a terminal's Ctrl-C reaches only
     // the runner, which forwards it once (a second signal would make the
     // child stop without its checkpoint).
     let mut child = Command::new(exe)
+        .arg0("rlhf")
         .args(args)
         .process_group(0)
         .stdout(Stdio::piped())

@@ -80,6 +80,19 @@ impl Tally {
         let decided = self.wins + self.losses;
         (decided > 0).then(|| self.wins as f64 / decided as f64)
     }
+
+    /// The Wilson score interval of the win rate at 95% (Wilson, 1927):
+    /// how far the rate could move on another draw of prompts. Unlike the
+    /// normal approximation it stays inside [0, 1] for rates near 0 or 1.
+    pub fn win_rate_interval(&self) -> Option<[f64; 2]> {
+        const Z: f64 = 1.959_963_984_540_054;
+        let n = (self.wins + self.losses) as f64;
+        let p = self.win_rate()?;
+        let z2 = Z * Z;
+        let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+        let half = Z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+        Some([(centre - half).max(0.0), (centre + half).min(1.0)])
+    }
 }
 
 /// Greedy answers of `policy` to `prompts`, judged by the gold judge and,
@@ -119,7 +132,7 @@ pub fn answer_and_score(
 }
 
 /// Reward-model scores of `answers[i]` to `prompts[i]`, read as the reward
-/// model was trained: prompt + answer + EOS, the head at the EOS. A
+/// model was trained: prompt + answer + EOS, pooled as it was trained. A
 /// sequence longer than the model's context keeps its end.
 pub fn reward_scores(
     reward_model: &Model,
@@ -135,7 +148,7 @@ pub fn reward_scores(
         .map(|(p, a)| Ok(reward_sequence(&reward_model.tokenizer, p, a, limit)?.0))
         .collect::<Result<Vec<_>, StageError>>()?;
     Ok(sequence_rewards(
-        &reward_model.gpt,
+        reward_model,
         &seqs,
         settings.batch_size,
         device,
@@ -263,6 +276,25 @@ mod tests {
         );
         assert_eq!(t.win_rate(), Some(2.0 / 3.0));
         assert_eq!(Tally::of(&[1.0], &[1.0], 0.0).win_rate(), None);
+        assert_eq!(Tally::of(&[1.0], &[1.0], 0.0).win_rate_interval(), None);
+        // Wilson's interval for 8 of 10 by hand: 0.4902 to 0.9433.
+        let t = Tally {
+            wins: 8,
+            ties: 5,
+            losses: 2,
+        };
+        let [lo, hi] = t.win_rate_interval().unwrap();
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        let all = Tally {
+            wins: 5,
+            ties: 0,
+            losses: 0,
+        };
+        let [lo, hi] = all.win_rate_interval().unwrap();
+        assert!((lo - 0.5655).abs() < 1e-4 && hi == 1.0, "{lo} {hi}");
     }
 
     #[test]

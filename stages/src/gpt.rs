@@ -152,9 +152,13 @@ impl Conv1D {
         let mut out_shape = x.size();
         let n_in = *out_shape.last().expect("input has a feature dim");
         *out_shape.last_mut().expect("input has a feature dim") = self.weight.size()[1];
-        self.bias
-            .addmm(&x.reshape([-1, n_in]), &self.weight)
+        self.forward_2d(&x.reshape([-1, n_in]))
             .view(out_shape.as_slice())
+    }
+
+    /// `(N, in) -> (N, out)` in one libtorch call.
+    fn forward_2d(&self, x: &Tensor) -> Tensor {
+        self.bias.addmm(x, &self.weight)
     }
 }
 
@@ -228,41 +232,40 @@ impl CausalSelfAttention {
             (k, v) = layer.append(&k, &v, past); // (B, nh, past + T, hs)
         }
         let attn_dropout = if train { self.attn_pdrop } else { 0.0 };
-        let y = match mask {
-            AttentionMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q,
-                &k,
-                &v,
-                None,
-                attn_dropout,
-                true,
-                None,
-                false,
-            ),
-            AttentionMask::Unmasked => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q,
-                &k,
-                &v,
-                None,
-                attn_dropout,
-                false,
-                None,
-                false,
-            ),
-            AttentionMask::Explicit(m) => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(m),
-                attn_dropout,
-                false,
-                None,
-                false,
-            ),
-        }; // (B, nh, T, hs)
+        let y = attention(&q, &k, &v, mask, attn_dropout); // (B, nh, T, hs)
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
         dropout(self.c_proj.forward(&y), self.resid_pdrop, train)
     }
+
+    /// One new token per row against the cache, `x` `(B, C)`: the arithmetic
+    /// of `forward` in about half the libtorch calls (a decode step makes
+    /// them once per layer per token, and they cost more than the math on
+    /// small models).
+    fn decode(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        layer: &mut LayerCache,
+        past: i64,
+    ) -> Tensor {
+        let (b, c) = x.size2().expect("decode input is (B, C)");
+        let (nh, hs) = (self.n_head, c / self.n_head);
+        let qkv = self.c_attn.forward_2d(x); // (B, 3C): q | k | v, heads side by side
+        let q = qkv.narrow(1, 0, c).view([b, nh, 1, hs]);
+        let (k, v) = layer.append_one(&qkv.narrow(1, c, 2 * c).view([b, 2, nh, 1, hs]), past);
+        let y = attention(&q, &k, &v, mask, 0.0); // (B, nh, 1, hs): (B, C) in memory
+        self.c_proj.forward_2d(&y.reshape([b, c]))
+    }
+}
+
+/// Scaled dot-product attention of `(B, nh, T, hs)` queries under `mask`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, dropout: f64) -> Tensor {
+    let (m, causal) = match mask {
+        AttentionMask::Causal => (None, true),
+        AttentionMask::Unmasked => (None, false),
+        AttentionMask::Explicit(m) => (Some(m), false),
+    };
+    Tensor::scaled_dot_product_attention(q, k, v, m, dropout, causal, None, false)
 }
 
 #[derive(Debug)]
@@ -317,6 +320,23 @@ impl Block {
     ) -> Tensor {
         let x = x + self.attn.forward(&self.ln_1.forward(x), mask, cache, train);
         &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    }
+
+    /// `forward` of one token per row, `x` `(B, C)`, without dropout.
+    fn decode(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        layer: &mut LayerCache,
+        past: i64,
+    ) -> Tensor {
+        let x = x + self.attn.decode(&self.ln_1.forward(x), mask, layer, past);
+        let h = self
+            .mlp
+            .c_fc
+            .forward_2d(&self.ln_2.forward(&x))
+            .gelu("tanh");
+        &x + self.mlp.c_proj.forward_2d(&h)
     }
 }
 
@@ -443,12 +463,19 @@ impl Gpt {
         );
         let positions = match attention_mask {
             // Left padding: a token's position is the number of real tokens before it.
+            Some(m) if t == 1 => (m.sum_dim_intlist(1, true, Kind::Int64) - 1).clamp_min(0),
             Some(m) => (m.cumsum(1, Kind::Int64) - 1)
                 .clamp_min(0)
                 .narrow(1, past, t),
             None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
         };
         let mask = match attention_mask {
+            // One query (decoding): it sees every real key and itself.
+            Some(m) if t == 1 => {
+                let valid = m.ne(0);
+                let _ = valid.narrow(1, past, 1).fill_(1);
+                AttentionMask::Explicit(valid.view([-1, 1, 1, past + 1]))
+            }
             Some(m) => AttentionMask::Explicit(explicit_mask(m, past, t)),
             None if past == 0 => AttentionMask::Causal,
             None if t == 1 => AttentionMask::Unmasked,
@@ -460,6 +487,16 @@ impl Gpt {
         };
         let tok = Tensor::embedding(&self.wte, input_ids, -1, false, false);
         let pos = Tensor::embedding(&self.wpe, &positions, -1, false, false);
+        if let (Some(c), 1, false) = (cache.as_deref_mut(), t, train) {
+            // One token per row after a prefill: the decode path, in (B, C).
+            let b = input_ids.size()[0];
+            let mut x = (tok + pos).view([b, self.config.n_embd]);
+            for (block, layer) in self.blocks.iter().zip(&mut c.layers) {
+                x = block.decode(&x, &mask, layer, past);
+            }
+            c.len += 1;
+            return self.ln_f.forward(&x).unsqueeze(1);
+        }
         let mut x = dropout(tok + pos, self.config.embd_pdrop, train);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
@@ -517,24 +554,31 @@ fn explicit_mask(key_valid: &Tensor, past: i64, t: i64) -> Tensor {
     valid.logical_or(&itself).logical_and(&causal) // (B, 1, T, S)
 }
 
-/// One layer's preallocated keys and values, `(B, nh, capacity, hs)`.
+/// One layer's preallocated keys and values in one buffer,
+/// `(B, 2, nh, capacity, hs)`: a decode step writes both in one copy.
 #[derive(Debug)]
 struct LayerCache {
-    keys: Tensor,
-    values: Tensor,
+    keys_values: Tensor,
 }
 
 impl LayerCache {
-    /// Writes the new keys/values at `past..past+T` and returns views of
-    /// everything so far. No reallocation: the buffers are sized once.
+    /// Writes the new keys/values `(B, nh, T, hs)` at `past..past+T` and
+    /// returns views of everything so far. No reallocation: the buffer is
+    /// sized once.
     fn append(&mut self, k: &Tensor, v: &Tensor, past: i64) -> (Tensor, Tensor) {
         let t = k.size()[2];
-        self.keys.narrow(2, past, t).copy_(k);
-        self.values.narrow(2, past, t).copy_(v);
-        (
-            self.keys.narrow(2, 0, past + t),
-            self.values.narrow(2, 0, past + t),
-        )
+        let (keys, values) = (self.keys_values.select(1, 0), self.keys_values.select(1, 1));
+        keys.narrow(2, past, t).copy_(k);
+        values.narrow(2, past, t).copy_(v);
+        (keys.narrow(2, 0, past + t), values.narrow(2, 0, past + t))
+    }
+
+    /// `append` of one token whose keys and values come together,
+    /// `(B, 2, nh, 1, hs)`.
+    fn append_one(&mut self, kv: &Tensor, past: i64) -> (Tensor, Tensor) {
+        self.keys_values.narrow(3, past, 1).copy_(kv);
+        let so_far = self.keys_values.narrow(3, 0, past + 1);
+        (so_far.select(1, 0), so_far.select(1, 1))
     }
 }
 
@@ -550,11 +594,10 @@ pub struct KvCache {
 impl KvCache {
     /// Room for `capacity` tokens of `batch` sequences.
     pub fn new(config: &GptConfig, batch: i64, capacity: i64, device: Device, kind: Kind) -> Self {
-        let shape = [batch, config.n_head, capacity, config.head_dim()];
+        let shape = [batch, 2, config.n_head, capacity, config.head_dim()];
         let layers = (0..config.n_layer)
             .map(|_| LayerCache {
-                keys: Tensor::zeros(shape, (kind, device)),
-                values: Tensor::zeros(shape, (kind, device)),
+                keys_values: Tensor::zeros(shape, (kind, device)),
             })
             .collect();
         Self {

@@ -29,7 +29,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{HeadChoice, Model};
 use crate::gpt::{Gpt, Head};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::reward::sequence_rewards;
+use crate::reward::{sequence_rewards, RewardInput};
 use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::score::gather_logprobs;
 use crate::sft::{gold_eval, masked_nll_sum};
@@ -651,18 +651,21 @@ pub fn run(job: &PpoJob) -> Result<PpoSummary, StageError> {
             .collect::<Result<_, _>>()?;
         let mut scores = match &scorer {
             Scorer::Model(rm) => {
-                let seqs: Vec<Vec<i64>> = batch_prompts
+                let inputs: Vec<RewardInput> = batch_prompts
                     .iter()
                     .zip(&g.answers)
                     .map(|(p, a)| {
-                        let mut s: Vec<i64> = p.iter().chain(a).copied().collect();
+                        let mut ids: Vec<i64> = p.iter().chain(a).copied().collect();
                         if a.last() != Some(&eos) {
-                            s.push(eos); // scored as the reward model was trained: answer + EOS
+                            ids.push(eos); // scored as the reward model was trained: answer + EOS
                         }
-                        s
+                        RewardInput {
+                            ids,
+                            answer_start: p.len(),
+                        }
                     })
                     .collect();
-                sequence_rewards(&rm.gpt, &seqs, 64, device)
+                sequence_rewards(rm, &inputs, 64, device)
             }
             Scorer::Rule(rule) => batch_idx
                 .iter()

@@ -1,7 +1,8 @@
 //! Stage 2: the reward model (InstructGPT, Ouyang et al. 2022, section 3.5).
 //!
 //! The GPT trunk (from the SFT checkpoint) with a scalar head read at the
-//! last token of each answer (its EOS). Loss: Bradley-Terry,
+//! last token of each answer (its EOS), or averaged over the answer's
+//! tokens (`pooling: mean`). Loss: Bradley-Terry,
 //! `-log sigmoid(r_better - r_worse - margin)`.
 //!
 //! K-wise batching as InstructGPT trained: each of a prompt's K answers is
@@ -62,7 +63,52 @@ pub struct RewardConfig {
     /// to 0 after training; unset: no normalisation.
     pub normalize_on: Option<PathBuf>,
     pub normalize_max_examples: usize,
+    /// Where the score is read: `last` (the EOS) or `mean` (over the
+    /// answer's tokens). Saved in the checkpoint for every later reader.
+    pub pooling: Pooling,
     pub seed: u64,
+}
+
+/// Where a reward model reads its score from the head's per-token values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The value at the answer's EOS (InstructGPT, TRL, OpenRLHF): the
+    /// last token has read the whole answer.
+    #[default]
+    Last,
+    /// The mean value over the answer's tokens, EOS included: each token
+    /// judges its own place, which a small trunk does more reliably than
+    /// summing a whole answer into its EOS.
+    Mean,
+}
+
+/// The key of the pooling in a checkpoint's `config.json` (`"rlhf"` part).
+const POOLING_KEY: &str = "reward_pooling";
+
+impl Pooling {
+    /// The pooling a reward-model checkpoint was trained with; `last`
+    /// for folders without the key (plain HF sequence classifiers).
+    pub fn of(model: &Model) -> Self {
+        model
+            .meta
+            .extra
+            .get(POOLING_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default()
+    }
+
+    fn record(self, model: &mut Model) {
+        model.meta.extra.insert(POOLING_KEY.into(), json!(self));
+    }
+}
+
+/// One sequence a reward model reads: prompt + answer + EOS, and where
+/// the answer starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewardInput {
+    pub ids: Vec<i64>,
+    pub answer_start: usize,
 }
 
 impl Default for RewardConfig {
@@ -91,6 +137,7 @@ impl Default for RewardConfig {
             checkpoint_every: 100,
             normalize_on: None,
             normalize_max_examples: 2000,
+            pooling: Pooling::Last,
             seed: 0,
         }
     }
@@ -177,8 +224,15 @@ struct RewardState {
 }
 
 /// Rewards of a collated batch, one per row: the head's value at each
-/// row's last real token. One forward for all rows.
-pub fn batch_rewards(model: &Gpt, batch: &GroupBatch, device: Device, train: bool) -> Tensor {
+/// row's last real token, or its mean over the row's answer. One forward
+/// for all rows.
+pub fn batch_rewards(
+    model: &Gpt,
+    batch: &GroupBatch,
+    pooling: Pooling,
+    device: Device,
+    train: bool,
+) -> Tensor {
     let ids = Tensor::from_slice(&batch.input_ids)
         .view([batch.rows as i64, batch.width as i64])
         .to_device(device);
@@ -186,7 +240,21 @@ pub fn batch_rewards(model: &Gpt, batch: &GroupBatch, device: Device, train: boo
     let last = Tensor::from_slice(&batch.last_index)
         .to_device(device)
         .unsqueeze(1);
-    values.gather(1, &last, false).squeeze_dim(1) // (N,)
+    match pooling {
+        Pooling::Last => values.gather(1, &last, false).squeeze_dim(1), // (N,)
+        Pooling::Mean => {
+            let start = Tensor::from_slice(&batch.answer_start)
+                .to_device(device)
+                .unsqueeze(1);
+            let pos = Tensor::arange(batch.width as i64, (Kind::Int64, device)).unsqueeze(0);
+            let answer = pos
+                .ge_tensor(&start)
+                .logical_and(&pos.le_tensor(&last))
+                .to_kind(values.kind()); // (N, T)
+            let sum = (values * &answer).sum_dim_intlist(1, false, None);
+            sum / answer.sum_dim_intlist(1, false, None)
+        }
+    }
 }
 
 /// The K-wise Bradley-Terry loss from per-row rewards; also the per-pair
@@ -210,41 +278,47 @@ pub fn reward_sequence(
     prompt: &str,
     answer: &str,
     limit: usize,
-) -> Result<(Vec<i64>, bool), rlhf_datasets::tokenizer::TokenizerError> {
+) -> Result<(RewardInput, bool), rlhf_datasets::tokenizer::TokenizerError> {
     let mut ids = tokenizer.encode(prompt)?;
+    let mut answer_start = ids.len();
     ids.extend(tokenizer.encode(answer)?);
     ids.push(tokenizer.eos_id());
     let cut = ids.len() > limit;
     if cut {
-        ids.drain(..ids.len() - limit);
+        let drop = ids.len() - limit;
+        ids.drain(..drop);
+        answer_start = answer_start.saturating_sub(drop);
     }
-    Ok((ids, cut))
+    Ok((RewardInput { ids, answer_start }, cut))
 }
 
-/// Rewards of whole sequences (prompt + answer + EOS): the head at the
-/// last token. Batched, right-padded.
+/// Rewards of whole sequences (prompt + answer + EOS), read with the
+/// pooling `model` was trained with. Batched, right-padded.
 pub fn sequence_rewards(
-    model: &Gpt,
-    seqs: &[Vec<i64>],
+    model: &Model,
+    inputs: &[RewardInput],
     batch_size: usize,
     device: Device,
 ) -> Vec<f64> {
-    let mut out = Vec::with_capacity(seqs.len());
+    let pooling = Pooling::of(model);
+    let mut out = Vec::with_capacity(inputs.len());
     tch::no_grad(|| {
-        for chunk in seqs.chunks(batch_size.max(1)) {
-            let (ids, width) = rlhf_datasets::batch::right_pad(chunk, 0);
+        for chunk in inputs.chunks(batch_size.max(1)) {
+            let seqs: Vec<&[i64]> = chunk.iter().map(|s| s.ids.as_slice()).collect();
+            let (ids, width) = rlhf_datasets::batch::right_pad(&seqs, 0);
             let batch = GroupBatch {
                 rows: chunk.len(),
                 width,
                 input_ids: ids,
-                last_index: chunk.iter().map(|s| s.len() as i64 - 1).collect(),
+                last_index: chunk.iter().map(|s| s.ids.len() as i64 - 1).collect(),
+                answer_start: chunk.iter().map(|s| s.answer_start as i64).collect(),
                 better: vec![],
                 worse: vec![],
                 margin: vec![],
                 pair_weight: vec![],
                 groups: 0,
             };
-            let r = batch_rewards(model, &batch, device, false)
+            let r = batch_rewards(&model.gpt, &batch, pooling, device, false)
                 .to_kind(Kind::Double)
                 .to_device(Device::Cpu);
             out.extend(Vec::<f64>::try_from(r).expect("f64 rewards"));
@@ -255,6 +329,7 @@ pub fn sequence_rewards(
 
 pub fn evaluate(
     model: &Gpt,
+    pooling: Pooling,
     groups: &[&TokenizedGroup],
     batch_size: usize,
     pad: i64,
@@ -268,7 +343,7 @@ pub fn evaluate(
         let mut all_rewards = Vec::new();
         for chunk in groups.chunks(batch_size.max(1)) {
             let batch = collate_groups(chunk, pad);
-            let rewards = batch_rewards(model, &batch, device, false);
+            let rewards = batch_rewards(model, &batch, pooling, device, false);
             let (l, gap) = kwise_loss(&rewards, &batch);
             loss += l.double_value(&[]) * chunk.len() as f64;
             let gap: Vec<f64> =
@@ -306,6 +381,7 @@ pub fn evaluate_file(
     let refs: Vec<&TokenizedGroup> = groups.iter().collect();
     Ok(evaluate(
         &model.gpt,
+        Pooling::of(model),
         &refs,
         batch_size,
         model.tokenizer.pad_id(),
@@ -350,7 +426,7 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
         return Ok(summary);
     }
     let Start {
-        model,
+        mut model,
         mut opt,
         resumed_at,
         state,
@@ -364,6 +440,8 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
         job.device,
     )?;
 
+    // Recorded before the first checkpoint: every later reader pools alike.
+    cfg.pooling.record(&mut model);
     let max_len = cfg.max_len.min(model.gpt.config().n_positions as usize);
     let all = load_groups(&cfg.data, &model, max_len)?;
     let (train_idx, eval_idx) = match &cfg.eval_data {
@@ -416,7 +494,7 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
                 .map(|i| train[i])
                 .collect();
             let batch = collate_groups(&rows, pad);
-            let rewards = batch_rewards(&model.gpt, &batch, job.device, true);
+            let rewards = batch_rewards(&model.gpt, &batch, cfg.pooling, job.device, true);
             let (loss, gap) = kwise_loss(&rewards, &batch);
             let loss = loss / cfg.grad_accum as f64;
             loss.backward();
@@ -434,7 +512,14 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
             "lr": lr, "grad_norm": grad_norm,
         });
         if done % cfg.eval_every == 0 || done == total_steps {
-            last_eval = evaluate(&model.gpt, &eval, cfg.batch_size, pad, job.device);
+            last_eval = evaluate(
+                &model.gpt,
+                cfg.pooling,
+                &eval,
+                cfg.batch_size,
+                pad,
+                job.device,
+            );
             if let Some(e) = &last_eval {
                 record["eval_loss"] = json!(e.loss);
                 record["eval_accuracy"] = json!(e.accuracy);
@@ -475,7 +560,15 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
         None => None,
     };
     // Eval after the shift: accuracy is unchanged, reward mean moves.
-    let final_eval = evaluate(&model.gpt, &eval, cfg.batch_size, pad, job.device).or(last_eval);
+    let final_eval = evaluate(
+        &model.gpt,
+        cfg.pooling,
+        &eval,
+        cfg.batch_size,
+        pad,
+        job.device,
+    )
+    .or(last_eval);
     let state = RewardState {
         stage: "reward".into(),
         step: total_steps,
@@ -510,11 +603,14 @@ fn normalize(
     )?;
     let records = &records[..records.len().min(max_examples)];
     let (pairs, _) = tokenize_pairs(records, &model.tokenizer, max_len)?;
-    let seqs: Vec<Vec<i64>> = pairs
+    let inputs: Vec<RewardInput> = pairs
         .iter()
-        .map(|p| p.prompt.iter().chain(&p.completion).copied().collect())
+        .map(|p| RewardInput {
+            ids: p.prompt.iter().chain(&p.completion).copied().collect(),
+            answer_start: p.prompt.len(),
+        })
         .collect();
-    let rewards = sequence_rewards(&model.gpt, &seqs, 64, device);
+    let rewards = sequence_rewards(model, &inputs, 64, device);
     let (mean, std) = mean_std(&rewards);
     model.gpt.shift_scalar_bias(-mean);
     let stats = RewardNormalization {
@@ -544,6 +640,7 @@ mod tests {
             width: 1,
             input_ids: vec![0; 5],
             last_index: vec![0; 5],
+            answer_start: vec![0; 5],
             better: vec![0, 2, 2, 3],
             worse: vec![1, 3, 4, 4],
             margin: vec![1.0, 0.0, 0.0, 0.0],
@@ -607,7 +704,10 @@ mod tests {
         // K-wise: one batch of K = 4 rows.
         let batch = collate_groups(&[&group], 31);
         assert_eq!(batch.rows, 4);
-        let (loss, _) = kwise_loss(&batch_rewards(&gpt, &batch, Device::Cpu, false), &batch);
+        let (loss, _) = kwise_loss(
+            &batch_rewards(&gpt, &batch, Pooling::Last, Device::Cpu, false),
+            &batch,
+        );
         loss.backward();
         let kwise_grads = grads(&vs);
         zero(&vs);
@@ -626,7 +726,7 @@ mod tests {
         let explicit = collate_groups(&refs, 31);
         assert_eq!(explicit.rows, 12);
         let (loss2, _) = kwise_loss(
-            &batch_rewards(&gpt, &explicit, Device::Cpu, false),
+            &batch_rewards(&gpt, &explicit, Pooling::Last, Device::Cpu, false),
             &explicit,
         );
         loss2.backward();
@@ -636,5 +736,97 @@ mod tests {
             let d = (a - b).abs().max().double_value(&[]);
             assert!(d < 1e-5, "gradient differs by {d}"); // f32 sums in another order
         }
+    }
+
+    #[test]
+    fn mean_pooling_averages_the_answer_tokens_and_is_read_from_the_checkpoint() {
+        let _rng = crate::rng_lock();
+        tch::manual_seed(22);
+        let cfg = GptConfig {
+            vocab_size: 300,
+            n_positions: 16,
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            ..GptConfig::default()
+        };
+        let tok = rlhf_datasets::Tokenizer::bytes();
+        let mut model = Model::init(&cfg, Head::Scalar, tok, Device::Cpu).unwrap();
+        let group = TokenizedGroup {
+            prompt: vec![1, 2, 3],
+            responses: vec![vec![4, 0], vec![5, 6, 7, 0]],
+            pairs: vec![(1, 0)],
+            margin: 0.0,
+        };
+        let batch = collate_groups(&[&group], 31);
+        assert_eq!(batch.answer_start, vec![3, 3]);
+        let ids = Tensor::from_slice(&batch.input_ids).view([2, batch.width as i64]);
+        let values: Vec<f32> = Vec::try_from(
+            tch::no_grad(|| model.gpt.values(&model.gpt.hidden(&ids, None, None, false)))
+                .reshape([-1]),
+        )
+        .unwrap();
+        let w = batch.width;
+        // By hand: row 0 averages positions 3..=4, row 1 positions 3..=6.
+        let expected = [
+            (values[3] + values[4]) / 2.0,
+            (values[w + 3] + values[w + 4] + values[w + 5] + values[w + 6]) / 4.0,
+        ];
+        let mean: Vec<f32> = Vec::try_from(tch::no_grad(|| {
+            batch_rewards(&model.gpt, &batch, Pooling::Mean, Device::Cpu, false)
+        }))
+        .unwrap();
+        let last: Vec<f32> = Vec::try_from(tch::no_grad(|| {
+            batch_rewards(&model.gpt, &batch, Pooling::Last, Device::Cpu, false)
+        }))
+        .unwrap();
+        for i in 0..2 {
+            assert!(
+                (mean[i] - expected[i]).abs() < 1e-6,
+                "{mean:?} vs {expected:?}"
+            );
+        }
+        assert_eq!(last, vec![values[4], values[w + 6]]);
+
+        // The pooling travels with the checkpoint to every reader.
+        let inputs: Vec<RewardInput> = group
+            .responses
+            .iter()
+            .map(|r| RewardInput {
+                ids: group.prompt.iter().chain(r).copied().collect(),
+                answer_start: group.prompt.len(),
+            })
+            .collect();
+        let close =
+            |a: &[f64], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - *y as f64).abs() < 1e-6);
+        assert_eq!(Pooling::of(&model), Pooling::Last);
+        assert!(close(
+            &sequence_rewards(&model, &inputs, 8, Device::Cpu),
+            &last
+        ));
+        Pooling::Mean.record(&mut model);
+        let dir = tempfile::tempdir().unwrap();
+        model.save(&dir.path().join("rm")).unwrap();
+        let back = Model::load(
+            &dir.path().join("rm"),
+            crate::checkpoint::HeadChoice::AsSaved,
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(Pooling::of(&back), Pooling::Mean);
+        assert!(close(
+            &sequence_rewards(&back, &inputs, 1, Device::Cpu),
+            &mean
+        ));
+    }
+
+    #[test]
+    fn reward_sequence_keeps_the_answer_start_when_cut() {
+        let tok = rlhf_datasets::Tokenizer::bytes();
+        let (full, cut) = reward_sequence(&tok, "abcd", "xy", 16).unwrap();
+        assert_eq!((full.ids.len(), full.answer_start, cut), (7, 4, false));
+        let (short, cut) = reward_sequence(&tok, "abcd", "xy", 5).unwrap();
+        assert_eq!((short.ids.len(), short.answer_start, cut), (5, 2, true));
+        assert_eq!(&short.ids[2..], &full.ids[4..]);
     }
 }

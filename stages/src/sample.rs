@@ -162,6 +162,10 @@ pub fn generate(
         tokens.narrow(1, 0, width).copy_(&prompt_ids);
         attention.narrow(1, 0, width).copy_(&prompt_mask);
         let mut finished = Tensor::zeros([b], (Kind::Bool, device));
+        if !config.stop_at_eos {
+            // Every row runs to max_new_tokens: all answer tokens are real.
+            let _ = attention.narrow(1, width, config.max_new_tokens).fill_(1);
+        }
         let mut hidden = model.hidden(
             &prompt_ids,
             any_padding.then_some(&prompt_mask),
@@ -170,20 +174,25 @@ pub fn generate(
         );
         let mut steps = 0;
         let pad_token = Tensor::from(pad).to_device(device);
+        let model_vocab = model.config().vocab_size;
+        // Calls per decoded token are kept few: on small models each
+        // libtorch call costs more than its arithmetic.
         for step in 0..config.max_new_tokens {
-            let logits = model.logits(&hidden.select(1, -1)); // (B, V)
-            let logits = logits.narrow(1, 0, vocab_size.min(logits.size()[1]));
-            let next = pick_next(&logits, config); // (B,)
-            let alive = finished.logical_not();
-            let next = next.where_self(&alive, &pad_token);
+            let mut logits = model.logits(&hidden.select(1, -1)); // (B, V)
+            if vocab_size < model_vocab {
+                logits = logits.narrow(1, 0, vocab_size);
+            }
+            let mut next = pick_next(&logits, config); // (B,)
             let col = width + step;
-            tokens.narrow(1, col, 1).copy_(&next.unsqueeze(1));
-            attention
-                .narrow(1, col, 1)
-                .copy_(&alive.to_kind(Kind::Int64).unsqueeze(1));
             steps = step + 1;
             if config.stop_at_eos {
+                let alive = finished.logical_not();
+                next = next.where_self(&alive, &pad_token);
+                attention.select(1, col).copy_(&alive);
                 finished = finished.logical_or(&next.eq(eos));
+            }
+            tokens.select(1, col).copy_(&next);
+            if config.stop_at_eos {
                 // One host sync per step; cheap next to a forward pass.
                 if bool::try_from(finished.all()).unwrap_or(false) {
                     break;
@@ -195,10 +204,10 @@ pub fn generate(
             // A sequence that stopped keeps being fed padding: its own later
             // outputs are discarded and rows never attend to each other, so
             // only left padding of the prompts needs a mask.
-            let mask_so_far = attention.narrow(1, 0, col + 1);
+            let mask_so_far = any_padding.then(|| attention.narrow(1, 0, col + 1));
             hidden = model.hidden(
                 &next.unsqueeze(1),
-                any_padding.then_some(&mask_so_far),
+                mask_so_far.as_ref(),
                 Some(&mut cache),
                 false,
             );

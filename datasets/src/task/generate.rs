@@ -46,13 +46,13 @@ impl Default for TaskConfig {
             sft_examples: 6000,
             labeller_accuracy: 0.8,
             labeller_hard_accuracy: 0.35,
-            preference_prompts: 6000,
+            preference_prompts: 24000,
             gold_preference_prompts: 200,
             k_min: 4,
             k_max: 9,
             ranking_noise: 0.22,
             ppo_prompts: 2000,
-            eval_prompts: 200,
+            eval_prompts: 500,
         }
     }
 }

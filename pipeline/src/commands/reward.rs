@@ -1,11 +1,12 @@
 //! `rlhf reward`: score answers with a reward model.
 //!
 //! Each answer is scored as the reward model was trained: prompt + answer +
-//! EOS, the head read at the EOS.
+//! EOS, the head read at the EOS or averaged over the answer (the pooling
+//! saved in the checkpoint).
 
 use anyhow::bail;
 use rlhf_stages::device::parse_device;
-use rlhf_stages::reward::{reward_sequence, sequence_rewards};
+use rlhf_stages::reward::{reward_sequence, sequence_rewards, Pooling};
 use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 
@@ -36,7 +37,12 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
         for (row, v) in read_json_lines(path)? {
             let (prompt, answer) = match (v["prompt"].as_str(), v["answer"].as_str(), v["text"].as_str()) {
                 (Some(p), Some(a), _) => (p.to_owned(), a.to_owned()),
-                (_, _, Some(t)) => (String::new(), t.to_owned()),
+                (_, _, Some(t)) if Pooling::of(&model) == Pooling::Last => (String::new(), t.to_owned()),
+                (_, _, Some(_)) => bail!(
+                    "{}: line {row}: this reward model averages its head over the answer (reward_pooling: mean in {}), so it needs \"prompt\" and \"answer\" apart, not \"text\"",
+                    path.display(),
+                    args.model.join("config.json").display()
+                ),
                 _ => bail!(
                     "{}: line {row}: expected \"prompt\" and \"answer\" strings, or a \"text\" string",
                     path.display()
@@ -51,7 +57,7 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
     let limit = model.gpt.config().n_positions as usize;
     let mut seqs = Vec::with_capacity(items.len());
     for (i, (_, p, a)) in items.iter().enumerate() {
-        let (ids, cut) = reward_sequence(&model.tokenizer, p, a, limit)?;
+        let (input, cut) = reward_sequence(&model.tokenizer, p, a, limit)?;
         if cut {
             // The answer's end, where the reward is read, was kept.
             tracing::warn!(
@@ -59,9 +65,9 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
                 i + 1
             );
         }
-        seqs.push(ids);
+        seqs.push(input);
     }
-    let rewards = sequence_rewards(&model.gpt, &seqs, args.batch_size, device);
+    let rewards = sequence_rewards(&model, &seqs, args.batch_size, device);
     for ((mut v, _, _), r) in items.into_iter().zip(rewards) {
         v["reward"] = json!(r);
         println!("{v}");

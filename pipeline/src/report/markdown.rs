@@ -14,7 +14,18 @@ fn pct(x: Option<f64>) -> String {
 
 fn versus(v: &Option<VersusReference>) -> String {
     match v {
-        Some(v) => format!("{} ({}-{}-{})", pct(v.win_rate), v.wins, v.ties, v.losses),
+        Some(v) => {
+            let interval = v.win_rate_95.map_or_else(String::new, |[lo, hi]| {
+                format!(" [{:.0}-{:.0}]", 100.0 * lo, 100.0 * hi)
+            });
+            format!(
+                "{}{interval} ({}-{}-{})",
+                pct(v.win_rate),
+                v.wins,
+                v.ties,
+                v.losses
+            )
+        }
         None => "-".into(),
     }
 }
@@ -62,7 +73,7 @@ pub fn render(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart.\n"
+        "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart. In brackets: the win rate's 95% Wilson interval over the non-tied prompts.\n"
     );
     let families: std::collections::BTreeSet<&String> = r
         .policies

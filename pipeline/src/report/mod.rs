@@ -51,6 +51,9 @@ pub struct VersusReference {
     pub ties: usize,
     pub losses: usize,
     pub win_rate: Option<f64>,
+    /// 95% Wilson interval of `win_rate`.
+    #[serde(default)]
+    pub win_rate_95: Option<[f64; 2]>,
 }
 
 impl From<Tally> for VersusReference {
@@ -60,6 +63,7 @@ impl From<Tally> for VersusReference {
             ties: t.ties,
             losses: t.losses,
             win_rate: t.win_rate(),
+            win_rate_95: t.win_rate_interval(),
         }
     }
 }

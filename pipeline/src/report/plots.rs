@@ -111,9 +111,13 @@ pub fn draw(path: &Path, panels: &[Panel], cols: usize) -> anyhow::Result<()> {
             };
             // A faint series with markers is a scatter: dots, no line.
             if !(line.faint && line.markers) {
-                let series = chart
-                    .draw_series(LineSeries::new(line.points.iter().copied(), style))
-                    .map_err(|e| err(&e))?;
+                // Segment by segment: a 2-px polyline's miter joins turn a
+                // path that folds back on itself into long spikes.
+                let segments = line
+                    .points
+                    .windows(2)
+                    .map(|w| PathElement::new(vec![w[0], w[1]], style));
+                let series = chart.draw_series(segments).map_err(|e| err(&e))?;
                 if !line.faint {
                     series
                         .label(line.name.as_str())

@@ -278,7 +278,10 @@ fn a_run_survives_its_binary_being_replaced() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "rlhf run failed:\n{stderr}");
-    assert!(d.path().join("runs/tiny/rm/checkpoint/model.safetensors").exists());
+    assert!(d
+        .path()
+        .join("runs/tiny/rm/checkpoint/model.safetensors")
+        .exists());
 }
 
 #[test]

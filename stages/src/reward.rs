@@ -481,6 +481,8 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
     let pad = model.tokenizer.pad_id();
     let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed);
     let mut last_eval = None;
+    let evaluate_now =
+        |gpt: &Gpt| evaluate(gpt, cfg.pooling, &eval, cfg.batch_size, pad, job.device);
     for step in start_step..total_steps {
         tch::manual_seed((cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
         let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
@@ -512,14 +514,7 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
             "lr": lr, "grad_norm": grad_norm,
         });
         if done % cfg.eval_every == 0 || done == total_steps {
-            last_eval = evaluate(
-                &model.gpt,
-                cfg.pooling,
-                &eval,
-                cfg.batch_size,
-                pad,
-                job.device,
-            );
+            last_eval = evaluate_now(&model.gpt);
             if let Some(e) = &last_eval {
                 record["eval_loss"] = json!(e.loss);
                 record["eval_accuracy"] = json!(e.accuracy);
@@ -548,7 +543,6 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
     }
     bar.finish_and_clear();
 
-    let mut model = model;
     let normalization = match &cfg.normalize_on {
         Some(path) => Some(normalize(
             &mut model,
@@ -560,15 +554,7 @@ pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
         None => None,
     };
     // Eval after the shift: accuracy is unchanged, reward mean moves.
-    let final_eval = evaluate(
-        &model.gpt,
-        cfg.pooling,
-        &eval,
-        cfg.batch_size,
-        pad,
-        job.device,
-    )
-    .or(last_eval);
+    let final_eval = evaluate_now(&model.gpt).or(last_eval);
     let state = RewardState {
         stage: "reward".into(),
         step: total_steps,

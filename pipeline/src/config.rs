@@ -56,6 +56,7 @@ pub struct ExperimentFile {
     /// An HF tokenizer.json; unset means the built-in byte tokenizer.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    #[serde(deserialize_with = "stages_by_name")]
     pub stages: BTreeMap<String, StageFile>,
     /// Rounds of fresh comparisons: sample the policy, rank, retrain the
     /// reward model, run PPO again.
@@ -196,7 +197,17 @@ impl Experiment {
         } else {
             serde_norway::from_value(value)
         }
-        .map_err(|e| invalid(pinpoint_unknown_field(&text, &e.to_string())))?;
+        .map_err(|e| {
+            let message = e.to_string();
+            if overrides.is_empty() {
+                invalid(locate_stage_error(
+                    &text,
+                    &pinpoint_unknown_field(&text, &message),
+                ))
+            } else {
+                invalid(message)
+            }
+        })?;
         Self::resolve(path, spec)
     }
 
@@ -381,6 +392,117 @@ impl Experiment {
 
 /// Serde reports an unknown key inside a stage (an internally tagged enum)
 /// at the stage's first line; point at the key's own line instead.
+/// Stages by name, each parsed on its own by its `kind`: through serde's
+/// tagged enum a field's path is lost, parsed alone an error names it
+/// (`stages.rm.epochs: invalid type: ...`).
+fn stages_by_name<'de, D>(d: D) -> Result<BTreeMap<String, StageFile>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let raw = BTreeMap::<String, serde_norway::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(name, value)| match parse_stage(value) {
+            Ok(stage) => Ok((name, stage)),
+            Err(m) => Err(D::Error::custom(format!("stages.{name}{m}"))),
+        })
+        .collect()
+}
+
+/// One stage's mapping as its kind's config; an error starts with the
+/// field's path (`.epochs: ...`) or `: ` for the stage itself.
+fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
+    const KINDS: &str = "expected one of `sft`, `reward`, `ppo`";
+    let serde_norway::Value::Mapping(mut map) = value else {
+        return Err(
+            ": expected a mapping: `kind` (sft, reward or ppo) and the stage's settings".into(),
+        );
+    };
+    let kind = map
+        .remove("kind")
+        .ok_or_else(|| ": missing field `kind`".to_owned())?;
+    let kind = kind.as_str().unwrap_or_default().to_owned();
+    // Parsed from text, not from the value: text errors carry the path.
+    let text = serde_norway::to_string(&serde_norway::Value::Mapping(map))
+        .map_err(|e| format!(": {e}"))?;
+    let parsed = match kind.as_str() {
+        "sft" => serde_norway::from_str(&text).map(StageFile::Sft),
+        "reward" => serde_norway::from_str(&text).map(StageFile::Reward),
+        "ppo" => serde_norway::from_str(&text).map(StageFile::Ppo),
+        _ => return Err(format!(".kind: unknown variant `{kind}`, {KINDS}")),
+    };
+    parsed.map_err(|e| {
+        // Line numbers of the re-serialised text would mislead; the
+        // caller finds the line in the file.
+        let message = e.to_string();
+        let message = message
+            .rfind(" at line ")
+            .map_or(message.as_str(), |i| &message[..i]);
+        match message.split_once(": ") {
+            Some((path, rest)) if !path.is_empty() && !path.contains(' ') => {
+                format!(".{path}: {rest}")
+            }
+            _ => format!(": {message}"),
+        }
+    })
+}
+
+/// Appends the file line of a `stages.NAME[.FIELD...]: ...` error: the
+/// field's line where it is written on its own line in the stage's
+/// block, else the stage's.
+fn locate_stage_error(text: &str, message: &str) -> String {
+    let Some(rest) = message.strip_prefix("stages.") else {
+        return message.to_owned();
+    };
+    if message.contains(" at line ") {
+        return message.to_owned();
+    }
+    let Some((path, _)) = rest.split_once(": ") else {
+        return message.to_owned();
+    };
+    let mut parts = path.split('.');
+    let Some(name) = parts.next() else {
+        return message.to_owned();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let key_line = |from: usize, to: usize, key: &str| {
+        (from..to).find(|&i| {
+            let l = lines[i].trim_start().trim_start_matches("- ");
+            let l = l.trim_start_matches(['"', '\'']);
+            l.strip_prefix(key).is_some_and(|r| {
+                r.trim_start_matches(['"', '\''])
+                    .trim_start()
+                    .starts_with(':')
+            })
+        })
+    };
+    let Some(stages) = (0..lines.len()).find(|&i| lines[i].trim_end() == "stages:") else {
+        return message.to_owned();
+    };
+    let Some(stage) = key_line(stages + 1, lines.len(), name) else {
+        return message.to_owned();
+    };
+    let end = (stage + 1..lines.len())
+        .find(|&i| !lines[i].trim().is_empty() && indent(lines[i]) <= indent(lines[stage]))
+        .unwrap_or(lines.len());
+    // An unknown field is searched for like one more part of the path.
+    let unknown = message
+        .split_once("unknown field `")
+        .and_then(|(_, r)| r.split_once('`'))
+        .map(|(f, _)| f);
+    let mut at = stage;
+    for part in parts.chain(unknown) {
+        // `epochs` or `sampling` (a list index like `ptx[0]` names its key).
+        let key = part.split('[').next().unwrap_or(part);
+        match key_line(at + 1, end, key) {
+            Some(i) => at = i,
+            None => break,
+        }
+    }
+    format!("{message} at line {}", at + 1)
+}
+
 fn pinpoint_unknown_field(text: &str, message: &str) -> String {
     let field = message
         .split_once("unknown field `")
@@ -509,6 +631,36 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_value_inside_a_stage_names_its_path_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let text = GOOD.replace(
+            "    epochs: 1\n",
+            "    epochs: 1\n    schedule:\n      warmup_steps: soon\n",
+        );
+        let m = Experiment::load(&write(d.path(), &text), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("exp.yaml")
+                && m.contains("stages.sft.schedule.warmup_steps: invalid type")
+                && m.ends_with("at line 9"),
+            "{m}"
+        );
+        let text = GOOD.replace("    epochs: 1\n", "    epochs: [1]\n");
+        let m = Experiment::load(&write(d.path(), &text), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("stages.sft.epochs:") && m.ends_with("at line 7"),
+            "{m}"
+        );
+        let m = Experiment::load(&write(d.path(), GOOD), &["stages.sft.seed=x".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("stages.sft.seed: invalid type"), "{m}");
+    }
+
+    #[test]
     fn overrides_set_nested_values_and_reject_bad_ones() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), GOOD);
@@ -529,7 +681,10 @@ mod tests {
         let m = Experiment::load(&p, &["stages.sft.epochs=many".into()])
             .unwrap_err()
             .to_string();
-        assert!(m.contains("epochs") || m.contains("invalid type"), "{m}");
+        assert!(
+            m.contains("stages.sft.epochs: invalid type: string \"many\", expected usize"),
+            "{m}"
+        );
         let m = Experiment::load(&p, &["seed.x=1".into()])
             .unwrap_err()
             .to_string();

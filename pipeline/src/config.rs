@@ -466,17 +466,8 @@ fn locate_stage_error(text: &str, message: &str) -> String {
     };
     let lines: Vec<&str> = text.lines().collect();
     let indent = |l: &str| l.len() - l.trim_start().len();
-    let key_line = |from: usize, to: usize, key: &str| {
-        (from..to).find(|&i| {
-            let l = lines[i].trim_start().trim_start_matches("- ");
-            let l = l.trim_start_matches(['"', '\'']);
-            l.strip_prefix(key).is_some_and(|r| {
-                r.trim_start_matches(['"', '\''])
-                    .trim_start()
-                    .starts_with(':')
-            })
-        })
-    };
+    let key_line =
+        |from: usize, to: usize, key: &str| (from..to).find(|&i| is_key_line(lines[i], key));
     let Some(stages) = (0..lines.len()).find(|&i| lines[i].trim_end() == "stages:") else {
         return message.to_owned();
     };
@@ -487,12 +478,8 @@ fn locate_stage_error(text: &str, message: &str) -> String {
         .find(|&i| !lines[i].trim().is_empty() && indent(lines[i]) <= indent(lines[stage]))
         .unwrap_or(lines.len());
     // An unknown field is searched for like one more part of the path.
-    let unknown = message
-        .split_once("unknown field `")
-        .and_then(|(_, r)| r.split_once('`'))
-        .map(|(f, _)| f);
     let mut at = stage;
-    for part in parts.chain(unknown) {
+    for part in parts.chain(unknown_field(message)) {
         // `epochs` or `sampling` (a list index like `ptx[0]` names its key).
         let key = part.split('[').next().unwrap_or(part);
         match key_line(at + 1, end, key) {
@@ -503,11 +490,28 @@ fn locate_stage_error(text: &str, message: &str) -> String {
     format!("{message} at line {}", at + 1)
 }
 
-fn pinpoint_unknown_field(text: &str, message: &str) -> String {
-    let field = message
+/// The field named by serde's "unknown field `X`" message.
+fn unknown_field(message: &str) -> Option<&str> {
+    message
         .split_once("unknown field `")
         .and_then(|(_, rest)| rest.split_once('`'))
-        .map(|(f, _)| f);
+        .map(|(f, _)| f)
+}
+
+/// Whether a YAML line sets `key` (`key:`, `- key:`, `"key":`).
+fn is_key_line(line: &str, key: &str) -> bool {
+    let l = line.trim_start().trim_start_matches("- ");
+    l.trim_start_matches(['"', '\''])
+        .strip_prefix(key)
+        .is_some_and(|r| {
+            r.trim_start_matches(['"', '\''])
+                .trim_start()
+                .starts_with(':')
+        })
+}
+
+fn pinpoint_unknown_field(text: &str, message: &str) -> String {
+    let field = unknown_field(message);
     let at = message.rfind(" at line ").and_then(|i| {
         let line: usize = message[i + 9..].split_whitespace().next()?.parse().ok()?;
         Some((i, line))
@@ -519,11 +523,7 @@ fn pinpoint_unknown_field(text: &str, message: &str) -> String {
         .lines()
         .enumerate()
         .skip(line.saturating_sub(1))
-        .find(|(_, l)| {
-            let l = l.trim_start().trim_start_matches("- ");
-            l.strip_prefix(field)
-                .is_some_and(|r| r.trim_start().starts_with(':'))
-        });
+        .find(|(_, l)| is_key_line(l, field));
     match found {
         Some((i, _)) => format!("{} at line {}", &message[..cut], i + 1),
         None => message.to_owned(),

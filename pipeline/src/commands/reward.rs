@@ -33,11 +33,12 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
             ));
         }
     }
+    let pooling = Pooling::of(&model);
     if let Some(path) = &args.input {
         for (row, v) in read_json_lines(path)? {
             let (prompt, answer) = match (v["prompt"].as_str(), v["answer"].as_str(), v["text"].as_str()) {
                 (Some(p), Some(a), _) => (p.to_owned(), a.to_owned()),
-                (_, _, Some(t)) if Pooling::of(&model) == Pooling::Last => (String::new(), t.to_owned()),
+                (_, _, Some(t)) if pooling == Pooling::Last => (String::new(), t.to_owned()),
                 (_, _, Some(_)) => bail!(
                     "{}: line {row}: this reward model averages its head over the answer (reward_pooling: mean in {}), so it needs \"prompt\" and \"answer\" apart, not \"text\"",
                     path.display(),

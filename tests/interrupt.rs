@@ -1,74 +1,85 @@
-//! Ctrl-C during `rlhf run`: the stage stops after its current step with a
-//! checkpoint, the run exits 130, and a rerun finishes with the same
-//! weights, bit for bit, as a run that was never interrupted.
+//! Ctrl-C during `rlhf run`, in each stage kind: the stage stops after its
+//! current step (PPO: iteration) with a checkpoint, the run exits 130 and
+//! starts nothing new, and a rerun finishes with the same weights, bit for
+//! bit, as a run that was never interrupted.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::Model;
 
-fn experiment(dir: &Path) -> std::path::PathBuf {
-    let text =
-        std::fs::read_to_string(common::workspace().join("datasets/task/sft.jsonl")).unwrap();
-    std::fs::write(
-        dir.join("sft.jsonl"),
-        text.lines().take(200).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .unwrap();
+const EXPERIMENT: &str = "name: ctrlc\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+\x20 sft: {kind: sft, data: sft.jsonl, max_steps: 600, batch_size: 8, checkpoint_every: 100000, eval_every: 100000}\n\
+\x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 600, batch_size: 2, max_len: 48, checkpoint_every: 100000, eval_every: 100000}\n\
+\x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 60, rollout_batch: 8, minibatch_size: 4, ppo_epochs: 1, sampling: {max_new_tokens: 8}, checkpoint_every: 100000}\n";
+
+fn experiment(dir: &Path) -> PathBuf {
+    common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 200);
+    common::task_head("preferences.jsonl", &dir.join("prefs.jsonl"), 200);
+    common::task_head("prompts.jsonl", &dir.join("prompts.jsonl"), 64);
     let exp = dir.join("exp.yaml");
-    std::fs::write(
-        &exp,
-        "name: ctrlc\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
-         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 1500, batch_size: 8, checkpoint_every: 100000, eval_every: 100000}\n",
-    )
-    .unwrap();
+    std::fs::write(&exp, EXPERIMENT).unwrap();
     exp
 }
 
-fn rlhf_run(exp: &Path) -> Command {
+fn rlhf_run(exp: &Path, only: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    c.args(["run", exp.to_str().unwrap()])
+    c.args(["run", exp.to_str().unwrap(), "--only", only])
         .env("RUST_LOG", "info");
     c
 }
 
-fn final_weights(dir: &Path) -> std::collections::BTreeMap<String, tch::Tensor> {
-    weights_of(
-        &Model::load(
-            &dir.join("runs/ctrlc/sft/checkpoint"),
-            HeadChoice::AsSaved,
-            tch::Device::Cpu,
-        )
-        .unwrap(),
-    )
+/// A stage's final weights: `part` is `checkpoint` or PPO's `critic`.
+fn final_weights(dir: &Path, stage: &str, part: &str) -> Vec<(String, tch::Tensor)> {
+    let path = dir.join("runs/ctrlc").join(stage).join(part);
+    let model = Model::load(&path, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    weights_of(&model).into_iter().collect()
 }
 
-#[test]
-fn ctrl_c_then_rerun_equals_an_uninterrupted_run() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let status = rlhf_run(&experiment(a.path())).output().unwrap().status;
-    assert!(status.success());
+/// One uninterrupted run of every stage, shared by the tests.
+fn reference() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let out = rlhf_run(&experiment(d.path()), "ppo").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        d
+    })
+    .path()
+}
 
-    let exp = experiment(b.path());
-    let child = rlhf_run(&exp)
+/// Runs the experiment up to `run_to`, sends the runner SIGINT (a
+/// terminal's Ctrl-C) once `stage` has logged `lines` steps, checks the
+/// stop (and that no later stage started), reruns, and compares the
+/// stage's final weights with the uninterrupted run's.
+fn interrupt_then_rerun(stage: &str, run_to: &str, lines: usize, parts: &[&str]) {
+    let reference = reference();
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let child = rlhf_run(&exp, run_to)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let metrics = b.path().join("runs/ctrlc/sft/metrics.jsonl");
+    let stage_dir = d.path().join("runs/ctrlc").join(stage);
+    let metrics = stage_dir.join("metrics.jsonl");
     let started = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 100 {
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < lines {
         assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "training never got going"
+            started.elapsed() < Duration::from_secs(120),
+            "{stage} never got going"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // What a terminal's Ctrl-C sends the runner.
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -77,27 +88,51 @@ fn ctrl_c_then_rerun_equals_an_uninterrupted_run() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted after step"), "{stderr}");
-    let checkpoints: Vec<_> = std::fs::read_dir(b.path().join("runs/ctrlc/sft/checkpoints"))
-        .unwrap()
-        .collect();
-    assert_eq!(checkpoints.len(), 1, "the interrupt wrote its checkpoint");
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(b.path().join("runs/ctrlc/sft/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(manifest["status"], "interrupted");
-
-    let out = rlhf_run(&exp).output().unwrap();
+    let checkpoints = std::fs::read_dir(stage_dir.join("checkpoints")).unwrap();
+    assert_eq!(checkpoints.count(), 1, "the interrupt wrote its checkpoint");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !stage_dir.join("checkpoint").exists(),
+        "{stage} did not finish"
     );
-    let (wa, wb) = (final_weights(a.path()), final_weights(b.path()));
-    for (k, t) in &wa {
-        assert!(
-            t.equal(&wb[k]),
-            "{k} differs after the interrupted run was resumed"
-        );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stage_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["status"], "interrupted");
+    if run_to != stage {
+        let later = d.path().join("runs/ctrlc").join(run_to);
+        assert!(!later.exists(), "{run_to} was started after the interrupt");
     }
+
+    let out = rlhf_run(&exp, run_to).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    for part in parts {
+        let (a, b) = (
+            final_weights(reference, stage, part),
+            final_weights(d.path(), stage, part),
+        );
+        assert_eq!(a.len(), b.len());
+        for ((k, x), (_, y)) in a.iter().zip(&b) {
+            assert!(
+                x.equal(y),
+                "{stage}/{part}: {k} differs after the resumed run"
+            );
+        }
+    }
+}
+
+#[test]
+fn ctrl_c_in_sft_then_rerun_equals_an_uninterrupted_run() {
+    interrupt_then_rerun("sft", "sft", 100, &["checkpoint"]);
+}
+
+#[test]
+fn ctrl_c_in_the_reward_model_then_rerun_equals_an_uninterrupted_run() {
+    interrupt_then_rerun("rm", "ppo", 100, &["checkpoint"]);
+}
+
+#[test]
+fn ctrl_c_in_ppo_then_rerun_equals_an_uninterrupted_run() {
+    interrupt_then_rerun("ppo", "ppo", 5, &["checkpoint", "critic"]);
 }

@@ -9,6 +9,8 @@ use rlhf_datasets::atomic;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use rlhf_stages::kind::PathRole;
+
 use crate::config::{Experiment, StageFile};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -26,14 +28,25 @@ pub struct Manifest {
     /// Upstream stages and their keys.
     pub upstream: BTreeMap<String, String>,
     pub config: serde_json::Value,
-    pub status: String,
+    pub status: Status,
     pub seconds: f64,
     pub summary: serde_json::Value,
 }
 
+/// How a stage's last run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Complete,
+    Failed,
+    /// Stopped by Ctrl-C or SIGTERM after a checkpoint: a rerun resumes.
+    Interrupted,
+}
+
 pub use rlhf_datasets::checksum::sha256_file;
 
-/// Files a stage reads that are not other stages' outputs.
+/// Files a stage reads that are not other stages' outputs: its data files
+/// and the files of outside model folders, from its kind's path settings.
 pub fn input_files(exp: &Experiment, stage: &StageFile) -> Vec<PathBuf> {
     let model_files = |dir: &Path| -> Vec<PathBuf> {
         if dir.starts_with(&exp.run_dir) {
@@ -46,28 +59,12 @@ pub fn input_files(exp: &Experiment, stage: &StageFile) -> Vec<PathBuf> {
             .collect()
     };
     let mut files: Vec<PathBuf> = exp.spec.tokenizer.iter().cloned().collect();
-    match stage {
-        StageFile::Sft(c) => {
-            files.push(c.data.clone());
-            files.extend(c.eval_prompts.clone());
-            files.extend(c.init.iter().flat_map(|d| model_files(d)));
-        }
-        StageFile::Reward(c) => {
-            files.push(c.data.clone());
-            files.extend(c.eval_data.clone());
-            files.extend(c.normalize_on.clone());
-            files.extend(c.init.iter().flat_map(|d| model_files(d)));
-        }
-        StageFile::Ppo(c) => {
-            files.push(c.prompts.clone());
-            files.extend(c.eval_prompts.clone());
-            files.extend(c.ptx.iter().map(|p| p.data.clone()));
-            for m in [&c.policy, &c.reference, &c.reward_model, &c.critic]
-                .into_iter()
-                .flatten()
-            {
-                files.extend(model_files(m));
-            }
+    let mut config = stage.0.clone();
+    for p in config.paths() {
+        match (p.role, p.get()) {
+            (PathRole::Data, Some(f)) => files.push(f.clone()),
+            (PathRole::Model, Some(dir)) => files.extend(model_files(dir)),
+            (_, None) => {}
         }
     }
     files
@@ -122,7 +119,7 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<()> {
 /// Complete, with this key, and its checkpoint still there and intact.
 pub fn is_cached(dir: &Path, key: &str) -> bool {
     let final_dir = dir.join(rlhf_stages::train::FINAL_DIR);
-    read_manifest(dir).is_some_and(|m| m.status == "complete" && m.key == key)
+    read_manifest(dir).is_some_and(|m| m.status == Status::Complete && m.key == key)
         && final_dir.join(rlhf_stages::train::STATE_FILE).exists()
         && checkpoint_intact(&final_dir)
 }

@@ -21,9 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use rlhf_stages::ppo::PpoConfig;
-use rlhf_stages::reward::RewardConfig;
-use rlhf_stages::sft::SftConfig;
+use rlhf_stages::kind::{PathRole, StageConfig, KINDS};
+use rlhf_stages::train::StageError;
 use rlhf_stages::GptConfig;
 use serde::{Deserialize, Serialize};
 
@@ -142,23 +141,25 @@ fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
 }
 
-/// One stage as written: its kind and that kind's settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-#[allow(clippy::large_enum_variant)] // a handful per experiment, parsed once
-pub enum StageFile {
-    Sft(SftConfig),
-    Reward(RewardConfig),
-    Ppo(PpoConfig),
-}
+/// One stage as written: its kind's settings (the kinds are registered
+/// in `rlhf_stages::kind::KINDS`).
+#[derive(Debug, Clone)]
+pub struct StageFile(pub Box<dyn StageConfig>);
 
 impl StageFile {
     pub fn kind(&self) -> &'static str {
-        match self {
-            StageFile::Sft(_) => "sft",
-            StageFile::Reward(_) => "reward",
-            StageFile::Ppo(_) => "ppo",
-        }
+        self.0.kind()
+    }
+
+    /// The settings as kind `C`'s config, if the stage is of that kind.
+    pub fn get<C: 'static>(&self) -> Option<&C> {
+        self.0.as_any().downcast_ref()
+    }
+}
+
+impl Serialize for StageFile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.to_json().serialize(s)
     }
 }
 
@@ -208,13 +209,13 @@ impl Experiment {
                 invalid(message)
             }
         })?;
-        Self::resolve(path, spec)
+        Self::resolve(path, &text, spec)
     }
 
-    fn resolve(path: &Path, mut spec: ExperimentFile) -> Result<Self, ConfigError> {
+    fn resolve(path: &Path, text: &str, mut spec: ExperimentFile) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
-            message,
+            message: locate_stage_error(text, &message),
         };
         if spec.name.is_empty()
             || !spec
@@ -256,71 +257,19 @@ impl Experiment {
         let stage_names: Vec<String> = spec.stages.keys().cloned().collect();
         let mut deps = BTreeMap::new();
         for (name, stage) in spec.stages.iter_mut() {
-            let ctx = |m: String| invalid(format!("stages.{name}: {m}"));
-            let mut refs = BTreeSet::new();
-            // A model reference: another stage's name (its final checkpoint,
-            // and a dependency) or a model folder on disk.
-            let mut model_ref = |field: &str,
-                                 value: &mut Option<PathBuf>|
-             -> Result<(), ConfigError> {
-                let Some(v) = value.as_deref() else {
-                    return Ok(());
-                };
-                let s = v.to_string_lossy().into_owned();
-                if stage_names.contains(&s) {
-                    if s == *name {
-                        return Err(ctx(format!("{field}: a stage cannot start from itself")));
-                    }
-                    *value = Some(run_dir.join(&s).join(rlhf_stages::train::FINAL_DIR));
-                    refs.insert(s);
-                } else {
-                    let folder = abs(v);
-                    if !folder.is_dir() {
-                        return Err(ctx(format!(
-                            "{field}: \"{s}\" is neither a stage of this file ({}) nor an existing model folder",
-                            stage_names.join(", ")
-                        )));
-                    }
-                    *value = Some(folder);
-                }
-                Ok(())
+            let places = Places {
+                stage: name,
+                stages: &stage_names,
+                run_dir: &run_dir,
+                base: &base,
             };
-            match stage {
-                StageFile::Sft(c) => {
-                    model_ref("init", &mut c.init)?;
-                    c.data = abs(&c.data);
-                    c.eval_prompts = c.eval_prompts.as_deref().map(abs);
-                    if c.seed == 0 {
-                        c.seed = spec.seed;
-                    }
-                    c.validate().map_err(|e| ctx(e.to_string()))?;
-                }
-                StageFile::Reward(c) => {
-                    model_ref("init", &mut c.init)?;
-                    c.data = abs(&c.data);
-                    c.eval_data = c.eval_data.as_deref().map(abs);
-                    c.normalize_on = c.normalize_on.as_deref().map(abs);
-                    if c.seed == 0 {
-                        c.seed = spec.seed;
-                    }
-                    c.validate().map_err(|e| ctx(e.to_string()))?;
-                }
-                StageFile::Ppo(c) => {
-                    model_ref("policy", &mut c.policy)?;
-                    model_ref("reference", &mut c.reference)?;
-                    model_ref("reward_model", &mut c.reward_model)?;
-                    model_ref("critic", &mut c.critic)?;
-                    c.prompts = abs(&c.prompts);
-                    c.eval_prompts = c.eval_prompts.as_deref().map(abs);
-                    if let Some(ptx) = &mut c.ptx {
-                        ptx.data = abs(&ptx.data);
-                    }
-                    if c.seed == 0 {
-                        c.seed = spec.seed;
-                    }
-                    c.validate().map_err(|e| ctx(e.to_string()))?;
-                }
-            }
+            let refs = places.resolve(&mut *stage.0).map_err(&invalid)?;
+            let seed = stage.0.seed_mut();
+            seed.get_or_insert(spec.seed);
+            stage
+                .0
+                .validate()
+                .map_err(|e| invalid(stage_error(name, e)))?;
             deps.insert(name.clone(), refs);
         }
         if let Some(l) = &mut spec.rounds {
@@ -328,7 +277,7 @@ impl Experiment {
             let kinds: Vec<&str> = l
                 .repeat
                 .iter()
-                .map(|n| spec.stages.get(n).map_or("missing", StageFile::kind))
+                .map(|n| spec.stages.get(n).map_or("missing", |s| s.kind()))
                 .collect();
             if kinds != ["reward", "ppo"] {
                 return Err(ctx(format!(
@@ -390,8 +339,6 @@ impl Experiment {
     }
 }
 
-/// Serde reports an unknown key inside a stage (an internally tagged enum)
-/// at the stage's first line; point at the key's own line instead.
 /// Stages by name, each parsed on its own by its `kind`: through serde's
 /// tagged enum a field's path is lost, parsed alone an error names it
 /// (`stages.rm.epochs: invalid type: ...`).
@@ -412,29 +359,35 @@ where
 /// One stage's mapping as its kind's config; an error starts with the
 /// field's path (`.epochs: ...`) or `: ` for the stage itself.
 fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
-    const KINDS: &str = "expected one of `sft`, `reward`, `ppo`";
+    let kinds = KINDS
+        .iter()
+        .map(|k| format!("`{}`", k.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     let serde_norway::Value::Mapping(mut map) = value else {
-        return Err(
-            ": expected a mapping: `kind` (sft, reward or ppo) and the stage's settings".into(),
-        );
+        return Err(format!(
+            ": expected a mapping: `kind` ({}) and the stage's settings",
+            kinds.replace('`', "")
+        ));
     };
     let kind = map
         .remove("kind")
         .ok_or_else(|| ": missing field `kind`".to_owned())?;
-    let kind = kind.as_str().unwrap_or_default().to_owned();
-    // Parsed from text, not from the value: text errors carry the path.
-    let text = serde_norway::to_string(&serde_norway::Value::Mapping(map))
-        .map_err(|e| format!(": {e}"))?;
-    let parsed = match kind.as_str() {
-        "sft" => serde_norway::from_str(&text).map(StageFile::Sft),
-        "reward" => serde_norway::from_str(&text).map(StageFile::Reward),
-        "ppo" => serde_norway::from_str(&text).map(StageFile::Ppo),
-        _ => return Err(format!(".kind: unknown variant `{kind}`, {KINDS}")),
+    let Some(name) = kind.as_str() else {
+        let shown = serde_norway::to_string(&kind).unwrap_or_default();
+        return Err(format!(
+            ".kind: expected a name, one of {kinds}; got `{}`",
+            shown.trim()
+        ));
     };
-    parsed.map_err(|e| {
+    let Some(kind) = rlhf_stages::kind::kind(name) else {
+        return Err(format!(
+            ".kind: unknown variant `{name}`, expected one of {kinds}"
+        ));
+    };
+    kind.parse(map).map(StageFile).map_err(|message| {
         // Line numbers of the re-serialised text would mislead; the
         // caller finds the line in the file.
-        let message = e.to_string();
         let message = message
             .rfind(" at line ")
             .map_or(message.as_str(), |i| &message[..i]);
@@ -445,6 +398,79 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
             _ => format!(": {message}"),
         }
     })
+}
+
+/// A stage's validation error, named by the stage and, for a setting, by
+/// its path inside the stage.
+fn stage_error(name: &str, e: StageError) -> String {
+    match e {
+        StageError::Setting { field, message } => format!("stages.{name}.{field}: {message}"),
+        other => format!("stages.{name}: {other}"),
+    }
+}
+
+/// What a stage's path settings resolve against.
+struct Places<'a> {
+    stage: &'a str,
+    stages: &'a [String],
+    run_dir: &'a Path,
+    /// The experiment file's folder: relative paths start there.
+    base: &'a Path,
+}
+
+impl Places<'_> {
+    fn abs(&self, p: &Path) -> PathBuf {
+        clean_path(&if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        })
+    }
+
+    /// Makes a stage's data paths absolute and its model references
+    /// checkpoint folders; returns the stages it reads from.
+    fn resolve(&self, stage: &mut dyn StageConfig) -> Result<BTreeSet<String>, String> {
+        let name = self.stage;
+        let mut refs = BTreeSet::new();
+        for mut p in stage.paths() {
+            let field = p.field;
+            let Some(value) = p.get().cloned() else {
+                if p.is_required() {
+                    return Err(format!(
+                        "stages.{name}: missing field `{field}` ({})",
+                        p.about
+                    ));
+                }
+                continue;
+            };
+            if p.role == PathRole::Data {
+                p.set(self.abs(&value));
+                continue;
+            }
+            // A model reference: another stage's name (its final
+            // checkpoint, and a dependency) or a model folder on disk.
+            let s = value.to_string_lossy().into_owned();
+            if self.stages.contains(&s) {
+                if s == name {
+                    return Err(format!(
+                        "stages.{name}.{field}: a stage cannot start from itself"
+                    ));
+                }
+                p.set(self.run_dir.join(&s).join(rlhf_stages::train::FINAL_DIR));
+                refs.insert(s);
+            } else {
+                let folder = self.abs(&value);
+                if !folder.is_dir() {
+                    return Err(format!(
+                        "stages.{name}.{field}: \"{s}\" is neither a stage of this file ({}) nor an existing model folder",
+                        self.stages.join(", ")
+                    ));
+                }
+                p.set(folder);
+            }
+        }
+        Ok(refs)
+    }
 }
 
 /// Appends the file line of a `stages.NAME[.FIELD...]: ...` error: the
@@ -510,6 +536,8 @@ fn is_key_line(line: &str, key: &str) -> bool {
         })
 }
 
+/// Serde reports some unknown keys at their mapping's first line; point at
+/// the key's own line instead.
 fn pinpoint_unknown_field(text: &str, message: &str) -> String {
     let field = unknown_field(message);
     let at = message.rfind(" at line ").and_then(|i| {
@@ -585,6 +613,8 @@ pub fn apply_override(root: &mut serde_norway::Value, assignment: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rlhf_stages::reward::RewardConfig;
+    use rlhf_stages::sft::SftConfig;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("exp.yaml");
@@ -598,12 +628,63 @@ mod tests {
     fn resolves_paths_against_the_file_and_inherits_the_seed() {
         let d = tempfile::tempdir().unwrap();
         let e = Experiment::load(&write(d.path(), GOOD), &[]).unwrap();
-        let StageFile::Sft(c) = e.stage("sft").unwrap() else {
-            panic!("sft")
-        };
+        let c: &SftConfig = e.stage("sft").unwrap().get().unwrap();
         assert_eq!(c.data, d.path().join("data/sft.jsonl"));
-        assert_eq!(c.seed, 3);
+        assert_eq!(c.train.seed, Some(3));
         assert_eq!(e.stage_dir("sft"), d.path().join("runs/t/sft"));
+    }
+
+    #[test]
+    fn a_stage_without_its_data_names_the_field_and_the_stage_line() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "name: t\nstages:\n  sft:\n    kind: sft\n    epochs: 1\n";
+        let m = Experiment::load(&write(d.path(), text), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("exp.yaml")
+                && m.contains("stages.sft: missing field `data`")
+                && m.ends_with("at line 3"),
+            "{m}"
+        );
+        let text =
+            "name: t\nstages:\n  p:\n    kind: ppo\n    prompts: p.jsonl\n    gold_reward: true\n";
+        let m = Experiment::load(&write(d.path(), text), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("stages.p: missing field `policy`"), "{m}");
+    }
+
+    #[test]
+    fn seed_zero_is_a_seed_and_an_unset_one_is_the_experiments() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!("{GOOD}    seed: 0\n  rm:\n    kind: reward\n    data: p.jsonl\n");
+        let e = Experiment::load(&write(d.path(), &text), &[]).unwrap();
+        let sft: &SftConfig = e.stage("sft").unwrap().get().unwrap();
+        let rm: &RewardConfig = e.stage("rm").unwrap().get().unwrap();
+        assert_eq!((sft.train.seed, rm.train.seed), (Some(0), Some(3)));
+    }
+
+    #[test]
+    fn training_settings_keep_each_kinds_defaults_and_unknown_keys_list_both() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!("{GOOD}  rm:\n    kind: reward\n    data: p.jsonl\n");
+        let e = Experiment::load(&write(d.path(), &text), &[]).unwrap();
+        let sft: &SftConfig = e.stage("sft").unwrap().get().unwrap();
+        let rm: &RewardConfig = e.stage("rm").unwrap().get().unwrap();
+        assert_eq!(sft.train.epochs, 1, "set in the file");
+        assert_eq!(sft.train.batch_size, SftConfig::default().train.batch_size);
+        assert_eq!(rm.train.optimizer, RewardConfig::default().train.optimizer);
+        let m = Experiment::load(&write(d.path(), &GOOD.replace("epochs", "epochz")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("unknown field `epochz`")
+                && m.contains("`data`")
+                && m.contains("`grad_accum`")
+                && m.ends_with("at line 7"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -669,10 +750,8 @@ mod tests {
             &["stages.sft.optimizer.lr=0.01".into(), "device=cpu".into()],
         )
         .unwrap();
-        let StageFile::Sft(c) = e.stage("sft").unwrap() else {
-            panic!("sft")
-        };
-        assert_eq!(c.optimizer.lr, 0.01);
+        let c: &SftConfig = e.stage("sft").unwrap().get().unwrap();
+        assert_eq!(c.train.optimizer.lr, 0.01);
         assert_eq!(e.spec.device, "cpu");
         let m = Experiment::load(&p, &["stages.sft.epochs".into()])
             .unwrap_err()
@@ -696,9 +775,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let text = format!("{GOOD}  rm:\n    kind: reward\n    init: sft\n    data: prefs.jsonl\n");
         let e = Experiment::load(&write(d.path(), &text), &[]).unwrap();
-        let StageFile::Reward(c) = e.stage("rm").unwrap() else {
-            panic!("reward")
-        };
+        let c: &RewardConfig = e.stage("rm").unwrap().get().unwrap();
         assert_eq!(
             c.init.as_deref(),
             Some(d.path().join("runs/t/sft/checkpoint").as_path())

@@ -16,10 +16,13 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use rlhf_stages::ppo::PpoConfig;
+use rlhf_stages::reward::RewardConfig;
+
 use crate::artifact::{
-    is_cached, read_manifest, sha256_file, stage_key, write_manifest, Manifest, KEY_FILE,
+    is_cached, read_manifest, sha256_file, stage_key, write_manifest, Manifest, Status, KEY_FILE,
 };
-use crate::config::{Experiment, LoopFile, PolicyInit, RewardInit, StageFile};
+use crate::config::{Experiment, LoopFile, PolicyInit, RewardInit};
 use crate::dag;
 
 #[derive(Debug, Default, Clone)]
@@ -99,6 +102,7 @@ struct StageRun<'a> {
 /// Skips the stage if its manifest matches, else runs it as a child and
 /// writes its manifest. Returns its key.
 fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String, Outcome)> {
+    refuse_after_interrupt(job.label)?;
     let all: Vec<String> = overrides.iter().chain(&job.extra).cloned().collect();
     let exp = if job.extra.is_empty() {
         job.exp.clone()
@@ -116,7 +120,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     // whose checkpoint is gone or damaged, starts over; one started with
     // these settings and stopped resumes from its last good checkpoint.
     let started_key = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
-    let finished = read_manifest(dir).is_some_and(|m| m.status == "complete");
+    let finished = read_manifest(dir).is_some_and(|m| m.status == Status::Complete);
     if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -136,17 +140,14 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     }
     let result = run_child(label, &args);
     let (status, summary) = match &result {
-        Ok(summary) => ("complete".to_owned(), summary.clone()),
+        Ok(summary) => (Status::Complete, summary.clone()),
         Err(e) => {
             let status = if rlhf_stages::train::interrupt_requested() {
-                "interrupted"
+                Status::Interrupted
             } else {
-                "failed"
+                Status::Failed
             };
-            (
-                status.to_owned(),
-                serde_json::json!({"error": format!("{e:#}")}),
-            )
+            (status, serde_json::json!({"error": format!("{e:#}")}))
         }
     };
     let manifest = Manifest {
@@ -165,6 +166,79 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     Ok((key, Outcome::Ran))
 }
 
+/// After Ctrl-C or SIGTERM the runner starts nothing new.
+fn refuse_after_interrupt(label: &str) -> anyhow::Result<()> {
+    if rlhf_stages::train::interrupt_requested() {
+        bail!("interrupted: {label} and what follows it were not started");
+    }
+    Ok(())
+}
+
+/// A round's collection of fresh rankings: the policy to sample (folder
+/// and key) and the rankings so far (file and key).
+struct Collect<'a> {
+    exp: &'a Experiment,
+    spec: &'a LoopFile,
+    round: usize,
+    policy: (&'a Path, &'a str),
+    prefs: (&'a Path, &'a str),
+}
+
+impl Collect<'_> {
+    /// Runs `rlhf collect` unless its output with this key exists; returns
+    /// its key and the round's preference file.
+    fn ensure(
+        &self,
+        round_dir: &Path,
+        force: bool,
+        overrides: &[String],
+    ) -> anyhow::Result<(String, PathBuf, Outcome)> {
+        let label = format!("round-{}/collect", self.round);
+        let dir = round_dir.join("collect");
+        let out_prefs = round_dir.join("preferences.parquet");
+        let ((prefs, prefs_key), (policy, policy_key)) = (self.prefs, self.policy);
+        let prefs_hash = sha256_file(prefs)?;
+        let mut h = Sha256::new();
+        h.update(serde_json::to_string(self.spec)?.as_bytes());
+        h.update(format!("{}|{policy_key}|{prefs_key}|{prefs_hash}", self.round).as_bytes());
+        let key = format!("{:x}", h.finalize());
+        if !force && read_manifest(&dir).is_some_and(|m| m.key == key) && out_prefs.exists() {
+            tracing::info!("[{label}] cached ({})", out_prefs.display());
+            return Ok((key, out_prefs, Outcome::Cached));
+        }
+        refuse_after_interrupt(&label)?;
+        std::fs::create_dir_all(&dir)?;
+        let t0 = Instant::now();
+        let mut args: Vec<String> = vec!["collect".into(), "--config".into()];
+        args.push(self.exp.file.display().to_string());
+        for (flag, value) in [
+            ("--round", self.round.to_string()),
+            ("--policy", policy.display().to_string()),
+            ("--base", prefs.display().to_string()),
+            ("--out", out_prefs.display().to_string()),
+        ] {
+            args.extend([flag.to_owned(), value]);
+        }
+        for o in overrides {
+            args.extend(["--set".into(), o.clone()]);
+        }
+        let summary = run_child(&label, &args)?;
+        let manifest = Manifest {
+            stage: label,
+            kind: "collect".into(),
+            key: key.clone(),
+            inputs: BTreeMap::from([(prefs.display().to_string(), prefs_hash)]),
+            upstream: BTreeMap::from([("policy".into(), policy_key.to_owned())]),
+            config: serde_json::to_value(self.spec)?,
+            status: Status::Complete,
+            seconds: t0.elapsed().as_secs_f64(),
+            summary,
+        };
+        write_manifest(&dir, &manifest)?;
+        Ok((key, out_prefs, Outcome::Ran))
+    }
+}
+
 /// The loop: each round samples the latest policy, ranks its answers,
 /// appends them to the preference data, retrains the reward model and runs
 /// PPO from the latest policy. Rounds live in `round-N/`.
@@ -176,16 +250,17 @@ fn run_rounds(
     overrides: &[String],
 ) -> anyhow::Result<Vec<(String, Outcome)>> {
     let (rm, ppo) = (&spec.repeat[0], &spec.repeat[1]);
-    let (StageFile::Reward(rm_cfg), StageFile::Ppo(ppo_cfg)) = (exp.stage(rm)?, exp.stage(ppo)?)
-    else {
+    let (Some(rm_cfg), Some(ppo_cfg)) = (
+        exp.stage(rm)?.get::<RewardConfig>(),
+        exp.stage(ppo)?.get::<PpoConfig>(),
+    ) else {
         bail!("loop.repeat must name a reward stage then a ppo stage");
     };
     let final_of = |dir: &Path| dir.join(rlhf_stages::train::FINAL_DIR);
     let reference = ppo_cfg
         .reference
         .clone()
-        .or(ppo_cfg.policy.clone())
-        .context("the ppo stage has no policy")?;
+        .unwrap_or_else(|| ppo_cfg.policy.clone());
     let (mut policy_dir, mut policy_key) = (final_of(&exp.stage_dir(ppo)), keys[ppo].clone());
     // The reference's key: its stage's, or its folder for an outside model
     // (whose files the PPO stage's inputs hash).
@@ -200,58 +275,15 @@ fn run_rounds(
     for round in 1..=spec.rounds {
         let round_dir = exp.run_dir.join(format!("round-{round}"));
         // 1. Fresh comparisons of the current policy's answers.
-        let collect_label = format!("round-{round}/collect");
-        let collect_dir = round_dir.join("collect");
-        let out_prefs = round_dir.join("preferences.parquet");
-        let prefs_hash = sha256_file(&prefs)?;
-        let mut h = Sha256::new();
-        h.update(serde_json::to_string(spec)?.as_bytes());
-        h.update(format!("{round}|{policy_key}|{prefs_key}|{prefs_hash}").as_bytes());
-        let collect_key = format!("{:x}", h.finalize());
-        if !force
-            && read_manifest(&collect_dir).is_some_and(|m| m.key == collect_key)
-            && out_prefs.exists()
-        {
-            tracing::info!("[{collect_label}] cached ({})", out_prefs.display());
-            outcomes.push((collect_label, Outcome::Cached));
-        } else {
-            std::fs::create_dir_all(&collect_dir)?;
-            let t0 = Instant::now();
-            let mut args = vec![
-                "collect".to_owned(),
-                "--config".into(),
-                exp.file.display().to_string(),
-            ];
-            args.extend([
-                "--round".into(),
-                round.to_string(),
-                "--policy".into(),
-                policy_dir.display().to_string(),
-            ]);
-            args.extend([
-                "--base".into(),
-                prefs.display().to_string(),
-                "--out".into(),
-                out_prefs.display().to_string(),
-            ]);
-            for o in overrides {
-                args.extend(["--set".into(), o.clone()]);
-            }
-            let summary = run_child(&collect_label, &args)?;
-            let manifest = Manifest {
-                stage: collect_label.clone(),
-                kind: "collect".into(),
-                key: collect_key.clone(),
-                inputs: BTreeMap::from([(prefs.display().to_string(), prefs_hash)]),
-                upstream: BTreeMap::from([("policy".into(), policy_key.clone())]),
-                config: serde_json::to_value(spec)?,
-                status: "complete".into(),
-                seconds: t0.elapsed().as_secs_f64(),
-                summary,
-            };
-            write_manifest(&collect_dir, &manifest)?;
-            outcomes.push((collect_label, Outcome::Ran));
-        }
+        let collect = Collect {
+            exp,
+            spec,
+            round,
+            policy: (&policy_dir, &policy_key),
+            prefs: (&prefs, &prefs_key),
+        };
+        let (collect_key, out_prefs, outcome) = collect.ensure(&round_dir, force, overrides)?;
+        outcomes.push((format!("round-{round}/collect"), outcome));
         // 2. The reward model on everything so far.
         let rm_init = match spec.reward_init {
             RewardInit::Previous => Some(rm_dir.clone()),
@@ -307,22 +339,27 @@ fn run_rounds(
         outcomes.push((ppo_label, outcome));
         (policy_dir, policy_key) = (final_of(&round_dir.join(ppo)), key);
         (prefs, prefs_key) = (out_prefs, collect_key);
-        let summary = |dir: &Path| read_manifest(dir).map(|m| m.summary).unwrap_or_default();
-        let (c, r, p) = (
-            summary(&collect_dir),
-            summary(&round_dir.join(rm)),
-            summary(&round_dir.join(ppo)),
-        );
-        let line = serde_json::json!({
-            "round": round, "new_groups": c["new_groups"], "total_groups": c["total_groups"],
-            "rm_eval_accuracy": r["eval"]["accuracy"], "ppo_first_score": p["first_mean_score"],
-            "ppo_last_score": p["last_mean_score"], "kl": p["last_kl"],
-            "eval_gold_before": p["eval_gold_before"], "eval_gold_after": p["eval_gold_after"],
-        });
+        let line = round_line(round, &round_dir, rm, ppo);
         rounds_log.push_str(&format!("{line}\n"));
     }
     rlhf_datasets::atomic::write_file(&exp.run_dir.join("rounds.jsonl"), rounds_log.as_bytes())?;
     Ok(outcomes)
+}
+
+/// A round's line of `rounds.jsonl`, from its stages' manifests.
+fn round_line(round: usize, round_dir: &Path, rm: &str, ppo: &str) -> serde_json::Value {
+    let summary = |dir: &Path| read_manifest(dir).map(|m| m.summary).unwrap_or_default();
+    let (c, r, p) = (
+        summary(&round_dir.join("collect")),
+        summary(&round_dir.join(rm)),
+        summary(&round_dir.join(ppo)),
+    );
+    serde_json::json!({
+        "round": round, "new_groups": c["new_groups"], "total_groups": c["total_groups"],
+        "rm_eval_accuracy": r["eval"]["accuracy"], "ppo_first_score": p["first_mean_score"],
+        "ppo_last_score": p["last_mean_score"], "kl": p["last_kl"],
+        "eval_gold_before": p["eval_gold_before"], "eval_gold_after": p["eval_gold_after"],
+    })
 }
 
 /// The running binary, for stage children. On Linux `/proc/self/exe`: it

@@ -8,13 +8,12 @@
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use rlhf_datasets::task;
-
+use crate::answer::{answer_prompts, greedy, Judge, ANSWER_BATCH};
 use crate::checkpoint::Model;
+use crate::error::StageError;
 use crate::reward::{reward_sequence, sequence_rewards};
-use crate::sample::{generate, SamplingConfig, TokenSpec};
+use crate::sample::SamplingConfig;
 use crate::score::sequence_logprobs;
-use crate::train::StageError;
 
 /// How answers are drawn for evaluation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,7 +30,7 @@ impl Default for EvalSettings {
         Self {
             max_new_tokens: 24,
             kl_samples_per_prompt: 4,
-            batch_size: 64,
+            batch_size: ANSWER_BATCH,
             seed: 1,
         }
     }
@@ -45,7 +44,7 @@ pub struct PolicyAnswers {
     /// Answer length in tokens (EOS included when the answer stopped).
     pub answer_tokens: Vec<usize>,
     pub finished: Vec<bool>,
-    /// The bundled task's gold judge; `None` where it does not know the prompt.
+    /// The judge's score; `None` where it does not know the prompt.
     pub gold: Vec<Option<f64>>,
     /// The reward model's score, where one was given.
     pub reward: Option<Vec<f64>>,
@@ -95,21 +94,19 @@ impl Tally {
     }
 }
 
-/// Greedy answers of `policy` to `prompts`, judged by the gold judge and,
-/// if given, scored by `reward_model`.
+/// Greedy answers of `policy` to `prompts`, scored by the judge and, if
+/// given, by `reward_model`.
 pub fn answer_and_score(
     policy: &Model,
     reward_model: Option<&Model>,
+    judge: Option<&Judge>,
     prompts: &[String],
     settings: &EvalSettings,
     device: Device,
 ) -> Result<PolicyAnswers, StageError> {
-    let greedy = SamplingConfig {
-        temperature: 0.0,
-        max_new_tokens: settings.max_new_tokens,
-        ..SamplingConfig::default()
-    };
-    let (_, samples) = sample(policy, prompts, 1, &greedy, settings.batch_size, device)?;
+    let greedy = greedy(settings.max_new_tokens);
+    let answered = answer_prompts(policy, prompts, 1, &greedy, settings.batch_size, device)?;
+    let samples = answered.answers.into_iter().zip(answered.finished);
     let tok = &policy.tokenizer;
     let mut out = PolicyAnswers {
         answers: Vec::with_capacity(prompts.len()),
@@ -120,7 +117,7 @@ pub fn answer_and_score(
     };
     for (p, (answer, finished)) in prompts.iter().zip(samples) {
         let text = tok.decode(&answer, false)?;
-        out.gold.push(task::judge(p, &text));
+        out.gold.push(judge.and_then(|j| j(p, &text)));
         out.answers.push(text);
         out.answer_tokens.push(answer.len());
         out.finished.push(finished);
@@ -171,7 +168,7 @@ pub fn kl_to_reference(
         ..SamplingConfig::default()
     };
     tch::manual_seed(settings.seed);
-    let (prompt_ids, samples) = sample(
+    let answered = answer_prompts(
         policy,
         prompts,
         settings.kl_samples_per_prompt.max(1),
@@ -179,15 +176,16 @@ pub fn kl_to_reference(
         settings.batch_size,
         device,
     )?;
-    let seqs: Vec<Vec<i64>> = prompt_ids
+    let seqs: Vec<Vec<i64>> = answered
+        .prompt_ids
         .iter()
-        .zip(&samples)
-        .map(|(p, (a, _))| p.iter().chain(a).copied().collect())
+        .zip(&answered.answers)
+        .map(|(p, a)| p.iter().chain(a).copied().collect())
         .collect();
     let lp = sequence_logprobs(&policy.gpt, &seqs, settings.batch_size, device);
     let ref_lp = sequence_logprobs(&reference.gpt, &seqs, settings.batch_size, device);
     let mut total = 0.0;
-    for ((lp, ref_lp), (answer, _)) in lp.iter().zip(&ref_lp).zip(&samples) {
+    for ((lp, ref_lp), answer) in lp.iter().zip(&ref_lp).zip(&answered.answers) {
         // The answer's tokens are the last `answer.len()` log-probabilities.
         let n = answer.len();
         total += lp[lp.len() - n..]
@@ -196,40 +194,7 @@ pub fn kl_to_reference(
             .map(|(a, b)| a - b)
             .sum::<f64>();
     }
-    Ok(total / samples.len().max(1) as f64)
-}
-
-/// `k` answers to each prompt (in prompt order, each prompt's `k` together)
-/// as token ids with whether each stopped at EOS, and the prompts' ids
-/// repeated to match.
-#[allow(clippy::type_complexity)]
-fn sample(
-    model: &Model,
-    prompts: &[String],
-    k: usize,
-    config: &SamplingConfig,
-    batch_size: usize,
-    device: Device,
-) -> Result<(Vec<Vec<i64>>, Vec<(Vec<i64>, bool)>), StageError> {
-    let tok = &model.tokenizer;
-    let limit = (model.gpt.config().n_positions - config.max_new_tokens).max(1) as usize;
-    let mut ids = Vec::with_capacity(prompts.len() * k);
-    for p in prompts {
-        let mut p_ids = tok.encode(p)?;
-        if p_ids.is_empty() {
-            p_ids.push(tok.eos_id());
-        }
-        if p_ids.len() > limit {
-            p_ids.drain(..p_ids.len() - limit);
-        }
-        ids.extend(std::iter::repeat_n(p_ids, k));
-    }
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(batch_size.max(1)) {
-        let g = generate(&model.gpt, chunk, config, TokenSpec::of(tok), device)?;
-        out.extend(g.answers.into_iter().zip(g.finished));
-    }
-    Ok((ids, out))
+    Ok(total / answered.answers.len().max(1) as f64)
 }
 
 /// Mean of the values that are present; `None` if none are.
@@ -355,12 +320,17 @@ mod tests {
             max_new_tokens: 5,
             ..EvalSettings::default()
         };
-        let got = answer_and_score(&m, None, &prompts, &settings, Device::Cpu).unwrap();
+        let judge: Judge = std::sync::Arc::new(rlhf_datasets::task::judge);
+        let got =
+            answer_and_score(&m, None, Some(&judge), &prompts, &settings, Device::Cpu).unwrap();
         assert_eq!(got.answers.len(), 2);
         assert!(got.gold[0].is_some());
         assert_eq!(got.gold[1], None);
         assert!(got.answer_tokens.iter().all(|&n| n <= 5));
         // The judge's verdict on exactly these answers.
-        assert_eq!(got.gold[0], task::judge(&prompts[0], &got.answers[0]));
+        assert_eq!(
+            got.gold[0],
+            rlhf_datasets::task::judge(&prompts[0], &got.answers[0])
+        );
     }
 }

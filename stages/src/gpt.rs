@@ -219,8 +219,8 @@ impl CausalSelfAttention {
     fn forward(
         &self,
         x: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, i64)>,
+        at: &Attend,
+        cache: Option<&mut LayerCache>,
         train: bool,
     ) -> Tensor {
         let (b, t, c) = x.size3().expect("attention input is (B, T, C)");
@@ -228,11 +228,11 @@ impl CausalSelfAttention {
         let qkv = self.c_attn.forward(x).split(c, 2);
         let heads = |z: &Tensor| z.view([b, t, self.n_head, hs]).transpose(1, 2); // (B, nh, T, hs)
         let (q, mut k, mut v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
-        if let Some((layer, past)) = cache {
-            (k, v) = layer.append(&k, &v, past); // (B, nh, past + T, hs)
+        if let Some(layer) = cache {
+            (k, v) = layer.append(&k, &v, at.past); // (B, nh, past + T, hs)
         }
         let attn_dropout = if train { self.attn_pdrop } else { 0.0 };
-        let y = attention(&q, &k, &v, mask, attn_dropout); // (B, nh, T, hs)
+        let y = attention(&q, &k, &v, &at.mask, attn_dropout); // (B, nh, T, hs)
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
         dropout(self.c_proj.forward(&y), self.resid_pdrop, train)
     }
@@ -241,19 +241,13 @@ impl CausalSelfAttention {
     /// of `forward` in about half the libtorch calls (a decode step makes
     /// them once per layer per token, and they cost more than the math on
     /// small models).
-    fn decode(
-        &self,
-        x: &Tensor,
-        mask: &AttentionMask,
-        layer: &mut LayerCache,
-        past: i64,
-    ) -> Tensor {
+    fn decode(&self, x: &Tensor, at: &Attend, layer: &mut LayerCache) -> Tensor {
         let (b, c) = x.size2().expect("decode input is (B, C)");
         let (nh, hs) = (self.n_head, c / self.n_head);
         let qkv = self.c_attn.forward_2d(x); // (B, 3C): q | k | v, heads side by side
         let q = qkv.narrow(1, 0, c).view([b, nh, 1, hs]);
-        let (k, v) = layer.append_one(&qkv.narrow(1, c, 2 * c).view([b, 2, nh, 1, hs]), past);
-        let y = attention(&q, &k, &v, mask, 0.0); // (B, nh, 1, hs): (B, C) in memory
+        let (k, v) = layer.append_one(&qkv.narrow(1, c, 2 * c).view([b, 2, nh, 1, hs]), at.past);
+        let y = attention(&q, &k, &v, &at.mask, 0.0); // (B, nh, 1, hs): (B, C) in memory
         self.c_proj.forward_2d(&y.reshape([b, c]))
     }
 }
@@ -290,6 +284,12 @@ impl Mlp {
         let h = self.c_fc.forward(x).gelu("tanh");
         dropout(self.c_proj.forward(&h), self.resid_pdrop, train)
     }
+
+    /// `forward` of `(B, C)` rows, without dropout.
+    fn decode(&self, x: &Tensor) -> Tensor {
+        let h = self.c_fc.forward_2d(x).gelu("tanh");
+        self.c_proj.forward_2d(&h)
+    }
 }
 
 #[derive(Debug)]
@@ -314,29 +314,18 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<(&mut LayerCache, i64)>,
+        at: &Attend,
+        cache: Option<&mut LayerCache>,
         train: bool,
     ) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), mask, cache, train);
+        let x = x + self.attn.forward(&self.ln_1.forward(x), at, cache, train);
         &x + self.mlp.forward(&self.ln_2.forward(&x), train)
     }
 
     /// `forward` of one token per row, `x` `(B, C)`, without dropout.
-    fn decode(
-        &self,
-        x: &Tensor,
-        mask: &AttentionMask,
-        layer: &mut LayerCache,
-        past: i64,
-    ) -> Tensor {
-        let x = x + self.attn.decode(&self.ln_1.forward(x), mask, layer, past);
-        let h = self
-            .mlp
-            .c_fc
-            .forward_2d(&self.ln_2.forward(&x))
-            .gelu("tanh");
-        &x + self.mlp.c_proj.forward_2d(&h)
+    fn decode(&self, x: &Tensor, at: &Attend, layer: &mut LayerCache) -> Tensor {
+        let x = x + self.attn.decode(&self.ln_1.forward(x), at, layer);
+        &x + self.mlp.decode(&self.ln_2.forward(&x))
     }
 }
 
@@ -452,55 +441,30 @@ impl Gpt {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
-        let (_, t) = input_ids.size2().expect("input_ids is (B, T)");
+        let (b, t) = input_ids.size2().expect("input_ids is (B, T)");
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let device = input_ids.device();
         assert!(
             past + t <= self.config.n_positions,
             "sequence of {} tokens exceeds n_positions = {}",
             past + t,
             self.config.n_positions
         );
-        let positions = match attention_mask {
-            // Left padding: a token's position is the number of real tokens before it.
-            Some(m) if t == 1 => (m.sum_dim_intlist(1, true, Kind::Int64) - 1).clamp_min(0),
-            Some(m) => (m.cumsum(1, Kind::Int64) - 1)
-                .clamp_min(0)
-                .narrow(1, past, t),
-            None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
-        };
-        let mask = match attention_mask {
-            // One query (decoding): it sees every real key and itself.
-            Some(m) if t == 1 => {
-                let valid = m.ne(0);
-                let _ = valid.narrow(1, past, 1).fill_(1);
-                AttentionMask::Explicit(valid.view([-1, 1, 1, past + 1]))
-            }
-            Some(m) => AttentionMask::Explicit(explicit_mask(m, past, t)),
-            None if past == 0 => AttentionMask::Causal,
-            None if t == 1 => AttentionMask::Unmasked,
-            None => AttentionMask::Explicit(explicit_mask(
-                &Tensor::ones([1, past + t], (Kind::Bool, device)),
-                past,
-                t,
-            )),
-        };
+        let (positions, at) = positions_and_mask(attention_mask, past, t, input_ids.device());
         let tok = Tensor::embedding(&self.wte, input_ids, -1, false, false);
         let pos = Tensor::embedding(&self.wpe, &positions, -1, false, false);
         if let (Some(c), 1, false) = (cache.as_deref_mut(), t, train) {
             // One token per row after a prefill: the decode path, in (B, C).
-            let b = input_ids.size()[0];
             let mut x = (tok + pos).view([b, self.config.n_embd]);
             for (block, layer) in self.blocks.iter().zip(&mut c.layers) {
-                x = block.decode(&x, &mask, layer, past);
+                x = block.decode(&x, &at, layer);
             }
             c.len += 1;
             return self.ln_f.forward(&x).unsqueeze(1);
         }
         let mut x = dropout(tok + pos, self.config.embd_pdrop, train);
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            x = block.forward(&x, &mask, layer, train);
+            let layer = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, &at, layer, train);
         }
         if let Some(c) = cache {
             c.len += t;
@@ -538,6 +502,57 @@ impl Gpt {
             let _ = head.bias.shallow_clone().g_add_scalar_(delta);
         });
     }
+}
+
+/// How the `t` new tokens after `past` cached ones attend: the mask, and
+/// the cache length every layer appends at.
+struct Attend {
+    mask: AttentionMask,
+    past: i64,
+}
+
+/// Position ids `(B or 1, t)` of the new tokens and how they attend. With
+/// a mask (left padding), a token's position is the number of real tokens
+/// before it; without one, positions count from `past`.
+fn positions_and_mask(
+    attention_mask: Option<&Tensor>,
+    past: i64,
+    t: i64,
+    device: Device,
+) -> (Tensor, Attend) {
+    let (positions, mask) = match attention_mask {
+        // One query (decoding): it sees every real key and itself.
+        Some(m) if t == 1 => {
+            let positions = (m.sum_dim_intlist(1, true, Kind::Int64) - 1).clamp_min(0);
+            let valid = m.ne(0);
+            let _ = valid.narrow(1, past, 1).fill_(1);
+            (
+                positions,
+                AttentionMask::Explicit(valid.view([-1, 1, 1, past + 1])),
+            )
+        }
+        Some(m) => (
+            (m.cumsum(1, Kind::Int64) - 1)
+                .clamp_min(0)
+                .narrow(1, past, t),
+            AttentionMask::Explicit(explicit_mask(m, past, t)),
+        ),
+        None => {
+            let positions =
+                Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0);
+            let mask = match (past, t) {
+                (0, _) => AttentionMask::Causal,
+                (_, 1) => AttentionMask::Unmasked,
+                _ => AttentionMask::Explicit(explicit_mask(
+                    &Tensor::ones([1, past + t], (Kind::Bool, device)),
+                    past,
+                    t,
+                )),
+            };
+            (positions, mask)
+        }
+    };
+    (positions, Attend { mask, past })
 }
 
 /// `(B, 1, T, S)` booleans: query `i` (at absolute position `past + i`) may see

@@ -3,24 +3,34 @@
 //! - [`gpt`]: the GPT-2-layout model, KV cache, LM and scalar heads.
 //! - [`checkpoint`]: model folders (HF GPT-2 compatible), atomic writes.
 //! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
-//! - [`sample`]: batched KV-cache sampling.
+//! - [`train`]: the training loop every supervised stage shares, training
+//!   checkpoints, metrics, resume and stop.
+//! - [`kind`]: a stage kind declared once, and the registry of kinds.
+//! - [`sft`], [`reward`], [`ppo`]: the stage kinds.
+//! - [`sample`]: batched KV-cache sampling; [`answer`]: answering prompts.
 //! - [`score`]: per-token log-probabilities of texts.
-//! - [`eval`]: held-out evaluation of policies: gold and reward scores, win rates, KL.
+//! - [`eval`]: held-out evaluation of policies: judge and reward scores, win rates, KL.
+//! - [`bench`]: the timed kernels of `rlhf bench`.
 
+pub mod answer;
+pub mod bench;
+pub mod check;
 pub mod checkpoint;
 pub mod device;
+pub mod error;
 pub mod eval;
 pub mod gpt;
+pub mod kind;
 pub mod optim;
 pub mod ppo;
 pub mod reward;
 pub mod sample;
 pub mod score;
+pub mod sft;
+pub mod train;
 
 pub use checkpoint::{HeadChoice, Model};
 pub use gpt::{Gpt, GptConfig, Head, KvCache};
-pub mod sft;
-pub mod train;
 
 /// Serialises the unit tests that seed libtorch's global RNG: tests run on
 /// threads of one process, and a seed means nothing if another test draws

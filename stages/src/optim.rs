@@ -65,6 +65,25 @@ pub enum OptimError {
     },
 }
 
+impl AdamWConfig {
+    /// Every field in its range; `prefix` is the setting's path
+    /// (`optimizer`, `policy_optimizer`).
+    pub fn validate(&self, prefix: &str) -> Result<(), crate::error::StageError> {
+        use crate::check::{non_negative, path, positive, require};
+        positive(&path(prefix, "lr"), self.lr)?;
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            require(
+                &path(prefix, name),
+                (0.0..1.0).contains(&beta),
+                "in [0, 1)",
+                beta,
+            )?;
+        }
+        positive(&path(prefix, "eps"), self.eps)?;
+        non_negative(&path(prefix, "weight_decay"), self.weight_decay)
+    }
+}
+
 impl AdamW {
     /// Variables whose name starts with one of `frozen_prefixes` are left out.
     pub fn new(vs: &VarStore, config: AdamWConfig) -> Self {
@@ -255,6 +274,12 @@ impl Default for LrSchedule {
 }
 
 impl LrSchedule {
+    pub fn validate(&self, prefix: &str) -> Result<(), crate::error::StageError> {
+        use crate::check::{at_least, path, within};
+        at_least(&path(prefix, "warmup_steps"), self.warmup_steps, 0)?;
+        within(&path(prefix, "min_lr_ratio"), self.min_lr_ratio, 0.0, 1.0)
+    }
+
     /// Learning rate for update `step` (0-based) of `total_steps`.
     pub fn lr(&self, peak: f64, step: i64, total_steps: i64) -> f64 {
         if step < self.warmup_steps {

@@ -27,19 +27,26 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use crate::check;
 use crate::checkpoint::Model;
 use crate::gpt::{Gpt, Head};
+use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamWConfig, LrSchedule};
-use crate::sft::ScratchModel;
 use crate::train::{
-    check_finite, finished_summary, io_err, progress_bar, start_or_resume, write_summary,
-    Checkpointer, EpochBatches, MetricsLog, StageError, Start, METRICS_FILE,
+    finish, fit, prepare_out_dir, start_or_resume, write_summary, Evaluation, FitRun, Objective,
+    Ratio, StageContext, StageError, TrainSettings,
 };
+
+/// Sequences per forward when scoring whole sequences for normalisation.
+pub const SCORE_BATCH: usize = 64;
 
 /// Settings of a reward stage (`kind: reward`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
+    /// `batch_size` counts prompts (each with its ranked answers).
+    #[serde(flatten, skip_deserializing)]
+    pub train: TrainSettings,
     /// Rankings: pairwise, implicit-prompt pairwise or K-wise rows.
     pub data: PathBuf,
     /// Held-out rankings for eval; unset: `eval_fraction` of `data`.
@@ -49,16 +56,6 @@ pub struct RewardConfig {
     /// created if it has none. Unset: a random model.
     pub init: Option<PathBuf>,
     pub max_len: usize,
-    /// Prompts (groups) per optimiser step.
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub epochs: usize,
-    pub max_steps: Option<i64>,
-    pub optimizer: AdamWConfig,
-    pub schedule: LrSchedule,
-    pub max_grad_norm: f64,
-    pub eval_every: i64,
-    pub checkpoint_every: i64,
     /// Demonstrations (`{prompt, completion}`) whose mean reward is shifted
     /// to 0 after training; unset: no normalisation.
     pub normalize_on: Option<PathBuf>,
@@ -66,7 +63,6 @@ pub struct RewardConfig {
     /// Where the score is read: `last` (the EOS) or `mean` (over the
     /// answer's tokens). Saved in the checkpoint for every later reader.
     pub pooling: Pooling,
-    pub seed: u64,
 }
 
 /// Where a reward model reads its score from the head's per-token values.
@@ -114,74 +110,82 @@ pub struct RewardInput {
 impl Default for RewardConfig {
     fn default() -> Self {
         Self {
-            data: PathBuf::from("datasets/task/preferences.jsonl"),
+            train: TrainSettings {
+                batch_size: 8,
+                grad_accum: 1,
+                // InstructGPT saw more than one epoch overfit.
+                epochs: 1,
+                max_steps: None,
+                optimizer: AdamWConfig {
+                    lr: 3e-4,
+                    weight_decay: 0.0,
+                    ..AdamWConfig::default()
+                },
+                schedule: LrSchedule {
+                    warmup_steps: 10,
+                    min_lr_ratio: 0.1,
+                },
+                max_grad_norm: 1.0,
+                eval_every: 50,
+                checkpoint_every: 100,
+                seed: None,
+            },
+            data: PathBuf::new(),
             eval_data: None,
             eval_fraction: 0.05,
             init: None,
             max_len: 128,
-            batch_size: 8,
-            grad_accum: 1,
-            epochs: 1,
-            max_steps: None,
-            optimizer: AdamWConfig {
-                lr: 3e-4,
-                weight_decay: 0.0,
-                ..AdamWConfig::default()
-            },
-            schedule: LrSchedule {
-                warmup_steps: 10,
-                min_lr_ratio: 0.1,
-            },
-            max_grad_norm: 1.0,
-            eval_every: 50,
-            checkpoint_every: 100,
             normalize_on: None,
             normalize_max_examples: 2000,
             pooling: Pooling::Last,
-            seed: 0,
         }
     }
 }
 
-impl RewardConfig {
-    pub fn validate(&self) -> Result<(), StageError> {
-        let bad = |m: String| Err(StageError::Config(format!("reward: {m}")));
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            return bad("batch_size and grad_accum must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.eval_fraction) {
-            return bad(format!(
-                "eval_fraction must lie in [0, 1), got {}",
-                self.eval_fraction
-            ));
-        }
-        if self.max_len < 2 {
-            return bad(format!("max_len must be at least 2, got {}", self.max_len));
-        }
-        if self.epochs == 0 && self.max_steps.is_none() {
-            return bad("epochs is 0 and max_steps is unset: nothing to train".into());
-        }
-        if self.max_steps.is_some_and(|s| s < 1) || self.eval_every < 1 || self.checkpoint_every < 1
-        {
-            return bad("max_steps, eval_every and checkpoint_every must be at least 1".into());
-        }
-        if self.optimizer.lr.is_nan() || self.optimizer.lr <= 0.0 {
-            return bad(format!(
-                "optimizer.lr must be positive, got {}",
-                self.optimizer.lr
-            ));
-        }
-        Ok(())
-    }
-}
+impl KindConfig for RewardConfig {
+    const KIND: &'static str = "reward";
+    type Summary = RewardSummary;
 
-#[derive(Debug, Clone)]
-pub struct RewardJob {
-    pub config: RewardConfig,
-    pub scratch: ScratchModel,
-    pub out_dir: PathBuf,
-    pub device: Device,
-    pub stop_after_step: Option<i64>,
+    fn train(&mut self) -> Option<&mut TrainSettings> {
+        Some(&mut self.train)
+    }
+
+    fn validate(&self) -> Result<(), StageError> {
+        self.train.validate()?;
+        check::require(
+            "eval_fraction",
+            (0.0..1.0).contains(&self.eval_fraction),
+            "in [0, 1)",
+            self.eval_fraction,
+        )?;
+        check::at_least("max_len", self.max_len as i64, 2)?;
+        check::at_least(
+            "normalize_max_examples",
+            self.normalize_max_examples as i64,
+            1,
+        )
+    }
+
+    fn paths(&mut self) -> Vec<PathSetting<'_>> {
+        vec![
+            PathSetting::data(
+                "data",
+                "the rankings: pairwise {prompt, chosen, rejected} or K-wise {prompt, responses, ranking} rows",
+                &mut self.data,
+            ),
+            PathSetting::optional_data("eval_data", &mut self.eval_data),
+            PathSetting::optional_data("normalize_on", &mut self.normalize_on),
+            PathSetting::optional_model("init", &mut self.init),
+        ]
+    }
+
+    fn seed_mut(&mut self) -> &mut Option<u64> {
+        &mut self.train.seed
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<RewardSummary, StageError> {
+        run(self, ctx)
+    }
 }
 
 /// Held-out quality of a reward model.
@@ -215,12 +219,17 @@ pub struct RewardNormalization {
     pub examples: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RewardState {
-    stage: String,
-    step: i64,
-    total_steps: i64,
-    done: bool,
+impl Evaluation for RewardEval {
+    fn loss(&self) -> f64 {
+        self.loss
+    }
+    fn record(&self, record: &mut serde_json::Value) {
+        record["eval_loss"] = json!(self.loss);
+        record["eval_accuracy"] = json!(self.accuracy);
+        record["eval_mean_margin"] = json!(self.mean_margin);
+        record["reward_mean"] = json!(self.reward_mean);
+        record["reward_std"] = json!(self.reward_std);
+    }
 }
 
 /// Rewards of a collated batch, one per row: the head's value at each
@@ -414,157 +423,133 @@ fn load_groups(
     Ok(tokenized)
 }
 
+/// The K-wise Bradley-Terry loss over ranked groups: a step's loss is the
+/// mean over its micro-batches of each prompt's mean pair loss.
+struct Rankings<'a> {
+    train: Vec<&'a TokenizedGroup>,
+    eval: Vec<&'a TokenizedGroup>,
+    pooling: Pooling,
+    eval_batch: usize,
+    pad: i64,
+    device: Device,
+}
+
+impl Objective for Rankings<'_> {
+    type Batch = GroupBatch;
+    type Eval = RewardEval;
+    const LOSS: &'static str = "reward-model loss";
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn collate(&self, rows: &[usize]) -> GroupBatch {
+        let groups: Vec<&TokenizedGroup> = rows.iter().map(|&i| self.train[i]).collect();
+        collate_groups(&groups, self.pad)
+    }
+
+    fn batch_tokens(&self, batch: &GroupBatch) -> usize {
+        batch.rows * batch.width
+    }
+
+    fn loss(&self, model: &Gpt, batch: &GroupBatch, step: &[GroupBatch]) -> (Tensor, Vec<Ratio>) {
+        let rewards = batch_rewards(model, batch, self.pooling, self.device, true);
+        let (loss, gap) = kwise_loss(&rewards, batch);
+        let correct = i64::try_from(gap.gt(0.0).sum(Kind::Int64)).unwrap_or(0);
+        let accuracy = Ratio {
+            name: "accuracy",
+            num: correct as f64,
+            den: batch.better.len() as f64,
+        };
+        (loss / step.len() as f64, vec![accuracy])
+    }
+
+    fn evaluate(&self, model: &Gpt) -> Option<RewardEval> {
+        evaluate(
+            model,
+            self.pooling,
+            &self.eval,
+            self.eval_batch,
+            self.pad,
+            self.device,
+        )
+    }
+}
+
 /// Runs (or resumes, or finds done) a reward-model run.
-pub fn run(job: &RewardJob) -> Result<RewardSummary, StageError> {
-    let cfg = &job.config;
-    cfg.validate()?;
+pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, StageError> {
+    KindConfig::validate(cfg)?;
     let started = Instant::now();
-    let out = &job.out_dir;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    if let Some(summary) = finished_summary(out) {
-        tracing::info!("reward: {} is complete; nothing to do", out.display());
+    let out = &ctx.out_dir;
+    if let Some(summary) = prepare_out_dir(out, "reward")? {
         return Ok(summary);
     }
-    let Start {
-        mut model,
-        mut opt,
-        resumed_at,
-        state,
-    } = start_or_resume::<RewardState>(
+    let train = &cfg.train;
+    let mut start = start_or_resume(
         out,
         Head::Scalar,
         cfg.init.as_deref(),
-        &job.scratch,
-        &cfg.optimizer,
-        cfg.seed,
-        job.device,
+        &ctx.scratch,
+        &train.optimizer,
+        train.seed(),
+        ctx.device,
     )?;
-
     // Recorded before the first checkpoint: every later reader pools alike.
-    cfg.pooling.record(&mut model);
-    let max_len = cfg.max_len.min(model.gpt.config().n_positions as usize);
-    let all = load_groups(&cfg.data, &model, max_len)?;
-    let (train_idx, eval_idx) = match &cfg.eval_data {
-        Some(_) => ((0..all.len()).collect(), vec![]),
-        None => train_eval_split(all.len(), cfg.eval_fraction, usize::MAX, cfg.seed),
-    };
+    cfg.pooling.record(&mut start.model);
+    let max_len = cfg
+        .max_len
+        .min(start.model.gpt.config().n_positions as usize);
+    let all = load_groups(&cfg.data, &start.model, max_len)?;
     let held_out = match &cfg.eval_data {
-        Some(p) => load_groups(p, &model, max_len)?,
+        Some(p) => load_groups(p, &start.model, max_len)?,
         None => vec![],
     };
-    let train: Vec<&TokenizedGroup> = train_idx.iter().map(|&i| &all[i]).collect();
-    let eval: Vec<&TokenizedGroup> = match &cfg.eval_data {
-        Some(_) => held_out.iter().collect(),
-        None => eval_idx.iter().map(|&i| &all[i]).collect(),
+    let (train_idx, eval_idx) = match &cfg.eval_data {
+        Some(_) => ((0..all.len()).collect(), vec![]),
+        None => train_eval_split(all.len(), cfg.eval_fraction, usize::MAX, train.seed()),
     };
-    let train_pairs: usize = train.iter().map(|g| g.pairs.len()).sum();
-    let per_epoch = train.len().div_ceil(cfg.batch_size) as i64;
-    let total_steps = cfg.max_steps.unwrap_or_else(|| {
-        ((cfg.epochs as u64 * per_epoch as u64).div_ceil(cfg.grad_accum as u64) as i64).max(1)
-    });
+    let objective = Rankings {
+        train: train_idx.iter().map(|&i| &all[i]).collect(),
+        eval: match &cfg.eval_data {
+            Some(_) => held_out.iter().collect(),
+            None => eval_idx.iter().map(|&i| &all[i]).collect(),
+        },
+        pooling: cfg.pooling,
+        eval_batch: train.batch_size,
+        pad: start.model.tokenizer.pad_id(),
+        device: ctx.device,
+    };
+    let train_pairs: usize = objective.train.iter().map(|g| g.pairs.len()).sum();
     tracing::info!(
-        "reward: {} train prompts ({train_pairs} pairs) / {} eval prompts, {total_steps} steps of {} prompts",
-        train.len(),
-        eval.len(),
-        cfg.batch_size * cfg.grad_accum
+        "reward: {} train prompts ({train_pairs} pairs) / {} eval prompts, {} steps of {} prompts",
+        objective.train.len(),
+        objective.eval.len(),
+        train.total_steps(objective.train.len()),
+        train.batch_size * train.grad_accum
     );
-
-    let start_step = state.as_ref().map_or(0, |s| s.step);
-    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resumed_at)?;
-    let checkpointer = Checkpointer {
-        out_dir: out.clone(),
-        every: cfg.checkpoint_every,
-        total_steps,
-        stop_after: job.stop_after_step,
+    let run = FitRun {
+        label: "reward",
+        settings: train,
+        out_dir: out,
+        stop_after: ctx.stop_after,
     };
-    let bar = progress_bar(total_steps as u64, start_step as u64, "reward");
-    let pad = model.tokenizer.pad_id();
-    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed);
-    let mut last_eval = None;
-    let evaluate_now =
-        |gpt: &Gpt| evaluate(gpt, cfg.pooling, &eval, cfg.batch_size, pad, job.device);
-    for step in start_step..total_steps {
-        tch::manual_seed((cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
-        let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
-        opt.zero_grad();
-        let (mut loss_sum, mut correct, mut pairs) = (0.0, 0usize, 0usize);
-        for k in 0..cfg.grad_accum as i64 {
-            let micro = step * cfg.grad_accum as i64 + k;
-            let rows: Vec<&TokenizedGroup> = micro_batches
-                .rows(micro)
-                .into_iter()
-                .map(|i| train[i])
-                .collect();
-            let batch = collate_groups(&rows, pad);
-            let rewards = batch_rewards(&model.gpt, &batch, cfg.pooling, job.device, true);
-            let (loss, gap) = kwise_loss(&rewards, &batch);
-            let loss = loss / cfg.grad_accum as f64;
-            loss.backward();
-            loss_sum += loss.double_value(&[]);
-            correct += i64::try_from(gap.gt(0.0).sum(Kind::Int64)).unwrap_or(0) as usize;
-            pairs += batch.better.len();
-        }
-        check_finite(step + 1, "reward-model loss", loss_sum)?;
-        let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm);
-        check_finite(step + 1, "gradient norm", grad_norm)?;
-        opt.step(lr);
-        let done = step + 1;
-        let mut record = json!({
-            "step": done, "loss": loss_sum, "accuracy": correct as f64 / pairs.max(1) as f64,
-            "lr": lr, "grad_norm": grad_norm,
-        });
-        if done % cfg.eval_every == 0 || done == total_steps {
-            last_eval = evaluate_now(&model.gpt);
-            if let Some(e) = &last_eval {
-                record["eval_loss"] = json!(e.loss);
-                record["eval_accuracy"] = json!(e.accuracy);
-                record["eval_mean_margin"] = json!(e.mean_margin);
-                record["reward_mean"] = json!(e.reward_mean);
-                record["reward_std"] = json!(e.reward_std);
-                tracing::info!(
-                    "reward: step {done}/{total_steps} loss {loss_sum:.4} eval loss {:.4} accuracy {:.3}",
-                    e.loss,
-                    e.accuracy
-                );
-            }
-        }
-        metrics.write(&record);
-        bar.set_position(done as u64);
-        bar.set_message(format!("loss {loss_sum:.3}"));
-        let state = RewardState {
-            stage: "reward".into(),
-            step: done,
-            total_steps,
-            done: false,
-        };
-        checkpointer
-            .after_step(done, &model, &opt, &state)
-            .inspect_err(|_| bar.abandon())?;
-    }
-    bar.finish_and_clear();
-
+    let mut fitted = fit(&run, start, &objective)?;
     let normalization = match &cfg.normalize_on {
         Some(path) => Some(normalize(
-            &mut model,
+            &mut fitted.model,
             path,
             max_len,
             cfg.normalize_max_examples,
-            job.device,
+            ctx.device,
         )?),
         None => None,
     };
     // Eval after the shift: accuracy is unchanged, reward mean moves.
-    let final_eval = evaluate_now(&model.gpt).or(last_eval);
-    let state = RewardState {
-        stage: "reward".into(),
-        step: total_steps,
-        total_steps,
-        done: true,
-    };
-    checkpointer.finish(&model, &opt, &state)?;
+    let final_eval = objective.evaluate(&fitted.model.gpt).or(fitted.last_eval);
+    finish(&run, &fitted)?;
     let summary = RewardSummary {
-        steps: total_steps,
-        train_groups: train.len(),
+        steps: fitted.steps,
+        train_groups: objective.train.len(),
         train_pairs,
         eval: final_eval,
         normalization,
@@ -596,7 +581,7 @@ fn normalize(
             answer_start: p.prompt.len(),
         })
         .collect();
-    let rewards = sequence_rewards(model, &inputs, 64, device);
+    let rewards = sequence_rewards(model, &inputs, SCORE_BATCH, device);
     let (mean, std) = mean_std(&rewards);
     model.gpt.shift_scalar_bias(-mean);
     let stats = RewardNormalization {

@@ -248,34 +248,6 @@ fn collect(tokens: Tensor, attention: Tensor, width: i64, filled: i64, eos: i64)
     }
 }
 
-/// `k` sampled answers (as text) to each prompt, in batches of up to 64
-/// sequences. Deterministic for a given `tch::manual_seed`.
-pub fn sample_answers(
-    model: &Gpt,
-    tokenizer: &rlhf_datasets::Tokenizer,
-    prompts: &[String],
-    k: usize,
-    config: &SamplingConfig,
-    device: Device,
-) -> Result<Vec<Vec<String>>, crate::train::StageError> {
-    let ids = prompts
-        .iter()
-        .map(|p| tokenizer.encode(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let repeated: Vec<Vec<i64>> = ids
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.clone(), k))
-        .collect();
-    let mut texts = Vec::with_capacity(repeated.len());
-    for chunk in repeated.chunks(64) {
-        let g = generate(model, chunk, config, TokenSpec::of(tokenizer), device)?;
-        for a in &g.answers {
-            texts.push(tokenizer.decode(a, false)?);
-        }
-    }
-    Ok(texts.chunks(k).map(<[String]>::to_vec).collect())
-}
-
 /// Greedy or sampled next tokens from `(B, V)` logits.
 pub fn pick_next(logits: &Tensor, config: &SamplingConfig) -> Tensor {
     if config.temperature == 0.0 {

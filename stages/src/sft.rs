@@ -1,143 +1,125 @@
 //! Stage 1: supervised fine-tuning on demonstrations (InstructGPT, Ouyang
 //! et al. 2022, section 3.5).
 //!
-//! Next-token cross-entropy on answer tokens only; AdamW with decay on 2-D
-//! weights; linear warm-up then cosine decay; global-norm clipping;
-//! gradient accumulation; periodic eval loss and checkpoints.
-//!
-//! Exact resume: a checkpoint holds weights, AdamW moments and the step.
-//! The data order is a function of (seed, epoch) and the dropout RNG is
-//! reseeded from (seed, step) before every step, so the step number alone
-//! restores the data position and the RNG: a resumed run ends with the same
-//! weights, bit for bit on CPU, as an uninterrupted one.
+//! Next-token cross-entropy on answer tokens only, trained by the shared
+//! loop ([`crate::train::fit`]: AdamW, warm-up then cosine decay, clipping,
+//! accumulation, periodic eval and checkpoints, exact resume). This file
+//! holds the stage's settings, its data, its loss and its eval.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rlhf_datasets::batch::{collate, tokenize_pairs, train_eval_split, LmBatch, TokenizedPair};
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{sft_records, ChatTemplate};
-use rlhf_datasets::task;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use crate::answer::judged_eval;
+use crate::check;
 use crate::checkpoint::Model;
 use crate::gpt::{Gpt, Head};
+use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamWConfig, LrSchedule};
-use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::train::{
-    check_finite, finished_summary, io_err, progress_bar, start_or_resume, write_summary,
-    Checkpointer, EpochBatches, MetricsLog, StageError, Start, METRICS_FILE,
+    finish, fit, prepare_out_dir, start_or_resume, write_summary, Evaluation, FitRun, Objective,
+    Ratio, StageContext, StageError, TrainSettings,
 };
 
-/// Settings of the SFT stage (the `sft` stage of an experiment file).
+/// Settings of the SFT stage (`kind: sft`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftConfig {
+    #[serde(flatten, skip_deserializing)]
+    pub train: TrainSettings,
     /// Demonstrations: `{prompt, completion}` or `{messages}` (JSONL, JSONL.gz, Parquet, CSV).
     pub data: PathBuf,
-    /// A model folder to start from (rlhf checkpoint or HF GPT-2); none
-    /// starts from a random model of the experiment's `model` shape.
+    /// A model folder to start from (rlhf checkpoint or HF GPT-2), or an
+    /// earlier stage; none starts from a random model of the experiment's
+    /// `model` shape.
     pub init: Option<PathBuf>,
     /// Held-out share of the demonstrations for the eval loss.
     pub eval_fraction: f64,
     pub eval_max_examples: usize,
     /// Longest example in tokens (capped by the model's n_positions).
     pub max_len: usize,
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step.
-    pub grad_accum: usize,
-    pub epochs: usize,
-    /// Stop after this many optimiser steps (overrides `epochs`).
-    pub max_steps: Option<i64>,
-    pub optimizer: AdamWConfig,
-    pub schedule: LrSchedule,
-    /// Global gradient-norm bound; 0 disables clipping.
-    pub max_grad_norm: f64,
-    pub eval_every: i64,
-    pub checkpoint_every: i64,
     /// Prompts (`{prompt}` rows) to answer greedily after training, scored
-    /// by the bundled task's gold judge where it knows the prompt.
+    /// by the judge where it knows the prompt.
     pub eval_prompts: Option<PathBuf>,
     pub eval_max_new_tokens: i64,
-    pub seed: u64,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
         Self {
-            data: PathBuf::from("datasets/task/sft.jsonl"),
+            train: TrainSettings {
+                batch_size: 32,
+                grad_accum: 1,
+                epochs: 2,
+                max_steps: None,
+                optimizer: AdamWConfig {
+                    lr: 1e-3,
+                    ..AdamWConfig::default()
+                },
+                schedule: LrSchedule::default(),
+                max_grad_norm: 1.0,
+                eval_every: 50,
+                checkpoint_every: 100,
+                seed: None,
+            },
+            data: PathBuf::new(),
             init: None,
             eval_fraction: 0.05,
             eval_max_examples: 500,
             max_len: 128,
-            batch_size: 32,
-            grad_accum: 1,
-            epochs: 2,
-            max_steps: None,
-            optimizer: AdamWConfig {
-                lr: 1e-3,
-                ..AdamWConfig::default()
-            },
-            schedule: LrSchedule::default(),
-            max_grad_norm: 1.0,
-            eval_every: 50,
-            checkpoint_every: 100,
             eval_prompts: None,
             eval_max_new_tokens: 24,
-            seed: 0,
         }
     }
 }
 
-impl SftConfig {
-    pub fn validate(&self) -> Result<(), StageError> {
-        let bad = |m: String| Err(StageError::Config(format!("sft: {m}")));
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            return bad("batch_size and grad_accum must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.eval_fraction) {
-            return bad(format!(
-                "eval_fraction must lie in [0, 1), got {}",
-                self.eval_fraction
-            ));
-        }
-        if self.max_len < 2 {
-            return bad(format!("max_len must be at least 2, got {}", self.max_len));
-        }
-        if self.epochs == 0 && self.max_steps.is_none() {
-            return bad("epochs is 0 and max_steps is unset: nothing to train".into());
-        }
-        if self.max_steps.is_some_and(|s| s < 1) {
-            return bad("max_steps must be at least 1".into());
-        }
-        if self.eval_every < 1 || self.checkpoint_every < 1 {
-            return bad("eval_every and checkpoint_every must be at least 1".into());
-        }
-        if self.optimizer.lr.is_nan() || self.optimizer.lr <= 0.0 {
-            return bad(format!(
-                "optimizer.lr must be positive, got {}",
-                self.optimizer.lr
-            ));
-        }
-        Ok(())
+impl KindConfig for SftConfig {
+    const KIND: &'static str = "sft";
+    type Summary = SftSummary;
+
+    fn train(&mut self) -> Option<&mut TrainSettings> {
+        Some(&mut self.train)
+    }
+
+    fn validate(&self) -> Result<(), StageError> {
+        self.train.validate()?;
+        check::require(
+            "eval_fraction",
+            (0.0..1.0).contains(&self.eval_fraction),
+            "in [0, 1)",
+            self.eval_fraction,
+        )?;
+        check::at_least("max_len", self.max_len as i64, 2)?;
+        check::at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
+    }
+
+    fn paths(&mut self) -> Vec<PathSetting<'_>> {
+        vec![
+            PathSetting::data(
+                "data",
+                "the demonstrations: {prompt, completion} or {messages} rows",
+                &mut self.data,
+            ),
+            PathSetting::optional_model("init", &mut self.init),
+            PathSetting::optional_data("eval_prompts", &mut self.eval_prompts),
+        ]
+    }
+
+    fn seed_mut(&mut self) -> &mut Option<u64> {
+        &mut self.train.seed
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<SftSummary, StageError> {
+        run(self, ctx)
     }
 }
 
 pub use crate::train::ScratchModel;
-
-/// One SFT run.
-#[derive(Debug, Clone)]
-pub struct SftJob {
-    pub config: SftConfig,
-    pub scratch: ScratchModel,
-    pub out_dir: PathBuf,
-    pub device: Device,
-    /// Stop (as if killed) after this step, leaving its checkpoint: for
-    /// resume tests.
-    pub stop_after_step: Option<i64>,
-}
 
 /// What an SFT run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,24 +131,12 @@ pub struct SftSummary {
     pub completions_cut: usize,
     pub final_train_loss: f64,
     pub final_eval_loss: Option<f64>,
-    /// Mean gold-judge score of greedy answers to `eval_prompts`.
+    /// Mean judge score of greedy answers to `eval_prompts`.
     pub eval_gold_score: Option<f64>,
     /// Share of those answers that are exactly right.
     pub eval_exact: Option<f64>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
-}
-
-/// State saved with every SFT checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SftState {
-    stage: String,
-    /// Optimiser steps done.
-    step: i64,
-    total_steps: i64,
-    seed: u64,
-    last_train_loss: f64,
-    done: bool,
 }
 
 /// The SFT loss of a batch: mean NLL over answer tokens, as
@@ -192,35 +162,140 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
     -crate::score::gather_logprobs(logits, targets)
 }
 
-/// Runs (or resumes, or finds already done) an SFT run.
-pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
-    let cfg = &job.config;
-    cfg.validate()?;
-    let started = Instant::now();
-    let out = &job.out_dir;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    if let Some(summary) = finished_summary(out) {
-        tracing::info!("sft: {} is complete; nothing to do", out.display());
-        return Ok(summary);
+/// Next-token loss on answer tokens: a step's loss is the mean over every
+/// answer token of its micro-batches.
+struct Demonstrations<'a> {
+    train: Vec<&'a TokenizedPair>,
+    eval: Vec<&'a TokenizedPair>,
+    eval_batch: usize,
+    pad: i64,
+    device: Device,
+}
+
+/// The held-out NLL per answer token.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalLoss(pub f64);
+
+impl Evaluation for EvalLoss {
+    fn loss(&self) -> f64 {
+        self.0
+    }
+    fn record(&self, record: &mut serde_json::Value) {
+        record["eval_loss"] = serde_json::json!(self.0);
+    }
+}
+
+impl Objective for Demonstrations<'_> {
+    type Batch = LmBatch;
+    type Eval = EvalLoss;
+    const LOSS: &'static str = "training loss";
+
+    fn examples(&self) -> usize {
+        self.train.len()
     }
 
-    // The model: a periodic checkpoint to resume, else init or scratch.
-    let Start {
-        model,
-        mut opt,
-        resumed_at,
-        state,
-    } = start_or_resume::<SftState>(
+    fn collate(&self, rows: &[usize]) -> LmBatch {
+        let pairs: Vec<&TokenizedPair> = rows.iter().map(|&i| self.train[i]).collect();
+        collate(&pairs, self.pad)
+    }
+
+    fn batch_tokens(&self, batch: &LmBatch) -> usize {
+        batch.rows * batch.width
+    }
+
+    fn loss(&self, model: &Gpt, batch: &LmBatch, step: &[LmBatch]) -> (Tensor, Vec<Ratio>) {
+        let step_tokens: usize = step.iter().map(|b| b.target_tokens).sum();
+        let (nll_sum, _) = masked_nll_sum(model, batch, self.device, true);
+        (nll_sum / step_tokens as f64, vec![])
+    }
+
+    fn evaluate(&self, model: &Gpt) -> Option<EvalLoss> {
+        eval_loss(model, &self.eval, self.eval_batch, self.pad, self.device).map(EvalLoss)
+    }
+}
+
+/// Runs (or resumes, or finds already done) an SFT run.
+pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError> {
+    KindConfig::validate(cfg)?;
+    let started = Instant::now();
+    let out = &ctx.out_dir;
+    if let Some(summary) = prepare_out_dir(out, "sft")? {
+        return Ok(summary);
+    }
+    let train = &cfg.train;
+    let start = start_or_resume(
         out,
         Head::Lm,
         cfg.init.as_deref(),
-        &job.scratch,
-        &cfg.optimizer,
-        cfg.seed,
-        job.device,
+        &ctx.scratch,
+        &train.optimizer,
+        train.seed(),
+        ctx.device,
     )?;
+    let (pairs, cut) = load_demonstrations(cfg, &start.model)?;
+    let (train_idx, eval_idx) = train_eval_split(
+        pairs.len(),
+        cfg.eval_fraction,
+        cfg.eval_max_examples,
+        train.seed(),
+    );
+    let objective = Demonstrations {
+        train: train_idx.iter().map(|&i| &pairs[i]).collect(),
+        eval: eval_idx.iter().map(|&i| &pairs[i]).collect(),
+        eval_batch: train.batch_size,
+        pad: start.model.tokenizer.pad_id(),
+        device: ctx.device,
+    };
+    tracing::info!(
+        "sft: {} train / {} eval examples, {} steps of {} x {} on {:?}",
+        objective.train.len(),
+        objective.eval.len(),
+        train.total_steps(objective.train.len()),
+        train.batch_size,
+        train.grad_accum,
+        ctx.device
+    );
+    let run = FitRun {
+        label: "sft",
+        settings: train,
+        out_dir: out,
+        stop_after: ctx.stop_after,
+    };
+    let fitted = fit(&run, start, &objective)?;
+    finish(&run, &fitted)?;
+    let judged = match &cfg.eval_prompts {
+        Some(path) => judged_eval(
+            &fitted.model,
+            path,
+            cfg.eval_max_new_tokens,
+            ctx.judge.as_ref(),
+            ctx.device,
+            &out.join("samples.jsonl"),
+        )?,
+        None => None,
+    };
+    let summary = SftSummary {
+        steps: fitted.steps,
+        train_examples: objective.train.len(),
+        eval_examples: objective.eval.len(),
+        prompts_cut: cut.prompts_cut,
+        completions_cut: cut.completions_cut,
+        final_train_loss: fitted.last_loss,
+        final_eval_loss: fitted.last_eval.map(|e| e.0),
+        eval_gold_score: judged.map(|j| j.mean),
+        eval_exact: judged.map(|j| j.exact),
+        tokens_per_second: fitted.tokens_per_second,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    write_summary(out, &summary)?;
+    Ok(summary)
+}
 
-    // The data.
+/// The demonstrations tokenized for `model`, and how many were cut.
+fn load_demonstrations(
+    cfg: &SftConfig,
+    model: &Model,
+) -> Result<(Vec<TokenizedPair>, rlhf_datasets::batch::TruncationStats), StageError> {
     let table = read_table(&cfg.data)?;
     let records = sft_records(
         &table,
@@ -236,148 +311,7 @@ pub fn run(job: &SftJob) -> Result<SftSummary, StageError> {
             cut.completions_cut
         );
     }
-    let (train_idx, eval_idx) = train_eval_split(
-        pairs.len(),
-        cfg.eval_fraction,
-        cfg.eval_max_examples,
-        cfg.seed,
-    );
-    let train: Vec<&TokenizedPair> = train_idx.iter().map(|&i| &pairs[i]).collect();
-    let eval: Vec<&TokenizedPair> = eval_idx.iter().map(|&i| &pairs[i]).collect();
-    let per_epoch = train.len().div_ceil(cfg.batch_size) as i64;
-    let total_steps = cfg.max_steps.unwrap_or_else(|| {
-        ((cfg.epochs as u64 * per_epoch as u64).div_ceil(cfg.grad_accum as u64) as i64).max(1)
-    });
-    tracing::info!(
-        "sft: {} train / {} eval examples, {total_steps} steps of {} x {} on {:?}",
-        train.len(),
-        eval.len(),
-        cfg.batch_size,
-        cfg.grad_accum,
-        job.device
-    );
-
-    let start_step = state.as_ref().map_or(0, |s| s.step);
-    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resumed_at)?;
-    let checkpointer = Checkpointer {
-        out_dir: out.clone(),
-        every: cfg.checkpoint_every,
-        total_steps,
-        stop_after: job.stop_after_step,
-    };
-    let bar = progress_bar(total_steps as u64, start_step as u64, "sft");
-    let pad = model.tokenizer.pad_id();
-    let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
-    let mut last_eval = None;
-    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed);
-    let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
-
-    for step in start_step..total_steps {
-        let t0 = Instant::now();
-        tch::manual_seed((cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
-        let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
-        // This step's micro-batches, from the seeded epoch order.
-        let mut batches = Vec::with_capacity(cfg.grad_accum);
-        for k in 0..cfg.grad_accum as i64 {
-            let micro = step * cfg.grad_accum as i64 + k;
-            let rows: Vec<&TokenizedPair> = micro_batches
-                .rows(micro)
-                .into_iter()
-                .map(|i| train[i])
-                .collect();
-            batches.push(collate(&rows, pad));
-        }
-        let step_tokens: usize = batches.iter().map(|b| b.target_tokens).sum();
-        opt.zero_grad();
-        let mut loss_sum = 0.0;
-        for batch in &batches {
-            let (nll_sum, _) = masked_nll_sum(&model.gpt, batch, job.device, true);
-            let loss = nll_sum / step_tokens as f64;
-            loss.backward();
-            loss_sum += loss.double_value(&[]);
-            tokens_seen += batch.rows * batch.width;
-        }
-        check_finite(step + 1, "training loss", loss_sum)?;
-        let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm);
-        check_finite(step + 1, "gradient norm", grad_norm)?;
-        opt.step(lr);
-        last_loss = loss_sum;
-        let dt = t0.elapsed().as_secs_f64();
-        train_time += dt;
-        let done = step + 1;
-        let mut record = json!({
-            "step": done, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": batches.iter().map(|b| b.rows * b.width).sum::<usize>() as f64 / dt.max(1e-9),
-            "epoch": (done * cfg.grad_accum as i64) as f64 / per_epoch as f64,
-        });
-        if done % cfg.eval_every == 0 || done == total_steps {
-            let e = eval_loss(&model.gpt, &eval, cfg.batch_size, pad, job.device);
-            if let Some(e) = e {
-                record["eval_loss"] = json!(e);
-            }
-            last_eval = e;
-        }
-        metrics.write(&record);
-        bar.set_position(done as u64);
-        bar.set_message(format!("loss {loss_sum:.3}"));
-        if done % cfg.eval_every == 0 {
-            let eval = last_eval.map_or("-".into(), |e| format!("{e:.4}"));
-            tracing::info!(
-                "sft: step {done}/{total_steps} loss {loss_sum:.4} eval {eval} lr {lr:.2e}"
-            );
-        }
-        let state = SftState {
-            stage: "sft".into(),
-            step: done,
-            total_steps,
-            seed: cfg.seed,
-            last_train_loss: last_loss,
-            done: false,
-        };
-        checkpointer
-            .after_step(done, &model, &opt, &state)
-            .inspect_err(|_| bar.abandon())?;
-    }
-    bar.finish_and_clear();
-
-    let state = SftState {
-        stage: "sft".into(),
-        step: total_steps,
-        total_steps,
-        seed: cfg.seed,
-        last_train_loss: last_loss,
-        done: true,
-    };
-    checkpointer.finish(&model, &opt, &state)?;
-
-    let (eval_gold_score, eval_exact) = match &cfg.eval_prompts {
-        Some(path) => {
-            let scores = gold_eval(
-                &model,
-                path,
-                cfg.eval_max_new_tokens,
-                job.device,
-                &out.join("samples.jsonl"),
-            )?;
-            (scores.map(|s| s.0), scores.map(|s| s.1))
-        }
-        None => (None, None),
-    };
-    let summary = SftSummary {
-        steps: total_steps,
-        train_examples: train.len(),
-        eval_examples: eval.len(),
-        prompts_cut: cut.prompts_cut,
-        completions_cut: cut.completions_cut,
-        final_train_loss: last_loss,
-        final_eval_loss: last_eval,
-        eval_gold_score,
-        eval_exact,
-        tokens_per_second: tokens_seen as f64 / train_time.max(1e-9),
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
-    write_summary(out, &summary)?;
-    Ok(summary)
+    Ok((pairs, cut))
 }
 
 /// Mean NLL per answer token over `pairs`; `None` if there are none.
@@ -401,65 +335,6 @@ pub fn eval_loss(
         }
         Some(sum / count)
     })
-}
-
-/// Greedy answers to the prompts of `path`, written to `samples_out`, and
-/// (mean gold score, exact share) where the bundled task's judge knows the
-/// prompts.
-pub fn gold_eval(
-    model: &Model,
-    path: &Path,
-    max_new_tokens: i64,
-    device: Device,
-    samples_out: &Path,
-) -> Result<Option<(f64, f64)>, StageError> {
-    let table = read_table(path)?;
-    let prompts = rlhf_datasets::load::string_column(&table, path, "prompt", "{prompt}")?;
-    let answers = greedy_answers(model, &prompts, max_new_tokens, device)?;
-    let mut lines = String::new();
-    let mut scores = Vec::new();
-    for (p, a) in prompts.iter().zip(&answers) {
-        let score = task::judge(p, a);
-        if let Some(s) = score {
-            scores.push(s);
-        }
-        lines.push_str(&json!({"prompt": p, "answer": a, "gold_score": score}).to_string());
-        lines.push('\n');
-    }
-    rlhf_datasets::atomic::write_file(samples_out, lines.as_bytes())?;
-    if scores.is_empty() {
-        return Ok(None);
-    }
-    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-    let exact = scores.iter().filter(|&&s| s == 1.0).count() as f64 / scores.len() as f64;
-    Ok(Some((mean, exact)))
-}
-
-/// Greedy decoding of each prompt, in batches, answers as text.
-pub fn greedy_answers(
-    model: &Model,
-    prompts: &[String],
-    max_new_tokens: i64,
-    device: Device,
-) -> Result<Vec<String>, StageError> {
-    let tok = &model.tokenizer;
-    let cfg = SamplingConfig {
-        temperature: 0.0,
-        max_new_tokens,
-        ..SamplingConfig::default()
-    };
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(64) {
-        let ids = chunk
-            .iter()
-            .map(|p| tok.encode(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let g = generate(&model.gpt, &ids, &cfg, TokenSpec::of(tok), device)?;
-        for a in &g.answers {
-            out.push(tok.decode(a, false)?);
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -6,10 +6,10 @@ mod common;
 
 use rlhf_stages::checkpoint::HeadChoice;
 use rlhf_stages::optim::AdamWConfig;
-use rlhf_stages::ppo::{self, PpoConfig, PpoJob};
+use rlhf_stages::ppo::{self, PpoConfig};
 use rlhf_stages::sample::SamplingConfig;
 use rlhf_stages::sft::{run, SftConfig};
-use rlhf_stages::train::{periodic_checkpoints, StageError, FINAL_DIR};
+use rlhf_stages::train::{periodic_checkpoints, StageError, TrainSettings, FINAL_DIR};
 use rlhf_stages::{Head, Model};
 use tch::Device;
 
@@ -20,22 +20,26 @@ fn exploding_sft_stops_at_the_step_and_keeps_the_last_good_checkpoint() {
     // A learning rate of 1e30 without clipping sends the weights to
     // infinity after the first update; the next forward is not finite.
     let config = SftConfig {
-        batch_size: 8,
-        max_steps: Some(6),
-        checkpoint_every: 1,
-        max_grad_norm: 0.0,
-        optimizer: AdamWConfig {
-            lr: 1e30,
-            ..AdamWConfig::default()
-        },
-        schedule: rlhf_stages::optim::LrSchedule {
-            warmup_steps: 0,
-            min_lr_ratio: 1.0,
+        train: TrainSettings {
+            batch_size: 8,
+            max_steps: Some(6),
+            checkpoint_every: 1,
+            max_grad_norm: 0.0,
+            optimizer: AdamWConfig {
+                lr: 1e30,
+                ..AdamWConfig::default()
+            },
+            schedule: rlhf_stages::optim::LrSchedule {
+                warmup_steps: 0,
+                min_lr_ratio: 1.0,
+            },
+            ..SftConfig::default().train
         },
         ..SftConfig::default()
     };
     let out = d.path().join("run");
-    let err = run(&common::sft_job(data, out.clone(), config)).unwrap_err();
+    let job = common::sft_job(data, out.clone(), config);
+    let err = run(&job.config, &job.ctx).unwrap_err();
     let StageError::NonFinite {
         step,
         quantity,
@@ -94,10 +98,10 @@ fn a_reward_model_that_returns_nan_stops_ppo_naming_the_reward() {
     rm.save(&d.path().join("rm")).unwrap();
     let prompts = d.path().join("prompts.jsonl");
     std::fs::write(&prompts, "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n").unwrap();
-    let job = PpoJob {
+    let job = common::Job {
         config: PpoConfig {
             prompts,
-            policy: Some(d.path().join("policy")),
+            policy: d.path().join("policy"),
             reward_model: Some(d.path().join("rm")),
             iterations: 2,
             rollout_batch: 2,
@@ -108,12 +112,9 @@ fn a_reward_model_that_returns_nan_stops_ppo_naming_the_reward() {
             },
             ..PpoConfig::default()
         },
-        out_dir: d.path().join("ppo"),
-        device: Device::Cpu,
-        reward_rule: None,
-        stop_after_iteration: None,
+        ctx: common::ctx(d.path().join("ppo")),
     };
-    let err = ppo::run(&job).unwrap_err();
+    let err = ppo::run(&job.config, &job.ctx).unwrap_err();
     assert!(
         matches!(
             err,

@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
-use rlhf_stages::ppo::{run, AdaptiveKl, PpoConfig, PpoJob};
+use rlhf_stages::ppo::{run, AdaptiveKl, PpoConfig};
 use rlhf_stages::sample::SamplingConfig;
-use rlhf_stages::train::{StageError, FINAL_DIR};
+use rlhf_stages::train::{StageContext, StageError, FINAL_DIR};
 use rlhf_stages::{Head, Model};
 use tch::Device;
 
@@ -45,11 +45,20 @@ fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (policy, prompts)
 }
 
+/// A run into `out` whose judge is the lowercase rule.
+fn ctx(out: std::path::PathBuf, stop_after: Option<i64>) -> StageContext {
+    StageContext {
+        judge: Some(Arc::new(|p: &str, a: &str| Some(lowercase_share(p, a)))),
+        stop_after,
+        ..common::ctx(out)
+    }
+}
+
 fn config(policy: std::path::PathBuf, prompts: std::path::PathBuf, iterations: i64) -> PpoConfig {
     PpoConfig {
         prompts,
-        policy: Some(policy),
-        gold_reward: true, // replaced by the rule below
+        policy,
+        gold_reward: true, // the judge: the rule above
         iterations,
         rollout_batch: 32,
         sampling: SamplingConfig {
@@ -81,14 +90,11 @@ fn reward_rises_under_a_kl_bound() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = setup(d.path());
-    let job = PpoJob {
-        config: config(policy, prompts, 15),
-        out_dir: d.path().join("run"),
-        device: Device::Cpu,
-        reward_rule: Some(Arc::new(lowercase_share)),
-        stop_after_iteration: None,
-    };
-    let summary = run(&job).unwrap();
+    let summary = run(
+        &config(policy, prompts, 15),
+        &ctx(d.path().join("run"), None),
+    )
+    .unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("run/metrics.jsonl"))
         .unwrap()
         .lines()
@@ -131,19 +137,13 @@ fn stopped_ppo_resumes_to_identical_weights() {
         target: 1.0,
         horizon: 100.0,
     });
-    let job = |out: &str, stop: Option<i64>| PpoJob {
-        config: cfg.clone(),
-        out_dir: d.path().join(out),
-        device: Device::Cpu,
-        reward_rule: Some(Arc::new(lowercase_share)),
-        stop_after_iteration: stop,
-    };
-    let a = run(&job("a", None)).unwrap();
+    let job = |out: &str, stop: Option<i64>| ctx(d.path().join(out), stop);
+    let a = run(&cfg, &job("a", None)).unwrap();
     assert!(matches!(
-        run(&job("b", Some(3))),
+        run(&cfg, &job("b", Some(3))),
         Err(StageError::StoppedEarly(3))
     ));
-    let b = run(&job("b", None)).unwrap();
+    let b = run(&cfg, &job("b", None)).unwrap();
     assert_eq!(a.beta, b.beta, "the KL controller's state is restored");
     for part in [FINAL_DIR, "critic"] {
         let load = |out: &str| {
@@ -175,14 +175,7 @@ fn ptx_adds_the_demonstration_loss() {
         coef: 27.8,
         batch_size: 4,
     });
-    let job = PpoJob {
-        config: cfg,
-        out_dir: d.path().join("run"),
-        device: Device::Cpu,
-        reward_rule: Some(Arc::new(lowercase_share)),
-        stop_after_iteration: None,
-    };
-    run(&job).unwrap();
+    run(&cfg, &ctx(d.path().join("run"), None)).unwrap();
     let metrics = std::fs::read_to_string(d.path().join("run/metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()

@@ -4,9 +4,9 @@ mod common;
 
 use rand::{Rng, SeedableRng};
 use rlhf_stages::optim::AdamWConfig;
-use rlhf_stages::reward::{run, RewardConfig, RewardJob};
+use rlhf_stages::reward::{run, RewardConfig};
+use rlhf_stages::train::TrainSettings;
 use serde_json::json;
-use tch::Device;
 
 /// Prompts `Q: <n>`, four answers of random digits; the rule: an answer is
 /// better the larger its first digit (distinct first digits, so no ties).
@@ -44,10 +44,10 @@ fn reward_model_learns_a_ranking_rule() {
     let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
     synthetic(&train, 400, 1);
     synthetic(&eval, 60, 2);
-    let job = RewardJob {
-        config: RewardConfig {
-            data: train,
-            eval_data: Some(eval),
+    let config = RewardConfig {
+        data: train,
+        eval_data: Some(eval),
+        train: TrainSettings {
             batch_size: 8,
             epochs: 3,
             optimizer: AdamWConfig {
@@ -57,14 +57,11 @@ fn reward_model_learns_a_ranking_rule() {
             },
             eval_every: 1000,
             checkpoint_every: 1000,
-            ..RewardConfig::default()
+            ..RewardConfig::default().train
         },
-        scratch: common::tiny_model(),
-        out_dir: d.path().join("run"),
-        device: Device::Cpu,
-        stop_after_step: None,
+        ..RewardConfig::default()
     };
-    let summary = run(&job).unwrap();
+    let summary = run(&config, &common::ctx(d.path().join("run"))).unwrap();
     let eval = summary.eval.unwrap();
     // The rule is noiseless and needs one look at the answer's first token:
     // a model that learnt it ranks every pair right, chance is 0.5. 0.9

@@ -4,8 +4,8 @@
 mod common;
 
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
-use rlhf_stages::reward::{run, RewardConfig, RewardJob};
-use rlhf_stages::train::{StageError, FINAL_DIR, OPTIMIZER_FILE};
+use rlhf_stages::reward::{run, RewardConfig};
+use rlhf_stages::train::{StageContext, StageError, TrainSettings, FINAL_DIR, OPTIMIZER_FILE};
 use rlhf_stages::Model;
 use tch::{Device, Tensor};
 
@@ -16,28 +16,29 @@ fn resumed_reward_training_equals_uninterrupted_bit_for_bit() {
     let demos = common::task_slice(d.path(), "sft.jsonl", 50);
     let mut scratch = common::tiny_model();
     scratch.config.resid_pdrop = 0.1;
-    let job = |out: &str| RewardJob {
-        config: RewardConfig {
-            data: data.clone(),
+    let config = RewardConfig {
+        data: data.clone(),
+        train: TrainSettings {
             batch_size: 4,
             grad_accum: 2,
             max_steps: Some(11),
             checkpoint_every: 3,
             eval_every: 4,
-            normalize_on: Some(demos.clone()),
-            ..RewardConfig::default()
+            ..RewardConfig::default().train
         },
-        scratch: scratch.clone(),
-        out_dir: d.path().join(out),
-        device: Device::Cpu,
-        stop_after_step: None,
+        normalize_on: Some(demos.clone()),
+        ..RewardConfig::default()
     };
-    let a = run(&job("a")).unwrap();
-    let mut b = job("b");
-    b.stop_after_step = Some(7);
-    assert!(matches!(run(&b), Err(StageError::StoppedEarly(7))));
-    b.stop_after_step = None;
-    let b_summary = run(&b).unwrap();
+    let ctx = |out: &str| StageContext {
+        scratch: scratch.clone(),
+        ..common::ctx(d.path().join(out))
+    };
+    let a = run(&config, &ctx("a")).unwrap();
+    let mut b = ctx("b");
+    b.stop_after = Some(7);
+    assert!(matches!(run(&config, &b), Err(StageError::StoppedEarly(7))));
+    b.stop_after = None;
+    let b_summary = run(&config, &b).unwrap();
     assert_eq!(a.normalization, b_summary.normalization);
     let load = |out: &str| {
         let dir = d.path().join(out).join(FINAL_DIR);

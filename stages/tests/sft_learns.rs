@@ -11,6 +11,7 @@ use rlhf_datasets::schema::{sft_records, ChatTemplate};
 use rlhf_datasets::Tokenizer;
 use rlhf_stages::optim::{AdamWConfig, LrSchedule};
 use rlhf_stages::sft::{run, SftConfig};
+use rlhf_stages::train::TrainSettings;
 
 /// Entropy (nats) of answer tokens by frequency: the best loss of a model
 /// that predicts answer tokens without reading the prompt.
@@ -39,21 +40,25 @@ fn sft_on_a_task_slice_beats_the_prompt_blind_bound() {
     let h = unigram_entropy(&data);
     let config = SftConfig {
         eval_fraction: 0.1,
-        batch_size: 32,
-        epochs: 10,
-        optimizer: AdamWConfig {
-            lr: 3e-3,
-            ..AdamWConfig::default()
+        train: TrainSettings {
+            batch_size: 32,
+            epochs: 10,
+            optimizer: AdamWConfig {
+                lr: 3e-3,
+                ..AdamWConfig::default()
+            },
+            schedule: LrSchedule {
+                warmup_steps: 10,
+                min_lr_ratio: 0.1,
+            },
+            eval_every: 1000,
+            checkpoint_every: 1000,
+            ..SftConfig::default().train
         },
-        schedule: LrSchedule {
-            warmup_steps: 10,
-            min_lr_ratio: 0.1,
-        },
-        eval_every: 1000,
-        checkpoint_every: 1000,
         ..SftConfig::default()
     };
-    let summary = run(&common::sft_job(data, d.path().join("run"), config)).unwrap();
+    let job = common::sft_job(data, d.path().join("run"), config);
+    let summary = run(&job.config, &job.ctx).unwrap();
     let eval = summary.final_eval_loss.unwrap();
     // Answer tokens carry about 3.5 nats by frequency alone. Half of that
     // needs the prompt read: upper-casing and reversing letters and

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use rlhf_stages::checkpoint::HeadChoice;
 use rlhf_stages::sft::{run, SftConfig};
-use rlhf_stages::train::{StageError, FINAL_DIR, OPTIMIZER_FILE};
+use rlhf_stages::train::{StageError, TrainSettings, FINAL_DIR, OPTIMIZER_FILE};
 use rlhf_stages::{checkpoint::weights_of, Model};
 use tch::{Device, Tensor};
 
@@ -26,11 +26,14 @@ fn resumed_sft_equals_uninterrupted_bit_for_bit() {
     let d = tempfile::tempdir().unwrap();
     let data = common::task_slice(d.path(), "sft.jsonl", 200);
     let config = SftConfig {
-        batch_size: 16,
-        grad_accum: 2,
-        max_steps: Some(14),
-        eval_every: 5,
-        checkpoint_every: 4,
+        train: TrainSettings {
+            batch_size: 16,
+            grad_accum: 2,
+            max_steps: Some(14),
+            eval_every: 5,
+            checkpoint_every: 4,
+            ..SftConfig::default().train
+        },
         ..SftConfig::default()
     };
     let mut scratch = common::tiny_model();
@@ -39,19 +42,19 @@ fn resumed_sft_equals_uninterrupted_bit_for_bit() {
     scratch.config.attn_pdrop = 0.1;
 
     let mut job = common::sft_job(data.clone(), d.path().join("a"), config.clone());
-    job.scratch = scratch.clone();
-    run(&job).unwrap();
+    job.ctx.scratch = scratch.clone();
+    run(&job.config, &job.ctx).unwrap();
 
     let mut job = common::sft_job(data, d.path().join("b"), config);
-    job.scratch = scratch;
-    job.stop_after_step = Some(9);
-    match run(&job) {
+    job.ctx.scratch = scratch;
+    job.ctx.stop_after = Some(9);
+    match run(&job.config, &job.ctx) {
         Err(StageError::StoppedEarly(9)) => {}
         other => panic!("expected a stop after step 9, got {other:?}"),
     }
     assert!(!d.path().join("b").join(FINAL_DIR).exists());
-    job.stop_after_step = None;
-    run(&job).unwrap();
+    job.ctx.stop_after = None;
+    run(&job.config, &job.ctx).unwrap();
 
     let (a, b) = (
         final_tensors(&d.path().join("a")),

@@ -2,38 +2,17 @@
 //! policy, have the labeller rank them, and write the round's preference
 //! data: everything before plus the new rankings, with provenance.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
-use clap::Args;
 use rlhf_datasets::batch::epoch_order;
 use rlhf_datasets::load::{read_table, string_column};
 use rlhf_datasets::preference::{ranked_groups, write_ranked_groups, RankedGroup};
+use rlhf_stages::answer::{answer_prompts, ANSWER_BATCH};
 use rlhf_stages::device::parse_device;
-use rlhf_stages::sample::sample_answers;
 use rlhf_stages::{Head, HeadChoice, Model};
 
+use crate::cli::CollectArgs;
 use crate::config::Experiment;
 use crate::labeller;
-
-#[derive(Debug, Args)]
-pub struct CollectArgs {
-    #[arg(long, short)]
-    pub config: PathBuf,
-    #[arg(long)]
-    pub round: usize,
-    /// The policy to sample.
-    #[arg(long)]
-    pub policy: PathBuf,
-    /// The preference data so far.
-    #[arg(long)]
-    pub base: PathBuf,
-    /// Where to write this round's preference data (Parquet).
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-}
 
 pub fn run(args: CollectArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
@@ -53,14 +32,16 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         .map(|i| all_prompts[i].clone())
         .collect();
     tch::manual_seed(seed as i64);
-    let answers = sample_answers(
-        &policy.gpt,
-        &policy.tokenizer,
+    let answered = answer_prompts(
+        &policy,
         &prompts,
         spec.k,
         &spec.sampling,
+        ANSWER_BATCH,
         device,
     )?;
+    let texts = answered.texts(&policy.tokenizer)?;
+    let answers: Vec<Vec<String>> = texts.chunks(spec.k).map(<[String]>::to_vec).collect();
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
     let rankings = labeller::rank(&spec.labeller, &groups)?;
     let mut new = Vec::new();

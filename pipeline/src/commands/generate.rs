@@ -1,6 +1,7 @@
 use anyhow::Context;
+use rlhf_stages::answer::{answer_prompts, ANSWER_BATCH};
 use rlhf_stages::device::parse_device;
-use rlhf_stages::sample::{generate, SamplingConfig, TokenSpec};
+use rlhf_stages::sample::SamplingConfig;
 use rlhf_stages::{HeadChoice, Model};
 
 use crate::cli::GenerateArgs;
@@ -16,13 +17,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_at_eos: !args.ignore_eos,
     };
     let tok = &model.tokenizer;
-    let prompts = args
-        .prompt
-        .iter()
-        .map(|p| tok.encode(p))
-        .collect::<Result<Vec<_>, _>>()?;
     tch::manual_seed(args.seed);
-    let out = generate(&model.gpt, &prompts, &config, TokenSpec::of(tok), device)
+    let out = answer_prompts(&model, &args.prompt, 1, &config, ANSWER_BATCH, device)
         .context("sampling failed")?;
     for (i, prompt) in args.prompt.iter().enumerate() {
         let answer = tok.decode(&out.answers[i], false)?;

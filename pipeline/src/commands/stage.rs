@@ -1,18 +1,17 @@
 //! `rlhf stage`: one stage of an experiment, in this process. The runner
 //! spawns this as a child per stage; people use it to run one stage alone.
 
-use anyhow::Context;
-use rlhf_datasets::Tokenizer;
-use rlhf_stages::device::{device_name, parse_device};
-use rlhf_stages::ppo::{self, PpoJob};
-use rlhf_stages::reward::{self, RewardJob};
-use rlhf_stages::sft::{self, ScratchModel, SftJob};
-
 use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rlhf_datasets::{task, Tokenizer};
+use rlhf_stages::device::{device_name, parse_device};
+use rlhf_stages::train::{ScratchModel, StageContext};
 
 use crate::artifact::{stage_key, KEY_FILE};
 use crate::cli::StageArgs;
-use crate::config::{Experiment, StageFile};
+use crate::config::Experiment;
 
 pub fn run(args: StageArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
@@ -42,39 +41,18 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         config: exp.spec.model.clone(),
         tokenizer,
     };
-    let failed = || format!("stage {} failed", args.name);
-    let summary = match stage {
-        StageFile::Sft(config) => {
-            let job = SftJob {
-                config: config.clone(),
-                scratch,
-                out_dir,
-                device,
-                stop_after_step: args.stop_after_step,
-            };
-            serde_json::to_value(sft::run(&job).with_context(failed)?)?
-        }
-        StageFile::Reward(config) => {
-            let job = RewardJob {
-                config: config.clone(),
-                scratch,
-                out_dir,
-                device,
-                stop_after_step: args.stop_after_step,
-            };
-            serde_json::to_value(reward::run(&job).with_context(failed)?)?
-        }
-        StageFile::Ppo(config) => {
-            let job = PpoJob {
-                config: config.clone(),
-                out_dir,
-                device,
-                reward_rule: None,
-                stop_after_iteration: args.stop_after_step,
-            };
-            serde_json::to_value(ppo::run(&job).with_context(failed)?)?
-        }
+    let ctx = StageContext {
+        out_dir,
+        device,
+        scratch,
+        // The bundled task's judge scores the prompts it knows.
+        judge: Some(Arc::new(task::judge)),
+        stop_after: args.stop_after_step,
     };
+    let summary = stage
+        .0
+        .run(&ctx)
+        .with_context(|| format!("stage {} failed", args.name))?;
     println!("{summary}");
     Ok(())
 }

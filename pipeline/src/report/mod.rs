@@ -109,6 +109,7 @@ pub struct RewardRow {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
+    /// The run folder's name; every path below is relative to it.
     pub run: PathBuf,
     pub prompts_file: PathBuf,
     pub prompts: usize,
@@ -147,6 +148,8 @@ pub struct Evaluation {
     pub answers: Vec<PromptAnswers>,
     /// The run's stages, as read for the report (the plots use them).
     pub stages: Vec<FinishedStage>,
+    /// The run folder the report goes into.
+    pub run_dir: PathBuf,
 }
 
 /// The eval prompts' file: given, else the last PPO stage's, else an SFT
@@ -214,6 +217,32 @@ fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// `path` as seen from `run_dir` (`../../datasets/task/x.jsonl`,
+/// `sft/checkpoint`): a report names no folder of the machine it was made
+/// on, and stays true when the run folder moves with its data.
+pub fn relative_to(path: &Path, run_dir: &Path) -> PathBuf {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let (path, base) = (abs(path), abs(run_dir));
+    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out: PathBuf = std::iter::repeat_n("..", b.len() - common).collect();
+    out.extend(p[common..].iter().map(|c| c.as_os_str()));
+    out
+}
+
+/// The models of a run that `rlhf eval` reads.
+struct RunModels<'a> {
+    reference_stage: &'a FinishedStage,
+    reference: Model,
+    reward_stage: Option<&'a FinishedStage>,
+    reward_model: Option<Model>,
+}
+
+fn load_model(s: &FinishedStage, device: Device) -> anyhow::Result<Model> {
+    Model::load(&s.checkpoint(), HeadChoice::AsSaved, device)
+        .with_context(|| format!("loading {} ({})", s.label, s.checkpoint().display()))
+}
+
 /// Evaluates every finished stage of `run_dir`.
 pub fn evaluate_run(
     run_dir: &Path,
@@ -224,18 +253,13 @@ pub fn evaluate_run(
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
-    let load = |s: &FinishedStage, head| {
-        Model::load(&s.checkpoint(), head, device)
-            .with_context(|| format!("loading {} ({})", s.label, s.checkpoint().display()))
-    };
-    let reference = load(reference_stage, HeadChoice::AsSaved)?;
     let reward_stage = stages.iter().rev().find(|s| s.kind == "reward");
-    let reward_model = reward_stage
-        .map(|s| load(s, HeadChoice::AsSaved))
-        .transpose()?;
-
-    let mut policies = Vec::new();
-    let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
+    let models = RunModels {
+        reference_stage,
+        reference: load_model(reference_stage, device)?,
+        reward_stage,
+        reward_model: reward_stage.map(|s| load_model(s, device)).transpose()?,
+    };
     let policy_stages: Vec<&FinishedStage> = std::iter::once(reference_stage)
         .chain(
             stages
@@ -243,80 +267,121 @@ pub fn evaluate_run(
                 .filter(|s| s.kind != "reward" && s.label != reference_stage.label),
         )
         .collect();
+    let judge: rlhf_stages::answer::Judge = std::sync::Arc::new(rlhf_datasets::task::judge);
+    let mut policies = Vec::new();
+    let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
     for stage in policy_stages {
         tracing::info!("evaluating {} on {} prompts", stage.label, prompts.len());
-        let model = load(stage, HeadChoice::AsSaved)?;
+        let model = load_model(stage, device)?;
         let answers = eval::answer_and_score(
             &model,
-            reward_model.as_ref(),
+            models.reward_model.as_ref(),
+            Some(&judge),
             &prompts,
             &opts.settings,
             device,
         )?;
-        let kl = if opts.skip_kl {
-            None
-        } else {
-            Some(eval::kl_to_reference(
+        let kl = match opts.skip_kl {
+            true => None,
+            false => Some(eval::kl_to_reference(
                 &model,
-                &reference,
+                &models.reference,
                 &prompts,
                 &opts.settings,
                 device,
-            )?)
+            )?),
         };
         let base = all_answers.first().map(|(_, a)| a).unwrap_or(&answers);
-        let gold_vs = gold_tally(&answers, base, None);
-        let by_family = families
-            .as_deref()
-            .map(|f| {
-                let names: std::collections::BTreeSet<&String> = f.iter().collect();
-                names
-                    .into_iter()
-                    .filter_map(|name| {
-                        let keep: Vec<bool> = f.iter().map(|x| x == name).collect();
-                        Some((name.clone(), gold_tally(&answers, base, Some(&keep))?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let reward_vs = match (&answers.reward, &base.reward) {
-            (Some(ours), Some(theirs)) => Some(Tally::of(ours, theirs, 1e-6).into()),
-            _ => None,
-        };
-        let n = prompts.len() as f64;
-        policies.push(PolicyRow {
-            label: stage.label.clone(),
-            round: stage.round,
-            checkpoint: stage.checkpoint(),
-            gold_score: eval::mean_present(&answers.gold),
-            exact: mean(
-                answers
-                    .gold
-                    .iter()
-                    .flatten()
-                    .map(|&g| f64::from(u8::from(g == 1.0))),
-            ),
-            gold_vs_reference: gold_vs,
-            gold_vs_reference_by_family: by_family,
-            reward_score: answers
-                .reward
-                .as_ref()
-                .and_then(|r| mean(r.iter().copied())),
-            reward_vs_reference: reward_vs,
-            kl_to_reference: kl,
-            answer_tokens: answers.answer_tokens.iter().sum::<usize>() as f64 / n,
-            finished: answers.finished.iter().filter(|&&f| f).count() as f64 / n,
-        });
+        let mut row = policy_row(stage, &answers, base, families.as_deref(), kl);
+        row.checkpoint = relative_to(&row.checkpoint, run_dir);
+        policies.push(row);
         all_answers.push((stage.label.clone(), answers));
     }
+    let reward_models = reward_rows(&stages, opts, run_dir, device)?;
+    Ok(Evaluation {
+        report: Report {
+            run: PathBuf::from(run_dir.file_name().unwrap_or(run_dir.as_os_str())),
+            prompts_file: relative_to(&prompts_path, run_dir),
+            prompts: prompts.len(),
+            reference: models.reference_stage.label.clone(),
+            reward_model: models.reward_stage.map(|s| s.label.clone()),
+            settings: opts.settings.clone(),
+            policies,
+            reward_models,
+            rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
+            plots: vec![],
+        },
+        answers: prompt_answers(&prompts, &all_answers),
+        stages,
+        run_dir: run_dir.to_owned(),
+    })
+}
 
-    let mut reward_models = Vec::new();
+/// A policy's line of the report: its answers' scores and its tallies
+/// against the reference's answers (`base`), overall and by family.
+fn policy_row(
+    stage: &FinishedStage,
+    answers: &PolicyAnswers,
+    base: &PolicyAnswers,
+    families: Option<&[String]>,
+    kl: Option<f64>,
+) -> PolicyRow {
+    let by_family = families
+        .map(|f| {
+            let names: std::collections::BTreeSet<&String> = f.iter().collect();
+            names
+                .into_iter()
+                .filter_map(|name| {
+                    let keep: Vec<bool> = f.iter().map(|x| x == name).collect();
+                    Some((name.clone(), gold_tally(answers, base, Some(&keep))?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let reward_vs = match (&answers.reward, &base.reward) {
+        (Some(ours), Some(theirs)) => Some(Tally::of(ours, theirs, 1e-6).into()),
+        _ => None,
+    };
+    let n = answers.answers.len().max(1) as f64;
+    PolicyRow {
+        label: stage.label.clone(),
+        round: stage.round,
+        checkpoint: stage.checkpoint(),
+        gold_score: eval::mean_present(&answers.gold),
+        exact: mean(
+            answers
+                .gold
+                .iter()
+                .flatten()
+                .map(|&g| f64::from(u8::from(g == 1.0))),
+        ),
+        gold_vs_reference: gold_tally(answers, base, None),
+        gold_vs_reference_by_family: by_family,
+        reward_score: answers
+            .reward
+            .as_ref()
+            .and_then(|r| mean(r.iter().copied())),
+        reward_vs_reference: reward_vs,
+        kl_to_reference: kl,
+        answer_tokens: answers.answer_tokens.iter().sum::<usize>() as f64 / n,
+        finished: answers.finished.iter().filter(|&&f| f).count() as f64 / n,
+    }
+}
+
+/// Each reward model's held-out pairwise accuracy.
+fn reward_rows(
+    stages: &[FinishedStage],
+    opts: &EvalOptions,
+    run_dir: &Path,
+    device: Device,
+) -> anyhow::Result<Vec<RewardRow>> {
+    let mut rows = Vec::new();
     for stage in stages.iter().filter(|s| s.kind == "reward") {
         let data = opts
             .preferences
             .clone()
             .or_else(|| stage.path_setting("eval_data"));
-        let model = load(stage, HeadChoice::AsSaved)?;
+        let model = load_model(stage, device)?;
         let max_len = stage.manifest.config["stage"]["max_len"]
             .as_u64()
             .unwrap_or(model.gpt.config().n_positions as u64) as usize;
@@ -330,21 +395,25 @@ pub fn evaluate_run(
             )?,
             None => None,
         };
-        reward_models.push(RewardRow {
+        rows.push(RewardRow {
             label: stage.label.clone(),
             round: stage.round,
-            eval_data: data,
+            eval_data: data.map(|d| relative_to(&d, run_dir)),
             accuracy: result.as_ref().map(|r| r.accuracy),
             pairs: result.as_ref().map_or(0, |r| r.pairs),
             loss: result.as_ref().map(|r| r.loss),
             train_groups: stage.manifest.summary["train_groups"].as_u64(),
         });
     }
+    Ok(rows)
+}
 
-    let answers = (0..prompts.len())
+/// Every policy's answer to each prompt, prompt by prompt.
+fn prompt_answers(prompts: &[String], all: &[(String, PolicyAnswers)]) -> Vec<PromptAnswers> {
+    (0..prompts.len())
         .map(|i| PromptAnswers {
             prompt: prompts[i].clone(),
-            answers: all_answers
+            answers: all
                 .iter()
                 .map(|(label, a)| LabelledAnswer {
                     policy: label.clone(),
@@ -354,23 +423,7 @@ pub fn evaluate_run(
                 })
                 .collect(),
         })
-        .collect();
-    Ok(Evaluation {
-        report: Report {
-            run: run_dir.to_owned(),
-            prompts_file: prompts_path,
-            prompts: prompts.len(),
-            reference: reference_stage.label.clone(),
-            reward_model: reward_stage.map(|s| s.label.clone()),
-            settings: opts.settings.clone(),
-            policies,
-            reward_models,
-            rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
-            plots: vec![],
-        },
-        answers,
-        stages,
-    })
+        .collect()
 }
 
 /// Gold comparisons over the prompts the judge knows (and `keep` allows).
@@ -393,7 +446,7 @@ fn gold_tally(
 /// Writes `report.json`, `report.md`, `answers.jsonl` and the plots into
 /// `<run>/report/`; returns the folder.
 pub fn write_report(evaluation: &mut Evaluation) -> anyhow::Result<PathBuf> {
-    let dir = evaluation.report.run.join(REPORT_DIR);
+    let dir = evaluation.run_dir.join(REPORT_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     evaluation.report.plots = plots::write_all(&evaluation.stages, &dir)?;
     let json = serde_json::to_string_pretty(&evaluation.report)?;

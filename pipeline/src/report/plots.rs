@@ -217,8 +217,26 @@ fn rollout_gold_by_iteration(stage: &FinishedStage) -> Vec<(i64, f64)> {
 
 /// Every plot this run has data for; returns the file names written.
 pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<String>> {
+    let of_kind =
+        |kind: &str| -> Vec<&FinishedStage> { stages.iter().filter(|s| s.kind == kind).collect() };
+    let ppo = of_kind("ppo");
+    let ppo_metrics: Vec<Vec<serde_json::Value>> = ppo.iter().map(|s| metrics(s)).collect();
+    let plots = [
+        ("sft_loss.png", vec![sft_loss(&of_kind("sft"))], 1),
+        (
+            "reward_accuracy.png",
+            vec![reward_accuracy(&of_kind("reward"))],
+            1,
+        ),
+        ("ppo_training.png", ppo_training(&ppo, &ppo_metrics), 2),
+        (
+            "overoptimization.png",
+            overoptimization(&ppo, &ppo_metrics),
+            2,
+        ),
+    ];
     let mut written = Vec::new();
-    let mut save = |name: &str, panels: Vec<Panel>, cols: usize| -> anyhow::Result<()> {
+    for (name, panels, cols) in plots {
         if panels
             .iter()
             .any(|p| p.lines.iter().any(|l| !l.points.is_empty()))
@@ -230,24 +248,26 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
                 .map_err(|e| anyhow!("writing {}: {e}", dir.join(name).display()))?;
             written.push(name.to_owned());
         }
-        Ok(())
-    };
+    }
+    Ok(written)
+}
 
-    // SFT: per-step train loss (faint), its moving average, eval loss.
-    let mut sft_lines = Vec::new();
-    for (i, s) in stages.iter().filter(|s| s.kind == "sft").enumerate() {
+/// SFT: per-step train loss (faint), its moving average, eval loss.
+fn sft_loss(sft: &[&FinishedStage]) -> Panel {
+    let mut lines = Vec::new();
+    for (i, s) in sft.iter().enumerate() {
         let m = metrics(s);
         let train = series(&m, "step", "loss");
-        sft_lines.push(Line {
+        lines.push(Line {
             faint: true,
             ..line("", train.clone(), 2 * i)
         });
-        sft_lines.push(line(
+        lines.push(line(
             &format!("{} train (EMA)", s.label),
             smooth(&train, 0.9),
             2 * i,
         ));
-        sft_lines.push(Line {
+        lines.push(Line {
             markers: true,
             ..line(
                 &format!("{} eval", s.label),
@@ -256,27 +276,24 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
             )
         });
     }
-    save(
-        "sft_loss.png",
-        vec![Panel {
-            title: "SFT loss (NLL per answer token)".into(),
-            x_label: "step".into(),
-            y_label: "loss".into(),
-            lines: sft_lines,
-        }],
-        1,
-    )?;
+    Panel {
+        title: "SFT loss (NLL per answer token)".into(),
+        x_label: "step".into(),
+        y_label: "loss".into(),
+        lines,
+    }
+}
 
-    // Reward models: held-out accuracy, one line per round.
-    let reward: Vec<&FinishedStage> = stages.iter().filter(|s| s.kind == "reward").collect();
-    let mut acc_lines = Vec::new();
+/// Reward models: held-out accuracy, one line per round.
+fn reward_accuracy(reward: &[&FinishedStage]) -> Panel {
+    let mut lines = Vec::new();
     for (i, s) in reward.iter().enumerate() {
         let m = metrics(s);
-        acc_lines.push(Line {
+        lines.push(Line {
             faint: true,
             ..line("", smooth(&series(&m, "step", "accuracy"), 0.95), i)
         });
-        acc_lines.push(Line {
+        lines.push(Line {
             markers: true,
             ..line(
                 &format!("{} held-out", s.label),
@@ -285,28 +302,24 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
             )
         });
     }
-    save(
-        "reward_accuracy.png",
-        vec![Panel {
-            title: "Reward model pairwise accuracy (faint: train batches, EMA)".into(),
-            x_label: "step".into(),
-            y_label: "accuracy".into(),
-            lines: acc_lines,
-        }],
-        1,
-    )?;
+    Panel {
+        title: "Reward model pairwise accuracy (faint: train batches, EMA)".into(),
+        x_label: "step".into(),
+        y_label: "accuracy".into(),
+        lines,
+    }
+}
 
-    // PPO: reward, KL, beta, clip fraction per iteration, a line per round.
-    let ppo: Vec<&FinishedStage> = stages.iter().filter(|s| s.kind == "ppo").collect();
-    let ppo_metrics: Vec<Vec<serde_json::Value>> = ppo.iter().map(|s| metrics(s)).collect();
-    // Raw per-iteration values faint, their moving average bold.
+/// PPO: reward, KL, beta, clip fraction per iteration, a line per round;
+/// raw per-iteration values faint, their moving average bold.
+fn ppo_training(ppo: &[&FinishedStage], ppo_metrics: &[Vec<serde_json::Value>]) -> Vec<Panel> {
     let panel = |title: &str, key: &str, y: &str| Panel {
         title: title.into(),
         x_label: "iteration".into(),
         y_label: y.into(),
         lines: ppo
             .iter()
-            .zip(&ppo_metrics)
+            .zip(ppo_metrics)
             .enumerate()
             .flat_map(|(i, (s, m))| {
                 let raw = series(m, "iteration", key);
@@ -320,40 +333,39 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
             })
             .collect(),
     };
-    save(
-        "ppo_training.png",
-        vec![
-            panel("Reward-model score of rollouts", "score", "mean score"),
-            panel("KL to the reference (per answer)", "kl", "nats"),
-            panel("KL coefficient beta", "beta", "beta"),
-            panel("Clip fraction", "clip_fraction", "fraction"),
-        ],
-        2,
-    )?;
+    vec![
+        panel("Reward-model score of rollouts", "score", "mean score"),
+        panel("KL to the reference (per answer)", "kl", "nats"),
+        panel("KL coefficient beta", "beta", "beta"),
+        panel("Clip fraction", "clip_fraction", "fraction"),
+    ]
+}
 
-    // Over-optimisation (Gao et al.): gold and proxy score against KL. Each
-    // iteration is a faint dot; the bold line is both coordinates' moving
-    // average over iterations, the path the policy took.
+/// Each iteration as a faint dot, and the bold path of both coordinates'
+/// moving average over iterations: the path the policy took.
+fn kl_path(name: &str, points: Vec<(f64, f64)>, color: usize) -> [Line; 2] {
+    let xs: Vec<(f64, f64)> = points.iter().map(|&(x, _)| (0.0, x)).collect();
+    let ys: Vec<(f64, f64)> = points.iter().map(|&(_, y)| (0.0, y)).collect();
+    let smoothed = smooth(&xs, 0.8)
+        .into_iter()
+        .zip(smooth(&ys, 0.8))
+        .map(|((_, x), (_, y))| (x, y))
+        .collect();
+    [
+        Line {
+            faint: true,
+            markers: true,
+            ..line("", points, color)
+        },
+        line(name, smoothed, color),
+    ]
+}
+
+/// Over-optimisation (Gao et al.): gold and proxy score against KL.
+fn overoptimization(ppo: &[&FinishedStage], ppo_metrics: &[Vec<serde_json::Value>]) -> Vec<Panel> {
     let mut gold_lines = Vec::new();
     let mut proxy_lines = Vec::new();
-    let path = |name: &str, points: Vec<(f64, f64)>, color: usize| {
-        let xs: Vec<(f64, f64)> = points.iter().map(|&(x, _)| (0.0, x)).collect();
-        let ys: Vec<(f64, f64)> = points.iter().map(|&(_, y)| (0.0, y)).collect();
-        let smoothed = smooth(&xs, 0.8)
-            .into_iter()
-            .zip(smooth(&ys, 0.8))
-            .map(|((_, x), (_, y))| (x, y))
-            .collect();
-        [
-            Line {
-                faint: true,
-                markers: true,
-                ..line("", points, color)
-            },
-            line(name, smoothed, color),
-        ]
-    };
-    for (i, (s, m)) in ppo.iter().zip(&ppo_metrics).enumerate() {
+    for (i, (s, m)) in ppo.iter().zip(ppo_metrics).enumerate() {
         let kl_by_it: std::collections::BTreeMap<i64, f64> = m
             .iter()
             .filter_map(|r| Some((r["iteration"].as_i64()?, r["kl"].as_f64()?)))
@@ -363,9 +375,9 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
             .filter_map(|(it, g)| Some((*kl_by_it.get(&it)?, g)))
             .collect();
         if !gold.is_empty() {
-            gold_lines.extend(path(&s.label, gold, i));
+            gold_lines.extend(kl_path(&s.label, gold, i));
         }
-        proxy_lines.extend(path(&s.label, series(m, "kl", "score"), i));
+        proxy_lines.extend(kl_path(&s.label, series(m, "kl", "score"), i));
     }
     let mut panels = Vec::new();
     if gold_lines.iter().any(|l| !l.points.is_empty()) {
@@ -382,8 +394,7 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
         y_label: "reward-model score".into(),
         lines: proxy_lines,
     });
-    save("overoptimization.png", panels, 2)?;
-    Ok(written)
+    panels
 }
 
 #[cfg(test)]

@@ -101,7 +101,8 @@ fn collect(
             tracing::warn!("{}: unreadable manifest.json; skipped", path.display());
             continue;
         };
-        if manifest.status != "complete" || !path.join("checkpoint").exists() {
+        if manifest.status != crate::artifact::Status::Complete || !path.join("checkpoint").exists()
+        {
             continue;
         }
         if !matches!(manifest.kind.as_str(), "sft" | "reward" | "ppo") {

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rlhf_datasets::Tokenizer;
-use rlhf_stages::sft::{ScratchModel, SftConfig, SftJob};
+use rlhf_stages::sft::SftConfig;
+use rlhf_stages::train::{ScratchModel, StageContext};
 use rlhf_stages::GptConfig;
 use tch::Device;
 
@@ -38,12 +39,26 @@ pub fn tiny_model() -> ScratchModel {
     }
 }
 
-pub fn sft_job(data: PathBuf, out_dir: PathBuf, config: SftConfig) -> SftJob {
-    SftJob {
-        config: SftConfig { data, ..config },
-        scratch: tiny_model(),
+/// A stage's settings and where it runs.
+pub struct Job<C> {
+    pub config: C,
+    pub ctx: StageContext,
+}
+
+/// A run on the CPU into `out_dir`, from a tiny scratch model, no judge.
+pub fn ctx(out_dir: PathBuf) -> StageContext {
+    StageContext {
         out_dir,
         device: Device::Cpu,
-        stop_after_step: None,
+        scratch: tiny_model(),
+        judge: None,
+        stop_after: None,
+    }
+}
+
+pub fn sft_job(data: PathBuf, out_dir: PathBuf, config: SftConfig) -> Job<SftConfig> {
+    Job {
+        config: SftConfig { data, ..config },
+        ctx: ctx(out_dir),
     }
 }

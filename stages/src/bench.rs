@@ -1,0 +1,284 @@
+//! The timed kernels behind `rlhf bench` (and `just bench`): each times
+//! one piece of work and returns one JSON object; `bench/bench.py` runs
+//! them alternately with the Python reference and computes the ratios.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rlhf_datasets::batch::LmBatch;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{io_err, StageError};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::ppo::{self, PpoConfig};
+use crate::sample::{generate, SamplingConfig, TokenSpec};
+use crate::sft::masked_nll_sum;
+use crate::train::{ScratchModel, StageContext, METRICS_FILE};
+use crate::{GptConfig, Head, HeadChoice, Model};
+
+/// The shape of the work to time.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// A model folder for generation and PPO; unset: a random model of the
+    /// shape below.
+    pub model: Option<PathBuf>,
+    pub n_layer: i64,
+    pub n_head: i64,
+    pub n_embd: i64,
+    pub n_positions: i64,
+    pub vocab_size: i64,
+    pub batch: i64,
+    pub seq: i64,
+    pub prompt_len: i64,
+    pub new_tokens: i64,
+    pub minibatch: i64,
+    /// Untimed repetitions first.
+    pub warmup: i64,
+    /// Timed repetitions (the median is reported).
+    pub steps: i64,
+    /// Matrix size for matmul.
+    pub size: i64,
+    /// libtorch's seed (random tokens, weights and samples).
+    pub seed: i64,
+}
+
+fn model_config(spec: &BenchSpec) -> GptConfig {
+    GptConfig {
+        vocab_size: spec.vocab_size,
+        n_positions: spec.n_positions,
+        n_embd: spec.n_embd,
+        n_layer: spec.n_layer,
+        n_head: spec.n_head,
+        ..GptConfig::default()
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// SFT training steps on random tokens: forward, mean NLL over every
+/// token, backward, clip to norm 1, AdamW. Tokens/s of the timed steps.
+pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
+    tch::manual_seed(spec.seed);
+    let cfg = model_config(spec);
+    let model = Model::init(&cfg, Head::Lm, rlhf_datasets::Tokenizer::bytes(), device)?;
+    let mut opt = AdamW::new(
+        &model.vs,
+        AdamWConfig {
+            lr: 1e-4,
+            ..AdamWConfig::default()
+        },
+    );
+    let (b, t) = (spec.batch, spec.seq);
+    let n = (b * t) as usize;
+    let ids = Tensor::randint(cfg.vocab_size, [b, t + 1], (Kind::Int64, Device::Cpu));
+    let flat: Vec<i64> = Vec::try_from(ids.reshape([-1])).expect("int64 ids");
+    let (mut inputs, mut targets) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for row in flat.chunks(t as usize + 1) {
+        inputs.extend_from_slice(&row[..t as usize]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    let batch = LmBatch {
+        rows: b as usize,
+        width: t as usize,
+        input_ids: inputs,
+        targets,
+        loss_mask: vec![1.0; n],
+        target_tokens: n,
+    };
+    let mut times = Vec::new();
+    for step in 0..spec.warmup + spec.steps {
+        sync(device);
+        let t0 = Instant::now();
+        opt.zero_grad();
+        let (nll, count) = masked_nll_sum(&model.gpt, &batch, device, true);
+        let loss = nll / count;
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step(1e-4);
+        sync(device);
+        if step >= spec.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let step_s = median(times);
+    Ok(json!({
+        "mode": "train", "params": cfg.n_params(), "batch": b, "seq": t,
+        "step_seconds": step_s, "tokens_per_s": (b * t) as f64 / step_s,
+    }))
+}
+
+/// Sampled answers (temperature 1, no early stop) to random prompts with
+/// the KV cache. Tokens/s of new tokens.
+pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
+    tch::manual_seed(spec.seed);
+    let model = match &spec.model {
+        Some(dir) => Model::load(dir, HeadChoice::Want(Head::Lm), device)?,
+        None => Model::init(
+            &model_config(spec),
+            Head::Lm,
+            rlhf_datasets::Tokenizer::bytes(),
+            device,
+        )?,
+    };
+    let vocab = model.gpt.config().vocab_size;
+    let ids = Tensor::randint(
+        vocab.min(256),
+        [spec.batch, spec.prompt_len],
+        (Kind::Int64, Device::Cpu),
+    );
+    let flat: Vec<i64> = Vec::try_from(ids.reshape([-1])).expect("int64 ids");
+    let prompts: Vec<Vec<i64>> = flat
+        .chunks(spec.prompt_len as usize)
+        .map(<[i64]>::to_vec)
+        .collect();
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        max_new_tokens: spec.new_tokens,
+        stop_at_eos: false,
+        ..SamplingConfig::default()
+    };
+    let tokens = TokenSpec {
+        eos: vocab - 1,
+        pad: 0,
+        vocab_size: vocab,
+    };
+    let mut times = Vec::new();
+    for rep in 0..spec.warmup + spec.steps {
+        sync(device);
+        let t0 = Instant::now();
+        let g = generate(&model.gpt, &prompts, &sampling, tokens, device)?;
+        sync(device);
+        if !g.answers.iter().all(|a| a.len() as i64 == spec.new_tokens) {
+            return Err(StageError::Config("bench: an answer stopped early".into()));
+        }
+        if rep >= spec.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let s = median(times);
+    Ok(json!({
+        "mode": "generate", "batch": spec.batch, "prompt_len": spec.prompt_len,
+        "new_tokens": spec.new_tokens, "seconds": s,
+        "tokens_per_s": (spec.batch * spec.new_tokens) as f64 / s,
+    }))
+}
+
+/// PPO iterations (rollout, reference and reward scoring, GAE, update) with
+/// a policy and a reward model; the median iteration's wall time.
+pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
+    tch::manual_seed(spec.seed);
+    let dir = tempfile::tempdir().map_err(io_err(&std::env::temp_dir()))?;
+    let policy_dir = match &spec.model {
+        Some(d) => d.clone(),
+        None => {
+            let p = dir.path().join("policy");
+            Model::init(
+                &model_config(spec),
+                Head::Lm,
+                rlhf_datasets::Tokenizer::bytes(),
+                device,
+            )?
+            .save(&p)?;
+            p
+        }
+    };
+    let policy = Model::load(&policy_dir, HeadChoice::AsSaved, device)?;
+    let rm_dir = dir.path().join("rm");
+    Model::init(
+        policy.gpt.config(),
+        Head::Scalar,
+        policy.tokenizer.clone(),
+        device,
+    )?
+    .save(&rm_dir)?;
+    // Prompts of `prompt_len` random bytes; answers of exactly `new_tokens`.
+    let mut lines = String::new();
+    for i in 0..spec.batch * 4 {
+        let p: String = (0..spec.prompt_len)
+            .map(|j| char::from(b'a' + ((i * 7 + j * 13) % 26) as u8))
+            .collect();
+        lines.push_str(&json!({ "prompt": p }).to_string());
+        lines.push('\n');
+    }
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, lines).map_err(io_err(&prompts))?;
+    let config = PpoConfig {
+        prompts,
+        policy: policy_dir,
+        reward_model: Some(rm_dir),
+        iterations: spec.warmup + spec.steps,
+        rollout_batch: spec.batch as usize,
+        minibatch_size: spec.minibatch as usize,
+        ppo_epochs: 1,
+        sampling: SamplingConfig {
+            temperature: 1.0,
+            max_new_tokens: spec.new_tokens,
+            stop_at_eos: false,
+            ..SamplingConfig::default()
+        },
+        save_rollouts: false,
+        checkpoint_every: 1_000_000,
+        ..PpoConfig::default()
+    };
+    let out = dir.path().join("ppo");
+    let ctx = StageContext {
+        out_dir: out.clone(),
+        device,
+        scratch: ScratchModel {
+            config: policy.gpt.config().clone(),
+            tokenizer: policy.tokenizer.clone(),
+        },
+        judge: None,
+        stop_after: None,
+    };
+    ppo::run(&config, &ctx)?;
+    let metrics_path = out.join(METRICS_FILE);
+    let metrics = std::fs::read_to_string(&metrics_path).map_err(io_err(&metrics_path))?;
+    let times: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["iteration"].as_i64().is_some_and(|i| i > spec.warmup))
+        .filter_map(|r| r["iteration_seconds"].as_f64())
+        .collect();
+    if times.is_empty() {
+        return Err(StageError::Config("bench: no timed PPO iterations".into()));
+    }
+    Ok(json!({
+        "mode": "ppo", "batch": spec.batch, "new_tokens": spec.new_tokens,
+        "iteration_seconds": median(times),
+    }))
+}
+
+/// The matmul peak of this machine through libtorch: FLOP/s of square
+/// float32 matmuls, the denominator of MFU.
+pub fn matmul(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
+    tch::manual_seed(spec.seed);
+    let n = spec.size;
+    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let b = Tensor::randn([n, n], (Kind::Float, device));
+    let mut times = Vec::new();
+    for rep in 0..spec.warmup + spec.steps {
+        sync(device);
+        let t0 = Instant::now();
+        let c = a.matmul(&b);
+        sync(device);
+        let _ = c.size();
+        if rep >= spec.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let s = median(times);
+    Ok(
+        json!({"mode": "matmul", "size": n, "seconds": s, "flops_per_s": 2.0 * (n as f64).powi(3) / s}),
+    )
+}

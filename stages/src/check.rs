@@ -1,0 +1,58 @@
+//! Range checks of settings: each names the setting's path inside its
+//! stage, the range it must lie in and the value it got. NaN fails every
+//! check (every comparison with it is false).
+
+use std::fmt::Display;
+
+use crate::error::StageError;
+
+/// Fails with "FIELD: must be EXPECTED, got VALUE" unless `ok`.
+pub fn require(
+    field: &str,
+    ok: bool,
+    expected: &str,
+    value: impl Display,
+) -> Result<(), StageError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(StageError::setting(
+            field,
+            format!("must be {expected}, got {value}"),
+        ))
+    }
+}
+
+/// A finite number above 0.
+pub fn positive(field: &str, value: f64) -> Result<(), StageError> {
+    require(field, value.is_finite() && value > 0.0, "> 0", value)
+}
+
+/// A finite number at or above 0.
+pub fn non_negative(field: &str, value: f64) -> Result<(), StageError> {
+    require(field, value.is_finite() && value >= 0.0, ">= 0", value)
+}
+
+/// A number in `[lo, hi]`.
+pub fn within(field: &str, value: f64, lo: f64, hi: f64) -> Result<(), StageError> {
+    require(
+        field,
+        (lo..=hi).contains(&value),
+        &format!("in [{lo}, {hi}]"),
+        value,
+    )
+}
+
+/// A count of at least `min`.
+pub fn at_least(field: &str, value: i64, min: i64) -> Result<(), StageError> {
+    require(field, value >= min, &format!("at least {min}"), value)
+}
+
+/// `prefix.field`, or `field` alone when `prefix` is empty.
+pub fn path(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}

@@ -1,0 +1,396 @@
+//! Stage 3: PPO against the reward model (InstructGPT, Ouyang et al. 2022;
+//! Ziegler et al. 2019; Schulman et al. 2017).
+//!
+//! Four models: the policy (from SFT), a frozen reference (SFT), the critic
+//! (trunk and value head from the reward model) and the frozen reward
+//! model. Each iteration runs three named phases ([`phases`]):
+//!
+//! 1. **rollout**: sample answers with the KV cache; the policy's,
+//!    reference's and critic's view of them; the reward model's scores;
+//! 2. **experience**: per-token rewards from the KL penalty and the score
+//!    ([`math::token_rewards`]), GAE advantages, whitening;
+//! 3. **update**: minibatch epochs of clipped-surrogate policy steps and
+//!    clipped value steps;
+//!
+//! then logs and checkpoints through the checkpointer every stage uses.
+//!
+//! Token `i` of an answer is predicted from position `P - 1 + i` of the
+//! padded sequence (P = prompt width), and its value is the critic's output
+//! at that same position: the state before the token is chosen.
+
+pub mod math;
+mod phases;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::answer::{judged_eval, read_judged, JudgedScore};
+use crate::check;
+use crate::kind::{KindConfig, PathSetting};
+use crate::optim::AdamWConfig;
+use crate::sample::SamplingConfig;
+use crate::train::{
+    prepare_out_dir, progress_bar, step_seed, write_summary, Checkpointer, MetricsLog,
+    StageContext, StageError, METRICS_FILE,
+};
+
+pub use math::{
+    clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean,
+    token_rewards, whiten, AdaptiveKl, KlController, KlEstimator,
+};
+use phases::{Iteration, Models, Tallies};
+
+/// Language-model loss on demonstrations during PPO (InstructGPT's PPO-ptx).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtxConfig {
+    /// `{prompt, completion}` or `{messages}` rows.
+    pub data: PathBuf,
+    /// gamma in InstructGPT's objective (they used 27.8).
+    pub coef: f64,
+    #[serde(default = "default_ptx_batch")]
+    pub batch_size: usize,
+}
+
+fn default_ptx_batch() -> usize {
+    8
+}
+
+/// Settings of a PPO stage (`kind: ppo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoConfig {
+    /// `{prompt}` rows to roll out on.
+    pub prompts: PathBuf,
+    /// The starting policy (the SFT checkpoint, e.g. `policy: sft`).
+    pub policy: PathBuf,
+    /// The frozen reference; unset: the starting policy.
+    pub reference: Option<PathBuf>,
+    /// The frozen reward model.
+    pub reward_model: Option<PathBuf>,
+    /// Use the judge (the bundled task's gold judge) as the reward instead
+    /// of a model: an oracle run, the upper bound of what a reward model
+    /// can give.
+    pub gold_reward: bool,
+    /// The critic's start; unset: the reward model (or the policy's trunk
+    /// with a fresh head when the reward is not a model).
+    pub critic: Option<PathBuf>,
+    pub iterations: i64,
+    /// Prompts sampled per iteration.
+    pub rollout_batch: usize,
+    pub sampling: SamplingConfig,
+    pub ppo_epochs: usize,
+    pub minibatch_size: usize,
+    /// epsilon of the clipped surrogate.
+    pub clip_range: f64,
+    /// Clip range of the value update; 0 disables value clipping.
+    pub clip_range_value: f64,
+    pub gamma: f64,
+    pub lam: f64,
+    /// beta: the KL penalty's weight (InstructGPT: 0.02).
+    pub kl_coef: f64,
+    pub kl_estimator: KlEstimator,
+    pub adaptive_kl: Option<AdaptiveKl>,
+    /// Subtracted from the score of answers that do not end with EOS.
+    pub missing_eos_penalty: Option<f64>,
+    /// Scores are clipped to [-reward_clip, reward_clip].
+    pub reward_clip: Option<f64>,
+    pub whiten_advantages: bool,
+    pub entropy_coef: f64,
+    pub policy_optimizer: AdamWConfig,
+    pub critic_optimizer: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub ptx: Option<PtxConfig>,
+    pub checkpoint_every: i64,
+    /// Prompts to answer greedily before and after, scored by the judge.
+    pub eval_prompts: Option<PathBuf>,
+    /// Write each iteration's rollouts as Parquet.
+    pub save_rollouts: bool,
+    /// Unset: the experiment's seed.
+    pub seed: Option<u64>,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self {
+            prompts: PathBuf::new(),
+            policy: PathBuf::new(),
+            reference: None,
+            reward_model: None,
+            gold_reward: false,
+            critic: None,
+            iterations: 40,
+            rollout_batch: 64,
+            sampling: SamplingConfig {
+                temperature: 1.0,
+                max_new_tokens: 24,
+                ..SamplingConfig::default()
+            },
+            ppo_epochs: 4,
+            minibatch_size: 16,
+            clip_range: 0.2,
+            clip_range_value: 0.2,
+            gamma: 1.0,
+            lam: 0.95,
+            kl_coef: 0.02,
+            kl_estimator: KlEstimator::K1,
+            adaptive_kl: None,
+            missing_eos_penalty: Some(1.0),
+            reward_clip: None,
+            whiten_advantages: true,
+            entropy_coef: 0.0,
+            policy_optimizer: AdamWConfig {
+                lr: 1e-5,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+            critic_optimizer: AdamWConfig {
+                lr: 1e-4,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+            max_grad_norm: 1.0,
+            ptx: None,
+            checkpoint_every: 10,
+            eval_prompts: None,
+            save_rollouts: true,
+            seed: None,
+        }
+    }
+}
+
+impl KindConfig for PpoConfig {
+    const KIND: &'static str = "ppo";
+    type Summary = PpoSummary;
+
+    fn validate(&self) -> Result<(), StageError> {
+        if self.reward_model.is_none() && !self.gold_reward {
+            return Err(StageError::setting(
+                "reward_model",
+                "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
+            ));
+        }
+        check::at_least("iterations", self.iterations, 1)?;
+        for (name, n) in [
+            ("rollout_batch", self.rollout_batch),
+            ("ppo_epochs", self.ppo_epochs),
+            ("minibatch_size", self.minibatch_size),
+        ] {
+            check::at_least(name, n as i64, 1)?;
+        }
+        let eps = self.clip_range;
+        check::require("clip_range", eps > 0.0 && eps < 1.0, "in (0, 1)", eps)?;
+        check::non_negative("clip_range_value", self.clip_range_value)?;
+        check::within("gamma", self.gamma, 0.0, 1.0)?;
+        check::within("lam", self.lam, 0.0, 1.0)?;
+        check::non_negative("kl_coef", self.kl_coef)?;
+        if let Some(a) = &self.adaptive_kl {
+            check::positive("adaptive_kl.target", a.target)?;
+            check::positive("adaptive_kl.horizon", a.horizon)?;
+        }
+        if let Some(p) = self.missing_eos_penalty {
+            check::require("missing_eos_penalty", p.is_finite(), "a finite number", p)?;
+        }
+        if let Some(c) = self.reward_clip {
+            check::positive("reward_clip", c)?;
+        }
+        check::non_negative("entropy_coef", self.entropy_coef)?;
+        self.policy_optimizer.validate("policy_optimizer")?;
+        self.critic_optimizer.validate("critic_optimizer")?;
+        check::non_negative("max_grad_norm", self.max_grad_norm)?;
+        if let Some(ptx) = &self.ptx {
+            check::non_negative("ptx.coef", ptx.coef)?;
+            check::at_least("ptx.batch_size", ptx.batch_size as i64, 1)?;
+        }
+        check::at_least("checkpoint_every", self.checkpoint_every, 1)?;
+        self.sampling.validate().map_err(|e| match e {
+            crate::sample::SamplingError::Invalid(m) => StageError::setting("sampling", m),
+            other => other.into(),
+        })
+    }
+
+    fn paths(&mut self) -> Vec<PathSetting<'_>> {
+        let mut paths = vec![
+            PathSetting::data(
+                "prompts",
+                "the prompts to roll out on: {prompt} rows",
+                &mut self.prompts,
+            ),
+            PathSetting::model(
+                "policy",
+                "the starting policy: the SFT stage or a model folder, e.g. `policy: sft`",
+                &mut self.policy,
+            ),
+            PathSetting::optional_model("reference", &mut self.reference),
+            PathSetting::optional_model("reward_model", &mut self.reward_model),
+            PathSetting::optional_model("critic", &mut self.critic),
+            PathSetting::optional_data("eval_prompts", &mut self.eval_prompts),
+        ];
+        if let Some(ptx) = &mut self.ptx {
+            paths.push(PathSetting::data(
+                "ptx.data",
+                "the demonstrations for the LM loss",
+                &mut ptx.data,
+            ));
+        }
+        paths
+    }
+
+    fn seed_mut(&mut self) -> &mut Option<u64> {
+        &mut self.seed
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<PpoSummary, StageError> {
+        run(self, ctx)
+    }
+}
+
+/// Runs (or resumes, or finds done) a PPO run.
+pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError> {
+    KindConfig::validate(cfg)?;
+    let started = Instant::now();
+    let out = &ctx.out_dir;
+    if let Some(summary) = prepare_out_dir(out, "ppo")? {
+        return Ok(summary);
+    }
+    let seed = cfg.seed.unwrap_or(0);
+    tch::manual_seed(seed as i64);
+    let (mut models, state) = Models::start_or_resume(cfg, ctx)?;
+    let data = phases::Data::load(cfg, &models.policy)?;
+    let eval_before = match (&cfg.eval_prompts, &state) {
+        (Some(p), None) => judged_eval(
+            &models.reference,
+            p,
+            cfg.sampling.max_new_tokens,
+            ctx.judge.as_ref(),
+            ctx.device,
+            &out.join(SAMPLES_BEFORE),
+        )?,
+        _ => read_judged(&out.join(SAMPLES_BEFORE)),
+    };
+    let start = state.as_ref().map_or(0, |s| s.iteration);
+    let mut kl = state.as_ref().map_or(
+        KlController {
+            beta: cfg.kl_coef,
+            adaptive: cfg.adaptive_kl,
+        },
+        |s| s.kl,
+    );
+    let mut metrics =
+        MetricsLog::open(&out.join(METRICS_FILE), state.as_ref().map(|s| s.iteration))?;
+    let checkpointer = Checkpointer {
+        out_dir: out.clone(),
+        every: cfg.checkpoint_every,
+        total_steps: cfg.iterations,
+        stop_after: ctx.stop_after,
+    };
+    let bar = progress_bar(cfg.iterations as u64, start as u64, "ppo");
+    let mut tallies = Tallies::new(cfg.ptx.is_some());
+    for iteration in start..cfg.iterations {
+        let it = iteration + 1;
+        tch::manual_seed(step_seed(seed, iteration));
+        let step = Iteration::run(&mut models, &data, cfg, kl.beta, iteration, ctx.device)?;
+        tallies.add(&step, iteration == start);
+        metrics.write(&step.record(&tallies, kl.beta));
+        if cfg.save_rollouts {
+            step.save_rollouts(
+                &data,
+                &out.join("rollouts").join(format!("iter-{it:04}.parquet")),
+            )?;
+        }
+        bar.set_position(it as u64);
+        bar.set_message(format!(
+            "score {:.3} kl {:.2}",
+            step.mean_score, step.mean_kl
+        ));
+        if it % 5 == 0 || it == cfg.iterations {
+            tracing::info!(
+                "ppo: iteration {it}/{} score {:.4} kl {:.3} beta {:.4}",
+                cfg.iterations,
+                step.mean_score,
+                step.mean_kl,
+                kl.beta
+            );
+        }
+        kl.update(step.mean_kl, step.batch_size());
+        let state = PpoState::new(it, cfg.iterations, kl);
+        checkpointer
+            .after_step(it, |dir| models.save(dir, &state))
+            .inspect_err(|_| bar.abandon())?;
+    }
+    bar.finish_and_clear();
+    let state = PpoState::new(cfg.iterations, cfg.iterations, kl);
+    checkpointer.finish(|| models.save_final(out, &state))?;
+    let eval_after = match &cfg.eval_prompts {
+        Some(p) => judged_eval(
+            &models.policy,
+            p,
+            cfg.sampling.max_new_tokens,
+            ctx.judge.as_ref(),
+            ctx.device,
+            &out.join("samples.jsonl"),
+        )?,
+        None => None,
+    };
+    let summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
+    write_summary(out, &summary)?;
+    Ok(summary)
+}
+
+/// Greedy answers of the reference, written by the first run of a stage
+/// (a resumed run reads their scores back).
+const SAMPLES_BEFORE: &str = "samples_before.jsonl";
+
+/// What PPO saves with each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PpoState {
+    stage: String,
+    iteration: i64,
+    iterations: i64,
+    kl: KlController,
+    done: bool,
+}
+
+impl PpoState {
+    fn new(iteration: i64, iterations: i64, kl: KlController) -> Self {
+        Self {
+            stage: "ppo".into(),
+            iteration,
+            iterations,
+            kl,
+            done: iteration == iterations,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PpoSummary {
+    pub iterations: i64,
+    pub first_mean_score: f64,
+    pub last_mean_score: f64,
+    /// Mean KL to the reference per answer (nats), last iteration.
+    pub last_kl: f64,
+    pub beta: f64,
+    /// Judge score of greedy answers to `eval_prompts`: reference, final policy.
+    pub eval_gold_before: Option<f64>,
+    pub eval_gold_after: Option<f64>,
+    pub eval_exact_before: Option<f64>,
+    pub eval_exact_after: Option<f64>,
+    pub generation_seconds: f64,
+    pub training_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+impl PpoSummary {
+    fn judged(eval: [Option<JudgedScore>; 2]) -> [Option<f64>; 4] {
+        let [before, after] = eval;
+        [
+            before.map(|e| e.mean),
+            after.map(|e| e.mean),
+            before.map(|e| e.exact),
+            after.map(|e| e.exact),
+        ]
+    }
+}

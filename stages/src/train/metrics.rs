@@ -1,0 +1,86 @@
+//! What a run shows while it trains and leaves behind: `metrics.jsonl`,
+//! the progress bar, and `summary.json`.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use rlhf_datasets::atomic;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::{io_err, StageError};
+use crate::train::checkpoints::{FINAL_DIR, STATE_FILE};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Appends one JSON object per line, flushed at once, so a crash loses
+/// nothing already logged and `tail -f` shows progress.
+#[derive(Debug)]
+pub struct MetricsLog {
+    file: fs::File,
+}
+
+impl MetricsLog {
+    /// Opens the log; when resuming after `resume_step`, drops the lines of
+    /// later steps (they are about to be recomputed), else starts empty.
+    pub fn open(path: &Path, resume_step: Option<i64>) -> Result<Self, StageError> {
+        let kept = match (resume_step, fs::read_to_string(path)) {
+            (Some(step), Ok(text)) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(serde_json::Value::as_i64))
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+            _ => String::new(),
+        };
+        atomic::write_file(path, kept.as_bytes())?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        Ok(Self { file })
+    }
+
+    pub fn write(&mut self, record: &serde_json::Value) {
+        // Metrics are best effort: a full disk must not kill training.
+        let _ = writeln!(self.file, "{record}");
+        let _ = self.file.flush();
+    }
+}
+
+/// A progress bar on stderr; invisible when stderr is not a terminal.
+pub fn progress_bar(total: u64, done: u64, label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {elapsed}<{eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar.set_position(done);
+    bar
+}
+
+/// A stage's run that finished before: its final checkpoint and summary
+/// exist. Rerunning it is a no-op that returns the summary.
+pub fn finished_summary<T: DeserializeOwned>(out_dir: &Path) -> Option<T> {
+    if !out_dir.join(FINAL_DIR).join(STATE_FILE).exists() {
+        return None;
+    }
+    let text = fs::read_to_string(out_dir.join(SUMMARY_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Writes `summary.json` atomically.
+pub fn write_summary<T: Serialize>(out_dir: &Path, summary: &T) -> Result<(), StageError> {
+    let text = serde_json::to_string_pretty(summary).expect("summary serialises");
+    atomic::write_file(&out_dir.join(SUMMARY_FILE), text.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! The one training loop of the supervised stage kinds (SFT, the reward
+//! model, and the next ones): a stage brings its data, its loss and its
+//! eval as an [`Objective`]; [`fit`] owns seeding, micro-batches and
+//! accumulation, the non-finite guard, clipping, the optimiser step,
+//! metrics, progress, checkpoints, resume and stop.
+//!
+//! Exact resume: a checkpoint holds weights, AdamW moments and the step.
+//! The data order is a function of (seed, epoch) and libtorch's RNG is
+//! reseeded from (seed, step) before every step ([`step_seed`]), so the
+//! step number alone restores the data position and the RNG: a resumed run
+//! ends with the same weights, bit for bit on CPU, as an uninterrupted one.
+
+pub mod batches;
+pub mod checkpoints;
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::json;
+use tch::{Device, Tensor};
+
+use crate::check;
+use crate::checkpoint::{HeadChoice, Model};
+use crate::gpt::{Gpt, GptConfig, Head};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+
+pub use crate::error::{check_finite, interrupt_requested, io_err, request_interrupt, StageError};
+pub use batches::EpochBatches;
+pub use checkpoints::{
+    load_training, newest_usable, periodic_checkpoints, periodic_dir, prune_periodic,
+    save_training, Checkpointer, FINAL_DIR, KEEP_PERIODIC, OPTIMIZER_FILE, PERIODIC_DIR,
+    STATE_FILE,
+};
+pub use metrics::{
+    finished_summary, progress_bar, write_summary, MetricsLog, METRICS_FILE, SUMMARY_FILE,
+};
+
+/// The settings every supervised stage shares. A stage config holds them
+/// flattened, so they sit beside the stage's own keys in the experiment
+/// file; each stage kind supplies its own defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Examples (SFT) or prompts with their ranked answers (reward) per
+    /// micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (overrides `epochs`).
+    pub max_steps: Option<i64>,
+    pub optimizer: AdamWConfig,
+    pub schedule: LrSchedule,
+    /// Global gradient-norm bound; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub eval_every: i64,
+    pub checkpoint_every: i64,
+    /// Unset: the experiment's seed.
+    pub seed: Option<u64>,
+}
+
+impl TrainSettings {
+    pub fn validate(&self) -> Result<(), StageError> {
+        check::at_least("batch_size", self.batch_size as i64, 1)?;
+        check::at_least("grad_accum", self.grad_accum as i64, 1)?;
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return Err(StageError::setting(
+                "epochs",
+                "is 0 and max_steps is unset: nothing to train",
+            ));
+        }
+        if let Some(s) = self.max_steps {
+            check::at_least("max_steps", s, 1)?;
+        }
+        check::at_least("eval_every", self.eval_every, 1)?;
+        check::at_least("checkpoint_every", self.checkpoint_every, 1)?;
+        check::non_negative("max_grad_norm", self.max_grad_norm)?;
+        self.optimizer.validate("optimizer")?;
+        self.schedule.validate("schedule")
+    }
+
+    /// The seed, once the experiment's has been filled in.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(0)
+    }
+
+    /// Optimiser steps for `examples` training examples.
+    pub fn total_steps(&self, examples: usize) -> i64 {
+        let per_epoch = examples.div_ceil(self.batch_size) as u64;
+        self.max_steps.unwrap_or_else(|| {
+            ((self.epochs as u64 * per_epoch).div_ceil(self.grad_accum as u64) as i64).max(1)
+        })
+    }
+}
+
+/// libtorch's seed for step (or iteration) `step` of a run seeded `seed`:
+/// dropout and sampling depend on the step number alone, so a resumed run
+/// draws what an uninterrupted one drew.
+pub fn step_seed(seed: u64, step: i64) -> i64 {
+    (seed as i64).wrapping_mul(1_000_003).wrapping_add(step)
+}
+
+/// The model a stage starts from when its config names no `init`.
+#[derive(Debug, Clone)]
+pub struct ScratchModel {
+    pub config: GptConfig,
+    pub tokenizer: rlhf_datasets::Tokenizer,
+}
+
+/// Saved with every checkpoint of a supervised stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub stage: String,
+    /// Optimiser steps done.
+    pub step: i64,
+    pub total_steps: i64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "nan")]
+    pub last_train_loss: f64,
+    pub done: bool,
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// The model a stage trains, where its optimiser stands, and its saved
+/// state when it resumes.
+pub struct Start {
+    pub model: Model,
+    pub opt: AdamW,
+    pub state: Option<TrainerState>,
+}
+
+/// Resumes from the newest usable periodic checkpoint of `out_dir`, else
+/// loads `init` (or builds a fresh model from `scratch`), seeded by `seed`.
+pub fn start_or_resume(
+    out_dir: &Path,
+    head: Head,
+    init: Option<&Path>,
+    scratch: &ScratchModel,
+    optimizer: &AdamWConfig,
+    seed: u64,
+    device: Device,
+) -> Result<Start, StageError> {
+    let want = HeadChoice::Want(head);
+    let resumed = newest_usable(out_dir, |dir| load_training(dir, want, device));
+    let (model, moments, state) = match resumed {
+        Some((_, _, (m, moments, state))) => (m, Some(moments), Some(state)),
+        None => {
+            tch::manual_seed(seed as i64);
+            let m = match init {
+                Some(dir) => Model::load(dir, want, device)?,
+                None => Model::init(&scratch.config, head, scratch.tokenizer.clone(), device)?,
+            };
+            (m, None, None)
+        }
+    };
+    let mut opt = AdamW::new(&model.vs, optimizer.clone());
+    if let Some(m) = &moments {
+        opt.load_state_tensors(m)?;
+    }
+    Ok(Start { model, opt, state })
+}
+
+/// A sum over a step's micro-batches, logged as `num / den`
+/// (the reward model's pairwise accuracy).
+#[derive(Debug, Clone, Copy)]
+pub struct Ratio {
+    pub name: &'static str,
+    pub num: f64,
+    pub den: f64,
+}
+
+/// Held-out quality: its loss for the log line, its fields for the metrics.
+pub trait Evaluation {
+    fn loss(&self) -> f64;
+    /// Adds its fields (`eval_loss`, ...) to a metrics record.
+    fn record(&self, record: &mut serde_json::Value);
+}
+
+/// What a supervised stage brings to [`fit`].
+pub trait Objective {
+    type Batch;
+    type Eval: Evaluation;
+    /// How errors and logs name the loss ("training loss").
+    const LOSS: &'static str;
+    /// Training examples; micro-batch rows index them.
+    fn examples(&self) -> usize;
+    fn collate(&self, rows: &[usize]) -> Self::Batch;
+    /// Tokens the batch feeds the model, for tokens/s.
+    fn batch_tokens(&self, batch: &Self::Batch) -> usize;
+    /// One micro-batch's loss, scaled to its share of the step whose
+    /// micro-batches are `step`, and its ratios to sum over the step.
+    fn loss(&self, model: &Gpt, batch: &Self::Batch, step: &[Self::Batch]) -> (Tensor, Vec<Ratio>);
+    /// Held-out quality; `None` without held-out data.
+    fn evaluate(&self, model: &Gpt) -> Option<Self::Eval>;
+}
+
+/// One supervised run: where it writes, how it trains, and its test hook.
+#[derive(Debug, Clone)]
+pub struct FitRun<'a> {
+    /// How logs and the progress bar name the stage ("sft").
+    pub label: &'static str,
+    pub settings: &'a TrainSettings,
+    pub out_dir: &'a Path,
+    /// Stop (as if killed) after this step, leaving its checkpoint.
+    pub stop_after: Option<i64>,
+}
+
+/// A finished step loop: the model and optimiser as they ended.
+pub struct Fitted<E> {
+    pub model: Model,
+    pub opt: AdamW,
+    pub steps: i64,
+    pub last_loss: f64,
+    pub last_eval: Option<E>,
+    pub tokens_per_second: f64,
+}
+
+/// Runs (or resumes) the step loop of `objective` from `start`.
+pub fn fit<O: Objective>(
+    run: &FitRun,
+    start: Start,
+    objective: &O,
+) -> Result<Fitted<O::Eval>, StageError> {
+    let cfg = run.settings;
+    let seed = cfg.seed();
+    let Start {
+        model,
+        mut opt,
+        state,
+    } = start;
+    let total_steps = cfg.total_steps(objective.examples());
+    let start_step = state.as_ref().map_or(0, |s| s.step);
+    let mut metrics = MetricsLog::open(
+        &run.out_dir.join(METRICS_FILE),
+        state.as_ref().map(|s| s.step),
+    )?;
+    let checkpointer = checkpointer(run, total_steps);
+    let bar = progress_bar(total_steps as u64, start_step as u64, run.label);
+    let mut micro_batches = EpochBatches::new(objective.examples(), cfg.batch_size, seed);
+    let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
+    let mut last_eval = None;
+    let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
+    for step in start_step..total_steps {
+        let t0 = Instant::now();
+        tch::manual_seed(step_seed(seed, step));
+        let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
+        let batches: Vec<O::Batch> = (0..cfg.grad_accum as i64)
+            .map(|k| objective.collate(&micro_batches.rows(step * cfg.grad_accum as i64 + k)))
+            .collect();
+        let (loss, grad_norm, ratios) = accumulate(
+            objective,
+            &model,
+            &mut opt,
+            &batches,
+            cfg.max_grad_norm,
+            step,
+        )?;
+        opt.step(lr);
+        last_loss = loss;
+        let dt = t0.elapsed().as_secs_f64();
+        let step_tokens: usize = batches.iter().map(|b| objective.batch_tokens(b)).sum();
+        (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
+        let done = step + 1;
+        let mut record = json!({
+            "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": step_tokens as f64 / dt.max(1e-9),
+            "epoch": (done * cfg.grad_accum as i64) as f64 / micro_batches.per_epoch().max(1) as f64,
+        });
+        for r in &ratios {
+            record[r.name] = json!(r.num / r.den.max(1.0));
+        }
+        if done % cfg.eval_every == 0 || done == total_steps {
+            last_eval = objective.evaluate(&model.gpt);
+            if let Some(e) = &last_eval {
+                e.record(&mut record);
+            }
+            if done % cfg.eval_every == 0 {
+                let eval = last_eval
+                    .as_ref()
+                    .map_or("-".into(), |e| format!("{:.4}", e.loss()));
+                tracing::info!(
+                    "{}: step {done}/{total_steps} loss {loss:.4} eval {eval} lr {lr:.2e}",
+                    run.label
+                );
+            }
+        }
+        metrics.write(&record);
+        bar.set_position(done as u64);
+        bar.set_message(format!("loss {loss:.3}"));
+        let state = trainer_state(run, done, total_steps, last_loss, false);
+        checkpointer
+            .after_step(done, |dir| save_training(dir, &model, &opt, &state))
+            .inspect_err(|_| bar.abandon())?;
+    }
+    bar.finish_and_clear();
+    Ok(Fitted {
+        model,
+        opt,
+        steps: total_steps,
+        last_loss,
+        last_eval,
+        tokens_per_second: tokens_seen as f64 / train_time.max(1e-9),
+    })
+}
+
+/// Forward and backward over a step's micro-batches, then the non-finite
+/// guard and clipping: (loss, gradient norm before clipping, ratios).
+fn accumulate<O: Objective>(
+    objective: &O,
+    model: &Model,
+    opt: &mut AdamW,
+    batches: &[O::Batch],
+    max_grad_norm: f64,
+    step: i64,
+) -> Result<(f64, f64, Vec<Ratio>), StageError> {
+    opt.zero_grad();
+    let mut loss_sum = 0.0;
+    let mut ratios: Vec<Ratio> = Vec::new();
+    for batch in batches {
+        let (loss, rs) = objective.loss(&model.gpt, batch, batches);
+        loss.backward();
+        loss_sum += loss.double_value(&[]);
+        for r in rs {
+            match ratios.iter_mut().find(|x| x.name == r.name) {
+                Some(x) => (x.num, x.den) = (x.num + r.num, x.den + r.den),
+                None => ratios.push(r),
+            }
+        }
+    }
+    check_finite(step + 1, O::LOSS, loss_sum)?;
+    let grad_norm = opt.clip_grad_norm(max_grad_norm);
+    check_finite(step + 1, "gradient norm", grad_norm)?;
+    Ok((loss_sum, grad_norm, ratios))
+}
+
+fn checkpointer(run: &FitRun, total_steps: i64) -> Checkpointer {
+    Checkpointer {
+        out_dir: run.out_dir.to_owned(),
+        every: run.settings.checkpoint_every,
+        total_steps,
+        stop_after: run.stop_after,
+    }
+}
+
+fn trainer_state(run: &FitRun, step: i64, total: i64, loss: f64, done: bool) -> TrainerState {
+    TrainerState {
+        stage: run.label.into(),
+        step,
+        total_steps: total,
+        seed: run.settings.seed(),
+        last_train_loss: loss,
+        done,
+    }
+}
+
+/// Writes the final checkpoint of a fitted run (after the stage's own
+/// finishing touches, such as the reward model's normalisation).
+pub fn finish<E>(run: &FitRun, fitted: &Fitted<E>) -> Result<(), StageError> {
+    let state = trainer_state(run, fitted.steps, fitted.steps, fitted.last_loss, true);
+    checkpointer(run, fitted.steps).finish(|| {
+        save_training(
+            &run.out_dir.join(FINAL_DIR),
+            &fitted.model,
+            &fitted.opt,
+            &state,
+        )
+    })
+}
+
+/// The run folder, made, and whether it already holds a finished run (its
+/// summary then).
+pub fn prepare_out_dir<T: DeserializeOwned>(
+    out_dir: &Path,
+    label: &str,
+) -> Result<Option<T>, StageError> {
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let done = finished_summary(out_dir);
+    if done.is_some() {
+        tracing::info!("{label}: {} is complete; nothing to do", out_dir.display());
+    }
+    Ok(done)
+}
+
+/// Where a stage runs: its folder, device, scratch model, judge, test hook.
+#[derive(Clone)]
+pub struct StageContext {
+    pub out_dir: PathBuf,
+    pub device: Device,
+    /// The model to build when a stage starts from nothing.
+    pub scratch: ScratchModel,
+    /// Scores (prompt, answer) text where it knows the prompt: the bundled
+    /// task's gold judge, passed in by the pipeline.
+    pub judge: Option<crate::answer::Judge>,
+    /// Stop (as if killed) after this step, leaving its checkpoint: for
+    /// resume tests.
+    pub stop_after: Option<i64>,
+}
+
+impl std::fmt::Debug for StageContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageContext")
+            .field("out_dir", &self.out_dir)
+            .field("device", &self.device)
+            .field("judge", &self.judge.is_some())
+            .field("stop_after", &self.stop_after)
+            .finish()
+    }
+}

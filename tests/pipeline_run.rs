@@ -136,7 +136,9 @@ fn cycles_and_dangling_references_are_errors() {
     let out = rlhf(&["run", exp.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("stages.rm: init") && err.contains("sfx"),
+        !out.status.success()
+            && err.contains("stages.rm.init: \"sfx\"")
+            && err.contains("at line 7"),
         "{err}"
     );
 }

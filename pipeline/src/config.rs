@@ -365,9 +365,11 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
         .collect::<Vec<_>>()
         .join(", ");
     let serde_norway::Value::Mapping(mut map) = value else {
+        let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        let (last, rest) = names.split_last().expect("kinds are registered");
         return Err(format!(
-            ": expected a mapping: `kind` ({}) and the stage's settings",
-            kinds.replace('`', "")
+            ": expected a mapping: `kind` ({} or {last}) and the stage's settings",
+            rest.join(", ")
         ));
     };
     let kind = map

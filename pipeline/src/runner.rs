@@ -294,22 +294,14 @@ fn run_rounds(
         if let Some(init) = &rm_init {
             extra.push(format!("stages.{rm}.init={}", init.display()));
         }
-        let rm_label = format!("round-{round}/{rm}");
-        let job = StageRun {
+        let upstream = [("collect", &collect_key), ("init", &rm_key)];
+        let round_run = RoundRun {
             exp,
-            name: rm,
-            label: &rm_label,
-            out_dir: round_dir.join(rm),
-            extra,
-            upstream: BTreeMap::from([
-                ("collect".into(), collect_key.clone()),
-                ("init".into(), rm_key.clone()),
-            ]),
+            round_dir: &round_dir,
             force,
+            overrides,
         };
-        let (key, outcome) = ensure_stage(&job, overrides)?;
-        outcomes.push((rm_label, outcome));
-        (rm_dir, rm_key) = (final_of(&round_dir.join(rm)), key);
+        (rm_dir, rm_key) = round_run.ensure(rm, extra, upstream, &mut outcomes)?;
         // 3. PPO from the latest (or the reference) policy against the new
         // reward model.
         let (start_dir, start_key) = match spec.policy_init {
@@ -322,28 +314,57 @@ fn run_rounds(
             format!("stages.{ppo}.reference={}", reference.display()),
             format!("stages.{ppo}.reward_model={}", rm_dir.display()),
         ]);
-        let ppo_label = format!("round-{round}/{ppo}");
-        let job = StageRun {
-            exp,
-            name: ppo,
-            label: &ppo_label,
-            out_dir: round_dir.join(ppo),
-            extra,
-            upstream: BTreeMap::from([
-                ("policy".into(), start_key.clone()),
-                ("reward_model".into(), rm_key.clone()),
-            ]),
-            force,
-        };
-        let (key, outcome) = ensure_stage(&job, overrides)?;
-        outcomes.push((ppo_label, outcome));
-        (policy_dir, policy_key) = (final_of(&round_dir.join(ppo)), key);
+        let upstream = [("policy", start_key), ("reward_model", &rm_key)];
+        (policy_dir, policy_key) = round_run.ensure(ppo, extra, upstream, &mut outcomes)?;
         (prefs, prefs_key) = (out_prefs, collect_key);
         let line = round_line(round, &round_dir, rm, ppo);
         rounds_log.push_str(&format!("{line}\n"));
     }
     rlhf_datasets::atomic::write_file(&exp.run_dir.join("rounds.jsonl"), rounds_log.as_bytes())?;
     Ok(outcomes)
+}
+
+/// Where a round's copies of stages run.
+struct RoundRun<'a> {
+    exp: &'a Experiment,
+    round_dir: &'a Path,
+    force: bool,
+    overrides: &'a [String],
+}
+
+impl RoundRun<'_> {
+    /// Brings the round's copy of stage `name` up to date with `extra`
+    /// settings; returns its final checkpoint and its key.
+    fn ensure(
+        &self,
+        name: &str,
+        extra: Vec<String>,
+        upstream: [(&str, &String); 2],
+        outcomes: &mut Vec<(String, Outcome)>,
+    ) -> anyhow::Result<(PathBuf, String)> {
+        let dir = self.round_dir.join(name);
+        let round = self
+            .round_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let label = format!("{round}/{name}");
+        let job = StageRun {
+            exp: self.exp,
+            name,
+            label: &label,
+            out_dir: dir.clone(),
+            extra,
+            upstream: upstream
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).clone()))
+                .collect(),
+            force: self.force,
+        };
+        let (key, outcome) = ensure_stage(&job, self.overrides)?;
+        outcomes.push((label, outcome));
+        Ok((dir.join(rlhf_stages::train::FINAL_DIR), key))
+    }
 }
 
 /// A round's line of `rounds.jsonl`, from its stages' manifests.

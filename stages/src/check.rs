@@ -48,6 +48,13 @@ pub fn at_least(field: &str, value: i64, min: i64) -> Result<(), StageError> {
     require(field, value >= min, &format!("at least {min}"), value)
 }
 
+/// A supervised stage's held-out share and longest example.
+pub fn example_split(eval_fraction: f64, max_len: usize) -> Result<(), StageError> {
+    let ok = (0.0..1.0).contains(&eval_fraction);
+    require("eval_fraction", ok, "in [0, 1)", eval_fraction)?;
+    at_least("max_len", max_len as i64, 2)
+}
+
 /// `prefix.field`, or `field` alone when `prefix` is empty.
 pub fn path(prefix: &str, field: &str) -> String {
     if prefix.is_empty() {

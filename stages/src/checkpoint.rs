@@ -120,24 +120,18 @@ impl Model {
                 path: PathBuf::from("<new model>"),
                 source,
             })?;
-        if tokenizer.vocab_size() as i64 > config.vocab_size {
-            return Err(CheckpointError::VocabTooSmall {
-                path: PathBuf::from("<new model>"),
-                tokenizer: tokenizer.vocab_size(),
-                model: config.vocab_size,
-            });
-        }
-        let vs = VarStore::new(device);
-        let gpt = Gpt::new(&vs.root(), config, head);
-        Ok(Self {
-            vs,
-            gpt,
+        let meta = ModelMeta {
+            head: Some(head),
+            ..ModelMeta::default()
+        };
+        Self::assemble(
+            config,
             tokenizer,
-            meta: ModelMeta {
-                head: Some(head),
-                ..ModelMeta::default()
-            },
-        })
+            meta,
+            device,
+            Path::new("<new model>"),
+            None,
+        )
     }
 
     /// Loads a model folder onto `device`.
@@ -164,24 +158,41 @@ impl Model {
             HeadChoice::Want(h) => h,
         };
         let tokenizer = Tokenizer::from_model_dir(dir)?;
+        let meta = ModelMeta {
+            head: Some(head),
+            ..meta
+        };
+        let weights = Some((&tensors, weights_path.as_path()));
+        Self::assemble(&config, tokenizer, meta, device, dir, weights)
+    }
+
+    /// The model of `config` with `meta`'s head, its weights copied from
+    /// `weights` when given; `path` names it in errors.
+    fn assemble(
+        config: &GptConfig,
+        tokenizer: Tokenizer,
+        meta: ModelMeta,
+        device: Device,
+        path: &Path,
+        weights: Option<(&BTreeMap<String, Tensor>, &Path)>,
+    ) -> Result<Self, CheckpointError> {
         if tokenizer.vocab_size() as i64 > config.vocab_size {
             return Err(CheckpointError::VocabTooSmall {
-                path: dir.to_owned(),
+                path: path.to_owned(),
                 tokenizer: tokenizer.vocab_size(),
                 model: config.vocab_size,
             });
         }
         let vs = VarStore::new(device);
-        let gpt = Gpt::new(&vs.root(), &config, head);
-        copy_into(&vs, &tensors, &weights_path)?;
+        let gpt = Gpt::new(&vs.root(), config, meta.head.unwrap_or(Head::Lm));
+        if let Some((tensors, file)) = weights {
+            copy_into(&vs, tensors, file)?;
+        }
         Ok(Self {
             vs,
             gpt,
             tokenizer,
-            meta: ModelMeta {
-                head: Some(head),
-                ..meta
-            },
+            meta,
         })
     }
 
@@ -324,6 +335,21 @@ fn copy_into(
     Ok(())
 }
 
+/// `key` of a `config.json` object read by `get` (`what` it must be), or
+/// HF's `default` when unset.
+fn config_value<T>(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    what: &str,
+    get: impl Fn(&Value) -> Option<T>,
+    default: T,
+) -> Result<T, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => get(x).ok_or_else(|| format!("`{key}` must be {what}, got {x}")),
+    }
+}
+
 /// HF `GPT2Config` keys with HF's defaults, so any GPT-2 `config.json` reads.
 fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
     let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
@@ -346,20 +372,10 @@ fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
         }
     }
     let int = |key: &str, default: i64| -> Result<i64, CheckpointError> {
-        match obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(x) => x
-                .as_i64()
-                .ok_or_else(|| bad(format!("`{key}` must be an integer, got {x}"))),
-        }
+        config_value(obj, key, "an integer", Value::as_i64, default).map_err(bad)
     };
     let float = |key: &str, default: f64| -> Result<f64, CheckpointError> {
-        match obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(x) => x
-                .as_f64()
-                .ok_or_else(|| bad(format!("`{key}` must be a number, got {x}"))),
-        }
+        config_value(obj, key, "a number", Value::as_f64, default).map_err(bad)
     };
     let activation = obj
         .get("activation_function")

@@ -151,8 +151,14 @@ pub trait KindConfig:
     fn validate(&self) -> Result<(), StageError>;
     /// Every path setting: data files and model references.
     fn paths(&mut self) -> Vec<PathSetting<'_>>;
-    /// The seed; unset: the experiment's.
-    fn seed_mut(&mut self) -> &mut Option<u64>;
+    /// The seed; unset: the experiment's. A kind with training settings
+    /// has its seed there.
+    fn seed_mut(&mut self) -> &mut Option<u64> {
+        &mut self
+            .train()
+            .expect("a kind without training settings implements seed_mut")
+            .seed
+    }
     /// Runs (or resumes, or finds done) the stage.
     fn run(&self, ctx: &StageContext) -> Result<Self::Summary, StageError>;
 }

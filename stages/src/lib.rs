@@ -32,6 +32,29 @@ pub mod train;
 pub use checkpoint::{HeadChoice, Model};
 pub use gpt::{Gpt, GptConfig, Head, KvCache};
 
+/// A seeded tiny GPT for unit tests: 16 wide, 2 heads.
+#[cfg(test)]
+pub(crate) fn tiny_gpt(
+    seed: i64,
+    vocab_size: i64,
+    n_positions: i64,
+    n_layer: i64,
+    head: Head,
+) -> (tch::nn::VarStore, Gpt) {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg = GptConfig {
+        vocab_size,
+        n_positions,
+        n_embd: 16,
+        n_layer,
+        n_head: 2,
+        ..GptConfig::default()
+    };
+    let gpt = Gpt::new(&vs.root(), &cfg, head);
+    (vs, gpt)
+}
+
 /// Serialises the unit tests that seed libtorch's global RNG: tests run on
 /// threads of one process, and a seed means nothing if another test draws
 /// from the same generator in between.

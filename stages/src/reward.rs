@@ -33,8 +33,8 @@ use crate::gpt::{Gpt, Head};
 use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, prepare_out_dir, start_or_resume, write_summary, Evaluation, FitRun, Objective,
-    Ratio, StageContext, StageError, TrainSettings,
+    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, StageContext, StageError,
+    TrainSettings,
 };
 
 /// Sequences per forward when scoring whole sequences for normalisation.
@@ -110,26 +110,20 @@ pub struct RewardInput {
 impl Default for RewardConfig {
     fn default() -> Self {
         Self {
-            train: TrainSettings {
-                batch_size: 8,
-                grad_accum: 1,
-                // InstructGPT saw more than one epoch overfit.
-                epochs: 1,
-                max_steps: None,
-                optimizer: AdamWConfig {
+            // One epoch: InstructGPT saw more overfit.
+            train: TrainSettings::new(
+                8,
+                1,
+                AdamWConfig {
                     lr: 3e-4,
                     weight_decay: 0.0,
                     ..AdamWConfig::default()
                 },
-                schedule: LrSchedule {
+                LrSchedule {
                     warmup_steps: 10,
                     min_lr_ratio: 0.1,
                 },
-                max_grad_norm: 1.0,
-                eval_every: 50,
-                checkpoint_every: 100,
-                seed: None,
-            },
+            ),
             data: PathBuf::new(),
             eval_data: None,
             eval_fraction: 0.05,
@@ -146,19 +140,9 @@ impl KindConfig for RewardConfig {
     const KIND: &'static str = "reward";
     type Summary = RewardSummary;
 
-    fn train(&mut self) -> Option<&mut TrainSettings> {
-        Some(&mut self.train)
-    }
-
     fn validate(&self) -> Result<(), StageError> {
         self.train.validate()?;
-        check::require(
-            "eval_fraction",
-            (0.0..1.0).contains(&self.eval_fraction),
-            "in [0, 1)",
-            self.eval_fraction,
-        )?;
-        check::at_least("max_len", self.max_len as i64, 2)?;
+        check::example_split(self.eval_fraction, self.max_len)?;
         check::at_least(
             "normalize_max_examples",
             self.normalize_max_examples as i64,
@@ -179,12 +163,12 @@ impl KindConfig for RewardConfig {
         ]
     }
 
-    fn seed_mut(&mut self) -> &mut Option<u64> {
-        &mut self.train.seed
-    }
-
     fn run(&self, ctx: &StageContext) -> Result<RewardSummary, StageError> {
         run(self, ctx)
+    }
+
+    fn train(&mut self) -> Option<&mut TrainSettings> {
+        Some(&mut self.train)
     }
 }
 
@@ -426,7 +410,6 @@ fn load_groups(
 /// The K-wise Bradley-Terry loss over ranked groups: a step's loss is the
 /// mean over its micro-batches of each prompt's mean pair loss.
 struct Rankings<'a> {
-    train: Vec<&'a TokenizedGroup>,
     eval: Vec<&'a TokenizedGroup>,
     pooling: Pooling,
     eval_batch: usize,
@@ -436,20 +419,12 @@ struct Rankings<'a> {
 
 impl Objective for Rankings<'_> {
     type Batch = GroupBatch;
-    type Eval = RewardEval;
+    type Example = TokenizedGroup;
     const LOSS: &'static str = "reward-model loss";
+    type Eval = RewardEval;
 
-    fn examples(&self) -> usize {
-        self.train.len()
-    }
-
-    fn collate(&self, rows: &[usize]) -> GroupBatch {
-        let groups: Vec<&TokenizedGroup> = rows.iter().map(|&i| self.train[i]).collect();
-        collate_groups(&groups, self.pad)
-    }
-
-    fn batch_tokens(&self, batch: &GroupBatch) -> usize {
-        batch.rows * batch.width
+    fn collate(&self, groups: &[&TokenizedGroup]) -> GroupBatch {
+        collate_groups(groups, self.pad)
     }
 
     fn loss(&self, model: &Gpt, batch: &GroupBatch, step: &[GroupBatch]) -> (Tensor, Vec<Ratio>) {
@@ -480,20 +455,12 @@ impl Objective for Rankings<'_> {
 pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, StageError> {
     KindConfig::validate(cfg)?;
     let started = Instant::now();
-    let out = &ctx.out_dir;
-    if let Some(summary) = prepare_out_dir(out, "reward")? {
-        return Ok(summary);
-    }
     let train = &cfg.train;
-    let mut start = start_or_resume(
-        out,
-        Head::Scalar,
-        cfg.init.as_deref(),
-        &ctx.scratch,
-        &train.optimizer,
-        train.seed(),
-        ctx.device,
-    )?;
+    let run = FitRun::new("reward", train, ctx);
+    let mut start = match run.begin(Head::Scalar, cfg.init.as_deref(), ctx)? {
+        Ok(start) => start,
+        Err(done) => return Ok(done),
+    };
     // Recorded before the first checkpoint: every later reader pools alike.
     cfg.pooling.record(&mut start.model);
     let max_len = cfg
@@ -508,8 +475,8 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         Some(_) => ((0..all.len()).collect(), vec![]),
         None => train_eval_split(all.len(), cfg.eval_fraction, usize::MAX, train.seed()),
     };
+    let examples: Vec<&TokenizedGroup> = train_idx.iter().map(|&i| &all[i]).collect();
     let objective = Rankings {
-        train: train_idx.iter().map(|&i| &all[i]).collect(),
         eval: match &cfg.eval_data {
             Some(_) => held_out.iter().collect(),
             None => eval_idx.iter().map(|&i| &all[i]).collect(),
@@ -519,21 +486,15 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         pad: start.model.tokenizer.pad_id(),
         device: ctx.device,
     };
-    let train_pairs: usize = objective.train.iter().map(|g| g.pairs.len()).sum();
+    let train_pairs: usize = examples.iter().map(|g| g.pairs.len()).sum();
     tracing::info!(
         "reward: {} train prompts ({train_pairs} pairs) / {} eval prompts, {} steps of {} prompts",
-        objective.train.len(),
+        examples.len(),
         objective.eval.len(),
-        train.total_steps(objective.train.len()),
+        train.total_steps(examples.len()),
         train.batch_size * train.grad_accum
     );
-    let run = FitRun {
-        label: "reward",
-        settings: train,
-        out_dir: out,
-        stop_after: ctx.stop_after,
-    };
-    let mut fitted = fit(&run, start, &objective)?;
+    let mut fitted = fit(&run, start, &objective, &examples)?;
     let normalization = match &cfg.normalize_on {
         Some(path) => Some(normalize(
             &mut fitted.model,
@@ -549,13 +510,13 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
     finish(&run, &fitted)?;
     let summary = RewardSummary {
         steps: fitted.steps,
-        train_groups: objective.train.len(),
+        train_groups: examples.len(),
         train_pairs,
         eval: final_eval,
         normalization,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    write_summary(out, &summary)?;
+    write_summary(&ctx.out_dir, &summary)?;
     Ok(summary)
 }
 
@@ -642,17 +603,7 @@ mod tests {
     #[test]
     fn kwise_batch_equals_explicit_pairs_with_k_forwards() {
         let _rng = crate::rng_lock();
-        tch::manual_seed(21);
-        let vs = VarStore::new(Device::Cpu);
-        let cfg = GptConfig {
-            vocab_size: 32,
-            n_positions: 16,
-            n_embd: 16,
-            n_layer: 1,
-            n_head: 2,
-            ..GptConfig::default()
-        };
-        let gpt = Gpt::new(&vs.root(), &cfg, Head::Scalar);
+        let (vs, gpt) = crate::tiny_gpt(21, 32, 16, 1, Head::Scalar);
         let group = TokenizedGroup {
             prompt: vec![1, 2, 3],
             responses: vec![vec![4, 0], vec![5, 6, 0], vec![7, 0], vec![8, 9, 10, 0]],

@@ -292,7 +292,7 @@ pub fn filter_logits(logits: &Tensor, top_k: i64, top_p: f64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::{GptConfig, Head};
+    use crate::gpt::Head;
     use tch::nn::VarStore;
 
     fn spec(eos: i64) -> TokenSpec {
@@ -304,18 +304,7 @@ mod tests {
     }
 
     fn tiny() -> (VarStore, Gpt) {
-        tch::manual_seed(3);
-        let vs = VarStore::new(Device::Cpu);
-        let cfg = GptConfig {
-            vocab_size: 40,
-            n_positions: 40,
-            n_embd: 16,
-            n_layer: 2,
-            n_head: 2,
-            ..GptConfig::default()
-        };
-        let gpt = Gpt::new(&vs.root(), &cfg, Head::Lm);
-        (vs, gpt)
+        crate::tiny_gpt(3, 40, 40, 2, Head::Lm)
     }
 
     #[test]

@@ -51,23 +51,12 @@ pub fn sequence_logprobs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::{GptConfig, Head};
-    use tch::nn::VarStore;
+    use crate::gpt::Head;
 
     #[test]
     fn batched_logprobs_equal_single_and_match_log_softmax() {
         let _rng = crate::rng_lock();
-        tch::manual_seed(5);
-        let vs = VarStore::new(Device::Cpu);
-        let cfg = GptConfig {
-            vocab_size: 30,
-            n_positions: 16,
-            n_embd: 16,
-            n_layer: 1,
-            n_head: 2,
-            ..GptConfig::default()
-        };
-        let gpt = Gpt::new(&vs.root(), &cfg, Head::Lm);
+        let (_vs, gpt) = crate::tiny_gpt(5, 30, 16, 1, Head::Lm);
         let seqs = vec![vec![1i64, 2, 3, 4, 5, 6], vec![7i64, 8, 9], vec![10i64]];
         let batched = sequence_logprobs(&gpt, &seqs, 8, Device::Cpu);
         assert_eq!(

@@ -22,8 +22,8 @@ use crate::gpt::{Gpt, Head};
 use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, prepare_out_dir, start_or_resume, write_summary, Evaluation, FitRun, Objective,
-    Ratio, StageContext, StageError, TrainSettings,
+    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, StageContext, StageError,
+    TrainSettings,
 };
 
 /// Settings of the SFT stage (`kind: sft`).
@@ -52,21 +52,15 @@ pub struct SftConfig {
 impl Default for SftConfig {
     fn default() -> Self {
         Self {
-            train: TrainSettings {
-                batch_size: 32,
-                grad_accum: 1,
-                epochs: 2,
-                max_steps: None,
-                optimizer: AdamWConfig {
+            train: TrainSettings::new(
+                32,
+                2,
+                AdamWConfig {
                     lr: 1e-3,
                     ..AdamWConfig::default()
                 },
-                schedule: LrSchedule::default(),
-                max_grad_norm: 1.0,
-                eval_every: 50,
-                checkpoint_every: 100,
-                seed: None,
-            },
+                LrSchedule::default(),
+            ),
             data: PathBuf::new(),
             init: None,
             eval_fraction: 0.05,
@@ -88,13 +82,7 @@ impl KindConfig for SftConfig {
 
     fn validate(&self) -> Result<(), StageError> {
         self.train.validate()?;
-        check::require(
-            "eval_fraction",
-            (0.0..1.0).contains(&self.eval_fraction),
-            "in [0, 1)",
-            self.eval_fraction,
-        )?;
-        check::at_least("max_len", self.max_len as i64, 2)?;
+        check::example_split(self.eval_fraction, self.max_len)?;
         check::at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
     }
 
@@ -108,10 +96,6 @@ impl KindConfig for SftConfig {
             PathSetting::optional_model("init", &mut self.init),
             PathSetting::optional_data("eval_prompts", &mut self.eval_prompts),
         ]
-    }
-
-    fn seed_mut(&mut self) -> &mut Option<u64> {
-        &mut self.train.seed
     }
 
     fn run(&self, ctx: &StageContext) -> Result<SftSummary, StageError> {
@@ -165,7 +149,6 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
 /// Next-token loss on answer tokens: a step's loss is the mean over every
 /// answer token of its micro-batches.
 struct Demonstrations<'a> {
-    train: Vec<&'a TokenizedPair>,
     eval: Vec<&'a TokenizedPair>,
     eval_batch: usize,
     pad: i64,
@@ -186,21 +169,13 @@ impl Evaluation for EvalLoss {
 }
 
 impl Objective for Demonstrations<'_> {
-    type Batch = LmBatch;
-    type Eval = EvalLoss;
     const LOSS: &'static str = "training loss";
+    type Example = TokenizedPair;
+    type Eval = EvalLoss;
+    type Batch = LmBatch;
 
-    fn examples(&self) -> usize {
-        self.train.len()
-    }
-
-    fn collate(&self, rows: &[usize]) -> LmBatch {
-        let pairs: Vec<&TokenizedPair> = rows.iter().map(|&i| self.train[i]).collect();
-        collate(&pairs, self.pad)
-    }
-
-    fn batch_tokens(&self, batch: &LmBatch) -> usize {
-        batch.rows * batch.width
+    fn collate(&self, pairs: &[&TokenizedPair]) -> LmBatch {
+        collate(pairs, self.pad)
     }
 
     fn loss(&self, model: &Gpt, batch: &LmBatch, step: &[LmBatch]) -> (Tensor, Vec<Ratio>) {
@@ -218,20 +193,12 @@ impl Objective for Demonstrations<'_> {
 pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError> {
     KindConfig::validate(cfg)?;
     let started = Instant::now();
-    let out = &ctx.out_dir;
-    if let Some(summary) = prepare_out_dir(out, "sft")? {
-        return Ok(summary);
-    }
     let train = &cfg.train;
-    let start = start_or_resume(
-        out,
-        Head::Lm,
-        cfg.init.as_deref(),
-        &ctx.scratch,
-        &train.optimizer,
-        train.seed(),
-        ctx.device,
-    )?;
+    let run = FitRun::new("sft", train, ctx);
+    let start = match run.begin(Head::Lm, cfg.init.as_deref(), ctx)? {
+        Ok(start) => start,
+        Err(done) => return Ok(done),
+    };
     let (pairs, cut) = load_demonstrations(cfg, &start.model)?;
     let (train_idx, eval_idx) = train_eval_split(
         pairs.len(),
@@ -239,8 +206,8 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         cfg.eval_max_examples,
         train.seed(),
     );
+    let examples: Vec<&TokenizedPair> = train_idx.iter().map(|&i| &pairs[i]).collect();
     let objective = Demonstrations {
-        train: train_idx.iter().map(|&i| &pairs[i]).collect(),
         eval: eval_idx.iter().map(|&i| &pairs[i]).collect(),
         eval_batch: train.batch_size,
         pad: start.model.tokenizer.pad_id(),
@@ -248,20 +215,15 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
     };
     tracing::info!(
         "sft: {} train / {} eval examples, {} steps of {} x {} on {:?}",
-        objective.train.len(),
+        examples.len(),
         objective.eval.len(),
-        train.total_steps(objective.train.len()),
+        train.total_steps(examples.len()),
         train.batch_size,
         train.grad_accum,
         ctx.device
     );
-    let run = FitRun {
-        label: "sft",
-        settings: train,
-        out_dir: out,
-        stop_after: ctx.stop_after,
-    };
-    let fitted = fit(&run, start, &objective)?;
+    let fitted = fit(&run, start, &objective, &examples)?;
+    let out = &ctx.out_dir;
     finish(&run, &fitted)?;
     let judged = match &cfg.eval_prompts {
         Some(path) => judged_eval(
@@ -276,7 +238,7 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
     };
     let summary = SftSummary {
         steps: fitted.steps,
-        train_examples: objective.train.len(),
+        train_examples: examples.len(),
         eval_examples: objective.eval.len(),
         prompts_cut: cut.prompts_cut,
         completions_cut: cut.completions_cut,
@@ -340,24 +302,12 @@ pub fn eval_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::GptConfig;
     use rlhf_datasets::batch::collate;
-    use tch::nn::VarStore;
 
     #[test]
     fn prompt_targets_contribute_nothing_to_the_loss() {
         let _rng = crate::rng_lock();
-        tch::manual_seed(9);
-        let vs = VarStore::new(Device::Cpu);
-        let cfg = GptConfig {
-            vocab_size: 40,
-            n_positions: 16,
-            n_embd: 16,
-            n_layer: 1,
-            n_head: 2,
-            ..GptConfig::default()
-        };
-        let gpt = Gpt::new(&vs.root(), &cfg, Head::Lm);
+        let (_vs, gpt) = crate::tiny_gpt(9, 40, 16, 1, Head::Lm);
         let pair = TokenizedPair {
             prompt: vec![1, 2, 3, 4],
             completion: vec![5, 6, 0],

@@ -28,13 +28,8 @@ pub fn mistake(instruction: &Instruction, rng: &mut impl Rng) -> String {
                     c.into_iter().collect()
                 }
                 1 if chars.len() > 2 => drop_one(&chars, rng),
-                2 => word.clone(), // the word copied back
-                _ => {
-                    // First letter kept in place.
-                    let mut c: Vec<char> = word.chars().collect();
-                    c[1..].reverse();
-                    c.into_iter().collect()
-                }
+                2 => word.clone(),                  // the word copied back
+                _ => habitual_mistake(instruction), // first letter kept in place
             }
         }
         Instruction::Sort(xs) => {

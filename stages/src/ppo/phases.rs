@@ -519,11 +519,9 @@ fn policy_step(
         stats.ptx_loss += ptx_loss.double_value(&[]);
         loss += ptx.coef * ptx_loss;
     }
-    models.popt.zero_grad();
-    loss.backward();
-    let norm = models.popt.clip_grad_norm(cfg.max_grad_norm);
-    check_finite(it, "policy gradient norm", norm)?;
-    models.popt.step(cfg.policy_optimizer.lr);
+    let lr = cfg.policy_optimizer.lr;
+    let clip = (cfg.max_grad_norm, "policy gradient norm");
+    optimizer_step(&mut models.popt, &loss, lr, clip, it)?;
     stats.policy_loss += pg_loss.double_value(&[]);
     stats.entropy += entropy.double_value(&[]);
     stats.clip_fraction += clipfrac;
@@ -548,12 +546,27 @@ fn critic_step(
         &mb.mask,
         cfg.clip_range_value,
     );
-    models.copt.zero_grad();
-    vf_loss.backward();
-    let norm = models.copt.clip_grad_norm(cfg.max_grad_norm);
-    check_finite(it, "critic gradient norm", norm)?;
-    models.copt.step(cfg.critic_optimizer.lr);
+    let lr = cfg.critic_optimizer.lr;
+    let clip = (cfg.max_grad_norm, "critic gradient norm");
+    optimizer_step(&mut models.copt, &vf_loss, lr, clip, it)?;
     stats.value_loss += vf_loss.double_value(&[]);
+    Ok(())
+}
+
+/// Backward, global-norm clipping to `clip.0` (the norm must be finite;
+/// `clip.1` names it), and an AdamW step at `lr`.
+fn optimizer_step(
+    opt: &mut AdamW,
+    loss: &Tensor,
+    lr: f64,
+    clip: (f64, &'static str),
+    it: i64,
+) -> Result<(), StageError> {
+    opt.zero_grad();
+    loss.backward();
+    let norm = opt.clip_grad_norm(clip.0);
+    check_finite(it, clip.1, norm)?;
+    opt.step(lr);
     Ok(())
 }
 

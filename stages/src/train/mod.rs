@@ -62,6 +62,28 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
+    /// Settings with the common defaults: no accumulation, no step limit,
+    /// clipping at norm 1, eval every 50 steps, a checkpoint every 100.
+    pub fn new(
+        batch_size: usize,
+        epochs: usize,
+        optimizer: AdamWConfig,
+        schedule: LrSchedule,
+    ) -> Self {
+        Self {
+            batch_size,
+            grad_accum: 1,
+            epochs,
+            max_steps: None,
+            optimizer,
+            schedule,
+            max_grad_norm: 1.0,
+            eval_every: 50,
+            checkpoint_every: 100,
+            seed: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), StageError> {
         check::at_least("batch_size", self.batch_size as i64, 1)?;
         check::at_least("grad_accum", self.grad_accum as i64, 1)?;
@@ -182,17 +204,32 @@ pub trait Evaluation {
     fn record(&self, record: &mut serde_json::Value);
 }
 
-/// What a supervised stage brings to [`fit`].
+/// A collated batch: how many tokens it feeds the model, for tokens/s.
+pub trait Tokens {
+    fn tokens(&self) -> usize;
+}
+
+impl Tokens for rlhf_datasets::batch::LmBatch {
+    fn tokens(&self) -> usize {
+        self.rows * self.width
+    }
+}
+
+impl Tokens for rlhf_datasets::batch::GroupBatch {
+    fn tokens(&self) -> usize {
+        self.rows * self.width
+    }
+}
+
+/// What a supervised stage brings to [`fit`]: how its examples become a
+/// batch, its loss and its eval.
 pub trait Objective {
-    type Batch;
+    type Example;
+    type Batch: Tokens;
     type Eval: Evaluation;
     /// How errors and logs name the loss ("training loss").
     const LOSS: &'static str;
-    /// Training examples; micro-batch rows index them.
-    fn examples(&self) -> usize;
-    fn collate(&self, rows: &[usize]) -> Self::Batch;
-    /// Tokens the batch feeds the model, for tokens/s.
-    fn batch_tokens(&self, batch: &Self::Batch) -> usize;
+    fn collate(&self, examples: &[&Self::Example]) -> Self::Batch;
     /// One micro-batch's loss, scaled to its share of the step whose
     /// micro-batches are `step`, and its ratios to sum over the step.
     fn loss(&self, model: &Gpt, batch: &Self::Batch, step: &[Self::Batch]) -> (Tensor, Vec<Ratio>);
@@ -211,6 +248,42 @@ pub struct FitRun<'a> {
     pub stop_after: Option<i64>,
 }
 
+impl<'a> FitRun<'a> {
+    pub fn new(label: &'static str, settings: &'a TrainSettings, ctx: &'a StageContext) -> Self {
+        Self {
+            label,
+            settings,
+            out_dir: &ctx.out_dir,
+            stop_after: ctx.stop_after,
+        }
+    }
+
+    /// The run folder made; a finished run's summary, or the model to train
+    /// (resumed from the newest usable checkpoint, else loaded from `init`
+    /// or built from the context's scratch model).
+    pub fn begin<S: DeserializeOwned>(
+        &self,
+        head: Head,
+        init: Option<&Path>,
+        ctx: &StageContext,
+    ) -> Result<Result<Start, S>, StageError> {
+        if let Some(summary) = prepare_out_dir(self.out_dir, self.label)? {
+            return Ok(Err(summary));
+        }
+        let s = self.settings;
+        let start = start_or_resume(
+            self.out_dir,
+            head,
+            init,
+            &ctx.scratch,
+            &s.optimizer,
+            s.seed(),
+            ctx.device,
+        )?;
+        Ok(Ok(start))
+    }
+}
+
 /// A finished step loop: the model and optimiser as they ended.
 pub struct Fitted<E> {
     pub model: Model,
@@ -226,6 +299,7 @@ pub fn fit<O: Objective>(
     run: &FitRun,
     start: Start,
     objective: &O,
+    train: &[&O::Example],
 ) -> Result<Fitted<O::Eval>, StageError> {
     let cfg = run.settings;
     let seed = cfg.seed();
@@ -234,7 +308,7 @@ pub fn fit<O: Objective>(
         mut opt,
         state,
     } = start;
-    let total_steps = cfg.total_steps(objective.examples());
+    let total_steps = cfg.total_steps(train.len());
     let start_step = state.as_ref().map_or(0, |s| s.step);
     let mut metrics = MetricsLog::open(
         &run.out_dir.join(METRICS_FILE),
@@ -242,7 +316,7 @@ pub fn fit<O: Objective>(
     )?;
     let checkpointer = checkpointer(run, total_steps);
     let bar = progress_bar(total_steps as u64, start_step as u64, run.label);
-    let mut micro_batches = EpochBatches::new(objective.examples(), cfg.batch_size, seed);
+    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, seed);
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
     let mut last_eval = None;
     let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
@@ -251,7 +325,11 @@ pub fn fit<O: Objective>(
         tch::manual_seed(step_seed(seed, step));
         let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
         let batches: Vec<O::Batch> = (0..cfg.grad_accum as i64)
-            .map(|k| objective.collate(&micro_batches.rows(step * cfg.grad_accum as i64 + k)))
+            .map(|k| {
+                let rows = micro_batches.rows(step * cfg.grad_accum as i64 + k);
+                let examples: Vec<&O::Example> = rows.iter().map(|&i| train[i]).collect();
+                objective.collate(&examples)
+            })
             .collect();
         let (loss, grad_norm, ratios) = accumulate(
             objective,
@@ -264,7 +342,7 @@ pub fn fit<O: Objective>(
         opt.step(lr);
         last_loss = loss;
         let dt = t0.elapsed().as_secs_f64();
-        let step_tokens: usize = batches.iter().map(|b| objective.batch_tokens(b)).sum();
+        let step_tokens: usize = batches.iter().map(Tokens::tokens).sum();
         (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
         let done = step + 1;
         let mut record = json!({

@@ -202,7 +202,9 @@ fn loop_round_with_command_labeller() {
     }
     let p = runs.join("round-1/preferences.parquet");
     let table = rlhf_datasets::load::read_table(&p).unwrap();
-    let groups = rlhf_datasets::preference::ranked_groups(&table, &p).unwrap();
+    let groups = rlhf_datasets::preference::ranked_groups(&table, &p)
+        .unwrap()
+        .groups;
     let rounds: Vec<i64> = table
         .column("round")
         .unwrap()

@@ -74,15 +74,43 @@ pub fn split_implicit_prompt(chosen: &str, rejected: &str) -> (String, String, S
     )
 }
 
-/// Reads ranked groups from a table in any of the three schemas.
-pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Vec<RankedGroup>, DataError> {
+/// Ranked groups read from a table, and the rows passed over because they
+/// say nothing (real preference sets have them: HH-RLHF's test split has a
+/// pair whose chosen equals its rejected).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rankings {
+    pub groups: Vec<RankedGroup>,
+    /// Each group's row in the table (0-based).
+    pub rows: Vec<usize>,
+    /// Pairs whose chosen answer equals the rejected one.
+    pub identical: usize,
+    /// Groups that rank every answer equal.
+    pub all_tied: usize,
+}
+
+impl Rankings {
+    pub fn skipped(&self) -> usize {
+        self.identical + self.all_tied
+    }
+
+    /// "N rows skipped (...)" for the log, if any were.
+    pub fn skipped_note(&self) -> Option<String> {
+        (self.skipped() > 0).then(|| {
+            format!(
+                "{} rows skipped as saying nothing: {} with `chosen` identical to `rejected`, {} ranking every answer equal",
+                self.skipped(),
+                self.identical,
+                self.all_tied
+            )
+        })
+    }
+}
+
+/// Reads ranked groups from a table in any of the three schemas, passing
+/// over (and counting) rows that say nothing; a table of nothing else is
+/// an error.
+pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Rankings, DataError> {
     let margins = margin_column(df, path)?;
-    let bad = |row: usize, column: &str, message: String| DataError::BadValue {
-        path: path.to_owned(),
-        row,
-        column: column.into(),
-        message,
-    };
     let mut groups = if df.column("responses").is_ok() {
         kwise(df, path)?
     } else {
@@ -99,13 +127,6 @@ pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Vec<RankedGroup>, Da
                 Some(p) => (p[i].clone(), c, r),
                 None => split_implicit_prompt(&c, &r),
             };
-            if c == r {
-                return Err(bad(
-                    i + 1,
-                    "chosen",
-                    "is identical to `rejected`: the pair says nothing".into(),
-                ));
-            }
             out.push(RankedGroup {
                 prompt,
                 responses: vec![c, r],
@@ -115,19 +136,28 @@ pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Vec<RankedGroup>, Da
         }
         out
     };
-    for (i, g) in groups.iter_mut().enumerate() {
+    let mut kept = Rankings::default();
+    for (i, mut g) in groups.drain(..).enumerate() {
         if let Some(m) = &margins {
             g.margin = m[i];
         }
-        if g.pairs().is_empty() {
-            return Err(bad(
-                i + 1,
-                "ranking",
-                "ranks every answer equal: no pair to learn from".into(),
-            ));
+        if g.responses.len() == 2 && g.responses[0] == g.responses[1] {
+            kept.identical += 1;
+        } else if g.pairs().is_empty() {
+            kept.all_tied += 1;
+        } else {
+            kept.groups.push(g);
+            kept.rows.push(i);
         }
     }
-    Ok(groups)
+    if kept.groups.is_empty() {
+        let note = kept.skipped_note().unwrap_or_default();
+        return Err(DataError::Parse {
+            path: path.to_owned(),
+            message: format!("no row ranks two different answers: {note}"),
+        });
+    }
+    Ok(kept)
 }
 
 fn margin_column(df: &DataFrame, path: &Path) -> Result<Option<Vec<f64>>, DataError> {
@@ -262,7 +292,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(name);
         std::fs::write(&p, text).unwrap();
-        ranked_groups(&read_table(&p)?, &p)
+        ranked_groups(&read_table(&p)?, &p).map(|r| r.groups)
     }
 
     #[test]
@@ -321,9 +351,12 @@ mod tests {
             "{e}"
         );
         let e = m("{\"prompt\": \"q\", \"responses\": [\"x\", \"y\"], \"ranking\": [0, 0]}\n");
-        assert!(e.contains("no pair"), "{e}");
+        assert!(
+            e.contains("no row ranks") && e.contains("1 ranking every"),
+            "{e}"
+        );
         let e = m("{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"a\"}\n");
-        assert!(e.contains("identical"), "{e}");
+        assert!(e.contains("1 with `chosen` identical"), "{e}");
         let e = m(
             "{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"b\", \"margin\": \"big\"}\n",
         );
@@ -336,6 +369,38 @@ mod tests {
     }
 
     #[test]
+    fn rows_that_say_nothing_are_skipped_counted_and_rows_kept_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k.jsonl");
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"q\", \"responses\": [\"x\", \"x\"], \"ranking\": [0, 1]}\n\
+             {\"prompt\": \"q\", \"responses\": [\"x\", \"y\"], \"ranking\": [0, 0]}\n\
+             {\"prompt\": \"r\", \"responses\": [\"x\", \"y\"], \"ranking\": [1, 0]}\n",
+        )
+        .unwrap();
+        let r = ranked_groups(&read_table(&p).unwrap(), &p).unwrap();
+        assert_eq!((r.groups.len(), r.rows.clone()), (1, vec![2]));
+        assert_eq!((r.identical, r.all_tied, r.skipped()), (1, 1, 2));
+        assert_eq!(r.groups[0].prompt, "r");
+        assert!(r.skipped_note().unwrap().starts_with("2 rows skipped"));
+    }
+
+    #[test]
+    fn helpful_base_skips_its_identical_pair_when_present() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/data/hh-rlhf/helpful-base-test.jsonl.gz");
+        if !p.exists() {
+            eprintln!("skipped: {} is absent", p.display());
+            return;
+        }
+        let table = read_table(&p).unwrap();
+        let r = ranked_groups(&table, &p).unwrap();
+        assert!(r.identical >= 1, "{:?}", (r.identical, r.all_tied));
+        assert_eq!(r.groups.len() + r.skipped(), table.height());
+    }
+
+    #[test]
     fn reads_the_real_hh_rlhf_file_when_present() {
         // The shared copy of Anthropic's HH-RLHF test split, beside the
         // checkout; skipped on machines without it.
@@ -344,7 +409,7 @@ mod tests {
         if !p.exists() {
             return;
         }
-        let groups = ranked_groups(&read_table(&p).unwrap(), &p).unwrap();
+        let groups = ranked_groups(&read_table(&p).unwrap(), &p).unwrap().groups;
         assert_eq!(groups.len(), 2312);
         let with_turn = groups
             .iter()
@@ -433,7 +498,7 @@ mod parquet_tests {
             &["".into(), "runs/x/ppo/checkpoint".into()],
         )
         .unwrap();
-        let back = ranked_groups(&read_table(&p).unwrap(), &p).unwrap();
+        let back = ranked_groups(&read_table(&p).unwrap(), &p).unwrap().groups;
         assert_eq!(back, groups);
     }
 }

@@ -258,6 +258,9 @@ pub struct InitArgs {
     /// Folder to write (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` even if it holds files.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long, default_value_t = 4)]
     pub n_layer: i64,
     #[arg(long, default_value_t = 4)]

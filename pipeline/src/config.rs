@@ -97,6 +97,10 @@ pub struct LoopFile {
     pub set: Vec<String>,
 }
 
+fn default_labeller_timeout() -> f64 {
+    3600.0
+}
+
 fn default_prompts_per_round() -> usize {
     200
 }
@@ -114,7 +118,12 @@ pub enum Labeller {
     Gold,
     /// A program: reads `{"prompt", "responses"}` JSON lines on stdin,
     /// writes one `{"ranking": [...]}` line per input line on stdout.
-    Command { command: Vec<String> },
+    Command {
+        command: Vec<String>,
+        /// The program is stopped, and the round fails, after this long.
+        #[serde(default = "default_labeller_timeout")]
+        timeout_seconds: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,19 +226,21 @@ impl Experiment {
             path: path.to_owned(),
             message: locate_stage_error(text, &message),
         };
-        if spec.name.is_empty()
-            || !spec
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !is_folder_name(&spec.name) {
             return Err(invalid(format!(
-                "name \"{}\" must be non-empty letters, digits, '-', '_' or '.' (it names the run folder)",
+                "name \"{}\" {FOLDER_NAME} (it names the run folder)",
                 spec.name
             )));
         }
         if spec.stages.is_empty() {
             return Err(invalid("stages: no stages defined".into()));
+        }
+        if let Some(bad) = spec.stages.keys().find(|n| !is_folder_name(n)) {
+            let line = text.lines().position(|l| is_key_line(l, bad));
+            let at = line.map_or(String::new(), |i| format!(" at line {}", i + 1));
+            return Err(invalid(format!(
+                "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
+            )));
         }
         spec.model
             .validate()
@@ -290,9 +301,18 @@ impl Experiment {
                     "rounds and prompts_per_round must be >= 1, k >= 2".into()
                 ));
             }
-            if let Labeller::Command { command } = &l.labeller {
+            if let Labeller::Command {
+                command,
+                timeout_seconds,
+            } = &l.labeller
+            {
                 if command.is_empty() {
                     return Err(ctx("labeller.command is empty".into()));
+                }
+                if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
+                    return Err(ctx(format!(
+                        "labeller.timeout_seconds must be > 0, got {timeout_seconds}"
+                    )));
                 }
             }
             l.prompts = abs(&l.prompts);
@@ -336,6 +356,25 @@ impl Experiment {
     /// The folder a stage writes.
     pub fn stage_dir(&self, name: &str) -> PathBuf {
         self.run_dir.join(name)
+    }
+
+    /// Fails unless `path` lies strictly inside the run folder (checked on
+    /// the path's text, before anything is created or removed).
+    pub fn check_inside(&self, path: &Path) -> anyhow::Result<()> {
+        let path = clean_path(path);
+        let inside = path.starts_with(&self.run_dir)
+            && path != self.run_dir
+            && !path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir);
+        anyhow::ensure!(
+            inside,
+            "{}: refusing to touch {}: it is not inside the run folder {}",
+            self.file.display(),
+            path.display(),
+            self.run_dir.display()
+        );
+        Ok(())
     }
 }
 
@@ -446,7 +485,14 @@ impl Places<'_> {
                 continue;
             };
             if p.role == PathRole::Data {
-                p.set(self.abs(&value));
+                let file = self.abs(&value);
+                if let Some(kind) = not_a_regular_file(&file) {
+                    return Err(format!(
+                        "stages.{name}.{field}: {} is {kind}, not a regular file",
+                        file.display()
+                    ));
+                }
+                p.set(file);
                 continue;
             }
             // A model reference: another stage's name (its final
@@ -557,6 +603,34 @@ fn pinpoint_unknown_field(text: &str, message: &str) -> String {
     match found {
         Some((i, _)) => format!("{} at line {}", &message[..cut], i + 1),
         None => message.to_owned(),
+    }
+}
+
+const FOLDER_NAME: &str =
+    "must be one path component of letters, digits, '-', '_' or '.', not empty, \".\" or \"..\"";
+
+/// Whether a name can be a folder inside the run folder and nothing else.
+pub fn is_folder_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// What `path` is when it exists and is not a regular file (a FIFO would
+/// block the reader, a device never ends); `None` for a file or nothing.
+fn not_a_regular_file(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    match () {
+        _ if t.is_file() => None,
+        _ if t.is_dir() => Some("a folder"),
+        _ if t.is_fifo() => Some("a FIFO (named pipe)"),
+        _ if t.is_char_device() || t.is_block_device() => Some("a device"),
+        _ if t.is_socket() => Some("a socket"),
+        _ => Some("not a file"),
     }
 }
 

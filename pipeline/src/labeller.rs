@@ -2,6 +2,7 @@
 //! program speaking JSON lines.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -25,6 +26,27 @@ pub fn gold_ranking(prompt: &str, answers: &[String]) -> anyhow::Result<Vec<usiz
         .collect())
 }
 
+/// The child's exit status, or `None` after killing it at `timeout`.
+fn wait_or_kill(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if std::time::Instant::now() >= deadline || rlhf_stages::train::interrupt_requested() {
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Rankings for `(prompt, answers)` groups, in order.
 pub fn rank(
     labeller: &Labeller,
@@ -32,17 +54,26 @@ pub fn rank(
 ) -> anyhow::Result<Vec<Vec<usize>>> {
     match labeller {
         Labeller::Gold => groups.iter().map(|(p, a)| gold_ranking(p, a)).collect(),
-        Labeller::Command { command } => rank_with_command(command, groups),
+        Labeller::Command {
+            command,
+            timeout_seconds,
+        } => {
+            let timeout = std::time::Duration::from_secs_f64(*timeout_seconds);
+            rank_with_command(command, groups, timeout)
+        }
     }
 }
 
 fn rank_with_command(
     command: &[String],
     groups: &[(String, Vec<String>)],
+    timeout: std::time::Duration,
 ) -> anyhow::Result<Vec<Vec<usize>>> {
     let shown = command.join(" ");
+    // In its own process group, so a timeout stops what it started too.
     let mut child = Command::new(&command[0])
         .args(&command[1..])
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -56,14 +87,31 @@ fn rank_with_command(
     // Write from a thread so a labeller that answers while reading cannot deadlock.
     let mut stdin = child.stdin.take().expect("piped");
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("labeller `{shown}`"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut bytes).map(|_| bytes)
+    });
+    let status =
+        wait_or_kill(&mut child, timeout).with_context(|| format!("labeller `{shown}`"))?;
+    let Some(status) = status else {
+        if rlhf_stages::train::interrupt_requested() {
+            bail!("labeller `{shown}` was stopped: interrupted");
+        }
+        bail!(
+            "labeller `{shown}` gave no answer within {} s and was stopped (loop.labeller.timeout_seconds)",
+            timeout.as_secs_f64()
+        );
+    };
     let _ = writer.join();
-    if !out.status.success() {
-        bail!("labeller `{shown}` failed ({})", out.status);
+    let stdout = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("labeller `{shown}`: reading its output failed"))?
+        .with_context(|| format!("labeller `{shown}`: reading its output"))?;
+    if !status.success() {
+        bail!("labeller `{shown}` failed ({status})");
     }
-    let text = String::from_utf8(out.stdout)
+    let text = String::from_utf8(stdout)
         .with_context(|| format!("labeller `{shown}`: output is not UTF-8"))?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.len() != groups.len() {
@@ -118,6 +166,27 @@ mod tests {
         assert_eq!(r, vec![0, 2, 0, 3]);
     }
 
+    fn command(command: Vec<String>, timeout_seconds: f64) -> Labeller {
+        Labeller::Command {
+            command,
+            timeout_seconds,
+        }
+    }
+
+    #[test]
+    fn a_labeller_that_never_answers_is_stopped_at_its_timeout() {
+        let groups = vec![("p".to_string(), vec!["a".to_string(), "b".to_string()])];
+        // A shell that starts a child: the whole group is stopped.
+        let hang = vec!["sh".into(), "-c".into(), "sleep 600; echo late".into()];
+        let t0 = std::time::Instant::now();
+        let e = rank(&command(hang, 0.5), &groups).unwrap_err().to_string();
+        assert!(
+            e.contains("gave no answer within 0.5 s") && e.contains("timeout_seconds"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    }
+
     #[test]
     fn command_labeller_round_trips_and_errors_are_named() {
         // A labeller in shell: ranks every group [1, 0] (second answer best).
@@ -128,7 +197,7 @@ mod tests {
         ];
         let groups = vec![("p".to_string(), vec!["a".to_string(), "b".to_string()]); 3];
         assert_eq!(
-            rank(&Labeller::Command { command: cmd }, &groups).unwrap(),
+            rank(&command(cmd, 60.0), &groups).unwrap(),
             vec![vec![1, 0]; 3]
         );
         let short = vec![
@@ -136,7 +205,7 @@ mod tests {
             "-c".into(),
             "cat > /dev/null; echo '{\"ranking\": [0, 1]}'".into(),
         ];
-        let e = rank(&Labeller::Command { command: short }, &groups)
+        let e = rank(&command(short, 60.0), &groups)
             .unwrap_err()
             .to_string();
         assert!(e.contains("1 ranking lines for 3 groups"), "{e}");

@@ -7,6 +7,7 @@ mod config;
 mod dag;
 mod jsonl;
 mod labeller;
+mod lock;
 mod report;
 mod runner;
 

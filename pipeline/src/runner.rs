@@ -121,6 +121,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     // these settings and stopped resumes from its last good checkpoint.
     let started_key = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
     let finished = read_manifest(dir).is_some_and(|m| m.status == Status::Complete);
+    exp.check_inside(dir)?;
     if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -207,6 +208,7 @@ impl Collect<'_> {
             return Ok((key, out_prefs, Outcome::Cached));
         }
         refuse_after_interrupt(&label)?;
+        self.exp.check_inside(&dir)?;
         std::fs::create_dir_all(&dir)?;
         let t0 = Instant::now();
         let mut args: Vec<String> = vec!["collect".into(), "--config".into()];

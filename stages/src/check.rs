@@ -55,6 +55,17 @@ pub fn example_split(eval_fraction: f64, max_len: usize) -> Result<(), StageErro
     at_least("max_len", max_len as i64, 2)
 }
 
+/// A count in `[min, max]`: the bound keeps arithmetic on it (steps,
+/// buffers) from overflowing or asking for more memory than exists.
+pub fn count(field: &str, value: u64, min: u64, max: u64) -> Result<(), StageError> {
+    require(
+        field,
+        (min..=max).contains(&value),
+        &format!("in [{min}, {max}]"),
+        value,
+    )
+}
+
 /// `prefix.field`, or `field` alone when `prefix` is empty.
 pub fn path(prefix: &str, field: &str) -> String {
     if prefix.is_empty() {

@@ -62,6 +62,37 @@ pub enum GptConfigError {
     BadDropout { field: &'static str, value: f64 },
     #[error("model config: layer_norm_epsilon must be positive, got {0}")]
     BadEpsilon(f64),
+    #[error("model config: {field} must be at most {max}, got {value}")]
+    TooLarge {
+        field: &'static str,
+        value: i64,
+        max: i64,
+    },
+    #[error("model config: the weights alone need {need_gb:.1} GB ({params} parameters in float32); this machine has {have_gb:.1} GB of memory")]
+    TooBig {
+        params: i64,
+        need_gb: f64,
+        have_gb: f64,
+    },
+}
+
+/// Upper bounds on the shapes: far above any model this tool trains, low
+/// enough that the arithmetic on them cannot overflow.
+const SHAPE_LIMITS: [(&str, i64); 6] = [
+    ("vocab_size", 1 << 22),
+    ("n_positions", 1 << 20),
+    ("n_embd", 1 << 16),
+    ("n_layer", 1 << 10),
+    ("n_head", 1 << 10),
+    ("n_inner", 1 << 18),
+];
+
+/// This machine's memory in bytes (`/proc/meminfo`), if it can be read.
+fn memory_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
 }
 
 impl GptConfig {
@@ -77,6 +108,23 @@ impl GptConfig {
         for (field, value) in positive {
             if value <= 0 {
                 return Err(GptConfigError::NotPositive { field, value });
+            }
+        }
+        for ((field, value), (_, max)) in positive.iter().zip(SHAPE_LIMITS) {
+            if *value > max {
+                let (field, value) = (*field, *value);
+                return Err(GptConfigError::TooLarge { field, value, max });
+            }
+        }
+        let params = self.n_params();
+        if let Some(have) = memory_bytes() {
+            let need = params as f64 * 4.0;
+            if need > have {
+                return Err(GptConfigError::TooBig {
+                    params,
+                    need_gb: need / 1e9,
+                    have_gb: have / 1e9,
+                });
             }
         }
         if self.n_embd % self.n_head != 0 {

@@ -190,6 +190,10 @@ pub struct RewardSummary {
     pub steps: i64,
     pub train_groups: usize,
     pub train_pairs: usize,
+    /// Rows of `data` passed over as saying nothing (chosen identical to
+    /// rejected, every answer ranked equal).
+    #[serde(default)]
+    pub skipped_rows: usize,
     pub eval: Option<RewardEval>,
     /// Mean and sd of the demonstrations' rewards before the shift.
     pub normalization: Option<RewardNormalization>,
@@ -370,7 +374,7 @@ pub fn evaluate_file(
     batch_size: usize,
     device: Device,
 ) -> Result<Option<RewardEval>, StageError> {
-    let groups = load_groups(path, model, max_len)?;
+    let (groups, _) = load_groups(path, model, max_len)?;
     let refs: Vec<&TokenizedGroup> = groups.iter().collect();
     Ok(evaluate(
         &model.gpt,
@@ -389,13 +393,19 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// The rankings of `path` tokenized for `model`, and how many rows were
+/// skipped as saying nothing.
 fn load_groups(
     path: &Path,
     model: &Model,
     max_len: usize,
-) -> Result<Vec<TokenizedGroup>, StageError> {
-    let groups = ranked_groups(&read_table(path)?, path)?;
-    let (tokenized, cut) = tokenize_groups(&groups, &model.tokenizer, max_len)?;
+) -> Result<(Vec<TokenizedGroup>, usize), StageError> {
+    let rankings = ranked_groups(&read_table(path)?, path)?;
+    if let Some(note) = rankings.skipped_note() {
+        tracing::warn!("{}: {note}", path.display());
+    }
+    let skipped = rankings.skipped();
+    let (tokenized, cut) = tokenize_groups(&rankings.groups, &model.tokenizer, max_len)?;
     if cut.prompts_cut + cut.completions_cut > 0 {
         tracing::warn!(
             "{}: truncated to {max_len} tokens: {} prompts cut on the left, {} groups with an answer cut",
@@ -404,7 +414,7 @@ fn load_groups(
             cut.completions_cut
         );
     }
-    Ok(tokenized)
+    Ok((tokenized, skipped))
 }
 
 /// The K-wise Bradley-Terry loss over ranked groups: a step's loss is the
@@ -466,9 +476,9 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
     let max_len = cfg
         .max_len
         .min(start.model.gpt.config().n_positions as usize);
-    let all = load_groups(&cfg.data, &start.model, max_len)?;
+    let (all, skipped_rows) = load_groups(&cfg.data, &start.model, max_len)?;
     let held_out = match &cfg.eval_data {
-        Some(p) => load_groups(p, &start.model, max_len)?,
+        Some(p) => load_groups(p, &start.model, max_len)?.0,
         None => vec![],
     };
     let (train_idx, eval_idx) = match &cfg.eval_data {
@@ -512,6 +522,7 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         steps: fitted.steps,
         train_groups: examples.len(),
         train_pairs,
+        skipped_rows,
         eval: final_eval,
         normalization,
         wall_seconds: started.elapsed().as_secs_f64(),

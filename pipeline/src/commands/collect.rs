@@ -63,22 +63,23 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
     // Everything so far, with its provenance where the file has it.
     let base_table = read_table(&args.base)?;
     let base = ranked_groups(&base_table, &args.base)?;
-    let rounds: Vec<i64> = match base_table.column("round").ok().and_then(|c| {
-        c.i64()
-            .ok()
-            .map(|c| c.iter().map(|v| v.unwrap_or(0)).collect())
-    }) {
-        Some(r) => r,
-        None => vec![0; base.len()],
+    if let Some(note) = base.skipped_note() {
+        tracing::warn!("{}: {note}", args.base.display());
+    }
+    // Provenance of the kept rows, where the file has it.
+    let rounds: Vec<i64> = match base_table.column("round").ok().and_then(|c| c.i64().ok()) {
+        Some(c) => base.rows.iter().map(|&i| c.get(i).unwrap_or(0)).collect(),
+        None => vec![0; base.groups.len()],
     };
-    let policies: Vec<String> = match base_table.column("policy").ok().and_then(|c| {
-        c.str()
-            .ok()
-            .map(|c| c.iter().map(|v| v.unwrap_or("").to_owned()).collect())
-    }) {
-        Some(p) => p,
-        None => vec![String::new(); base.len()],
+    let policies: Vec<String> = match base_table.column("policy").ok().and_then(|c| c.str().ok()) {
+        Some(c) => base
+            .rows
+            .iter()
+            .map(|&i| c.get(i).unwrap_or("").to_owned())
+            .collect(),
+        None => vec![String::new(); base.groups.len()],
     };
+    let base = base.groups;
     let n_new = new.len();
     let mut groups = base;
     groups.extend(new);

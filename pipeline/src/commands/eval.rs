@@ -20,6 +20,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         },
         skip_kl: false,
     };
+    anyhow::ensure!(
+        args.run.is_dir(),
+        "{}: no such run folder",
+        args.run.display()
+    );
+    let _lock = crate::lock::lock_run_folder(&args.run)?;
     let mut evaluation = evaluate_run(&args.run, &opts, device)?;
     let dir = write_report(&mut evaluation)?;
     print!("{}", crate::report::markdown::render(&evaluation.report));

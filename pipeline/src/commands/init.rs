@@ -5,6 +5,13 @@ use rlhf_stages::{GptConfig, Head, Model};
 use crate::cli::{HeadArg, InitArgs};
 
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
+    let has_files = std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some());
+    if has_files && !args.force {
+        anyhow::bail!(
+            "{}: the folder is not empty; give a new folder, or --force to replace it and its files",
+            args.out.display()
+        );
+    }
     let tokenizer = match &args.tokenizer {
         None => Tokenizer::bytes(),
         Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,

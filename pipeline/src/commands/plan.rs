@@ -12,6 +12,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
+    let _lock = crate::lock::lock_run_folder(&exp.run_dir)?;
     let opts = RunOptions {
         force: args.force,
         only: args.only,

@@ -29,9 +29,15 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         device_name(device),
         out_dir.display()
     );
-    if !args.managed {
-        prepare_standalone(&exp, &args.name, &out_dir)?;
-    }
+    // Run by `rlhf run`, the runner holds the run folder's lock.
+    let _lock = match args.managed {
+        true => None,
+        false => {
+            let lock = crate::lock::lock_run_folder(&exp.run_dir)?;
+            prepare_standalone(&exp, &args.name, &out_dir)?;
+            Some(lock)
+        }
+    };
     let tokenizer = match &exp.spec.tokenizer {
         Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
         Some(p) => Tokenizer::from_file(p)?,

@@ -172,13 +172,19 @@ impl KindConfig for PpoConfig {
                 "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
             ));
         }
-        check::at_least("iterations", self.iterations, 1)?;
+        let it = self.iterations;
+        check::require(
+            "iterations",
+            (1..=1 << 32).contains(&it),
+            "in [1, 2^32]",
+            it,
+        )?;
         for (name, n) in [
             ("rollout_batch", self.rollout_batch),
             ("ppo_epochs", self.ppo_epochs),
             ("minibatch_size", self.minibatch_size),
         ] {
-            check::at_least(name, n as i64, 1)?;
+            check::count(name, n as u64, 1, 1 << 16)?;
         }
         let eps = self.clip_range;
         check::require("clip_range", eps > 0.0 && eps < 1.0, "in (0, 1)", eps)?;

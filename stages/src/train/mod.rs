@@ -85,8 +85,9 @@ impl TrainSettings {
     }
 
     pub fn validate(&self) -> Result<(), StageError> {
-        check::at_least("batch_size", self.batch_size as i64, 1)?;
-        check::at_least("grad_accum", self.grad_accum as i64, 1)?;
+        check::count("batch_size", self.batch_size as u64, 1, 1 << 20)?;
+        check::count("grad_accum", self.grad_accum as u64, 1, 1 << 16)?;
+        check::count("epochs", self.epochs as u64, 0, 1_000_000)?;
         if self.epochs == 0 && self.max_steps.is_none() {
             return Err(StageError::setting(
                 "epochs",
@@ -94,7 +95,7 @@ impl TrainSettings {
             ));
         }
         if let Some(s) = self.max_steps {
-            check::at_least("max_steps", s, 1)?;
+            check::require("max_steps", (1..=1 << 40).contains(&s), "in [1, 2^40]", s)?;
         }
         check::at_least("eval_every", self.eval_every, 1)?;
         check::at_least("checkpoint_every", self.checkpoint_every, 1)?;

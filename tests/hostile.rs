@@ -1,0 +1,174 @@
+//! A hostile or careless user: names that try to leave the run folder,
+//! a second run on a folder in use, data paths that are not files, a model
+//! folder written over. Nothing outside the run folder is touched, and each
+//! case fails at once with an error that says why.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{rlhf, task_head};
+
+const MODEL: &str = "model: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}";
+
+/// An experiment in `dir/exp/` writing to `dir/exp/runs/`, with a stage
+/// named `stage` (and the experiment named `name`).
+fn experiment(dir: &Path, name: &str, stage: &str) -> std::path::PathBuf {
+    let exp_dir = dir.join("exp");
+    std::fs::create_dir_all(&exp_dir).unwrap();
+    task_head("sft.jsonl", &exp_dir.join("sft.jsonl"), 32);
+    let exp = exp_dir.join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: {name:?}\ndevice: cpu\n{MODEL}\nstages:\n  {stage:?}: {{kind: sft, data: sft.jsonl, max_steps: 2, batch_size: 4}}\n"
+        ),
+    )
+    .unwrap();
+    exp
+}
+
+#[test]
+fn files_outside_the_run_folder_survive_every_hostile_name() {
+    let d = tempfile::tempdir().unwrap();
+    // What a hostile name could reach: the experiment's folder, its
+    // parent, the out_dir with another experiment in it, an absolute path.
+    let precious = [
+        d.path().join("x/keep.txt"),
+        d.path().join("exp/x/keep.txt"),
+        d.path().join("exp/runs/other/keep.txt"),
+        d.path().join("abs/keep.txt"),
+    ];
+    for p in &precious {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, "mine").unwrap();
+    }
+    let absolute = d.path().join("abs").display().to_string();
+    let stages = ["../../x", "../x", "..", ".", "", "a/b", absolute.as_str()];
+    let names = ["..", ".", "", "../exp", "a/b", absolute.as_str()];
+    let cases = stages
+        .iter()
+        .map(|s| ("ok", *s))
+        .chain(names.iter().map(|n| (*n, "sft")));
+    for (name, stage) in cases {
+        let exp = experiment(d.path(), name, stage);
+        for _ in 0..2 {
+            let out = rlhf(&["run", exp.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "name {name:?} stage {stage:?} ran");
+            assert!(
+                err.contains("must be one path component"),
+                "name {name:?} stage {stage:?}: {err}"
+            );
+        }
+        for p in &precious {
+            assert!(
+                p.exists(),
+                "{} was lost (name {name:?}, stage {stage:?})",
+                p.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_run_on_a_folder_in_use_fails_naming_the_first() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "busy", "sft");
+    let text = std::fs::read_to_string(&exp).unwrap();
+    std::fs::write(&exp, text.replace("max_steps: 2", "max_steps: 3000")).unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["run", exp.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = d.path().join("exp/runs/busy/sft/metrics.jsonl");
+    let t0 = Instant::now();
+    while !metrics.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the first run never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for args in [
+        vec!["run", exp.to_str().unwrap()],
+        vec!["stage", "--config", exp.to_str().unwrap(), "sft"],
+    ] {
+        let out = rlhf(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran beside the first run");
+        assert!(
+            err.contains(&format!("another rlhf process (pid {})", first.id())),
+            "{err}"
+        );
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    // A killed holder frees the folder: the next run resumes and finishes.
+    let out = rlhf(&[
+        "run",
+        exp.to_str().unwrap(),
+        "--set",
+        "stages.sft.max_steps=4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn data_paths_must_be_regular_files_and_init_keeps_a_full_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "t", "sft");
+    let text = std::fs::read_to_string(&exp).unwrap();
+    let fifo = d.path().join("exp/pipe.jsonl");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for (data, what) in [
+        ("pipe.jsonl", "a FIFO (named pipe)"),
+        ("/dev/zero", "a device"),
+        (".", "a folder"),
+    ] {
+        std::fs::write(
+            &exp,
+            text.replace("data: sft.jsonl", &format!("data: {data}")),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let out = rlhf(&["run", exp.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("stages.sft.data")
+                && err.contains(&format!("is {what}, not a regular file")),
+            "{err}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{data} blocked the run"
+        );
+    }
+    let folder = d.path().join("model");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("notes.txt"), "mine").unwrap();
+    let out = rlhf(&["init", "--out", folder.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--force"), "{err}");
+    assert!(folder.join("notes.txt").exists());
+    let out = rlhf(&["init", "--out", folder.to_str().unwrap(), "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(folder.join("model.safetensors").exists());
+}

@@ -172,3 +172,86 @@ fn data_paths_must_be_regular_files_and_init_keeps_a_full_folder() {
     );
     assert!(folder.join("model.safetensors").exists());
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-af", needle])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("pgrep"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn two_sigterms_leave_no_stage_or_labeller_running() {
+    let d = tempfile::tempdir().unwrap();
+    let exp_dir = d.path().join("exp");
+    std::fs::create_dir_all(&exp_dir).unwrap();
+    task_head("sft.jsonl", &exp_dir.join("sft.jsonl"), 32);
+    task_head("preferences.jsonl", &exp_dir.join("prefs.jsonl"), 16);
+    task_head("prompts.jsonl", &exp_dir.join("prompts.jsonl"), 16);
+    // The labeller never answers; its marker names it in `ps`.
+    let marker = format!("hang-{}", std::process::id());
+    let exp = exp_dir.join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: stop\ndevice: cpu\n{MODEL}\nstages:\n\
+             \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 2, batch_size: 4}}\n\
+             \x20 rm: {{kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2}}\n\
+             \x20 ppo: {{kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 1, rollout_batch: 4, minibatch_size: 4, sampling: {{max_new_tokens: 4}}}}\n\
+             loop: {{repeat: [rm, ppo], rounds: 1, prompts: prompts.jsonl, prompts_per_round: 2, k: 2, sampling: {{max_new_tokens: 4}}, \
+             labeller: {{kind: command, command: [sh, -c, 'sleep 600 # {marker}']}}}}\n"
+        ),
+    )
+    .unwrap();
+    let runner = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["run", exp.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while processes_mentioning(&marker).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the labeller never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..2 {
+        Command::new("kill")
+            .args(["-TERM", &runner.id().to_string()])
+            .status()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = runner.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Within the grace period everything the run started is gone.
+    let t0 = Instant::now();
+    let exp_path = exp.display().to_string();
+    loop {
+        let left: Vec<String> = processes_mentioning(&marker)
+            .into_iter()
+            .chain(processes_mentioning(&exp_path))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "still running: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -79,6 +79,7 @@ fn rank_with_command(
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("labeller `{shown}` could not start"))?;
+    crate::children::register(child.id());
     let mut input = String::new();
     for (p, a) in groups {
         input.push_str(&json!({"prompt": p, "responses": a}).to_string());
@@ -94,6 +95,7 @@ fn rank_with_command(
     });
     let status =
         wait_or_kill(&mut child, timeout).with_context(|| format!("labeller `{shown}`"))?;
+    crate::children::unregister(child.id());
     let Some(status) = status else {
         if rlhf_stages::train::interrupt_requested() {
             bail!("labeller `{shown}` was stopped: interrupted");

@@ -1,6 +1,7 @@
 //! `rlhf`: parse, run, map the error to an exit code.
 
 mod artifact;
+mod children;
 mod cli;
 mod commands;
 mod config;
@@ -22,6 +23,8 @@ fn main() -> ExitCode {
     // checkpoint, so a rerun continues; a second Ctrl-C stops at once.
     let _ = ctrlc::set_handler(|| {
         if rlhf_stages::train::interrupt_requested() {
+            eprintln!("interrupt again: stopping every stage now");
+            children::stop_all();
             std::process::exit(130);
         }
         eprintln!("interrupt: stopping after the current step (Ctrl-C again to stop now)");

@@ -414,6 +414,7 @@ fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> 
         .spawn()
         .with_context(|| format!("starting {label}"))?;
     let pid = child.id();
+    crate::children::register(pid);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let done = done.clone();
@@ -445,6 +446,7 @@ fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> 
         last = line;
     }
     let status = child.wait()?;
+    crate::children::unregister(pid);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = echo.join();
     let _ = watcher.join();

@@ -15,6 +15,7 @@ use crate::config::Experiment;
 use crate::labeller;
 
 pub fn run(args: CollectArgs) -> anyhow::Result<()> {
+    crate::children::stop_when_orphaned();
     let exp = Experiment::load(&args.config, &args.overrides)?;
     let spec = exp
         .spec

@@ -31,7 +31,10 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
     );
     // Run by `rlhf run`, the runner holds the run folder's lock.
     let _lock = match args.managed {
-        true => None,
+        true => {
+            crate::children::stop_when_orphaned();
+            None
+        }
         false => {
             let lock = crate::lock::lock_run_folder(&exp.run_dir)?;
             prepare_standalone(&exp, &args.name, &out_dir)?;

@@ -311,3 +311,44 @@ fn a_copied_run_folder_stays_cached() {
     let log = run(&exp, &["--set", &out_dir, "--set", "stages.rm.max_steps=3"]);
     assert!(cached(&log, "sft") && !cached(&log, "rm"), "{log}");
 }
+
+/// A reward model from scratch on Anthropic's HH-RLHF `helpful-base` test
+/// split with the GPT-2 tokenizer and no `vocab_size`: the split's pair
+/// whose chosen equals its rejected is skipped and counted, not refused.
+/// Skipped (with a message) where `../shared/data` is absent.
+#[test]
+fn a_reward_model_trains_on_real_hh_rlhf_with_the_gpt2_tokenizer() {
+    let shared = common::workspace().join("../shared/data");
+    let (data, tokenizer) = (
+        shared.join("hh-rlhf/helpful-base-test.jsonl.gz"),
+        shared.join("gpt2-tokenizer/tokenizer.json"),
+    );
+    if !data.exists() || !tokenizer.exists() {
+        eprintln!("skipped: {} is absent", shared.display());
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: hh\ndevice: cpu\ntokenizer: {}\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 64}}\nstages:\n\
+             \x20 rm: {{kind: reward, data: {}, max_steps: 3, batch_size: 2, max_len: 64, eval_fraction: 0.02}}\n",
+            tokenizer.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let log = run(&exp, &[]);
+    assert!(log.contains("model.vocab_size: 264 -> 50264"), "{log}");
+    assert!(
+        log.contains("rows skipped as saying nothing") && log.contains("with `chosen` identical"),
+        "{log}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("runs/hh/rm/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(summary["skipped_rows"].as_u64().unwrap() >= 1, "{summary}");
+    assert!(summary["eval"]["accuracy"].is_number(), "{summary}");
+}

@@ -198,6 +198,9 @@ pub struct RewardSummary {
     /// Mean and sd of the demonstrations' rewards before the shift.
     pub normalization: Option<RewardNormalization>,
     pub wall_seconds: f64,
+    /// Set when the eval loss hardly moved: the stage may not be learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -449,6 +452,10 @@ impl Objective for Rankings<'_> {
         (loss / step.len() as f64, vec![accuracy])
     }
 
+    fn chance_loss(&self) -> Option<f64> {
+        Some(std::f64::consts::LN_2)
+    }
+
     fn evaluate(&self, model: &Gpt) -> Option<RewardEval> {
         evaluate(
             model,
@@ -526,6 +533,7 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         eval: final_eval,
         normalization,
         wall_seconds: started.elapsed().as_secs_f64(),
+        warning: fitted.warning.clone(),
     };
     write_summary(&ctx.out_dir, &summary)?;
     Ok(summary)

@@ -121,6 +121,9 @@ pub struct SftSummary {
     pub eval_exact: Option<f64>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
+    /// Set when the eval loss hardly moved: the stage may not be learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// The SFT loss of a batch: mean NLL over answer tokens, as
@@ -248,6 +251,7 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         eval_exact: judged.map(|j| j.exact),
         tokens_per_second: fitted.tokens_per_second,
         wall_seconds: started.elapsed().as_secs_f64(),
+        warning: fitted.warning,
     };
     write_summary(out, &summary)?;
     Ok(summary)

@@ -11,6 +11,12 @@ use serde_json::json;
 /// Prompts `Q: <n>`, four answers of random digits; the rule: an answer is
 /// better the larger its first digit (distinct first digits, so no ties).
 fn synthetic(path: &std::path::Path, n: usize, seed: u64) {
+    write_rankings(path, n, seed, false);
+}
+
+/// `synthetic`, or with each ranking shuffled at random (`shuffled`):
+/// labels that say nothing a model could learn.
+fn write_rankings(path: &std::path::Path, n: usize, seed: u64, shuffled: bool) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut text = String::new();
     for i in 0..n {
@@ -25,6 +31,9 @@ fn synthetic(path: &std::path::Path, n: usize, seed: u64) {
         }
         let mut order: Vec<usize> = (0..4).collect();
         order.sort_by_key(|&j| std::cmp::Reverse(responses[j].as_bytes()[0]));
+        if shuffled {
+            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+        }
         let mut ranking = vec![0; 4];
         for (r, &j) in order.iter().enumerate() {
             ranking[j] = r;
@@ -73,4 +82,37 @@ fn reward_model_learns_a_ranking_rule() {
         eval.accuracy
     );
     assert!(eval.mean_margin > 0.0);
+    assert_eq!(summary.warning, None, "a learning stage is not flagged");
+}
+
+#[test]
+fn a_reward_model_on_shuffled_labels_is_flagged_and_can_stop_the_pipeline() {
+    let d = tempfile::tempdir().unwrap();
+    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
+    write_rankings(&train, 400, 1, true);
+    write_rankings(&eval, 60, 2, true);
+    let mut config = RewardConfig {
+        data: train,
+        eval_data: Some(eval),
+        train: TrainSettings {
+            batch_size: 8,
+            epochs: 2,
+            optimizer: AdamWConfig {
+                lr: 2e-3,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+            eval_every: 1000,
+            checkpoint_every: 1000,
+            ..RewardConfig::default().train
+        },
+        ..RewardConfig::default()
+    };
+    let summary = run(&config, &common::ctx(d.path().join("warn"))).unwrap();
+    let warning = summary.warning.expect("shuffled labels are flagged");
+    assert!(warning.contains("may not be learning"), "{warning}");
+    config.train.fail_if_not_learning = true;
+    let err = run(&config, &common::ctx(d.path().join("fail"))).unwrap_err();
+    assert!(err.to_string().contains("fail_if_not_learning"), "{err}");
+    assert!(!d.path().join("fail/checkpoint").exists());
 }

@@ -78,7 +78,12 @@ fn sft_on_a_task_slice_beats_the_prompt_blind_bound() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // The eval loss before the first step, then one line per step.
+    assert_eq!(lines[0]["step"], 0);
+    assert!(lines[0]["eval_loss"].as_f64().unwrap() > eval);
+    let lines = &lines[1..];
     assert_eq!(lines.len() as i64, summary.steps);
+    assert_eq!(summary.warning, None, "a learning stage is not flagged");
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
     }

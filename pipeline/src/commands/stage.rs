@@ -46,10 +46,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::bytes(),
     };
-    let scratch = ScratchModel {
-        config: exp.spec.model.clone(),
-        tokenizer,
-    };
+    let scratch = scratch_model(exp.spec.model.clone(), tokenizer);
     let ctx = StageContext {
         out_dir,
         device,
@@ -64,6 +61,22 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         .with_context(|| format!("stage {} failed", args.name))?;
     println!("{summary}");
     Ok(())
+}
+
+/// The model a stage builds from nothing: the experiment's shape, with
+/// room for every id of its tokenizer (a GPT-2 `tokenizer.json` needs
+/// 50257, not the byte tokenizer's 264), rounded up to a multiple of 8.
+fn scratch_model(mut config: rlhf_stages::GptConfig, tokenizer: Tokenizer) -> ScratchModel {
+    let needed = tokenizer.vocab_size() as i64;
+    if needed > config.vocab_size {
+        let vocab = (needed as u64).next_multiple_of(8) as i64;
+        tracing::info!(
+            "model.vocab_size: {} -> {vocab} to hold the tokenizer's {needed} ids",
+            config.vocab_size
+        );
+        config.vocab_size = vocab;
+    }
+    ScratchModel { config, tokenizer }
 }
 
 /// Files that mark a folder as a stage's (safe to clear and redo).

@@ -61,6 +61,13 @@ pub fn render(r: &Report) -> String {
         r.reward_model.as_deref().unwrap_or("none"),
         r.settings.kl_samples_per_prompt,
     );
+    if !r.warnings.is_empty() {
+        let _ = writeln!(out, "## Warnings\n");
+        for w in &r.warnings {
+            let _ = writeln!(out, "- {w}");
+        }
+        out.push('\n');
+    }
     let _ = writeln!(out, "## Policies\n");
     let _ = writeln!(
         out,

@@ -124,6 +124,9 @@ pub struct Report {
     pub rounds: Vec<serde_json::Value>,
     /// PNG files written beside the report.
     pub plots: Vec<String>,
+    /// Stages that may not have learnt (`stage: why`), from their summaries.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One prompt and every policy's answer to it (the `answers.jsonl` line).
@@ -310,6 +313,13 @@ pub fn evaluate_run(
             reward_models,
             rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
             plots: vec![],
+            warnings: stages
+                .iter()
+                .filter_map(|s| {
+                    let w = s.manifest.summary["warning"].as_str()?;
+                    Some(format!("{}: {w}", s.label))
+                })
+                .collect(),
         },
         answers: prompt_answers(&prompts, &all_answers),
         stages,

@@ -110,6 +110,8 @@ pub struct PpoConfig {
     pub save_rollouts: bool,
     /// Unset: the experiment's seed.
     pub seed: Option<u64>,
+    /// Fail the stage when the rollouts' score did not rise; unset, warn.
+    pub fail_if_not_learning: bool,
 }
 
 impl Default for PpoConfig {
@@ -157,6 +159,7 @@ impl Default for PpoConfig {
             eval_prompts: None,
             save_rollouts: true,
             seed: None,
+            fail_if_not_learning: false,
         }
     }
 }
@@ -327,6 +330,13 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
             .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
+    let warning = score_did_not_rise(&out.join(METRICS_FILE));
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
+        if cfg.fail_if_not_learning {
+            return Err(StageError::NotLearning(w.clone()));
+        }
+    }
     let state = PpoState::new(cfg.iterations, cfg.iterations, kl);
     checkpointer.finish(|| models.save_final(out, &state))?;
     let eval_after = match &cfg.eval_prompts {
@@ -340,9 +350,32 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         )?,
         None => None,
     };
-    let summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
+    let mut summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
+    summary.warning = warning;
     write_summary(out, &summary)?;
     Ok(summary)
+}
+
+/// A warning when the rollouts' mean score over the last quarter of the
+/// iterations is not above the first quarter's (runs of 4 or more).
+fn score_did_not_rise(metrics: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(metrics).ok()?;
+    let scores: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["score"].as_f64())
+        .collect();
+    let n = scores.len();
+    if n < 4 {
+        return None;
+    }
+    let q = n / 4;
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&scores[..q]), mean(&scores[n - q..]));
+    (last <= first).then(|| {
+        format!(
+            "ppo may not be learning: the rollouts' mean score went from {first:.4} (first {q} iterations) to {last:.4} (last {q}): check the reward model, the learning rate and kl_coef"
+        )
+    })
 }
 
 /// Greedy answers of the reference, written by the first run of a stage
@@ -387,6 +420,9 @@ pub struct PpoSummary {
     pub generation_seconds: f64,
     pub training_seconds: f64,
     pub wall_seconds: f64,
+    /// Set when the rollouts' score did not rise: PPO may not be learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl PpoSummary {

@@ -734,6 +734,7 @@ impl Tallies {
             generation_seconds: self.generation_seconds,
             training_seconds: self.training_seconds,
             wall_seconds: started.elapsed().as_secs_f64(),
+            warning: None,
         }
     }
 }

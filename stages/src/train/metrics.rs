@@ -53,6 +53,15 @@ impl MetricsLog {
     }
 }
 
+/// The eval loss a run logged before its first step (its `step: 0` line).
+pub fn start_eval_loss(path: &Path) -> Option<f64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["step"].as_i64() == Some(0))?["eval_loss"]
+        .as_f64()
+}
+
 /// A progress bar on stderr; invisible when stderr is not a terminal.
 pub fn progress_bar(total: u64, done: u64, label: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);

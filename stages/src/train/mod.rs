@@ -59,6 +59,28 @@ pub struct TrainSettings {
     pub checkpoint_every: i64,
     /// Unset: the experiment's seed.
     pub seed: Option<u64>,
+    /// Fail the stage (and so the pipeline) when its eval loss fell by
+    /// less than [`MIN_IMPROVEMENT`] of its start; unset, it only warns.
+    pub fail_if_not_learning: bool,
+}
+
+/// The share of its start an eval loss must fall by for a stage to count
+/// as learning: a stage stuck at chance (an unlucky seed, labels that say
+/// nothing) moves it by a percent or less.
+pub const MIN_IMPROVEMENT: f64 = 0.02;
+
+/// A warning when the eval loss fell by less than [`MIN_IMPROVEMENT`] of
+/// its start (or rose).
+pub fn not_learning(label: &str, start: Option<f64>, end: Option<f64>) -> Option<String> {
+    let (start, end) = (start?, end?);
+    let fell = (start - end) / start.abs().max(1e-12);
+    (fell < MIN_IMPROVEMENT).then(|| {
+        format!(
+            "{label} may not be learning: its eval loss ended at {end:.4} against {start:.4} at its start or by chance ({:+.1}%; a learning stage falls by at least {:.0}%): check the data, the learning rate and the seed",
+            -100.0 * fell,
+            100.0 * MIN_IMPROVEMENT
+        )
+    })
 }
 
 impl TrainSettings {
@@ -81,6 +103,7 @@ impl TrainSettings {
             eval_every: 50,
             checkpoint_every: 100,
             seed: None,
+            fail_if_not_learning: false,
         }
     }
 
@@ -236,6 +259,14 @@ pub trait Objective {
     fn loss(&self, model: &Gpt, batch: &Self::Batch, step: &[Self::Batch]) -> (Tensor, Vec<Ratio>);
     /// Held-out quality; `None` without held-out data.
     fn evaluate(&self, model: &Gpt) -> Option<Self::Eval>;
+    /// The eval loss of a model that knows nothing, where the loss has one
+    /// (Bradley-Terry: ln 2). Learning is then measured from it rather than
+    /// from the start's eval loss: a fresh head can start above chance and
+    /// fall to it without learning anything, and a reward model fine-tuned
+    /// from a good one starts near where it ends.
+    fn chance_loss(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// One supervised run: where it writes, how it trains, and its test hook.
@@ -293,6 +324,8 @@ pub struct Fitted<E> {
     pub last_loss: f64,
     pub last_eval: Option<E>,
     pub tokens_per_second: f64,
+    /// Set when the eval loss hardly moved ([`not_learning`]).
+    pub warning: Option<String>,
 }
 
 /// Runs (or resumes) the step loop of `objective` from `start`.
@@ -320,6 +353,16 @@ pub fn fit<O: Objective>(
     let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, seed);
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
     let mut last_eval = None;
+    let start_eval = match &state {
+        None => {
+            let start = objective.evaluate(&model.gpt).map(|e| e.loss());
+            if let Some(loss) = start {
+                metrics.write(&json!({"step": 0, "eval_loss": loss}));
+            }
+            start
+        }
+        Some(_) => metrics::start_eval_loss(&run.out_dir.join(METRICS_FILE)),
+    };
     let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
     for step in start_step..total_steps {
         let t0 = Instant::now();
@@ -378,6 +421,14 @@ pub fn fit<O: Objective>(
             .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
+    let baseline = objective.chance_loss().or(start_eval);
+    let warning = not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss()));
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
+        if cfg.fail_if_not_learning {
+            return Err(StageError::NotLearning(w.clone()));
+        }
+    }
     Ok(Fitted {
         model,
         opt,
@@ -385,6 +436,7 @@ pub fn fit<O: Objective>(
         last_loss,
         last_eval,
         tokens_per_second: tokens_seen as f64 / train_time.max(1e-9),
+        warning,
     })
 }
 

@@ -101,6 +101,34 @@ where
     swap().map_err(|e| err(dir)(e).into())
 }
 
+/// Removes the temporary files and folders that a killed writer left in
+/// `dir` (`.{name}.tmp-{pid}` of a process that is gone); returns how many.
+pub fn clean_stale(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(".tmp-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue; // its writer is still at work
+        }
+        let path = entry.path();
+        let gone = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed += usize::from(gone.is_ok());
+    }
+    removed
+}
+
 /// Puts back a folder that a crash left renamed aside by [`write_dir`]
 /// (only the `.old` copy exists). Returns true if it restored one.
 pub fn recover_dir(dir: &Path) -> Result<bool, AtomicWriteError> {
@@ -144,6 +172,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("ckpt");
         write_dir::<AtomicWriteError>(&dir, |tmp| write_file(&tmp.join("w"), b"v1")).unwrap();
+        // A dead writer's leftovers go; a live one's (this process) stay.
+        let parent = dir.parent().unwrap();
+        std::fs::create_dir(parent.join(".step-1.tmp-4294967294")).unwrap();
+        std::fs::write(parent.join(".f.json.tmp-4294967294"), "x").unwrap();
+        let live = parent.join(format!(".g.tmp-{}", std::process::id()));
+        std::fs::write(&live, "x").unwrap();
+        assert_eq!(clean_stale(parent), 2);
+        assert!(live.exists() && dir.join("w").exists());
+        std::fs::remove_file(&live).unwrap();
         let r: Result<(), AtomicWriteError> = write_dir(&dir, |tmp| {
             write_file(&tmp.join("w"), b"v2")?;
             Err(AtomicWriteError {

@@ -163,6 +163,16 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         summary,
     };
     write_manifest(dir, &manifest)?;
+    if result.is_err() && !rlhf_stages::train::interrupt_requested() {
+        // "Rerun to resume" only where there is something to resume.
+        let hint = match rlhf_stages::train::periodic_checkpoints(dir).last() {
+            Some((step, _)) => format!("rerun to resume it from its checkpoint at step {step}"),
+            None => "it left no checkpoint: fix what the error says, then rerun".into(),
+        };
+        if let Err(e) = result {
+            bail!("{e:#}; {hint}");
+        }
+    }
     result?;
     Ok((key, Outcome::Ran))
 }
@@ -454,7 +464,7 @@ fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> 
         if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
             bail!("{label} was interrupted; its last checkpoint is saved: rerun to continue");
         }
-        bail!("{label} failed ({status}); rerun to resume it from its last checkpoint");
+        bail!("{label} failed ({status})");
     }
     Ok(serde_json::from_str(&last).unwrap_or(serde_json::Value::Null))
 }

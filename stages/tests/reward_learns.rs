@@ -47,18 +47,14 @@ fn write_rankings(path: &std::path::Path, n: usize, seed: u64, shuffled: bool) {
     std::fs::write(path, text).unwrap();
 }
 
-#[test]
-fn reward_model_learns_a_ranking_rule() {
-    let d = tempfile::tempdir().unwrap();
-    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
-    synthetic(&train, 400, 1);
-    synthetic(&eval, 60, 2);
-    let config = RewardConfig {
+/// Batches of 8 prompts for `epochs` at learning rate 2e-3, eval at the end.
+fn config(train: std::path::PathBuf, eval: std::path::PathBuf, epochs: usize) -> RewardConfig {
+    RewardConfig {
         data: train,
         eval_data: Some(eval),
         train: TrainSettings {
             batch_size: 8,
-            epochs: 3,
+            epochs,
             optimizer: AdamWConfig {
                 lr: 2e-3,
                 weight_decay: 0.0,
@@ -69,7 +65,16 @@ fn reward_model_learns_a_ranking_rule() {
             ..RewardConfig::default().train
         },
         ..RewardConfig::default()
-    };
+    }
+}
+
+#[test]
+fn reward_model_learns_a_ranking_rule() {
+    let d = tempfile::tempdir().unwrap();
+    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
+    synthetic(&train, 400, 1);
+    synthetic(&eval, 60, 2);
+    let config = config(train, eval, 3);
     let summary = run(&config, &common::ctx(d.path().join("run"))).unwrap();
     let eval = summary.eval.unwrap();
     // The rule is noiseless and needs one look at the answer's first token:
@@ -91,23 +96,7 @@ fn a_reward_model_on_shuffled_labels_is_flagged_and_can_stop_the_pipeline() {
     let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
     write_rankings(&train, 400, 1, true);
     write_rankings(&eval, 60, 2, true);
-    let mut config = RewardConfig {
-        data: train,
-        eval_data: Some(eval),
-        train: TrainSettings {
-            batch_size: 8,
-            epochs: 2,
-            optimizer: AdamWConfig {
-                lr: 2e-3,
-                weight_decay: 0.0,
-                ..AdamWConfig::default()
-            },
-            eval_every: 1000,
-            checkpoint_every: 1000,
-            ..RewardConfig::default().train
-        },
-        ..RewardConfig::default()
-    };
+    let mut config = config(train, eval, 2);
     let summary = run(&config, &common::ctx(d.path().join("warn"))).unwrap();
     let warning = summary.warning.expect("shuffled labels are flagged");
     assert!(warning.contains("may not be learning"), "{warning}");

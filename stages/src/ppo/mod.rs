@@ -268,16 +268,9 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     tch::manual_seed(seed as i64);
     let (mut models, state) = Models::start_or_resume(cfg, ctx)?;
     let data = phases::Data::load(cfg, &models.policy)?;
-    let eval_before = match (&cfg.eval_prompts, &state) {
-        (Some(p), None) => judged_eval(
-            &models.reference,
-            p,
-            cfg.sampling.max_new_tokens,
-            ctx.judge.as_ref(),
-            ctx.device,
-            &out.join(SAMPLES_BEFORE),
-        )?,
-        _ => read_judged(&out.join(SAMPLES_BEFORE)),
+    let eval_before = match &state {
+        None => judge_eval(&models.reference, cfg, ctx, SAMPLES_BEFORE)?,
+        Some(_) => read_judged(&out.join(SAMPLES_BEFORE)),
     };
     let start = state.as_ref().map_or(0, |s| s.iteration);
     let mut kl = state.as_ref().map_or(
@@ -309,20 +302,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
                 &out.join("rollouts").join(format!("iter-{it:04}.parquet")),
             )?;
         }
-        bar.set_position(it as u64);
-        bar.set_message(format!(
-            "score {:.3} kl {:.2}",
-            step.mean_score, step.mean_kl
-        ));
-        if it % 5 == 0 || it == cfg.iterations {
-            tracing::info!(
-                "ppo: iteration {it}/{} score {:.4} kl {:.3} beta {:.4}",
-                cfg.iterations,
-                step.mean_score,
-                step.mean_kl,
-                kl.beta
-            );
-        }
+        step.show(&bar, cfg.iterations, kl.beta);
         kl.update(step.mean_kl, step.batch_size());
         let state = PpoState::new(it, cfg.iterations, kl);
         checkpointer
@@ -339,21 +319,34 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     }
     let state = PpoState::new(cfg.iterations, cfg.iterations, kl);
     checkpointer.finish(|| models.save_final(out, &state))?;
-    let eval_after = match &cfg.eval_prompts {
-        Some(p) => judged_eval(
-            &models.policy,
-            p,
-            cfg.sampling.max_new_tokens,
-            ctx.judge.as_ref(),
-            ctx.device,
-            &out.join("samples.jsonl"),
-        )?,
-        None => None,
-    };
+    let eval_after = judge_eval(&models.policy, cfg, ctx, "samples.jsonl")?;
     let mut summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
     summary.warning = warning;
     write_summary(out, &summary)?;
     Ok(summary)
+}
+
+/// Greedy answers of `model` to the config's `eval_prompts`, written with
+/// their judge scores to `file` in the run folder; `None` without prompts.
+fn judge_eval(
+    model: &crate::checkpoint::Model,
+    cfg: &PpoConfig,
+    ctx: &StageContext,
+    file: &str,
+) -> Result<Option<JudgedScore>, StageError> {
+    let Some(prompts) = &cfg.eval_prompts else {
+        return Ok(None);
+    };
+    let max_new = cfg.sampling.max_new_tokens;
+    let out = ctx.out_dir.join(file);
+    judged_eval(
+        model,
+        prompts,
+        max_new,
+        ctx.judge.as_ref(),
+        ctx.device,
+        &out,
+    )
 }
 
 /// A warning when the rollouts' mean score over the last quarter of the

@@ -614,6 +614,21 @@ impl Iteration {
         })
     }
 
+    /// Progress: the bar's position and message, and every 5th iteration
+    /// (and the last of `iterations`) a log line; `beta` is the KL
+    /// coefficient its rewards used.
+    pub fn show(&self, bar: &indicatif::ProgressBar, iterations: i64, beta: f64) {
+        let (score, kl) = (self.mean_score, self.mean_kl);
+        bar.set_position(self.it as u64);
+        bar.set_message(format!("score {score:.3} kl {kl:.2}"));
+        if self.it % 5 == 0 || self.it == iterations {
+            tracing::info!(
+                "ppo: iteration {}/{iterations} score {score:.4} kl {kl:.3} beta {beta:.4}",
+                self.it
+            );
+        }
+    }
+
     pub fn batch_size(&self) -> usize {
         self.rollout.batch_idx.len()
     }

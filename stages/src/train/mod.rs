@@ -511,6 +511,11 @@ pub fn prepare_out_dir<T: DeserializeOwned>(
     label: &str,
 ) -> Result<Option<T>, StageError> {
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let stale = rlhf_datasets::atomic::clean_stale(out_dir)
+        + rlhf_datasets::atomic::clean_stale(&out_dir.join(PERIODIC_DIR));
+    if stale > 0 {
+        tracing::info!("{label}: removed {stale} temporary file(s) a killed run left");
+    }
     let done = finished_summary(out_dir);
     if done.is_some() {
         tracing::info!("{label}: {} is complete; nothing to do", out_dir.display());

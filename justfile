@@ -49,9 +49,8 @@ test: setup
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace
 
-# The main job on the bundled data: every stage of configs/default.yaml
-# (SFT -> reward model -> PPO -> 2 rounds of fresh rankings), then the
-# evaluation report in runs/default/report/. Finished stages are cached.
+# The main job on the bundled data; finished stages are cached.
+# Every stage of configs/default.yaml (SFT, RM, PPO, 2 rounds), then the report in runs/default/report/.
 pipeline: build
     {{rlhf}} run configs/default.yaml
     {{rlhf}} eval runs/default
@@ -60,8 +59,7 @@ pipeline: build
 eval run="runs/default" *args: build
     {{rlhf}} eval {{run}} {{args}}
 
-# Speed and memory against PyTorch eager, HF generate and TRL's PPO:
-# bench/results.md (add --quick for a short run).
+# Speed and memory against PyTorch eager, HF generate and TRL's PPO, into bench/results.md (--quick: short).
 bench *args: build
     #!/usr/bin/env bash
     set -euo pipefail

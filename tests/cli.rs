@@ -67,6 +67,23 @@ fn greedy_generate_is_deterministic_and_bounded() {
 }
 
 #[test]
+fn generate_uses_the_room_the_model_has_left() {
+    // The tiny model holds 64 positions; the default --max-new-tokens is 64.
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny_model(d.path());
+    let out = rlhf(&["generate", "--model", &m, "--prompt", "abcd", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--max-new-tokens 64 capped to 60"),
+        "{stderr}"
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert!(line["answer_ids"].as_array().unwrap().len() <= 60);
+}
+
+#[test]
 fn sampled_generate_depends_on_seed_only() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny_model(d.path());

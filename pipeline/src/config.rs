@@ -255,13 +255,7 @@ impl Experiment {
             &base
         })
         .map_err(|e| invalid(format!("cannot resolve the file's folder: {e}")))?;
-        let abs = |p: &Path| {
-            clean_path(&if p.is_absolute() {
-                p.to_owned()
-            } else {
-                base.join(p)
-            })
-        };
+        let abs = |p: &Path| absolute_from(&base, p);
         spec.out_dir = abs(&spec.out_dir);
         spec.tokenizer = spec.tokenizer.as_deref().map(abs);
         let run_dir = spec.out_dir.join(&spec.name);
@@ -461,11 +455,7 @@ struct Places<'a> {
 
 impl Places<'_> {
     fn abs(&self, p: &Path) -> PathBuf {
-        clean_path(&if p.is_absolute() {
-            p.to_owned()
-        } else {
-            self.base.join(p)
-        })
+        absolute_from(self.base, p)
     }
 
     /// Makes a stage's data paths absolute and its model references
@@ -619,18 +609,29 @@ pub fn is_folder_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// `p` made absolute against `base` (the experiment file's folder), cleaned.
+fn absolute_from(base: &Path, p: &Path) -> PathBuf {
+    clean_path(&if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    })
+}
+
 /// What `path` is when it exists and is not a regular file (a FIFO would
 /// block the reader, a device never ends); `None` for a file or nothing.
 fn not_a_regular_file(path: &Path) -> Option<&'static str> {
     use std::os::unix::fs::FileTypeExt;
     let t = std::fs::metadata(path).ok()?.file_type();
-    match () {
-        _ if t.is_file() => None,
-        _ if t.is_dir() => Some("a folder"),
-        _ if t.is_fifo() => Some("a FIFO (named pipe)"),
-        _ if t.is_char_device() || t.is_block_device() => Some("a device"),
-        _ if t.is_socket() => Some("a socket"),
-        _ => Some("not a file"),
+    let kinds = [
+        (t.is_dir(), "a folder"),
+        (t.is_fifo(), "a FIFO (named pipe)"),
+        (t.is_char_device() || t.is_block_device(), "a device"),
+        (t.is_socket(), "a socket"),
+    ];
+    match t.is_file() {
+        true => None,
+        false => Some(kinds.iter().find(|k| k.0).map_or("not a file", |k| k.1)),
     }
 }
 

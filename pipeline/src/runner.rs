@@ -163,18 +163,18 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         summary,
     };
     write_manifest(dir, &manifest)?;
-    if result.is_err() && !rlhf_stages::train::interrupt_requested() {
-        // "Rerun to resume" only where there is something to resume.
-        let hint = match rlhf_stages::train::periodic_checkpoints(dir).last() {
-            Some((step, _)) => format!("rerun to resume it from its checkpoint at step {step}"),
-            None => "it left no checkpoint: fix what the error says, then rerun".into(),
-        };
-        if let Err(e) = result {
-            bail!("{e:#}; {hint}");
+    match result {
+        Ok(_) => Ok((key, Outcome::Ran)),
+        Err(e) if rlhf_stages::train::interrupt_requested() => Err(e),
+        Err(e) => {
+            // "Rerun to resume" only where there is something to resume.
+            let hint = match rlhf_stages::train::periodic_checkpoints(dir).last() {
+                Some((step, _)) => format!("rerun to resume it from its checkpoint at step {step}"),
+                None => "it left no checkpoint: fix what the error says, then rerun".into(),
+            };
+            bail!("{e:#}; {hint}")
         }
     }
-    result?;
-    Ok((key, Outcome::Ran))
 }
 
 /// After Ctrl-C or SIGTERM the runner starts nothing new.

@@ -96,6 +96,12 @@ fn memory_bytes() -> Option<f64> {
 }
 
 impl GptConfig {
+    /// A vocabulary for a tokenizer of `ids` ids: rounded up to a multiple
+    /// of 8, as GPT-2's 50257 becomes 50264.
+    pub fn vocab_for(ids: usize) -> i64 {
+        (ids as u64).next_multiple_of(8) as i64
+    }
+
     pub fn validate(&self) -> Result<(), GptConfigError> {
         let positive = [
             ("vocab_size", self.vocab_size),

@@ -19,7 +19,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     };
     let vocab_size = args
         .vocab_size
-        .unwrap_or_else(|| (tokenizer.vocab_size() as u64).next_multiple_of(8) as i64);
+        .unwrap_or_else(|| GptConfig::vocab_for(tokenizer.vocab_size()));
     let config = GptConfig {
         vocab_size,
         n_positions: args.n_positions,

@@ -69,7 +69,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
 fn scratch_model(mut config: rlhf_stages::GptConfig, tokenizer: Tokenizer) -> ScratchModel {
     let needed = tokenizer.vocab_size() as i64;
     if needed > config.vocab_size {
-        let vocab = (needed as u64).next_multiple_of(8) as i64;
+        let vocab = rlhf_stages::GptConfig::vocab_for(needed as usize);
         tracing::info!(
             "model.vocab_size: {} -> {vocab} to hold the tokenizer's {needed} ids",
             config.vocab_size

@@ -225,7 +225,42 @@ fn damages() -> Vec<Damage> {
     fn checksum_list_garbage(p: &Path) {
         std::fs::write(p.join("checksums.sha256"), "deadbeef model.safetensors\n").unwrap();
     }
+    fn link(p: &Path, name: &str, target: &Path) {
+        std::fs::remove_file(p.join(name)).unwrap();
+        std::os::unix::fs::symlink(target, p.join(name)).unwrap();
+    }
+    fn weights_link_to_a_device(p: &Path) {
+        strip_checksums(p);
+        link(p, "model.safetensors", Path::new("/dev/zero"));
+    }
+    fn tokenizer_link_to_a_device(p: &Path) {
+        strip_checksums(p);
+        link(p, "tokenizer.json", Path::new("/dev/zero"));
+    }
+    fn listed_file_links_outside(p: &Path) {
+        let outside = p.with_extension("outside");
+        std::fs::write(&outside, "{}").unwrap();
+        link(p, "config.json", &outside);
+    }
     vec![
+        (
+            "weights linked to /dev/zero",
+            weights_link_to_a_device,
+            "model.safetensors",
+            "is a device, expected a regular file",
+        ),
+        (
+            "tokenizer linked to /dev/zero",
+            tokenizer_link_to_a_device,
+            "tokenizer.json",
+            "is a device, expected a regular file",
+        ),
+        (
+            "a listed file links out of the folder",
+            listed_file_links_outside,
+            "config.json",
+            "links outside the folder",
+        ),
         (
             "truncated weights",
             truncate,

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{rlhf, rlhf_ok};
 use serde_json::Value;
 
@@ -167,6 +169,21 @@ fn score_reports_consistent_logprobs_nll_and_perplexity() {
     for (a, b) in alone.iter().zip(&batched) {
         assert!((a - b).abs() < 1e-5, "{alone:?} vs {batched:?}");
     }
+
+    // Token ids need no tokenizer: the folder without one scores them alike.
+    std::fs::remove_file(Path::new(&m).join("tokenizer.json")).unwrap();
+    std::fs::remove_file(Path::new(&m).join("checksums.sha256")).unwrap();
+    let ids = d.path().join("ids.jsonl");
+    std::fs::write(&ids, format!("{{\"ids\": {}}}\n", by_ids[0]["ids"])).unwrap();
+    let no_tok = json_lines(&rlhf_ok(&[
+        "score",
+        "--model",
+        &m,
+        "--input",
+        ids.to_str().unwrap(),
+    ]));
+    assert_eq!(no_tok[0]["logprobs"], by_ids[0]["logprobs"]);
+    assert!(no_tok[0]["tokens"].is_null());
 }
 
 #[test]

@@ -230,6 +230,25 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
         .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["answers"].as_array().unwrap().len(), 3);
+
+    // The round's reward model gone: the report says which one scored.
+    std::fs::remove_dir_all(run.join("round-1/rm")).unwrap();
+    let out = rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"]);
+    assert!(out.status.success());
+    let report = json_file(&report_dir.join("report.json"));
+    assert_eq!(report["reward_model"], "rm");
+    let warning =
+        "round-1 has no finished reward model; answers are scored by rm, the latest one found";
+    assert!(
+        report["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w == warning),
+        "{}",
+        report["warnings"]
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(warning));
 }
 
 #[test]

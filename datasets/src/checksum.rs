@@ -29,6 +29,8 @@ pub enum ChecksumError {
     },
     #[error("{path}: missing, though {CHECKSUM_FILE} lists it")]
     Missing { path: PathBuf },
+    #[error("{path}: {CHECKSUM_FILE} lists it, but it {what}; a checked file must be a regular file inside the folder")]
+    Outside { path: PathBuf, what: String },
     #[error("{path}: line {line}: expected `<64 hex digits>  <file name>`")]
     BadList { path: PathBuf, line: usize },
     #[error(transparent)]
@@ -98,10 +100,15 @@ pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
             || !hash.bytes().all(|b| b.is_ascii_hexdigit())
             || name.is_empty()
             || name.contains('/')
+            || name == "."
+            || name == ".."
         {
             return Err(bad());
         }
         let path = dir.join(name);
+        if let Some(what) = leaves_folder(dir, &path) {
+            return Err(ChecksumError::Outside { path, what });
+        }
         let found = match sha256_file(&path) {
             Ok(h) => h,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -120,9 +127,49 @@ pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
     Ok(true)
 }
 
+/// Why a listed file may not be read: a link out of the folder (the list
+/// must not make us hash, and so read, files elsewhere) or not a regular
+/// file (a FIFO blocks, a device never ends). `None` when it is fine or
+/// missing (reported as missing by the caller).
+fn leaves_folder(dir: &Path, path: &Path) -> Option<String> {
+    let (Ok(real), Ok(home)) = (fs::canonicalize(path), fs::canonicalize(dir)) else {
+        return None;
+    };
+    if !real.starts_with(&home) {
+        return Some(format!("links outside the folder (to {})", real.display()));
+    }
+    crate::files::not_a_regular_file(path).map(|kind| format!("is {kind}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_links_out_of_the_folder_and_devices_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"x").unwrap();
+        let hash = "0".repeat(64);
+        for (name, target) in [
+            ("a.bin", outside.path().join("secret")),
+            ("b.bin", PathBuf::from("/dev/zero")),
+        ] {
+            let sub = d.path().join(name.replace('.', "_"));
+            fs::create_dir(&sub).unwrap();
+            std::os::unix::fs::symlink(&target, sub.join(name)).unwrap();
+            fs::write(sub.join(CHECKSUM_FILE), format!("{hash}  {name}\n")).unwrap();
+            let m = verify(&sub).unwrap_err().to_string();
+            assert!(
+                m.contains("a checked file must be a regular file inside the folder"),
+                "{m}"
+            );
+        }
+        let m = verify(&d.path().join("a_bin")).unwrap_err().to_string();
+        assert!(m.contains("links outside the folder"), "{m}");
+        let m = verify(&d.path().join("b_bin")).unwrap_err().to_string();
+        assert!(m.contains("links outside the folder (to /dev/zero)"), "{m}");
+    }
 
     #[test]
     fn a_written_folder_verifies_and_any_change_is_named() {

@@ -8,10 +8,12 @@
 //! - [`task`]: the bundled task, its simulated labeller and gold judge.
 //! - [`atomic`]: files and folders written whole or not at all.
 //! - [`checksum`]: sha256 lists that let a loader refuse a damaged folder.
+//! - [`files`]: user-named files opened bounded (regular, size-limited).
 
 pub mod atomic;
 pub mod batch;
 pub mod checksum;
+pub mod files;
 pub mod load;
 pub mod preference;
 pub mod rollout;

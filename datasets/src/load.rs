@@ -83,17 +83,28 @@ impl Format {
     }
 }
 
+/// The most one line (JSON lines) or one text cell may hold: far beyond
+/// any context window, and small enough that tokenizing it cannot exhaust
+/// memory.
+pub const MAX_TEXT_BYTES: usize = 4_000_000;
+
 /// Reads a whole table. An empty file is an error.
 pub fn read_table(path: &Path) -> Result<DataFrame, DataError> {
     let io = |source| DataError::Io {
         path: path.to_owned(),
         source,
     };
+    if let Some(kind) = crate::files::not_a_regular_file(path) {
+        return Err(DataError::Parse {
+            path: path.to_owned(),
+            message: format!("is {kind}, expected a regular file"),
+        });
+    }
     let df = match Format::of(path)? {
         Format::JsonLines { gzip } => {
             let raw = std::fs::read(path).map_err(io)?;
             let bytes = if gzip { gunzip(path, &raw)? } else { raw };
-            read_json_lines(path, bytes)?
+            read_json_lines(path, without_bom(bytes))?
         }
         Format::Parquet => {
             let file = std::fs::File::open(path).map_err(io)?;
@@ -105,12 +116,12 @@ pub fn read_table(path: &Path) -> Result<DataFrame, DataError> {
                 })?
         }
         Format::Csv => {
-            let raw = std::fs::read(path).map_err(io)?;
+            let raw = without_bom(std::fs::read(path).map_err(io)?);
             check_text(path, &raw)?;
             CsvReadOptions::default()
                 .with_has_header(true)
-                .try_into_reader_with_file_path(Some(path.to_owned()))
-                .and_then(|r| r.finish())
+                .into_reader_with_file_handle(std::io::Cursor::new(raw))
+                .finish()
                 .map_err(|e| DataError::Parse {
                     path: path.to_owned(),
                     message: format!("not a readable CSV file ({e})"),
@@ -123,6 +134,15 @@ pub fn read_table(path: &Path) -> Result<DataFrame, DataError> {
         });
     }
     Ok(df)
+}
+
+/// Text editors on Windows start UTF-8 files with a byte-order mark; it
+/// carries nothing, so drop it rather than fail on it.
+fn without_bom(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        bytes.drain(..3);
+    }
+    bytes
 }
 
 fn gunzip(path: &Path, raw: &[u8]) -> Result<Vec<u8>, DataError> {
@@ -161,26 +181,27 @@ fn read_json_lines(path: &Path, bytes: Vec<u8>) -> Result<DataFrame, DataError> 
     // Polars' messages do not say which line is bad; find it ourselves
     // first (cheap next to training, and the error is the user's only clue).
     let text = std::str::from_utf8(&bytes).expect("checked above");
+    let mut types = FieldTypes::default();
     for (i, line) in text.lines().enumerate() {
+        let bad = |message: String| DataError::BadLine {
+            path: path.to_owned(),
+            line: i + 1,
+            message,
+        };
         if line.trim().is_empty() {
             continue;
         }
+        if line.len() > MAX_TEXT_BYTES {
+            return Err(bad(format!(
+                "{} long, more than the {} a row may hold",
+                crate::files::human_bytes(line.len() as u64),
+                crate::files::human_bytes(MAX_TEXT_BYTES as u64)
+            )));
+        }
         match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(_)) => {}
-            Ok(_) => {
-                return Err(DataError::BadLine {
-                    path: path.to_owned(),
-                    line: i + 1,
-                    message: "expected a JSON object".into(),
-                })
-            }
-            Err(e) => {
-                return Err(DataError::BadLine {
-                    path: path.to_owned(),
-                    line: i + 1,
-                    message: format!("invalid JSON ({e})"),
-                })
-            }
+            Ok(serde_json::Value::Object(row)) => types.check(&row, i + 1).map_err(bad)?,
+            Ok(_) => return Err(bad("expected a JSON object".into())),
+            Err(e) => return Err(bad(format!("invalid JSON ({e})"))),
         }
     }
     JsonReader::new(std::io::Cursor::new(bytes))
@@ -191,6 +212,46 @@ fn read_json_lines(path: &Path, bytes: Vec<u8>) -> Result<DataFrame, DataError> 
             path: path.to_owned(),
             message: format!("cannot read JSON lines ({e})"),
         })
+}
+
+/// The JSON type each field first had, so that a row whose value is of
+/// another type is named instead of being coerced to text by Polars (an
+/// integer completion would be trained as its digits).
+#[derive(Default)]
+struct FieldTypes(std::collections::HashMap<String, (&'static str, usize)>);
+
+impl FieldTypes {
+    fn check(
+        &mut self,
+        row: &serde_json::Map<String, serde_json::Value>,
+        line: usize,
+    ) -> Result<(), String> {
+        for (key, value) in row {
+            let Some(kind) = json_kind(value) else {
+                continue;
+            };
+            let (first, at) = *self.0.entry(key.clone()).or_insert((kind, line));
+            if first != kind {
+                return Err(format!(
+                    "`{key}` is {kind}, but {first} at line {at}; a field must have one type"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON value's type as a person reads it; `None` for null (missing).
+fn json_kind(value: &serde_json::Value) -> Option<&'static str> {
+    use serde_json::Value;
+    match value {
+        Value::Null => None,
+        Value::Bool(_) => Some("a boolean"),
+        Value::Number(_) => Some("a number"),
+        Value::String(_) => Some("a string"),
+        Value::Array(_) => Some("a list"),
+        Value::Object(_) => Some("an object"),
+    }
 }
 
 /// Writes a table as Parquet, atomically.
@@ -226,12 +287,21 @@ pub fn string_column(
         .iter()
         .enumerate()
         .map(|(row, v)| {
-            v.map(str::to_owned).ok_or_else(|| DataError::BadValue {
+            let bad = |message: String| DataError::BadValue {
                 path: path.to_owned(),
                 row: row + 1,
                 column: name.into(),
-                message: "is missing (null)".into(),
-            })
+                message,
+            };
+            match v {
+                None => Err(bad("is missing (null)".into())),
+                Some(s) if s.len() > MAX_TEXT_BYTES => Err(bad(format!(
+                    "is {} long, more than the {} a text may hold",
+                    crate::files::human_bytes(s.len() as u64),
+                    crate::files::human_bytes(MAX_TEXT_BYTES as u64)
+                ))),
+                Some(s) => Ok(s.to_owned()),
+            }
         })
         .collect()
 }
@@ -334,6 +404,40 @@ mod tests {
         assert!(m.contains("gzip"), "{m}");
         let m = msg(write(d.path(), "p.parquet", b"not parquet"));
         assert!(m.contains("Parquet"), "{m}");
+    }
+
+    #[test]
+    fn mixed_types_long_lines_and_devices_are_named_and_boms_are_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let msg = |p: PathBuf| read_table(&p).unwrap_err().to_string();
+        let m = msg(write(
+            d.path(),
+            "t.jsonl",
+            b"{\"c\": \"x\", \"n\": 1}\n{\"c\": null, \"n\": 2.5}\n{\"c\": 5}\n",
+        ));
+        assert!(
+            m.contains("t.jsonl: line 3: `c` is a number, but a string at line 1"),
+            "{m}"
+        );
+        let long = format!("{{\"c\": \"{}\"}}\n", "a".repeat(MAX_TEXT_BYTES));
+        let m = msg(write(d.path(), "long.jsonl", long.as_bytes()));
+        assert!(
+            m.contains("long.jsonl: line 1: 4.0 MB long, more than the 4.0 MB a row may hold"),
+            "{m}"
+        );
+        let m = msg(PathBuf::from("/dev/zero"));
+        assert!(
+            m.contains("/dev/zero: is a device, expected a regular file"),
+            "{m}"
+        );
+        for (name, bytes) in [
+            ("b.jsonl", &b"\xef\xbb\xbf{\"c\": \"x\"}\n"[..]),
+            ("b.csv", &b"\xef\xbb\xbfc\nx\n"[..]),
+        ] {
+            let df = read_table(&write(d.path(), name, bytes)).unwrap();
+            let c = string_column(&df, Path::new(name), "c", "text").unwrap();
+            assert_eq!(c, ["x"], "{name}");
+        }
     }
 
     #[test]

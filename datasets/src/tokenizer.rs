@@ -87,6 +87,12 @@ impl Tokenizer {
 
     /// An HF `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+        crate::files::bounded_size(path, MAX_TOKENIZER_BYTES, "a tokenizer's limit").map_err(
+            |message| TokenizerError::Load {
+                path: path.to_owned(),
+                message,
+            },
+        )?;
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
             path: path.to_owned(),
             message: e.to_string(),
@@ -179,13 +185,25 @@ impl Tokenizer {
     /// Text to ids. Special tokens written in the text (`<|endoftext|>`) are
     /// recognised as such.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Codec {
-                what: "encode",
-                message: e.to_string(),
-            })?;
+        let codec = |message: String| TokenizerError::Codec {
+            what: "encode",
+            message,
+        };
+        // Oniguruma panics when a pre-tokenizer regex backtracks past its
+        // retry limit; that is the tokenizer's fault, not ours: say so.
+        quiet_oniguruma_panics();
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, false)
+        }))
+        .map_err(|panic| {
+            let why = panic_text(&*panic);
+            codec(format!(
+                "{} failed on a text of {} bytes ({why}); its pre-tokenizer regex backtracks without bound",
+                self.source,
+                text.len()
+            ))
+        })?;
+        let encoding = encoded.map_err(|e| codec(e.to_string()))?;
         Ok(encoding.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
@@ -223,6 +241,32 @@ impl Tokenizer {
                 message: e.to_string(),
             })
     }
+}
+
+/// The most a `tokenizer.json` may hold (large vocabularies are ~30 MB).
+const MAX_TOKENIZER_BYTES: u64 = 1 << 30;
+
+/// Oniguruma's limit panics are turned into errors by `encode`; keep their
+/// panic message off stderr (every other panic still prints).
+fn quiet_oniguruma_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = panic_text(info.payload());
+            if !text.starts_with("Onig: ") {
+                previous(info);
+            }
+        }));
+    });
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// GPT-2's reversible byte -> printable character map, which byte-level
@@ -284,6 +328,29 @@ fn byte_tokenizer_json() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_regex_that_backtracks_without_bound_is_an_error_not_a_panic() {
+        let mut json: serde_json::Value = serde_json::from_str(&byte_tokenizer_json()).unwrap();
+        json["pre_tokenizer"] = serde_json::json!({
+            "type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": false
+        });
+        let json = json.to_string();
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        let t = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(t.encode("aab").unwrap().len(), 3, "short texts still work");
+        let m = t
+            .encode(&format!("{}b", "a".repeat(5000)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("tokenizer.json failed on a text of 5001 bytes")
+                && m.contains("backtracks without bound"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn byte_tokenizer_ids_are_the_utf8_bytes() {

@@ -195,8 +195,8 @@ impl Experiment {
             path: path.to_owned(),
             message,
         };
-        let mut value: serde_norway::Value =
-            serde_norway::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut value: serde_norway::Value = serde_norway::from_str(&text)
+            .map_err(|e| invalid(pinpoint_duplicate_key(&text, &e.to_string())))?;
         for o in overrides {
             apply_override(&mut value, o).map_err(|m| invalid(format!("--set {o}: {m}")))?;
         }
@@ -218,13 +218,21 @@ impl Experiment {
                 invalid(message)
             }
         })?;
-        Self::resolve(path, &text, spec)
+        Self::resolve(path, &text, spec, overrides)
     }
 
-    fn resolve(path: &Path, text: &str, mut spec: ExperimentFile) -> Result<Self, ConfigError> {
+    fn resolve(
+        path: &Path,
+        text: &str,
+        mut spec: ExperimentFile,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
-            message: locate_stage_error(text, &message),
+            message: match set_by_override(&message, overrides) {
+                Some(o) => format!("{message} (from --set {o})"),
+                None => locate_stage_error(text, &message),
+            },
         };
         if !is_folder_name(&spec.name) {
             return Err(invalid(format!(
@@ -236,10 +244,16 @@ impl Experiment {
             return Err(invalid("stages: no stages defined".into()));
         }
         if let Some(bad) = spec.stages.keys().find(|n| !is_folder_name(n)) {
-            let line = text.lines().position(|l| is_key_line(l, bad));
-            let at = line.map_or(String::new(), |i| format!(" at line {}", i + 1));
+            let at = at_key_line(text, bad);
             return Err(invalid(format!(
                 "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
+            )));
+        }
+        if let Some(taken) = spec.stages.keys().find(|n| reserved_in_run_folder(n)) {
+            let at = at_key_line(text, taken);
+            return Err(invalid(format!(
+                "stages: the stage name \"{taken}\" is taken by the run folder's own files \
+                 (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
             )));
         }
         spec.model
@@ -300,8 +314,13 @@ impl Experiment {
                 timeout_seconds,
             } = &l.labeller
             {
-                if command.is_empty() {
+                let Some(program) = command.first() else {
                     return Err(ctx("labeller.command is empty".into()));
+                };
+                if !program_exists(program) {
+                    return Err(ctx(format!(
+                        "labeller.command: program \"{program}\" not found (neither a file nor on PATH)"
+                    )));
                 }
                 if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
                     return Err(ctx(format!(
@@ -476,7 +495,7 @@ impl Places<'_> {
             };
             if p.role == PathRole::Data {
                 let file = self.abs(&value);
-                if let Some(kind) = not_a_regular_file(&file) {
+                if let Some(kind) = rlhf_datasets::files::not_a_regular_file(&file) {
                     return Err(format!(
                         "stages.{name}.{field}: {} is {kind}, not a regular file",
                         file.display()
@@ -509,6 +528,31 @@ impl Places<'_> {
         }
         Ok(refs)
     }
+}
+
+/// The `--set` that wrote the setting a `PATH: ...` error names, if one
+/// did (the last one wins, as when they are applied).
+fn set_by_override<'a>(message: &str, overrides: &'a [String]) -> Option<&'a str> {
+    let (path, _) = message.split_once(": ")?;
+    overrides
+        .iter()
+        .rev()
+        .find(|o| {
+            o.split_once('=').is_some_and(|(key, _)| {
+                let key = key.trim();
+                path == key || path.starts_with(&format!("{key}."))
+            })
+        })
+        .map(String::as_str)
+}
+
+/// Whether a command's program is a file (a path) or found on PATH.
+fn program_exists(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// Appends the file line of a `stages.NAME[.FIELD...]: ...` error: the
@@ -596,6 +640,35 @@ fn pinpoint_unknown_field(text: &str, message: &str) -> String {
     }
 }
 
+/// Serde reports a duplicate key at its mapping's first line; point at
+/// the key's second occurrence (the one to remove) instead.
+fn pinpoint_duplicate_key(text: &str, message: &str) -> String {
+    let Some((head, rest)) = message.split_once("duplicate entry with key \"") else {
+        return message.to_owned();
+    };
+    let Some((key, place)) = rest.split_once('"') else {
+        return message.to_owned();
+    };
+    let numbers: Vec<usize> = place
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [line, column] = numbers[..] else {
+        return message.to_owned();
+    };
+    let indent = column.saturating_sub(1);
+    let second = text
+        .lines()
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .filter(|(_, l)| l.len() - l.trim_start().len() == indent && is_key_line(l, key))
+        .nth(1);
+    match second {
+        Some((i, _)) => format!("{head}duplicate entry with key \"{key}\" at line {}", i + 1),
+        None => message.to_owned(),
+    }
+}
+
 const FOLDER_NAME: &str =
     "must be one path component of letters, digits, '-', '_' or '.', not empty, \".\" or \"..\"";
 
@@ -609,6 +682,21 @@ pub fn is_folder_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// ` at line N` for the first line that sets `key`, or nothing.
+fn at_key_line(text: &str, key: &str) -> String {
+    let line = text.lines().position(|l| is_key_line(l, key));
+    line.map_or(String::new(), |i| format!(" at line {}", i + 1))
+}
+
+/// Whether a stage folder of this name would collide with what the runner
+/// and `rlhf eval` write beside the stages.
+fn reserved_in_run_folder(name: &str) -> bool {
+    let round = name
+        .strip_prefix("round-")
+        .is_some_and(|n| n.parse::<usize>().is_ok());
+    round || name.starts_with('.') || ["report", "rounds.jsonl"].contains(&name)
+}
+
 /// `p` made absolute against `base` (the experiment file's folder), cleaned.
 fn absolute_from(base: &Path, p: &Path) -> PathBuf {
     clean_path(&if p.is_absolute() {
@@ -616,23 +704,6 @@ fn absolute_from(base: &Path, p: &Path) -> PathBuf {
     } else {
         base.join(p)
     })
-}
-
-/// What `path` is when it exists and is not a regular file (a FIFO would
-/// block the reader, a device never ends); `None` for a file or nothing.
-fn not_a_regular_file(path: &Path) -> Option<&'static str> {
-    use std::os::unix::fs::FileTypeExt;
-    let t = std::fs::metadata(path).ok()?.file_type();
-    let kinds = [
-        (t.is_dir(), "a folder"),
-        (t.is_fifo(), "a FIFO (named pipe)"),
-        (t.is_char_device() || t.is_block_device(), "a device"),
-        (t.is_socket(), "a socket"),
-    ];
-    match t.is_file() {
-        true => None,
-        false => Some(kinds.iter().find(|k| k.0).map_or("not a file", |k| k.1)),
-    }
 }
 
 /// `a/b/../c` -> `a/c`, without touching the file system (the folder may
@@ -845,6 +916,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(m.contains("not a mapping"), "{m}");
+        // A range error names the --set that wrote the value, not a line.
+        let m = Experiment::load(&p, &["stages.sft.optimizer.lr=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("stages.sft.optimizer.lr: must be")
+                && m.ends_with("(from --set stages.sft.optimizer.lr=-1)"),
+            "{m}"
+        );
     }
 
     #[test]

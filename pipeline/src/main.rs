@@ -33,12 +33,43 @@ fn main() -> ExitCode {
     match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             if rlhf_stages::train::interrupt_requested() {
                 ExitCode::from(130)
             } else {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause its
+/// wrapper already quotes (`{path}: {source}` errors would say it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(17);
+        let e = anyhow::Error::new(io).context("cannot write f/m: File exists (os error 17)");
+        assert_eq!(
+            super::error_chain(&e),
+            "cannot write f/m: File exists (os error 17)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_chain(&e), "outer: inner");
     }
 }

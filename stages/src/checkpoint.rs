@@ -34,7 +34,7 @@ pub enum CheckpointError {
     #[error("{path}: not a model folder (no {CONFIG_FILE}); expected a folder written by rlhf or an HF GPT-2 folder")]
     NotAModel { path: PathBuf },
     #[error("{path}: {message}")]
-    BadConfig { path: PathBuf, message: String },
+    Invalid { path: PathBuf, message: String },
     #[error("{path}: {source}")]
     Shapes {
         path: PathBuf,
@@ -87,6 +87,51 @@ pub struct ModelMeta {
     pub extra: BTreeMap<String, Value>,
 }
 
+/// A model folder's config, head and weight tensors, checked and read.
+struct Folder {
+    config: GptConfig,
+    /// With the head that will be built.
+    meta: ModelMeta,
+    tensors: BTreeMap<String, Tensor>,
+    weights_path: PathBuf,
+}
+
+impl Folder {
+    fn read(dir: &Path, head: HeadChoice) -> Result<Self, CheckpointError> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.exists() {
+            return Err(CheckpointError::NotAModel {
+                path: dir.to_owned(),
+            });
+        }
+        rlhf_datasets::checksum::verify(dir)?;
+        let (config, meta) = read_config(&config_path)?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let tensors = read_weights(&weights_path)?;
+        let saved_head = meta
+            .head
+            .unwrap_or(if tensors.contains_key("score.weight") {
+                Head::Scalar
+            } else {
+                Head::Lm
+            });
+        let head = match head {
+            HeadChoice::AsSaved => saved_head,
+            HeadChoice::Want(h) => h,
+        };
+        let meta = ModelMeta {
+            head: Some(head),
+            ..meta
+        };
+        Ok(Self {
+            config,
+            meta,
+            tensors,
+            weights_path,
+        })
+    }
+}
+
 /// A GPT with its variables and tokenizer: what a model folder holds.
 #[derive(Debug)]
 pub struct Model {
@@ -136,34 +181,28 @@ impl Model {
 
     /// Loads a model folder onto `device`.
     pub fn load(dir: &Path, head: HeadChoice, device: Device) -> Result<Self, CheckpointError> {
-        let config_path = dir.join(CONFIG_FILE);
-        if !config_path.exists() {
-            return Err(CheckpointError::NotAModel {
-                path: dir.to_owned(),
-            });
-        }
-        rlhf_datasets::checksum::verify(dir)?;
-        let (config, meta) = read_config(&config_path)?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let tensors = read_weights(&weights_path)?;
-        let saved_head = meta
-            .head
-            .unwrap_or(if tensors.contains_key("score.weight") {
-                Head::Scalar
-            } else {
-                Head::Lm
-            });
-        let head = match head {
-            HeadChoice::AsSaved => saved_head,
-            HeadChoice::Want(h) => h,
-        };
+        let folder = Folder::read(dir, head)?;
         let tokenizer = Tokenizer::from_model_dir(dir)?;
-        let meta = ModelMeta {
-            head: Some(head),
-            ..meta
-        };
-        let weights = Some((&tensors, weights_path.as_path()));
-        Self::assemble(&config, tokenizer, meta, device, dir, weights)
+        let weights = Some((&folder.tensors, folder.weights_path.as_path()));
+        Self::assemble(&folder.config, tokenizer, folder.meta, device, dir, weights)
+    }
+
+    /// The network of a model folder without its tokenizer, for work on
+    /// token ids (`rlhf score` with `ids`): a folder with no tokenizer loads.
+    pub fn load_network(
+        dir: &Path,
+        head: HeadChoice,
+        device: Device,
+    ) -> Result<(VarStore, Gpt), CheckpointError> {
+        let folder = Folder::read(dir, head)?;
+        let vs = VarStore::new(device);
+        let gpt = Gpt::new(
+            &vs.root(),
+            &folder.config,
+            folder.meta.head.unwrap_or(Head::Lm),
+        );
+        copy_into(&vs, &folder.tensors, &folder.weights_path)?;
+        Ok((vs, gpt))
     }
 
     /// The model of `config` with `meta`'s head, its weights copied from
@@ -269,6 +308,15 @@ fn read_weights(path: &Path) -> Result<BTreeMap<String, Tensor>, CheckpointError
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
         });
     }
+    // A file larger than memory (or a link to a device) would be read until
+    // the process is killed; refuse it by name first.
+    let memory = rlhf_datasets::files::memory_bytes().unwrap_or(u64::MAX);
+    rlhf_datasets::files::bounded_size(path, memory, "this machine's memory").map_err(
+        |message| CheckpointError::Invalid {
+            path: path.to_owned(),
+            message,
+        },
+    )?;
     let tensors = Tensor::read_safetensors(path).map_err(|source| CheckpointError::Weights {
         path: path.to_owned(),
         source,
@@ -351,15 +399,19 @@ fn config_value<T>(
 }
 
 /// HF `GPT2Config` keys with HF's defaults, so any GPT-2 `config.json` reads.
+/// The most a `config.json` may hold (real ones are a few kB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
+    let bad = |message: String| CheckpointError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    rlhf_datasets::files::bounded_size(path, MAX_CONFIG_BYTES, "a config's limit").map_err(bad)?;
     let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let bad = |message: String| CheckpointError::BadConfig {
-        path: path.to_owned(),
-        message,
-    };
     let v: Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let obj = v
         .as_object()

@@ -87,14 +87,6 @@ const SHAPE_LIMITS: [(&str, i64); 6] = [
     ("n_inner", 1 << 18),
 ];
 
-/// This machine's memory in bytes (`/proc/meminfo`), if it can be read.
-fn memory_bytes() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
-}
-
 impl GptConfig {
     /// A vocabulary for a tokenizer of `ids` ids: rounded up to a multiple
     /// of 8, as GPT-2's 50257 becomes 50264.
@@ -123,7 +115,7 @@ impl GptConfig {
             }
         }
         let params = self.n_params();
-        if let Some(have) = memory_bytes() {
+        if let Some(have) = rlhf_datasets::files::memory_bytes().map(|b| b as f64) {
             let need = params as f64 * 4.0;
             if need > have {
                 return Err(GptConfigError::TooBig {

@@ -313,18 +313,34 @@ pub fn evaluate_run(
             reward_models,
             rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
             plots: vec![],
-            warnings: stages
-                .iter()
-                .filter_map(|s| {
-                    let w = s.manifest.summary["warning"].as_str()?;
-                    Some(format!("{}: {w}", s.label))
-                })
-                .collect(),
+            warnings: warnings(&stages, models.reward_stage),
         },
         answers: prompt_answers(&prompts, &all_answers),
         stages,
         run_dir: run_dir.to_owned(),
     })
+}
+
+/// The stages' own warnings (did not learn), and a reward model older than
+/// the run's last round, which scores the answers in its stead.
+fn warnings(stages: &[FinishedStage], reward_stage: Option<&FinishedStage>) -> Vec<String> {
+    let mut out: Vec<String> = stages
+        .iter()
+        .filter_map(|s| {
+            let w = s.manifest.summary["warning"].as_str()?;
+            Some(format!("{}: {w}", s.label))
+        })
+        .collect();
+    let last_round = stages.iter().map(|s| s.round).max().unwrap_or(0);
+    if let Some(rm) = reward_stage.filter(|rm| rm.round < last_round) {
+        let w = format!(
+            "round-{last_round} has no finished reward model; answers are scored by {}, the latest one found",
+            rm.label
+        );
+        tracing::warn!("{w}");
+        out.push(w);
+    }
+    out
 }
 
 /// A policy's line of the report: its answers' scores and its tallies

@@ -153,10 +153,36 @@ def main():
     r.update(size=s, batch=32, minibatch=8, prompt_len=16, new_tokens=24)
     results["ppo"] = r
 
+    results["shared_cores"] = shared_cores(sizes[1], reps)
+
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
+
+
+def shared_cores(s, reps):
+    """SFT speed with another process busy on one core: libtorch's default
+    thread count (one per core) against `--threads` set to the cores left,
+    and the idle machine as the reference."""
+    cores = len(os.sched_getaffinity(0))
+    common = shape_args(s) + ["--batch", str(s["batch"]), "--seq", str(s["seq"]), "--warmup", "2", "--steps", "8"]
+    train = lambda threads: run_with_rss([RLHF, "--threads", str(threads), "bench", "train"] + common)
+    print("train with a busy core ...", file=sys.stderr, flush=True)
+    idle = [train(cores) for _ in range(reps)]
+    busy = subprocess.Popen([PY, "-c", "while True: pass"])
+    try:
+        before, after = [], []
+        for _ in range(reps):
+            before.append(train(cores))
+            after.append(train(max(1, cores - 1)))
+    finally:
+        busy.kill()
+        busy.wait()
+    med = lambda rs: statistics.median(r["tokens_per_s"] for r in rs)
+    return {"size": s, "cores": cores, "threads_after": max(1, cores - 1), "idle": med(idle),
+            "busy_default": med(before), "busy_fewer_threads": med(after),
+            "ratio": med(after) / med(before), "runs": {"idle": idle, "before": before, "after": after}}
 
 
 def markdown(r):
@@ -212,6 +238,22 @@ def markdown(r):
         f"| {p['reference_rss_mib']:.0f} MiB |",
         "",
     ]
+    c = r.get("shared_cores")
+    if c:
+        s = c["size"]
+        lines += [
+            "## A core shared with another process (SFT training, `--threads`)",
+            "",
+            f"One busy process (`while True: pass`) beside rlhf's training of the {s['name']} model "
+            f"({s['batch']} x {s['seq']}). Before: libtorch's default of one thread per core "
+            f"({c['cores']}); after: `--threads {c['threads_after']}` (the stage setting `threads:`). "
+            "Ratio > 1: fewer threads are faster.",
+            "",
+            "| idle machine tokens/s | busy core, default threads | busy core, fewer threads | ratio |",
+            "|---|---|---|---|",
+            f"| {c['idle']:,.0f} | {c['busy_default']:,.0f} | {c['busy_fewer_threads']:,.0f} | **{c['ratio']:.2f}x** |",
+            "",
+        ]
     return "\n".join(lines)
 
 

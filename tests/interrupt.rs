@@ -136,3 +136,53 @@ fn ctrl_c_in_the_reward_model_then_rerun_equals_an_uninterrupted_run() {
 fn ctrl_c_in_ppo_then_rerun_equals_an_uninterrupted_run() {
     interrupt_then_rerun("ppo", "ppo", 5, &["checkpoint", "critic"]);
 }
+
+/// A step of very many micro-batches: one Ctrl-C abandons it once the
+/// grace period is over (1 s here), instead of waiting for its end.
+#[test]
+fn ctrl_c_inside_an_enormous_step_stops_after_the_grace_period() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 200);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: ctrlc\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 2, batch_size: 1, grad_accum: 65536}\n",
+    )
+    .unwrap();
+    let child = rlhf_run(&exp, "sft")
+        .env("RLHF_STEP_GRACE_SECONDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = d.path().join("runs/ctrlc/sft/metrics.jsonl");
+    let started = Instant::now();
+    // The step-0 eval line: the first step has begun.
+    while !metrics.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sft never got going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr
+            .contains("interrupted inside step 1, which was still running 1 s after the interrupt"),
+        "{stderr}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        sent.elapsed()
+    );
+}

@@ -59,7 +59,7 @@ pub fn input_files(exp: &Experiment, stage: &StageFile) -> Vec<PathBuf> {
             .collect()
     };
     let mut files: Vec<PathBuf> = exp.spec.tokenizer.iter().cloned().collect();
-    let mut config = stage.0.clone();
+    let mut config = stage.config.clone();
     for p in config.paths() {
         match (p.role, p.get()) {
             (PathRole::Data, Some(f)) => files.push(f.clone()),

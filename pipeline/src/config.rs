@@ -45,6 +45,10 @@ pub struct ExperimentFile {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
+    /// libtorch's threads for every stage that sets none (default: the
+    /// cores the process may use); not part of any stage's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
     #[serde(default = "default_device")]
     pub device: String,
     #[serde(default = "default_out_dir")]
@@ -151,24 +155,29 @@ fn default_out_dir() -> PathBuf {
 }
 
 /// One stage as written: its kind's settings (the kinds are registered
-/// in `rlhf_stages::kind::KINDS`).
+/// in `rlhf_stages::kind::KINDS`) and its thread count.
 #[derive(Debug, Clone)]
-pub struct StageFile(pub Box<dyn StageConfig>);
+pub struct StageFile {
+    pub config: Box<dyn StageConfig>,
+    /// libtorch's threads for this stage: how fast, never what it computes
+    /// on one machine, so it is left out of the stage's key.
+    pub threads: Option<usize>,
+}
 
 impl StageFile {
     pub fn kind(&self) -> &'static str {
-        self.0.kind()
+        self.config.kind()
     }
 
     /// The settings as kind `C`'s config, if the stage is of that kind.
     pub fn get<C: 'static>(&self) -> Option<&C> {
-        self.0.as_any().downcast_ref()
+        self.config.as_any().downcast_ref()
     }
 }
 
 impl Serialize for StageFile {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.to_json().serialize(s)
+        self.config.to_json().serialize(s)
     }
 }
 
@@ -215,7 +224,7 @@ impl Experiment {
                     &pinpoint_unknown_field(&text, &message),
                 ))
             } else {
-                invalid(message)
+                invalid(named_by_override(message, overrides))
             }
         })?;
         Self::resolve(path, &text, spec, overrides)
@@ -230,7 +239,7 @@ impl Experiment {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
             message: match set_by_override(&message, overrides) {
-                Some(o) => format!("{message} (from --set {o})"),
+                Some(_) => named_by_override(message, overrides),
                 None => locate_stage_error(text, &message),
             },
         };
@@ -255,6 +264,10 @@ impl Experiment {
                 "stages: the stage name \"{taken}\" is taken by the run folder's own files \
                  (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
             )));
+        }
+        if let Some(n) = spec.threads {
+            crate::threads::check(n, "threads")
+                .map_err(|e| invalid(format!("{e}{}", at_key_line(text, "threads"))))?;
         }
         spec.model
             .validate()
@@ -282,11 +295,11 @@ impl Experiment {
                 run_dir: &run_dir,
                 base: &base,
             };
-            let refs = places.resolve(&mut *stage.0).map_err(&invalid)?;
-            let seed = stage.0.seed_mut();
+            let refs = places.resolve(&mut *stage.config).map_err(&invalid)?;
+            let seed = stage.config.seed_mut();
             seed.get_or_insert(spec.seed);
             stage
-                .0
+                .config
                 .validate()
                 .map_err(|e| invalid(stage_error(name, e)))?;
             deps.insert(name.clone(), refs);
@@ -439,7 +452,21 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
             ".kind: unknown variant `{name}`, expected one of {kinds}"
         ));
     };
-    kind.parse(map).map(StageFile).map_err(|message| {
+    let threads = match map.remove("threads") {
+        None | Some(serde_norway::Value::Null) => None,
+        Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if (1..=crate::threads::MAX_THREADS).contains(&n) => Some(n),
+            _ => {
+                let shown = serde_norway::to_string(&v).unwrap_or_default();
+                return Err(format!(
+                    ".threads: must be a whole number in [1, {}], got {}",
+                    crate::threads::MAX_THREADS,
+                    shown.trim()
+                ));
+            }
+        },
+    };
+    let config = kind.parse(map).map_err(|message| {
         // Line numbers of the re-serialised text would mislead; the
         // caller finds the line in the file.
         let message = message
@@ -451,7 +478,8 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
             }
             _ => format!(": {message}"),
         }
-    })
+    })?;
+    Ok(StageFile { config, threads })
 }
 
 /// A stage's validation error, named by the stage and, for a setting, by
@@ -544,6 +572,14 @@ fn set_by_override<'a>(message: &str, overrides: &'a [String]) -> Option<&'a str
             })
         })
         .map(String::as_str)
+}
+
+/// `message (from --set KEY=VALUE)` when a `--set` wrote the setting.
+fn named_by_override(message: String, overrides: &[String]) -> String {
+    match set_by_override(&message, overrides) {
+        Some(o) => format!("{message} (from --set {o})"),
+        None => message,
+    }
 }
 
 /// Whether a command's program is a file (a path) or found on PATH.
@@ -909,7 +945,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            m.contains("stages.sft.epochs: invalid type: string \"many\", expected usize"),
+            m.contains("stages.sft.epochs: invalid type: string \"many\", expected usize (from --set stages.sft.epochs=many)"),
             "{m}"
         );
         let m = Experiment::load(&p, &["seed.x=1".into()])

@@ -11,6 +11,7 @@ mod labeller;
 mod lock;
 mod report;
 mod runner;
+mod threads;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,10 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     cli::init_logging(cli.verbose);
+    if let Err(e) = threads::init(cli.threads) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     // Ctrl-C (or SIGTERM): training stops after the current step with a
     // checkpoint, so a rerun continues; a second Ctrl-C stops at once.
     let _ = ctrlc::set_handler(|| {

@@ -52,6 +52,8 @@ pub enum StageError {
     StoppedEarly(i64),
     #[error("interrupted after step {0}; its checkpoint is saved: rerun to continue")]
     Interrupted(i64),
+    #[error("interrupted inside step {step}, which was still running {grace_s} s after the interrupt; stopped without finishing it (a rerun continues from the last checkpoint, if there is one)")]
+    InterruptedInStep { step: i64, grace_s: u64 },
 }
 
 impl StageError {
@@ -64,11 +66,35 @@ impl StageError {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED_AT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// How long a step may go on after an interrupt before it is abandoned
+/// (a step of many micro-batches can take minutes; its checkpoint is not
+/// worth that wait): 20 s, or `RLHF_STEP_GRACE_SECONDS`.
+pub fn step_grace() -> std::time::Duration {
+    static GRACE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *GRACE.get_or_init(|| {
+        let secs = std::env::var("RLHF_STEP_GRACE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(20);
+        std::time::Duration::from_secs(secs)
+    })
+}
 
 /// Asks training loops to stop at the end of the current step, after
 /// writing a checkpoint (the binary's Ctrl-C / SIGTERM handler calls this).
 pub fn request_interrupt() {
+    INTERRUPTED_AT.get_or_init(std::time::Instant::now);
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether an interrupt came more than `step_grace()` ago: a step still
+/// running then stops without finishing.
+pub fn step_grace_over() -> bool {
+    INTERRUPTED_AT
+        .get()
+        .is_some_and(|t| t.elapsed() > step_grace())
 }
 
 pub fn interrupt_requested() -> bool {

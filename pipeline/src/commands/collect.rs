@@ -23,6 +23,7 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         .as_ref()
         .context("the experiment has no `loop` section")?;
     let device = parse_device(&exp.spec.device)?;
+    crate::threads::apply(None, exp.spec.threads)?;
     let policy = Model::load(&args.policy, HeadChoice::Want(Head::Lm), device)?;
     let table = read_table(&spec.prompts)?;
     let all_prompts = string_column(&table, &spec.prompts, "prompt", "{prompt}")?;

@@ -29,6 +29,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         device_name(device),
         out_dir.display()
     );
+    crate::threads::apply(stage.threads, exp.spec.threads)?;
     // Run by `rlhf run`, the runner holds the run folder's lock.
     let _lock = match args.managed {
         true => {
@@ -56,7 +57,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         stop_after: args.stop_after_step,
     };
     let summary = stage
-        .0
+        .config
         .run(&ctx)
         .with_context(|| format!("stage {} failed", args.name))?;
     println!("{summary}");

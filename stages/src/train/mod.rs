@@ -454,6 +454,12 @@ fn accumulate<O: Objective>(
     let mut loss_sum = 0.0;
     let mut ratios: Vec<Ratio> = Vec::new();
     for batch in batches {
+        if crate::error::step_grace_over() {
+            return Err(StageError::InterruptedInStep {
+                step: step + 1,
+                grace_s: crate::error::step_grace().as_secs(),
+            });
+        }
         let (loss, rs) = objective.loss(&model.gpt, batch, batches);
         loss.backward();
         loss_sum += loss.double_value(&[]);

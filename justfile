@@ -27,6 +27,19 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
+    # Gloo's headers let the c10d shim declare torch's ProcessGroupGloo
+    # (data-parallel stages on CPU); see stages/csrc/c10d_shim.cpp.
+    if [ -z "${GLOO_INCLUDE_DIR:-}" ] && [ ! -f /usr/include/gloo/rendezvous/store.h ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "setup: installing Debian's libgloo-dev (headers for the Gloo backend)" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get install -y -q libgloo-dev >/dev/null 2>&1 \
+                || { apt-get update -q >/dev/null && apt-get install -y -q libgloo-dev >/dev/null; }
+        else
+            echo "setup: warning: no gloo headers (Debian: sudo apt-get install libgloo-dev);" \
+                "rlhf builds without data-parallel stages on CPU" >&2
+        fi
+    fi
     stamp="{{venv}}/.rlhf-setup-torch-{{torch_version}}-transformers-{{transformers_version}}"
     if [ -f "$stamp" ]; then exit 0; fi
     command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs)" >&2; exit 1; }

@@ -1,24 +1,82 @@
-// Link libtorch so that binaries and tests run as they are built.
-//
-// torch-sys links libtorch but its link arguments do not reach the crates
-// that depend on it, so each crate that produces executables repeats two
-// things here:
-// - an rpath to the torch `lib/` folder, so nothing needs `LD_LIBRARY_PATH`;
-// - `torch_cuda` linked with `--no-as-needed` when the folder has it, or the
-//   linker drops it and `Device::cuda_if_available()` silently picks the CPU
-//   (tch-rs issues #907, #980).
+// The stages crate's build: libtorch's link arguments (link_torch.rs), and
+// the c10d shim (`csrc/c10d_shim.cpp`) compiled against the same libtorch.
+
+include!("link_torch.rs");
+
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+    println!("cargo:rerun-if-changed=link_torch.rs");
+    println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
+    if let Some(lib_dir) = link_torch() {
+        compile_shim(Path::new(&lib_dir));
+    }
+}
+
+/// The gloo headers ProcessGroupGloo.hpp needs to parse (declarations
+/// only; see the shim's comment): `GLOO_INCLUDE_DIR`, else Debian's.
+fn gloo_include() -> Option<PathBuf> {
+    let dirs = std::env::var("GLOO_INCLUDE_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/usr/include")]);
+    dirs.into_iter()
+        .find(|d| d.join("gloo/rendezvous/store.h").exists())
+}
+
+fn compile_shim(lib_dir: &Path) {
+    let include = lib_dir.join("../include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/c10d_shim.cpp");
+    match gloo_include() {
+        Some(dir) => {
+            println!(
+                "cargo:rerun-if-changed={}",
+                dir.join("gloo/rendezvous/store.h").display()
+            );
+            build
+                .include(dir)
+                .define("USE_C10D_GLOO", None)
+                .define("RLHF_WITH_GLOO", None);
+        }
+        None => println!(
+            "cargo:warning=no gloo headers found (install libgloo-dev or set GLOO_INCLUDE_DIR): \
+             data-parallel stages on CPU will be unavailable"
+        ),
+    }
+    build.compile("rlhf_c10d");
+    check_no_gloo_code();
+}
+
+/// The ABI argument of the shim holds only if it calls no gloo code: every
+/// gloo function it reaches must be torch's. Fail the build otherwise.
+fn check_no_gloo_code() {
+    let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+    let lib = Path::new(&out).join("librlhf_c10d.a");
+    let Ok(nm) = std::process::Command::new("nm")
+        .args(["--undefined-only", "--demangle"])
+        .arg(&lib)
+        .output()
+    else {
+        println!("cargo:warning=nm not found: the shim's gloo-free check was skipped");
         return;
     };
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
-    if std::path::Path::new(&lib_dir)
-        .join("libtorch_cuda.so")
-        .exists()
-    {
-        println!("cargo:rustc-link-arg=-L{lib_dir}");
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-    }
+    let text = String::from_utf8_lossy(&nm.stdout);
+    let gloo: Vec<&str> = text.lines().filter(|l| l.contains(" gloo::")).collect();
+    assert!(
+        gloo.is_empty(),
+        "the c10d shim references gloo code directly, which the gloo headers \
+         found at build time may not match: {gloo:?}"
+    );
 }

@@ -11,12 +11,14 @@
 //! - [`score`]: per-token log-probabilities of texts.
 //! - [`eval`]: held-out evaluation of policies: judge and reward scores, win rates, KL.
 //! - [`bench`]: the timed kernels of `rlhf bench`.
+//! - [`dist`]: data-parallel ranks on libtorch's c10d (Gloo, NCCL).
 
 pub mod answer;
 pub mod bench;
 pub mod check;
 pub mod checkpoint;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod gpt;

@@ -1,0 +1,164 @@
+//! The C functions of `csrc/c10d_shim.cpp`, and the one place in the
+//! workspace with `unsafe`: pointers to tch's tensors cross into libtorch.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+use tch::Tensor;
+
+/// Opaque `torch::Tensor`, as tch's C layer passes it.
+type CTensor = torch_sys::C_tensor;
+
+extern "C" {
+    fn rlhf_c10d_backends() -> c_int;
+    fn rlhf_c10d_new(
+        backend: *const c_char,
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        store_is_external: c_int,
+        timeout_ms: i64,
+        gloo_threads: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn rlhf_c10d_free(g: *mut c_void);
+    fn rlhf_c10d_allreduce_sum(
+        g: *mut c_void,
+        ts: *const *mut CTensor,
+        n: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn rlhf_c10d_broadcast(
+        g: *mut c_void,
+        ts: *const *mut CTensor,
+        n: c_int,
+        root: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn rlhf_c10d_allgather(
+        g: *mut c_void,
+        input: *mut CTensor,
+        outs: *const *mut CTensor,
+        world: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn rlhf_c10d_barrier(g: *mut c_void, err: *mut *mut c_char) -> c_int;
+    fn rlhf_c10d_free_error(err: *mut c_char);
+}
+
+/// Whether this build has the Gloo and the NCCL backends.
+pub fn backends() -> (bool, bool) {
+    // SAFETY: reads two compile-time flags.
+    let b = unsafe { rlhf_c10d_backends() };
+    (b & 1 != 0, b & 2 != 0)
+}
+
+/// Takes the shim's error text, freeing it.
+fn take_error(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown error in the c10d shim".into();
+    }
+    // SAFETY: the shim returns a NUL-terminated string it malloc'd.
+    let text = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: freed once, by the allocator that made it.
+    unsafe { rlhf_c10d_free_error(err) };
+    text
+}
+
+/// A joined c10d group; dropped, it leaves.
+pub struct Group(*mut c_void);
+
+// SAFETY: c10d backends are used from one thread at a time here (the
+// owner's), and may be moved between threads.
+unsafe impl Send for Group {}
+
+/// Settings for joining.
+pub struct Join<'a> {
+    pub backend: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    pub rank: usize,
+    pub world: usize,
+    pub store_is_external: bool,
+    pub timeout_ms: i64,
+    pub gloo_threads: usize,
+}
+
+impl Group {
+    pub fn join(j: &Join) -> Result<Self, String> {
+        let backend = CString::new(j.backend).map_err(|e| e.to_string())?;
+        let host = CString::new(j.host).map_err(|e| e.to_string())?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: valid C strings; the shim catches every C++ exception.
+        let g = unsafe {
+            rlhf_c10d_new(
+                backend.as_ptr(),
+                host.as_ptr(),
+                c_int::from(j.port),
+                j.rank as c_int,
+                j.world as c_int,
+                c_int::from(j.store_is_external),
+                j.timeout_ms,
+                j.gloo_threads as c_int,
+                &mut err,
+            )
+        };
+        if g.is_null() {
+            return Err(take_error(err));
+        }
+        Ok(Self(g))
+    }
+
+    fn call(&self, f: impl FnOnce(*mut c_void, *mut *mut c_char) -> c_int) -> Result<(), String> {
+        let mut err = std::ptr::null_mut();
+        match f(self.0, &mut err) {
+            0 => Err(take_error(err)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sums each tensor in place across ranks.
+    pub fn all_reduce_sum(&self, ts: &mut [Tensor]) -> Result<(), String> {
+        let ptrs: Vec<*mut CTensor> = ts.iter_mut().map(|t| t.as_mut_ptr()).collect();
+        // SAFETY: the pointers are live tch tensors for the call's length.
+        self.call(|g, err| unsafe {
+            rlhf_c10d_allreduce_sum(g, ptrs.as_ptr(), ptrs.len() as c_int, err)
+        })
+    }
+
+    /// Copies rank `root`'s tensors into every rank's, in place.
+    pub fn broadcast(&self, ts: &mut [Tensor], root: usize) -> Result<(), String> {
+        let ptrs: Vec<*mut CTensor> = ts.iter_mut().map(|t| t.as_mut_ptr()).collect();
+        // SAFETY: as above.
+        self.call(|g, err| unsafe {
+            rlhf_c10d_broadcast(g, ptrs.as_ptr(), ptrs.len() as c_int, root as c_int, err)
+        })
+    }
+
+    /// Every rank's `input` (same shape on all), in rank order, into
+    /// `outs` (preallocated, one per rank).
+    pub fn all_gather(&self, input: &mut Tensor, outs: &mut [Tensor]) -> Result<(), String> {
+        let ptrs: Vec<*mut CTensor> = outs.iter_mut().map(|t| t.as_mut_ptr()).collect();
+        let input = input.as_mut_ptr();
+        // SAFETY: as above.
+        self.call(|g, err| unsafe {
+            rlhf_c10d_allgather(g, input, ptrs.as_ptr(), ptrs.len() as c_int, err)
+        })
+    }
+
+    pub fn barrier(&self) -> Result<(), String> {
+        // SAFETY: a live group.
+        self.call(|g, err| unsafe { rlhf_c10d_barrier(g, err) })
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: made by rlhf_c10d_new, freed once.
+        unsafe { rlhf_c10d_free(self.0) };
+    }
+}

@@ -240,6 +240,7 @@ pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Va
         },
         judge: None,
         stop_after: None,
+        ranks: std::sync::Arc::new(crate::dist::Ranks::single()),
     };
     ppo::run(&config, &ctx)?;
     let metrics_path = out.join(METRICS_FILE);

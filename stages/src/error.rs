@@ -21,6 +21,8 @@ pub enum StageError {
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
+    #[error(transparent)]
     Optimizer(#[from] OptimError),
     #[error(transparent)]
     Sampling(#[from] SamplingError),

@@ -33,8 +33,8 @@ use crate::gpt::{Gpt, Head};
 use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, StageContext, StageError,
-    TrainSettings,
+    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
+    StageError, TrainSettings,
 };
 
 /// Sequences per forward when scoring whole sequences for normalisation.
@@ -440,16 +440,24 @@ impl Objective for Rankings<'_> {
         collate_groups(groups, self.pad)
     }
 
-    fn loss(&self, model: &Gpt, batch: &GroupBatch, step: &[GroupBatch]) -> (Tensor, Vec<Ratio>) {
+    fn weight(&self, batch: &GroupBatch) -> f64 {
+        batch.groups as f64
+    }
+
+    /// A micro-batch's loss is the mean over its groups, on every rank
+    /// (`kwise_loss` is this rank's mean); the step's, the mean over its
+    /// micro-batches.
+    fn loss(&self, model: &Gpt, batch: &GroupBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
         let rewards = batch_rewards(model, batch, self.pooling, self.device, true);
         let (loss, gap) = kwise_loss(&rewards, batch);
+        let loss = loss * (share.local / share.micro);
         let correct = i64::try_from(gap.gt(0.0).sum(Kind::Int64)).unwrap_or(0);
         let accuracy = Ratio {
             name: "accuracy",
             num: correct as f64,
             den: batch.better.len() as f64,
         };
-        (loss / step.len() as f64, vec![accuracy])
+        (loss / share.micro_batches as f64, vec![accuracy])
     }
 
     fn chance_loss(&self) -> Option<f64> {

@@ -22,8 +22,8 @@ use crate::gpt::{Gpt, Head};
 use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, StageContext, StageError,
-    TrainSettings,
+    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
+    StageError, TrainSettings,
 };
 
 /// Settings of the SFT stage (`kind: sft`).
@@ -181,10 +181,14 @@ impl Objective for Demonstrations<'_> {
         collate(pairs, self.pad)
     }
 
-    fn loss(&self, model: &Gpt, batch: &LmBatch, step: &[LmBatch]) -> (Tensor, Vec<Ratio>) {
-        let step_tokens: usize = step.iter().map(|b| b.target_tokens).sum();
+    fn weight(&self, batch: &LmBatch) -> f64 {
+        batch.target_tokens as f64
+    }
+
+    /// The step's loss is the mean over its answer tokens, on every rank.
+    fn loss(&self, model: &Gpt, batch: &LmBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
         let (nll_sum, _) = masked_nll_sum(model, batch, self.device, true);
-        (nll_sum / step_tokens as f64, vec![])
+        (nll_sum / share.step, vec![])
     }
 
     fn evaluate(&self, model: &Gpt) -> Option<EvalLoss> {

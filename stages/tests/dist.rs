@@ -54,14 +54,14 @@ fn two_ranks<T: Send + 'static>(
 fn two_ranks_average_gradients_broadcast_sum_and_gather() {
     let out = two_ranks(30, |ranks| {
         let r = ranks.rank() as f64;
-        // A gradient of (r + 1) * [1, 2, 3] on each rank: the mean is 1.5x.
+        // A gradient of (r + 1) * [1, 2, 3] on each rank: the sum is 3x.
         let w = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let x = Tensor::from_slice(&[1f32, 2., 3.]) * (r + 1.0);
         (&w * &x).sum(Kind::Float).backward();
-        ranks.average_gradients(std::slice::from_ref(&w)).unwrap();
+        ranks.sum_gradients(std::slice::from_ref(&w)).unwrap();
         let grad = Vec::<f32>::try_from(&w.grad()).unwrap();
-        let mut weights = [Tensor::from_slice(&[r as f32; 4])];
-        ranks.broadcast_from_main(&mut weights).unwrap();
+        let weights = [Tensor::from_slice(&[r as f32; 4])];
+        ranks.broadcast_from_main(&weights).unwrap();
         let weights = Vec::<f32>::try_from(&weights[0]).unwrap();
         let sums = ranks.sum(&[r, 10.0]).unwrap();
         let text = "x".repeat(3 + 5 * ranks.rank());
@@ -70,7 +70,7 @@ fn two_ranks_average_gradients_broadcast_sum_and_gather() {
         (grad, weights, sums, gathered)
     });
     for (grad, weights, sums, gathered) in out {
-        assert_eq!(grad, [1.5, 3.0, 4.5]);
+        assert_eq!(grad, [3.0, 6.0, 9.0]);
         assert_eq!(weights, [0.0; 4], "rank 0's weights everywhere");
         assert_eq!(sums, [1.0, 20.0]);
         assert_eq!(gathered, [b"xxx".to_vec(), b"xxxxxxxx".to_vec()]);

@@ -50,6 +50,7 @@ fn ctx(out: std::path::PathBuf, stop_after: Option<i64>) -> StageContext {
     StageContext {
         judge: Some(Arc::new(|p: &str, a: &str| Some(lowercase_share(p, a)))),
         stop_after,
+        ranks: std::sync::Arc::new(rlhf_stages::dist::Ranks::single()),
         ..common::ctx(out)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use rlhf_datasets::{task, Tokenizer};
 use rlhf_stages::device::{device_name, parse_device};
+use rlhf_stages::dist::{Ranks, Topology, DEFAULT_TIMEOUT_S};
 use rlhf_stages::train::{ScratchModel, StageContext};
 
 use crate::artifact::{stage_key, KEY_FILE};
@@ -16,7 +17,12 @@ use crate::config::Experiment;
 pub fn run(args: StageArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
     let stage = exp.stage(&args.name)?;
-    let device = parse_device(&exp.spec.device)?;
+    let topology = Topology::from_env()?;
+    let device = match (parse_device(&exp.spec.device)?, &topology) {
+        // One GPU per rank: the node's ranks take its GPUs in order.
+        (tch::Device::Cuda(_), Some(t)) => tch::Device::Cuda(t.local_rank),
+        (d, _) => d,
+    };
     let out_dir = args
         .out
         .clone()
@@ -30,13 +36,16 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         out_dir.display()
     );
     crate::threads::apply(stage.threads, exp.spec.threads)?;
-    // Run by `rlhf run`, the runner holds the run folder's lock.
-    let _lock = match args.managed {
-        true => {
+    let ranks = join_ranks(topology.as_ref(), device)?;
+    // Run by `rlhf run`, the runner holds the run folder's lock; of
+    // several ranks, rank 0 holds it.
+    let _lock = match (args.managed, ranks.is_main()) {
+        (true, _) => {
             crate::children::stop_when_orphaned();
             None
         }
-        false => {
+        (false, false) => None,
+        (false, true) => {
             let lock = crate::lock::lock_run_folder(&exp.run_dir)?;
             prepare_standalone(&exp, &args.name, &out_dir)?;
             Some(lock)
@@ -55,6 +64,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         // The bundled task's judge scores the prompts it knows.
         judge: Some(Arc::new(task::judge)),
         stop_after: args.stop_after_step,
+        ranks: Arc::new(ranks),
     };
     let summary = stage
         .config
@@ -118,4 +128,36 @@ fn prepare_standalone(exp: &Experiment, name: &str, out_dir: &Path) -> anyhow::R
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     rlhf_datasets::atomic::write_file(&out_dir.join(KEY_FILE), key.as_bytes())?;
     Ok(())
+}
+
+/// The variable that bounds how long a rank waits for the others (joining,
+/// each collective) before it fails; seconds.
+pub const TIMEOUT_ENV: &str = "RLHF_DIST_TIMEOUT_SECONDS";
+
+/// This process's ranks: alone, or joined with the others that torchrun,
+/// Slurm or `rlhf run` started.
+fn join_ranks(topology: Option<&Topology>, device: tch::Device) -> anyhow::Result<Ranks> {
+    let Some(t) = topology else {
+        return Ok(Ranks::single());
+    };
+    let timeout = match std::env::var(TIMEOUT_ENV) {
+        Err(_) => DEFAULT_TIMEOUT_S,
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&s| s > 0)
+            .with_context(|| format!("{TIMEOUT_ENV}=\"{v}\": expected whole seconds > 0"))?,
+    };
+    tracing::info!(
+        "rank {} of {} (local {}, {:?}) joining at {}:{} on {}, timeout {timeout} s",
+        t.rank,
+        t.world,
+        t.local_rank,
+        t.launcher,
+        t.master_addr,
+        t.master_port,
+        device_name(device)
+    );
+    Ok(Ranks::join(t, device, timeout)?)
 }

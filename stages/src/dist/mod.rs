@@ -164,7 +164,9 @@ pub fn first_host(list: &str) -> Option<String> {
 
 /// The ranks of a stage: one process alone, or a joined c10d group.
 pub struct Ranks {
-    group: Option<ffi::Group>,
+    /// Behind a mutex so that a stage's context can be shared; collectives
+    /// are called from one thread.
+    group: Option<std::sync::Mutex<ffi::Group>>,
     rank: usize,
     world: usize,
 }
@@ -212,7 +214,7 @@ impl Ranks {
             ),
         })?;
         Ok(Self {
-            group: Some(group),
+            group: Some(std::sync::Mutex::new(group)),
             rank: topo.rank,
             world: topo.world,
         })
@@ -240,9 +242,18 @@ impl Ranks {
         }
     }
 
-    /// Averages the gradients of `vars` across ranks, in flat buckets.
-    pub fn average_gradients(&self, vars: &[Tensor]) -> Result<(), DistError> {
-        let Some(group) = &self.group else {
+    fn group(&self) -> Option<std::sync::MutexGuard<'_, ffi::Group>> {
+        self.group
+            .as_ref()
+            .map(|g| g.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Sums the gradients of `vars` over the ranks, in flat buckets (each
+    /// rank's loss is its part of the step's, so the sum is the step's
+    /// gradient). Variables without a gradient are left out on every rank
+    /// alike: all ranks run the same modules.
+    pub fn sum_gradients(&self, vars: &[Tensor]) -> Result<(), DistError> {
+        let Some(group) = self.group() else {
             return Ok(());
         };
         let grads: Vec<Tensor> = vars
@@ -254,8 +265,7 @@ impl Ranks {
             let mut flat = Tensor::cat(&bucket.iter().map(|g| g.view(-1)).collect::<Vec<_>>(), 0);
             group
                 .all_reduce_sum(std::slice::from_mut(&mut flat))
-                .map_err(self.fail("averaging gradients"))?;
-            let flat = flat / self.world as f64;
+                .map_err(self.fail("summing gradients"))?;
             let mut at = 0;
             for g in bucket {
                 let n = g.numel() as i64;
@@ -267,19 +277,18 @@ impl Ranks {
         Ok(())
     }
 
-    /// Rank 0's values of `vars` on every rank (initial weights).
-    pub fn broadcast_from_main(&self, vars: &mut [Tensor]) -> Result<(), DistError> {
-        match &self.group {
-            None => Ok(()),
-            Some(g) => {
-                tch::no_grad(|| g.broadcast(vars, 0)).map_err(self.fail("broadcasting weights"))
-            }
-        }
+    /// Rank 0's values of `vars` on every rank (initial weights), in place.
+    pub fn broadcast_from_main(&self, vars: &[Tensor]) -> Result<(), DistError> {
+        let Some(group) = self.group() else {
+            return Ok(());
+        };
+        let mut shared: Vec<Tensor> = vars.iter().map(Tensor::shallow_clone).collect();
+        tch::no_grad(|| group.broadcast(&mut shared, 0)).map_err(self.fail("broadcasting weights"))
     }
 
     /// The sum over ranks of each value (metrics, statistics).
     pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>, DistError> {
-        let Some(group) = &self.group else {
+        let Some(group) = self.group() else {
             return Ok(values.to_vec());
         };
         let mut t = Tensor::from_slice(values).to_kind(Kind::Double);
@@ -291,15 +300,15 @@ impl Ranks {
 
     /// Every rank's bytes, in rank order (rollouts, metrics).
     pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
-        let Some(group) = &self.group else {
+        let Some(group) = self.group() else {
             return Ok(vec![bytes.to_vec()]);
         };
-        let lens = self.gather_equal(group, Tensor::from_slice(&[bytes.len() as i64]))?;
+        let lens = self.gather_equal(&group, Tensor::from_slice(&[bytes.len() as i64]))?;
         let lens: Vec<usize> = lens.iter().map(|t| t.int64_value(&[0]) as usize).collect();
         let longest = lens.iter().copied().max().unwrap_or(0).max(1);
         let mut padded = bytes.to_vec();
         padded.resize(longest, 0);
-        let all = self.gather_equal(group, Tensor::from_slice(&padded))?;
+        let all = self.gather_equal(&group, Tensor::from_slice(&padded))?;
         Ok(all
             .iter()
             .zip(lens)
@@ -320,7 +329,7 @@ impl Ranks {
     }
 
     pub fn barrier(&self) -> Result<(), DistError> {
-        match &self.group {
+        match self.group() {
             None => Ok(()),
             Some(g) => g.barrier().map_err(self.fail("waiting at a barrier")),
         }

@@ -287,6 +287,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         every: cfg.checkpoint_every,
         total_steps: cfg.iterations,
         stop_after: ctx.stop_after,
+        writes: true,
     };
     let bar = progress_bar(cfg.iterations as u64, start as u64, "ppo");
     let mut tallies = Tallies::new(cfg.ptx.is_some());

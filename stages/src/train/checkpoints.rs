@@ -125,6 +125,8 @@ pub struct Checkpointer {
     pub total_steps: i64,
     /// Stop after this step as if killed (its checkpoint is written first).
     pub stop_after: Option<i64>,
+    /// Whether this process writes checkpoints (rank 0 of several does).
+    pub writes: bool,
 }
 
 impl Checkpointer {
@@ -135,12 +137,22 @@ impl Checkpointer {
         done: i64,
         save: impl FnOnce(&Path) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
+        self.after_step_or_stop(done, interrupt_requested(), save)
+    }
+
+    /// As [`Self::after_step`], with whether to stop for an interrupt
+    /// decided by the caller (every rank's, agreed on by all).
+    pub fn after_step_or_stop(
+        &self,
+        done: i64,
+        interrupted: bool,
+        save: impl FnOnce(&Path) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
         if done >= self.total_steps {
             return Ok(());
         }
         let stop = self.stop_after == Some(done);
-        let interrupted = interrupt_requested();
-        if done % self.every == 0 || stop || interrupted {
+        if self.writes && (done % self.every == 0 || stop || interrupted) {
             save(&periodic_dir(&self.out_dir, done))?;
             prune_periodic(&self.out_dir, KEEP_PERIODIC);
         }
@@ -155,8 +167,10 @@ impl Checkpointer {
 
     /// The final checkpoint (`save` writes it); periodic ones are then removed.
     pub fn finish(&self, save: impl FnOnce() -> Result<(), StageError>) -> Result<(), StageError> {
-        save()?;
-        prune_periodic(&self.out_dir, 0);
+        if self.writes {
+            save()?;
+            prune_periodic(&self.out_dir, 0);
+        }
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ pub const SUMMARY_FILE: &str = "summary.json";
 /// nothing already logged and `tail -f` shows progress.
 #[derive(Debug)]
 pub struct MetricsLog {
-    file: fs::File,
+    file: Option<fs::File>,
 }
 
 impl MetricsLog {
@@ -43,13 +43,20 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .map_err(io_err(path))?;
-        Ok(Self { file })
+        Ok(Self { file: Some(file) })
+    }
+
+    /// A log that writes nothing: ranks other than 0 of several.
+    pub fn disabled() -> Self {
+        Self { file: None }
     }
 
     pub fn write(&mut self, record: &serde_json::Value) {
         // Metrics are best effort: a full disk must not kill training.
-        let _ = writeln!(self.file, "{record}");
-        let _ = self.file.flush();
+        if let Some(file) = &mut self.file {
+            let _ = writeln!(file, "{record}");
+            let _ = file.flush();
+        }
     }
 }
 

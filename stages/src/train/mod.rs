@@ -26,6 +26,7 @@ use crate::checkpoint::{HeadChoice, Model};
 use crate::gpt::{Gpt, GptConfig, Head};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 
+pub use crate::dist::Ranks;
 pub use crate::error::{check_finite, interrupt_requested, io_err, request_interrupt, StageError};
 pub use batches::EpochBatches;
 pub use checkpoints::{
@@ -221,6 +222,20 @@ pub struct Ratio {
     pub den: f64,
 }
 
+/// Where a micro-batch stands in its step, over every rank: what a
+/// stage's loss needs to be this rank's exact part of the step's loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    /// This rank's weight in the micro-batch ([`Objective::weight`]).
+    pub local: f64,
+    /// The micro-batch's weight over every rank.
+    pub micro: f64,
+    /// The step's weight: every micro-batch of every rank.
+    pub step: f64,
+    /// Micro-batches in the step.
+    pub micro_batches: usize,
+}
+
 /// Held-out quality: its loss for the log line, its fields for the metrics.
 pub trait Evaluation {
     fn loss(&self) -> f64;
@@ -254,9 +269,13 @@ pub trait Objective {
     /// How errors and logs name the loss ("training loss").
     const LOSS: &'static str;
     fn collate(&self, examples: &[&Self::Example]) -> Self::Batch;
-    /// One micro-batch's loss, scaled to its share of the step whose
-    /// micro-batches are `step`, and its ratios to sum over the step.
-    fn loss(&self, model: &Gpt, batch: &Self::Batch, step: &[Self::Batch]) -> (Tensor, Vec<Ratio>);
+    /// What the loss is normalised by in a micro-batch (SFT: its answer
+    /// tokens; the reward model: its groups), summed over the ranks.
+    fn weight(&self, batch: &Self::Batch) -> f64;
+    /// This rank's part of the step's loss from one micro-batch (the parts
+    /// of every micro-batch and rank sum to the step's loss), and its
+    /// ratios to sum over the step.
+    fn loss(&self, model: &Gpt, batch: &Self::Batch, share: &Share) -> (Tensor, Vec<Ratio>);
     /// Held-out quality; `None` without held-out data.
     fn evaluate(&self, model: &Gpt) -> Option<Self::Eval>;
     /// The eval loss of a model that knows nothing, where the loss has one
@@ -278,6 +297,8 @@ pub struct FitRun<'a> {
     pub out_dir: &'a Path,
     /// Stop (as if killed) after this step, leaving its checkpoint.
     pub stop_after: Option<i64>,
+    /// The ranks sharing the run; rank 0 writes.
+    pub ranks: &'a Ranks,
 }
 
 impl<'a> FitRun<'a> {
@@ -287,6 +308,7 @@ impl<'a> FitRun<'a> {
             settings,
             out_dir: &ctx.out_dir,
             stop_after: ctx.stop_after,
+            ranks: &ctx.ranks,
         }
     }
 
@@ -299,7 +321,12 @@ impl<'a> FitRun<'a> {
         init: Option<&Path>,
         ctx: &StageContext,
     ) -> Result<Result<Start, S>, StageError> {
-        if let Some(summary) = prepare_out_dir(self.out_dir, self.label)? {
+        // Rank 0 owns the folder; the others read what it wrote.
+        let done = match self.ranks.is_main() {
+            true => prepare_out_dir(self.out_dir, self.label)?,
+            false => finished_summary(self.out_dir),
+        };
+        if let Some(summary) = done {
             return Ok(Err(summary));
         }
         let s = self.settings;
@@ -328,7 +355,10 @@ pub struct Fitted<E> {
     pub warning: Option<String>,
 }
 
-/// Runs (or resumes) the step loop of `objective` from `start`.
+/// Runs (or resumes) the step loop of `objective` from `start`. With
+/// several ranks, each takes its share of every micro-batch in the same
+/// order; their gradients and the step's numbers are summed, so the ranks
+/// take the step a single process would take with the whole batch.
 pub fn fit<O: Objective>(
     run: &FitRun,
     start: Start,
@@ -336,93 +366,84 @@ pub fn fit<O: Objective>(
     train: &[&O::Example],
 ) -> Result<Fitted<O::Eval>, StageError> {
     let cfg = run.settings;
-    let seed = cfg.seed();
+    let ranks = run.ranks;
+    let main = ranks.is_main();
     let Start {
         model,
         mut opt,
         state,
     } = start;
+    let trainable = trainable_by_name(&model);
+    ranks.broadcast_from_main(&trainable)?;
     let total_steps = cfg.total_steps(train.len());
     let start_step = state.as_ref().map_or(0, |s| s.step);
-    let mut metrics = MetricsLog::open(
-        &run.out_dir.join(METRICS_FILE),
-        state.as_ref().map(|s| s.step),
-    )?;
+    let metrics_path = run.out_dir.join(METRICS_FILE);
+    let mut metrics = match main {
+        true => MetricsLog::open(&metrics_path, state.as_ref().map(|s| s.step))?,
+        false => MetricsLog::disabled(),
+    };
     let checkpointer = checkpointer(run, total_steps);
-    let bar = progress_bar(total_steps as u64, start_step as u64, run.label);
-    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, seed);
+    let bar = match main {
+        true => progress_bar(total_steps as u64, start_step as u64, run.label),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed());
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
     let mut last_eval = None;
-    let start_eval = match &state {
-        None => {
+    let start_eval = match (&state, main) {
+        (_, false) => None,
+        (None, true) => {
             let start = objective.evaluate(&model.gpt).map(|e| e.loss());
             if let Some(loss) = start {
                 metrics.write(&json!({"step": 0, "eval_loss": loss}));
             }
             start
         }
-        Some(_) => metrics::start_eval_loss(&run.out_dir.join(METRICS_FILE)),
+        (Some(_), true) => metrics::start_eval_loss(&metrics_path),
     };
     let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
     for step in start_step..total_steps {
         let t0 = Instant::now();
-        tch::manual_seed(step_seed(seed, step));
+        tch::manual_seed(step_seed(cfg.seed(), step));
         let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
-        let batches: Vec<O::Batch> = (0..cfg.grad_accum as i64)
-            .map(|k| {
-                let rows = micro_batches.rows(step * cfg.grad_accum as i64 + k);
-                let examples: Vec<&O::Example> = rows.iter().map(|&i| train[i]).collect();
-                objective.collate(&examples)
-            })
-            .collect();
-        let (loss, grad_norm, ratios) = accumulate(
-            objective,
-            &model,
-            &mut opt,
-            &batches,
-            cfg.max_grad_norm,
-            step,
+        let batches = step_batches(objective, &mut micro_batches, train, step, cfg, ranks)?;
+        let done_step = accumulate(
+            objective, &model, &mut opt, &trainable, &batches, cfg, step, ranks,
         )?;
         opt.step(lr);
-        last_loss = loss;
+        last_loss = done_step.loss;
         let dt = t0.elapsed().as_secs_f64();
-        let step_tokens: usize = batches.iter().map(Tokens::tokens).sum();
+        let step_tokens: usize = batches.iter().flatten().map(Tokens::tokens).sum();
         (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
         let done = step + 1;
         let mut record = json!({
-            "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": step_tokens as f64 / dt.max(1e-9),
+            "step": done, "loss": done_step.loss, "lr": lr, "grad_norm": done_step.grad_norm,
+            "tokens_per_s": step_tokens as f64 * ranks.world() as f64 / dt.max(1e-9),
             "epoch": (done * cfg.grad_accum as i64) as f64 / micro_batches.per_epoch().max(1) as f64,
         });
-        for r in &ratios {
+        for r in &done_step.ratios {
             record[r.name] = json!(r.num / r.den.max(1.0));
         }
-        if done % cfg.eval_every == 0 || done == total_steps {
+        if main && (done % cfg.eval_every == 0 || done == total_steps) {
             last_eval = objective.evaluate(&model.gpt);
-            if let Some(e) = &last_eval {
-                e.record(&mut record);
-            }
-            if done % cfg.eval_every == 0 {
-                let eval = last_eval
-                    .as_ref()
-                    .map_or("-".into(), |e| format!("{:.4}", e.loss()));
-                tracing::info!(
-                    "{}: step {done}/{total_steps} loss {loss:.4} eval {eval} lr {lr:.2e}",
-                    run.label
-                );
-            }
+            log_eval(run, &mut record, last_eval.as_ref(), done, total_steps, lr);
         }
         metrics.write(&record);
         bar.set_position(done as u64);
-        bar.set_message(format!("loss {loss:.3}"));
+        bar.set_message(format!("loss {:.3}", done_step.loss));
         let state = trainer_state(run, done, total_steps, last_loss, false);
         checkpointer
-            .after_step(done, |dir| save_training(dir, &model, &opt, &state))
+            .after_step_or_stop(done, done_step.interrupted, |dir| {
+                save_training(dir, &model, &opt, &state)
+            })
             .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
     let baseline = objective.chance_loss().or(start_eval);
-    let warning = not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss()));
+    let warning = match main {
+        true => not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss())),
+        false => None,
+    };
     if let Some(w) = &warning {
         tracing::warn!("{w}");
         if cfg.fail_if_not_learning {
@@ -435,32 +456,120 @@ pub fn fit<O: Objective>(
         steps: total_steps,
         last_loss,
         last_eval,
-        tokens_per_second: tokens_seen as f64 / train_time.max(1e-9),
+        tokens_per_second: tokens_seen as f64 * ranks.world() as f64 / train_time.max(1e-9),
         warning,
     })
 }
 
-/// Forward and backward over a step's micro-batches, then the non-finite
-/// guard and clipping: (loss, gradient norm before clipping, ratios).
+/// Adds an eval to the step's record, and logs it every `eval_every`.
+fn log_eval<E: Evaluation>(
+    run: &FitRun,
+    record: &mut serde_json::Value,
+    eval: Option<&E>,
+    done: i64,
+    total_steps: i64,
+    lr: f64,
+) {
+    if let Some(e) = eval {
+        e.record(record);
+    }
+    if done % run.settings.eval_every == 0 {
+        let loss = record["loss"].as_f64().unwrap_or(f64::NAN);
+        let eval = eval.map_or("-".into(), |e| format!("{:.4}", e.loss()));
+        tracing::info!(
+            "{}: step {done}/{total_steps} loss {loss:.4} eval {eval} lr {lr:.2e}",
+            run.label
+        );
+    }
+}
+
+/// The trainable variables by name: the same order on every rank (a
+/// VarStore's own order comes from a hash map).
+fn trainable_by_name(model: &Model) -> Vec<Tensor> {
+    let mut vars: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter().map(|(_, t)| t).collect()
+}
+
+/// This rank's part of each micro-batch of step `step` (`None` where its
+/// part is empty: a short last micro-batch of an epoch).
+fn step_batches<O: Objective>(
+    objective: &O,
+    micro_batches: &mut EpochBatches,
+    train: &[&O::Example],
+    step: i64,
+    cfg: &TrainSettings,
+    ranks: &Ranks,
+) -> Result<Vec<Option<O::Batch>>, StageError> {
+    let (rank, world) = (ranks.rank(), ranks.world());
+    let batches: Vec<Option<O::Batch>> = (0..cfg.grad_accum as i64)
+        .map(|k| {
+            let rows = micro_batches.rows(step * cfg.grad_accum as i64 + k);
+            let mine = &rows[rows.len() * rank / world..rows.len() * (rank + 1) / world];
+            let examples: Vec<&O::Example> = mine.iter().map(|&i| train[i]).collect();
+            (!examples.is_empty()).then(|| objective.collate(&examples))
+        })
+        .collect();
+    if batches.iter().all(Option::is_none) {
+        return Err(StageError::Config(format!(
+            "step {}: rank {rank} of {world} has no examples (the step has fewer than {world}): use fewer ranks, a larger batch_size or more data",
+            step + 1
+        )));
+    }
+    Ok(batches)
+}
+
+/// What one step did, agreed on by every rank.
+struct StepDone {
+    loss: f64,
+    grad_norm: f64,
+    ratios: Vec<Ratio>,
+    /// Some rank was interrupted: all stop after this step.
+    interrupted: bool,
+}
+
+/// Forward and backward over this rank's micro-batches, the gradients
+/// summed over the ranks, then the non-finite guard and clipping.
+#[allow(clippy::too_many_arguments)]
 fn accumulate<O: Objective>(
     objective: &O,
     model: &Model,
     opt: &mut AdamW,
-    batches: &[O::Batch],
-    max_grad_norm: f64,
+    trainable: &[Tensor],
+    batches: &[Option<O::Batch>],
+    cfg: &TrainSettings,
     step: i64,
-) -> Result<(f64, f64, Vec<Ratio>), StageError> {
+    ranks: &Ranks,
+) -> Result<StepDone, StageError> {
+    let local: Vec<f64> = batches
+        .iter()
+        .map(|b| b.as_ref().map_or(0.0, |b| objective.weight(b)))
+        .collect();
+    let micro = ranks.sum(&local)?;
+    let step_weight: f64 = micro.iter().sum();
     opt.zero_grad();
     let mut loss_sum = 0.0;
     let mut ratios: Vec<Ratio> = Vec::new();
-    for batch in batches {
+    for (k, batch) in batches.iter().enumerate() {
+        let Some(batch) = batch else { continue };
         if crate::error::step_grace_over() {
             return Err(StageError::InterruptedInStep {
                 step: step + 1,
                 grace_s: crate::error::step_grace().as_secs(),
             });
         }
-        let (loss, rs) = objective.loss(&model.gpt, batch, batches);
+        let share = Share {
+            local: local[k],
+            micro: micro[k],
+            step: step_weight,
+            micro_batches: batches.len(),
+        };
+        let (loss, rs) = objective.loss(&model.gpt, batch, &share);
         loss.backward();
         loss_sum += loss.double_value(&[]);
         for r in rs {
@@ -470,10 +579,32 @@ fn accumulate<O: Objective>(
             }
         }
     }
-    check_finite(step + 1, O::LOSS, loss_sum)?;
-    let grad_norm = opt.clip_grad_norm(max_grad_norm);
+    ranks.sum_gradients(trainable)?;
+    let (loss, interrupted) = agree(ranks, loss_sum, &mut ratios)?;
+    check_finite(step + 1, O::LOSS, loss)?;
+    let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm);
     check_finite(step + 1, "gradient norm", grad_norm)?;
-    Ok((loss_sum, grad_norm, ratios))
+    Ok(StepDone {
+        loss,
+        grad_norm,
+        ratios,
+        interrupted,
+    })
+}
+
+/// The step's loss and ratios over every rank, and whether any rank was
+/// interrupted: one small all-reduce, so that every rank decides alike.
+fn agree(ranks: &Ranks, loss: f64, ratios: &mut [Ratio]) -> Result<(f64, bool), StageError> {
+    if ranks.world() == 1 {
+        return Ok((loss, interrupt_requested()));
+    }
+    let mut values = vec![loss, f64::from(u8::from(interrupt_requested()))];
+    values.extend(ratios.iter().flat_map(|r| [r.num, r.den]));
+    let summed = ranks.sum(&values)?;
+    for (r, nd) in ratios.iter_mut().zip(summed[2..].chunks(2)) {
+        (r.num, r.den) = (nd[0], nd[1]);
+    }
+    Ok((summed[0], summed[1] > 0.0))
 }
 
 fn checkpointer(run: &FitRun, total_steps: i64) -> Checkpointer {
@@ -482,6 +613,7 @@ fn checkpointer(run: &FitRun, total_steps: i64) -> Checkpointer {
         every: run.settings.checkpoint_every,
         total_steps,
         stop_after: run.stop_after,
+        writes: run.ranks.is_main(),
     }
 }
 
@@ -542,6 +674,8 @@ pub struct StageContext {
     /// Stop (as if killed) after this step, leaving its checkpoint: for
     /// resume tests.
     pub stop_after: Option<i64>,
+    /// The ranks the stage runs on ([`Ranks::single`] for one process).
+    pub ranks: std::sync::Arc<Ranks>,
 }
 
 impl std::fmt::Debug for StageContext {
@@ -551,6 +685,7 @@ impl std::fmt::Debug for StageContext {
             .field("device", &self.device)
             .field("judge", &self.judge.is_some())
             .field("stop_after", &self.stop_after)
+            .field("ranks", &self.ranks)
             .finish()
     }
 }

@@ -146,3 +146,174 @@ fn two_ranks_train_sft_and_the_reward_model_as_one_process_does() {
         "accuracy summed over ranks"
     );
 }
+
+/// `distributed: {nproc_per_node: 2}`: `rlhf run` starts the ranks itself;
+/// the plan shows the batch arithmetic, and a batch that does not divide
+/// among the ranks is refused by name.
+#[test]
+fn rlhf_run_starts_the_ranks_of_each_stage() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let exp_s = exp.to_str().unwrap();
+    let two = ["--set", "distributed.nproc_per_node=2"];
+    let plan = common::rlhf_ok(&[&["plan", exp_s][..], &two].concat());
+    assert!(
+        plan.contains("global batch 16 = 2 rank(s) x 4 per micro-batch x 2 accumulation"),
+        "{plan}"
+    );
+    let out = common::rlhf(&[&["run", exp_s, "--threads", "1"][..], &two].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[sft r1] ") && stderr.contains("rank 1 of 2"),
+        "{stderr}"
+    );
+    let runs = d.path().join("runs/dp");
+    run_ranks(&exp, "sft", &d.path().join("sft-1"), 1);
+    assert_same_run(&d.path().join("sft-1"), &runs.join("sft"), "sft", &[]);
+    let bad = common::rlhf(&["plan", exp_s, "--set", "distributed.nproc_per_node=3"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("stages.sft.batch_size: 8 does not divide among the 3 ranks of distributed.nproc_per_node"),
+        "{stderr}"
+    );
+}
+
+/// The pid of the `rlhf stage` process that is rank `rank` of a run in `dir`.
+fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
+    let want = format!("RANK={rank}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let is_rank = environ.split(|&b| b == 0).any(|v| v == want.as_bytes());
+        (cmdline.contains("stage") && cmdline.contains(dir.to_str()?) && is_rank).then_some(pid)
+    })
+}
+
+/// A rank killed mid-stage: the run fails within the timeout naming that
+/// rank, and the rerun resumes and ends bit for bit as an uninterrupted
+/// run of the same ranks.
+#[test]
+fn a_killed_rank_fails_the_stage_by_name_and_the_rerun_matches() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let exp_s = exp.to_str().unwrap();
+    let long = [
+        "--set",
+        "stages.sft.max_steps=300",
+        "--set",
+        "stages.sft.checkpoint_every=40",
+        "--set",
+        "distributed.timeout_seconds=20",
+    ];
+    let two = [&long[..], &["--set", "distributed.nproc_per_node=2"]].concat();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    run.args([&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = run.spawn().unwrap();
+    let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 60 {
+        assert!(started.elapsed().as_secs() < 120, "sft never got going");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = rank_pid(d.path(), 1).expect("rank 1 is running");
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let killed = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("sft: rank 1 of 2 failed first (signal: 9 (SIGKILL))"),
+        "{stderr}"
+    );
+    assert!(killed.elapsed().as_secs() < 60, "{:?}", killed.elapsed());
+    let out =
+        common::rlhf(&[&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("resuming from"),
+        "{stderr}"
+    );
+    // The same two ranks never interrupted: the resumed run equals it.
+    let whole = d.path().join("whole.yaml");
+    std::fs::write(&whole, EXPERIMENT.replace("name: dp", "name: whole")).unwrap();
+    let whole_s = whole.to_str().unwrap();
+    let out = common::rlhf(
+        &[
+            &["run", whole_s, "--only", "sft", "--threads", "1"][..],
+            &two,
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        d.path().join("runs/whole/sft"),
+        d.path().join("runs/dp/sft"),
+    );
+    assert_eq!(
+        max_abs_difference(&a, &b, &[]),
+        0.0,
+        "resumed two ranks vs uninterrupted"
+    );
+}
+
+/// The same two ranks started by PyTorch's own launcher from the venv:
+/// `torchrun --no-python --nproc-per-node 2 rlhf stage ...` (its agent
+/// hosts the store; every rank connects to it).
+#[test]
+fn torchrun_starts_the_ranks_and_they_train_as_one_process() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let torchrun = common::python().with_file_name("torchrun");
+    assert!(
+        torchrun.exists(),
+        "no torchrun beside {}",
+        common::python().display()
+    );
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let out = d.path().join("sft-torchrun");
+    let o = Command::new(&torchrun)
+        .args(["--no-python", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg(env!("CARGO_BIN_EXE_rlhf"))
+        .args([
+            "--threads",
+            "1",
+            "stage",
+            "--config",
+            exp.to_str().unwrap(),
+            "sft",
+            "--out",
+        ])
+        .arg(&out)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 of 2 (local 1, Torchrun)"),
+        "{stderr}"
+    );
+    run_ranks(&exp, "sft", &d.path().join("sft-1"), 1);
+    assert_same_run(&d.path().join("sft-1"), &out, "sft", &[]);
+}

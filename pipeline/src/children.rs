@@ -33,6 +33,11 @@ fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Kills one group at once: a rank left waiting on a failed one.
+pub fn stop_group(pid: u32) {
+    signal_group("-KILL", pid);
+}
+
 /// SIGTERM to every registered group, then SIGKILL to those still there
 /// after [`GRACE`].
 pub fn stop_all() {

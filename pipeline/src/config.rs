@@ -49,6 +49,9 @@ pub struct ExperimentFile {
     /// cores the process may use); not part of any stage's key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// Ranks per stage on this machine (`rlhf run` starts them).
+    #[serde(default)]
+    pub distributed: Distributed,
     #[serde(default = "default_device")]
     pub device: String,
     #[serde(default = "default_out_dir")]
@@ -152,6 +155,27 @@ fn default_device() -> String {
 
 fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
+}
+
+/// Data parallelism on this machine: `rlhf run` starts `nproc_per_node`
+/// ranks for each stage that trains with the shared loop (SFT, reward
+/// models); other kinds run as one process. Under torchrun or Slurm the
+/// launcher starts the ranks instead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Distributed {
+    pub nproc_per_node: usize,
+    /// How long a rank waits for the others (joining, each collective).
+    pub timeout_seconds: u64,
+}
+
+impl Default for Distributed {
+    fn default() -> Self {
+        Self {
+            nproc_per_node: 1,
+            timeout_seconds: rlhf_stages::dist::DEFAULT_TIMEOUT_S,
+        }
+    }
 }
 
 /// One stage as written: its kind's settings (the kinds are registered
@@ -265,6 +289,15 @@ impl Experiment {
                  (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
             )));
         }
+        let d = &spec.distributed;
+        if !(1..=1024).contains(&d.nproc_per_node) || !(1..=86_400).contains(&d.timeout_seconds) {
+            return Err(invalid(format!(
+                "distributed: nproc_per_node must be in [1, 1024] and timeout_seconds in [1, 86400], got {} and {}{}",
+                d.nproc_per_node,
+                d.timeout_seconds,
+                at_key_line(text, "distributed")
+            )));
+        }
         if let Some(n) = spec.threads {
             crate::threads::check(n, "threads")
                 .map_err(|e| invalid(format!("{e}{}", at_key_line(text, "threads"))))?;
@@ -302,6 +335,12 @@ impl Experiment {
                 .config
                 .validate()
                 .map_err(|e| invalid(stage_error(name, e)))?;
+            let ranks = spec.distributed.nproc_per_node;
+            if let Some((batch, _)) = stage.config.batch().filter(|(b, _)| b % ranks != 0) {
+                return Err(invalid(format!(
+                    "stages.{name}.batch_size: {batch} does not divide among the {ranks} ranks of distributed.nproc_per_node (each rank takes an equal share of every batch)"
+                )));
+            }
             deps.insert(name.clone(), refs);
         }
         if let Some(l) = &mut spec.rounds {
@@ -359,6 +398,27 @@ impl Experiment {
             run_dir,
             deps,
         })
+    }
+
+    /// How many ranks `rlhf run` starts for stage `name`: the experiment's
+    /// `distributed.nproc_per_node` for kinds that train data-parallel.
+    pub fn ranks(&self, name: &str) -> usize {
+        match self.spec.stages.get(name).and_then(|s| s.config.batch()) {
+            Some(_) => self.spec.distributed.nproc_per_node,
+            None => 1,
+        }
+    }
+
+    /// A stage's batch arithmetic for `rlhf plan`: global batch, per rank,
+    /// accumulation.
+    pub fn batch_arithmetic(&self, name: &str) -> Option<String> {
+        let (batch, accum) = self.spec.stages.get(name)?.config.batch()?;
+        let ranks = self.ranks(name);
+        Some(format!(
+            "global batch {} = {ranks} rank(s) x {} per micro-batch x {accum} accumulation",
+            batch * accum,
+            batch / ranks
+        ))
     }
 
     pub fn stage(&self, name: &str) -> Result<&StageFile, ConfigError> {

@@ -11,6 +11,7 @@ mod labeller;
 mod lock;
 mod report;
 mod runner;
+mod spawn;
 mod threads;
 
 use std::process::ExitCode;

@@ -6,8 +6,6 @@
 //! stages are cached and an interrupted stage resumes from its checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -139,7 +137,14 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     for o in &all {
         args.extend(["--set".into(), o.clone()]);
     }
-    let result = run_child(label, &args);
+    let ranks = exp.ranks(job.name);
+    if ranks == 1 && exp.spec.distributed.nproc_per_node > 1 {
+        tracing::info!(
+            "{label} ({}) runs as one process: only stages that train with the shared loop run data-parallel",
+            exp.stage(job.name)?.kind()
+        );
+    }
+    let result = crate::spawn::run_ranks(label, &args, ranks);
     let (status, summary) = match &result {
         Ok(summary) => (Status::Complete, summary.clone()),
         Err(e) => {
@@ -234,7 +239,7 @@ impl Collect<'_> {
         for o in overrides {
             args.extend(["--set".into(), o.clone()]);
         }
-        let summary = run_child(&label, &args)?;
+        let summary = crate::spawn::run_ranks(&label, &args, 1)?;
         let manifest = Manifest {
             stage: label,
             kind: "collect".into(),
@@ -399,74 +404,12 @@ fn round_line(round: usize, round_dir: &Path, rm: &str, ppo: &str) -> serde_json
 /// stays valid when the file is replaced mid-run (a rebuild, an upgrade),
 /// where `current_exe()` names a deleted path, and every stage of a run
 /// keeps the runner's code.
-fn own_binary() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn own_binary() -> anyhow::Result<std::path::PathBuf> {
     let proc_exe = std::path::Path::new("/proc/self/exe");
     if proc_exe.exists() {
         return Ok(proc_exe.to_owned());
     }
     std::env::current_exe().context("locating the rlhf binary")
-}
-
-/// Runs `rlhf ARGS` as a child, prefixing its output lines with `label`;
-/// returns the JSON summary it prints last.
-fn run_child(label: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
-    use std::os::unix::process::CommandExt;
-    let exe = own_binary()?;
-    // The child gets its own process group: a terminal's Ctrl-C reaches only
-    // the runner, which forwards it once (a second signal would make the
-    // child stop without its checkpoint).
-    let mut child = Command::new(exe)
-        .arg0("rlhf")
-        .args(args)
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {label}"))?;
-    let pid = child.id();
-    crate::children::register(pid);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                if rlhf_stages::train::interrupt_requested() {
-                    let _ = Command::new("kill")
-                        .args(["-INT", &pid.to_string()])
-                        .status();
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        })
-    };
-    let stderr = child.stderr.take().expect("piped");
-    let prefix = format!("[{label}] ");
-    let echo = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{prefix}{line}");
-        }
-    });
-    let mut last = String::new();
-    for line in BufReader::new(child.stdout.take().expect("piped"))
-        .lines()
-        .map_while(Result::ok)
-    {
-        println!("[{label}] {line}");
-        last = line;
-    }
-    let status = child.wait()?;
-    crate::children::unregister(pid);
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = echo.join();
-    let _ = watcher.join();
-    if !status.success() {
-        if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
-            bail!("{label} was interrupted; its last checkpoint is saved: rerun to continue");
-        }
-        bail!("{label} failed ({status})");
-    }
-    Ok(serde_json::from_str(&last).unwrap_or(serde_json::Value::Null))
 }
 
 /// The plan as text: order, dependencies and whether each stage is cached.
@@ -507,6 +450,9 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
             i + 1,
             exp.stage(name)?.kind()
         ));
+        if let Some(b) = exp.batch_arithmetic(name) {
+            out.push_str(&format!("   {b}\n"));
+        }
         keys.insert(name.clone(), key);
     }
     if let Some(l) = &exp.spec.rounds {

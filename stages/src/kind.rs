@@ -173,6 +173,9 @@ pub trait StageConfig: Debug + Send + Sync {
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value, StageError>;
     /// The settings as JSON, `kind` included.
     fn to_json(&self) -> serde_json::Value;
+    /// `(batch_size, grad_accum)` of a kind that trains with `fit`: such a
+    /// kind runs data-parallel, each rank taking its share of every batch.
+    fn batch(&self) -> Option<(usize, usize)>;
     fn clone_box(&self) -> Box<dyn StageConfig>;
     fn as_any(&self) -> &dyn Any;
 }
@@ -198,6 +201,10 @@ impl<C: KindConfig> StageConfig for C {
         let mut v = serde_json::to_value(self).expect("configs serialise");
         v["kind"] = serde_json::json!(C::KIND);
         v
+    }
+    fn batch(&self) -> Option<(usize, usize)> {
+        let mut c = self.clone();
+        c.train().map(|t| (t.batch_size, t.grad_accum))
     }
     fn clone_box(&self) -> Box<dyn StageConfig> {
         Box::new(self.clone())

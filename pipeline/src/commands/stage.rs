@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use rlhf_datasets::{task, Tokenizer};
 use rlhf_stages::device::{device_name, parse_device};
-use rlhf_stages::dist::{Ranks, Topology, DEFAULT_TIMEOUT_S};
+use rlhf_stages::dist::{Ranks, Topology};
 use rlhf_stages::train::{ScratchModel, StageContext};
 
 use crate::artifact::{stage_key, KEY_FILE};
@@ -36,7 +36,11 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         out_dir.display()
     );
     crate::threads::apply(stage.threads, exp.spec.threads)?;
-    let ranks = join_ranks(topology.as_ref(), device)?;
+    let ranks = join_ranks(
+        topology.as_ref(),
+        device,
+        exp.spec.distributed.timeout_seconds,
+    )?;
     // Run by `rlhf run`, the runner holds the run folder's lock; of
     // several ranks, rank 0 holds it.
     let _lock = match (args.managed, ranks.is_main()) {
@@ -136,12 +140,16 @@ pub const TIMEOUT_ENV: &str = "RLHF_DIST_TIMEOUT_SECONDS";
 
 /// This process's ranks: alone, or joined with the others that torchrun,
 /// Slurm or `rlhf run` started.
-fn join_ranks(topology: Option<&Topology>, device: tch::Device) -> anyhow::Result<Ranks> {
+fn join_ranks(
+    topology: Option<&Topology>,
+    device: tch::Device,
+    configured: u64,
+) -> anyhow::Result<Ranks> {
     let Some(t) = topology else {
         return Ok(Ranks::single());
     };
     let timeout = match std::env::var(TIMEOUT_ENV) {
-        Err(_) => DEFAULT_TIMEOUT_S,
+        Err(_) => configured,
         Ok(v) => v
             .trim()
             .parse::<u64>()

@@ -259,6 +259,13 @@ impl KindConfig for PpoConfig {
 /// Runs (or resumes, or finds done) a PPO run.
 pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError> {
     KindConfig::validate(cfg)?;
+    if ctx.ranks.world() > 1 {
+        return Err(StageError::Config(format!(
+            "rank {} of {}: PPO does not run data-parallel yet; start it as one process (torchrun --nproc-per-node 1, or srun -n 1)",
+            ctx.ranks.rank(),
+            ctx.ranks.world()
+        )));
+    }
     let started = Instant::now();
     let out = &ctx.out_dir;
     if let Some(summary) = prepare_out_dir(out, "ppo")? {

@@ -154,6 +154,7 @@ def main():
     results["ppo"] = r
 
     results["shared_cores"] = shared_cores(sizes[1], reps)
+    results["data_parallel"] = data_parallel(reps)
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -183,6 +184,40 @@ def shared_cores(s, reps):
     return {"size": s, "cores": cores, "threads_after": max(1, cores - 1), "idle": med(idle),
             "busy_default": med(before), "busy_fewer_threads": med(after),
             "ratio": med(after) / med(before), "runs": {"idle": idle, "before": before, "after": after}}
+
+
+def data_parallel(reps):
+    """SFT on the bundled demonstrations as 1 process (all cores) and as 2
+    ranks (Gloo, one thread each, `distributed.nproc_per_node: 2`), the same
+    global batch; rank 0's metrics give the all-reduce's share of a step."""
+    cores = len(os.sched_getaffinity(0))
+    tmp = Path(tempfile.mkdtemp())
+    exp = tmp / "dp.yaml"
+    exp.write_text(
+        "name: dp\ndevice: cpu\nmodel: {n_layer: 4, n_head: 4, n_embd: 128, n_positions: 128}\nstages:\n"
+        f"  sft: {{kind: sft, data: {ROOT / 'datasets/task/sft.jsonl'}, max_steps: 40, batch_size: 16,"
+        " eval_every: 1000, checkpoint_every: 1000, eval_max_examples: 8}\n")
+    def run(ranks, threads):
+        cmd = [RLHF, "run", str(exp), "--only", "sft", "--force", "sft", "--threads", str(threads),
+               "--set", f"distributed.nproc_per_node={ranks}"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        summary = json.loads((tmp / "runs/dp/sft/summary.json").read_text())
+        lines = [json.loads(l) for l in (tmp / "runs/dp/sft/metrics.jsonl").read_text().splitlines()]
+        steps = [l for l in lines if "allreduce_s" in l]
+        share = sum(l["allreduce_s"] for l in steps) / max(sum(l["step_s"] for l in steps), 1e-9)
+        return {"tokens_per_s": summary["tokens_per_second"], "allreduce_share": share if steps else None}
+    print("data-parallel sft ...", file=sys.stderr, flush=True)
+    one, two = [], []
+    for _ in range(reps):
+        one.append(run(1, cores))
+        two.append(run(2, max(1, cores // 2)))
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
+    return {"one": med(one, "tokens_per_s"), "two": med(two, "tokens_per_s"),
+            "ratio": med(two, "tokens_per_s") / med(one, "tokens_per_s"),
+            "allreduce_share": med(two, "allreduce_share"), "cores": cores,
+            "runs": {"one": one, "two": two}}
 
 
 def markdown(r):
@@ -252,6 +287,21 @@ def markdown(r):
             "| idle machine tokens/s | busy core, default threads | busy core, fewer threads | ratio |",
             "|---|---|---|---|",
             f"| {c['idle']:,.0f} | {c['busy_default']:,.0f} | {c['busy_fewer_threads']:,.0f} | **{c['ratio']:.2f}x** |",
+            "",
+        ]
+    p = r.get("data_parallel")
+    if p:
+        lines += [
+            "## Data-parallel SFT (Gloo through libtorch's c10d, same global batch)",
+            "",
+            f"The small model on the bundled demonstrations, 40 steps of 16: one process with {p['cores']} "
+            f"threads against two ranks with {max(1, p['cores'] // 2)} each (`distributed: {{nproc_per_node: 2}}`). "
+            "All-reduce share: rank 0's time in the step's collectives (gradients, then the loss) over the "
+            "step's time, waiting for the other rank included.",
+            "",
+            "| 1 process tokens/s | 2 ranks tokens/s | ratio | all-reduce share of a step |",
+            "|---|---|---|---|",
+            f"| {p['one']:,.0f} | {p['two']:,.0f} | **{p['ratio']:.2f}x** | {100 * p['allreduce_share']:.0f}% |",
             "",
         ]
     return "\n".join(lines)

@@ -55,8 +55,47 @@ fn compile_shim(lib_dir: &Path) {
              data-parallel stages on CPU will be unavailable"
         ),
     }
+    if let Some(dirs) = nccl_includes(lib_dir) {
+        build
+            .includes(dirs)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("RLHF_WITH_NCCL", None);
+    }
     build.compile("rlhf_c10d");
     check_no_gloo_code();
+}
+
+/// NCCL's header from the nvidia wheel torch installed beside itself (the
+/// NCCL this libtorch was built with), and a complete set of CUDA headers
+/// (`CUDA_HOME`, else `/usr/local/cuda`, else the venv's nvidia wheels when
+/// they hold the whole set), when this libtorch has CUDA. Without them the
+/// shim is built for Gloo alone.
+fn nccl_includes(lib_dir: &Path) -> Option<Vec<PathBuf>> {
+    println!("cargo:rerun-if-env-changed=RLHF_NO_NCCL");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("RLHF_NO_NCCL").is_some() || !lib_dir.join("libtorch_cuda.so").exists() {
+        return None;
+    }
+    // torch/lib -> site-packages/nvidia/...
+    let nvidia = lib_dir.parent()?.parent()?.join("nvidia");
+    let nccl = nvidia.join("nccl/include");
+    let complete = |p: &PathBuf| {
+        ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"]
+            .iter()
+            .all(|h| p.join(h).exists())
+    };
+    let wheels = std::fs::read_dir(&nvidia)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("include"));
+    let cuda = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("include"))
+        .into_iter()
+        .chain([PathBuf::from("/usr/local/cuda/include")])
+        .chain(wheels)
+        .find(complete)?;
+    nccl.join("nccl.h").exists().then(|| vec![nccl, cuda])
 }
 
 /// The ABI argument of the shim holds only if it calls no gloo code: every

@@ -424,6 +424,10 @@ pub fn fit<O: Objective>(
         for r in &done_step.ratios {
             record[r.name] = json!(r.num / r.den.max(1.0));
         }
+        if ranks.world() > 1 {
+            record["step_s"] = json!(dt);
+            record["allreduce_s"] = json!(done_step.comm_seconds);
+        }
         if main && (done % cfg.eval_every == 0 || done == total_steps) {
             last_eval = objective.evaluate(&model.gpt);
             log_eval(run, &mut record, last_eval.as_ref(), done, total_steps, lr);
@@ -531,6 +535,8 @@ struct StepDone {
     ratios: Vec<Ratio>,
     /// Some rank was interrupted: all stop after this step.
     interrupted: bool,
+    /// Seconds spent in collectives (0 for one process).
+    comm_seconds: f64,
 }
 
 /// Forward and backward over this rank's micro-batches, the gradients
@@ -579,8 +585,10 @@ fn accumulate<O: Objective>(
             }
         }
     }
+    let comm = Instant::now();
     ranks.sum_gradients(trainable)?;
     let (loss, interrupted) = agree(ranks, loss_sum, &mut ratios)?;
+    let comm_seconds = comm.elapsed().as_secs_f64();
     check_finite(step + 1, O::LOSS, loss)?;
     let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm);
     check_finite(step + 1, "gradient norm", grad_norm)?;
@@ -589,6 +597,7 @@ fn accumulate<O: Objective>(
         grad_norm,
         ratios,
         interrupted,
+        comm_seconds,
     })
 }
 

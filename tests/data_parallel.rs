@@ -13,11 +13,14 @@ use rlhf_stages::Model;
 
 const EXPERIMENT: &str = "name: dp\ndevice: cpu\nmodel: {n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64}\nstages:\n\
 \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 12, batch_size: 8, grad_accum: 2, eval_every: 4, checkpoint_every: 5}\n\
-\x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 10, batch_size: 6, max_len: 64, eval_every: 5, checkpoint_every: 4}\n";
+\x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 10, batch_size: 6, max_len: 64, eval_every: 5, checkpoint_every: 4}\n\
+\x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 3, rollout_batch: 8, minibatch_size: 4,\n\
+\x20       ppo_epochs: 2, checkpoint_every: 2, sampling: {max_new_tokens: 8, temperature: 0}}\n";
 
 fn experiment(dir: &Path) -> PathBuf {
     common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 150);
     common::task_head("preferences.jsonl", &dir.join("prefs.jsonl"), 120);
+    common::task_head("prompts.jsonl", &dir.join("prompts.jsonl"), 32);
     let exp = dir.join("exp.yaml");
     std::fs::write(&exp, EXPERIMENT).unwrap();
     exp
@@ -75,8 +78,12 @@ fn run_ranks(exp: &Path, name: &str, out: &Path, world: usize) {
 
 /// The largest difference of any weight, but those in `skip`.
 fn max_abs_difference(a: &Path, b: &Path, skip: &[&str]) -> f64 {
+    max_abs_difference_of(a, b, "checkpoint", skip)
+}
+
+fn max_abs_difference_of(a: &Path, b: &Path, part: &str, skip: &[&str]) -> f64 {
     let load = |p: &Path| {
-        let m = Model::load(&p.join("checkpoint"), HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+        let m = Model::load(&p.join(part), HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
         weights_of(&m)
     };
     let (a, b) = (load(a), load(b));
@@ -161,7 +168,8 @@ fn rlhf_run_starts_the_ranks_of_each_stage() {
     let two = ["--set", "distributed.nproc_per_node=2"];
     let plan = common::rlhf_ok(&[&["plan", exp_s][..], &two].concat());
     assert!(
-        plan.contains("global batch 16 = 2 rank(s) x 4 per micro-batch x 2 accumulation"),
+        plan.contains("global batch 16 = 2 rank(s) x 4 per micro-batch x 2 accumulation")
+            && plan.contains("rollout_batch 8 = 2 rank(s) x 4; minibatch_size 4 = 2 rank(s) x 2"),
         "{plan}"
     );
     let out = common::rlhf(&[&["run", exp_s, "--threads", "1"][..], &two].concat());
@@ -177,7 +185,9 @@ fn rlhf_run_starts_the_ranks_of_each_stage() {
     let bad = common::rlhf(&["plan", exp_s, "--set", "distributed.nproc_per_node=3"]);
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        stderr.contains("stages.sft.batch_size: 8 does not divide among the 3 ranks of distributed.nproc_per_node"),
+        stderr.contains(
+            "stages.ppo.rollout_batch: 8 does not divide among the 3 ranks of distributed.nproc_per_node"
+        ) && stderr.ends_with("at line 7\n"),
         "{stderr}"
     );
 }
@@ -316,4 +326,40 @@ fn torchrun_starts_the_ranks_and_they_train_as_one_process() {
     );
     run_ranks(&exp, "sft", &d.path().join("sft-1"), 1);
     assert_same_run(&d.path().join("sft-1"), &out, "sft", &[]);
+}
+
+/// PPO as two ranks: each samples and scores half of the rollout batch,
+/// every rank holds the gathered batch (advantages whitened over all of
+/// it), each minibatch is split between them. With greedy answers (no
+/// sampling noise to share) the policy and the critic end as one
+/// process's, within 1e-5, with the same score and KL curves.
+#[test]
+fn two_ranks_train_ppo_as_one_process_does() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let runs = d.path().join("runs/dp");
+    run_ranks(&exp, "sft", &runs.join("sft"), 1);
+    run_ranks(&exp, "rm", &runs.join("rm"), 1);
+    let (one, two) = (d.path().join("ppo-1"), d.path().join("ppo-2"));
+    run_ranks(&exp, "ppo", &one, 1);
+    run_ranks(&exp, "ppo", &two, 2);
+    for part in ["checkpoint", "critic"] {
+        let diff = max_abs_difference_of(&one, &two, part, &[]);
+        assert!(diff < 1e-5, "ppo {part}: weights differ by {diff}");
+    }
+    for key in ["score", "kl", "policy_loss", "value_loss", "entropy"] {
+        let (a, b) = (curve(&one, key), curve(&two, key));
+        assert_eq!(a.len(), 3, "{key}: {a:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "ppo {key}: {x} vs {y}");
+        }
+    }
+    let rollouts = std::fs::read_dir(two.join("rollouts")).unwrap().count();
+    assert_eq!(
+        rollouts, 3,
+        "one Parquet file per iteration, written by rank 0"
+    );
 }

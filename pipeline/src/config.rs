@@ -336,9 +336,10 @@ impl Experiment {
                 .validate()
                 .map_err(|e| invalid(stage_error(name, e)))?;
             let ranks = spec.distributed.nproc_per_node;
-            if let Some((batch, _)) = stage.config.batch().filter(|(b, _)| b % ranks != 0) {
+            let shared = stage.config.shared_batches();
+            if let Some((field, batch)) = shared.iter().find(|(_, b)| b % ranks != 0) {
                 return Err(invalid(format!(
-                    "stages.{name}.batch_size: {batch} does not divide among the {ranks} ranks of distributed.nproc_per_node (each rank takes an equal share of every batch)"
+                    "stages.{name}.{field}: {batch} does not divide among the {ranks} ranks of distributed.nproc_per_node (each rank takes an equal share of every batch)"
                 )));
             }
             deps.insert(name.clone(), refs);
@@ -403,22 +404,33 @@ impl Experiment {
     /// How many ranks `rlhf run` starts for stage `name`: the experiment's
     /// `distributed.nproc_per_node` for kinds that train data-parallel.
     pub fn ranks(&self, name: &str) -> usize {
-        match self.spec.stages.get(name).and_then(|s| s.config.batch()) {
-            Some(_) => self.spec.distributed.nproc_per_node,
-            None => 1,
+        match self.spec.stages.get(name) {
+            Some(s) if !s.config.shared_batches().is_empty() => {
+                self.spec.distributed.nproc_per_node
+            }
+            _ => 1,
         }
     }
 
     /// A stage's batch arithmetic for `rlhf plan`: global batch, per rank,
     /// accumulation.
     pub fn batch_arithmetic(&self, name: &str) -> Option<String> {
-        let (batch, accum) = self.spec.stages.get(name)?.config.batch()?;
+        let stage = self.spec.stages.get(name)?;
         let ranks = self.ranks(name);
-        Some(format!(
-            "global batch {} = {ranks} rank(s) x {} per micro-batch x {accum} accumulation",
-            batch * accum,
-            batch / ranks
-        ))
+        if let Some((batch, accum)) = stage.config.batch() {
+            return Some(format!(
+                "global batch {} = {ranks} rank(s) x {} per micro-batch x {accum} accumulation",
+                batch * accum,
+                batch / ranks
+            ));
+        }
+        let parts: Vec<String> = stage
+            .config
+            .shared_batches()
+            .iter()
+            .map(|(field, n)| format!("{field} {n} = {ranks} rank(s) x {}", n / ranks))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     pub fn stage(&self, name: &str) -> Result<&StageFile, ConfigError> {

@@ -140,7 +140,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     let ranks = exp.ranks(job.name);
     if ranks == 1 && exp.spec.distributed.nproc_per_node > 1 {
         tracing::info!(
-            "{label} ({}) runs as one process: only stages that train with the shared loop run data-parallel",
+            "{label} ({}) runs as one process: this kind does not run data-parallel",
             exp.stage(job.name)?.kind()
         );
     }

@@ -161,6 +161,13 @@ pub trait KindConfig:
     }
     /// Runs (or resumes, or finds done) the stage.
     fn run(&self, ctx: &StageContext) -> Result<Self::Summary, StageError>;
+    /// The batches every rank takes an equal share of, by setting name:
+    /// the kind runs data-parallel; empty: it runs as one process.
+    fn shared_batches(&mut self) -> Vec<(&'static str, usize)> {
+        self.train()
+            .map(|t| vec![("batch_size", t.batch_size)])
+            .unwrap_or_default()
+    }
 }
 
 /// A stage's settings of any kind, as the pipeline holds them.
@@ -173,9 +180,10 @@ pub trait StageConfig: Debug + Send + Sync {
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value, StageError>;
     /// The settings as JSON, `kind` included.
     fn to_json(&self) -> serde_json::Value;
-    /// `(batch_size, grad_accum)` of a kind that trains with `fit`: such a
-    /// kind runs data-parallel, each rank taking its share of every batch.
+    /// `(batch_size, grad_accum)` of a kind that trains with `fit`.
     fn batch(&self) -> Option<(usize, usize)>;
+    /// See [`KindConfig::shared_batches`].
+    fn shared_batches(&self) -> Vec<(&'static str, usize)>;
     fn clone_box(&self) -> Box<dyn StageConfig>;
     fn as_any(&self) -> &dyn Any;
 }
@@ -205,6 +213,9 @@ impl<C: KindConfig> StageConfig for C {
     fn batch(&self) -> Option<(usize, usize)> {
         let mut c = self.clone();
         c.train().map(|t| (t.batch_size, t.grad_accum))
+    }
+    fn shared_batches(&self) -> Vec<(&'static str, usize)> {
+        KindConfig::shared_batches(&mut self.clone())
     }
     fn clone_box(&self) -> Box<dyn StageConfig> {
         Box::new(self.clone())

@@ -98,7 +98,14 @@ pub fn whiten(xs: &mut [f64]) {
 }
 
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Tensor {
-    (x * mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
+    masked_mean_over(x, mask, &mask.sum(Kind::Float))
+}
+
+/// The masked sum of `x` over `count` tokens: with several ranks, `count`
+/// is the minibatch's tokens over every rank, and the ranks' parts sum to
+/// the mean.
+pub fn masked_mean_over(x: &Tensor, mask: &Tensor, count: &Tensor) -> Tensor {
+    (x * mask).sum(Kind::Float) / count.clamp_min(1.0)
 }
 
 /// The clipped surrogate objective as a loss:
@@ -111,16 +118,28 @@ pub fn clipped_surrogate(
     mask: &Tensor,
     eps: f64,
 ) -> (Tensor, f64, f64) {
+    clipped_surrogate_over(new_lp, old_lp, adv, mask, &mask.sum(Kind::Float), eps)
+}
+
+/// [`clipped_surrogate`] as this rank's part of a mean over `count` tokens.
+pub fn clipped_surrogate_over(
+    new_lp: &Tensor,
+    old_lp: &Tensor,
+    adv: &Tensor,
+    mask: &Tensor,
+    count: &Tensor,
+    eps: f64,
+) -> (Tensor, f64, f64) {
     let log_ratio = new_lp - old_lp;
     let ratio = log_ratio.exp();
     let unclipped = &ratio * adv;
     let clipped = ratio.clamp(1.0 - eps, 1.0 + eps) * adv;
-    let loss = -masked_mean(&unclipped.minimum(&clipped), mask);
+    let loss = -masked_mean_over(&unclipped.minimum(&clipped), mask, count);
     let (clipfrac, approx_kl) = tch::no_grad(|| {
-        let clipfrac =
-            masked_mean(&(&ratio - 1.0).abs().gt(eps).to_kind(Kind::Float), mask).double_value(&[]);
-        let approx_kl = masked_mean(&((&ratio - 1.0) - &log_ratio), mask).double_value(&[]);
-        (clipfrac, approx_kl)
+        let outside = (&ratio - 1.0).abs().gt(eps).to_kind(Kind::Float);
+        let clipfrac = masked_mean_over(&outside, mask, count).double_value(&[]);
+        let approx_kl = masked_mean_over(&((&ratio - 1.0) - &log_ratio), mask, count);
+        (clipfrac, approx_kl.double_value(&[]))
     });
     (loss, clipfrac, approx_kl)
 }
@@ -134,13 +153,25 @@ pub fn clipped_value_loss(
     mask: &Tensor,
     eps: f64,
 ) -> Tensor {
+    clipped_value_loss_over(new_v, old_v, returns, mask, &mask.sum(Kind::Float), eps)
+}
+
+/// [`clipped_value_loss`] as this rank's part of a mean over `count` tokens.
+pub fn clipped_value_loss_over(
+    new_v: &Tensor,
+    old_v: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    count: &Tensor,
+    eps: f64,
+) -> Tensor {
     let unclipped = (new_v - returns).square();
     if eps <= 0.0 {
-        return 0.5 * masked_mean(&unclipped, mask);
+        return 0.5 * masked_mean_over(&unclipped, mask, count);
     }
     let v_clipped = old_v + (new_v - old_v).clamp(-eps, eps);
     let clipped = (v_clipped - returns).square();
-    0.5 * masked_mean(&unclipped.maximum(&clipped), mask)
+    0.5 * masked_mean_over(&unclipped.maximum(&clipped), mask, count)
 }
 
 /// Per-token KL estimate from policy and reference log-probabilities.

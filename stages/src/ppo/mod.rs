@@ -20,6 +20,7 @@
 
 pub mod math;
 mod phases;
+mod shard;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::answer::{judged_eval, read_judged, JudgedScore};
 use crate::check;
+use crate::dist::Ranks;
 use crate::kind::{KindConfig, PathSetting};
 use crate::optim::AdamWConfig;
 use crate::sample::SamplingConfig;
@@ -251,6 +253,12 @@ impl KindConfig for PpoConfig {
         &mut self.seed
     }
 
+    fn shared_batches(&mut self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("rollout_batch", self.rollout_batch),
+            ("minibatch_size", self.minibatch_size),
+        ]
+    }
     fn run(&self, ctx: &StageContext) -> Result<PpoSummary, StageError> {
         run(self, ctx)
     }
@@ -259,25 +267,26 @@ impl KindConfig for PpoConfig {
 /// Runs (or resumes, or finds done) a PPO run.
 pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError> {
     KindConfig::validate(cfg)?;
-    if ctx.ranks.world() > 1 {
-        return Err(StageError::Config(format!(
-            "rank {} of {}: PPO does not run data-parallel yet; start it as one process (torchrun --nproc-per-node 1, or srun -n 1)",
-            ctx.ranks.rank(),
-            ctx.ranks.world()
-        )));
-    }
+    let ranks = &*ctx.ranks;
+    check_ranks(cfg, ranks)?;
+    let main = ranks.is_main();
     let started = Instant::now();
     let out = &ctx.out_dir;
-    if let Some(summary) = prepare_out_dir(out, "ppo")? {
+    let done = match main {
+        true => prepare_out_dir(out, "ppo")?,
+        false => crate::train::finished_summary(out),
+    };
+    if let Some(summary) = done {
         return Ok(summary);
     }
     let seed = cfg.seed.unwrap_or(0);
     tch::manual_seed(seed as i64);
     let (mut models, state) = Models::start_or_resume(cfg, ctx)?;
     let data = phases::Data::load(cfg, &models.policy)?;
-    let eval_before = match &state {
-        None => judge_eval(&models.reference, cfg, ctx, SAMPLES_BEFORE)?,
-        Some(_) => read_judged(&out.join(SAMPLES_BEFORE)),
+    let eval_before = match (&state, main) {
+        (_, false) => None,
+        (None, true) => judge_eval(&models.reference, cfg, ctx, SAMPLES_BEFORE)?,
+        (Some(_), true) => read_judged(&out.join(SAMPLES_BEFORE)),
     };
     let start = state.as_ref().map_or(0, |s| s.iteration);
     let mut kl = state.as_ref().map_or(
@@ -287,24 +296,39 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         },
         |s| s.kl,
     );
-    let mut metrics =
-        MetricsLog::open(&out.join(METRICS_FILE), state.as_ref().map(|s| s.iteration))?;
+    let mut metrics = match main {
+        true => MetricsLog::open(&out.join(METRICS_FILE), state.as_ref().map(|s| s.iteration))?,
+        false => MetricsLog::disabled(),
+    };
     let checkpointer = Checkpointer {
         out_dir: out.clone(),
         every: cfg.checkpoint_every,
         total_steps: cfg.iterations,
         stop_after: ctx.stop_after,
-        writes: true,
+        writes: main,
     };
-    let bar = progress_bar(cfg.iterations as u64, start as u64, "ppo");
+    let bar = match main {
+        true => progress_bar(cfg.iterations as u64, start as u64, "ppo"),
+        false => indicatif::ProgressBar::hidden(),
+    };
     let mut tallies = Tallies::new(cfg.ptx.is_some());
     for iteration in start..cfg.iterations {
         let it = iteration + 1;
-        tch::manual_seed(step_seed(seed, iteration));
-        let step = Iteration::run(&mut models, &data, cfg, kl.beta, iteration, ctx.device)?;
+        // Each rank samples its own share: its own draws (rank 0's are a
+        // single process's).
+        tch::manual_seed(step_seed(seed, iteration).wrapping_add((ranks.rank() as i64) << 32));
+        let step = Iteration::run(
+            &mut models,
+            &data,
+            cfg,
+            kl.beta,
+            iteration,
+            ranks,
+            ctx.device,
+        )?;
         tallies.add(&step, iteration == start);
         metrics.write(&step.record(&tallies, kl.beta));
-        if cfg.save_rollouts {
+        if cfg.save_rollouts && main {
             step.save_rollouts(
                 &data,
                 &out.join("rollouts").join(format!("iter-{it:04}.parquet")),
@@ -313,11 +337,17 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         step.show(&bar, cfg.iterations, kl.beta);
         kl.update(step.mean_kl, step.batch_size());
         let state = PpoState::new(it, cfg.iterations, kl);
+        let interrupted = any_interrupted(ranks)?;
         checkpointer
-            .after_step(it, |dir| models.save(dir, &state))
+            .after_step_or_stop(it, interrupted, |dir| models.save(dir, &state))
             .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
+    let state = PpoState::new(cfg.iterations, cfg.iterations, kl);
+    checkpointer.finish(|| models.save_final(out, &state))?;
+    if !main {
+        return Ok(tallies.summary(cfg, kl, [None, None], started));
+    }
     let warning = score_did_not_rise(&out.join(METRICS_FILE));
     if let Some(w) = &warning {
         tracing::warn!("{w}");
@@ -325,13 +355,54 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
             return Err(StageError::NotLearning(w.clone()));
         }
     }
-    let state = PpoState::new(cfg.iterations, cfg.iterations, kl);
-    checkpointer.finish(|| models.save_final(out, &state))?;
     let eval_after = judge_eval(&models.policy, cfg, ctx, "samples.jsonl")?;
     let mut summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
     summary.warning = warning;
     write_summary(out, &summary)?;
     Ok(summary)
+}
+
+/// Whether any rank was interrupted: every rank stops after the same
+/// iteration.
+fn any_interrupted(ranks: &Ranks) -> Result<bool, StageError> {
+    let mine = f64::from(u8::from(crate::train::interrupt_requested()));
+    Ok(ranks.sum(&[mine])?[0] > 0.0)
+}
+
+/// What several ranks need: every batch divides among them, and no PPO-ptx
+/// (its language-model batches are not split yet).
+fn check_ranks(cfg: &PpoConfig, ranks: &Ranks) -> Result<(), StageError> {
+    let world = ranks.world();
+    if world == 1 {
+        return Ok(());
+    }
+    for (field, n) in [
+        ("rollout_batch", cfg.rollout_batch),
+        ("minibatch_size", cfg.minibatch_size),
+    ] {
+        if !n.is_multiple_of(world) {
+            return Err(StageError::setting(
+                field,
+                format!("{n} does not divide among the {world} ranks"),
+            ));
+        }
+    }
+    if !cfg.rollout_batch.is_multiple_of(cfg.minibatch_size) {
+        return Err(StageError::setting(
+            "minibatch_size",
+            format!(
+                "{} must divide rollout_batch ({}) when PPO runs as {world} ranks",
+                cfg.minibatch_size, cfg.rollout_batch
+            ),
+        ));
+    }
+    if cfg.ptx.is_some() {
+        return Err(StageError::setting(
+            "ptx",
+            "PPO-ptx does not run data-parallel yet: run this stage as one process",
+        ));
+    }
+    Ok(())
 }
 
 /// Greedy answers of `model` to the config's `eval_prompts`, written with

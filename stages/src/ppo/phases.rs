@@ -15,12 +15,13 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use super::math::{
-    clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean,
-    token_rewards, whiten, KlController,
+    clipped_surrogate_over, clipped_value_loss_over, explained_variance, gae, kl_estimate,
+    masked_mean_over, token_rewards, whiten, KlController,
 };
 use super::{PpoConfig, PpoState, PpoSummary};
 use crate::answer::{Judge, JudgedScore};
 use crate::checkpoint::{HeadChoice, Model};
+use crate::dist::Ranks;
 use crate::gpt::{Gpt, Head};
 use crate::optim::AdamW;
 use crate::reward::{sequence_rewards, RewardInput, SCORE_BATCH};
@@ -28,7 +29,8 @@ use crate::sample::{generate, Generation, TokenSpec};
 use crate::score::gather_logprobs;
 use crate::sft::masked_nll_sum;
 use crate::train::{
-    check_finite, load_training, newest_usable, save_training, StageContext, StageError, FINAL_DIR,
+    check_finite, load_training, newest_usable, save_training, trainable_by_name, StageContext,
+    StageError, FINAL_DIR,
 };
 
 /// The critic's folder, beside the policy's `checkpoint/`, and inside a
@@ -51,6 +53,9 @@ pub(super) struct Models {
     popt: AdamW,
     copt: AdamW,
     scorer: Scorer,
+    /// The trained variables by name, for summing gradients over ranks.
+    policy_vars: Vec<Tensor>,
+    critic_vars: Vec<Tensor>,
 }
 
 impl Models {
@@ -82,6 +87,8 @@ impl Models {
         reference.vs.freeze();
         let scorer = Scorer::load(cfg, ctx)?;
         let models = Self {
+            policy_vars: trainable_by_name(&policy),
+            critic_vars: trainable_by_name(&critic),
             policy,
             critic,
             reference,
@@ -239,18 +246,18 @@ impl Data {
 
 /// Phase 1's output: sampled answers, how the policy, the reference and the
 /// critic see them, and their scores.
-struct Rollout {
+pub(super) struct Rollout {
     /// Which prompts of [`Data`] were answered.
-    batch_idx: Vec<usize>,
-    generation: Generation,
+    pub batch_idx: Vec<usize>,
+    pub generation: Generation,
     /// `(B, N)`: 1 on the answers' real tokens.
-    answer_mask: Tensor,
-    old_lp: Tensor,
-    ref_lp: Tensor,
-    old_values: Tensor,
-    answers: Vec<String>,
+    pub answer_mask: Tensor,
+    pub old_lp: Tensor,
+    pub ref_lp: Tensor,
+    pub old_values: Tensor,
+    pub answers: Vec<String>,
     /// Scores after `reward_clip`.
-    scores: Vec<f64>,
+    pub scores: Vec<f64>,
 }
 
 /// Phase 1: answers to this iteration's prompts, sampled from the policy
@@ -260,17 +267,20 @@ fn rollout(
     data: &Data,
     cfg: &PpoConfig,
     iteration: i64,
+    ranks: &Ranks,
     device: Device,
 ) -> Result<Rollout, StageError> {
     let per_epoch = (data.prompts.len() / cfg.rollout_batch).max(1) as i64;
     let (epoch, pos) = (iteration / per_epoch, (iteration % per_epoch) as usize);
     let order = epoch_order(data.prompts.len(), cfg.seed.unwrap_or(0), epoch as u64);
-    let batch_idx: Vec<usize> = order
+    let batch: Vec<usize> = order
         .iter()
         .skip(pos * cfg.rollout_batch)
         .take(cfg.rollout_batch)
         .copied()
         .collect();
+    // This rank's share of the batch (all of it for one process).
+    let batch_idx = batch[super::shard::share(batch.len(), ranks)].to_vec();
     let prompt_ids: Vec<Vec<i64>> = batch_idx
         .iter()
         .map(|&i| data.prompt_ids[i].clone())
@@ -410,11 +420,39 @@ struct UpdateStats {
     updates: f64,
 }
 
-/// One minibatch of a rollout, on the device.
+impl UpdateStats {
+    /// Each rank's losses are its parts of the minibatches' means: their
+    /// sums over the ranks are the means.
+    fn sum_over(&mut self, ranks: &Ranks) -> Result<(), StageError> {
+        if ranks.world() == 1 {
+            return Ok(());
+        }
+        let s = ranks.sum(&[
+            self.policy_loss,
+            self.value_loss,
+            self.entropy,
+            self.clip_fraction,
+            self.approx_kl,
+        ])?;
+        [
+            self.policy_loss,
+            self.value_loss,
+            self.entropy,
+            self.clip_fraction,
+            self.approx_kl,
+        ] = [s[0], s[1], s[2], s[3], s[4]];
+        Ok(())
+    }
+}
+
+/// One minibatch of a rollout (this rank's part of it), on the device.
 struct Minibatch {
     tokens: Tensor,
     attention: Tensor,
     mask: Tensor,
+    /// The answer tokens of the whole minibatch, over every rank: losses
+    /// are means over them.
+    count: Tensor,
     old_lp: Tensor,
     old_values: Tensor,
     advantages: Tensor,
@@ -430,6 +468,7 @@ fn update(
     exp: &Experience,
     cfg: &PpoConfig,
     iteration: i64,
+    ranks: &Ranks,
 ) -> Result<UpdateStats, StageError> {
     let it = iteration + 1;
     let device = r.generation.tokens.device();
@@ -445,18 +484,26 @@ fn update(
     for epoch in 0..cfg.ppo_epochs {
         let perm = epoch_order(b, cfg.seed.unwrap_or(0) ^ (it as u64) << 16, epoch as u64);
         for chunk in perm.chunks(cfg.minibatch_size) {
-            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                .to_device(device);
+            let rows = |rows: &[usize]| {
+                Tensor::from_slice(&rows.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                    .to_device(device)
+            };
+            let count = r.answer_mask.index_select(0, &rows(chunk)).sum(Kind::Float);
+            // Every rank holds the whole rollout and takes its positions
+            // of each minibatch.
+            let idx = rows(&chunk[super::shard::share(chunk.len(), ranks)]);
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mb = Minibatch {
                 tokens: sel(&r.generation.tokens),
                 attention: sel(&r.generation.attention_mask),
                 mask: sel(&r.answer_mask),
+                count,
                 old_lp: sel(&r.old_lp),
                 old_values: sel(&r.old_values),
                 advantages: sel(&adv_t),
                 returns: sel(&ret_t),
             };
+            let step = Step { it, ranks };
             policy_step(
                 models,
                 data,
@@ -465,12 +512,20 @@ fn update(
                 cfg,
                 &mut ptx_cursor,
                 &mut stats,
-                it,
+                step,
             )?;
-            critic_step(models, &mb, r.generation.prompt_width, cfg, &mut stats, it)?;
+            critic_step(
+                models,
+                &mb,
+                r.generation.prompt_width,
+                cfg,
+                &mut stats,
+                step,
+            )?;
             stats.updates += 1.0;
         }
     }
+    stats.sum_over(ranks)?;
     check_finite(it, "policy loss", stats.policy_loss)?;
     check_finite(it, "value loss", stats.value_loss)?;
     Ok(stats)
@@ -487,23 +542,25 @@ fn policy_step(
     cfg: &PpoConfig,
     ptx_cursor: &mut usize,
     stats: &mut UpdateStats,
-    it: i64,
+    step: Step,
 ) -> Result<(), StageError> {
     let vocab = models.policy.tokenizer.vocab_size() as i64;
     let (new_lp, logits) =
         answer_logprobs(&models.policy.gpt, &mb.tokens, &mb.attention, width, vocab);
-    let (pg_loss, clipfrac, approx_kl) = clipped_surrogate(
+    let (pg_loss, clipfrac, approx_kl) = clipped_surrogate_over(
         &new_lp,
         &mb.old_lp,
         &mb.advantages,
         &mb.mask,
+        &mb.count,
         cfg.clip_range,
     );
     let entropy = {
         let logp = logits.log_softmax(-1, Kind::Float);
-        masked_mean(
+        masked_mean_over(
             &-(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float),
             &mb.mask,
+            &mb.count,
         )
     };
     let mut loss = &pg_loss - cfg.entropy_coef * &entropy;
@@ -521,7 +578,8 @@ fn policy_step(
     }
     let lr = cfg.policy_optimizer.lr;
     let clip = (cfg.max_grad_norm, "policy gradient norm");
-    optimizer_step(&mut models.popt, &loss, lr, clip, it)?;
+    let vars = &models.policy_vars;
+    optimizer_step(&mut models.popt, vars, &loss, lr, clip, step)?;
     stats.policy_loss += pg_loss.double_value(&[]);
     stats.entropy += entropy.double_value(&[]);
     stats.clip_fraction += clipfrac;
@@ -536,36 +594,48 @@ fn critic_step(
     width: i64,
     cfg: &PpoConfig,
     stats: &mut UpdateStats,
-    it: i64,
+    step: Step,
 ) -> Result<(), StageError> {
     let new_v = answer_values(&models.critic.gpt, &mb.tokens, &mb.attention, width);
-    let vf_loss = clipped_value_loss(
+    let vf_loss = clipped_value_loss_over(
         &new_v,
         &mb.old_values,
         &mb.returns,
         &mb.mask,
+        &mb.count,
         cfg.clip_range_value,
     );
     let lr = cfg.critic_optimizer.lr;
     let clip = (cfg.max_grad_norm, "critic gradient norm");
-    optimizer_step(&mut models.copt, &vf_loss, lr, clip, it)?;
+    let vars = &models.critic_vars;
+    optimizer_step(&mut models.copt, vars, &vf_loss, lr, clip, step)?;
     stats.value_loss += vf_loss.double_value(&[]);
     Ok(())
 }
 
-/// Backward, global-norm clipping to `clip.0` (the norm must be finite;
-/// `clip.1` names it), and an AdamW step at `lr`.
+/// Which iteration an update belongs to, and the ranks it is shared by.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    it: i64,
+    ranks: &'a Ranks,
+}
+
+/// Backward, the gradients of `vars` summed over the ranks, global-norm
+/// clipping to `clip.0` (the norm must be finite; `clip.1` names it), and
+/// an AdamW step at `lr`.
 fn optimizer_step(
     opt: &mut AdamW,
+    vars: &[Tensor],
     loss: &Tensor,
     lr: f64,
     clip: (f64, &'static str),
-    it: i64,
+    step: Step,
 ) -> Result<(), StageError> {
     opt.zero_grad();
     loss.backward();
+    step.ranks.sum_gradients(vars)?;
     let norm = opt.clip_grad_norm(clip.0);
-    check_finite(it, clip.1, norm)?;
+    check_finite(step.it, clip.1, norm)?;
     opt.step(lr);
     Ok(())
 }
@@ -591,14 +661,16 @@ impl Iteration {
         cfg: &PpoConfig,
         beta: f64,
         iteration: i64,
+        ranks: &Ranks,
         device: Device,
     ) -> Result<Self, StageError> {
         let started = Instant::now();
-        let rollout = rollout(models, data, cfg, iteration, device)?;
+        let rollout = rollout(models, data, cfg, iteration, ranks, device)?;
+        let rollout = super::shard::gather(rollout, ranks, models.policy.tokenizer.pad_id())?;
         let exp = experience(&rollout, cfg, beta);
         let generation_seconds = started.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let stats = update(models, data, &rollout, &exp, cfg, iteration)?;
+        let stats = update(models, data, &rollout, &exp, cfg, iteration, ranks)?;
         let training_seconds = t1.elapsed().as_secs_f64();
         let b = rollout.scores.len() as f64;
         Ok(Self {
@@ -782,7 +854,7 @@ fn answer_values(critic: &Gpt, tokens: &Tensor, attention: &Tensor, width: i64) 
     )
 }
 
-fn to_rows(t: &Tensor) -> Vec<Vec<f64>> {
+pub(super) fn to_rows(t: &Tensor) -> Vec<Vec<f64>> {
     let t = t.to_kind(Kind::Double).to_device(Device::Cpu);
     let (b, n) = t.size2().expect("2-D");
     let flat: Vec<f64> = Vec::try_from(t.reshape([-1])).expect("f64");
@@ -792,7 +864,7 @@ fn to_rows(t: &Tensor) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn from_rows(rows: &[Vec<f64>], n: usize, device: Device) -> Tensor {
+pub(super) fn from_rows(rows: &[Vec<f64>], n: usize, device: Device) -> Tensor {
     let flat: Vec<f32> = rows
         .iter()
         .flat_map(|r| {

@@ -489,7 +489,7 @@ fn log_eval<E: Evaluation>(
 
 /// The trainable variables by name: the same order on every rank (a
 /// VarStore's own order comes from a hash map).
-fn trainable_by_name(model: &Model) -> Vec<Tensor> {
+pub fn trainable_by_name(model: &Model) -> Vec<Tensor> {
     let mut vars: Vec<(String, Tensor)> = model
         .vs
         .variables()

@@ -1,0 +1,137 @@
+//! PPO over several ranks: each rank samples and scores its share of the
+//! rollout batch; the shares are then gathered, so that every rank holds
+//! the whole batch in the layout one process would have made (prompts
+//! left-padded to the longest, answers right-padded) and computes the
+//! same advantages, whitening and KL from it. Each minibatch is then split
+//! between the ranks by position, and the gradients summed.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::phases::Rollout;
+use crate::dist::Ranks;
+use crate::sample::Generation;
+use crate::train::StageError;
+
+/// This rank's rows of `n`: an equal, contiguous share.
+pub fn share(n: usize, ranks: &Ranks) -> Range<usize> {
+    let (rank, world) = (ranks.rank(), ranks.world());
+    n * rank / world..n * (rank + 1) / world
+}
+
+/// One answered prompt, as it travels between ranks.
+#[derive(Serialize, Deserialize)]
+struct Row {
+    index: usize,
+    prompt: Vec<i64>,
+    answer: Vec<i64>,
+    finished: bool,
+    text: String,
+    score: f64,
+    /// Per answer token.
+    old_lp: Vec<f64>,
+    ref_lp: Vec<f64>,
+    values: Vec<f64>,
+}
+
+/// The whole batch on every rank, in rank order (one process: unchanged).
+pub(super) fn gather(local: Rollout, ranks: &Ranks, pad: i64) -> Result<Rollout, StageError> {
+    if ranks.world() == 1 {
+        return Ok(local);
+    }
+    let bytes = serde_json::to_vec(&rows_of(&local)).expect("rows serialise");
+    let mut rows: Vec<Row> = Vec::new();
+    for (rank, part) in ranks.all_gather_bytes(&bytes)?.iter().enumerate() {
+        let part: Vec<Row> = serde_json::from_slice(part).map_err(|e| {
+            StageError::Config(format!("rank {rank}'s rollout did not decode: {e}"))
+        })?;
+        rows.extend(part);
+    }
+    Ok(assemble(rows, pad, local.generation.tokens.device()))
+}
+
+fn rows_of(r: &Rollout) -> Vec<Row> {
+    let g = &r.generation;
+    use super::phases::to_rows;
+    let (lp, rlp, v) = (
+        to_rows(&r.old_lp),
+        to_rows(&r.ref_lp),
+        to_rows(&r.old_values),
+    );
+    let prompt_ids = to_int_rows(&g.tokens.narrow(1, 0, g.prompt_width));
+    let prompt_mask = to_int_rows(&g.attention_mask.narrow(1, 0, g.prompt_width));
+    (0..r.batch_idx.len())
+        .map(|i| {
+            let len = g.answers[i].len();
+            Row {
+                index: r.batch_idx[i],
+                prompt: prompt_ids[i]
+                    .iter()
+                    .zip(&prompt_mask[i])
+                    .filter(|(_, &m)| m == 1)
+                    .map(|(&t, _)| t)
+                    .collect(),
+                answer: g.answers[i].clone(),
+                finished: g.finished[i],
+                text: r.answers[i].clone(),
+                score: r.scores[i],
+                old_lp: lp[i][..len].to_vec(),
+                ref_lp: rlp[i][..len].to_vec(),
+                values: v[i][..len].to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// The rollout one process would hold for these rows.
+fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device) -> Rollout {
+    let p = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let n = rows.iter().map(|r| r.answer.len()).max().unwrap_or(0);
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for r in &rows {
+        let left = p - r.prompt.len();
+        let right = n - r.answer.len();
+        ids.extend(std::iter::repeat_n(pad, left));
+        ids.extend(&r.prompt);
+        ids.extend(&r.answer);
+        ids.extend(std::iter::repeat_n(pad, right));
+        mask.extend(std::iter::repeat_n(0i64, left));
+        mask.extend(std::iter::repeat_n(1i64, r.prompt.len() + r.answer.len()));
+        mask.extend(std::iter::repeat_n(0i64, right));
+    }
+    let shape = [rows.len() as i64, (p + n) as i64];
+    let tokens = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let attention = Tensor::from_slice(&mask).view(shape).to_device(device);
+    let answer_mask = attention.narrow(1, p as i64, n as i64).to_kind(Kind::Float);
+    let table = |f: fn(&Row) -> &Vec<f64>| {
+        let rows: Vec<Vec<f64>> = rows.iter().map(|r| f(r).clone()).collect();
+        super::phases::from_rows(&rows, n, device)
+    };
+    Rollout {
+        old_lp: table(|r| &r.old_lp),
+        ref_lp: table(|r| &r.ref_lp),
+        old_values: table(|r| &r.values),
+        answer_mask,
+        batch_idx: rows.iter().map(|r| r.index).collect(),
+        answers: rows.iter().map(|r| r.text.clone()).collect(),
+        scores: rows.iter().map(|r| r.score).collect(),
+        generation: Generation {
+            tokens,
+            attention_mask: attention,
+            prompt_width: p as i64,
+            answers: rows.iter().map(|r| r.answer.clone()).collect(),
+            finished: rows.iter().map(|r| r.finished).collect(),
+        },
+    }
+}
+
+fn to_int_rows(t: &Tensor) -> Vec<Vec<i64>> {
+    let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Int64);
+    let (b, n) = t.size2().expect("2-D");
+    let flat: Vec<i64> = Vec::try_from(t.reshape([-1])).expect("int64");
+    (0..b as usize)
+        .map(|i| flat[i * n as usize..(i + 1) * n as usize].to_vec())
+        .collect()
+}

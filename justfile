@@ -9,6 +9,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 venv := env_var_or_default("RLHF_VENV", justfile_directory() / ".venv")
 torch_version := "2.11.0"
 transformers_version := "5.24.0"
+# CUDA headers the torch wheel's nvidia packages leave out, so that the c10d
+# shim compiles its NCCL backend (stages/build.rs); the CUDA 13.0 of torch 2.11.
+cuda_headers := "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
 # TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`.
 trl_version := "0.29.1"
 
@@ -40,7 +43,7 @@ setup:
                 "rlhf builds without data-parallel stages on CPU" >&2
         fi
     fi
-    stamp="{{venv}}/.rlhf-setup-torch-{{torch_version}}-transformers-{{transformers_version}}"
+    stamp="{{venv}}/.rlhf-setup-torch-{{torch_version}}-transformers-{{transformers_version}}-cuda-headers"
     if [ -f "$stamp" ]; then exit 0; fi
     command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs)" >&2; exit 1; }
     py=$(command -v python3 || true)
@@ -49,6 +52,7 @@ setup:
     [ -x "{{venv}}/bin/python" ] || "$py" -m venv "{{venv}}"
     "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check \
         "torch=={{torch_version}}" "transformers=={{transformers_version}}"
+    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps {{cuda_headers}}
     "{{venv}}/bin/python" -c 'import torch; assert torch.__version__.startswith("{{torch_version}}"), torch.__version__'
     touch "$stamp"
 

@@ -187,37 +187,51 @@ def shared_cores(s, reps):
 
 
 def data_parallel(reps):
-    """SFT on the bundled demonstrations as 1 process (all cores) and as 2
-    ranks (Gloo, one thread each, `distributed.nproc_per_node: 2`), the same
-    global batch; rank 0's metrics give the all-reduce's share of a step."""
+    """SFT on the bundled demonstrations and PPO iterations (gold judge as
+    the reward) as 1 process (all cores) and as 2 ranks (Gloo, one thread
+    each, `distributed.nproc_per_node: 2`), the same global batches; rank
+    0's SFT metrics give the all-reduce's share of a step."""
     cores = len(os.sched_getaffinity(0))
     tmp = Path(tempfile.mkdtemp())
     exp = tmp / "dp.yaml"
+    task = ROOT / "datasets/task"
     exp.write_text(
         "name: dp\ndevice: cpu\nmodel: {n_layer: 4, n_head: 4, n_embd: 128, n_positions: 128}\nstages:\n"
-        f"  sft: {{kind: sft, data: {ROOT / 'datasets/task/sft.jsonl'}, max_steps: 40, batch_size: 16,"
-        " eval_every: 1000, checkpoint_every: 1000, eval_max_examples: 8}\n")
-    def run(ranks, threads):
-        cmd = [RLHF, "run", str(exp), "--only", "sft", "--force", "sft", "--threads", str(threads),
+        f"  sft: {{kind: sft, data: {task / 'sft.jsonl'}, max_steps: 40, batch_size: 16,"
+        " eval_every: 1000, checkpoint_every: 1000, eval_max_examples: 8}\n"
+        f"  ppo: {{kind: ppo, policy: sft, gold_reward: true, prompts: {task / 'prompts.jsonl'}, iterations: 6,"
+        " rollout_batch: 32, minibatch_size: 8, checkpoint_every: 1000, save_rollouts: false,"
+        " sampling: {max_new_tokens: 24}}\n")
+    def run(stage, ranks, threads):
+        cmd = [RLHF, "run", str(exp), "--only", stage, "--force", stage, "--threads", str(threads),
                "--set", f"distributed.nproc_per_node={ranks}"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-        summary = json.loads((tmp / "runs/dp/sft/summary.json").read_text())
-        lines = [json.loads(l) for l in (tmp / "runs/dp/sft/metrics.jsonl").read_text().splitlines()]
+        out = tmp / "runs/dp" / stage
+        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        if stage == "ppo":
+            its = [l["iteration_seconds"] for l in lines if "iteration_seconds" in l][1:]
+            return {"iteration_seconds": statistics.median(its)}
+        summary = json.loads((out / "summary.json").read_text())
         steps = [l for l in lines if "allreduce_s" in l]
         share = sum(l["allreduce_s"] for l in steps) / max(sum(l["step_s"] for l in steps), 1e-9)
         return {"tokens_per_s": summary["tokens_per_second"], "allreduce_share": share if steps else None}
-    print("data-parallel sft ...", file=sys.stderr, flush=True)
-    one, two = [], []
+    print("data-parallel sft and ppo ...", file=sys.stderr, flush=True)
+    half = max(1, cores // 2)
+    one, two, ppo_one, ppo_two = [], [], [], []
     for _ in range(reps):
-        one.append(run(1, cores))
-        two.append(run(2, max(1, cores // 2)))
+        one.append(run("sft", 1, cores))
+        two.append(run("sft", 2, half))
+        ppo_one.append(run("ppo", 1, cores))
+        ppo_two.append(run("ppo", 2, half))
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     return {"one": med(one, "tokens_per_s"), "two": med(two, "tokens_per_s"),
             "ratio": med(two, "tokens_per_s") / med(one, "tokens_per_s"),
             "allreduce_share": med(two, "allreduce_share"), "cores": cores,
-            "runs": {"one": one, "two": two}}
+            "ppo_one": med(ppo_one, "iteration_seconds"), "ppo_two": med(ppo_two, "iteration_seconds"),
+            "ppo_ratio": med(ppo_one, "iteration_seconds") / med(ppo_two, "iteration_seconds"),
+            "runs": {"one": one, "two": two, "ppo_one": ppo_one, "ppo_two": ppo_two}}
 
 
 def markdown(r):
@@ -292,16 +306,18 @@ def markdown(r):
     p = r.get("data_parallel")
     if p:
         lines += [
-            "## Data-parallel SFT (Gloo through libtorch's c10d, same global batch)",
+            "## Data-parallel SFT and PPO (Gloo through libtorch's c10d, same global batches)",
             "",
             f"The small model on the bundled demonstrations, 40 steps of 16: one process with {p['cores']} "
             f"threads against two ranks with {max(1, p['cores'] // 2)} each (`distributed: {{nproc_per_node: 2}}`). "
             "All-reduce share: rank 0's time in the step's collectives (gradients, then the loss) over the "
             "step's time, waiting for the other rank included.",
             "",
-            "| 1 process tokens/s | 2 ranks tokens/s | ratio | all-reduce share of a step |",
-            "|---|---|---|---|",
-            f"| {p['one']:,.0f} | {p['two']:,.0f} | **{p['ratio']:.2f}x** | {100 * p['allreduce_share']:.0f}% |",
+            "| work | 1 process | 2 ranks | ratio | all-reduce share of a step |",
+            "|---|---|---|---|---|",
+            f"| SFT tokens/s | {p['one']:,.0f} | {p['two']:,.0f} | **{p['ratio']:.2f}x** | {100 * p['allreduce_share']:.0f}% |",
+            f"| PPO s/iteration (rollout 32, minibatch 8, 24 tokens, median of 5) | {p['ppo_one']:.3f} | {p['ppo_two']:.3f} "
+            f"| **{p['ppo_ratio']:.2f}x** | |",
             "",
         ]
     return "\n".join(lines)

@@ -363,3 +363,42 @@ fn two_ranks_train_ppo_as_one_process_does() {
         "one Parquet file per iteration, written by rank 0"
     );
 }
+
+/// A loop round as two ranks: each samples answers to its share of the
+/// round's prompts, rank 0 ranks them all and writes the round's data;
+/// the round's reward model and PPO run as two ranks on it.
+#[test]
+fn a_loop_round_samples_on_two_ranks() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let text = std::fs::read_to_string(&exp).unwrap()
+        + "loop: {repeat: [rm, ppo], rounds: 1, prompts: prompts.jsonl, prompts_per_round: 6, k: 3,\n\
+           \x20      sampling: {max_new_tokens: 6}, labeller: {kind: gold}}\n";
+    std::fs::write(&exp, text).unwrap();
+    let out = common::rlhf(&[
+        "run",
+        exp.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--set",
+        "distributed.nproc_per_node=2",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("[round-1/collect r1] "), "{stderr}");
+    let collect: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("runs/dp/round-1/collect/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let new = &collect["summary"]["new_groups"];
+    let dropped = &collect["summary"]["all_tied_dropped"];
+    assert_eq!(
+        new.as_u64().unwrap() + dropped.as_u64().unwrap(),
+        6,
+        "every prompt of the round answered once: {collect}"
+    );
+    assert!(d.path().join("runs/dp/round-1/ppo/checkpoint").exists());
+}

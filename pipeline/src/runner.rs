@@ -239,7 +239,8 @@ impl Collect<'_> {
         for o in overrides {
             args.extend(["--set".into(), o.clone()]);
         }
-        let summary = crate::spawn::run_ranks(&label, &args, 1)?;
+        let ranks = self.exp.spec.distributed.nproc_per_node;
+        let summary = crate::spawn::run_ranks(&label, &args, ranks)?;
         let manifest = Manifest {
             stage: label,
             kind: "collect".into(),

@@ -121,3 +121,22 @@ fn a_rank_that_never_comes_fails_the_join_within_the_timeout() {
         started.elapsed()
     );
 }
+
+/// Built with NCCL but run without a GPU: joining on CUDA is an error that
+/// says so, not a crash.
+#[test]
+fn nccl_without_a_gpu_is_a_clear_error() {
+    let (_, nccl) = rlhf_stages::dist::backends();
+    if !nccl || tch::Cuda::is_available() {
+        eprintln!("no NCCL backend built, or a GPU is here: skipped");
+        return;
+    }
+    let e = Ranks::join(&topology(0, free_port()), Device::Cuda(0), 5).unwrap_err();
+    let message = e.to_string();
+    assert!(
+        message.starts_with("rank 0 of 2: joining the group:"),
+        "{message}"
+    );
+    assert!(message.contains("on nccl"), "{message}");
+    eprintln!("{message}");
+}

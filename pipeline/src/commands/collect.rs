@@ -22,8 +22,11 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         .rounds
         .as_ref()
         .context("the experiment has no `loop` section")?;
-    let device = parse_device(&exp.spec.device)?;
+    let topology = rlhf_stages::dist::Topology::from_env()?;
+    let device = super::stage::rank_device(parse_device(&exp.spec.device)?, topology.as_ref());
     crate::threads::apply(None, exp.spec.threads)?;
+    let timeout = exp.spec.distributed.timeout_seconds;
+    let ranks = super::stage::join_ranks(topology.as_ref(), device, timeout)?;
     let policy = Model::load(&args.policy, HeadChoice::Want(Head::Lm), device)?;
     let table = read_table(&spec.prompts)?;
     let all_prompts = string_column(&table, &spec.prompts, "prompt", "{prompt}")?;
@@ -33,17 +36,29 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         .take(spec.prompts_per_round)
         .map(|i| all_prompts[i].clone())
         .collect();
-    tch::manual_seed(seed as i64);
+    // Each rank answers its share of the prompts, with its own draws (rank
+    // 0's are a single process's); rank 0 ranks and writes them all.
+    tch::manual_seed((seed as i64).wrapping_add((ranks.rank() as i64) << 32));
     let answered = answer_prompts(
         &policy,
-        &prompts,
+        &prompts[ranks.share(prompts.len())],
         spec.k,
         &spec.sampling,
         ANSWER_BATCH,
         device,
     )?;
     let texts = answered.texts(&policy.tokenizer)?;
-    let answers: Vec<Vec<String>> = texts.chunks(spec.k).map(<[String]>::to_vec).collect();
+    let mine: Vec<Vec<String>> = texts.chunks(spec.k).map(<[String]>::to_vec).collect();
+    let mut answers: Vec<Vec<String>> = Vec::new();
+    let bytes = serde_json::to_vec(&mine)?;
+    for (rank, part) in ranks.all_gather_bytes(&bytes)?.iter().enumerate() {
+        let part: Vec<Vec<String>> = serde_json::from_slice(part)
+            .with_context(|| format!("rank {rank}'s answers did not decode"))?;
+        answers.extend(part);
+    }
+    if !ranks.is_main() {
+        return Ok(());
+    }
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
     let rankings = labeller::rank(&spec.labeller, &groups)?;
     let mut new = Vec::new();

@@ -18,11 +18,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
     let stage = exp.stage(&args.name)?;
     let topology = Topology::from_env()?;
-    let device = match (parse_device(&exp.spec.device)?, &topology) {
-        // One GPU per rank: the node's ranks take its GPUs in order.
-        (tch::Device::Cuda(_), Some(t)) => tch::Device::Cuda(t.local_rank),
-        (d, _) => d,
-    };
+    let device = rank_device(parse_device(&exp.spec.device)?, topology.as_ref());
     let out_dir = args
         .out
         .clone()
@@ -138,9 +134,17 @@ fn prepare_standalone(exp: &Experiment, name: &str, out_dir: &Path) -> anyhow::R
 /// each collective) before it fails; seconds.
 pub const TIMEOUT_ENV: &str = "RLHF_DIST_TIMEOUT_SECONDS";
 
+/// One GPU per rank: the node's ranks take its GPUs in order.
+pub fn rank_device(device: tch::Device, topology: Option<&Topology>) -> tch::Device {
+    match (device, topology) {
+        (tch::Device::Cuda(_), Some(t)) => tch::Device::Cuda(t.local_rank),
+        (d, _) => d,
+    }
+}
+
 /// This process's ranks: alone, or joined with the others that torchrun,
 /// Slurm or `rlhf run` started.
-fn join_ranks(
+pub fn join_ranks(
     topology: Option<&Topology>,
     device: tch::Device,
     configured: u64,

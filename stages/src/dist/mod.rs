@@ -233,6 +233,11 @@ impl Ranks {
         self.rank == 0
     }
 
+    /// This rank's rows of `n`: an equal, contiguous share.
+    pub fn share(&self, n: usize) -> std::ops::Range<usize> {
+        n * self.rank / self.world..n * (self.rank + 1) / self.world
+    }
+
     fn fail(&self, what: &'static str) -> impl FnOnce(String) -> DistError + '_ {
         move |message| DistError::Collective {
             rank: self.rank,

@@ -280,7 +280,7 @@ fn rollout(
         .copied()
         .collect();
     // This rank's share of the batch (all of it for one process).
-    let batch_idx = batch[super::shard::share(batch.len(), ranks)].to_vec();
+    let batch_idx = batch[ranks.share(batch.len())].to_vec();
     let prompt_ids: Vec<Vec<i64>> = batch_idx
         .iter()
         .map(|&i| data.prompt_ids[i].clone())
@@ -491,7 +491,7 @@ fn update(
             let count = r.answer_mask.index_select(0, &rows(chunk)).sum(Kind::Float);
             // Every rank holds the whole rollout and takes its positions
             // of each minibatch.
-            let idx = rows(&chunk[super::shard::share(chunk.len(), ranks)]);
+            let idx = rows(&chunk[ranks.share(chunk.len())]);
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mb = Minibatch {
                 tokens: sel(&r.generation.tokens),

@@ -5,8 +5,6 @@
 //! same advantages, whitening and KL from it. Each minibatch is then split
 //! between the ranks by position, and the gradients summed.
 
-use std::ops::Range;
-
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -14,12 +12,6 @@ use super::phases::Rollout;
 use crate::dist::Ranks;
 use crate::sample::Generation;
 use crate::train::StageError;
-
-/// This rank's rows of `n`: an equal, contiguous share.
-pub fn share(n: usize, ranks: &Ranks) -> Range<usize> {
-    let (rank, world) = (ranks.rank(), ranks.world());
-    n * rank / world..n * (rank + 1) / world
-}
 
 /// One answered prompt, as it travels between ranks.
 #[derive(Serialize, Deserialize)]

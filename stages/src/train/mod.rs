@@ -514,7 +514,7 @@ fn step_batches<O: Objective>(
     let batches: Vec<Option<O::Batch>> = (0..cfg.grad_accum as i64)
         .map(|k| {
             let rows = micro_batches.rows(step * cfg.grad_accum as i64 + k);
-            let mine = &rows[rows.len() * rank / world..rows.len() * (rank + 1) / world];
+            let mine = &rows[ranks.share(rows.len())];
             let examples: Vec<&O::Example> = mine.iter().map(|&i| train[i]).collect();
             (!examples.is_empty()).then(|| objective.collate(&examples))
         })

@@ -402,3 +402,55 @@ fn a_loop_round_samples_on_two_ranks() {
     );
     assert!(d.path().join("runs/dp/round-1/ppo/checkpoint").exists());
 }
+
+/// A rank that hangs (SIGSTOP) mid-stage: the others fail at their next
+/// collective within the timeout, and the runner stops the hung rank and
+/// names it.
+#[test]
+fn a_hung_rank_is_stopped_and_named_after_the_timeout() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let mut run = Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    run.args([
+        "run",
+        exp.to_str().unwrap(),
+        "--only",
+        "sft",
+        "--threads",
+        "1",
+    ])
+    .args([
+        "--set",
+        "stages.sft.max_steps=100000",
+        "--set",
+        "distributed.nproc_per_node=2",
+    ])
+    .args(["--set", "distributed.timeout_seconds=3"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let child = run.spawn().unwrap();
+    let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 20 {
+        assert!(started.elapsed().as_secs() < 120, "sft never got going");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = rank_pid(d.path(), 1).expect("rank 1 is running");
+    Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let stopped = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("sft: rank 0 of 2 failed first")
+            && stderr.contains("rank(s) [1] still ran 3 s later and were stopped (hung"),
+        "{stderr}"
+    );
+    assert!(stopped.elapsed().as_secs() < 30, "{:?}", stopped.elapsed());
+}

@@ -144,7 +144,8 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
             exp.stage(job.name)?.kind()
         );
     }
-    let result = crate::spawn::run_ranks(label, &args, ranks);
+    let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
+    let result = crate::spawn::run_ranks(label, &args, ranks, grace);
     let (status, summary) = match &result {
         Ok(summary) => (Status::Complete, summary.clone()),
         Err(e) => {
@@ -240,7 +241,8 @@ impl Collect<'_> {
             args.extend(["--set".into(), o.clone()]);
         }
         let ranks = self.exp.spec.distributed.nproc_per_node;
-        let summary = crate::spawn::run_ranks(&label, &args, ranks)?;
+        let grace = std::time::Duration::from_secs(self.exp.spec.distributed.timeout_seconds);
+        let summary = crate::spawn::run_ranks(&label, &args, ranks, grace)?;
         let manifest = Manifest {
             stage: label,
             kind: "collect".into(),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 /// How long the other ranks may take to notice a failed one (they fail at
-/// their next collective) before they are stopped.
+/// their next collective) before they are stopped, at most.
 const PEER_GRACE: Duration = Duration::from_secs(30);
 
 /// One started child and the threads that echo its output.
@@ -26,8 +26,15 @@ struct Running {
 
 /// Runs `rlhf ARGS` as `ranks` processes (1: alone), prefixing their
 /// output lines with `label` (and the rank); returns the JSON summary rank
-/// 0 prints last.
-pub fn run_ranks(label: &str, args: &[String], ranks: usize) -> anyhow::Result<serde_json::Value> {
+/// 0 prints last. Once a rank has failed, the others get `grace` (at most
+/// [`PEER_GRACE`]) to fail at their next collective before they are
+/// stopped and named.
+pub fn run_ranks(
+    label: &str,
+    args: &[String],
+    ranks: usize,
+    grace: Duration,
+) -> anyhow::Result<serde_json::Value> {
     let port = match ranks {
         1 => 0,
         _ => free_port()?,
@@ -44,7 +51,7 @@ pub fn run_ranks(label: &str, args: &[String], ranks: usize) -> anyhow::Result<s
     let pids: Vec<u32> = running.iter().map(|r| r.pid).collect();
     let done = Arc::new(AtomicBool::new(false));
     let watcher = forward_interrupt(pids.clone(), done.clone());
-    let (statuses, first_failed) = wait_all(&mut running)?;
+    let (statuses, first_failed, stopped) = wait_all(&mut running, grace.min(PEER_GRACE))?;
     done.store(true, Ordering::SeqCst);
     let _ = watcher.join();
     let mut last = None;
@@ -62,10 +69,17 @@ pub fn run_ranks(label: &str, args: &[String], ranks: usize) -> anyhow::Result<s
         if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
             bail!("{label} was interrupted; its last checkpoint is saved: rerun to continue");
         }
+        let hung = match stopped.as_slice() {
+            [] => String::new(),
+            s => format!(
+                "; rank(s) {s:?} still ran {} s later and were stopped (hung, or blocked in a collective)",
+                grace.min(PEER_GRACE).as_secs()
+            ),
+        };
         match ranks {
             1 => bail!("{label} failed ({status})"),
             _ => bail!(
-                "{label}: rank {rank} of {ranks} failed first ({status}); the other ranks stopped after it"
+                "{label}: rank {rank} of {ranks} failed first ({status}); the other ranks stopped after it{hung}"
             ),
         }
     }
@@ -155,12 +169,16 @@ fn forward_interrupt(pids: Vec<u32>, done: Arc<AtomicBool>) -> JoinHandle<()> {
     })
 }
 
-/// Waits for every child; once one has failed, the others get
-/// [`PEER_GRACE`] to notice before their process groups are stopped.
-/// Returns every status and the rank that failed first.
-fn wait_all(running: &mut [Running]) -> anyhow::Result<(Vec<ExitStatus>, Option<usize>)> {
+/// What the ranks did: every exit status, the rank that failed first, and
+/// the ranks the runner stopped.
+type Exits = (Vec<ExitStatus>, Option<usize>, Vec<usize>);
+
+/// Waits for every child; once one has failed, the others get `grace` to
+/// notice before their process groups are stopped.
+fn wait_all(running: &mut [Running], grace: Duration) -> anyhow::Result<Exits> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; running.len()];
     let mut failed: Option<(usize, Instant)> = None;
+    let mut stopped = Vec::new();
     while statuses.iter().any(Option::is_none) {
         for (rank, (r, status)) in running.iter_mut().zip(statuses.iter_mut()).enumerate() {
             if status.is_none() {
@@ -171,10 +189,11 @@ fn wait_all(running: &mut [Running]) -> anyhow::Result<(Vec<ExitStatus>, Option<
             }
         }
         let failed_at = failed.map(|(_, t)| t);
-        if failed_at.is_some_and(|t| t.elapsed() > PEER_GRACE) {
-            for (r, status) in running.iter().zip(&statuses) {
-                if status.is_none() {
+        if failed_at.is_some_and(|t| t.elapsed() > grace) {
+            for (rank, (r, status)) in running.iter().zip(&statuses).enumerate() {
+                if status.is_none() && !stopped.contains(&rank) {
                     crate::children::stop_group(r.pid);
+                    stopped.push(rank);
                 }
             }
         }
@@ -184,5 +203,5 @@ fn wait_all(running: &mut [Running]) -> anyhow::Result<(Vec<ExitStatus>, Option<
         .into_iter()
         .map(|s| s.expect("all exited"))
         .collect();
-    Ok((statuses, failed.map(|(rank, _)| rank)))
+    Ok((statuses, failed.map(|(rank, _)| rank), stopped))
 }

@@ -267,41 +267,7 @@ impl Experiment {
                 None => locate_stage_error(text, &message),
             },
         };
-        if !is_folder_name(&spec.name) {
-            return Err(invalid(format!(
-                "name \"{}\" {FOLDER_NAME} (it names the run folder)",
-                spec.name
-            )));
-        }
-        if spec.stages.is_empty() {
-            return Err(invalid("stages: no stages defined".into()));
-        }
-        if let Some(bad) = spec.stages.keys().find(|n| !is_folder_name(n)) {
-            let at = at_key_line(text, bad);
-            return Err(invalid(format!(
-                "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
-            )));
-        }
-        if let Some(taken) = spec.stages.keys().find(|n| reserved_in_run_folder(n)) {
-            let at = at_key_line(text, taken);
-            return Err(invalid(format!(
-                "stages: the stage name \"{taken}\" is taken by the run folder's own files \
-                 (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
-            )));
-        }
-        let d = &spec.distributed;
-        if !(1..=1024).contains(&d.nproc_per_node) || !(1..=86_400).contains(&d.timeout_seconds) {
-            return Err(invalid(format!(
-                "distributed: nproc_per_node must be in [1, 1024] and timeout_seconds in [1, 86400], got {} and {}{}",
-                d.nproc_per_node,
-                d.timeout_seconds,
-                at_key_line(text, "distributed")
-            )));
-        }
-        if let Some(n) = spec.threads {
-            crate::threads::check(n, "threads")
-                .map_err(|e| invalid(format!("{e}{}", at_key_line(text, "threads"))))?;
-        }
+        check_names_and_settings(text, &spec).map_err(&invalid)?;
         spec.model
             .validate()
             .map_err(|e| invalid(format!("model: {e}")))?;
@@ -345,53 +311,8 @@ impl Experiment {
             deps.insert(name.clone(), refs);
         }
         if let Some(l) = &mut spec.rounds {
-            let ctx = |m: String| invalid(format!("loop: {m}"));
-            let kinds: Vec<&str> = l
-                .repeat
-                .iter()
-                .map(|n| spec.stages.get(n).map_or("missing", |s| s.kind()))
-                .collect();
-            if kinds != ["reward", "ppo"] {
-                return Err(ctx(format!(
-                    "repeat must name a reward stage then a ppo stage, got {:?} (kinds {kinds:?})",
-                    l.repeat
-                )));
-            }
-            if l.rounds == 0 || l.k < 2 || l.prompts_per_round == 0 {
-                return Err(ctx(
-                    "rounds and prompts_per_round must be >= 1, k >= 2".into()
-                ));
-            }
-            if let Labeller::Command {
-                command,
-                timeout_seconds,
-            } = &l.labeller
-            {
-                let Some(program) = command.first() else {
-                    return Err(ctx("labeller.command is empty".into()));
-                };
-                if !program_exists(program) {
-                    return Err(ctx(format!(
-                        "labeller.command: program \"{program}\" not found (neither a file nor on PATH)"
-                    )));
-                }
-                if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
-                    return Err(ctx(format!(
-                        "labeller.timeout_seconds must be > 0, got {timeout_seconds}"
-                    )));
-                }
-            }
+            check_loop(l, &spec.stages).map_err(|m| invalid(format!("loop: {m}")))?;
             l.prompts = abs(&l.prompts);
-            l.sampling.validate().map_err(|e| ctx(e.to_string()))?;
-            if let Some(bad) = l
-                .set
-                .iter()
-                .find(|o| !o.contains('=') || o.starts_with('='))
-            {
-                return Err(ctx(format!(
-                    "set: \"{bad}\" is not KEY=VALUE (e.g. \"stages.rm.epochs=1\")"
-                )));
-            }
         }
         Ok(Self {
             file: path.to_owned(),
@@ -644,6 +565,94 @@ fn set_by_override<'a>(message: &str, overrides: &'a [String]) -> Option<&'a str
             })
         })
         .map(String::as_str)
+}
+
+/// The names that become folders, and the run-wide settings' ranges.
+fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), String> {
+    if !is_folder_name(&spec.name) {
+        return Err(format!(
+            "name \"{}\" {FOLDER_NAME} (it names the run folder)",
+            spec.name
+        ));
+    }
+    if spec.stages.is_empty() {
+        return Err("stages: no stages defined".into());
+    }
+    if let Some(bad) = spec.stages.keys().find(|n| !is_folder_name(n)) {
+        let at = at_key_line(text, bad);
+        return Err(format!(
+            "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
+        ));
+    }
+    if let Some(taken) = spec.stages.keys().find(|n| reserved_in_run_folder(n)) {
+        let at = at_key_line(text, taken);
+        return Err(format!(
+            "stages: the stage name \"{taken}\" is taken by the run folder's own files \
+             (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
+        ));
+    }
+    let d = &spec.distributed;
+    if !(1..=1024).contains(&d.nproc_per_node) || !(1..=86_400).contains(&d.timeout_seconds) {
+        return Err(format!(
+            "distributed: nproc_per_node must be in [1, 1024] and timeout_seconds in [1, 86400], got {} and {}{}",
+            d.nproc_per_node,
+            d.timeout_seconds,
+            at_key_line(text, "distributed")
+        ));
+    }
+    if let Some(n) = spec.threads {
+        crate::threads::check(n, "threads")
+            .map_err(|e| format!("{e}{}", at_key_line(text, "threads")))?;
+    }
+    Ok(())
+}
+
+/// The loop's settings, checked with the rest before any stage runs.
+fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), String> {
+    let kinds: Vec<&str> = l
+        .repeat
+        .iter()
+        .map(|n| stages.get(n).map_or("missing", |s| s.kind()))
+        .collect();
+    if kinds != ["reward", "ppo"] {
+        return Err(format!(
+            "repeat must name a reward stage then a ppo stage, got {:?} (kinds {kinds:?})",
+            l.repeat
+        ));
+    }
+    if l.rounds == 0 || l.k < 2 || l.prompts_per_round == 0 {
+        return Err("rounds and prompts_per_round must be >= 1, k >= 2".into());
+    }
+    if let Labeller::Command {
+        command,
+        timeout_seconds,
+    } = &l.labeller
+    {
+        let Some(program) = command.first() else {
+            return Err("labeller.command is empty".into());
+        };
+        if !program_exists(program) {
+            return Err(format!(
+                "labeller.command: program \"{program}\" not found (neither a file nor on PATH)"
+            ));
+        }
+        if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
+            return Err(format!(
+                "labeller.timeout_seconds must be > 0, got {timeout_seconds}"
+            ));
+        }
+    }
+    l.sampling.validate().map_err(|e| e.to_string())?;
+    if let Some(bad) = l
+        .set
+        .iter()
+        .find(|o| !o.contains('=') || o.starts_with('='))
+    {
+        return Err(format!(
+            "set: \"{bad}\" is not KEY=VALUE (e.g. \"stages.rm.epochs=1\")"
+        ));
+    }
+    Ok(())
 }
 
 /// `message (from --set KEY=VALUE)` when a `--set` wrote the setting.

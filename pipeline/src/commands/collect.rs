@@ -77,6 +77,22 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         }
     }
 
+    let n_new = new.len();
+    let (groups, round_col, policy_col) = with_base(&args, new)?;
+    write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
+    println!(
+        "{}",
+        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len()})
+    );
+    Ok(())
+}
+
+/// The round's data: every group so far (with its provenance where the base
+/// file has it) and the new ones, with their round and policy columns.
+fn with_base(
+    args: &CollectArgs,
+    new: Vec<RankedGroup>,
+) -> anyhow::Result<(Vec<RankedGroup>, Vec<i64>, Vec<String>)> {
     // Everything so far, with its provenance where the file has it.
     let base_table = read_table(&args.base)?;
     let base = ranked_groups(&base_table, &args.base)?;
@@ -107,10 +123,5 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         args.policy.display().to_string(),
         n_new,
     ));
-    write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
-    println!(
-        "{}",
-        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len()})
-    );
-    Ok(())
+    Ok((groups, round_col, policy_col))
 }

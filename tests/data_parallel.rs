@@ -205,6 +205,33 @@ fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
     })
 }
 
+/// Starts `rlhf ARGS` (SFT as two ranks), sends rank 1 `signal` once the
+/// stage has logged `lines` steps, and waits for the run: whether it
+/// succeeded, its stderr, and the seconds it took after the signal.
+fn signal_rank_one(dir: &Path, args: &[&str], lines: usize, signal: &str) -> (bool, String, u64) {
+    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("runs/dp/sft/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < lines {
+        assert!(started.elapsed().as_secs() < 120, "sft never got going");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = rank_pid(dir, 1).expect("rank 1 is running");
+    Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    let sent = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), stderr, sent.elapsed().as_secs())
+}
+
 /// A rank killed mid-stage: the run fails within the timeout naming that
 /// rank, and the rerun resumes and ends bit for bit as an uninterrupted
 /// run of the same ranks.
@@ -225,31 +252,14 @@ fn a_killed_rank_fails_the_stage_by_name_and_the_rerun_matches() {
         "distributed.timeout_seconds=20",
     ];
     let two = [&long[..], &["--set", "distributed.nproc_per_node=2"]].concat();
-    let mut run = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    run.args([&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = run.spawn().unwrap();
-    let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 60 {
-        assert!(started.elapsed().as_secs() < 120, "sft never got going");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let pid = rank_pid(d.path(), 1).expect("rank 1 is running");
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let killed = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let args = [&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat();
+    let (ok, stderr, seconds) = signal_rank_one(d.path(), &args, 60, "-KILL");
+    assert!(!ok);
     assert!(
         stderr.contains("sft: rank 1 of 2 failed first (signal: 9 (SIGKILL))"),
         "{stderr}"
     );
-    assert!(killed.elapsed().as_secs() < 60, "{:?}", killed.elapsed());
+    assert!(seconds < 60, "{seconds} s");
     let out =
         common::rlhf(&[&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -413,44 +423,26 @@ fn a_hung_rank_is_stopped_and_named_after_the_timeout() {
     }
     let d = tempfile::tempdir().unwrap();
     let exp = experiment(d.path());
-    let mut run = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    run.args([
+    let args = [
         "run",
         exp.to_str().unwrap(),
         "--only",
         "sft",
         "--threads",
         "1",
-    ])
-    .args([
         "--set",
         "stages.sft.max_steps=100000",
         "--set",
         "distributed.nproc_per_node=2",
-    ])
-    .args(["--set", "distributed.timeout_seconds=3"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let child = run.spawn().unwrap();
-    let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 20 {
-        assert!(started.elapsed().as_secs() < 120, "sft never got going");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let pid = rank_pid(d.path(), 1).expect("rank 1 is running");
-    Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap();
-    let stopped = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+        "--set",
+        "distributed.timeout_seconds=3",
+    ];
+    let (ok, stderr, seconds) = signal_rank_one(d.path(), &args, 20, "-STOP");
+    assert!(!ok);
     assert!(
         stderr.contains("sft: rank 0 of 2 failed first")
             && stderr.contains("rank(s) [1] still ran 3 s later and were stopped (hung"),
         "{stderr}"
     );
-    assert!(stopped.elapsed().as_secs() < 30, "{:?}", stopped.elapsed());
+    assert!(seconds < 30, "{seconds} s");
 }

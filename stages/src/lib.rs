@@ -1,6 +1,7 @@
 //! libtorch: the GPT and the math of each RLHF stage.
 //!
 //! - [`gpt`]: the GPT-2-layout model, KV cache, LM and scalar heads.
+//! - [`llama`]: the Llama-layout decoder (Llama, Qwen2, Mistral), forward pass.
 //! - [`checkpoint`]: model folders (HF GPT-2 compatible), atomic writes.
 //! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
 //! - [`train`]: the training loop every supervised stage shares, training
@@ -23,6 +24,7 @@ pub mod error;
 pub mod eval;
 pub mod gpt;
 pub mod kind;
+pub mod llama;
 pub mod optim;
 pub mod ppo;
 pub mod reward;

@@ -1,0 +1,369 @@
+//! The Llama-layout decoder (Llama, Qwen2, Mistral, SmolLM, TinyLlama):
+//! RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query
+//! attention, tied or untied embeddings, optional q/k/v biases (Qwen2).
+//! Variables carry HF's names (`model.layers.0.self_attn.q_proj.weight`),
+//! so an HF `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM`
+//! folder loads with a key copy.
+//!
+//! First step of issue #17: the full forward pass, checked against
+//! `transformers` (`stages/tests/llama_reference.rs`); the stages still
+//! train the GPT-2 layout.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// What `config.json` says of a Llama-layout model (HF's field names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: i64,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections with biases (Qwen2; Llama's `attention_bias`).
+    pub attention_bias: bool,
+}
+
+/// Why a `config.json` does not describe a model this module can build.
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaConfigError {
+    #[error("`{0}` is missing or not a number")]
+    Missing(&'static str),
+    #[error("model_type \"{0}\" is not a Llama-layout decoder (llama, qwen2, mistral)")]
+    NotLlama(String),
+    #[error("rope_scaling of type \"{0}\" is not supported (only plain rotary embeddings are)")]
+    RopeScaling(String),
+    #[error("{field} ({value}) must be a positive multiple of {of_field} ({of})")]
+    Shape {
+        field: &'static str,
+        value: i64,
+        of_field: &'static str,
+        of: i64,
+    },
+}
+
+impl LlamaConfig {
+    /// From an HF `config.json` object.
+    pub fn from_hf(v: &Value) -> Result<Self, LlamaConfigError> {
+        let model_type = v["model_type"].as_str().unwrap_or("");
+        let qwen = model_type == "qwen2";
+        if !["llama", "qwen2", "mistral"].contains(&model_type) {
+            return Err(LlamaConfigError::NotLlama(model_type.into()));
+        }
+        // transformers 5 writes `rope_parameters`, earlier ones `rope_theta`
+        // and `rope_scaling`.
+        let rope = &v["rope_parameters"];
+        let scaling = [&v["rope_scaling"], rope]
+            .into_iter()
+            .find_map(|r| r.get("rope_type").or_else(|| r.get("type")));
+        if let Some(kind) = scaling {
+            let kind = kind.as_str().unwrap_or("?");
+            if kind != "default" {
+                return Err(LlamaConfigError::RopeScaling(kind.into()));
+            }
+        }
+        let int = |k: &'static str| v[k].as_i64().ok_or(LlamaConfigError::Missing(k));
+        let heads = int("num_attention_heads")?;
+        let hidden = int("hidden_size")?;
+        let config = Self {
+            vocab_size: int("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: int("intermediate_size")?,
+            num_hidden_layers: int("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: v["num_key_value_heads"].as_i64().unwrap_or(heads),
+            head_dim: v["head_dim"]
+                .as_i64()
+                .unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+            rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+            rope_theta: v["rope_theta"]
+                .as_f64()
+                .or_else(|| rope["rope_theta"].as_f64())
+                .unwrap_or(10_000.0),
+            max_position_embeddings: int("max_position_embeddings")?,
+            tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+            attention_bias: v["attention_bias"].as_bool().unwrap_or(qwen),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), LlamaConfigError> {
+        let shape = |field, value, of_field, of| LlamaConfigError::Shape {
+            field,
+            value,
+            of_field,
+            of,
+        };
+        let kv = self.num_key_value_heads;
+        if kv <= 0 || self.num_attention_heads <= 0 || self.num_attention_heads % kv != 0 {
+            return Err(shape(
+                "num_attention_heads",
+                self.num_attention_heads,
+                "num_key_value_heads",
+                kv,
+            ));
+        }
+        if self.head_dim <= 0 || self.head_dim % 2 != 0 {
+            return Err(shape("head_dim", self.head_dim, "2", 2));
+        }
+        Ok(())
+    }
+}
+
+fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
+    nn::linear(
+        p,
+        input,
+        output,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
+}
+
+/// RMSNorm in fp32, as HF computes it, back in the input's kind.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, size: i64, eps: f64) -> Self {
+        Self {
+            weight: p.ones("weight", &[size]),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x = x.to_kind(Kind::Float);
+        let variance = x.square().mean_dim(-1, true, Kind::Float);
+        let normed = (x * (variance + self.eps).rsqrt()).to_kind(kind);
+        &self.weight * normed
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    o: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate: nn::Linear,
+    up: nn::Linear,
+    down: nn::Linear,
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-layout causal language model.
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: nn::Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<nn::Linear>,
+}
+
+impl Llama {
+    pub fn new(root: &nn::Path, config: &LlamaConfig) -> Self {
+        let c = config;
+        let m = root / "model";
+        let (hidden, d) = (c.hidden_size, c.head_dim);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = &m / "layers" / i;
+                let a = &l / "self_attn";
+                let mlp = &l / "mlp";
+                let bias = c.attention_bias;
+                Layer {
+                    input_norm: RmsNorm::new(&l / "input_layernorm", hidden, c.rms_norm_eps),
+                    attn: Attention {
+                        q: linear(&a / "q_proj", hidden, c.num_attention_heads * d, bias),
+                        k: linear(&a / "k_proj", hidden, c.num_key_value_heads * d, bias),
+                        v: linear(&a / "v_proj", hidden, c.num_key_value_heads * d, bias),
+                        o: linear(&a / "o_proj", c.num_attention_heads * d, hidden, false),
+                        heads: c.num_attention_heads,
+                        kv_heads: c.num_key_value_heads,
+                        head_dim: d,
+                    },
+                    post_norm: RmsNorm::new(
+                        &l / "post_attention_layernorm",
+                        hidden,
+                        c.rms_norm_eps,
+                    ),
+                    mlp: Mlp {
+                        gate: linear(&mlp / "gate_proj", hidden, c.intermediate_size, false),
+                        up: linear(&mlp / "up_proj", hidden, c.intermediate_size, false),
+                        down: linear(&mlp / "down_proj", c.intermediate_size, hidden, false),
+                    },
+                }
+            })
+            .collect();
+        Self {
+            config: c.clone(),
+            embed: nn::embedding(
+                &m / "embed_tokens",
+                c.vocab_size,
+                hidden,
+                Default::default(),
+            ),
+            layers,
+            norm: RmsNorm::new(&m / "norm", hidden, c.rms_norm_eps),
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| linear(root / "lm_head", hidden, c.vocab_size, false)),
+        }
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Logits `(B, T, V)` of token ids `(B, T)`; `attention_mask` `(B, T)`
+    /// (1: a real token) allows left padding: positions count real tokens.
+    pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        let (b, t) = ids.size2().expect("ids are (B, T)");
+        let device = ids.device();
+        let positions = match attention_mask {
+            Some(m) => (m.cumsum(1, Kind::Int64) - 1).clamp_min(0),
+            None => Tensor::arange(t, (Kind::Int64, device)).expand([b, t], false),
+        };
+        let (cos, sin) = rotary(&positions, self.config.head_dim, self.config.rope_theta);
+        let mask = causal_mask(t, attention_mask, device);
+        let mut x = self.embed.forward(ids);
+        for layer in &self.layers {
+            let h = layer
+                .attn
+                .forward(&layer.input_norm.forward(&x), &cos, &sin, &mask);
+            x = x + h;
+            let normed = layer.post_norm.forward(&x);
+            let m = &layer.mlp;
+            let h = m
+                .down
+                .forward(&(m.gate.forward(&normed).silu() * m.up.forward(&normed)));
+            x = x + h;
+        }
+        let x = self.norm.forward(&x);
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => x.matmul(&self.embed.ws.tr()),
+        }
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let (b, t, _) = x.size3().expect("(B, T, C)");
+        let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
+        let q = apply_rotary(&split(self.q.forward(x), self.heads), cos, sin);
+        let k = apply_rotary(&split(self.k.forward(x), self.kv_heads), cos, sin);
+        let v = split(self.v.forward(x), self.kv_heads);
+        // Grouped-query attention: each key/value head serves a group of
+        // query heads.
+        let groups = self.heads / self.kv_heads;
+        let (k, v) = match groups {
+            1 => (k, v),
+            g => (
+                k.repeat_interleave_self_int(g, 1, None),
+                v.repeat_interleave_self_int(g, 1, None),
+            ),
+        };
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(mask),
+            0.0,
+            false,
+            None::<f64>,
+            false,
+        );
+        self.o.forward(
+            &y.transpose(1, 2)
+                .contiguous()
+                .view([b, t, self.heads * self.head_dim]),
+        )
+    }
+}
+
+/// cos and sin `(B, 1, T, D)` of HF's rotary embedding at `positions`.
+fn rotary(positions: &Tensor, head_dim: i64, theta: f64) -> (Tensor, Tensor) {
+    let device = positions.device();
+    let exponents =
+        Tensor::arange_start_step(0, head_dim, 2, (Kind::Float, device)) / head_dim as f64;
+    let inv_freq = Tensor::pow_scalar(theta, &exponents).reciprocal();
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (B, T, D/2)
+    let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // (B, 1, T, D)
+    (emb.cos(), emb.sin())
+}
+
+/// `x * cos + rotate_half(x) * sin`, rotate_half(x) = [-x2, x1].
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let (x1, x2) = (x.narrow(3, 0, half), x.narrow(3, half, half));
+    let rotated = Tensor::cat(&[&(-x2), &x1], 3);
+    x * cos.to_kind(x.kind()) + rotated * sin.to_kind(x.kind())
+}
+
+/// A boolean `(B, 1, T, T)` mask: causal, and no attention to padding.
+fn causal_mask(t: i64, attention_mask: Option<&Tensor>, device: Device) -> Tensor {
+    let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+    match attention_mask {
+        None => causal.view([1, 1, t, t]),
+        Some(m) => {
+            let keys = m.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1); // (B, 1, 1, T)
+                                                                        // A padded query row would see nothing; let it see itself.
+            causal
+                .view([1, 1, t, t])
+                .logical_and(&keys)
+                .logical_or(&Tensor::eye(t, (Kind::Bool, device)))
+        }
+    }
+}
+
+/// A Llama-layout model folder's config and network on `device` (weights
+/// from `model.safetensors`).
+pub fn load(dir: &Path, device: Device) -> Result<(nn::VarStore, Llama), String> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let config =
+        LlamaConfig::from_hf(&value).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let mut vs = nn::VarStore::new(device);
+    let model = Llama::new(&vs.root(), &config);
+    let weights = dir.join("model.safetensors");
+    vs.load(&weights)
+        .map_err(|e| format!("{}: {e}", weights.display()))?;
+    Ok((vs, model))
+}

@@ -1,0 +1,68 @@
+//! The Llama-layout decoder against `transformers` in the venv: random
+//! Llama and Qwen2 models with grouped-query attention (4 query heads, 2
+//! key/value heads), tied and untied embeddings, saved by
+//! `save_pretrained` and loaded here by key copy, give the same logits
+//! within 1e-4.
+
+mod common;
+
+use std::path::Path;
+
+use rlhf_stages::llama;
+
+fn check(family: &str, tied: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let tied_flag = if tied { "1" } else { "0" };
+    common::run_python("llama_reference.py", &["make-hf", dir, family, tied_flag]);
+    let (_vs, model) = llama::load(Path::new(dir), tch::Device::Cpu).unwrap();
+    assert_eq!(model.config().tie_word_embeddings, tied);
+    assert_eq!(model.config().attention_bias, family == "qwen2");
+    let reference = tch::Tensor::read_safetensors(d.path().join("reference.safetensors")).unwrap();
+    let get = |k: &str| {
+        reference
+            .iter()
+            .find(|(n, _)| n == k)
+            .unwrap()
+            .1
+            .shallow_clone()
+    };
+    let logits = tch::no_grad(|| model.logits(&get("input_ids"), None));
+    let diff = (logits - get("logits")).abs().max().double_value(&[]);
+    assert!(
+        diff < 1e-4,
+        "{family} (tied {tied}): logits differ by {diff}"
+    );
+}
+
+#[test]
+fn llama_untied_matches_transformers() {
+    check("llama", false);
+}
+
+#[test]
+fn llama_tied_matches_transformers() {
+    check("llama", true);
+}
+
+#[test]
+fn qwen2_with_qkv_biases_matches_transformers() {
+    check("qwen2", true);
+}
+
+#[test]
+fn unsupported_rope_scaling_is_named() {
+    let v = serde_json::json!({
+        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}
+    });
+    let e = llama::LlamaConfig::from_hf(&v).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "rope_scaling of type \"yarn\" is not supported (only plain rotary embeddings are)"
+    );
+    let v = serde_json::json!({"model_type": "gpt2"});
+    let e = llama::LlamaConfig::from_hf(&v).unwrap_err().to_string();
+    assert!(e.contains("not a Llama-layout decoder"), "{e}");
+}

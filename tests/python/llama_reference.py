@@ -1,0 +1,48 @@
+"""Reference logits from HF transformers for Llama-layout models, for
+stages/tests/llama_reference.rs.
+
+  make-hf DIR FAMILY TIED   build a random LlamaForCausalLM (FAMILY llama) or
+                            Qwen2ForCausalLM (qwen2) with grouped-query
+                            attention (4 query heads, 2 key/value heads),
+                            tied embeddings if TIED is 1, save it to DIR and
+                            write DIR/reference.safetensors with fixed
+                            input_ids and their logits.
+"""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+
+def make_hf(out_dir, family, tied):
+    torch.manual_seed(4321)
+    common = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-5, tie_word_embeddings=tied, rope_theta=10000.0,
+    )
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    # Norm weights and biases away from ones and zeros, so that a skipped or
+    # misnamed tensor cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(out_dir)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().contiguous()
+    save_file({"input_ids": ids, "logits": logits}, f"{out_dir}/reference.safetensors")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make-hf":
+        make_hf(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
+    else:
+        sys.exit(f"unknown command {sys.argv[1]}")

@@ -261,22 +261,27 @@ impl Llama {
         let mask = causal_mask(t, attention_mask, device);
         let mut x = self.embed.forward(ids);
         for layer in &self.layers {
-            let h = layer
-                .attn
-                .forward(&layer.input_norm.forward(&x), &cos, &sin, &mask);
-            x = x + h;
-            let normed = layer.post_norm.forward(&x);
-            let m = &layer.mlp;
-            let h = m
-                .down
-                .forward(&(m.gate.forward(&normed).silu() * m.up.forward(&normed)));
-            x = x + h;
+            x = layer.forward(&x, &cos, &sin, &mask);
         }
         let x = self.norm.forward(&x);
         match &self.lm_head {
             Some(head) => head.forward(&x),
             None => x.matmul(&self.embed.ws.tr()),
         }
+    }
+}
+
+impl Layer {
+    /// Pre-norm residual block; out of place, so that autograd keeps what
+    /// the norms saved.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let x = x + self
+            .attn
+            .forward(&self.input_norm.forward(x), cos, sin, mask);
+        let normed = self.post_norm.forward(&x);
+        let m = &self.mlp;
+        let h = m.gate.forward(&normed).silu() * m.up.forward(&normed);
+        &x + m.down.forward(&h)
     }
 }
 

@@ -446,3 +446,29 @@ fn a_hung_rank_is_stopped_and_named_after_the_timeout() {
     );
     assert!(seconds < 30, "{seconds} s");
 }
+
+/// A short last micro-batch of one example, as two ranks: rank 0 has none
+/// and backpropagates a stand-in weighted zero; both end as one process.
+#[test]
+fn a_micro_batch_shorter_than_the_ranks_still_matches_one_process() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 9);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: dp\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 64}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, epochs: 2, batch_size: 4, eval_fraction: 0}\n",
+    )
+    .unwrap();
+    run_ranks(&exp, "sft", &d.path().join("one"), 1);
+    run_ranks(&exp, "sft", &d.path().join("two"), 2);
+    assert_eq!(
+        curve(&d.path().join("one"), "loss").len(),
+        6,
+        "3 steps an epoch"
+    );
+    assert_same_run(&d.path().join("one"), &d.path().join("two"), "sft", &[]);
+}

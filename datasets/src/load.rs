@@ -94,12 +94,15 @@ pub fn read_table(path: &Path) -> Result<DataFrame, DataError> {
         path: path.to_owned(),
         source,
     };
-    if let Some(kind) = crate::files::not_a_regular_file(path) {
-        return Err(DataError::Parse {
+    // Larger than memory (or a device, a FIFO): refused by name, not read
+    // until the process is killed.
+    let memory = crate::files::memory_bytes().unwrap_or(u64::MAX);
+    crate::files::bounded_size(path, memory, "this machine's memory").map_err(|message| {
+        DataError::Parse {
             path: path.to_owned(),
-            message: format!("is {kind}, expected a regular file"),
-        });
-    }
+            message,
+        }
+    })?;
     let df = match Format::of(path)? {
         Format::JsonLines { gzip } => {
             let raw = std::fs::read(path).map_err(io)?;
@@ -146,13 +149,25 @@ fn without_bom(mut bytes: Vec<u8>) -> Vec<u8> {
 }
 
 fn gunzip(path: &Path, raw: &[u8]) -> Result<Vec<u8>, DataError> {
+    // A small file can inflate without end (a gzip bomb): stop at memory.
+    let limit = crate::files::memory_bytes().unwrap_or(u64::MAX);
     let mut out = Vec::new();
     flate2::read::MultiGzDecoder::new(raw)
+        .take(limit)
         .read_to_end(&mut out)
         .map_err(|e| DataError::Parse {
             path: path.to_owned(),
             message: format!("not a valid gzip file ({e})"),
         })?;
+    if out.len() as u64 >= limit {
+        return Err(DataError::Parse {
+            path: path.to_owned(),
+            message: format!(
+                "inflates to more than this machine's memory ({})",
+                crate::files::human_bytes(limit)
+            ),
+        });
+    }
     Ok(out)
 }
 

@@ -620,6 +620,17 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
             l.repeat
         ));
     }
+    // A round's folder holds its own `collect/` and preferences beside the
+    // repeated stages.
+    if let Some(taken) = l
+        .repeat
+        .iter()
+        .find(|n| ["collect", "preferences.parquet"].contains(&n.as_str()))
+    {
+        return Err(format!(
+            "repeat: the stage name \"{taken}\" is taken inside each round's folder (collect/, preferences.parquet); rename the stage"
+        ));
+    }
     if l.rounds == 0 || l.k < 2 || l.prompts_per_round == 0 {
         return Err("rounds and prompts_per_round must be >= 1, k >= 2".into());
     }

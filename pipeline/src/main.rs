@@ -55,7 +55,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let part = cause.to_string();
-        if !text.contains(&part) {
+        if !text.ends_with(&part) {
             if !text.is_empty() {
                 text.push_str(": ");
             }

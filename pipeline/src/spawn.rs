@@ -46,7 +46,17 @@ pub fn run_ranks(
             r => format!("[{label} r{r}] "),
         };
         let env = rank_env(rank, ranks, port);
-        running.push(start(label, args, &env, prefix)?);
+        match start(label, args, &env, prefix) {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                // The ranks already started would wait for this one.
+                for r in &running {
+                    crate::children::stop_group(r.pid);
+                    crate::children::unregister(r.pid);
+                }
+                return Err(e);
+            }
+        }
     }
     let pids: Vec<u32> = running.iter().map(|r| r.pid).collect();
     let done = Arc::new(AtomicBool::new(false));
@@ -64,6 +74,10 @@ pub fn run_ranks(
             }
         }
     }
+    // A stop every rank agreed on (130) is no rank's failure, but still no
+    // success.
+    let first_failed =
+        first_failed.or_else(|| statuses.iter().position(|s| !s.success()));
     if let Some(rank) = first_failed {
         let status = statuses[rank];
         if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
@@ -90,7 +104,8 @@ pub fn run_ranks(
 /// The variables torchrun sets, for rank `rank` of `world` on this machine.
 fn rank_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
     if world == 1 {
-        return vec![];
+        // One process, even inside a Slurm job of many tasks.
+        return vec![("RANK", "0".into()), ("WORLD_SIZE", "1".into())];
     }
     vec![
         ("RANK", rank.to_string()),
@@ -183,7 +198,10 @@ fn wait_all(running: &mut [Running], grace: Duration) -> anyhow::Result<Exits> {
         for (rank, (r, status)) in running.iter_mut().zip(statuses.iter_mut()).enumerate() {
             if status.is_none() {
                 *status = r.child.try_wait()?;
-                if status.is_some_and(|s| !s.success()) {
+                // An agreed stop (Ctrl-C: 130) is no failure: rank 0 may
+                // still be writing its checkpoint.
+                let stop = |s: ExitStatus| s.code() == Some(130);
+                if status.is_some_and(|s| !s.success() && !stop(s)) {
                     failed.get_or_insert((rank, Instant::now()));
                 }
             }

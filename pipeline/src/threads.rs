@@ -64,13 +64,29 @@ pub fn choose(stage: Option<usize>, experiment: Option<usize>) -> anyhow::Result
     Ok(match (stage, experiment) {
         (Some(n), _) => (n, Source::Stage),
         (None, Some(n)) => (n, Source::Experiment),
-        (None, None) => (cores(), Source::Cores),
+        (None, None) => (cores_per_rank(), Source::Cores),
     })
 }
 
 /// The cores this process may run on (its CPU affinity and quota).
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The cores shared among the ranks on this machine (torchrun's and
+/// `rlhf run`'s `LOCAL_WORLD_SIZE`, Slurm's `SLURM_NTASKS_PER_NODE`):
+/// N ranks each with every core would spin-wait for each other.
+fn cores_per_rank() -> usize {
+    let local = ["LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"]
+        .iter()
+        .find_map(|v| {
+            let text = std::env::var(v).ok()?;
+            // Slurm writes `4` or `4(x2)`.
+            let digits: String = text.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<usize>().ok().filter(|&n| n > 0)
+        })
+        .unwrap_or(1);
+    (cores() / local).max(1)
 }
 
 /// A thread count's range, for `--threads` and the config.
@@ -93,7 +109,11 @@ mod tests {
         }
         assert_eq!(choose(Some(1), Some(3)).unwrap(), (1, Source::Stage));
         assert_eq!(choose(None, Some(3)).unwrap(), (3, Source::Experiment));
-        assert_eq!(choose(None, None).unwrap(), (cores(), Source::Cores));
+        if std::env::var("LOCAL_WORLD_SIZE").is_err()
+            && std::env::var("SLURM_NTASKS_PER_NODE").is_err()
+        {
+            assert_eq!(choose(None, None).unwrap(), (cores(), Source::Cores));
+        }
         assert!(check(0, "threads").is_err() && check(MAX_THREADS + 1, "x").is_err());
     }
 }

@@ -121,9 +121,12 @@ void* rlhf_c10d_new(
     so.waitWorkers = false;
     so.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
-    // One key space per group, as torch.distributed does.
+    // One key space per group and per restart of torchrun's agent (whose
+    // store outlives the ranks and keeps the last attempt's keys).
+    const char* restart = std::getenv("TORCHELASTIC_RESTART_COUNT");
+    std::string prefix = std::string("rlhf/") + (restart ? restart : "0");
     c10::intrusive_ptr<c10d::Store> store =
-        c10::make_intrusive<c10d::PrefixStore>("rlhf", tcp);
+        c10::make_intrusive<c10d::PrefixStore>(prefix, tcp);
     auto g = std::make_unique<Group>();
     g->store = store;
     g->timeout = timeout;

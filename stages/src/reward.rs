@@ -543,7 +543,10 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         wall_seconds: started.elapsed().as_secs_f64(),
         warning: fitted.warning.clone(),
     };
-    write_summary(&ctx.out_dir, &summary)?;
+    // Rank 0 alone writes the run folder.
+    if run.ranks.is_main() {
+        write_summary(&ctx.out_dir, &summary)?;
+    }
     Ok(summary)
 }
 

@@ -232,8 +232,10 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
     let fitted = fit(&run, start, &objective, &examples)?;
     let out = &ctx.out_dir;
     finish(&run, &fitted)?;
+    // Rank 0 alone writes the run folder (samples, summary).
+    let main = run.ranks.is_main();
     let judged = match &cfg.eval_prompts {
-        Some(path) => judged_eval(
+        Some(path) if main => judged_eval(
             &fitted.model,
             path,
             cfg.eval_max_new_tokens,
@@ -241,7 +243,7 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
             ctx.device,
             &out.join("samples.jsonl"),
         )?,
-        None => None,
+        _ => None,
     };
     let summary = SftSummary {
         steps: fitted.steps,
@@ -257,7 +259,9 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         wall_seconds: started.elapsed().as_secs_f64(),
         warning: fitted.warning,
     };
-    write_summary(out, &summary)?;
+    if main {
+        write_summary(out, &summary)?;
+    }
     Ok(summary)
 }
 

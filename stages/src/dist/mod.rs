@@ -169,6 +169,8 @@ pub struct Ranks {
     group: Option<std::sync::Mutex<ffi::Group>>,
     rank: usize,
     world: usize,
+    /// Where collectives' tensors must live (NCCL takes CUDA tensors only).
+    device: Device,
 }
 
 impl std::fmt::Debug for Ranks {
@@ -182,6 +184,7 @@ impl Ranks {
     pub fn single() -> Self {
         Self {
             group: None,
+            device: Device::Cpu,
             rank: 0,
             world: 1,
         }
@@ -215,6 +218,7 @@ impl Ranks {
         })?;
         Ok(Self {
             group: Some(std::sync::Mutex::new(group)),
+            device,
             rank: topo.rank,
             world: topo.world,
         })
@@ -296,11 +300,13 @@ impl Ranks {
         let Some(group) = self.group() else {
             return Ok(values.to_vec());
         };
-        let mut t = Tensor::from_slice(values).to_kind(Kind::Double);
+        let mut t = Tensor::from_slice(values)
+            .to_kind(Kind::Double)
+            .to_device(self.device);
         group
             .all_reduce_sum(std::slice::from_mut(&mut t))
             .map_err(self.fail("summing values"))?;
-        Ok(Vec::<f64>::try_from(&t).unwrap_or_default())
+        Ok(Vec::<f64>::try_from(&t.to_device(Device::Cpu)).unwrap_or_default())
     }
 
     /// Every rank's bytes, in rank order (rollouts, metrics).
@@ -317,15 +323,15 @@ impl Ranks {
         Ok(all
             .iter()
             .zip(lens)
-            .map(|(t, n)| Vec::<u8>::try_from(&t.narrow(0, 0, n as i64)).unwrap_or_default())
+            .map(|(t, n)| {
+                let t = t.narrow(0, 0, n as i64).to_device(Device::Cpu);
+                Vec::<u8>::try_from(&t).unwrap_or_default()
+            })
             .collect())
     }
 
-    fn gather_equal(
-        &self,
-        group: &ffi::Group,
-        mut input: Tensor,
-    ) -> Result<Vec<Tensor>, DistError> {
+    fn gather_equal(&self, group: &ffi::Group, input: Tensor) -> Result<Vec<Tensor>, DistError> {
+        let mut input = input.to_device(self.device);
         let mut outs: Vec<Tensor> = (0..self.world).map(|_| input.zeros_like()).collect();
         group
             .all_gather(&mut input, &mut outs)

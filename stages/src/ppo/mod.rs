@@ -272,11 +272,13 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     let main = ranks.is_main();
     let started = Instant::now();
     let out = &ctx.out_dir;
+    // Rank 0 owns the folder; the others read it once it is ready.
     let done = match main {
         true => prepare_out_dir(out, "ppo")?,
-        false => crate::train::finished_summary(out),
+        false => None,
     };
-    if let Some(summary) = done {
+    ranks.barrier()?;
+    if let Some(summary) = done.or_else(|| crate::train::finished_summary(out)) {
         return Ok(summary);
     }
     let seed = cfg.seed.unwrap_or(0);
@@ -289,6 +291,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         (Some(_), true) => read_judged(&out.join(SAMPLES_BEFORE)),
     };
     let start = state.as_ref().map_or(0, |s| s.iteration);
+    crate::train::same_on_every_rank(ranks, start, "resumed from iteration")?;
     let mut kl = state.as_ref().map_or(
         KlController {
             beta: cfg.kl_coef,

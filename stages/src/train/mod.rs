@@ -321,11 +321,16 @@ impl<'a> FitRun<'a> {
         init: Option<&Path>,
         ctx: &StageContext,
     ) -> Result<Result<Start, S>, StageError> {
-        // Rank 0 owns the folder; the others read what it wrote.
+        // Rank 0 owns the folder; the others read it once it is ready.
         let done = match self.ranks.is_main() {
             true => prepare_out_dir(self.out_dir, self.label)?,
-            false => finished_summary(self.out_dir),
+            false => None,
         };
+        self.ranks.barrier()?;
+        let done = done.or_else(|| match self.ranks.is_main() {
+            true => None,
+            false => finished_summary(self.out_dir),
+        });
         if let Some(summary) = done {
             return Ok(Err(summary));
         }
@@ -339,8 +344,28 @@ impl<'a> FitRun<'a> {
             s.seed(),
             ctx.device,
         )?;
+        let step = start.state.as_ref().map_or(0, |s| s.step);
+        same_on_every_rank(self.ranks, step, "resumed from step")?;
         Ok(Ok(start))
     }
+}
+
+/// Fails on every rank alike unless all ranks hold the same `value` (a
+/// rank that read another checkpoint would train other weights).
+pub fn same_on_every_rank(ranks: &Ranks, value: i64, what: &str) -> Result<(), StageError> {
+    if ranks.world() == 1 {
+        return Ok(());
+    }
+    let v = value as f64;
+    let s = ranks.sum(&[v, v * v])?;
+    if s[1] * ranks.world() as f64 != s[0] * s[0] {
+        return Err(StageError::Config(format!(
+            "the ranks disagree: rank {} {what} {value}, their mean is {}; every rank must see the same run folder (shared between machines)",
+            ranks.rank(),
+            s[0] / ranks.world() as f64
+        )));
+    }
+    Ok(())
 }
 
 /// A finished step loop: the model and optimiser as they ended.
@@ -390,30 +415,34 @@ pub fn fit<O: Objective>(
     let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed());
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
     let mut last_eval = None;
-    let start_eval = match (&state, main) {
-        (_, false) => None,
-        (None, true) => {
+    // Every rank evaluates (the same data; rank 0 writes): a rank waiting
+    // in the next collective meanwhile could reach its timeout.
+    let start_eval = match &state {
+        None => {
             let start = objective.evaluate(&model.gpt).map(|e| e.loss());
             if let Some(loss) = start {
                 metrics.write(&json!({"step": 0, "eval_loss": loss}));
             }
             start
         }
-        (Some(_), true) => metrics::start_eval_loss(&metrics_path),
+        Some(_) => metrics::start_eval_loss(&metrics_path),
     };
     let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
     for step in start_step..total_steps {
         let t0 = Instant::now();
         tch::manual_seed(step_seed(cfg.seed(), step));
         let lr = cfg.schedule.lr(cfg.optimizer.lr, step, total_steps);
-        let batches = step_batches(objective, &mut micro_batches, train, step, cfg, ranks)?;
+        let share = step_batches(objective, &mut micro_batches, train, step, cfg, ranks);
         let done_step = accumulate(
-            objective, &model, &mut opt, &trainable, &batches, cfg, step, ranks,
+            objective, &model, &mut opt, &trainable, &share, cfg, step, ranks,
         )?;
         opt.step(lr);
         last_loss = done_step.loss;
         let dt = t0.elapsed().as_secs_f64();
-        let step_tokens: usize = batches.iter().flatten().map(Tokens::tokens).sum();
+        let step_tokens: usize = match share.stand_in {
+            true => 0,
+            false => share.batches.iter().flatten().map(Tokens::tokens).sum(),
+        };
         (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
         let done = step + 1;
         let mut record = json!({
@@ -428,7 +457,7 @@ pub fn fit<O: Objective>(
             record["step_s"] = json!(dt);
             record["allreduce_s"] = json!(done_step.comm_seconds);
         }
-        if main && (done % cfg.eval_every == 0 || done == total_steps) {
+        if done % cfg.eval_every == 0 || done == total_steps {
             last_eval = objective.evaluate(&model.gpt);
             log_eval(run, &mut record, last_eval.as_ref(), done, total_steps, lr);
         }
@@ -436,20 +465,26 @@ pub fn fit<O: Objective>(
         bar.set_position(done as u64);
         bar.set_message(format!("loss {:.3}", done_step.loss));
         let state = trainer_state(run, done, total_steps, last_loss, false);
+        // One process: the interrupt as it stands now (it may have come
+        // during the eval); several: as the ranks agreed.
+        let interrupted = match ranks.world() {
+            1 => interrupt_requested(),
+            _ => done_step.interrupted,
+        };
         checkpointer
-            .after_step_or_stop(done, done_step.interrupted, |dir| {
+            .after_step_or_stop(done, interrupted, |dir| {
                 save_training(dir, &model, &opt, &state)
             })
             .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
     let baseline = objective.chance_loss().or(start_eval);
-    let warning = match main {
-        true => not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss())),
-        false => None,
-    };
+    // Every rank evaluated alike, so every rank decides alike.
+    let warning = not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss()));
     if let Some(w) = &warning {
-        tracing::warn!("{w}");
+        if main {
+            tracing::warn!("{w}");
+        }
         if cfg.fail_if_not_learning {
             return Err(StageError::NotLearning(w.clone()));
         }
@@ -500,8 +535,16 @@ pub fn trainable_by_name(model: &Model) -> Vec<Tensor> {
     vars.into_iter().map(|(_, t)| t).collect()
 }
 
-/// This rank's part of each micro-batch of step `step` (`None` where its
-/// part is empty: a short last micro-batch of an epoch).
+/// This rank's part of each micro-batch of a step (`None` where its part
+/// is empty: a short last micro-batch of an epoch).
+struct StepBatches<B> {
+    batches: Vec<Option<B>>,
+    /// The rank has no example in the whole step: `batches` holds one of
+    /// another rank's, to be weighted zero, so that this rank's backward
+    /// reaches the same weights as the others' and their gradients sum.
+    stand_in: bool,
+}
+
 fn step_batches<O: Objective>(
     objective: &O,
     micro_batches: &mut EpochBatches,
@@ -509,23 +552,25 @@ fn step_batches<O: Objective>(
     step: i64,
     cfg: &TrainSettings,
     ranks: &Ranks,
-) -> Result<Vec<Option<O::Batch>>, StageError> {
-    let (rank, world) = (ranks.rank(), ranks.world());
-    let batches: Vec<Option<O::Batch>> = (0..cfg.grad_accum as i64)
-        .map(|k| {
-            let rows = micro_batches.rows(step * cfg.grad_accum as i64 + k);
-            let mine = &rows[ranks.share(rows.len())];
-            let examples: Vec<&O::Example> = mine.iter().map(|&i| train[i]).collect();
-            (!examples.is_empty()).then(|| objective.collate(&examples))
-        })
+) -> StepBatches<O::Batch> {
+    let all: Vec<Vec<usize>> = (0..cfg.grad_accum as i64)
+        .map(|k| micro_batches.rows(step * cfg.grad_accum as i64 + k))
         .collect();
-    if batches.iter().all(Option::is_none) {
-        return Err(StageError::Config(format!(
-            "step {}: rank {rank} of {world} has no examples (the step has fewer than {world}): use fewer ranks, a larger batch_size or more data",
-            step + 1
-        )));
+    let collate = |rows: &[usize]| {
+        let examples: Vec<&O::Example> = rows.iter().map(|&i| train[i]).collect();
+        (!examples.is_empty()).then(|| objective.collate(&examples))
+    };
+    let mut batches: Vec<Option<O::Batch>> = all
+        .iter()
+        .map(|rows| collate(&rows[ranks.share(rows.len())]))
+        .collect();
+    let stand_in = batches.iter().all(Option::is_none);
+    if stand_in {
+        if let Some(k) = all.iter().position(|rows| !rows.is_empty()) {
+            batches[k] = collate(&all[k][..1]);
+        }
     }
-    Ok(batches)
+    StepBatches { batches, stand_in }
 }
 
 /// What one step did, agreed on by every rank.
@@ -547,14 +592,18 @@ fn accumulate<O: Objective>(
     model: &Model,
     opt: &mut AdamW,
     trainable: &[Tensor],
-    batches: &[Option<O::Batch>],
+    share: &StepBatches<O::Batch>,
     cfg: &TrainSettings,
     step: i64,
     ranks: &Ranks,
 ) -> Result<StepDone, StageError> {
+    let batches = &share.batches;
     let local: Vec<f64> = batches
         .iter()
-        .map(|b| b.as_ref().map_or(0.0, |b| objective.weight(b)))
+        .map(|b| match (b, share.stand_in) {
+            (Some(b), false) => objective.weight(b),
+            _ => 0.0,
+        })
         .collect();
     let micro = ranks.sum(&local)?;
     let step_weight: f64 = micro.iter().sum();
@@ -563,19 +612,24 @@ fn accumulate<O: Objective>(
     let mut ratios: Vec<Ratio> = Vec::new();
     for (k, batch) in batches.iter().enumerate() {
         let Some(batch) = batch else { continue };
-        if crate::error::step_grace_over() {
+        // One process may abandon a step; of several, none may alone.
+        if ranks.world() == 1 && crate::error::step_grace_over() {
             return Err(StageError::InterruptedInStep {
                 step: step + 1,
                 grace_s: crate::error::step_grace().as_secs(),
             });
         }
-        let share = Share {
+        let part = Share {
             local: local[k],
             micro: micro[k],
             step: step_weight,
             micro_batches: batches.len(),
         };
-        let (loss, rs) = objective.loss(&model.gpt, batch, &share);
+        let (mut loss, mut rs) = objective.loss(&model.gpt, batch, &part);
+        if share.stand_in {
+            loss = &loss * 0.0;
+            rs.iter_mut().for_each(|r| (r.num, r.den) = (0.0, 0.0));
+        }
         loss.backward();
         loss_sum += loss.double_value(&[]);
         for r in rs {

@@ -472,3 +472,82 @@ fn a_micro_batch_shorter_than_the_ranks_still_matches_one_process() {
     );
     assert_same_run(&d.path().join("one"), &d.path().join("two"), "sft", &[]);
 }
+
+/// Ctrl-C to `rlhf run` with two ranks: both stop after the same step, rank
+/// 0 writes its checkpoint, and the rerun ends bit for bit as an
+/// uninterrupted two-rank run.
+#[test]
+fn ctrl_c_stops_both_ranks_after_the_same_step_and_the_rerun_matches() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let exp_s = exp.to_str().unwrap();
+    let settings = [
+        "--set",
+        "stages.sft.max_steps=300",
+        "--set",
+        "stages.sft.checkpoint_every=1000",
+        "--set",
+        "distributed.nproc_per_node=2",
+    ];
+    let args = [
+        &["run", exp_s, "--only", "sft", "--threads", "1"][..],
+        &settings,
+    ]
+    .concat();
+    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let checkpoints = std::fs::read_dir(d.path().join("runs/dp/sft/checkpoints")).unwrap();
+    assert_eq!(
+        checkpoints.count(),
+        1,
+        "rank 0 wrote the interrupt's checkpoint"
+    );
+    let out = common::rlhf(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("resuming from"),
+        "{stderr}"
+    );
+    let whole = d.path().join("whole.yaml");
+    std::fs::write(&whole, EXPERIMENT.replace("name: dp", "name: whole")).unwrap();
+    let whole_args = [
+        &[
+            "run",
+            whole.to_str().unwrap(),
+            "--only",
+            "sft",
+            "--threads",
+            "1",
+        ][..],
+        &settings,
+    ]
+    .concat();
+    assert!(common::rlhf(&whole_args).status.success());
+    let (a, b) = (
+        d.path().join("runs/whole/sft"),
+        d.path().join("runs/dp/sft"),
+    );
+    assert_eq!(
+        max_abs_difference(&a, &b, &[]),
+        0.0,
+        "resumed vs uninterrupted"
+    );
+}

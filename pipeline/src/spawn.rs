@@ -76,8 +76,7 @@ pub fn run_ranks(
     }
     // A stop every rank agreed on (130) is no rank's failure, but still no
     // success.
-    let first_failed =
-        first_failed.or_else(|| statuses.iter().position(|s| !s.success()));
+    let first_failed = first_failed.or_else(|| statuses.iter().position(|s| !s.success()));
     if let Some(rank) = first_failed {
         let status = statuses[rank];
         if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {

@@ -551,3 +551,56 @@ fn ctrl_c_stops_both_ranks_after_the_same_step_and_the_rerun_matches() {
         "resumed vs uninterrupted"
     );
 }
+
+/// Two ranks started as Slurm's `srun` starts tasks: rank, world size and
+/// local rank from `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`, the
+/// rendezvous host from the job's node list (no Slurm here: the variables
+/// are set as srun sets them).
+#[test]
+fn ranks_from_slurms_variables_train_as_one_process() {
+    if !rlhf_stages::dist::backends().0 {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let out = d.path().join("sft-slurm");
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_rlhf"))
+                .args([
+                    "--threads",
+                    "1",
+                    "stage",
+                    "--config",
+                    exp.to_str().unwrap(),
+                    "sft",
+                ])
+                .arg("--out")
+                .arg(&out)
+                .env("RUST_LOG", "info")
+                .env("SLURM_PROCID", rank.to_string())
+                .env("SLURM_LOCALID", rank.to_string())
+                .env("SLURM_NTASKS", "2")
+                .env("SLURM_JOB_NODELIST", "localhost")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "rank {rank}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "rank {rank} of 2 (local {rank}, Slurm) joining at localhost:"
+            )),
+            "{stderr}"
+        );
+    }
+    run_ranks(&exp, "sft", &d.path().join("sft-1"), 1);
+    assert_same_run(&d.path().join("sft-1"), &out, "sft", &[]);
+}

@@ -251,18 +251,45 @@ impl Llama {
     /// Logits `(B, T, V)` of token ids `(B, T)`; `attention_mask` `(B, T)`
     /// (1: a real token) allows left padding: positions count real tokens.
     pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        self.run(
+            ids,
+            attention_mask,
+            &mut LlamaCache::none(self.layers.len()),
+        )
+    }
+
+    /// Logits of `ids` `(B, t)` that follow the tokens already in `cache`,
+    /// whose keys and values are appended to it; `attention_mask` covers
+    /// the cached tokens and these, `(B, past + t)`.
+    pub fn logits_cached(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut LlamaCache,
+    ) -> Tensor {
+        cache.keep = true;
+        self.run(ids, attention_mask, cache)
+    }
+
+    fn run(&self, ids: &Tensor, attention_mask: Option<&Tensor>, cache: &mut LlamaCache) -> Tensor {
         let (b, t) = ids.size2().expect("ids are (B, T)");
         let device = ids.device();
+        let past = cache.len;
         let positions = match attention_mask {
-            Some(m) => (m.cumsum(1, Kind::Int64) - 1).clamp_min(0),
-            None => Tensor::arange(t, (Kind::Int64, device)).expand([b, t], false),
+            Some(m) => (m.cumsum(1, Kind::Int64) - 1)
+                .clamp_min(0)
+                .narrow(1, past, t),
+            None => {
+                Tensor::arange_start(past, past + t, (Kind::Int64, device)).expand([b, t], false)
+            }
         };
         let (cos, sin) = rotary(&positions, self.config.head_dim, self.config.rope_theta);
-        let mask = causal_mask(t, attention_mask, device);
+        let mask = causal_mask(t, past, attention_mask, device);
         let mut x = self.embed.forward(ids);
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask);
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, &mask, kv, cache.keep);
         }
+        cache.len += t;
         let x = self.norm.forward(&x);
         match &self.lm_head {
             Some(head) => head.forward(&x),
@@ -271,13 +298,58 @@ impl Llama {
     }
 }
 
+/// Each layer's keys and values so far (before grouped-query repetition),
+/// for decoding one token at a time.
+#[derive(Debug)]
+pub struct LlamaCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+    /// Whether the keys and values are kept (a plain forward keeps none).
+    keep: bool,
+}
+
+impl LlamaCache {
+    pub fn new(model: &Llama) -> Self {
+        Self {
+            keep: true,
+            ..Self::none(model.layers.len())
+        }
+    }
+
+    fn none(layers: usize) -> Self {
+        Self {
+            layers: (0..layers).map(|_| None).collect(),
+            len: 0,
+            keep: false,
+        }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Layer {
     /// Pre-norm residual block; out of place, so that autograd keeps what
     /// the norms saved.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
-        let x = x + self
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+        keep: bool,
+    ) -> Tensor {
+        let attn = self
             .attn
-            .forward(&self.input_norm.forward(x), cos, sin, mask);
+            .forward(&self.input_norm.forward(x), cos, sin, mask, kv, keep);
+        let x = x + attn;
         let normed = self.post_norm.forward(&x);
         let m = &self.mlp;
         let h = m.gate.forward(&normed).silu() * m.up.forward(&normed);
@@ -286,12 +358,27 @@ impl Layer {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+        keep: bool,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, C)");
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q.forward(x), self.heads), cos, sin);
-        let k = apply_rotary(&split(self.k.forward(x), self.kv_heads), cos, sin);
-        let v = split(self.v.forward(x), self.kv_heads);
+        let mut k = apply_rotary(&split(self.k.forward(x), self.kv_heads), cos, sin);
+        let mut v = split(self.v.forward(x), self.kv_heads);
+        if let Some((past_k, past_v)) = kv.as_ref() {
+            k = Tensor::cat(&[past_k, &k], 2);
+            v = Tensor::cat(&[past_v, &v], 2);
+        }
+        if keep {
+            *kv = Some((k.shallow_clone(), v.shallow_clone()));
+        }
         // Grouped-query attention: each key/value head serves a group of
         // query heads.
         let groups = self.heads / self.kv_heads;
@@ -339,18 +426,22 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos.to_kind(x.kind()) + rotated * sin.to_kind(x.kind())
 }
 
-/// A boolean `(B, 1, T, T)` mask: causal, and no attention to padding.
-fn causal_mask(t: i64, attention_mask: Option<&Tensor>, device: Device) -> Tensor {
-    let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+/// A boolean `(B, 1, t, past + t)` mask for `t` queries after `past`
+/// cached tokens: causal, and no attention to padding.
+fn causal_mask(t: i64, past: i64, attention_mask: Option<&Tensor>, device: Device) -> Tensor {
+    let total = past + t;
+    let ones = Tensor::ones([t, total], (Kind::Bool, device));
+    let causal = ones.tril(past).view([1, 1, t, total]);
     match attention_mask {
-        None => causal.view([1, 1, t, t]),
+        None => causal,
         Some(m) => {
-            let keys = m.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1); // (B, 1, 1, T)
-                                                                        // A padded query row would see nothing; let it see itself.
+            // (B, 1, 1, total); a padded query row would see nothing, so it
+            // sees itself.
+            let keys = m.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+            let itself = ones.tril(past).logical_and(&ones.triu(past));
             causal
-                .view([1, 1, t, t])
                 .logical_and(&keys)
-                .logical_or(&Tensor::eye(t, (Kind::Bool, device)))
+                .logical_or(&itself.view([1, 1, t, total]))
         }
     }
 }
@@ -411,6 +502,38 @@ mod tests {
             let diff = (real - alone.get(0)).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "row {row}: {diff}");
         }
+    }
+
+    #[test]
+    fn decoding_with_the_cache_equals_the_full_forward() {
+        let (_vs, model) = tiny(true);
+        let ids = Tensor::from_slice(&[0i64, 0, 5, 9, 2, 7, 1, 3, 4, 6, 8, 3]).view([2, 6]);
+        let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 6]);
+        let full = tch::no_grad(|| model.logits(&ids, Some(&mask)));
+        let mut cache = LlamaCache::new(&model);
+        let mut parts = vec![tch::no_grad(|| {
+            model.logits_cached(
+                &ids.narrow(1, 0, 3),
+                Some(&mask.narrow(1, 0, 3)),
+                &mut cache,
+            )
+        })];
+        for col in 3..6 {
+            let step = tch::no_grad(|| {
+                model.logits_cached(
+                    &ids.narrow(1, col, 1),
+                    Some(&mask.narrow(1, 0, col + 1)),
+                    &mut cache,
+                )
+            });
+            parts.push(step);
+        }
+        assert_eq!(cache.len(), 6);
+        let decoded = Tensor::cat(&parts, 1);
+        // Row 0's two padded positions are not compared: nothing reads them.
+        let real = |t: &Tensor| Tensor::cat(&[t.get(0).narrow(0, 2, 4), t.get(1)], 0);
+        let diff = (real(&full) - real(&decoded)).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! Llama and Qwen2 models with grouped-query attention (4 query heads, 2
 //! key/value heads), tied and untied embeddings, saved by
 //! `save_pretrained` and loaded here by key copy, give the same logits
-//! within 1e-4.
+//! within 1e-4; a folder saved here (weights changed) loads in
+//! `transformers` with the same logits.
 
 mod common;
 
@@ -15,7 +16,7 @@ fn check(family: &str, tied: bool) {
     let dir = d.path().to_str().unwrap();
     let tied_flag = if tied { "1" } else { "0" };
     common::run_python("llama_reference.py", &["make-hf", dir, family, tied_flag]);
-    let (_vs, model) = llama::load(Path::new(dir), tch::Device::Cpu).unwrap();
+    let (vs, model) = llama::load(Path::new(dir), tch::Device::Cpu).unwrap();
     assert_eq!(model.config().tie_word_embeddings, tied);
     assert_eq!(model.config().attention_bias, family == "qwen2");
     let reference = tch::Tensor::read_safetensors(d.path().join("reference.safetensors")).unwrap();
@@ -32,6 +33,33 @@ fn check(family: &str, tied: bool) {
     assert!(
         diff < 1e-4,
         "{family} (tied {tied}): logits differ by {diff}"
+    );
+
+    // Ours loaded there: change every weight, save, let transformers load it.
+    tch::no_grad(|| {
+        for (_, mut t) in vs.variables() {
+            let _ = t.g_add_scalar_(0.01);
+        }
+    });
+    let ours = d.path().join("ours");
+    llama::save(&vs, &model, &ours).unwrap();
+    let theirs = d.path().join("theirs.safetensors");
+    let reference_path = d.path().join("reference.safetensors");
+    common::run_python(
+        "llama_reference.py",
+        &[
+            "logits",
+            ours.to_str().unwrap(),
+            reference_path.to_str().unwrap(),
+            theirs.to_str().unwrap(),
+        ],
+    );
+    let theirs = tch::Tensor::read_safetensors(&theirs).unwrap().remove(0).1;
+    let logits = tch::no_grad(|| model.logits(&get("input_ids"), None));
+    let diff = (logits - theirs).abs().max().double_value(&[]);
+    assert!(
+        diff < 1e-4,
+        "{family} (tied {tied}) saved here: logits differ by {diff}"
     );
 }
 

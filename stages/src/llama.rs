@@ -19,6 +19,8 @@ use tch::{Device, Kind, Tensor};
 /// What `config.json` says of a Llama-layout model (HF's field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// `llama`, `qwen2` or `mistral`.
+    pub model_type: String,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub intermediate_size: i64,
@@ -76,6 +78,7 @@ impl LlamaConfig {
         let heads = int("num_attention_heads")?;
         let hidden = int("hidden_size")?;
         let config = Self {
+            model_type: model_type.into(),
             vocab_size: int("vocab_size")?,
             hidden_size: hidden,
             intermediate_size: int("intermediate_size")?,
@@ -96,6 +99,37 @@ impl LlamaConfig {
         };
         config.check()?;
         Ok(config)
+    }
+
+    /// The `config.json` that `transformers` reads for this model.
+    pub fn to_hf(&self) -> Value {
+        let architecture = match self.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let mut v = serde_json::json!({
+            "architectures": [architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "float32",
+        });
+        if self.model_type != "qwen2" {
+            v["attention_bias"] = Value::from(self.attention_bias);
+        }
+        v
     }
 
     fn check(&self) -> Result<(), LlamaConfigError> {
@@ -444,6 +478,28 @@ fn causal_mask(t: i64, past: i64, attention_mask: Option<&Tensor>, device: Devic
                 .logical_or(&itself.view([1, 1, t, total]))
         }
     }
+}
+
+/// Why a folder could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Write(#[from] rlhf_datasets::atomic::AtomicWriteError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Writes `config.json` and `model.safetensors` (HF's names) into `dir`,
+/// whole or not at all: a folder `transformers` loads.
+pub fn save(vs: &nn::VarStore, model: &Llama, dir: &Path) -> Result<(), SaveError> {
+    let other = |e: &dyn std::fmt::Display| SaveError::Other(format!("{}: {e}", dir.display()));
+    rlhf_datasets::atomic::write_dir(dir, |tmp| -> Result<(), SaveError> {
+        let config = serde_json::to_string_pretty(&model.config.to_hf()).map_err(|e| other(&e))?;
+        std::fs::write(tmp.join("config.json"), config).map_err(|e| other(&e))?;
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, tmp.join("model.safetensors")).map_err(|e| other(&e))
+    })
 }
 
 /// A Llama-layout model folder's config and network on `device` (weights

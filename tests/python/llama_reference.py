@@ -7,6 +7,8 @@ stages/tests/llama_reference.rs.
                             tied embeddings if TIED is 1, save it to DIR and
                             write DIR/reference.safetensors with fixed
                             input_ids and their logits.
+  logits DIR REF OUT        load DIR with AutoModelForCausalLM and write the
+                            logits of REF's input_ids to OUT.
 """
 
 import sys
@@ -41,8 +43,21 @@ def make_hf(out_dir, family, tied):
     save_file({"input_ids": ids, "logits": logits}, f"{out_dir}/reference.safetensors")
 
 
+def logits(model_dir, ref, out):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    ids = load_file(ref)["input_ids"]
+    with torch.no_grad():
+        result = model(input_ids=ids).logits.float().contiguous()
+    save_file({"logits": result}, out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make-hf":
         make_hf(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
+    elif sys.argv[1] == "logits":
+        logits(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(f"unknown command {sys.argv[1]}")

@@ -9,11 +9,13 @@
 //! - [`atomic`]: files and folders written whole or not at all.
 //! - [`checksum`]: sha256 lists that let a loader refuse a damaged folder.
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
+//! - [`jinja`]: a model folder's chat template, rendered as transformers does.
 
 pub mod atomic;
 pub mod batch;
 pub mod checksum;
 pub mod files;
+pub mod jinja;
 pub mod load;
 pub mod preference;
 pub mod rollout;

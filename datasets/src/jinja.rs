@@ -1,0 +1,196 @@
+//! A model folder's Jinja `chat_template` (from `tokenizer_config.json`),
+//! rendered the way `transformers`' `apply_chat_template` renders it:
+//! `trim_blocks` and `lstrip_blocks`, Python's string methods
+//! (`.strip()`, `.startswith()`, ...), `raise_exception`, `tojson` without
+//! HTML escaping, and the special tokens as variables. minijinja is what
+//! HF's own Rust servers use for this.
+//!
+//! First step of issue #17's chat templates: rendering, checked against
+//! `transformers`; the SFT and PPO data paths do not use it yet.
+
+use std::path::Path;
+
+use minijinja::{Environment, Error, ErrorKind};
+use serde::Serialize;
+use serde_json::Value;
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Why a chat template could not be read or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{path}: {message}")]
+    Read { path: String, message: String },
+    #[error("chat template: {0}")]
+    Render(String),
+}
+
+/// A compiled chat template and the special tokens it may name.
+#[derive(Debug)]
+pub struct JinjaTemplate {
+    env: Environment<'static>,
+    /// `bos_token`, `eos_token`, ... as the tokenizer config gives them.
+    tokens: serde_json::Map<String, Value>,
+}
+
+const NAME: &str = "chat_template";
+
+impl JinjaTemplate {
+    /// From a template's text and the special tokens it may use.
+    pub fn new(
+        template: &str,
+        tokens: serde_json::Map<String, Value>,
+    ) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, template.to_owned())
+            .map_err(|e| TemplateError::Render(e.to_string()))?;
+        Ok(Self { env, tokens })
+    }
+
+    /// A model folder's template: `tokenizer_config.json`'s `chat_template`
+    /// (a string, or the `default` of a list of named ones), else
+    /// `chat_template.jinja`; `None` when the folder has neither.
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, TemplateError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let read_err = |path: &Path, e: &dyn std::fmt::Display| TemplateError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let config: serde_json::Map<String, Value> = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| read_err(&config_path, &e))?,
+            Err(_) => serde_json::Map::new(),
+        };
+        let template = match &config.get("chat_template") {
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str().map(str::to_owned)),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let Some(template) = template else {
+            return Ok(None);
+        };
+        let tokens = config
+            .iter()
+            .filter(|(k, _)| k.ends_with("_token"))
+            .filter_map(|(k, v)| special_token_text(v).map(|t| (k.clone(), Value::from(t))))
+            .collect();
+        Self::new(&template, tokens).map(Some)
+    }
+
+    /// The conversation as the model reads it; with the generation prompt
+    /// (the start of an assistant turn) for PPO and eval prompts.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let mut context = self.tokens.clone();
+        context.insert(
+            "messages".into(),
+            serde_json::to_value(messages).expect("messages serialise"),
+        );
+        context.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        let template = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| TemplateError::Render(e.to_string()))?;
+        template
+            .render(minijinja::Value::from_serialize(&context))
+            .map_err(|e| TemplateError::Render(e.to_string()))
+    }
+}
+
+/// A special token as `tokenizer_config.json` writes it: a string, or an
+/// added-token object with its `content`.
+fn special_token_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// `tojson` as transformers defines it: `json.dumps` without HTML escaping
+/// or ASCII escaping; `indent` pretty-prints.
+fn tojson(value: minijinja::Value, indent: Option<usize>) -> Result<String, Error> {
+    let v: Value = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    match indent {
+        None => Ok(python_json(&v)),
+        Some(n) => {
+            let mut out = Vec::new();
+            let indent = " ".repeat(n);
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
+            v.serialize(&mut ser)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+            Ok(String::from_utf8(out).unwrap_or_default())
+        }
+    }
+}
+
+/// `json.dumps(v)` with Python's default separators (`", "`, `": "`).
+fn python_json(v: &Value) -> String {
+    match v {
+        Value::Array(items) => {
+            let inner: Vec<String> = items.iter().map(python_json).collect();
+            format!("[{}]", inner.join(", "))
+        }
+        Value::Object(map) => {
+            let inner: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), python_json(v)))
+                .collect();
+            format!("{{{}}}", inner.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_exception_and_python_methods_work() {
+        let t = JinjaTemplate::new(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}\
+             {% for m in messages %}{{ m.content.strip() | upper }}{{ eos_token }}{% endfor %}",
+            [("eos_token".to_owned(), Value::from("</s>"))].into_iter().collect(),
+        )
+        .unwrap();
+        let out = t.render(&[Message::new("user", "  hi ")], false).unwrap();
+        assert_eq!(out, "HI</s>");
+        let e = t.render(&[Message::new("system", "x")], false).unwrap_err();
+        assert!(e.to_string().contains("first must be user"), "{e}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Chat templates of four model families rendered here (minijinja) and by
+//! `transformers`' `apply_chat_template` give the same text, with and
+//! without the generation prompt.
+
+mod common;
+
+use rlhf_datasets::jinja::{JinjaTemplate, Message};
+use serde_json::{json, Value};
+
+/// Qwen2's (ChatML with a default system prompt).
+const QWEN2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Llama 3 Instruct's.
+const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+
+/// Mistral Instruct v0.1's (roles must alternate).
+const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+/// Zephyr's, written over several lines: trim_blocks and lstrip_blocks
+/// decide its whitespace.
+const ZEPHYR: &str = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+
+fn conversations(with_system: bool) -> Vec<(Vec<Message>, bool)> {
+    let m = Message::new;
+    let mut out = vec![
+        (vec![m("user", "Sort: 3 1 2")], true),
+        (
+            vec![m("user", "Sort: 3 1 2"), m("assistant", " 1 2 3 ")],
+            false,
+        ),
+        (
+            vec![
+                m("user", "Hi there"),
+                m("assistant", "Hello!"),
+                m("user", "Reverse: é ü 日本"),
+            ],
+            true,
+        ),
+    ];
+    if with_system {
+        out.push((
+            vec![m("system", "Be brief."), m("user", "Count to 3")],
+            true,
+        ));
+    }
+    out
+}
+
+fn check(name: &str, template: &str, bos: &str, eos: &str, with_system: bool) {
+    let d = tempfile::tempdir().unwrap();
+    rlhf_datasets::Tokenizer::bytes()
+        .save(&d.path().join("tokenizer.json"))
+        .unwrap();
+    let config = json!({"chat_template": template, "bos_token": bos, "eos_token": eos});
+    std::fs::write(d.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let cases = conversations(with_system);
+    let as_json: Vec<Value> = cases
+        .iter()
+        .map(|(messages, gen)| json!({"messages": messages, "add_generation_prompt": gen}))
+        .collect();
+    std::fs::write(
+        d.path().join("conversations.json"),
+        Value::from(as_json).to_string(),
+    )
+    .unwrap();
+    let out = d.path().join("rendered.json");
+    common::run_python(
+        "chat_template_reference.py",
+        &["render", d.path().to_str().unwrap(), out.to_str().unwrap()],
+    );
+    let theirs: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let ours = JinjaTemplate::from_model_dir(d.path())
+        .unwrap()
+        .expect("a template");
+    for ((messages, gen), theirs) in cases.iter().zip(&theirs) {
+        let rendered = ours.render(messages, *gen).unwrap();
+        assert_eq!(&rendered, theirs, "{name}: {messages:?}");
+        let last = &messages.last().unwrap().content;
+        assert!(rendered.contains(last.trim()), "{name}: {rendered}");
+    }
+}
+
+#[test]
+fn qwen2_chatml_renders_as_transformers_does() {
+    check("qwen2", QWEN2, "<|endoftext|>", "<|im_end|>", true);
+}
+
+#[test]
+fn llama3_renders_as_transformers_does() {
+    check("llama3", LLAMA3, "<|begin_of_text|>", "<|eot_id|>", true);
+}
+
+#[test]
+fn mistral_renders_as_transformers_does_and_refuses_a_system_turn() {
+    check("mistral", MISTRAL, "<s>", "</s>", false);
+    let t = JinjaTemplate::new(MISTRAL, serde_json::Map::new()).unwrap();
+    let e = t
+        .render(
+            &[Message::new("system", "x"), Message::new("user", "y")],
+            true,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("Conversation roles must alternate"),
+        "{e}"
+    );
+}
+
+#[test]
+fn zephyr_multiline_renders_as_transformers_does() {
+    check("zephyr", ZEPHYR, "<s>", "</s>", true);
+}

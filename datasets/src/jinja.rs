@@ -129,6 +129,37 @@ impl JinjaTemplate {
     }
 }
 
+impl JinjaTemplate {
+    /// The conversation rendered, and the byte ranges of its assistant
+    /// turns (what SFT learns: every assistant turn, as TRL's
+    /// `assistant_only_loss`). A turn's text is what rendering it adds
+    /// after the conversation before it with the generation prompt; a
+    /// template whose renderings do not extend each other that way is an
+    /// error naming the turn.
+    pub fn render_with_assistant_spans(
+        &self,
+        messages: &[Message],
+    ) -> Result<(String, Vec<std::ops::Range<usize>>), TemplateError> {
+        let full = self.render(messages, false)?;
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let before = self.render(&messages[..i], true)?;
+            let through = self.render(&messages[..=i], false)?;
+            if !through.starts_with(&before) || !full.starts_with(&through) {
+                return Err(TemplateError::Render(format!(
+                    "message {}: the template's rendering of the conversation up to it does not extend the one before it, so its assistant text cannot be found",
+                    i + 1
+                )));
+            }
+            spans.push(before.len()..through.len());
+        }
+        Ok((full, spans))
+    }
+}
+
 /// A special token as `tokenizer_config.json` writes it: a string, or an
 /// added-token object with its `content`.
 fn special_token_text(v: &Value) -> Option<String> {
@@ -179,6 +210,32 @@ fn python_json(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_three_turn_conversation_has_exactly_its_assistant_turns_as_spans() {
+        let chatml = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        let t = JinjaTemplate::new(chatml, serde_json::Map::new()).unwrap();
+        let m = Message::new;
+        let conversation = [
+            m("system", "Be brief."),
+            m("user", "Sort: 3 1 2"),
+            m("assistant", "1 2 3"),
+            m("user", "Reverse it"),
+            m("assistant", "3 2 1"),
+            m("user", "Thanks"),
+            m("assistant", "You are welcome."),
+        ];
+        let (text, spans) = t.render_with_assistant_spans(&conversation).unwrap();
+        let learned: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(
+            learned,
+            [
+                "1 2 3<|im_end|>\n",
+                "3 2 1<|im_end|>\n",
+                "You are welcome.<|im_end|>\n"
+            ]
+        );
+    }
 
     #[test]
     fn raise_exception_and_python_methods_work() {

@@ -205,6 +205,33 @@ fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
     })
 }
 
+/// Runs the experiment's SFT uninterrupted under another name with `sets`
+/// and checks that the resumed run in `runs/dp` equals it bit for bit.
+fn assert_equals_uninterrupted(dir: &Path, sets: &[&str]) {
+    let whole = dir.join("whole.yaml");
+    std::fs::write(&whole, EXPERIMENT.replace("name: dp", "name: whole")).unwrap();
+    let base = [
+        "run",
+        whole.to_str().unwrap(),
+        "--only",
+        "sft",
+        "--threads",
+        "1",
+    ];
+    let out = common::rlhf(&[&base[..], sets].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (dir.join("runs/whole/sft"), dir.join("runs/dp/sft"));
+    assert_eq!(
+        max_abs_difference(&a, &b, &[]),
+        0.0,
+        "resumed vs uninterrupted"
+    );
+}
+
 /// Starts `rlhf ARGS` (SFT as two ranks), sends rank 1 `signal` once the
 /// stage has logged `lines` steps, and waits for the run: whether it
 /// succeeded, its stderr, and the seconds it took after the signal.
@@ -267,31 +294,7 @@ fn a_killed_rank_fails_the_stage_by_name_and_the_rerun_matches() {
         out.status.success() && stderr.contains("resuming from"),
         "{stderr}"
     );
-    // The same two ranks never interrupted: the resumed run equals it.
-    let whole = d.path().join("whole.yaml");
-    std::fs::write(&whole, EXPERIMENT.replace("name: dp", "name: whole")).unwrap();
-    let whole_s = whole.to_str().unwrap();
-    let out = common::rlhf(
-        &[
-            &["run", whole_s, "--only", "sft", "--threads", "1"][..],
-            &two,
-        ]
-        .concat(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (a, b) = (
-        d.path().join("runs/whole/sft"),
-        d.path().join("runs/dp/sft"),
-    );
-    assert_eq!(
-        max_abs_difference(&a, &b, &[]),
-        0.0,
-        "resumed two ranks vs uninterrupted"
-    );
+    assert_equals_uninterrupted(d.path(), &two);
 }
 
 /// The same two ranks started by PyTorch's own launcher from the venv:
@@ -526,30 +529,7 @@ fn ctrl_c_stops_both_ranks_after_the_same_step_and_the_rerun_matches() {
         out.status.success() && stderr.contains("resuming from"),
         "{stderr}"
     );
-    let whole = d.path().join("whole.yaml");
-    std::fs::write(&whole, EXPERIMENT.replace("name: dp", "name: whole")).unwrap();
-    let whole_args = [
-        &[
-            "run",
-            whole.to_str().unwrap(),
-            "--only",
-            "sft",
-            "--threads",
-            "1",
-        ][..],
-        &settings,
-    ]
-    .concat();
-    assert!(common::rlhf(&whole_args).status.success());
-    let (a, b) = (
-        d.path().join("runs/whole/sft"),
-        d.path().join("runs/dp/sft"),
-    );
-    assert_eq!(
-        max_abs_difference(&a, &b, &[]),
-        0.0,
-        "resumed vs uninterrupted"
-    );
+    assert_equals_uninterrupted(d.path(), &settings);
 }
 
 /// Two ranks started as Slurm's `srun` starts tasks: rank, world size and

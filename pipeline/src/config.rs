@@ -248,7 +248,7 @@ impl Experiment {
                     &pinpoint_unknown_field(&text, &message),
                 ))
             } else {
-                invalid(named_by_override(message, overrides))
+                invalid(place_error(message, overrides, None))
             }
         })?;
         Self::resolve(path, &text, spec, overrides)
@@ -262,10 +262,7 @@ impl Experiment {
     ) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
-            message: match set_by_override(&message, overrides) {
-                Some(_) => named_by_override(message, overrides),
-                None => locate_stage_error(text, &message),
-            },
+            message: place_error(message, overrides, Some(text)),
         };
         check_names_and_settings(text, &spec).map_err(&invalid)?;
         spec.model
@@ -666,11 +663,14 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
     Ok(())
 }
 
-/// `message (from --set KEY=VALUE)` when a `--set` wrote the setting.
-fn named_by_override(message: String, overrides: &[String]) -> String {
-    match set_by_override(&message, overrides) {
-        Some(o) => format!("{message} (from --set {o})"),
-        None => message,
+/// Where a setting's error comes from: `(from --set KEY=VALUE)` when a
+/// `--set` wrote it, else its line in `text` (when the file's lines still
+/// describe what was parsed).
+fn place_error(message: String, overrides: &[String], text: Option<&str>) -> String {
+    match (set_by_override(&message, overrides), text) {
+        (Some(o), _) => format!("{message} (from --set {o})"),
+        (None, Some(text)) => locate_stage_error(text, &message),
+        (None, None) => message,
     }
 }
 

@@ -318,10 +318,15 @@ impl Llama {
             }
         };
         let (cos, sin) = rotary(&positions, self.config.head_dim, self.config.rope_theta);
-        let mask = causal_mask(t, past, attention_mask, device);
+        let pass = Pass {
+            cos,
+            sin,
+            mask: causal_mask(t, past, attention_mask, device),
+            keep: cache.keep,
+        };
         let mut x = self.embed.forward(ids);
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, &mask, kv, cache.keep);
+            x = layer.forward(&x, &pass, kv);
         }
         cache.len += t;
         let x = self.norm.forward(&x);
@@ -330,6 +335,16 @@ impl Llama {
             None => x.matmul(&self.embed.ws.tr()),
         }
     }
+}
+
+/// What every layer of one forward pass shares: the rotary tables at the
+/// tokens' positions, the attention mask, and whether to keep keys and
+/// values in the cache.
+struct Pass {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    keep: bool,
 }
 
 /// Each layer's keys and values so far (before grouped-query repetition),
@@ -371,18 +386,8 @@ impl LlamaCache {
 impl Layer {
     /// Pre-norm residual block; out of place, so that autograd keeps what
     /// the norms saved.
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
-        keep: bool,
-    ) -> Tensor {
-        let attn = self
-            .attn
-            .forward(&self.input_norm.forward(x), cos, sin, mask, kv, keep);
+    fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
+        let attn = self.attn.forward(&self.input_norm.forward(x), pass, kv);
         let x = x + attn;
         let normed = self.post_norm.forward(&x);
         let m = &self.mlp;
@@ -392,16 +397,9 @@ impl Layer {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
-        keep: bool,
-    ) -> Tensor {
+    fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, C)");
+        let (cos, sin) = (&pass.cos, &pass.sin);
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q.forward(x), self.heads), cos, sin);
         let mut k = apply_rotary(&split(self.k.forward(x), self.kv_heads), cos, sin);
@@ -410,7 +408,7 @@ impl Attention {
             k = Tensor::cat(&[past_k, &k], 2);
             v = Tensor::cat(&[past_v, &v], 2);
         }
-        if keep {
+        if pass.keep {
             *kv = Some((k.shallow_clone(), v.shallow_clone()));
         }
         // Grouped-query attention: each key/value head serves a group of
@@ -427,7 +425,7 @@ impl Attention {
             &q,
             &k,
             &v,
-            Some(mask),
+            Some(&pass.mask),
             0.0,
             false,
             None::<f64>,

@@ -379,10 +379,7 @@ fn check_ranks(cfg: &PpoConfig, ranks: &Ranks) -> Result<(), StageError> {
     if world == 1 {
         return Ok(());
     }
-    for (field, n) in [
-        ("rollout_batch", cfg.rollout_batch),
-        ("minibatch_size", cfg.minibatch_size),
-    ] {
+    for (field, n) in KindConfig::shared_batches(&mut cfg.clone()) {
         if !n.is_multiple_of(world) {
             return Err(StageError::setting(
                 field,

@@ -854,10 +854,16 @@ fn answer_values(critic: &Gpt, tokens: &Tensor, attention: &Tensor, width: i64) 
     )
 }
 
-pub(super) fn to_rows(t: &Tensor) -> Vec<Vec<f64>> {
-    let t = t.to_kind(Kind::Double).to_device(Device::Cpu);
+/// A `(B, N)` tensor as B rows, in `T`'s kind, on the CPU.
+pub(super) fn to_rows<T>(t: &Tensor) -> Vec<Vec<T>>
+where
+    T: tch::kind::Element,
+    Vec<T>: TryFrom<Tensor>,
+    <Vec<T> as TryFrom<Tensor>>::Error: std::fmt::Debug,
+{
+    let t = t.to_kind(T::KIND).to_device(Device::Cpu);
     let (b, n) = t.size2().expect("2-D");
-    let flat: Vec<f64> = Vec::try_from(t.reshape([-1])).expect("f64");
+    let flat: Vec<T> = Vec::try_from(t.reshape([-1])).expect("the kind asked for");
     let n = n as usize;
     (0..b as usize)
         .map(|i| flat[i * n..(i + 1) * n].to_vec())

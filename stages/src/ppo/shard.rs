@@ -47,13 +47,10 @@ pub(super) fn gather(local: Rollout, ranks: &Ranks, pad: i64) -> Result<Rollout,
 fn rows_of(r: &Rollout) -> Vec<Row> {
     let g = &r.generation;
     use super::phases::to_rows;
-    let (lp, rlp, v) = (
-        to_rows(&r.old_lp),
-        to_rows(&r.ref_lp),
-        to_rows(&r.old_values),
-    );
-    let prompt_ids = to_int_rows(&g.tokens.narrow(1, 0, g.prompt_width));
-    let prompt_mask = to_int_rows(&g.attention_mask.narrow(1, 0, g.prompt_width));
+    let floats = |t: &Tensor| -> Vec<Vec<f64>> { to_rows(t) };
+    let (lp, rlp, v) = (floats(&r.old_lp), floats(&r.ref_lp), floats(&r.old_values));
+    let prompt_ids: Vec<Vec<i64>> = to_rows(&g.tokens.narrow(1, 0, g.prompt_width));
+    let prompt_mask: Vec<Vec<i64>> = to_rows(&g.attention_mask.narrow(1, 0, g.prompt_width));
     (0..r.batch_idx.len())
         .map(|i| {
             let len = g.answers[i].len();
@@ -117,13 +114,4 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device) -> Rollout {
             finished: rows.iter().map(|r| r.finished).collect(),
         },
     }
-}
-
-fn to_int_rows(t: &Tensor) -> Vec<Vec<i64>> {
-    let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Int64);
-    let (b, n) = t.size2().expect("2-D");
-    let flat: Vec<i64> = Vec::try_from(t.reshape([-1])).expect("int64");
-    (0..b as usize)
-        .map(|i| flat[i * n as usize..(i + 1) * n as usize].to_vec())
-        .collect()
 }

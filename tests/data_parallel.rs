@@ -243,20 +243,20 @@ fn signal_rank_one(dir: &Path, args: &[&str], lines: usize, signal: &str) -> (bo
         .spawn()
         .unwrap();
     let metrics = dir.join("runs/dp/sft/metrics.jsonl");
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < lines {
-        assert!(started.elapsed().as_secs() < 120, "sft never got going");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = common::Drained::new(child);
+    child.wait_until(
+        &format!("sft's {lines} logged steps"),
+        std::time::Duration::from_secs(600),
+        || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= lines,
+    );
     let pid = rank_pid(dir, 1).expect("rank 1 is running");
     Command::new("kill")
         .args([signal, &pid.to_string()])
         .status()
         .unwrap();
     let sent = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.success(), stderr, sent.elapsed().as_secs())
+    let (status, stderr) = child.wait();
+    (status.success(), stderr, sent.elapsed().as_secs())
 }
 
 /// A rank killed mid-stage: the run fails within the timeout naming that

@@ -215,14 +215,10 @@ fn two_sigterms_leave_no_stage_or_labeller_running() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while processes_mentioning(&marker).is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the labeller never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut runner = common::Drained::new(runner);
+    runner.wait_until("the labeller's start", Duration::from_secs(600), || {
+        !processes_mentioning(&marker).is_empty()
+    });
     for _ in 0..2 {
         Command::new("kill")
             .args(["-TERM", &runner.id().to_string()])
@@ -230,13 +226,8 @@ fn two_sigterms_leave_no_stage_or_labeller_running() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
-    let out = runner.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (status, stderr) = runner.wait();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     // Within the grace period everything the run started is gone.
     let t0 = Instant::now();
     let exp_path = exp.display().to_string();

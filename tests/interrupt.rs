@@ -30,7 +30,10 @@ fn experiment(dir: &Path) -> PathBuf {
 fn rlhf_run(exp: &Path, only: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
     c.args(["run", exp.to_str().unwrap(), "--only", only])
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        // One thread each: these tests run side by side on a small machine,
+        // where spinning OpenMP threads of four processes slow all of them.
+        .env("RLHF_THREADS", "1");
     c
 }
 
@@ -72,21 +75,18 @@ fn interrupt_then_rerun(stage: &str, run_to: &str, lines: usize, parts: &[&str])
         .unwrap();
     let stage_dir = d.path().join("runs/ctrlc").join(stage);
     let metrics = stage_dir.join("metrics.jsonl");
-    let started = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < lines {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{stage} never got going"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = common::Drained::new(child);
+    child.wait_until(
+        &format!("{stage}'s {lines} logged steps"),
+        Duration::from_secs(600),
+        || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= lines,
+    );
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (status, stderr) = child.wait();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted after step"), "{stderr}");
     let checkpoints = std::fs::read_dir(stage_dir.join("checkpoints")).unwrap();
     assert_eq!(checkpoints.count(), 1, "the interrupt wrote its checkpoint");
@@ -157,24 +157,19 @@ fn ctrl_c_inside_an_enormous_step_stops_after_the_grace_period() {
         .spawn()
         .unwrap();
     let metrics = d.path().join("runs/ctrlc/sft/metrics.jsonl");
-    let started = Instant::now();
+    let mut child = common::Drained::new(child);
     // The step-0 eval line: the first step has begun.
-    while !metrics.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "sft never got going"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    child.wait_until("sft's first step", Duration::from_secs(600), || {
+        metrics.exists()
+    });
     std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (status, stderr) = child.wait();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(
         stderr
             .contains("interrupted inside step 1, which was still running 1 s after the interrupt"),

@@ -75,3 +75,74 @@ pub fn task_head(src: &str, dst: &Path, n: usize) {
     )
     .unwrap();
 }
+
+/// A started child whose stderr is read as it comes (a full pipe would
+/// block it), so a test can poll it and still show what it printed.
+pub struct Drained {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drained {
+    /// `child` must have been spawned with `stderr(Stdio::piped())`.
+    pub fn new(mut child: std::process::Child) -> Self {
+        use std::io::Read;
+        let mut pipe = child.stderr.take().expect("stderr must be piped");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its exit status, if it has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// What it printed to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for its end: its status and all it printed to stderr.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        (status, self.stderr())
+    }
+
+    /// Polls until `ready()` holds; panics, showing stderr, if the child
+    /// ends first or `limit` passes.
+    pub fn wait_until(&mut self, what: &str, limit: std::time::Duration, ready: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !ready() {
+            if let Some(status) = self.try_wait() {
+                panic!("it ended ({status}) before {what}:\n{}", self.stderr());
+            }
+            assert!(
+                started.elapsed() < limit,
+                "no {what} after {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

@@ -18,7 +18,7 @@ fn read(path: &Path) -> BTreeMap<String, Tensor> {
 }
 
 fn rlhf_logits(model: &Model, ids: &Tensor) -> Tensor {
-    tch::no_grad(|| model.gpt.forward_logits(ids, None, false))
+    tch::no_grad(|| model.net.forward_logits(ids, None, false))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -35,8 +35,11 @@ fn hf_gpt2_folder_loads_and_gives_the_same_logits() {
         .save(&dir.path().join("tokenizer.json"))
         .unwrap();
     let model = Model::load(dir.path(), HeadChoice::AsSaved, Device::Cpu).unwrap();
-    assert_eq!(model.gpt.head(), Head::Lm);
-    assert_eq!(model.gpt.config().n_layer, 3);
+    assert_eq!(model.net.head(), Head::Lm);
+    let rlhf_stages::ModelConfig::Gpt2(config) = model.net.config() else {
+        panic!("not loaded as GPT-2")
+    };
+    assert_eq!(config.n_layer, 3);
     let reference = read(&dir.path().join("reference.safetensors"));
     let ours = rlhf_logits(&model, &reference["input_ids"]);
     let diff = max_abs_diff(&ours, &reference["logits"]);
@@ -55,6 +58,7 @@ fn rlhf_checkpoint_opens_in_transformers_with_the_same_logits() {
         n_head: 4,
         ..GptConfig::default()
     };
+    let config = rlhf_stages::ModelConfig::Gpt2(config);
     let model = Model::init(&config, Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
     // Move LayerNorms and biases off their 1/0 initial values.
     tch::no_grad(|| {

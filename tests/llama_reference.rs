@@ -3,20 +3,28 @@
 //! key/value heads), tied and untied embeddings, saved by
 //! `save_pretrained` and loaded here by key copy, give the same logits
 //! within 1e-4; a folder saved here (weights changed) loads in
-//! `transformers` with the same logits.
+//! `transformers` with the same logits. The Qwen2 folder is sharded.
 
 mod common;
 
 use std::path::Path;
 
-use rlhf_stages::llama;
+use rlhf_stages::checkpoint::ModelMeta;
+use rlhf_stages::{llama, HeadChoice, Model, Network};
 
 fn check(family: &str, tied: bool) {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().to_str().unwrap();
     let tied_flag = if tied { "1" } else { "0" };
     common::run_python("llama_reference.py", &["make-hf", dir, family, tied_flag]);
-    let (vs, model) = llama::load(Path::new(dir), tch::Device::Cpu).unwrap();
+    if family == "qwen2" {
+        assert!(d.path().join("model.safetensors.index.json").exists());
+    }
+    let (vs, net) =
+        Model::load_network(Path::new(dir), HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    let Network::Llama(model) = &net else {
+        panic!("{family} loaded as {net:?}")
+    };
     assert_eq!(model.config().tie_word_embeddings, tied);
     assert_eq!(model.config().attention_bias, family == "qwen2");
     let reference = tch::Tensor::read_safetensors(d.path().join("reference.safetensors")).unwrap();
@@ -28,7 +36,7 @@ fn check(family: &str, tied: bool) {
             .1
             .shallow_clone()
     };
-    let logits = tch::no_grad(|| model.logits(&get("input_ids"), None));
+    let logits = tch::no_grad(|| model.forward_logits(&get("input_ids"), None));
     let diff = (logits - get("logits")).abs().max().double_value(&[]);
     assert!(
         diff < 1e-4,
@@ -42,7 +50,16 @@ fn check(family: &str, tied: bool) {
         }
     });
     let ours = d.path().join("ours");
-    llama::save(&vs, &model, &ours).unwrap();
+    let model = Model {
+        vs,
+        net,
+        tokenizer: rlhf_datasets::Tokenizer::bytes(),
+        meta: ModelMeta::default(),
+    };
+    model.save(&ours).unwrap();
+    let Network::Llama(model) = &model.net else {
+        unreachable!()
+    };
     let theirs = d.path().join("theirs.safetensors");
     let reference_path = d.path().join("reference.safetensors");
     common::run_python(
@@ -55,7 +72,7 @@ fn check(family: &str, tied: bool) {
         ],
     );
     let theirs = tch::Tensor::read_safetensors(&theirs).unwrap().remove(0).1;
-    let logits = tch::no_grad(|| model.logits(&get("input_ids"), None));
+    let logits = tch::no_grad(|| model.forward_logits(&get("input_ids"), None));
     let diff = (logits - theirs).abs().max().double_value(&[]);
     assert!(
         diff < 1e-4,

@@ -283,6 +283,22 @@ pub struct InitArgs {
     pub head: HeadArg,
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
+    /// gpt2, or llama (RMSNorm, rotary positions, SwiGLU, grouped-query
+    /// attention; n_embd, n_head, n_layer, n_positions map to HF's
+    /// hidden_size, num_attention_heads, num_hidden_layers,
+    /// max_position_embeddings).
+    #[arg(long, value_enum, default_value_t = LayoutArg::Gpt2)]
+    pub layout: LayoutArg,
+    /// Llama layout: key/value heads (grouped-query attention); default
+    /// half of n_head when it divides.
+    #[arg(long)]
+    pub kv_heads: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutArg {
+    Gpt2,
+    Llama,
 }
 
 #[derive(Debug, Args)]

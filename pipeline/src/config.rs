@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use rlhf_stages::kind::{PathRole, StageConfig, KINDS};
 use rlhf_stages::train::StageError;
-use rlhf_stages::GptConfig;
+use rlhf_stages::ModelConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +56,10 @@ pub struct ExperimentFile {
     pub device: String,
     #[serde(default = "default_out_dir")]
     pub out_dir: PathBuf,
-    /// Shape of models that start from scratch.
+    /// Shape of models that start from scratch: GPT-2's fields, or
+    /// `layout: llama` with HF's Llama fields.
     #[serde(default)]
-    pub model: GptConfig,
+    pub model: ModelConfig,
     /// An HF tokenizer.json; unset means the built-in byte tokenizer.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,

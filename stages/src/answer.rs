@@ -85,14 +85,14 @@ pub fn answer_prompts(
     device: Device,
 ) -> Result<Answered, StageError> {
     let tok = &model.tokenizer;
-    let limit = (model.gpt.config().n_positions - sampling.max_new_tokens).max(1) as usize;
+    let limit = (model.net.n_positions() - sampling.max_new_tokens).max(1) as usize;
     let mut out = Answered::default();
     for p in prompts {
         let ids = prompt_ids(tok, p, limit)?;
         out.prompt_ids.extend(std::iter::repeat_n(ids, k));
     }
     for chunk in out.prompt_ids.chunks(batch_size.max(1)) {
-        let g = generate(&model.gpt, chunk, sampling, TokenSpec::of(tok), device)?;
+        let g = generate(&model.net, chunk, sampling, TokenSpec::of(tok), device)?;
         out.answers.extend(g.answers);
         out.finished.extend(g.finished);
     }

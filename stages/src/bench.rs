@@ -15,7 +15,7 @@ use crate::ppo::{self, PpoConfig};
 use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::sft::masked_nll_sum;
 use crate::train::{ScratchModel, StageContext, METRICS_FILE};
-use crate::{GptConfig, Head, HeadChoice, Model};
+use crate::{GptConfig, Head, HeadChoice, Model, ModelConfig};
 
 /// The shape of the work to time.
 #[derive(Debug, Clone)]
@@ -43,15 +43,15 @@ pub struct BenchSpec {
     pub seed: i64,
 }
 
-fn model_config(spec: &BenchSpec) -> GptConfig {
-    GptConfig {
+fn model_config(spec: &BenchSpec) -> ModelConfig {
+    ModelConfig::Gpt2(GptConfig {
         vocab_size: spec.vocab_size,
         n_positions: spec.n_positions,
         n_embd: spec.n_embd,
         n_layer: spec.n_layer,
         n_head: spec.n_head,
         ..GptConfig::default()
-    }
+    })
 }
 
 fn sync(device: Device) {
@@ -80,7 +80,7 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
     );
     let (b, t) = (spec.batch, spec.seq);
     let n = (b * t) as usize;
-    let ids = Tensor::randint(cfg.vocab_size, [b, t + 1], (Kind::Int64, Device::Cpu));
+    let ids = Tensor::randint(cfg.vocab_size(), [b, t + 1], (Kind::Int64, Device::Cpu));
     let flat: Vec<i64> = Vec::try_from(ids.reshape([-1])).expect("int64 ids");
     let (mut inputs, mut targets) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for row in flat.chunks(t as usize + 1) {
@@ -100,7 +100,7 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
         sync(device);
         let t0 = Instant::now();
         opt.zero_grad();
-        let (nll, count) = masked_nll_sum(&model.gpt, &batch, device, true);
+        let (nll, count) = masked_nll_sum(&model.net, &batch, device, true);
         let loss = nll / count;
         loss.backward();
         opt.clip_grad_norm(1.0);
@@ -130,7 +130,7 @@ pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value,
             device,
         )?,
     };
-    let vocab = model.gpt.config().vocab_size;
+    let vocab = model.net.vocab_size();
     let ids = Tensor::randint(
         vocab.min(256),
         [spec.batch, spec.prompt_len],
@@ -156,7 +156,7 @@ pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value,
     for rep in 0..spec.warmup + spec.steps {
         sync(device);
         let t0 = Instant::now();
-        let g = generate(&model.gpt, &prompts, &sampling, tokens, device)?;
+        let g = generate(&model.net, &prompts, &sampling, tokens, device)?;
         sync(device);
         if !g.answers.iter().all(|a| a.len() as i64 == spec.new_tokens) {
             return Err(StageError::Config("bench: an answer stopped early".into()));
@@ -195,7 +195,7 @@ pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Va
     let policy = Model::load(&policy_dir, HeadChoice::AsSaved, device)?;
     let rm_dir = dir.path().join("rm");
     Model::init(
-        policy.gpt.config(),
+        &policy.net.config(),
         Head::Scalar,
         policy.tokenizer.clone(),
         device,
@@ -235,7 +235,7 @@ pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Va
         out_dir: out.clone(),
         device,
         scratch: ScratchModel {
-            config: policy.gpt.config().clone(),
+            config: policy.net.config(),
             tokenizer: policy.tokenizer.clone(),
         },
         judge: None,

@@ -1,9 +1,10 @@
-//! Model folders: `config.json` (HF `GPT2Config`, plus an `rlhf` section),
-//! `model.safetensors` (HF GPT-2 key names) and `tokenizer.json`.
+//! Model folders: `config.json` (HF's, plus an `rlhf` section),
+//! `model.safetensors` (HF key names) and `tokenizer.json`.
 //!
-//! The same format is an HF GPT-2 folder: a `GPT2LMHeadModel` saved by
-//! `transformers` loads here, and a folder written here opens in
-//! `transformers`. Folders are written whole to a temporary sibling and
+//! The same format is an HF folder of either layout: a `GPT2LMHeadModel`,
+//! `LlamaForCausalLM`, `Qwen2ForCausalLM` or `MistralForCausalLM` saved by
+//! `transformers` loads here (sharded weights too), and a folder written
+//! here opens in `transformers`. Folders are written whole to a temporary sibling and
 //! renamed, so a reader never sees half a checkpoint.
 
 use std::collections::BTreeMap;
@@ -15,10 +16,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::gpt::{Gpt, GptConfig, GptConfigError, Head};
+use crate::gpt::{GptConfig, GptConfigError, Head};
+use crate::llama::LlamaConfig;
+use crate::network::{ModelConfig, Network};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Sharded weights: which file holds each tensor.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// HF nests the trunk under this prefix in `GPT2LMHeadModel` files.
 const HF_TRUNK_PREFIX: &str = "transformer.";
@@ -31,7 +36,7 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a model folder (no {CONFIG_FILE}); expected a folder written by rlhf or an HF GPT-2 folder")]
+    #[error("{path}: not a model folder (no {CONFIG_FILE}); expected a folder written by rlhf or an HF GPT-2, Llama, Qwen2 or Mistral folder")]
     NotAModel { path: PathBuf },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -89,7 +94,7 @@ pub struct ModelMeta {
 
 /// A model folder's config, head and weight tensors, checked and read.
 struct Folder {
-    config: GptConfig,
+    config: ModelConfig,
     /// With the head that will be built.
     meta: ModelMeta,
     tensors: BTreeMap<String, Tensor>,
@@ -107,7 +112,10 @@ impl Folder {
         rlhf_datasets::checksum::verify(dir)?;
         let (config, meta) = read_config(&config_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
-        let tensors = read_weights(&weights_path)?;
+        let tensors = match dir.join(WEIGHTS_INDEX_FILE) {
+            index if !weights_path.exists() && index.exists() => read_shards(&index)?,
+            _ => read_weights(&weights_path)?,
+        };
         let saved_head = meta
             .head
             .unwrap_or(if tensors.contains_key("score.weight") {
@@ -132,11 +140,11 @@ impl Folder {
     }
 }
 
-/// A GPT with its variables and tokenizer: what a model folder holds.
+/// A network with its variables and tokenizer: what a model folder holds.
 #[derive(Debug)]
 pub struct Model {
     pub vs: VarStore,
-    pub gpt: Gpt,
+    pub net: Network,
     pub tokenizer: Tokenizer,
     pub meta: ModelMeta,
 }
@@ -154,16 +162,16 @@ pub enum HeadChoice {
 impl Model {
     /// A randomly initialised model (seed tch first for reproducibility).
     pub fn init(
-        config: &GptConfig,
+        config: &ModelConfig,
         head: Head,
         tokenizer: Tokenizer,
         device: Device,
     ) -> Result<Self, CheckpointError> {
         config
             .validate()
-            .map_err(|source| CheckpointError::Shapes {
+            .map_err(|message| CheckpointError::Invalid {
                 path: PathBuf::from("<new model>"),
-                source,
+                message,
             })?;
         let meta = ModelMeta {
             head: Some(head),
@@ -193,43 +201,41 @@ impl Model {
         dir: &Path,
         head: HeadChoice,
         device: Device,
-    ) -> Result<(VarStore, Gpt), CheckpointError> {
+    ) -> Result<(VarStore, Network), CheckpointError> {
         let folder = Folder::read(dir, head)?;
         let vs = VarStore::new(device);
-        let gpt = Gpt::new(
-            &vs.root(),
-            &folder.config,
-            folder.meta.head.unwrap_or(Head::Lm),
-        );
+        let net = folder
+            .config
+            .build(&vs.root(), folder.meta.head.unwrap_or(Head::Lm));
         copy_into(&vs, &folder.tensors, &folder.weights_path)?;
-        Ok((vs, gpt))
+        Ok((vs, net))
     }
 
     /// The model of `config` with `meta`'s head, its weights copied from
     /// `weights` when given; `path` names it in errors.
     fn assemble(
-        config: &GptConfig,
+        config: &ModelConfig,
         tokenizer: Tokenizer,
         meta: ModelMeta,
         device: Device,
         path: &Path,
         weights: Option<(&BTreeMap<String, Tensor>, &Path)>,
     ) -> Result<Self, CheckpointError> {
-        if tokenizer.vocab_size() as i64 > config.vocab_size {
+        if tokenizer.vocab_size() as i64 > config.vocab_size() {
             return Err(CheckpointError::VocabTooSmall {
                 path: path.to_owned(),
                 tokenizer: tokenizer.vocab_size(),
-                model: config.vocab_size,
+                model: config.vocab_size(),
             });
         }
         let vs = VarStore::new(device);
-        let gpt = Gpt::new(&vs.root(), config, meta.head.unwrap_or(Head::Lm));
+        let net = config.build(&vs.root(), meta.head.unwrap_or(Head::Lm));
         if let Some((tensors, file)) = weights {
             copy_into(&vs, tensors, file)?;
         }
         Ok(Self {
             vs,
-            gpt,
+            net,
             tokenizer,
             meta,
         })
@@ -260,11 +266,12 @@ impl Model {
 
     fn write_files(&self, dir: &Path) -> Result<(), CheckpointError> {
         let config = hf_config_json(
-            self.gpt.config(),
-            self.gpt.head(),
+            &self.net.config(),
+            self.net.head(),
             &self.tokenizer,
             &self.meta,
         );
+        let gpt = matches!(self.net, Network::Gpt(_));
         let text = serde_json::to_string_pretty(&config).expect("config serialises");
         atomic::write_file(&dir.join(CONFIG_FILE), text.as_bytes())?;
         let weights_path = dir.join(WEIGHTS_FILE);
@@ -273,10 +280,8 @@ impl Model {
             .variables()
             .into_iter()
             .map(|(name, t)| {
-                (
-                    hf_name(&name),
-                    t.detach().to_device(Device::Cpu).contiguous(),
-                )
+                let name = if gpt { hf_name(&name) } else { name };
+                (name, t.detach().to_device(Device::Cpu).contiguous())
             })
             .collect::<BTreeMap<_, _>>()
             .into_iter()
@@ -333,6 +338,48 @@ fn read_weights(path: &Path) -> Result<BTreeMap<String, Tensor>, CheckpointError
         .collect())
 }
 
+/// Sharded weights: every file the index names, read and merged. A shard
+/// must lie in the folder.
+fn read_shards(index: &Path) -> Result<BTreeMap<String, Tensor>, CheckpointError> {
+    let bad = |message: String| CheckpointError::Invalid {
+        path: index.to_owned(),
+        message,
+    };
+    rlhf_datasets::files::bounded_size(index, MAX_CONFIG_BYTES * 64, "an index's limit")
+        .map_err(bad)?;
+    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
+        path: index.to_owned(),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("expected a `weight_map` object of tensor -> file".into()))?;
+    let mut files = std::collections::BTreeSet::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`weight_map.{name}` must be a file name")))?;
+        if Path::new(file).file_name() != Some(std::ffi::OsStr::new(file)) {
+            return Err(bad(format!(
+                "`weight_map.{name}`: \"{file}\" must be a file in the same folder"
+            )));
+        }
+        files.insert(file.to_owned());
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        tensors.extend(read_weights(&dir.join(file))?);
+    }
+    for name in map.keys() {
+        if !tensors.contains_key(name.strip_prefix(HF_TRUNK_PREFIX).unwrap_or(name)) {
+            return Err(bad(format!("`{name}` is in no shard")));
+        }
+    }
+    Ok(tensors)
+}
+
 /// Copies file tensors into the model's variables, checking every shape.
 /// Converts dtype (an fp16 HF file loads into fp32 variables).
 fn copy_into(
@@ -368,7 +415,10 @@ fn copy_into(
     // Keys HF writes that carry nothing of ours: the tied LM head and the
     // causal-mask buffers of old GPT-2 files.
     let ignorable = |k: &str| {
-        k == "lm_head.weight" || k.ends_with(".attn.bias") || k.ends_with(".attn.masked_bias")
+        k == "lm_head.weight"
+            || k.ends_with(".attn.bias")
+            || k.ends_with(".attn.masked_bias")
+            || k.ends_with(".rotary_emb.inv_freq")
     };
     let unused: Vec<&String> = tensors
         .keys()
@@ -402,7 +452,7 @@ fn config_value<T>(
 /// The most a `config.json` may hold (real ones are a few kB).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
-fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
+fn read_config(path: &Path) -> Result<(ModelConfig, ModelMeta), CheckpointError> {
     let bad = |message: String| CheckpointError::Invalid {
         path: path.to_owned(),
         message,
@@ -416,13 +466,35 @@ fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
     let obj = v
         .as_object()
         .ok_or_else(|| bad("expected a JSON object".into()))?;
-    if let Some(t) = obj.get("model_type").and_then(Value::as_str) {
-        if t != "gpt2" {
-            return Err(bad(format!(
-                "model_type is \"{t}\"; rlhf runs GPT-2-layout models (\"gpt2\")"
-            )));
+    let config = match obj.get("model_type").and_then(Value::as_str) {
+        None | Some("gpt2") => ModelConfig::Gpt2(gpt2_config(obj, path)?),
+        Some("llama" | "qwen2" | "mistral") => {
+            ModelConfig::Llama(LlamaConfig::from_hf(&v).map_err(|e| bad(e.to_string()))?)
         }
-    }
+        Some(t) => {
+            return Err(bad(format!(
+                "model_type is \"{t}\"; rlhf runs GPT-2 (\"gpt2\") and Llama-layout (\"llama\", \"qwen2\", \"mistral\") models"
+            )))
+        }
+    };
+    let meta = match obj.get("rlhf") {
+        None => ModelMeta::default(),
+        Some(m) => {
+            serde_json::from_value(m.clone()).map_err(|e| bad(format!("`rlhf` section: {e}")))?
+        }
+    };
+    Ok((config, meta))
+}
+
+/// A GPT-2 `config.json`'s shapes, HF's defaults for unset keys.
+fn gpt2_config(
+    obj: &serde_json::Map<String, Value>,
+    path: &Path,
+) -> Result<GptConfig, CheckpointError> {
+    let bad = |message: String| CheckpointError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
     let int = |key: &str, default: i64| -> Result<i64, CheckpointError> {
         config_value(obj, key, "an integer", Value::as_i64, default).map_err(bad)
     };
@@ -473,28 +545,47 @@ fn read_config(path: &Path) -> Result<(GptConfig, ModelMeta), CheckpointError> {
             path: path.to_owned(),
             source,
         })?;
-    let meta = match obj.get("rlhf") {
-        None => ModelMeta::default(),
-        Some(m) => {
-            serde_json::from_value(m.clone()).map_err(|e| bad(format!("`rlhf` section: {e}")))?
-        }
-    };
-    Ok((config, meta))
+    Ok(config)
 }
 
 fn hf_config_json(
-    config: &GptConfig,
+    config: &ModelConfig,
     head: Head,
     tokenizer: &Tokenizer,
     meta: &ModelMeta,
 ) -> Value {
+    let mut meta = meta.clone();
+    meta.head = Some(head);
+    let eos = tokenizer.eos_id();
+    let mut v = match config {
+        ModelConfig::Gpt2(c) => gpt2_config_json(c, head),
+        ModelConfig::Llama(c) => {
+            let mut v = c.to_hf();
+            if head == Head::Scalar {
+                let name = v["architectures"][0].as_str().unwrap_or("LlamaForCausalLM");
+                let name = name.replace("ForCausalLM", "ForSequenceClassification");
+                v["architectures"] = json!([name]);
+            }
+            v
+        }
+    };
+    for (key, value) in [
+        ("bos_token_id", json!(eos)),
+        ("eos_token_id", json!(eos)),
+        ("pad_token_id", json!(tokenizer.pad_id())),
+        ("num_labels", json!(1)),
+        ("rlhf", json!(meta)),
+    ] {
+        v[key] = value;
+    }
+    v
+}
+
+fn gpt2_config_json(config: &GptConfig, head: Head) -> Value {
     let architecture = match head {
         Head::Lm => "GPT2LMHeadModel",
         Head::Scalar => "GPT2ForSequenceClassification",
     };
-    let eos = tokenizer.eos_id();
-    let mut meta = meta.clone();
-    meta.head = Some(head);
     json!({
         "architectures": [architecture],
         "model_type": "gpt2",
@@ -514,12 +605,7 @@ fn hf_config_json(
         "scale_attn_weights": true,
         "tie_word_embeddings": true,
         "use_cache": true,
-        "bos_token_id": eos,
-        "eos_token_id": eos,
-        "pad_token_id": tokenizer.pad_id(),
-        "num_labels": 1,
         "torch_dtype": "float32",
-        "rlhf": meta,
     })
 }
 
@@ -538,15 +624,15 @@ pub fn weights_of(model: &Model) -> BTreeMap<String, Tensor> {
 mod tests {
     use super::*;
 
-    fn tiny() -> GptConfig {
-        GptConfig {
+    fn tiny() -> ModelConfig {
+        ModelConfig::Gpt2(GptConfig {
             vocab_size: 264,
             n_positions: 16,
             n_embd: 16,
             n_layer: 1,
             n_head: 2,
             ..GptConfig::default()
-        }
+        })
     }
 
     #[test]
@@ -557,7 +643,7 @@ mod tests {
         let m = Model::init(&tiny(), Head::Scalar, Tokenizer::bytes(), Device::Cpu).unwrap();
         m.save(&d.path().join("ck")).unwrap();
         let back = Model::load(&d.path().join("ck"), HeadChoice::AsSaved, Device::Cpu).unwrap();
-        assert_eq!(back.gpt.head(), Head::Scalar);
+        assert_eq!(back.net.head(), Head::Scalar);
         let (a, b) = (weights_of(&m), weights_of(&back));
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (k, t) in &a {
@@ -573,7 +659,7 @@ mod tests {
         let m = Model::init(&tiny(), Head::Lm, Tokenizer::bytes(), Device::Cpu).unwrap();
         m.save(d.path()).unwrap();
         let rm = Model::load(d.path(), HeadChoice::Want(Head::Scalar), Device::Cpu).unwrap();
-        assert_eq!(rm.gpt.head(), Head::Scalar);
+        assert_eq!(rm.net.head(), Head::Scalar);
         assert!(weights_of(&m)["wte.weight"].equal(&weights_of(&rm)["wte.weight"]));
     }
 

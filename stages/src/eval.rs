@@ -138,7 +138,7 @@ pub fn reward_scores(
     settings: &EvalSettings,
     device: Device,
 ) -> Result<Vec<f64>, StageError> {
-    let limit = reward_model.gpt.config().n_positions as usize;
+    let limit = reward_model.net.n_positions() as usize;
     let seqs = prompts
         .iter()
         .zip(answers)
@@ -182,8 +182,8 @@ pub fn kl_to_reference(
         .zip(&answered.answers)
         .map(|(p, a)| p.iter().chain(a).copied().collect())
         .collect();
-    let lp = sequence_logprobs(&policy.gpt, &seqs, settings.batch_size, device);
-    let ref_lp = sequence_logprobs(&reference.gpt, &seqs, settings.batch_size, device);
+    let lp = sequence_logprobs(&policy.net, &seqs, settings.batch_size, device);
+    let ref_lp = sequence_logprobs(&reference.net, &seqs, settings.batch_size, device);
     let mut total = 0.0;
     for ((lp, ref_lp), answer) in lp.iter().zip(&ref_lp).zip(&answered.answers) {
         // The answer's tokens are the last `answer.len()` log-probabilities.
@@ -220,7 +220,7 @@ mod tests {
             ..GptConfig::default()
         };
         Model::init(
-            &cfg,
+            &cfg.into(),
             Head::Lm,
             rlhf_datasets::Tokenizer::bytes(),
             Device::Cpu,
@@ -291,7 +291,7 @@ mod tests {
             let ids = a.tokenizer.encode(p).unwrap();
             let ids = tch::Tensor::from_slice(&ids).view([1, -1]);
             let last = |m: &Model| {
-                m.gpt
+                m.net
                     .forward_logits(&ids, None, false)
                     .select(1, -1)
                     .log_softmax(-1, tch::Kind::Double)

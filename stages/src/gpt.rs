@@ -389,11 +389,45 @@ fn residual_std(cfg: &GptConfig) -> f64 {
     0.02 / ((2 * cfg.n_layer) as f64).sqrt()
 }
 
-/// `score`: one scalar per position.
+/// `score`: one scalar per position, on either layout.
 #[derive(Debug)]
-struct ScalarHead {
-    weight: Tensor, // (1, C), as HF's GPT2ForSequenceClassification
-    bias: Tensor,   // (1,)
+pub(crate) struct ScalarHead {
+    weight: Tensor, // (1, C), as HF's *ForSequenceClassification
+    bias: Tensor,   // (1,); HF has none, it shifts rewards (normalisation)
+}
+
+impl ScalarHead {
+    /// `score.{weight,bias}` under `p` for hidden states of width `c`.
+    pub(crate) fn new(p: &nn::Path, c: i64) -> Self {
+        let sp = p / "score";
+        let weight = sp.var(
+            "weight",
+            &[1, c],
+            Init::Randn {
+                mean: 0.,
+                stdev: 1.0 / ((c + 1) as f64).sqrt(),
+            },
+        );
+        Self {
+            weight,
+            bias: sp.var("bias", &[1], Init::Const(0.)),
+        }
+    }
+
+    /// `(B, T, C) -> (B, T)`.
+    pub(crate) fn values(&self, hidden: &Tensor) -> Tensor {
+        hidden
+            .matmul(&self.weight.to_kind(hidden.kind()).tr())
+            .squeeze_dim(-1)
+            .to_kind(Kind::Float)
+            + &self.bias
+    }
+
+    pub(crate) fn shift(&self, delta: f64) {
+        tch::no_grad(|| {
+            let _ = self.bias.shallow_clone().g_add_scalar_(delta);
+        });
+    }
 }
 
 /// The GPT: embeddings, blocks, final LayerNorm, tied LM head, optional
@@ -431,20 +465,7 @@ impl Gpt {
             .map(|i| Block::new(p / "h" / i, config))
             .collect();
         let ln_f = LayerNorm::new(p / "ln_f", c, config.layer_norm_epsilon);
-        let score = (head == Head::Scalar).then(|| {
-            let sp = p / "score";
-            ScalarHead {
-                weight: sp.var(
-                    "weight",
-                    &[1, c],
-                    Init::Randn {
-                        mean: 0.,
-                        stdev: 1.0 / ((c + 1) as f64).sqrt(),
-                    },
-                ),
-                bias: sp.var("bias", &[1], Init::Const(0.)),
-            }
-        });
+        let score = (head == Head::Scalar).then(|| ScalarHead::new(p, c));
         Self {
             config: config.clone(),
             wte,
@@ -528,7 +549,7 @@ impl Gpt {
     /// Panics if the model was built without a scalar head.
     pub fn values(&self, hidden: &Tensor) -> Tensor {
         let head = self.score.as_ref().expect("values() needs Head::Scalar");
-        hidden.matmul(&head.weight.tr()).squeeze_dim(-1) + &head.bias
+        head.values(hidden)
     }
 
     /// `hidden` then `logits`, for the common case.
@@ -544,9 +565,7 @@ impl Gpt {
     /// Adds `delta` to the scalar head's bias (reward normalisation).
     pub fn shift_scalar_bias(&self, delta: f64) {
         let head = self.score.as_ref().expect("shift needs Head::Scalar");
-        tch::no_grad(|| {
-            let _ = head.bias.shallow_clone().g_add_scalar_(delta);
-        });
+        head.shift(delta);
     }
 }
 

@@ -1,7 +1,8 @@
 //! libtorch: the GPT and the math of each RLHF stage.
 //!
 //! - [`gpt`]: the GPT-2-layout model, KV cache, LM and scalar heads.
-//! - [`llama`]: the Llama-layout decoder (Llama, Qwen2, Mistral), forward pass.
+//! - [`llama`]: the Llama-layout decoder (Llama, Qwen2, Mistral).
+//! - [`network`]: either layout behind one interface; `model:` shapes.
 //! - [`checkpoint`]: model folders (HF GPT-2 compatible), atomic writes.
 //! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
 //! - [`train`]: the training loop every supervised stage shares, training
@@ -25,6 +26,7 @@ pub mod eval;
 pub mod gpt;
 pub mod kind;
 pub mod llama;
+pub mod network;
 pub mod optim;
 pub mod ppo;
 pub mod reward;
@@ -35,6 +37,7 @@ pub mod train;
 
 pub use checkpoint::{HeadChoice, Model};
 pub use gpt::{Gpt, GptConfig, Head, KvCache};
+pub use network::{Cache, ModelConfig, Network};
 
 /// A seeded tiny GPT for unit tests: 16 wide, 2 heads.
 #[cfg(test)]
@@ -44,7 +47,7 @@ pub(crate) fn tiny_gpt(
     n_positions: i64,
     n_layer: i64,
     head: Head,
-) -> (tch::nn::VarStore, Gpt) {
+) -> (tch::nn::VarStore, Network) {
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let cfg = GptConfig {
@@ -56,7 +59,29 @@ pub(crate) fn tiny_gpt(
         ..GptConfig::default()
     };
     let gpt = Gpt::new(&vs.root(), &cfg, head);
-    (vs, gpt)
+    (vs, Network::Gpt(gpt))
+}
+
+/// A seeded tiny Llama-layout model for unit tests: 16 wide, 4 query
+/// heads sharing 2 key/value heads, untied.
+#[cfg(test)]
+pub(crate) fn tiny_llama(
+    seed: i64,
+    vocab_size: i64,
+    n_positions: i64,
+    n_layer: i64,
+    head: Head,
+) -> (tch::nn::VarStore, Network) {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg = llama::LlamaConfig::from_experiment(serde_json::json!({
+        "vocab_size": vocab_size, "hidden_size": 16, "num_hidden_layers": n_layer,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": n_positions, "tie_word_embeddings": false,
+    }))
+    .expect("a valid tiny config");
+    let net = ModelConfig::Llama(cfg).build(&vs.root(), head);
+    (vs, net)
 }
 
 /// Serialises the unit tests that seed libtorch's global RNG: tests run on

@@ -5,16 +5,15 @@
 //! so an HF `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM`
 //! folder loads with a key copy.
 //!
-//! First step of issue #17: the full forward pass, checked against
-//! `transformers` (`stages/tests/llama_reference.rs`); the stages still
-//! train the GPT-2 layout.
-
-use std::path::Path;
+//! Checked against `transformers` in `tests/llama_reference.rs`; the
+//! stages reach it through [`crate::network::Network`].
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
+
+use crate::gpt::{Head, ScalarHead};
 
 /// What `config.json` says of a Llama-layout model (HF's field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +51,75 @@ pub enum LlamaConfigError {
         of_field: &'static str,
         of: i64,
     },
+    #[error("{field} must lie in 1..={max}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        value: i64,
+        max: i64,
+    },
+    #[error("{field} must be a positive number, got {value}")]
+    NotPositive { field: &'static str, value: f64 },
+    #[error("the weights alone need {need_gb:.1} GB ({params} parameters in float32); this machine has {have_gb:.1} GB of memory")]
+    TooBig {
+        params: i64,
+        need_gb: f64,
+        have_gb: f64,
+    },
 }
+
+/// `model:` in an experiment file with `layout: llama`: a Llama-layout
+/// model built from scratch. Unset fields take these defaults, a small
+/// model for the byte tokenizer; `head_dim` follows from the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LlamaSpec {
+    model_type: String,
+    vocab_size: i64,
+    hidden_size: i64,
+    /// Default: 8/3 of hidden_size, a multiple of 8 (SwiGLU's usual width).
+    intermediate_size: Option<i64>,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: i64,
+    head_dim: Option<i64>,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    max_position_embeddings: i64,
+    tie_word_embeddings: bool,
+    attention_bias: bool,
+}
+
+impl Default for LlamaSpec {
+    fn default() -> Self {
+        Self {
+            model_type: "llama".into(),
+            vocab_size: 264,
+            hidden_size: 128,
+            intermediate_size: None,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 256,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        }
+    }
+}
+
+/// Upper bounds on the shapes: far above any model this tool trains, low
+/// enough that the arithmetic on them cannot overflow.
+const LIMITS: [(&str, i64); 7] = [
+    ("vocab_size", 1 << 22),
+    ("hidden_size", 1 << 16),
+    ("intermediate_size", 1 << 18),
+    ("num_hidden_layers", 1 << 10),
+    ("num_attention_heads", 1 << 10),
+    ("num_key_value_heads", 1 << 10),
+    ("max_position_embeddings", 1 << 24),
+];
 
 impl LlamaConfig {
     /// From an HF `config.json` object.
@@ -132,7 +199,75 @@ impl LlamaConfig {
         v
     }
 
-    fn check(&self) -> Result<(), LlamaConfigError> {
+    /// The experiment file's `model:` fields (with `layout: llama`
+    /// removed), defaults filled in, checked.
+    pub fn from_experiment(v: Value) -> Result<Self, String> {
+        let spec: LlamaSpec = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        if !["llama", "qwen2", "mistral"].contains(&spec.model_type.as_str()) {
+            return Err(LlamaConfigError::NotLlama(spec.model_type).to_string());
+        }
+        let heads = spec.num_attention_heads.max(1);
+        let config = Self {
+            head_dim: spec.head_dim.unwrap_or(spec.hidden_size / heads),
+            model_type: spec.model_type,
+            vocab_size: spec.vocab_size,
+            hidden_size: spec.hidden_size,
+            intermediate_size: spec
+                .intermediate_size
+                .unwrap_or((spec.hidden_size.clamp(1, 1 << 40) * 8 / 3 + 7) / 8 * 8),
+            num_hidden_layers: spec.num_hidden_layers,
+            num_attention_heads: spec.num_attention_heads,
+            num_key_value_heads: spec.num_key_value_heads,
+            rms_norm_eps: spec.rms_norm_eps,
+            rope_theta: spec.rope_theta,
+            max_position_embeddings: spec.max_position_embeddings,
+            tie_word_embeddings: spec.tie_word_embeddings,
+            attention_bias: spec.attention_bias,
+        };
+        config.check().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    /// Parameters of the network (LM head included when untied).
+    pub fn n_params(&self) -> i64 {
+        let (c, d) = (self.hidden_size, self.head_dim);
+        let q = self.num_attention_heads * d;
+        let kv = self.num_key_value_heads * d;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let attn = c * (q + 2 * kv) + q * c + bias;
+        let layer = attn + 3 * c * self.intermediate_size + 2 * c;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * c
+        };
+        self.vocab_size * c + self.num_hidden_layers * layer + c + head
+    }
+
+    /// Shapes that build a model that fits in this machine's memory.
+    pub fn check(&self) -> Result<(), LlamaConfigError> {
+        let sizes = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.max_position_embeddings,
+        ];
+        for ((field, max), value) in LIMITS.into_iter().zip(sizes) {
+            if !(1..=max).contains(&value) {
+                return Err(LlamaConfigError::OutOfRange { field, value, max });
+            }
+        }
+        for (field, value) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(LlamaConfigError::NotPositive { field, value });
+            }
+        }
         let shape = |field, value, of_field, of| LlamaConfigError::Shape {
             field,
             value,
@@ -140,7 +275,7 @@ impl LlamaConfig {
             of,
         };
         let kv = self.num_key_value_heads;
-        if kv <= 0 || self.num_attention_heads <= 0 || self.num_attention_heads % kv != 0 {
+        if self.num_attention_heads % kv != 0 {
             return Err(shape(
                 "num_attention_heads",
                 self.num_attention_heads,
@@ -148,12 +283,30 @@ impl LlamaConfig {
                 kv,
             ));
         }
-        if self.head_dim <= 0 || self.head_dim % 2 != 0 {
+        if !(2..=1 << 12).contains(&self.head_dim) || self.head_dim % 2 != 0 {
             return Err(shape("head_dim", self.head_dim, "2", 2));
+        }
+        let params = self.n_params();
+        if let Some(have) = rlhf_datasets::files::memory_bytes().map(|b| b as f64) {
+            let need = params as f64 * 4.0;
+            if need > have {
+                return Err(LlamaConfigError::TooBig {
+                    params,
+                    need_gb: need / 1e9,
+                    have_gb: have / 1e9,
+                });
+            }
         }
         Ok(())
     }
 }
+
+/// HF's initialisation for training from scratch: N(0, 0.02) weights
+/// (`initializer_range`), zero biases.
+const INIT: nn::Init = nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
 
 fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
     nn::linear(
@@ -162,7 +315,8 @@ fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
         output,
         nn::LinearConfig {
             bias,
-            ..Default::default()
+            ws_init: INIT,
+            bs_init: Some(nn::Init::Const(0.0)),
         },
     )
 }
@@ -226,10 +380,13 @@ pub struct Llama {
     norm: RmsNorm,
     /// `None` when tied to the embeddings.
     lm_head: Option<nn::Linear>,
+    /// The reward model's and critic's head.
+    score: Option<ScalarHead>,
 }
 
 impl Llama {
-    pub fn new(root: &nn::Path, config: &LlamaConfig) -> Self {
+    /// Variables under `root` with HF's names; `Head::Scalar` adds `score`.
+    pub fn new(root: &nn::Path, config: &LlamaConfig, head: Head) -> Self {
         let c = config;
         let m = root / "model";
         let (hidden, d) = (c.hidden_size, c.head_dim);
@@ -269,12 +426,16 @@ impl Llama {
                 &m / "embed_tokens",
                 c.vocab_size,
                 hidden,
-                Default::default(),
+                nn::EmbeddingConfig {
+                    ws_init: INIT,
+                    ..Default::default()
+                },
             ),
             layers,
             norm: RmsNorm::new(&m / "norm", hidden, c.rms_norm_eps),
             lm_head: (!c.tie_word_embeddings)
                 .then(|| linear(root / "lm_head", hidden, c.vocab_size, false)),
+            score: (head == Head::Scalar).then(|| ScalarHead::new(root, hidden)),
         }
     }
 
@@ -282,27 +443,63 @@ impl Llama {
         &self.config
     }
 
-    /// Logits `(B, T, V)` of token ids `(B, T)`; `attention_mask` `(B, T)`
-    /// (1: a real token) allows left padding: positions count real tokens.
-    pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
-        self.run(
-            ids,
-            attention_mask,
-            &mut LlamaCache::none(self.layers.len()),
-        )
+    pub fn head(&self) -> Head {
+        if self.score.is_some() {
+            Head::Scalar
+        } else {
+            Head::Lm
+        }
     }
 
-    /// Logits of `ids` `(B, t)` that follow the tokens already in `cache`,
-    /// whose keys and values are appended to it; `attention_mask` covers
-    /// the cached tokens and these, `(B, past + t)`.
-    pub fn logits_cached(
+    /// The dtype of the weights.
+    pub fn kind(&self) -> Kind {
+        self.embed.ws.kind()
+    }
+
+    /// Logits `(B, T, V)` of token ids `(B, T)`; `attention_mask` `(B, T)`
+    /// (1: a real token) allows left padding: positions count real tokens.
+    pub fn forward_logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
+        self.logits(&self.hidden(ids, attention_mask, None))
+    }
+
+    /// Hidden states after the final norm, `(B, t, C)`, of `ids` `(B, t)`.
+    /// With a cache, they follow the tokens already in it and their keys
+    /// and values are appended; `attention_mask` then covers the cached
+    /// tokens and these, `(B, past + t)`.
+    pub fn hidden(
         &self,
         ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        cache: &mut LlamaCache,
+        cache: Option<&mut LlamaCache>,
     ) -> Tensor {
-        cache.keep = true;
-        self.run(ids, attention_mask, cache)
+        match cache {
+            Some(c) => self.run(ids, attention_mask, c),
+            None => self.run(
+                ids,
+                attention_mask,
+                &mut LlamaCache::none(self.layers.len()),
+            ),
+        }
+    }
+
+    /// Next-token logits from hidden states: `(.., C) -> (.., V)`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(&self.embed.ws.tr()),
+        }
+    }
+
+    /// Scalar head values: `(B, T, C) -> (B, T)`; panics without one.
+    pub fn values(&self, hidden: &Tensor) -> Tensor {
+        let head = self.score.as_ref().expect("values() needs Head::Scalar");
+        head.values(hidden)
+    }
+
+    /// Adds `delta` to the scalar head's bias (reward normalisation).
+    pub fn shift_scalar_bias(&self, delta: f64) {
+        let head = self.score.as_ref().expect("shift needs Head::Scalar");
+        head.shift(delta);
     }
 
     fn run(&self, ids: &Tensor, attention_mask: Option<&Tensor>, cache: &mut LlamaCache) -> Tensor {
@@ -329,11 +526,7 @@ impl Llama {
             x = layer.forward(&x, &pass, kv);
         }
         cache.len += t;
-        let x = self.norm.forward(&x);
-        match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.matmul(&self.embed.ws.tr()),
-        }
+        self.norm.forward(&x)
     }
 }
 
@@ -478,46 +671,6 @@ fn causal_mask(t: i64, past: i64, attention_mask: Option<&Tensor>, device: Devic
     }
 }
 
-/// Why a folder could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum SaveError {
-    #[error(transparent)]
-    Write(#[from] rlhf_datasets::atomic::AtomicWriteError),
-    #[error("{0}")]
-    Other(String),
-}
-
-/// Writes `config.json` and `model.safetensors` (HF's names) into `dir`,
-/// whole or not at all: a folder `transformers` loads.
-pub fn save(vs: &nn::VarStore, model: &Llama, dir: &Path) -> Result<(), SaveError> {
-    let other = |e: &dyn std::fmt::Display| SaveError::Other(format!("{}: {e}", dir.display()));
-    rlhf_datasets::atomic::write_dir(dir, |tmp| -> Result<(), SaveError> {
-        let config = serde_json::to_string_pretty(&model.config.to_hf()).map_err(|e| other(&e))?;
-        std::fs::write(tmp.join("config.json"), config).map_err(|e| other(&e))?;
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(&named, tmp.join("model.safetensors")).map_err(|e| other(&e))
-    })
-}
-
-/// A Llama-layout model folder's config and network on `device` (weights
-/// from `model.safetensors`).
-pub fn load(dir: &Path, device: Device) -> Result<(nn::VarStore, Llama), String> {
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let value: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let config =
-        LlamaConfig::from_hf(&value).map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let mut vs = nn::VarStore::new(device);
-    let model = Llama::new(&vs.root(), &config);
-    let weights = dir.join("model.safetensors");
-    vs.load(&weights)
-        .map_err(|e| format!("{}: {e}", weights.display()))?;
-    Ok((vs, model))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,7 +683,7 @@ mod tests {
             "max_position_embeddings": 64, "tie_word_embeddings": tied
         });
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Llama::new(&vs.root(), &LlamaConfig::from_hf(&v).unwrap());
+        let model = Llama::new(&vs.root(), &LlamaConfig::from_hf(&v).unwrap(), Head::Lm);
         (vs, model)
     }
 
@@ -548,9 +701,10 @@ mod tests {
         }
         let ids = Tensor::from_slice(&ids).view([2, width as i64]);
         let mask = Tensor::from_slice(&mask).view([2, width as i64]);
-        let batched = tch::no_grad(|| model.logits(&ids, Some(&mask)));
+        let batched = tch::no_grad(|| model.forward_logits(&ids, Some(&mask)));
         for (row, p) in prompts.iter().enumerate() {
-            let alone = tch::no_grad(|| model.logits(&Tensor::from_slice(p).view([1, -1]), None));
+            let alone =
+                tch::no_grad(|| model.forward_logits(&Tensor::from_slice(p).view([1, -1]), None));
             let n = p.len() as i64;
             let real = batched.get(row as i64).narrow(0, width as i64 - n, n);
             let diff = (real - alone.get(0)).abs().max().double_value(&[]);
@@ -563,22 +717,22 @@ mod tests {
         let (_vs, model) = tiny(true);
         let ids = Tensor::from_slice(&[0i64, 0, 5, 9, 2, 7, 1, 3, 4, 6, 8, 3]).view([2, 6]);
         let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 6]);
-        let full = tch::no_grad(|| model.logits(&ids, Some(&mask)));
+        let full = tch::no_grad(|| model.forward_logits(&ids, Some(&mask)));
         let mut cache = LlamaCache::new(&model);
         let mut parts = vec![tch::no_grad(|| {
-            model.logits_cached(
+            model.logits(&model.hidden(
                 &ids.narrow(1, 0, 3),
                 Some(&mask.narrow(1, 0, 3)),
-                &mut cache,
-            )
+                Some(&mut cache),
+            ))
         })];
         for col in 3..6 {
             let step = tch::no_grad(|| {
-                model.logits_cached(
+                model.logits(&model.hidden(
                     &ids.narrow(1, col, 1),
                     Some(&mask.narrow(1, 0, col + 1)),
-                    &mut cache,
-                )
+                    Some(&mut cache),
+                ))
             });
             parts.push(step);
         }
@@ -594,7 +748,7 @@ mod tests {
     fn gradients_reach_every_weight() {
         let (vs, model) = tiny(true);
         let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
-        model.logits(&ids, None).sum(Kind::Float).backward();
+        model.forward_logits(&ids, None).sum(Kind::Float).backward();
         for (name, t) in vs.variables() {
             let g = t.grad();
             assert!(

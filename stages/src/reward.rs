@@ -29,8 +29,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check;
 use crate::checkpoint::Model;
-use crate::gpt::{Gpt, Head};
+use crate::gpt::Head;
 use crate::kind::{KindConfig, PathSetting};
+use crate::network::Network;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
     finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
@@ -227,7 +228,7 @@ impl Evaluation for RewardEval {
 /// row's last real token, or its mean over the row's answer. One forward
 /// for all rows.
 pub fn batch_rewards(
-    model: &Gpt,
+    model: &Network,
     batch: &GroupBatch,
     pooling: Pooling,
     device: Device,
@@ -318,7 +319,7 @@ pub fn sequence_rewards(
                 pair_weight: vec![],
                 groups: 0,
             };
-            let r = batch_rewards(&model.gpt, &batch, pooling, device, false)
+            let r = batch_rewards(&model.net, &batch, pooling, device, false)
                 .to_kind(Kind::Double)
                 .to_device(Device::Cpu);
             out.extend(Vec::<f64>::try_from(r).expect("f64 rewards"));
@@ -328,7 +329,7 @@ pub fn sequence_rewards(
 }
 
 pub fn evaluate(
-    model: &Gpt,
+    model: &Network,
     pooling: Pooling,
     groups: &[&TokenizedGroup],
     batch_size: usize,
@@ -380,7 +381,7 @@ pub fn evaluate_file(
     let (groups, _) = load_groups(path, model, max_len)?;
     let refs: Vec<&TokenizedGroup> = groups.iter().collect();
     Ok(evaluate(
-        &model.gpt,
+        &model.net,
         Pooling::of(model),
         &refs,
         batch_size,
@@ -447,7 +448,7 @@ impl Objective for Rankings<'_> {
     /// A micro-batch's loss is the mean over its groups, on every rank
     /// (`kwise_loss` is this rank's mean); the step's, the mean over its
     /// micro-batches.
-    fn loss(&self, model: &Gpt, batch: &GroupBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
+    fn loss(&self, model: &Network, batch: &GroupBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
         let rewards = batch_rewards(model, batch, self.pooling, self.device, true);
         let (loss, gap) = kwise_loss(&rewards, batch);
         let loss = loss * (share.local / share.micro);
@@ -464,7 +465,7 @@ impl Objective for Rankings<'_> {
         Some(std::f64::consts::LN_2)
     }
 
-    fn evaluate(&self, model: &Gpt) -> Option<RewardEval> {
+    fn evaluate(&self, model: &Network) -> Option<RewardEval> {
         evaluate(
             model,
             self.pooling,
@@ -488,9 +489,7 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
     };
     // Recorded before the first checkpoint: every later reader pools alike.
     cfg.pooling.record(&mut start.model);
-    let max_len = cfg
-        .max_len
-        .min(start.model.gpt.config().n_positions as usize);
+    let max_len = cfg.max_len.min(start.model.net.n_positions() as usize);
     let (all, skipped_rows) = load_groups(&cfg.data, &start.model, max_len)?;
     let held_out = match &cfg.eval_data {
         Some(p) => load_groups(p, &start.model, max_len)?.0,
@@ -531,7 +530,7 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         None => None,
     };
     // Eval after the shift: accuracy is unchanged, reward mean moves.
-    let final_eval = objective.evaluate(&fitted.model.gpt).or(fitted.last_eval);
+    let final_eval = objective.evaluate(&fitted.model.net).or(fitted.last_eval);
     finish(&run, &fitted)?;
     let summary = RewardSummary {
         steps: fitted.steps,
@@ -574,7 +573,7 @@ fn normalize(
         .collect();
     let rewards = sequence_rewards(model, &inputs, SCORE_BATCH, device);
     let (mean, std) = mean_std(&rewards);
-    model.gpt.shift_scalar_bias(-mean);
+    model.net.shift_scalar_bias(-mean);
     let stats = RewardNormalization {
         mean_before: mean,
         std,
@@ -703,7 +702,7 @@ mod tests {
             ..GptConfig::default()
         };
         let tok = rlhf_datasets::Tokenizer::bytes();
-        let mut model = Model::init(&cfg, Head::Scalar, tok, Device::Cpu).unwrap();
+        let mut model = Model::init(&cfg.into(), Head::Scalar, tok, Device::Cpu).unwrap();
         let group = TokenizedGroup {
             prompt: vec![1, 2, 3],
             responses: vec![vec![4, 0], vec![5, 6, 7, 0]],
@@ -714,7 +713,7 @@ mod tests {
         assert_eq!(batch.answer_start, vec![3, 3]);
         let ids = Tensor::from_slice(&batch.input_ids).view([2, batch.width as i64]);
         let values: Vec<f32> = Vec::try_from(
-            tch::no_grad(|| model.gpt.values(&model.gpt.hidden(&ids, None, None, false)))
+            tch::no_grad(|| model.net.values(&model.net.hidden(&ids, None, None, false)))
                 .reshape([-1]),
         )
         .unwrap();
@@ -725,11 +724,11 @@ mod tests {
             (values[w + 3] + values[w + 4] + values[w + 5] + values[w + 6]) / 4.0,
         ];
         let mean: Vec<f32> = Vec::try_from(tch::no_grad(|| {
-            batch_rewards(&model.gpt, &batch, Pooling::Mean, Device::Cpu, false)
+            batch_rewards(&model.net, &batch, Pooling::Mean, Device::Cpu, false)
         }))
         .unwrap();
         let last: Vec<f32> = Vec::try_from(tch::no_grad(|| {
-            batch_rewards(&model.gpt, &batch, Pooling::Last, Device::Cpu, false)
+            batch_rewards(&model.net, &batch, Pooling::Last, Device::Cpu, false)
         }))
         .unwrap();
         for i in 0..2 {

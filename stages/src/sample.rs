@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::gpt::{Gpt, KvCache};
+use crate::network::Network;
 
 /// How answers are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,7 +113,7 @@ pub struct Generation {
 ///
 /// Deterministic for a given `tch::manual_seed`.
 pub fn generate(
-    model: &Gpt,
+    model: &Network,
     prompts: &[Vec<i64>],
     config: &SamplingConfig,
     spec: TokenSpec,
@@ -125,7 +125,7 @@ pub fn generate(
         pad,
         vocab_size,
     } = spec;
-    let limit = model.config().n_positions;
+    let limit = model.n_positions();
     for (index, p) in prompts.iter().enumerate() {
         if p.is_empty() {
             return Err(SamplingError::EmptyPrompt { index });
@@ -154,8 +154,7 @@ pub fn generate(
     let any_padding = prompts.iter().any(|p| p.len() as i64 != width);
 
     tch::no_grad(|| {
-        let kind = model.kind();
-        let mut cache = KvCache::new(model.config(), b, total, device, kind);
+        let mut cache = model.cache(b, total, device);
         // Full-width buffers, written column by column: no reallocation.
         let tokens = Tensor::full([b, total], pad, (Kind::Int64, device));
         let attention = Tensor::zeros([b, total], (Kind::Int64, device));
@@ -174,7 +173,7 @@ pub fn generate(
         );
         let mut steps = 0;
         let pad_token = Tensor::from(pad).to_device(device);
-        let model_vocab = model.config().vocab_size;
+        let model_vocab = model.vocab_size();
         // Calls per decoded token are kept few: on small models each
         // libtorch call costs more than its arithmetic.
         for step in 0..config.max_new_tokens {
@@ -303,8 +302,13 @@ mod tests {
         }
     }
 
-    fn tiny() -> (VarStore, Gpt) {
+    fn tiny() -> (VarStore, Network) {
         crate::tiny_gpt(3, 40, 40, 2, Head::Lm)
+    }
+
+    /// The GPT-2-layout and the Llama-layout model.
+    fn both() -> [(VarStore, Network); 2] {
+        [tiny(), crate::tiny_llama(3, 40, 40, 2, Head::Lm)]
     }
 
     #[test]
@@ -332,7 +336,12 @@ mod tests {
     #[test]
     fn greedy_batched_generation_equals_one_prompt_at_a_time() {
         let _rng = crate::rng_lock();
-        let (_vs, gpt) = tiny();
+        for (_vs, gpt) in both() {
+            greedy_batched_equals_single(&gpt);
+        }
+    }
+
+    fn greedy_batched_equals_single(gpt: &Network) {
         let prompts = vec![vec![1i64, 2, 3, 4, 5], vec![7i64, 8], vec![9i64, 10, 11]];
         let cfg = SamplingConfig {
             temperature: 0.0,
@@ -340,10 +349,10 @@ mod tests {
             stop_at_eos: false,
             ..SamplingConfig::default()
         };
-        let batched = generate(&gpt, &prompts, &cfg, spec(0), Device::Cpu).unwrap();
+        let batched = generate(gpt, &prompts, &cfg, spec(0), Device::Cpu).unwrap();
         for (i, p) in prompts.iter().enumerate() {
             let single =
-                generate(&gpt, std::slice::from_ref(p), &cfg, spec(0), Device::Cpu).unwrap();
+                generate(gpt, std::slice::from_ref(p), &cfg, spec(0), Device::Cpu).unwrap();
             assert_eq!(batched.answers[i], single.answers[0], "prompt {i}");
             // And equal to a full forward re-run without the cache.
             let mut seq = p.clone();
@@ -362,7 +371,12 @@ mod tests {
     #[test]
     fn stops_at_eos_and_pads_after() {
         let _rng = crate::rng_lock();
-        let (_vs, gpt) = tiny();
+        for (_vs, gpt) in both() {
+            stops_at_eos(&gpt);
+        }
+    }
+
+    fn stops_at_eos(gpt: &Network) {
         let prompts = vec![vec![1i64, 2], vec![3i64, 4, 5]];
         let cfg = SamplingConfig {
             temperature: 0.0,
@@ -371,7 +385,7 @@ mod tests {
         };
         // Make the greedy first token of prompt 0 the "EOS".
         let free = generate(
-            &gpt,
+            gpt,
             &prompts,
             &SamplingConfig {
                 stop_at_eos: false,
@@ -382,7 +396,7 @@ mod tests {
         )
         .unwrap();
         let eos = free.answers[0][0];
-        let out = generate(&gpt, &prompts, &cfg, spec(eos), Device::Cpu).unwrap();
+        let out = generate(gpt, &prompts, &cfg, spec(eos), Device::Cpu).unwrap();
         assert_eq!(out.answers[0], vec![eos]);
         assert!(out.finished[0]);
         // The other row continues exactly as without stopping, up to its own EOS.

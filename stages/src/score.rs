@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::gpt::Gpt;
+use crate::network::Network;
 
 /// `log p(targets)` from logits: `(.., V)` and `(..)` -> `(..)`.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
@@ -18,7 +18,7 @@ pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
 /// Sequences are right-padded into batches of `batch_size`; under causal
 /// attention the padding never reaches a real token.
 pub fn sequence_logprobs(
-    model: &Gpt,
+    model: &Network,
     seqs: &[Vec<i64>],
     batch_size: usize,
     device: Device,

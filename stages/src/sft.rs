@@ -18,8 +18,9 @@ use tch::{Device, Kind, Tensor};
 use crate::answer::judged_eval;
 use crate::check;
 use crate::checkpoint::Model;
-use crate::gpt::{Gpt, Head};
+use crate::gpt::Head;
 use crate::kind::{KindConfig, PathSetting};
+use crate::network::Network;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
     finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
@@ -128,7 +129,12 @@ pub struct SftSummary {
 
 /// The SFT loss of a batch: mean NLL over answer tokens, as
 /// `(sum of masked NLL, number of answer tokens)` tensors.
-pub fn masked_nll_sum(model: &Gpt, batch: &LmBatch, device: Device, train: bool) -> (Tensor, f64) {
+pub fn masked_nll_sum(
+    model: &Network,
+    batch: &LmBatch,
+    device: Device,
+    train: bool,
+) -> (Tensor, f64) {
     let shape = [batch.rows as i64, batch.width as i64];
     let inputs = Tensor::from_slice(&batch.input_ids)
         .view(shape)
@@ -186,12 +192,12 @@ impl Objective for Demonstrations<'_> {
     }
 
     /// The step's loss is the mean over its answer tokens, on every rank.
-    fn loss(&self, model: &Gpt, batch: &LmBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
+    fn loss(&self, model: &Network, batch: &LmBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
         let (nll_sum, _) = masked_nll_sum(model, batch, self.device, true);
         (nll_sum / share.step, vec![])
     }
 
-    fn evaluate(&self, model: &Gpt) -> Option<EvalLoss> {
+    fn evaluate(&self, model: &Network) -> Option<EvalLoss> {
         eval_loss(model, &self.eval, self.eval_batch, self.pad, self.device).map(EvalLoss)
     }
 }
@@ -276,7 +282,7 @@ fn load_demonstrations(
         &cfg.data,
         &ChatTemplate::for_tokenizer(&model.tokenizer),
     )?;
-    let max_len = cfg.max_len.min(model.gpt.config().n_positions as usize);
+    let max_len = cfg.max_len.min(model.net.n_positions() as usize);
     let (pairs, cut) = tokenize_pairs(&records, &model.tokenizer, max_len)?;
     if cut.prompts_cut + cut.completions_cut > 0 {
         tracing::warn!(
@@ -290,7 +296,7 @@ fn load_demonstrations(
 
 /// Mean NLL per answer token over `pairs`; `None` if there are none.
 pub fn eval_loss(
-    model: &Gpt,
+    model: &Network,
     pairs: &[&TokenizedPair],
     batch_size: usize,
     pad: i64,

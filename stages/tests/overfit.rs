@@ -21,7 +21,7 @@ fn tiny_gpt_overfits_a_short_text() {
         n_head: 4,
         ..GptConfig::default()
     };
-    let model = Model::init(&config, Head::Lm, tok, Device::Cpu).unwrap();
+    let model = Model::init(&config.clone().into(), Head::Lm, tok, Device::Cpu).unwrap();
     let seq = Tensor::from_slice(&ids).view([1, -1]);
     let n = seq.size()[1];
     let (inputs, targets) = (seq.narrow(1, 0, n - 1), seq.narrow(1, 1, n - 1));
@@ -35,7 +35,7 @@ fn tiny_gpt_overfits_a_short_text() {
     );
     let mut losses = vec![];
     for _ in 0..150 {
-        let logits = model.gpt.forward_logits(&inputs, None, true);
+        let logits = model.net.forward_logits(&inputs, None, true);
         let loss = logits
             .view([-1, config.vocab_size])
             .cross_entropy_for_logits(&targets.reshape([-1]));

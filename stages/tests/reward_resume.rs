@@ -15,7 +15,10 @@ fn resumed_reward_training_equals_uninterrupted_bit_for_bit() {
     let data = common::task_slice(d.path(), "preferences.jsonl", 120);
     let demos = common::task_slice(d.path(), "sft.jsonl", 50);
     let mut scratch = common::tiny_model();
-    scratch.config.resid_pdrop = 0.1;
+    let rlhf_stages::ModelConfig::Gpt2(gpt) = &mut scratch.config else {
+        unreachable!()
+    };
+    gpt.resid_pdrop = 0.1;
     let config = RewardConfig {
         data: data.clone(),
         train: TrainSettings {

@@ -38,8 +38,11 @@ fn resumed_sft_equals_uninterrupted_bit_for_bit() {
     };
     let mut scratch = common::tiny_model();
     // Dropout on: the resumed run must restore the RNG too.
-    scratch.config.resid_pdrop = 0.1;
-    scratch.config.attn_pdrop = 0.1;
+    let rlhf_stages::ModelConfig::Gpt2(gpt) = &mut scratch.config else {
+        unreachable!()
+    };
+    gpt.resid_pdrop = 0.1;
+    gpt.attn_pdrop = 0.1;
 
     let mut job = common::sft_job(data.clone(), d.path().join("a"), config.clone());
     job.ctx.scratch = scratch.clone();

@@ -36,7 +36,8 @@ def make_hf(out_dir, family, tied):
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.eval()
-    model.save_pretrained(out_dir)
+    # Qwen2's folder in shards with an index file, as large models ship.
+    model.save_pretrained(out_dir, max_shard_size="100KB" if family == "qwen2" else "5GB")
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float().contiguous()

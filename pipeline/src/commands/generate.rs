@@ -34,11 +34,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        max_new_tokens: room_for_answers(
-            args.max_new_tokens,
-            model.gpt.config().n_positions,
-            longest,
-        ),
+        max_new_tokens: room_for_answers(args.max_new_tokens, model.net.n_positions(), longest),
         stop_at_eos: !args.ignore_eos,
     };
     tch::manual_seed(args.seed);

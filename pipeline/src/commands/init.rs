@@ -1,8 +1,8 @@
 use anyhow::Context;
 use rlhf_datasets::Tokenizer;
-use rlhf_stages::{GptConfig, Head, Model};
+use rlhf_stages::{GptConfig, Head, Model, ModelConfig};
 
-use crate::cli::{HeadArg, InitArgs};
+use crate::cli::{HeadArg, InitArgs, LayoutArg};
 
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
     let has_files = std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some());
@@ -20,14 +20,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     let vocab_size = args
         .vocab_size
         .unwrap_or_else(|| GptConfig::vocab_for(tokenizer.vocab_size()));
-    let config = GptConfig {
-        vocab_size,
-        n_positions: args.n_positions,
-        n_embd: args.n_embd,
-        n_layer: args.n_layer,
-        n_head: args.n_head,
-        ..GptConfig::default()
-    };
+    let config = model_config(&args, vocab_size)?;
     let head = match args.head {
         HeadArg::Lm => Head::Lm,
         HeadArg::Scalar => Head::Scalar,
@@ -38,12 +31,46 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         .save(&args.out)
         .with_context(|| format!("writing the model folder {}", args.out.display()))?;
     tracing::info!(
-        "wrote {} ({} parameters, {} layers, n_embd {}, vocab {})",
+        "wrote {} ({} layout, {} parameters, vocab {})",
         args.out.display(),
+        config.layout(),
         config.n_params(),
-        config.n_layer,
-        config.n_embd,
-        config.vocab_size
+        config.vocab_size()
     );
     Ok(())
+}
+
+fn model_config(args: &InitArgs, vocab_size: i64) -> anyhow::Result<ModelConfig> {
+    let config = match args.layout {
+        LayoutArg::Gpt2 => ModelConfig::Gpt2(GptConfig {
+            vocab_size,
+            n_positions: args.n_positions,
+            n_embd: args.n_embd,
+            n_layer: args.n_layer,
+            n_head: args.n_head,
+            ..GptConfig::default()
+        }),
+        LayoutArg::Llama => {
+            let kv_heads = args.kv_heads.unwrap_or(match args.n_head {
+                h if h % 2 == 0 => h / 2,
+                h => h,
+            });
+            let spec = serde_json::json!({
+                "vocab_size": vocab_size,
+                "hidden_size": args.n_embd,
+                "num_hidden_layers": args.n_layer,
+                "num_attention_heads": args.n_head,
+                "num_key_value_heads": kv_heads,
+                "max_position_embeddings": args.n_positions,
+            });
+            ModelConfig::Llama(
+                rlhf_stages::llama::LlamaConfig::from_experiment(spec)
+                    .map_err(|e| anyhow::anyhow!("model shape: {e}"))?,
+            )
+        }
+    };
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("model shape: {e}"))?;
+    Ok(config)
 }

@@ -16,7 +16,7 @@ use crate::jsonl::read_json_lines;
 pub fn run(args: RewardArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
     let model = Model::load(&args.model, HeadChoice::AsSaved, device)?;
-    if model.gpt.head() != Head::Scalar {
+    if model.net.head() != Head::Scalar {
         bail!(
             "{}: this model has no scalar head; `rlhf reward` needs a reward model (a reward stage's checkpoint)",
             args.model.display()
@@ -55,7 +55,7 @@ pub fn run(args: RewardArgs) -> anyhow::Result<()> {
     if items.is_empty() {
         bail!("nothing to score: give --prompt with --answer, or --input");
     }
-    let limit = model.gpt.config().n_positions as usize;
+    let limit = model.net.n_positions() as usize;
     let mut seqs = Vec::with_capacity(items.len());
     for (i, (_, p, a)) in items.iter().enumerate() {
         let (input, cut) = reward_sequence(&model.tokenizer, p, a, limit)?;

@@ -36,7 +36,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     let needs_tokenizer = given.iter().any(|g| matches!(g, Given::Text(_)));
     let (tok, _vs, gpt) = if needs_tokenizer {
         let m = Model::load(&args.model, HeadChoice::Want(Head::Lm), device)?;
-        (Some(m.tokenizer), m.vs, m.gpt)
+        (Some(m.tokenizer), m.vs, m.net)
     } else {
         let (vs, gpt) = Model::load_network(&args.model, HeadChoice::Want(Head::Lm), device)?;
         (Tokenizer::from_model_dir(&args.model).ok(), vs, gpt)
@@ -52,8 +52,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
             (Given::Ids(ids), _) => Ok(Item { text: None, ids }),
         })
         .collect::<anyhow::Result<Vec<Item>>>()?;
-    let limit = gpt.config().n_positions as usize;
-    let vocab = gpt.config().vocab_size;
+    let limit = gpt.n_positions() as usize;
+    let vocab = gpt.vocab_size();
     for (i, item) in items.iter().enumerate() {
         if item.ids.len() > limit {
             bail!(

@@ -77,15 +77,15 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
 /// The model a stage builds from nothing: the experiment's shape, with
 /// room for every id of its tokenizer (a GPT-2 `tokenizer.json` needs
 /// 50257, not the byte tokenizer's 264), rounded up to a multiple of 8.
-fn scratch_model(mut config: rlhf_stages::GptConfig, tokenizer: Tokenizer) -> ScratchModel {
+fn scratch_model(mut config: rlhf_stages::ModelConfig, tokenizer: Tokenizer) -> ScratchModel {
     let needed = tokenizer.vocab_size() as i64;
-    if needed > config.vocab_size {
+    if needed > config.vocab_size() {
         let vocab = rlhf_stages::GptConfig::vocab_for(needed as usize);
         tracing::info!(
             "model.vocab_size: {} -> {vocab} to hold the tokenizer's {needed} ids",
-            config.vocab_size
+            config.vocab_size()
         );
-        config.vocab_size = vocab;
+        config.set_vocab_size(vocab);
     }
     ScratchModel { config, tokenizer }
 }

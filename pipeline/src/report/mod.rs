@@ -410,7 +410,7 @@ fn reward_rows(
         let model = load_model(stage, device)?;
         let max_len = stage.manifest.config["stage"]["max_len"]
             .as_u64()
-            .unwrap_or(model.gpt.config().n_positions as u64) as usize;
+            .unwrap_or(model.net.n_positions() as u64) as usize;
         let result = match &data {
             Some(path) => rlhf_stages::reward::evaluate_file(
                 &model,

@@ -22,7 +22,8 @@ use super::{PpoConfig, PpoState, PpoSummary};
 use crate::answer::{Judge, JudgedScore};
 use crate::checkpoint::{HeadChoice, Model};
 use crate::dist::Ranks;
-use crate::gpt::{Gpt, Head};
+use crate::gpt::Head;
+use crate::network::Network;
 use crate::optim::AdamW;
 use crate::reward::{sequence_rewards, RewardInput, SCORE_BATCH};
 use crate::sample::{generate, Generation, TokenSpec};
@@ -146,7 +147,7 @@ impl Scorer {
         }
         let path = cfg.reward_model.as_deref().expect("validated");
         let mut m = Model::load(path, HeadChoice::AsSaved, ctx.device)?;
-        if m.gpt.head() != Head::Scalar {
+        if m.net.head() != Head::Scalar {
             return Err(StageError::setting(
                 "reward_model",
                 format!(
@@ -213,7 +214,7 @@ impl Data {
             .iter()
             .map(|p| tok.encode(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let n_positions = policy.gpt.config().n_positions;
+        let n_positions = policy.net.n_positions();
         let limit = (n_positions - cfg.sampling.max_new_tokens) as usize;
         if let Some((i, p)) = prompt_ids
             .iter()
@@ -287,7 +288,7 @@ fn rollout(
         .collect();
     let tok = &models.policy.tokenizer;
     let g = generate(
-        &models.policy.gpt,
+        &models.policy.net,
         &prompt_ids,
         &cfg.sampling,
         TokenSpec::of(tok),
@@ -298,20 +299,20 @@ fn rollout(
     let answer_mask = g.attention_mask.narrow(1, width, n).to_kind(Kind::Float);
     let (old_lp, ref_lp, old_values) = tch::no_grad(|| {
         let (lp, _) = answer_logprobs(
-            &models.policy.gpt,
+            &models.policy.net,
             &g.tokens,
             &g.attention_mask,
             width,
             vocab,
         );
         let (rlp, _) = answer_logprobs(
-            &models.reference.gpt,
+            &models.reference.net,
             &g.tokens,
             &g.attention_mask,
             width,
             vocab,
         );
-        let v = answer_values(&models.critic.gpt, &g.tokens, &g.attention_mask, width);
+        let v = answer_values(&models.critic.net, &g.tokens, &g.attention_mask, width);
         (lp, rlp, v)
     });
     let answers: Vec<String> = g
@@ -546,7 +547,7 @@ fn policy_step(
 ) -> Result<(), StageError> {
     let vocab = models.policy.tokenizer.vocab_size() as i64;
     let (new_lp, logits) =
-        answer_logprobs(&models.policy.gpt, &mb.tokens, &mb.attention, width, vocab);
+        answer_logprobs(&models.policy.net, &mb.tokens, &mb.attention, width, vocab);
     let (pg_loss, clipfrac, approx_kl) = clipped_surrogate_over(
         &new_lp,
         &mb.old_lp,
@@ -571,7 +572,7 @@ fn policy_step(
         *ptx_cursor = (*ptx_cursor + ptx.batch_size) % data.ptx.len();
         let batch = collate(&rows, models.policy.tokenizer.pad_id());
         let device = mb.tokens.device();
-        let (nll, count) = masked_nll_sum(&models.policy.gpt, &batch, device, false);
+        let (nll, count) = masked_nll_sum(&models.policy.net, &batch, device, false);
         let ptx_loss = nll / count;
         stats.ptx_loss += ptx_loss.double_value(&[]);
         loss += ptx.coef * ptx_loss;
@@ -596,7 +597,7 @@ fn critic_step(
     stats: &mut UpdateStats,
     step: Step,
 ) -> Result<(), StageError> {
-    let new_v = answer_values(&models.critic.gpt, &mb.tokens, &mb.attention, width);
+    let new_v = answer_values(&models.critic.net, &mb.tokens, &mb.attention, width);
     let vf_loss = clipped_value_loss_over(
         &new_v,
         &mb.old_values,
@@ -830,7 +831,7 @@ impl Tallies {
 /// start at column `width`), and the logits they came from, over the
 /// tokenizer's `vocab` ids only (the ids sampling can produce).
 fn answer_logprobs(
-    model: &Gpt,
+    model: &Network,
     tokens: &Tensor,
     attention: &Tensor,
     width: i64,
@@ -845,7 +846,7 @@ fn answer_logprobs(
 }
 
 /// Critic values `(B, N)` of the states before each answer token.
-fn answer_values(critic: &Gpt, tokens: &Tensor, attention: &Tensor, width: i64) -> Tensor {
+fn answer_values(critic: &Network, tokens: &Tensor, attention: &Tensor, width: i64) -> Tensor {
     let n = tokens.size()[1] - width;
     critic.values(
         &critic

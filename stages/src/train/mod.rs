@@ -23,7 +23,8 @@ use tch::{Device, Tensor};
 
 use crate::check;
 use crate::checkpoint::{HeadChoice, Model};
-use crate::gpt::{Gpt, GptConfig, Head};
+use crate::gpt::Head;
+use crate::network::{ModelConfig, Network};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 
 pub use crate::dist::Ranks;
@@ -152,7 +153,7 @@ pub fn step_seed(seed: u64, step: i64) -> i64 {
 /// The model a stage starts from when its config names no `init`.
 #[derive(Debug, Clone)]
 pub struct ScratchModel {
-    pub config: GptConfig,
+    pub config: ModelConfig,
     pub tokenizer: rlhf_datasets::Tokenizer,
 }
 
@@ -275,9 +276,9 @@ pub trait Objective {
     /// This rank's part of the step's loss from one micro-batch (the parts
     /// of every micro-batch and rank sum to the step's loss), and its
     /// ratios to sum over the step.
-    fn loss(&self, model: &Gpt, batch: &Self::Batch, share: &Share) -> (Tensor, Vec<Ratio>);
+    fn loss(&self, model: &Network, batch: &Self::Batch, share: &Share) -> (Tensor, Vec<Ratio>);
     /// Held-out quality; `None` without held-out data.
-    fn evaluate(&self, model: &Gpt) -> Option<Self::Eval>;
+    fn evaluate(&self, model: &Network) -> Option<Self::Eval>;
     /// The eval loss of a model that knows nothing, where the loss has one
     /// (Bradley-Terry: ln 2). Learning is then measured from it rather than
     /// from the start's eval loss: a fresh head can start above chance and
@@ -419,7 +420,7 @@ pub fn fit<O: Objective>(
     // in the next collective meanwhile could reach its timeout.
     let start_eval = match &state {
         None => {
-            let start = objective.evaluate(&model.gpt).map(|e| e.loss());
+            let start = objective.evaluate(&model.net).map(|e| e.loss());
             if let Some(loss) = start {
                 metrics.write(&json!({"step": 0, "eval_loss": loss}));
             }
@@ -458,7 +459,7 @@ pub fn fit<O: Objective>(
             record["allreduce_s"] = json!(done_step.comm_seconds);
         }
         if done % cfg.eval_every == 0 || done == total_steps {
-            last_eval = objective.evaluate(&model.gpt);
+            last_eval = objective.evaluate(&model.net);
             log_eval(run, &mut record, last_eval.as_ref(), done, total_steps, lr);
         }
         metrics.write(&record);
@@ -625,7 +626,7 @@ fn accumulate<O: Objective>(
             step: step_weight,
             micro_batches: batches.len(),
         };
-        let (mut loss, mut rs) = objective.loss(&model.gpt, batch, &part);
+        let (mut loss, mut rs) = objective.loss(&model.net, batch, &part);
         if share.stand_in {
             loss = &loss * 0.0;
             rs.iter_mut().for_each(|r| (r.num, r.den) = (0.0, 0.0));

@@ -34,7 +34,8 @@ pub fn tiny_model() -> ScratchModel {
             n_layer: 2,
             n_head: 4,
             ..GptConfig::default()
-        },
+        }
+        .into(),
         tokenizer: Tokenizer::bytes(),
     }
 }

@@ -9,6 +9,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 venv := env_var_or_default("RLHF_VENV", justfile_directory() / ".venv")
 torch_version := "2.11.0"
 transformers_version := "5.24.0"
+# For the tests that load LoRA adapters written here with PEFT.
+peft_version := "0.21.2"
 # CUDA headers the torch wheel's nvidia packages leave out, so that the c10d
 # shim compiles its NCCL backend (stages/build.rs); the CUDA 13.0 of torch 2.11.
 cuda_headers := "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
@@ -26,7 +28,7 @@ rlhf := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() / "target") 
 default:
     @just --list
 
-# Create the venv with torch and transformers (idempotent, ~2 min and 4.7 GB the first time).
+# Create the venv with torch, transformers and peft (idempotent, ~2 min and 4.7 GB the first time).
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -43,7 +45,7 @@ setup:
                 "rlhf builds without data-parallel stages on CPU" >&2
         fi
     fi
-    stamp="{{venv}}/.rlhf-setup-torch-{{torch_version}}-transformers-{{transformers_version}}-cuda-headers"
+    stamp="{{venv}}/.rlhf-setup-torch-{{torch_version}}-transformers-{{transformers_version}}-peft-{{peft_version}}-cuda-headers"
     if [ -f "$stamp" ]; then exit 0; fi
     command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs)" >&2; exit 1; }
     py=$(command -v python3 || true)
@@ -51,7 +53,7 @@ setup:
     echo "setup: creating {{venv}} with torch=={{torch_version}} (about 2 minutes, 4.7 GB)" >&2
     [ -x "{{venv}}/bin/python" ] || "$py" -m venv "{{venv}}"
     "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "torch=={{torch_version}}" "transformers=={{transformers_version}}"
+        "torch=={{torch_version}}" "transformers=={{transformers_version}}" "peft=={{peft_version}}"
     "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps {{cuda_headers}}
     "{{venv}}/bin/python" -c 'import torch; assert torch.__version__.startswith("{{torch_version}}"), torch.__version__'
     touch "$stamp"

@@ -55,6 +55,7 @@ fn check(family: &str, tied: bool) {
         net,
         tokenizer: rlhf_datasets::Tokenizer::bytes(),
         meta: ModelMeta::default(),
+        lora: None,
     };
     model.save(&ours).unwrap();
     let Network::Llama(model) = &model.net else {

@@ -24,8 +24,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a randomly initialised GPT model folder.
+    /// Create a randomly initialised model folder (GPT-2 or Llama layout).
     Init(InitArgs),
+    /// Merge LoRA adapters into their base: a plain model folder.
+    Merge(MergeArgs),
     /// Sample answers to prompts with the KV cache.
     Generate(GenerateArgs),
     /// Per-token log-probabilities and NLL of texts (perplexity), as JSON lines.
@@ -54,6 +56,23 @@ pub enum Command {
     /// The bundled task's data files.
     #[command(subcommand)]
     Task(TaskCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// A folder a LoRA stage wrote (its `adapter/` is used), or a PEFT
+    /// adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The base model folder; default: the one the adapter names.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Folder to write: config.json, merged model.safetensors, tokenizer.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace `--out` even if it holds files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -147,6 +147,8 @@ pub struct Model {
     pub net: Network,
     pub tokenizer: Tokenizer,
     pub meta: ModelMeta,
+    /// LoRA adapters on a frozen base, once added ([`Model::add_lora`]).
+    pub lora: Option<crate::adapters::LoraState>,
 }
 
 /// Which head to build when loading.
@@ -238,6 +240,7 @@ impl Model {
             net,
             tokenizer,
             meta,
+            lora: None,
         })
     }
 
@@ -253,6 +256,7 @@ impl Model {
     {
         atomic::write_dir(dir, |tmp| {
             self.write_files(tmp)?;
+            self.write_adapter(tmp)?;
             extra(tmp)?;
             // Last, over every file: loads check it (truncation, bit rot).
             rlhf_datasets::checksum::write(tmp).map_err(CheckpointError::from)?;
@@ -262,6 +266,16 @@ impl Model {
 
     pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
         self.save_with(dir, |_| Ok::<(), CheckpointError>(()))
+    }
+
+    /// The merged model alone, without `adapter/`: a plain folder
+    /// (`rlhf merge`).
+    pub fn save_merged(&self, dir: &Path) -> Result<(), CheckpointError> {
+        atomic::write_dir(dir, |tmp| -> Result<(), CheckpointError> {
+            self.write_files(tmp)?;
+            rlhf_datasets::checksum::write(tmp)?;
+            Ok(())
+        })
     }
 
     fn write_files(&self, dir: &Path) -> Result<(), CheckpointError> {
@@ -276,13 +290,9 @@ impl Model {
         atomic::write_file(&dir.join(CONFIG_FILE), text.as_bytes())?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let named: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
+            .tensors_to_save()
             .into_iter()
-            .map(|(name, t)| {
-                let name = if gpt { hf_name(&name) } else { name };
-                (name, t.detach().to_device(Device::Cpu).contiguous())
-            })
+            .map(|(name, t)| (if gpt { hf_name(&name) } else { name }, t))
             .collect::<BTreeMap<_, _>>()
             .into_iter()
             .collect();

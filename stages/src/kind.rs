@@ -243,7 +243,9 @@ fn parse<C: KindConfig>(mut settings: Mapping) -> Result<Box<dyn StageConfig>, S
             else {
                 unreachable!("training settings serialise as a mapping")
             };
-            let keys: Vec<Value> = merged.keys().cloned().collect();
+            let mut keys: Vec<Value> = merged.keys().cloned().collect();
+            // Unset ones are not serialised, but belong to the shared part.
+            keys.extend(TrainSettings::OPTIONAL_KEYS.map(Value::from));
             for key in keys {
                 if let Some(v) = settings.remove(&key) {
                     merged.insert(key, v);
@@ -281,8 +283,13 @@ fn list_every_key<C: KindConfig>(message: &str) -> String {
     let serde_json::Value::Object(keys) = C::default().to_json() else {
         return message.to_owned();
     };
-    let names: Vec<String> = keys
-        .keys()
+    let mut names: Vec<&str> = keys.keys().map(String::as_str).collect();
+    if C::default().train().is_some() {
+        names.extend(TrainSettings::OPTIONAL_KEYS);
+    }
+    names.sort();
+    let names: Vec<String> = names
+        .into_iter()
         .filter(|k| *k != "kind")
         .map(|k| format!("`{k}`"))
         .collect();

@@ -2,6 +2,7 @@
 //!
 //! - [`gpt`]: the GPT-2-layout model, KV cache, LM and scalar heads.
 //! - [`llama`]: the Llama-layout decoder (Llama, Qwen2, Mistral).
+//! - [`lora`]: LoRA adapters, PEFT's files.
 //! - [`network`]: either layout behind one interface; `model:` shapes.
 //! - [`checkpoint`]: model folders (HF GPT-2 compatible), atomic writes.
 //! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
@@ -15,6 +16,7 @@
 //! - [`bench`]: the timed kernels of `rlhf bench`.
 //! - [`dist`]: data-parallel ranks on libtorch's c10d (Gloo, NCCL).
 
+pub mod adapters;
 pub mod answer;
 pub mod bench;
 pub mod check;
@@ -26,6 +28,7 @@ pub mod eval;
 pub mod gpt;
 pub mod kind;
 pub mod llama;
+pub mod lora;
 pub mod network;
 pub mod optim;
 pub mod ppo;

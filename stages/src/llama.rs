@@ -14,6 +14,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::gpt::{Head, ScalarHead};
+use crate::lora::{Adapter, LoraConfig};
 
 /// What `config.json` says of a Llama-layout model (HF's field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,8 +309,8 @@ const INIT: nn::Init = nn::Init::Randn {
     stdev: 0.02,
 };
 
-fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
-    nn::linear(
+fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> Proj {
+    let linear = nn::linear(
         p,
         input,
         output,
@@ -318,7 +319,31 @@ fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> nn::Linear {
             ws_init: INIT,
             bs_init: Some(nn::Init::Const(0.0)),
         },
-    )
+    );
+    Proj {
+        linear,
+        adapter: None,
+        shape: (input, output),
+    }
+}
+
+/// A linear projection, with a LoRA adapter once one is added.
+#[derive(Debug)]
+struct Proj {
+    linear: nn::Linear,
+    adapter: Option<Adapter>,
+    /// (in, out).
+    shape: (i64, i64),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Tensor {
+        let y = self.linear.forward(x);
+        match &self.adapter {
+            Some(a) if pass.adapters => y + a.delta(x, pass.train),
+            _ => y,
+        }
+    }
 }
 
 /// RMSNorm in fp32, as HF computes it, back in the input's kind.
@@ -347,10 +372,10 @@ impl RmsNorm {
 
 #[derive(Debug)]
 struct Attention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -358,9 +383,9 @@ struct Attention {
 
 #[derive(Debug)]
 struct Mlp {
-    gate: nn::Linear,
-    up: nn::Linear,
-    down: nn::Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 #[derive(Debug)]
@@ -382,6 +407,9 @@ pub struct Llama {
     lm_head: Option<nn::Linear>,
     /// The reward model's and critic's head.
     score: Option<ScalarHead>,
+    /// Off: the LoRA adapters are skipped (the base model, PPO's
+    /// reference).
+    adapters_on: std::sync::atomic::AtomicBool,
 }
 
 impl Llama {
@@ -434,9 +462,44 @@ impl Llama {
             layers,
             norm: RmsNorm::new(&m / "norm", hidden, c.rms_norm_eps),
             lm_head: (!c.tie_word_embeddings)
-                .then(|| linear(root / "lm_head", hidden, c.vocab_size, false)),
+                .then(|| linear(root / "lm_head", hidden, c.vocab_size, false).linear),
             score: (head == Head::Scalar).then(|| ScalarHead::new(root, hidden)),
+            adapters_on: true.into(),
         }
+    }
+
+    /// Adds LoRA adapters to the `config.target_modules` projections of
+    /// every layer, their variables under `root` with PEFT's names
+    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn add_lora(&mut self, root: &nn::Path, config: &LoraConfig) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let l = root / "model" / "layers" / i;
+            let projections = [
+                ("self_attn", "q_proj", &mut layer.attn.q),
+                ("self_attn", "k_proj", &mut layer.attn.k),
+                ("self_attn", "v_proj", &mut layer.attn.v),
+                ("self_attn", "o_proj", &mut layer.attn.o),
+                ("mlp", "gate_proj", &mut layer.mlp.gate),
+                ("mlp", "up_proj", &mut layer.mlp.up),
+                ("mlp", "down_proj", &mut layer.mlp.down),
+            ];
+            for (block, name, proj) in projections {
+                if config.target_modules.iter().any(|m| m == name) {
+                    let (input, output) = proj.shape;
+                    let p = &l / block / name;
+                    proj.adapter = Some(Adapter::new(&p, input, output, config));
+                }
+            }
+        }
+    }
+
+    /// Runs `f` with the adapters skipped: the base model.
+    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+        use std::sync::atomic::Ordering;
+        let was = self.adapters_on.swap(false, Ordering::SeqCst);
+        let out = f();
+        self.adapters_on.store(was, Ordering::SeqCst);
+        out
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -459,27 +522,30 @@ impl Llama {
     /// Logits `(B, T, V)` of token ids `(B, T)`; `attention_mask` `(B, T)`
     /// (1: a real token) allows left padding: positions count real tokens.
     pub fn forward_logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Tensor {
-        self.logits(&self.hidden(ids, attention_mask, None))
+        self.logits(&self.hidden(ids, attention_mask, None, false))
     }
 
     /// Hidden states after the final norm, `(B, t, C)`, of `ids` `(B, t)`.
     /// With a cache, they follow the tokens already in it and their keys
     /// and values are appended; `attention_mask` then covers the cached
-    /// tokens and these, `(B, past + t)`.
+    /// tokens and these, `(B, past + t)`. `train` turns on the adapters'
+    /// dropout (the model itself has none).
     pub fn hidden(
         &self,
         ids: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: Option<&mut LlamaCache>,
+        train: bool,
     ) -> Tensor {
-        match cache {
-            Some(c) => self.run(ids, attention_mask, c),
-            None => self.run(
-                ids,
-                attention_mask,
-                &mut LlamaCache::none(self.layers.len()),
-            ),
-        }
+        let mut none;
+        let cache = match cache {
+            Some(c) => c,
+            None => {
+                none = LlamaCache::none(self.layers.len());
+                &mut none
+            }
+        };
+        self.run(ids, attention_mask, cache, train)
     }
 
     /// Next-token logits from hidden states: `(.., C) -> (.., V)`.
@@ -502,7 +568,13 @@ impl Llama {
         head.shift(delta);
     }
 
-    fn run(&self, ids: &Tensor, attention_mask: Option<&Tensor>, cache: &mut LlamaCache) -> Tensor {
+    fn run(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut LlamaCache,
+        train: bool,
+    ) -> Tensor {
         let (b, t) = ids.size2().expect("ids are (B, T)");
         let device = ids.device();
         let past = cache.len;
@@ -520,6 +592,8 @@ impl Llama {
             sin,
             mask: causal_mask(t, past, attention_mask, device),
             keep: cache.keep,
+            adapters: self.adapters_on.load(std::sync::atomic::Ordering::SeqCst),
+            train,
         };
         let mut x = self.embed.forward(ids);
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -538,6 +612,9 @@ struct Pass {
     sin: Tensor,
     mask: Tensor,
     keep: bool,
+    /// Whether LoRA adapters apply, and whether their dropout does.
+    adapters: bool,
+    train: bool,
 }
 
 /// Each layer's keys and values so far (before grouped-query repetition),
@@ -584,8 +661,8 @@ impl Layer {
         let x = x + attn;
         let normed = self.post_norm.forward(&x);
         let m = &self.mlp;
-        let h = m.gate.forward(&normed).silu() * m.up.forward(&normed);
-        &x + m.down.forward(&h)
+        let h = m.gate.forward(&normed, pass).silu() * m.up.forward(&normed, pass);
+        &x + m.down.forward(&h, pass)
     }
 }
 
@@ -594,9 +671,9 @@ impl Attention {
         let (b, t, _) = x.size3().expect("(B, T, C)");
         let (cos, sin) = (&pass.cos, &pass.sin);
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
-        let q = apply_rotary(&split(self.q.forward(x), self.heads), cos, sin);
-        let mut k = apply_rotary(&split(self.k.forward(x), self.kv_heads), cos, sin);
-        let mut v = split(self.v.forward(x), self.kv_heads);
+        let q = apply_rotary(&split(self.q.forward(x, pass), self.heads), cos, sin);
+        let mut k = apply_rotary(&split(self.k.forward(x, pass), self.kv_heads), cos, sin);
+        let mut v = split(self.v.forward(x, pass), self.kv_heads);
         if let Some((past_k, past_v)) = kv.as_ref() {
             k = Tensor::cat(&[past_k, &k], 2);
             v = Tensor::cat(&[past_v, &v], 2);
@@ -628,6 +705,7 @@ impl Attention {
             &y.transpose(1, 2)
                 .contiguous()
                 .view([b, t, self.heads * self.head_dim]),
+            pass,
         )
     }
 }
@@ -724,6 +802,7 @@ mod tests {
                 &ids.narrow(1, 0, 3),
                 Some(&mask.narrow(1, 0, 3)),
                 Some(&mut cache),
+                false,
             ))
         })];
         for col in 3..6 {
@@ -732,6 +811,7 @@ mod tests {
                     &ids.narrow(1, col, 1),
                     Some(&mask.narrow(1, 0, col + 1)),
                     Some(&mut cache),
+                    false,
                 ))
             });
             parts.push(step);

@@ -215,8 +215,10 @@ impl Network {
         match (self, cache) {
             (Self::Gpt(g), None) => g.hidden(ids, attention_mask, None, train),
             (Self::Gpt(g), Some(Cache::Gpt(c))) => g.hidden(ids, attention_mask, Some(c), train),
-            (Self::Llama(l), None) => l.hidden(ids, attention_mask, None),
-            (Self::Llama(l), Some(Cache::Llama(c))) => l.hidden(ids, attention_mask, Some(c)),
+            (Self::Llama(l), None) => l.hidden(ids, attention_mask, None, train),
+            (Self::Llama(l), Some(Cache::Llama(c))) => {
+                l.hidden(ids, attention_mask, Some(c), train)
+            }
             _ => panic!("a cache made for the other layout"),
         }
     }
@@ -252,6 +254,14 @@ impl Network {
         match self {
             Self::Gpt(g) => g.shift_scalar_bias(delta),
             Self::Llama(l) => l.shift_scalar_bias(delta),
+        }
+    }
+
+    /// Runs `f` with any LoRA adapters skipped: the base model.
+    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self {
+            Self::Gpt(_) => f(),
+            Self::Llama(l) => l.without_adapters(f),
         }
     }
 

@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod init;
 mod judge;
+mod merge;
 mod plan;
 mod reward;
 mod samples;
@@ -18,6 +19,7 @@ use crate::cli::Command;
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init(args) => init::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Reward(args) => reward::run(args),

@@ -114,6 +114,11 @@ pub struct PpoConfig {
     pub seed: Option<u64>,
     /// Fail the stage when the rollouts' score did not rise; unset, warn.
     pub fail_if_not_learning: bool,
+    /// Train LoRA adapters on the frozen policy and critic. The reference
+    /// is then the policy with its adapters off: one copy of the base in
+    /// memory, not two.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 impl Default for PpoConfig {
@@ -162,6 +167,7 @@ impl Default for PpoConfig {
             save_rollouts: true,
             seed: None,
             fail_if_not_learning: false,
+            lora: None,
         }
     }
 }
@@ -171,6 +177,9 @@ impl KindConfig for PpoConfig {
     type Summary = PpoSummary;
 
     fn validate(&self) -> Result<(), StageError> {
+        if let Some(l) = &self.lora {
+            l.validate("lora")?;
+        }
         if self.reward_model.is_none() && !self.gold_reward {
             return Err(StageError::setting(
                 "reward_model",
@@ -287,7 +296,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     let data = phases::Data::load(cfg, &models.policy)?;
     let eval_before = match (&state, main) {
         (_, false) => None,
-        (None, true) => judge_eval(&models.reference, cfg, ctx, SAMPLES_BEFORE)?,
+        (None, true) => models.with_reference(|r| judge_eval(r, cfg, ctx, SAMPLES_BEFORE))?,
         (Some(_), true) => read_judged(&out.join(SAMPLES_BEFORE)),
     };
     let start = state.as_ref().map_or(0, |s| s.iteration);

@@ -50,7 +50,8 @@ enum Scorer {
 pub(super) struct Models {
     pub policy: Model,
     pub critic: Model,
-    pub reference: Model,
+    /// `None`: the policy with its LoRA adapters off.
+    reference: Option<Model>,
     popt: AdamW,
     copt: AdamW,
     scorer: Scorer,
@@ -71,21 +72,32 @@ impl Models {
         let (policy, critic, popt, copt, state) = match resume {
             Some((_, _, (p, c, popt, copt, state))) => (p, c, popt, copt, Some(state)),
             None => {
-                let p = Model::load(&cfg.policy, HeadChoice::Want(Head::Lm), device)?;
+                let mut p = Model::load(&cfg.policy, HeadChoice::Want(Head::Lm), device)?;
                 let critic_init = cfg
                     .critic
                     .as_deref()
                     .or(cfg.reward_model.as_deref().filter(|_| !cfg.gold_reward))
                     .unwrap_or(&cfg.policy);
-                let c = Model::load(critic_init, HeadChoice::Want(Head::Scalar), device)?;
+                let mut c = Model::load(critic_init, HeadChoice::Want(Head::Scalar), device)?;
+                if let Some(lora) = &cfg.lora {
+                    p.add_lora(lora, &cfg.policy)?;
+                    c.add_lora(lora, critic_init)?;
+                }
                 let popt = AdamW::new(&p.vs, cfg.policy_optimizer.clone());
                 let copt = AdamW::new(&c.vs, cfg.critic_optimizer.clone());
                 (p, c, popt, copt, None)
             }
         };
-        let reference_dir = cfg.reference.as_deref().unwrap_or(&cfg.policy);
-        let mut reference = Model::load(reference_dir, HeadChoice::Want(Head::Lm), device)?;
-        reference.vs.freeze();
+        let reference = match (&cfg.reference, &policy.lora) {
+            // The adapters' base is the starting policy: the reference.
+            (None, Some(_)) => None,
+            (r, _) => {
+                let dir = r.as_deref().unwrap_or(&cfg.policy);
+                let mut m = Model::load(dir, HeadChoice::Want(Head::Lm), device)?;
+                m.vs.freeze();
+                Some(m)
+            }
+        };
         let scorer = Scorer::load(cfg, ctx)?;
         let models = Self {
             policy_vars: trainable_by_name(&policy),
@@ -98,6 +110,15 @@ impl Models {
             scorer,
         };
         Ok((models, state))
+    }
+
+    /// Runs `f` on the frozen reference: its own model, or the policy with
+    /// its adapters off.
+    pub fn with_reference<T>(&self, f: impl FnOnce(&Model) -> T) -> T {
+        match &self.reference {
+            Some(r) => f(r),
+            None => self.policy.net.without_adapters(|| f(&self.policy)),
+        }
     }
 
     /// A periodic checkpoint: `policy/` and `critic/` in one folder, whole.
@@ -305,13 +326,9 @@ fn rollout(
             width,
             vocab,
         );
-        let (rlp, _) = answer_logprobs(
-            &models.reference.net,
-            &g.tokens,
-            &g.attention_mask,
-            width,
-            vocab,
-        );
+        let (rlp, _) = models.with_reference(|r| {
+            answer_logprobs(&r.net, &g.tokens, &g.attention_mask, width, vocab)
+        });
         let v = answer_values(&models.critic.net, &g.tokens, &g.attention_mask, width);
         (lp, rlp, v)
     });

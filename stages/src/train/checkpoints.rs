@@ -46,7 +46,8 @@ pub fn load_training<S: DeserializeOwned>(
     head: HeadChoice,
     device: Device,
 ) -> Result<(Model, BTreeMap<String, Tensor>, S), StageError> {
-    let model = Model::load(dir, head, device)?;
+    // With adapters: the base they name plus the adapters, as trained.
+    let model = Model::load_adapted(dir, head, device)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let moments = Tensor::read_safetensors(&opt_path)
         .map_err(|source| CheckpointError::Weights {

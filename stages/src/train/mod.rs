@@ -64,6 +64,10 @@ pub struct TrainSettings {
     /// Fail the stage (and so the pipeline) when its eval loss fell by
     /// less than [`MIN_IMPROVEMENT`] of its start; unset, it only warns.
     pub fail_if_not_learning: bool,
+    /// Train LoRA adapters on the frozen `init` model instead of every
+    /// weight (a scalar head is trained in full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 /// The share of its start an eval loss must fall by for a stage to count
@@ -86,6 +90,9 @@ pub fn not_learning(label: &str, start: Option<f64>, end: Option<f64>) -> Option
 }
 
 impl TrainSettings {
+    /// Keys left out when unset: the experiment file may still set them.
+    pub const OPTIONAL_KEYS: [&'static str; 1] = ["lora"];
+
     /// Settings with the common defaults: no accumulation, no step limit,
     /// clipping at norm 1, eval every 50 steps, a checkpoint every 100.
     pub fn new(
@@ -106,6 +113,7 @@ impl TrainSettings {
             checkpoint_every: 100,
             seed: None,
             fail_if_not_learning: false,
+            lora: None,
         }
     }
 
@@ -125,6 +133,9 @@ impl TrainSettings {
         check::at_least("eval_every", self.eval_every, 1)?;
         check::at_least("checkpoint_every", self.checkpoint_every, 1)?;
         check::non_negative("max_grad_norm", self.max_grad_norm)?;
+        if let Some(l) = &self.lora {
+            l.validate("lora")?;
+        }
         self.optimizer.validate("optimizer")?;
         self.schedule.validate("schedule")
     }
@@ -190,20 +201,29 @@ pub fn start_or_resume(
     head: Head,
     init: Option<&Path>,
     scratch: &ScratchModel,
-    optimizer: &AdamWConfig,
-    seed: u64,
+    settings: &TrainSettings,
     device: Device,
 ) -> Result<Start, StageError> {
+    let (optimizer, seed) = (&settings.optimizer, settings.seed());
     let want = HeadChoice::Want(head);
     let resumed = newest_usable(out_dir, |dir| load_training(dir, want, device));
     let (model, moments, state) = match resumed {
         Some((_, _, (m, moments, state))) => (m, Some(moments), Some(state)),
         None => {
             tch::manual_seed(seed as i64);
-            let m = match init {
+            let mut m = match init {
                 Some(dir) => Model::load(dir, want, device)?,
                 None => Model::init(&scratch.config, head, scratch.tokenizer.clone(), device)?,
             };
+            if let Some(lora) = &settings.lora {
+                let base = init.ok_or_else(|| {
+                    StageError::setting(
+                        "lora",
+                        "needs `init`, a model to adapt: a model from scratch trains every weight",
+                    )
+                })?;
+                m.add_lora(lora, base)?;
+            }
             (m, None, None)
         }
     };
@@ -336,15 +356,7 @@ impl<'a> FitRun<'a> {
             return Ok(Err(summary));
         }
         let s = self.settings;
-        let start = start_or_resume(
-            self.out_dir,
-            head,
-            init,
-            &ctx.scratch,
-            &s.optimizer,
-            s.seed(),
-            ctx.device,
-        )?;
+        let start = start_or_resume(self.out_dir, head, init, &ctx.scratch, s, ctx.device)?;
         let step = start.state.as_ref().map_or(0, |s| s.step);
         same_on_every_rank(self.ranks, step, "resumed from step")?;
         Ok(Ok(start))

@@ -1,0 +1,294 @@
+//! Models with LoRA adapters: adding them (the base frozen), saving a
+//! folder whose `model.safetensors` holds the merged weights (what later
+//! stages and `transformers` read) and whose `adapter/` holds the adapters
+//! in PEFT's format, and loading base + adapters back exactly (resume).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{CheckpointError, HeadChoice, Model};
+use crate::lora::{
+    base_of, relative_path, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE,
+    PEFT_PREFIX,
+};
+use crate::network::Network;
+
+/// The adapters a model carries and the folder of the base they adapt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraState {
+    pub config: LoraConfig,
+    /// The base model's folder, absolute and resolved.
+    pub base: PathBuf,
+}
+
+fn is_adapter(name: &str) -> bool {
+    name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// A scalar head is trained in full beside the adapters (PEFT's
+/// `modules_to_save`).
+fn is_head(name: &str) -> bool {
+    name.starts_with("score.")
+}
+
+impl Model {
+    /// Freezes every weight but the scalar head and adds `config`'s
+    /// adapters; `base` is the folder this model was loaded from.
+    pub fn add_lora(&mut self, config: &LoraConfig, base: &Path) -> Result<(), CheckpointError> {
+        let Network::Llama(llama) = &mut self.net else {
+            return Err(CheckpointError::Invalid {
+                path: base.to_owned(),
+                message: "lora: adapters need a Llama-layout model (Llama, Qwen2, Mistral); this is a GPT-2 one".into(),
+            });
+        };
+        for (name, t) in self.vs.variables() {
+            if !is_head(&name) {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+        llama.add_lora(&self.vs.root(), config);
+        self.lora = Some(LoraState {
+            config: config.clone(),
+            // Resolved (no `..`): adapters saved elsewhere name it relatively.
+            base: std::fs::canonicalize(base).map_err(|source| CheckpointError::Io {
+                path: base.to_owned(),
+                source,
+            })?,
+        });
+        Ok(())
+    }
+
+    /// The tensors `model.safetensors` holds, by our variable names: with
+    /// adapters, each adapted weight merged (`W + scale * B @ A`) and the
+    /// adapters themselves left out.
+    pub fn tensors_to_save(&self) -> BTreeMap<String, Tensor> {
+        let vars = self.vs.variables();
+        let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu).contiguous();
+        let Some(lora) = &self.lora else {
+            return vars.iter().map(|(k, t)| (k.clone(), cpu(t))).collect();
+        };
+        let scale = lora.config.scale();
+        vars.iter()
+            .filter(|(k, _)| !is_adapter(k))
+            .map(|(k, w)| {
+                let stem = k.strip_suffix(".weight").unwrap_or(k);
+                let (a, b) = (
+                    vars.get(&format!("{stem}.lora_A.weight")),
+                    vars.get(&format!("{stem}.lora_B.weight")),
+                );
+                let t = match (a, b) {
+                    (Some(a), Some(b)) => tch::no_grad(|| {
+                        let update = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float));
+                        (w.to_kind(Kind::Float) + update * scale).to_kind(w.kind())
+                    }),
+                    _ => w.shallow_clone(),
+                };
+                (k.clone(), cpu(&t))
+            })
+            .collect()
+    }
+
+    /// Writes `dir/adapter/` (PEFT's two files and a checksum list) when
+    /// the model carries adapters; `dir` may be a temporary sibling of the
+    /// final folder (the base's relative path is the same from both).
+    pub(crate) fn write_adapter(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let Some(lora) = &self.lora else {
+            return Ok(());
+        };
+        let out = dir.join(ADAPTER_DIR);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CheckpointError::Io { path, source }
+        };
+        std::fs::create_dir_all(&out).map_err(io(&out))?;
+        let here = std::fs::canonicalize(&out).map_err(io(&out))?;
+        let base = relative_path(&here, &lora.base);
+        let config = lora.config.to_peft(&base.to_string_lossy());
+        let text = serde_json::to_string_pretty(&config).expect("config serialises");
+        rlhf_datasets::atomic::write_file(&out.join(ADAPTER_CONFIG_FILE), text.as_bytes())?;
+        let named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(k, _)| is_adapter(k) || is_head(k))
+            .map(|(k, t)| {
+                (
+                    format!("{PEFT_PREFIX}{k}"),
+                    t.detach().to_device(Device::Cpu).contiguous(),
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        let path = out.join(ADAPTER_WEIGHTS_FILE);
+        Tensor::write_safetensors(&named, &path)
+            .map_err(|source| CheckpointError::WriteWeights { path, source })?;
+        rlhf_datasets::checksum::write(&out)?;
+        Ok(())
+    }
+
+    /// A folder as training left it: with `adapter/`, its base (the folder
+    /// the adapter names) plus the adapters, exactly; else the folder.
+    pub fn load_adapted(
+        dir: &Path,
+        head: HeadChoice,
+        device: Device,
+    ) -> Result<Self, CheckpointError> {
+        let adapter = dir.join(ADAPTER_DIR);
+        if !adapter.join(ADAPTER_CONFIG_FILE).exists() {
+            return Self::load(dir, head, device);
+        }
+        Self::load_adapter_onto(&adapter, None, head, device)
+    }
+
+    /// The base model with the adapter folder `adapter` (PEFT's files)
+    /// added: the base is `base`, else the folder the adapter names.
+    pub fn load_adapter_onto(
+        adapter: &Path,
+        base: Option<&Path>,
+        head: HeadChoice,
+        device: Device,
+    ) -> Result<Self, CheckpointError> {
+        let bad = |path: &Path, message: String| CheckpointError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config_path = adapter.join(ADAPTER_CONFIG_FILE);
+        rlhf_datasets::checksum::verify(adapter)?;
+        let text = std::fs::read_to_string(&config_path).map_err(|source| CheckpointError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| bad(&config_path, format!("invalid JSON: {e}")))?;
+        let config = LoraConfig::from_peft(&v).map_err(|e| bad(&config_path, e))?;
+        let base = match base {
+            Some(b) => b.to_owned(),
+            None => base_of(adapter, &v).map_err(|e| bad(&config_path, e))?,
+        };
+        let mut model = Self::load(&base, head, device)?;
+        model.add_lora(&config, &base)?;
+        let path = adapter.join(ADAPTER_WEIGHTS_FILE);
+        let tensors =
+            Tensor::read_safetensors(&path).map_err(|source| CheckpointError::Weights {
+                path: path.clone(),
+                source,
+            })?;
+        model.copy_adapter_tensors(tensors, &path)?;
+        Ok(model)
+    }
+
+    /// Copies PEFT-named tensors into the adapters (and scalar head); every
+    /// adapter must be there.
+    fn copy_adapter_tensors(
+        &self,
+        tensors: Vec<(String, Tensor)>,
+        path: &Path,
+    ) -> Result<(), CheckpointError> {
+        let vars = self.vs.variables();
+        let mut found = 0;
+        for (key, t) in tensors {
+            let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
+            // PEFT names the default adapter in memory, not on disk.
+            let name = name.replace(".default.", ".");
+            let Some(var) = vars.get(&name) else {
+                return Err(CheckpointError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("`{key}` is no adapter of this model"),
+                });
+            };
+            if var.size() != t.size() {
+                return Err(CheckpointError::ShapeMismatch {
+                    path: path.to_owned(),
+                    name,
+                    expected: var.size(),
+                    found: t.size(),
+                });
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(&t));
+            found += usize::from(is_adapter(&name));
+        }
+        let expected = vars.keys().filter(|k| is_adapter(k)).count();
+        if found != expected {
+            return Err(CheckpointError::Invalid {
+                path: path.to_owned(),
+                message: format!("holds {found} of the model's {expected} adapter tensors"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt::Head;
+    use crate::optim::{AdamW, AdamWConfig};
+
+    #[test]
+    fn gradients_reach_only_the_adapters_and_the_head() {
+        let _rng = crate::rng_lock();
+        let (vs, net) = crate::tiny_llama(5, 40, 32, 2, Head::Scalar);
+        let mut model = Model {
+            vs,
+            net,
+            tokenizer: rlhf_datasets::Tokenizer::bytes(),
+            meta: Default::default(),
+            lora: None,
+        };
+        let d = tempfile::tempdir().unwrap();
+        model.add_lora(&LoraConfig::default(), d.path()).unwrap();
+        // B starts at zero: give it values so that A's gradient is not zero too.
+        tch::no_grad(|| {
+            for (k, mut t) in model.vs.variables() {
+                if k.contains("lora_B") {
+                    let _ = t.normal_(0.0, 0.1);
+                }
+            }
+        });
+        let opt = AdamW::new(&model.vs, AdamWConfig::default());
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 3]).view([1, 4]);
+        let h = model.net.hidden(&ids, None, None, true);
+        model.net.values(&h).sum(Kind::Float).backward();
+        let mut adapters = 0;
+        for (name, t) in model.vs.variables() {
+            let g = t.grad();
+            let trained = is_adapter(&name) || is_head(&name);
+            assert_eq!(t.requires_grad(), trained, "{name}");
+            if trained {
+                assert!(
+                    g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{name}"
+                );
+                adapters += usize::from(is_adapter(&name));
+            } else {
+                assert!(!g.defined(), "{name} got a gradient");
+            }
+        }
+        // Seven projections per layer, two layers, A and B each.
+        assert_eq!(adapters, 7 * 2 * 2);
+        // The optimiser holds the step and two moments per trained tensor.
+        assert_eq!(opt.state_tensors().len(), 1 + 2 * (adapters + 2));
+    }
+
+    #[test]
+    fn gpt2_models_refuse_adapters_by_name() {
+        let _rng = crate::rng_lock();
+        let (vs, net) = crate::tiny_gpt(1, 40, 16, 1, Head::Lm);
+        let mut model = Model {
+            vs,
+            net,
+            tokenizer: rlhf_datasets::Tokenizer::bytes(),
+            meta: Default::default(),
+            lora: None,
+        };
+        let e = model
+            .add_lora(&LoraConfig::default(), Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Llama-layout"), "{e}");
+    }
+}

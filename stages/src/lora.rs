@@ -1,0 +1,281 @@
+//! LoRA (Hu et al., 2021): a frozen weight `W` plus a trained low-rank
+//! update `scale * B @ A`, `A` `(r, in)`, `B` `(out, r)`, `scale = alpha /
+//! r`. `B` starts at zero, so an adapted model starts equal to its base.
+//!
+//! Adapters are saved in PEFT's format (`adapter_config.json` and
+//! `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`),
+//! so `PeftModel.from_pretrained` loads them on the HF model.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::{nn, Kind, Tensor};
+
+use crate::error::StageError;
+
+/// `lora:` in a stage's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Rank of the update.
+    pub r: i64,
+    /// The update is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// Which projections get adapters, by HF module name (`q_proj`,
+    /// `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    /// Every projection of attention and MLP at rank 8, as QLoRA advises
+    /// (adapting all linear layers matches full fine-tuning best).
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: LLAMA_MODULES.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+}
+
+/// The projections of a Llama-layout layer that can carry adapters.
+pub const LLAMA_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// PEFT's files and key prefix.
+pub const ADAPTER_DIR: &str = "adapter";
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+impl LoraConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), StageError> {
+        let field = |f: &str| format!("{prefix}.{f}");
+        if !(1..=4096).contains(&self.r) {
+            return Err(StageError::setting(
+                field("r"),
+                format!("must be in [1, 4096], got {}", self.r),
+            ));
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return Err(StageError::setting(
+                field("alpha"),
+                format!("must be a positive number, got {}", self.alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(StageError::setting(
+                field("dropout"),
+                format!("must lie in [0, 1), got {}", self.dropout),
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err(StageError::setting(
+                field("target_modules"),
+                format!("is empty; name some of {LLAMA_MODULES:?}"),
+            ));
+        }
+        if let Some(m) = self
+            .target_modules
+            .iter()
+            .find(|m| !LLAMA_MODULES.contains(&m.as_str()))
+        {
+            return Err(StageError::setting(
+                field("target_modules"),
+                format!("\"{m}\" is not a projection of a Llama-layout model; choose from {LLAMA_MODULES:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// PEFT's `adapter_config.json`; `base` is the base model's folder as
+    /// seen from the adapter's folder.
+    pub fn to_peft(&self, base: &str) -> Value {
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.target_modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "modules_to_save": null,
+        })
+    }
+
+    /// Reads PEFT's `adapter_config.json` (a LoRA one, plain scaling).
+    pub fn from_peft(v: &Value) -> Result<Self, String> {
+        if v["peft_type"].as_str() != Some("LORA") {
+            return Err(format!(
+                "peft_type is {}; only LORA adapters load",
+                v["peft_type"]
+            ));
+        }
+        for flag in ["use_rslora", "use_dora", "fan_in_fan_out"] {
+            if v[flag].as_bool() == Some(true) {
+                return Err(format!("`{flag}: true` is not supported"));
+            }
+        }
+        let targets = match &v["target_modules"] {
+            Value::Array(a) => a
+                .iter()
+                .map(|m| m.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>(),
+            Value::String(s) => Some(vec![s.clone()]),
+            _ => None,
+        }
+        .ok_or("`target_modules` must be a list of module names")?;
+        let config = Self {
+            r: v["r"].as_i64().ok_or("`r` must be an integer")?,
+            alpha: v["lora_alpha"]
+                .as_f64()
+                .ok_or("`lora_alpha` must be a number")?,
+            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
+            target_modules: targets,
+        };
+        config.validate("adapter").map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+/// One projection's adapter.
+#[derive(Debug)]
+pub struct Adapter {
+    /// `(r, in)`.
+    pub a: Tensor,
+    /// `(out, r)`.
+    pub b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+impl Adapter {
+    /// `lora_A.weight` and `lora_B.weight` under `p` for a projection of
+    /// `input -> output`, initialised as PEFT does (A: Kaiming-uniform with
+    /// a = sqrt(5), that is U(+-1/sqrt(in)); B: zeros).
+    pub fn new(p: &nn::Path, input: i64, output: i64, config: &LoraConfig) -> Self {
+        let bound = 1.0 / (input as f64).sqrt();
+        let a = (p / "lora_A").var(
+            "weight",
+            &[config.r, input],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let b = (p / "lora_B").zeros("weight", &[output, config.r]);
+        Self {
+            a,
+            b,
+            scale: config.scale(),
+            dropout: config.dropout,
+        }
+    }
+
+    /// The update to add to the projection's output for input `x`.
+    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = match (train, self.dropout) {
+            (true, p) if p > 0.0 => x.dropout(p, true),
+            _ => x.shallow_clone(),
+        };
+        let kind = x.kind();
+        x.matmul(&self.a.to_kind(kind).tr())
+            .matmul(&self.b.to_kind(kind).tr())
+            * self.scale
+    }
+
+    /// `W + scale * B @ A` for a weight stored `(out, in)`.
+    pub fn merged(&self, weight: &Tensor) -> Tensor {
+        let update = self.b.matmul(&self.a) * self.scale;
+        (weight.to_kind(Kind::Float) + update).to_kind(weight.kind())
+    }
+}
+
+/// The base folder an adapter folder names, resolved from `adapter_dir`.
+pub fn base_of(adapter_dir: &Path, config: &Value) -> Result<PathBuf, String> {
+    let base = config["base_model_name_or_path"]
+        .as_str()
+        .ok_or("`base_model_name_or_path` must name the base model's folder")?;
+    Ok(adapter_dir.join(base))
+}
+
+/// `to` as seen from the folder `from` (both absolute): `../../sft/checkpoint`.
+pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to_parts: Vec<_> = to.components().collect();
+    let common = from
+        .iter()
+        .zip(&to_parts)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for part in &to_parts[common..] {
+        out.push(part);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_climb_to_the_common_folder() {
+        let rel = relative_path(
+            Path::new("/r/run/ppo/checkpoint/adapter"),
+            Path::new("/r/run/sft/checkpoint"),
+        );
+        assert_eq!(rel, PathBuf::from("../../../sft/checkpoint"));
+        assert_eq!(
+            Path::new("/r/run/ppo/checkpoint/adapter").join(&rel),
+            PathBuf::from("/r/run/ppo/checkpoint/adapter/../../../sft/checkpoint")
+        );
+    }
+
+    #[test]
+    fn peft_config_round_trips_and_names_bad_fields() {
+        let c = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.05,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        };
+        assert_eq!(LoraConfig::from_peft(&c.to_peft("..")).unwrap(), c);
+        let mut v = c.to_peft("..");
+        v["use_dora"] = json!(true);
+        assert!(LoraConfig::from_peft(&v).unwrap_err().contains("use_dora"));
+        let bad = LoraConfig {
+            target_modules: vec!["c_attn".into()],
+            ..c
+        };
+        let e = bad.validate("lora").unwrap_err().to_string();
+        assert!(
+            e.contains("lora.target_modules") && e.contains("c_attn"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! LoRA end to end: adapters trained by an SFT stage on a Llama-layout
+//! base load in PEFT (`PeftModel.from_pretrained`) with our logits within
+//! 1e-4; the stage's merged folder equals base + adapter (in transformers
+//! and against PEFT's own merge); `rlhf merge` writes the same weights; a
+//! resumed LoRA run equals an uninterrupted one; PPO with LoRA runs on one
+//! copy of the base.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use rlhf_stages::checkpoint::weights_of;
+use rlhf_stages::{HeadChoice, Model};
+use tch::Tensor;
+
+const EXPERIMENT: &str = "name: lora\ndevice: cpu\nstages:\n\
+\x20 sft:\n\
+\x20   kind: sft\n\
+\x20   init: base\n\
+\x20   data: sft.jsonl\n\
+\x20   max_steps: 12\n\
+\x20   batch_size: 8\n\
+\x20   checkpoint_every: 4\n\
+\x20   optimizer: {lr: 0.01, weight_decay: 0.0}\n\
+\x20   lora: {r: 4, alpha: 8}\n\
+\x20 rm:\n\
+\x20   kind: reward\n\
+\x20   init: base\n\
+\x20   data: prefs.jsonl\n\
+\x20   max_steps: 4\n\
+\x20   batch_size: 2\n\
+\x20   max_len: 48\n\
+\x20 ppo:\n\
+\x20   kind: ppo\n\
+\x20   policy: sft\n\
+\x20   reward_model: rm\n\
+\x20   prompts: prompts.jsonl\n\
+\x20   iterations: 3\n\
+\x20   rollout_batch: 4\n\
+\x20   minibatch_size: 4\n\
+\x20   sampling: {max_new_tokens: 6}\n\
+\x20   lora: {r: 2, target_modules: [q_proj, v_proj]}\n";
+
+/// A fresh Llama-layout base and the experiment beside it.
+fn setup(dir: &Path) -> PathBuf {
+    common::rlhf_ok(&[
+        "init",
+        "--layout",
+        "llama",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "4",
+        "--kv-heads",
+        "2",
+        "--n-embd",
+        "32",
+        "--n-positions",
+        "64",
+        "--seed",
+        "3",
+        "--out",
+        dir.join("base").to_str().unwrap(),
+    ]);
+    common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 64);
+    common::task_head("preferences.jsonl", &dir.join("prefs.jsonl"), 16);
+    common::task_head("prompts.jsonl", &dir.join("prompts.jsonl"), 8);
+    let exp = dir.join("exp.yaml");
+    std::fs::write(&exp, EXPERIMENT).unwrap();
+    exp
+}
+
+fn logits(model: &Model, ids: &Tensor) -> Tensor {
+    tch::no_grad(|| model.net.forward_logits(ids, None, false))
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn adapters_load_in_peft_and_merge_to_the_same_model() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = setup(d.path());
+    common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", "sft"]);
+    let checkpoint = d.path().join("runs/lora/sft/checkpoint");
+    let out = d.path().join("peft.safetensors");
+    common::run_python(
+        "lora_reference.py",
+        &[
+            d.path().join("base").to_str().unwrap(),
+            checkpoint.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let theirs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let ids = &theirs["input_ids"];
+    // The adapters moved the model: a check that they are read at all.
+    assert!(max_diff(&theirs["peft"], &theirs["base"]) > 1e-2);
+
+    let adapted = Model::load_adapted(&checkpoint, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    assert!(adapted.lora.is_some());
+    let d_peft = max_diff(&logits(&adapted, ids), &theirs["peft"]);
+    assert!(d_peft < 1e-4, "ours (base + adapter) vs PEFT: {d_peft}");
+    let merged = Model::load(&checkpoint, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    assert!(merged.lora.is_none());
+    for (what, reference) in [
+        ("transformers on the merged folder", "merged"),
+        ("PEFT's merge_and_unload", "peft_merged"),
+        ("PEFT", "peft"),
+    ] {
+        let diff = max_diff(&logits(&merged, ids), &theirs[reference]);
+        assert!(diff < 1e-4, "our merged folder vs {what}: {diff}");
+    }
+    // Adapters off: the base itself.
+    let base = adapted.net.without_adapters(|| logits(&adapted, ids));
+    assert!(max_diff(&base, &theirs["base"]) < 1e-4);
+
+    // `rlhf merge` writes the stage's merged weights, and no adapter.
+    let merged_out = d.path().join("merged");
+    common::rlhf_ok(&[
+        "merge",
+        "--adapter",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        merged_out.to_str().unwrap(),
+    ]);
+    assert!(!merged_out.join("adapter").exists());
+    let again = Model::load(&merged_out, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    let (a, b) = (weights_of(&merged), weights_of(&again));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert!(max_diff(t, &b[k]) < 1e-6, "{k}");
+    }
+}
+
+#[test]
+fn a_resumed_lora_run_equals_an_uninterrupted_one() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = setup(d.path());
+    let stage = |out: &str, stop: Option<&str>| {
+        let out = d.path().join(out);
+        let mut args = vec![
+            "stage",
+            "-c",
+            exp.to_str().unwrap(),
+            "sft",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(s) = stop {
+            args.extend(["--stop-after-step", s]);
+        }
+        common::rlhf(&args)
+    };
+    assert!(stage("whole", None).status.success());
+    let stopped = stage("resumed", Some("6"));
+    assert!(!stopped.status.success());
+    let periodic = d.path().join("resumed/checkpoints");
+    // Periodic checkpoints carry the adapters, for an exact resume.
+    let first = std::fs::read_dir(&periodic)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(first
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .exists());
+    let resumed = stage("resumed", None);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    let load = |dir: &str| {
+        let m = Model::load_adapted(
+            &d.path().join(dir).join("checkpoint"),
+            HeadChoice::AsSaved,
+            tch::Device::Cpu,
+        )
+        .unwrap();
+        weights_of(&m)
+    };
+    let (a, b) = (load("whole"), load("resumed"));
+    assert!(a.keys().any(|k| k.contains("lora_B")));
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k} differs after the resumed run");
+    }
+}
+
+#[test]
+fn ppo_with_lora_keeps_one_base_and_trains_only_adapters() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = setup(d.path());
+    common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", "ppo"]);
+    let run = d.path().join("runs/lora");
+    let adapter: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("ppo/checkpoint/adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    // The adapter names its base (the SFT policy) by a relative path.
+    assert_eq!(
+        adapter["base_model_name_or_path"],
+        "../../../sft/checkpoint"
+    );
+    let sft = weights_of(
+        &Model::load(
+            &run.join("sft/checkpoint"),
+            HeadChoice::AsSaved,
+            tch::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let ppo = Model::load_adapted(
+        &run.join("ppo/checkpoint"),
+        HeadChoice::AsSaved,
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let ppo_weights = weights_of(&ppo);
+    let mut moved = 0;
+    for (k, t) in &ppo_weights {
+        match sft.get(k) {
+            // The frozen base is the SFT policy, bit for bit.
+            Some(base) => assert!(t.equal(base), "{k} moved"),
+            None => {
+                assert!(k.contains(".lora_"), "{k}");
+                moved += usize::from(k.contains("lora_B") && t.abs().max().double_value(&[]) > 0.0);
+            }
+        }
+    }
+    assert!(moved > 0, "no adapter was trained");
+}

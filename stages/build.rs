@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=link_torch.rs");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/autocast_shim.cpp");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
     if let Some(lib_dir) = link_torch() {
         compile_shim(Path::new(&lib_dir));
@@ -38,7 +39,8 @@ fn compile_shim(lib_dir: &Path) {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/c10d_shim.cpp");
+        .file("csrc/c10d_shim.cpp")
+        .file("csrc/autocast_shim.cpp");
     match gloo_include() {
         Some(dir) => {
             println!(

@@ -15,6 +15,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_norway::{Mapping, Value};
 
 use crate::error::StageError;
+use crate::precision::Precision;
 use crate::train::{StageContext, TrainSettings};
 
 /// Every stage kind, in the order `kind:` lists them in errors.
@@ -149,6 +150,10 @@ pub trait KindConfig:
     }
     /// Every setting in its range; paths are checked by the pipeline.
     fn validate(&self) -> Result<(), StageError>;
+    /// fp32, or bf16 autocast; a kind with training settings has it there.
+    fn precision(&mut self) -> Precision {
+        self.train().map(|t| t.precision).unwrap_or_default()
+    }
     /// Every path setting: data files and model references.
     fn paths(&mut self) -> Vec<PathSetting<'_>>;
     /// The seed; unset: the experiment's. A kind with training settings
@@ -202,7 +207,11 @@ impl<C: KindConfig> StageConfig for C {
         KindConfig::seed_mut(self)
     }
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value, StageError> {
-        let summary = KindConfig::run(self, ctx)?;
+        let precision = KindConfig::precision(&mut self.clone());
+        if !precision.is_fp32() {
+            tracing::info!("precision: {precision:?} (autocast on fp32 master weights)");
+        }
+        let summary = precision.run(ctx.device, || KindConfig::run(self, ctx))?;
         Ok(serde_json::to_value(summary).expect("summaries serialise"))
     }
     fn to_json(&self) -> serde_json::Value {

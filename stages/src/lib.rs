@@ -32,6 +32,7 @@ pub mod lora;
 pub mod network;
 pub mod optim;
 pub mod ppo;
+pub mod precision;
 pub mod reward;
 pub mod sample;
 pub mod score;

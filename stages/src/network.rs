@@ -223,12 +223,14 @@ impl Network {
         }
     }
 
-    /// Next-token logits from hidden states: `(.., C) -> (.., V)`.
+    /// Next-token logits from hidden states: `(.., C) -> (.., V)`, in fp32
+    /// whatever the matmul ran in (log-softmax and losses need it).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        match self {
+        let logits = match self {
             Self::Gpt(g) => g.logits(hidden),
             Self::Llama(l) => l.logits(hidden),
-        }
+        };
+        logits.to_kind(Kind::Float)
     }
 
     /// Scalar head values: `(B, T, C) -> (B, T)`; panics without one.

@@ -1,5 +1,6 @@
-//! The C functions of `csrc/c10d_shim.cpp`, and the one place in the
-//! workspace with `unsafe`: pointers to tch's tensors cross into libtorch.
+//! The C functions of `csrc/c10d_shim.cpp` and `csrc/autocast_shim.cpp`,
+//! and the one place in the workspace with `unsafe`: pointers to tch's
+//! tensors cross into libtorch.
 
 #![allow(unsafe_code)]
 
@@ -7,10 +8,28 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
 use tch::Tensor;
 
+/// Runs `f` with bfloat16 autocast on for CPU or CUDA (this thread).
+pub fn with_bf16_autocast<T>(cuda: bool, f: impl FnOnce() -> T) -> T {
+    let cuda = c_int::from(cuda);
+    // SAFETY: plain calls on this thread's autocast state; no pointers.
+    let was = unsafe { rlhf_autocast_enter(cuda) };
+    struct Restore(c_int, c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { rlhf_autocast_exit(self.0, self.1) }
+        }
+    }
+    let _restore = Restore(cuda, was);
+    f()
+}
+
 /// Opaque `torch::Tensor`, as tch's C layer passes it.
 type CTensor = torch_sys::C_tensor;
 
 extern "C" {
+    fn rlhf_autocast_enter(cuda: c_int) -> c_int;
+    fn rlhf_autocast_exit(cuda: c_int, was: c_int);
     fn rlhf_c10d_backends() -> c_int;
     fn rlhf_c10d_new(
         backend: *const c_char,

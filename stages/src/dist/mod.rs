@@ -4,6 +4,7 @@
 //! tensors, NCCL CUDA ones; both are reached through `csrc/c10d_shim.cpp`.
 
 mod ffi;
+pub(crate) use ffi::with_bf16_autocast;
 
 use tch::{Device, Kind, Tensor};
 

@@ -119,6 +119,10 @@ pub struct PpoConfig {
     /// memory, not two.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<crate::lora::LoraConfig>,
+    /// `bf16`: rollouts and updates with matmuls in bfloat16 on fp32
+    /// master weights (autocast).
+    #[serde(skip_serializing_if = "crate::precision::Precision::is_fp32")]
+    pub precision: crate::precision::Precision,
 }
 
 impl Default for PpoConfig {
@@ -168,6 +172,7 @@ impl Default for PpoConfig {
             seed: None,
             fail_if_not_learning: false,
             lora: None,
+            precision: Default::default(),
         }
     }
 }
@@ -175,6 +180,10 @@ impl Default for PpoConfig {
 impl KindConfig for PpoConfig {
     const KIND: &'static str = "ppo";
     type Summary = PpoSummary;
+
+    fn precision(&mut self) -> crate::precision::Precision {
+        self.precision
+    }
 
     fn validate(&self) -> Result<(), StageError> {
         if let Some(l) = &self.lora {

@@ -29,6 +29,7 @@ use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 
 pub use crate::dist::Ranks;
 pub use crate::error::{check_finite, interrupt_requested, io_err, request_interrupt, StageError};
+pub use crate::precision::Precision;
 pub use batches::EpochBatches;
 pub use checkpoints::{
     load_training, newest_usable, periodic_checkpoints, periodic_dir, prune_periodic,
@@ -68,6 +69,9 @@ pub struct TrainSettings {
     /// weight (a scalar head is trained in full).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<crate::lora::LoraConfig>,
+    /// `bf16`: matmuls in bfloat16 on fp32 master weights (autocast).
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
 }
 
 /// The share of its start an eval loss must fall by for a stage to count
@@ -91,7 +95,7 @@ pub fn not_learning(label: &str, start: Option<f64>, end: Option<f64>) -> Option
 
 impl TrainSettings {
     /// Keys left out when unset: the experiment file may still set them.
-    pub const OPTIONAL_KEYS: [&'static str; 1] = ["lora"];
+    pub const OPTIONAL_KEYS: [&'static str; 2] = ["lora", "precision"];
 
     /// Settings with the common defaults: no accumulation, no step limit,
     /// clipping at norm 1, eval every 50 steps, a checkpoint every 100.
@@ -114,6 +118,7 @@ impl TrainSettings {
             seed: None,
             fail_if_not_learning: false,
             lora: None,
+            precision: Precision::Fp32,
         }
     }
 

@@ -111,3 +111,66 @@ fn mistral_renders_as_transformers_does_and_refuses_a_system_turn() {
 fn zephyr_multiline_renders_as_transformers_does() {
     check("zephyr", ZEPHYR, "<s>", "</s>", true);
 }
+
+/// A model folder with a ChatML template runs SFT on multi-turn `messages`
+/// data and PPO on `messages` prompts: the checkpoints carry the template
+/// on, and the PPO rollouts' prompts are the template's rendering with its
+/// generation prompt.
+#[test]
+fn stages_render_conversations_with_the_folders_template() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base");
+    common::rlhf_ok(&[
+        "init",
+        "--layout",
+        "llama",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--n-positions",
+        "96",
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    let chatml = "{% for m in messages %}{{ '<|user|>' if m.role == 'user' else '<|assistant|>' }}{{ m.content + eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}";
+    let config = json!({"chat_template": chatml, "eos_token": "<|endoftext|>"});
+    std::fs::write(base.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let turn = |role: &str, content: &str| json!({"role": role, "content": content});
+    let mut sft = String::new();
+    for i in 0..24 {
+        let row = json!({"messages": [
+            turn("user", &format!("Sort: {} 1", i % 9 + 2)), turn("assistant", &format!("1 {}", i % 9 + 2)),
+            turn("user", "Upper: ab"), turn("assistant", "AB"),
+        ]});
+        sft.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(d.path().join("sft.jsonl"), sft).unwrap();
+    let prompt = json!({"messages": [turn("user", "Sort: 5 1")]});
+    std::fs::write(
+        d.path().join("prompts.jsonl"),
+        format!("{prompt}\n").repeat(4),
+    )
+    .unwrap();
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: chat\ndevice: cpu\nstages:\n\
+         \x20 sft: {kind: sft, init: base, data: sft.jsonl, max_steps: 3, batch_size: 4}\n\
+         \x20 ppo: {kind: ppo, policy: sft, gold_reward: true, prompts: prompts.jsonl, iterations: 1, rollout_batch: 4, minibatch_size: 4, sampling: {max_new_tokens: 4}, save_rollouts: true}\n",
+    )
+    .unwrap();
+    common::rlhf_ok(&["run", exp.to_str().unwrap()]);
+    let run = d.path().join("runs/chat");
+    for stage in ["sft", "ppo"] {
+        let copied =
+            std::fs::read_to_string(run.join(stage).join("checkpoint/tokenizer_config.json"));
+        assert!(copied.unwrap().contains("add_generation_prompt"), "{stage}");
+    }
+    let rollouts = run.join("ppo/rollouts/iter-0001.parquet");
+    let rows = rlhf_datasets::load::read_table(&rollouts).unwrap();
+    let prompts = rlhf_datasets::load::string_column(&rows, &rollouts, "prompt", "").unwrap();
+    assert_eq!(prompts[0], "<|user|>Sort: 5 1<|endoftext|><|assistant|>");
+}

@@ -8,11 +8,15 @@ use rand_chacha::ChaCha8Rng;
 use crate::schema::SftRecord;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-/// A tokenised demonstration. `completion` ends with EOS.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A tokenised demonstration. `completion` ends with EOS (or, rendered by
+/// a chat template, with the template's end of turn).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TokenizedPair {
     pub prompt: Vec<i64>,
     pub completion: Vec<i64>,
+    /// Which completion tokens are learned (a conversation's assistant
+    /// turns); `None`: all of them.
+    pub learn: Option<Vec<bool>>,
 }
 
 impl TokenizedPair {
@@ -54,10 +58,41 @@ pub fn tokenize_pairs(
     let mut out = Vec::with_capacity(records.len());
     for r in records {
         let prompt = encode_prompt(tokenizer, &r.prompt)?;
-        let completion = encode_answer(tokenizer, &r.completion)?;
-        out.push(truncate(prompt, completion, max_len, &mut stats));
+        let pair = match &r.learn {
+            None if r.eos => TokenizedPair {
+                completion: encode_answer(tokenizer, &r.completion)?,
+                ..Default::default()
+            },
+            _ => encode_turns(tokenizer, r)?,
+        };
+        out.push(truncate(
+            TokenizedPair { prompt, ..pair },
+            max_len,
+            &mut stats,
+        ));
     }
     Ok((out, stats))
+}
+
+/// A conversation's completion: a token is learned when it starts inside
+/// an assistant turn (transformers' assistant mask does the same); EOS,
+/// when the record asks for it, is learned too.
+fn encode_turns(tokenizer: &Tokenizer, r: &SftRecord) -> Result<TokenizedPair, TokenizerError> {
+    let (mut completion, offsets) = tokenizer.encode_with_offsets(&r.completion)?;
+    let learned = |start: &usize| match &r.learn {
+        Some(spans) => spans.iter().any(|s| s.contains(start)),
+        None => true,
+    };
+    let mut learn: Vec<bool> = offsets.iter().map(|(start, _)| learned(start)).collect();
+    if r.eos {
+        completion.push(tokenizer.eos_id());
+        learn.push(true);
+    }
+    Ok(TokenizedPair {
+        prompt: vec![],
+        completion,
+        learn: Some(learn),
+    })
 }
 
 /// A prompt's ids; an empty prompt becomes a lone EOS (GPT-2's
@@ -95,21 +130,23 @@ pub fn right_pad<S: AsRef<[i64]>>(seqs: &[S], pad: i64) -> (Vec<i64>, usize) {
 
 /// Applies the truncation policy to one pair.
 pub fn truncate(
-    mut prompt: Vec<i64>,
-    mut completion: Vec<i64>,
+    mut pair: TokenizedPair,
     max_len: usize,
     stats: &mut TruncationStats,
 ) -> TokenizedPair {
-    if completion.len() > max_len - 1 {
-        completion.truncate(max_len - 1);
+    if pair.completion.len() > max_len - 1 {
+        pair.completion.truncate(max_len - 1);
+        if let Some(learn) = &mut pair.learn {
+            learn.truncate(max_len - 1);
+        }
         stats.completions_cut += 1;
     }
-    let room = max_len - completion.len();
-    if prompt.len() > room {
-        prompt.drain(..prompt.len() - room);
+    let room = max_len - pair.completion.len();
+    if pair.prompt.len() > room {
+        pair.prompt.drain(..pair.prompt.len() - room);
         stats.prompts_cut += 1;
     }
-    TokenizedPair { prompt, completion }
+    pair
 }
 
 /// A permutation of `0..n` fixed by `(seed, epoch)`.
@@ -174,9 +211,17 @@ pub fn collate(pairs: &[&TokenizedPair], pad: i64) -> LmBatch {
         targets.extend(std::iter::repeat_n(pad, width - n));
         let first = p.prompt.len() - 1;
         loss_mask.extend(std::iter::repeat_n(0.0, first));
-        loss_mask.extend(std::iter::repeat_n(1.0, n - first));
+        match &p.learn {
+            None => {
+                loss_mask.extend(std::iter::repeat_n(1.0, n - first));
+                target_tokens += p.completion.len();
+            }
+            Some(learn) => {
+                loss_mask.extend(learn.iter().map(|&l| f32::from(u8::from(l))));
+                target_tokens += learn.iter().filter(|&&l| l).count();
+            }
+        }
         loss_mask.extend(std::iter::repeat_n(0.0, width - n));
-        target_tokens += p.completion.len();
     }
     LmBatch {
         rows: pairs.len(),
@@ -195,10 +240,15 @@ mod tests {
     #[test]
     fn truncation_keeps_the_answer_and_cuts_prompt_left() {
         let mut s = TruncationStats::default();
-        let p = truncate(vec![1, 2, 3, 4, 5], vec![6, 7, 0], 6, &mut s);
+        let pair = |prompt: Vec<i64>, completion: Vec<i64>| TokenizedPair {
+            prompt,
+            completion,
+            learn: None,
+        };
+        let p = truncate(pair(vec![1, 2, 3, 4, 5], vec![6, 7, 0]), 6, &mut s);
         assert_eq!(p.prompt, vec![3, 4, 5]);
         assert_eq!(p.completion, vec![6, 7, 0]);
-        let p = truncate(vec![1, 2], vec![3, 4, 5, 6, 7, 0], 4, &mut s);
+        let p = truncate(pair(vec![1, 2], vec![3, 4, 5, 6, 7, 0]), 4, &mut s);
         assert_eq!((p.prompt, p.completion), (vec![2], vec![3, 4, 5]));
         assert_eq!(
             s,
@@ -214,10 +264,12 @@ mod tests {
         let a = TokenizedPair {
             prompt: vec![10, 11],
             completion: vec![12, 0],
+            learn: None,
         };
         let b = TokenizedPair {
             prompt: vec![20],
             completion: vec![0],
+            learn: None,
         };
         let batch = collate(&[&a, &b], 99);
         assert_eq!(batch.width, 3);
@@ -244,16 +296,7 @@ mod tests {
     #[test]
     fn tokenize_appends_eos_and_counts_truncation() {
         let tok = Tokenizer::bytes();
-        let records = vec![
-            SftRecord {
-                prompt: "abcdef".into(),
-                completion: "xy".into(),
-            },
-            SftRecord {
-                prompt: String::new(),
-                completion: "z".into(),
-            },
-        ];
+        let records = vec![SftRecord::new("abcdef", "xy"), SftRecord::new("", "z")];
         let (pairs, stats) = tokenize_pairs(&records, &tok, 6).unwrap();
         assert_eq!(pairs[0].completion, vec![120, 121, 256]);
         assert_eq!(pairs[0].prompt, vec![100, 101, 102]);

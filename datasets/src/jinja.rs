@@ -5,8 +5,9 @@
 //! HTML escaping, and the special tokens as variables. minijinja is what
 //! HF's own Rust servers use for this.
 //!
-//! First step of issue #17's chat templates: rendering, checked against
-//! `transformers`; the SFT and PPO data paths do not use it yet.
+//! A model folder's tokenizer carries its template
+//! ([`crate::Tokenizer::chat_template`]); SFT conversations and PPO prompts
+//! given as `messages` are rendered with it.
 
 use std::path::Path;
 
@@ -101,6 +102,11 @@ impl JinjaTemplate {
             .filter_map(|(k, v)| special_token_text(v).map(|t| (k.clone(), Value::from(t))))
             .collect();
         Self::new(&template, tokens).map(Some)
+    }
+
+    /// A special token the template may name (`eos_token`), as text.
+    pub fn token(&self, name: &str) -> Option<String> {
+        self.tokens.get(name)?.as_str().map(str::to_owned)
     }
 
     /// The conversation as the model reads it; with the generation prompt

@@ -38,6 +38,8 @@ pub enum TokenizerError {
     NoEos { looked_for: String },
     #[error("token id {id} is outside the tokenizer's vocabulary of {vocab_size}")]
     IdOutOfRange { id: i64, vocab_size: usize },
+    #[error(transparent)]
+    Template(#[from] crate::jinja::TemplateError),
 }
 
 /// Ids of the tokens that code, not text, inserts.
@@ -57,13 +59,31 @@ pub struct RoleIds {
     pub assistant: i64,
 }
 
+/// Token ids and each one's byte range in the text.
+pub type Encoded = (Vec<i64>, Vec<(usize, usize)>);
+
 /// A loaded tokenizer and its special ids.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Box<tokenizers::Tokenizer>,
     special: SpecialIds,
     source: String,
+    /// The model folder's chat template files, kept to be saved with
+    /// every checkpoint, and the template compiled from them.
+    chat: Option<ChatFiles>,
 }
+
+/// `tokenizer_config.json` and `chat_template.jinja` as a model folder
+/// has them, and the template they give.
+#[derive(Clone)]
+struct ChatFiles {
+    config: Option<String>,
+    jinja: Option<String>,
+    template: Option<std::sync::Arc<crate::jinja::JinjaTemplate>>,
+}
+
+const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,19 +122,83 @@ impl Tokenizer {
 
     /// The tokenizer of a model folder: its `tokenizer.json`, or GPT-2's
     /// `vocab.json` + `merges.txt` pair as older HF folders ship it.
+    ///
+    /// Its chat template (`tokenizer_config.json`, `chat_template.jinja`)
+    /// comes along, and the config's `eos_token` is the end of an answer.
     pub fn from_model_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let json = dir.join("tokenizer.json");
-        if json.exists() {
-            return Self::from_file(&json);
-        }
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        if vocab.exists() && merges.exists() {
-            return Self::from_gpt2_files(&vocab, &merges);
+        let mut tokenizer = if json.exists() {
+            Self::from_file(&json)?
+        } else if vocab.exists() && merges.exists() {
+            Self::from_gpt2_files(&vocab, &merges)?
+        } else {
+            return Err(TokenizerError::Load {
+                path: json,
+                message: "no tokenizer.json (nor vocab.json + merges.txt) in the model folder"
+                    .into(),
+            });
+        };
+        tokenizer.read_chat_files(dir)?;
+        Ok(tokenizer)
+    }
+
+    /// Reads the folder's chat template files, if any.
+    fn read_chat_files(&mut self, dir: &Path) -> Result<(), TokenizerError> {
+        let read = |name: &str| -> Result<Option<String>, TokenizerError> {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Ok(None);
+            }
+            crate::files::bounded_size(&path, MAX_TOKENIZER_BYTES, "a tokenizer's limit")
+                .and_then(|_| std::fs::read_to_string(&path).map_err(|e| e.to_string()))
+                .map(Some)
+                .map_err(|message| TokenizerError::Load { path, message })
+        };
+        let (config, jinja) = (read(TOKENIZER_CONFIG_FILE)?, read(CHAT_TEMPLATE_FILE)?);
+        if config.is_none() && jinja.is_none() {
+            return Ok(());
         }
-        Err(TokenizerError::Load {
-            path: json,
-            message: "no tokenizer.json (nor vocab.json + merges.txt) in the model folder".into(),
-        })
+        let template = crate::jinja::JinjaTemplate::from_model_dir(dir)?.map(std::sync::Arc::new);
+        if let Some(eos) = template.as_ref().and_then(|t| t.token("eos_token")) {
+            if let Some(id) = self.inner.token_to_id(&eos) {
+                self.special.eos = i64::from(id);
+            }
+        }
+        self.chat = Some(ChatFiles {
+            config,
+            jinja,
+            template,
+        });
+        Ok(())
+    }
+
+    /// The model folder's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<std::sync::Arc<crate::jinja::JinjaTemplate>> {
+        self.chat.as_ref()?.template.clone()
+    }
+
+    /// Writes the chat template files this tokenizer was loaded with into
+    /// `dir` (a checkpoint folder), so later stages render the same way.
+    pub fn save_chat_files(&self, dir: &Path) -> Result<(), TokenizerError> {
+        let Some(chat) = &self.chat else {
+            return Ok(());
+        };
+        for (name, text) in [
+            (TOKENIZER_CONFIG_FILE, &chat.config),
+            (CHAT_TEMPLATE_FILE, &chat.jinja),
+        ] {
+            if let Some(text) = text {
+                let path = dir.join(name);
+                crate::atomic::write_file(&path, text.as_bytes()).map_err(|e| {
+                    TokenizerError::Save {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn from_gpt2_files(vocab: &Path, merges: &Path) -> Result<Self, TokenizerError> {
@@ -156,6 +240,7 @@ impl Tokenizer {
             inner: Box::new(inner),
             special: SpecialIds { eos, pad, roles },
             source,
+            chat: None,
         })
     }
 
@@ -205,6 +290,24 @@ impl Tokenizer {
         })?;
         let encoding = encoded.map_err(|e| codec(e.to_string()))?;
         Ok(encoding.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    /// Text to ids and each token's byte range in the text.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Encoded, TokenizerError> {
+        quiet_oniguruma_panics();
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, false)
+        }))
+        .map_err(|panic| TokenizerError::Codec {
+            what: "encode",
+            message: format!("{} failed: {}", self.source, panic_text(&*panic)),
+        })?
+        .map_err(|e| TokenizerError::Codec {
+            what: "encode",
+            message: e.to_string(),
+        })?;
+        let ids = encoded.get_ids().iter().map(|&i| i64::from(i)).collect();
+        Ok((ids, encoded.get_offsets().to_vec()))
     }
 
     /// Ids to text; special tokens are kept when `keep_special`.

@@ -303,6 +303,7 @@ impl Model {
             }
         })?;
         self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+        self.tokenizer.save_chat_files(dir)?;
         Ok(())
     }
 }

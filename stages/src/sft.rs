@@ -329,6 +329,7 @@ mod tests {
         let pair = TokenizedPair {
             prompt: vec![1, 2, 3, 4],
             completion: vec![5, 6, 0],
+            learn: None,
         };
         let batch = collate(&[&pair], 39);
         let loss = |b: &LmBatch| {

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use rlhf_datasets::atomic;
 use rlhf_datasets::batch::{collate, epoch_order, tokenize_pairs, TokenizedPair};
-use rlhf_datasets::load::{read_table, string_column};
+use rlhf_datasets::load::read_table;
 use rlhf_datasets::rollout::{write_rollouts, RolloutRow};
-use rlhf_datasets::schema::{sft_records, ChatTemplate};
+use rlhf_datasets::schema::{prompt_texts, sft_records, ChatTemplate};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -229,8 +229,9 @@ pub(super) struct Data {
 impl Data {
     pub fn load(cfg: &PpoConfig, policy: &Model) -> Result<Self, StageError> {
         let table = read_table(&cfg.prompts)?;
-        let prompts = string_column(&table, &cfg.prompts, "prompt", "{prompt}")?;
         let tok = &policy.tokenizer;
+        let chat = ChatTemplate::for_tokenizer(tok);
+        let prompts = prompt_texts(&table, &cfg.prompts, &chat)?;
         let prompt_ids = prompts
             .iter()
             .map(|p| tok.encode(p))
@@ -253,7 +254,7 @@ impl Data {
         let ptx = match &cfg.ptx {
             Some(ptx) => {
                 let table = read_table(&ptx.data)?;
-                let records = sft_records(&table, &ptx.data, &ChatTemplate::for_tokenizer(tok))?;
+                let records = sft_records(&table, &ptx.data, &chat)?;
                 tokenize_pairs(&records, tok, n_positions as usize)?.0
             }
             None => vec![],

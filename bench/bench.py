@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -100,6 +101,9 @@ def main():
 
     peak = run_with_rss([RLHF, "bench", "matmul", "--size", "1024", "--warmup", "3", "--steps", "10"])
     results["matmul_peak_flops"] = peak["flops_per_s"]
+    peak16 = run_with_rss([RLHF, "bench", "matmul", "--size", "1024", "--warmup", "3", "--steps", "10",
+                           "--precision", "bf16"])
+    results["matmul_peak_flops_bf16"] = peak16["flops_per_s"]
 
     sizes = [
         {"name": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 256, "batch": 16, "seq": 128},
@@ -153,6 +157,8 @@ def main():
     r.update(size=s, batch=32, minibatch=8, prompt_len=16, new_tokens=24)
     results["ppo"] = r
 
+    results["bf16"] = bf16(sizes[1:] if not a.quick else sizes[1:2], results, model_dir, reps)
+    results["lora_memory"] = lora_memory(a.quick)
     results["shared_cores"] = shared_cores(sizes[1], reps)
     results["data_parallel"] = data_parallel(reps)
 
@@ -160,6 +166,66 @@ def main():
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
+
+
+def bf16(sizes, results, model_dir, reps):
+    """Training and rollouts in bf16 autocast: rlhf (`--precision bf16`)
+    against PyTorch eager under torch.autocast, and against rlhf's own fp32
+    numbers of this run; MFU against the bf16 matmul peak."""
+    out = {"train": [], "generate": []}
+    fp32 = {t["size"]["name"]: t for t in results["train"]}
+    for s in sizes:
+        steps = ["--warmup", "1", "--steps", "3"] if s["n_embd"] >= 384 else ["--warmup", "2", "--steps", "8"]
+        common = shape_args(s) + ["--batch", str(s["batch"]), "--seq", str(s["seq"])] + steps
+        print(f"train {s['name']} in bf16 ...", file=sys.stderr, flush=True)
+        r = pair([RLHF, "bench", "train", "--precision", "bf16"] + common,
+                 [PY, REF, "train", "--autocast"] + common, reps, "tokens_per_s")
+        fpt = flops_per_token(s, s["seq"])
+        r.update(size=s, rlhf_fp32=fp32[s["name"]]["rlhf"], reference_fp32=fp32[s["name"]]["reference"],
+                 mfu_rlhf=r["rlhf"] * fpt / results["matmul_peak_flops_bf16"],
+                 mfu_reference=r["reference"] * fpt / results["matmul_peak_flops_bf16"])
+        out["train"].append(r)
+    fp32_gen = {g["size"]["name"]: g for g in results["generate"]}
+    for s in sizes[:2]:
+        if s["name"] not in fp32_gen:
+            continue
+        g32 = fp32_gen[s["name"]]
+        common = ["--model", str(model_dir(s)), "--batch", str(g32["batch"]), "--prompt-len",
+                  str(g32["prompt_len"]), "--new-tokens", str(g32["new_tokens"]), "--warmup", "1", "--steps", "5"]
+        print(f"generate {s['name']} in bf16 ...", file=sys.stderr, flush=True)
+        r = pair([RLHF, "bench", "generate", "--precision", "bf16"] + common,
+                 [PY, REF, "generate", "--autocast"] + common, reps, "tokens_per_s")
+        r.update(size=s, batch=g32["batch"], rlhf_fp32=g32["rlhf"], reference_fp32=g32["reference"])
+        out["generate"].append(r)
+    return out
+
+
+def lora_memory(quick):
+    """Peak RSS and time of PPO iterations on a Llama-layout model, every
+    weight trained (policy, reference, critic: three copies, two optimisers)
+    against LoRA (the reference is the policy with adapters off)."""
+    tmp = Path(tempfile.mkdtemp())
+    width, layers = (256, 4) if quick else (512, 8)
+    shape = ["--layout", "llama", "--n-layer", str(layers), "--n-head", "8", "--kv-heads", "4",
+             "--n-embd", str(width), "--n-positions", "96"]
+    for name, head in [("policy", "lm"), ("rm", "scalar")]:
+        subprocess.run([RLHF, "init", "--out", str(tmp / name), "--head", head] + shape, check=True,
+                       capture_output=True)
+    prompts = (ROOT / "datasets/task/prompts.jsonl").read_text().splitlines()[:64]
+    (tmp / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    exp = tmp / "exp.yaml"
+    ppo = ("{kind: ppo, policy: policy, reward_model: rm, prompts: prompts.jsonl, iterations: 3, rollout_batch: 16,"
+           " minibatch_size: 8, sampling: {max_new_tokens: 16}, checkpoint_every: 1000, save_rollouts: false")
+    exp.write_text(f"name: mem\ndevice: cpu\nstages:\n  full: {ppo}}}\n  lora: {ppo}, lora: {{r: 16, alpha: 32}}}}\n")
+    rows = {}
+    for stage in ["full", "lora"]:
+        print(f"ppo memory, {stage} ...", file=sys.stderr, flush=True)
+        r = run_with_rss([RLHF, "stage", "-c", str(exp), stage, "--out", str(tmp / "out" / stage)])
+        rows[stage] = {"peak_rss_mib": r["peak_rss_mib"], "seconds_per_iteration": r["wall_seconds"] / r["iterations"]}
+    log = subprocess.run([RLHF, "init", "--out", str(tmp / "count")] + shape, capture_output=True, text=True)
+    params = int(re.search(r"(\d+) parameters", log.stderr).group(1))
+    return {"width": width, "layers": layers, "rows": rows, "params": params,
+            "rss_ratio": rows["lora"]["peak_rss_mib"] / rows["full"]["peak_rss_mib"]}
 
 
 def shared_cores(s, reps):
@@ -287,6 +353,7 @@ def markdown(r):
         f"| {p['reference_rss_mib']:.0f} MiB |",
         "",
     ]
+    lines += markdown_bf16(r) + markdown_lora(r)
     c = r.get("shared_cores")
     if c:
         s = c["size"]
@@ -321,6 +388,59 @@ def markdown(r):
             "",
         ]
     return "\n".join(lines)
+
+
+def markdown_bf16(r):
+    b = r.get("bf16")
+    if not b:
+        return []
+    lines = [
+        "## bf16 autocast (fp32 master weights and moments)",
+        "",
+        "`--precision bf16` (the stage setting `precision: bf16`) against PyTorch eager under "
+        "`torch.autocast(dtype=torch.bfloat16)`, and each against its own fp32 numbers from the tables above. "
+        f"MFU here is over the bfloat16 matmul peak measured in the same run, "
+        f"{r['matmul_peak_flops_bf16'] / 1e9:.1f} GFLOP/s ({r['matmul_peak_flops_bf16'] / r['matmul_peak_flops']:.2f}x "
+        "the float32 one).",
+        "",
+        "| work | model | rlhf bf16 tokens/s | PyTorch autocast tokens/s | ratio | rlhf bf16 / fp32 | PyTorch bf16 / fp32 | rlhf MFU (bf16 peak) | PyTorch MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in b["train"]:
+        s = t["size"]
+        lines.append(
+            f"| training | {s['name']} ({s['n_layer']}L, {s['n_embd']} wide) | {t['rlhf']:,.0f} | {t['reference']:,.0f} "
+            f"| **{t['ratio']:.2f}x** | {t['rlhf'] / t['rlhf_fp32']:.2f}x | {t['reference'] / t['reference_fp32']:.2f}x "
+            f"| {100 * t['mfu_rlhf']:.0f}% | {100 * t['mfu_reference']:.0f}% |")
+    for g in b["generate"]:
+        s = g["size"]
+        lines.append(
+            f"| rollouts (batch {g['batch']}) | {s['name']} ({s['n_layer']}L, {s['n_embd']} wide) | {g['rlhf']:,.0f} "
+            f"| {g['reference']:,.0f} | **{g['ratio']:.2f}x** | {g['rlhf'] / g['rlhf_fp32']:.2f}x "
+            f"| {g['reference'] / g['reference_fp32']:.2f}x | | |")
+    return lines + [""]
+
+
+def markdown_lora(r):
+    m = r.get("lora_memory")
+    if not m:
+        return []
+    full, lora = m["rows"]["full"], m["rows"]["lora"]
+    return [
+        "## PPO with LoRA: one copy of the base",
+        "",
+        f"Three PPO iterations (rollout 16, minibatch 8, 16 new tokens) on a random Llama-layout model "
+        f"({m['layers']} layers, {m['width']} wide, 8 query / 4 key-value heads, {m['params'] / 1e6:.1f}M parameters) "
+        "as `rlhf stage`: every weight trained (policy, a separate reference and the critic, each policy and "
+        "critic with AdamW moments) against `lora: {r: 16, alpha: 32}` on both (the reference is the "
+        "policy with its adapters off).",
+        "",
+        "| PPO | peak RSS | s/iteration |",
+        "|---|---|---|",
+        f"| every weight | {full['peak_rss_mib']:.0f} MiB | {full['seconds_per_iteration']:.2f} |",
+        f"| LoRA | {lora['peak_rss_mib']:.0f} MiB (**{m['rss_ratio']:.2f}x**) | {lora['seconds_per_iteration']:.2f} |",
+        "",
+    ]
 
 
 if __name__ == "__main__":

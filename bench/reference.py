@@ -9,9 +9,13 @@
   ppo      TRL's PPOTrainer (trl.experimental.ppo, pinned in the justfile):
            one rollout + update per iteration, median iteration time.
   make-model DIR  writes a random GPT2LMHeadModel folder both sides load.
+
+--autocast: train and generate under torch.autocast(dtype=torch.bfloat16),
+the counterpart of `rlhf bench --precision bf16`.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -35,6 +39,13 @@ def gpt2(a):
     return GPT2LMHeadModel(cfg)
 
 
+def precision(a):
+    """bf16 autocast when asked, on the device the work runs on (CPU here)."""
+    if not a.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
 def train(a):
     torch.manual_seed(a.seed)
     model = gpt2(a)
@@ -46,8 +57,9 @@ def train(a):
     for step in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        with precision(a):
+            logits = model(input_ids=x).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -69,7 +81,7 @@ def generate(a):
     times = []
     for rep in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), precision(a):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                 top_p=1.0, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
@@ -155,6 +167,7 @@ def main():
                           ("vocab-size", 264), ("batch", 16), ("seq", 128), ("prompt-len", 16),
                           ("new-tokens", 32), ("minibatch", 8), ("warmup", 2), ("steps", 5), ("seed", 0)]:
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast")
     a = p.parse_args()
     print(json.dumps({"train": train, "generate": generate, "ppo": ppo, "make-model": make_model}[a.mode](a)))
 

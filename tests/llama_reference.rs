@@ -27,6 +27,8 @@ fn check(family: &str, tied: bool) {
     };
     assert_eq!(model.config().tie_word_embeddings, tied);
     assert_eq!(model.config().attention_bias, family == "qwen2");
+    let window = if family == "mistral" { 96 } else { 128 };
+    assert_eq!(model.config().max_position_embeddings, window);
     let reference = tch::Tensor::read_safetensors(d.path().join("reference.safetensors")).unwrap();
     let get = |k: &str| {
         reference
@@ -89,6 +91,11 @@ fn llama_untied_matches_transformers() {
 #[test]
 fn llama_tied_matches_transformers() {
     check("llama", true);
+}
+
+#[test]
+fn mistral_with_a_sliding_window_matches_transformers() {
+    check("mistral", false);
 }
 
 #[test]

@@ -236,8 +236,17 @@ pub struct BenchArgs {
     pub size: i64,
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
+    /// fp32, or bf16 (autocast; matmul: bfloat16 operands).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    pub precision: PrecisionArg,
     #[command(flatten)]
     pub device: DeviceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Bf16,
 }
 
 #[derive(Debug, Args)]

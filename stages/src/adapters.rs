@@ -228,17 +228,20 @@ mod tests {
     use crate::gpt::Head;
     use crate::optim::{AdamW, AdamWConfig};
 
-    #[test]
-    fn gradients_reach_only_the_adapters_and_the_head() {
-        let _rng = crate::rng_lock();
-        let (vs, net) = crate::tiny_llama(5, 40, 32, 2, Head::Scalar);
-        let mut model = Model {
+    fn model((vs, net): (tch::nn::VarStore, Network)) -> Model {
+        Model {
             vs,
             net,
             tokenizer: rlhf_datasets::Tokenizer::bytes(),
             meta: Default::default(),
             lora: None,
-        };
+        }
+    }
+
+    #[test]
+    fn gradients_reach_only_the_adapters_and_the_head() {
+        let _rng = crate::rng_lock();
+        let mut model = model(crate::tiny_llama(5, 40, 32, 2, Head::Scalar));
         let d = tempfile::tempdir().unwrap();
         model.add_lora(&LoraConfig::default(), d.path()).unwrap();
         // B starts at zero: give it values so that A's gradient is not zero too.
@@ -277,14 +280,7 @@ mod tests {
     #[test]
     fn gpt2_models_refuse_adapters_by_name() {
         let _rng = crate::rng_lock();
-        let (vs, net) = crate::tiny_gpt(1, 40, 16, 1, Head::Lm);
-        let mut model = Model {
-            vs,
-            net,
-            tokenizer: rlhf_datasets::Tokenizer::bytes(),
-            meta: Default::default(),
-            lora: None,
-        };
+        let mut model = model(crate::tiny_gpt(1, 40, 16, 1, Head::Lm));
         let e = model
             .add_lora(&LoraConfig::default(), Path::new("."))
             .unwrap_err()

@@ -41,6 +41,9 @@ pub struct BenchSpec {
     pub size: i64,
     /// libtorch's seed (random tokens, weights and samples).
     pub seed: i64,
+    /// The caller runs train, generate and ppo in it; matmul takes
+    /// bfloat16 operands for bf16.
+    pub precision: crate::precision::Precision,
 }
 
 fn model_config(spec: &BenchSpec) -> ModelConfig {
@@ -265,8 +268,12 @@ pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Va
 pub fn matmul(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
     tch::manual_seed(spec.seed);
     let n = spec.size;
-    let a = Tensor::randn([n, n], (Kind::Float, device));
-    let b = Tensor::randn([n, n], (Kind::Float, device));
+    let kind = match spec.precision {
+        crate::precision::Precision::Fp32 => Kind::Float,
+        crate::precision::Precision::Bf16 => Kind::BFloat16,
+    };
+    let a = Tensor::randn([n, n], (kind, device));
+    let b = Tensor::randn([n, n], (kind, device));
     let mut times = Vec::new();
     for rep in 0..spec.warmup + spec.steps {
         sync(device);

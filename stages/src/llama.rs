@@ -143,6 +143,13 @@ impl LlamaConfig {
             }
         }
         let int = |k: &'static str| v[k].as_i64().ok_or(LlamaConfigError::Missing(k));
+        // A sliding window (Mistral v0.1; Qwen2 when `use_sliding_window`)
+        // changes nothing within it: the window becomes the context limit.
+        let window = match model_type {
+            "qwen2" if v["use_sliding_window"].as_bool() != Some(true) => None,
+            _ => v["sliding_window"].as_i64(),
+        };
+        let max_positions = int("max_position_embeddings")?;
         let heads = int("num_attention_heads")?;
         let hidden = int("hidden_size")?;
         let config = Self {
@@ -161,7 +168,7 @@ impl LlamaConfig {
                 .as_f64()
                 .or_else(|| rope["rope_theta"].as_f64())
                 .unwrap_or(10_000.0),
-            max_position_embeddings: int("max_position_embeddings")?,
+            max_position_embeddings: window.map_or(max_positions, |w| w.min(max_positions)),
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             attention_bias: v["attention_bias"].as_bool().unwrap_or(qwen),
         };

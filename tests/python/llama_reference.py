@@ -15,7 +15,9 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+)
 
 
 def make_hf(out_dir, family, tied):
@@ -27,6 +29,10 @@ def make_hf(out_dir, family, tied):
     )
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "mistral":
+        # Its sliding window (longer than the test's sequences) is the
+        # context limit rlhf reads.
+        model = MistralForCausalLM(MistralConfig(sliding_window=96, **common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     # Norm weights and biases away from ones and zeros, so that a skipped or

@@ -4,7 +4,8 @@
 use rlhf_stages::bench::{self, BenchSpec};
 use rlhf_stages::device::parse_device;
 
-use crate::cli::{BenchArgs, BenchMode};
+use crate::cli::{BenchArgs, BenchMode, PrecisionArg};
+use rlhf_stages::precision::Precision;
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
@@ -24,12 +25,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         steps: args.steps,
         size: args.size,
         seed: args.seed,
+        precision: match args.precision {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        },
     };
     let out = match args.mode {
-        BenchMode::Train => bench::train(&spec, device)?,
-        BenchMode::Generate => bench::generation(&spec, device)?,
-        BenchMode::Ppo => bench::ppo_iterations(&spec, device)?,
         BenchMode::Matmul => bench::matmul(&spec, device)?,
+        mode => spec.precision.run(device, || match mode {
+            BenchMode::Train => bench::train(&spec, device),
+            BenchMode::Generate => bench::generation(&spec, device),
+            _ => bench::ppo_iterations(&spec, device),
+        })?,
     };
     println!("{out}");
     Ok(())

@@ -5,13 +5,7 @@ use rlhf_stages::{GptConfig, Head, Model, ModelConfig};
 use crate::cli::{HeadArg, InitArgs, LayoutArg};
 
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
-    let has_files = std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some());
-    if has_files && !args.force {
-        anyhow::bail!(
-            "{}: the folder is not empty; give a new folder, or --force to replace it and its files",
-            args.out.display()
-        );
-    }
+    refuse_files(&args.out, args.force)?;
     let tokenizer = match &args.tokenizer {
         None => Tokenizer::bytes(),
         Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
@@ -37,6 +31,18 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         config.n_params(),
         config.vocab_size()
     );
+    Ok(())
+}
+
+/// A folder to write must be new or empty, unless `--force`.
+pub fn refuse_files(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    let has_files = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if has_files && !force {
+        anyhow::bail!(
+            "{}: the folder is not empty; give a new folder, or --force to replace it and its files",
+            out.display()
+        );
+    }
     Ok(())
 }
 

@@ -6,13 +6,7 @@ use crate::cli::MergeArgs;
 
 /// `rlhf merge`: base + adapters -> one plain folder (`W + scale * B @ A`).
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
-    let has_files = std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some());
-    if has_files && !args.force {
-        anyhow::bail!(
-            "{}: the folder is not empty; give a new folder, or --force to replace it and its files",
-            args.out.display()
-        );
-    }
+    super::init::refuse_files(&args.out, args.force)?;
     let nested = args.adapter.join(ADAPTER_DIR);
     let adapter = match nested.join(ADAPTER_CONFIG_FILE).exists() {
         true => nested,

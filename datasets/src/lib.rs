@@ -10,12 +10,14 @@
 //! - [`checksum`]: sha256 lists that let a loader refuse a damaged folder.
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
+//! - [`labels`]: a loop round's labelling queue: groups, who saw what, submissions (Parquet).
 
 pub mod atomic;
 pub mod batch;
 pub mod checksum;
 pub mod files;
 pub mod jinja;
+pub mod labels;
 pub mod load;
 pub mod preference;
 pub mod rollout;

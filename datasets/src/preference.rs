@@ -86,21 +86,25 @@ pub struct Rankings {
     pub identical: usize,
     /// Groups that rank every answer equal.
     pub all_tied: usize,
+    /// Groups a labeller skipped or marked not rankable (a labelling
+    /// queue's `skipped` / `not_rankable` columns).
+    pub unlabelled: usize,
 }
 
 impl Rankings {
     pub fn skipped(&self) -> usize {
-        self.identical + self.all_tied
+        self.identical + self.all_tied + self.unlabelled
     }
 
     /// "N rows skipped (...)" for the log, if any were.
     pub fn skipped_note(&self) -> Option<String> {
         (self.skipped() > 0).then(|| {
             format!(
-                "{} rows skipped as saying nothing: {} with `chosen` identical to `rejected`, {} ranking every answer equal",
+                "{} rows skipped as saying nothing: {} with `chosen` identical to `rejected`, {} ranking every answer equal, {} skipped or not rankable by their labeller",
                 self.skipped(),
                 self.identical,
-                self.all_tied
+                self.all_tied,
+                self.unlabelled
             )
         })
     }
@@ -110,6 +114,51 @@ impl Rankings {
 /// over (and counting) rows that say nothing; a table of nothing else is
 /// an error.
 pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Rankings, DataError> {
+    let (labelled, original) = labelled_rows(df, path)?;
+    let mut kept = ranked_rows(&labelled, path)?;
+    kept.unlabelled = df.height() - labelled.height();
+    kept.rows = kept.rows.iter().map(|&i| original[i]).collect();
+    if kept.groups.is_empty() {
+        let note = kept.skipped_note().unwrap_or_default();
+        return Err(DataError::Parse {
+            path: path.to_owned(),
+            message: format!("no row ranks two different answers: {note}"),
+        });
+    }
+    Ok(kept)
+}
+
+/// The rows a labeller ranked (all rows of a table without a labelling
+/// queue's `skipped` / `not_rankable` columns), and their row numbers.
+fn labelled_rows(df: &DataFrame, path: &Path) -> Result<(DataFrame, Vec<usize>), DataError> {
+    let mut keep = vec![true; df.height()];
+    for name in ["skipped", "not_rankable"] {
+        let Ok(column) = df.column(name) else {
+            continue;
+        };
+        let flags = column.bool().map_err(|_| DataError::WrongType {
+            path: path.to_owned(),
+            column: name.into(),
+            expected: "booleans".into(),
+            found: describe(column.dtype()),
+        })?;
+        for (k, flag) in keep.iter_mut().zip(flags.iter()) {
+            *k &= flag != Some(true);
+        }
+    }
+    let original: Vec<usize> = (0..df.height()).filter(|&i| keep[i]).collect();
+    if original.len() == df.height() {
+        return Ok((df.clone(), original));
+    }
+    let mask = BooleanChunked::new("keep".into(), &keep);
+    let filtered = df.filter(&mask).map_err(|e| DataError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok((filtered, original))
+}
+
+fn ranked_rows(df: &DataFrame, path: &Path) -> Result<Rankings, DataError> {
     let margins = margin_column(df, path)?;
     let mut groups = if df.column("responses").is_ok() {
         kwise(df, path)?
@@ -149,13 +198,6 @@ pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Rankings, DataError>
             kept.groups.push(g);
             kept.rows.push(i);
         }
-    }
-    if kept.groups.is_empty() {
-        let note = kept.skipped_note().unwrap_or_default();
-        return Err(DataError::Parse {
-            path: path.to_owned(),
-            message: format!("no row ranks two different answers: {note}"),
-        });
     }
     Ok(kept)
 }

@@ -28,6 +28,9 @@ pub enum Command {
     Init(InitArgs),
     /// Merge LoRA adapters into their base: a plain model folder.
     Merge(MergeArgs),
+    /// People rank sampled answers: serve a round's labelling queue, make tokens.
+    #[command(subcommand)]
+    Label(LabelCommand),
     /// Sample answers to prompts with the KV cache.
     Generate(GenerateArgs),
     /// Per-token log-probabilities and NLL of texts (perplexity), as JSON lines.
@@ -56,6 +59,30 @@ pub enum Command {
     /// The bundled task's data files.
     #[command(subcommand)]
     Task(TaskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabelCommand {
+    /// Serve a labelling queue's page and API (until Ctrl-C).
+    Serve {
+        /// The queue folder (groups.json, labels.parquet, tokens.json).
+        queue: PathBuf,
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        /// Labels each group needs (2 or more measure agreement).
+        #[arg(long, default_value_t = 1)]
+        labels_per_group: usize,
+        /// Stop once every group has its labels.
+        #[arg(long)]
+        until_done: bool,
+    },
+    /// Make (or replace) a labeller's token; prints it once.
+    Token {
+        name: String,
+        #[arg(long)]
+        queue: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod dag;
 mod jsonl;
+mod label;
 mod labeller;
 mod lock;
 mod report;

@@ -20,6 +20,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init(args) => init::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Label(cmd) => label(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Reward(args) => reward::run(args),
@@ -32,5 +33,21 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Samples(args) => samples::run(args),
         Command::Task(cmd) => task::run(cmd),
+    }
+}
+
+fn label(cmd: crate::cli::LabelCommand) -> anyhow::Result<()> {
+    use crate::cli::LabelCommand;
+    match cmd {
+        LabelCommand::Serve {
+            queue,
+            bind,
+            labels_per_group,
+            until_done,
+        } => crate::label::serve(queue, bind, labels_per_group, until_done),
+        LabelCommand::Token { name, queue } => {
+            println!("{}", crate::label::add_token(&queue, &name)?);
+            Ok(())
+        }
     }
 }

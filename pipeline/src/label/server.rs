@@ -1,0 +1,245 @@
+//! The queue over HTTP (axum on tokio):
+//!
+//! - `GET /` the page; `GET /api/next` the labeller's next group (answers
+//!   in the order shown to them) or 204 when none is left;
+//! - `POST /api/submit` a ranking, skip or "not rankable" for a group;
+//! - `GET /api/progress` groups left and all.
+//!
+//! 401 without a token, 403 with an unknown one; a refused submission is
+//! 400 (malformed), 403 (not shown to this labeller) or 409 (answered).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rlhf_datasets::labels::{LabelError, Queue, Submission};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::tokens::Tokens;
+
+struct App {
+    queue: Mutex<Queue>,
+    tokens: Tokens,
+}
+
+type Shared = Arc<App>;
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// Why a request's token was refused.
+enum Denied {
+    Missing,
+    Unknown,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Missing => error(StatusCode::UNAUTHORIZED, "a labeller token is required"),
+            Denied::Unknown => error(StatusCode::FORBIDDEN, "unknown token"),
+        }
+    }
+}
+
+/// The labeller the request's token names.
+fn labeller(app: &App, headers: &HeaderMap, query: &TokenQuery) -> Result<String, Denied> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = bearer.or(query.token.as_deref()).ok_or(Denied::Missing)?;
+    app.tokens
+        .labeller(token.trim())
+        .map(str::to_owned)
+        .ok_or(Denied::Unknown)
+}
+
+async fn page(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    match labeller(&app, &headers, &q) {
+        Ok(_) => Html(super::page::HTML).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn next(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    let who = match labeller(&app, &headers, &q) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    let mut queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
+    let (left, total) = queue.progress();
+    match queue.serve(&who) {
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Some(s)) => {
+            let group = &queue.groups()[s.group];
+            let shown: Vec<&str> = s
+                .order
+                .iter()
+                .map(|&i| group.responses[i].as_str())
+                .collect();
+            Json(json!({
+                "group": s.group, "prompt": group.prompt, "responses": shown,
+                "labeller": who, "left": left, "total": total,
+            }))
+            .into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    group: usize,
+    #[serde(default)]
+    ranking: Vec<i64>,
+    #[serde(default)]
+    not_rankable: bool,
+    #[serde(default)]
+    skipped: bool,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    comment: String,
+}
+
+async fn submit(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match labeller(&app, &headers, &q) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    let body: SubmitBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body: {e}")),
+    };
+    if body.reason.len() > 4096 || body.comment.len() > 4096 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "reason and comment hold at most 4096 bytes",
+        );
+    }
+    let submission = Submission {
+        group: body.group,
+        labeller: who,
+        ranking: body.ranking,
+        not_rankable: body.not_rankable,
+        skipped: body.skipped,
+        reason: body.reason,
+        comment: body.comment,
+    };
+    let mut queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
+    match queue.submit(&submission) {
+        Ok(_) => {
+            let (left, total) = queue.progress();
+            Json(json!({"ok": true, "left": left, "total": total})).into_response()
+        }
+        Err(e) => {
+            let status = match &e {
+                LabelError::NotServed { .. } => StatusCode::FORBIDDEN,
+                LabelError::Answered { .. } => StatusCode::CONFLICT,
+                LabelError::NoSuchGroup(_) | LabelError::BadRanking { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                LabelError::File { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.to_string())
+        }
+    }
+}
+
+async fn progress(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    if let Err(e) = labeller(&app, &headers, &q) {
+        return e.into_response();
+    }
+    let queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
+    let (left, total) = queue.progress();
+    Json(json!({"left": left, "total": total, "done": left == 0})).into_response()
+}
+
+/// Serves the queue in `dir` on `bind` until Ctrl-C (or, with
+/// `until_done`, until every group has its labels). Prints the address it
+/// listens on as the first line of stdout.
+pub fn serve(
+    dir: PathBuf,
+    bind: SocketAddr,
+    labels_per_group: usize,
+    until_done: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        dir.join(rlhf_datasets::labels::GROUPS_FILE).exists(),
+        "{}: not a labelling queue (no {})",
+        dir.display(),
+        rlhf_datasets::labels::GROUPS_FILE
+    );
+    let queue = Queue::open(&dir, &[], labels_per_group)?;
+    let tokens = Tokens::read(&dir)?;
+    if tokens.is_empty() {
+        tracing::warn!(
+            "{}: no labeller has a token yet; make one with `rlhf label token NAME --queue {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let app = Arc::new(App {
+        queue: Mutex::new(queue),
+        tokens,
+    });
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/api/next", get(next))
+        .route("/api/submit", post(submit))
+        .route("/api/progress", get(progress))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(app.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        println!("listening on http://{}", listener.local_addr()?);
+        let done = async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let finished = until_done && app.queue.lock().map(|q| q.done()).unwrap_or(false);
+                if finished || rlhf_stages::train::interrupt_requested() {
+                    break;
+                }
+            }
+        };
+        axum::serve(listener, router)
+            .with_graceful_shutdown(done)
+            .await?;
+        anyhow::Ok(())
+    })
+}

@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -30,23 +29,6 @@ fn serve(queue: &Path) -> (Child, u16) {
         .unwrap();
     let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
     (child, port)
-}
-
-/// One request; the status and the body.
-fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
 }
 
 fn labelled_rows(queue: &Path) -> usize {
@@ -78,17 +60,20 @@ fn a_scripted_labeller_through_the_http_api() {
         .contains(token));
 
     let (mut server, port) = serve(&queue);
-    assert_eq!(request(port, "GET", "/api/next", None, "").0, 401);
-    assert_eq!(request(port, "GET", "/api/next", Some("nope"), "").0, 403);
-    let (status, page) = request(port, "GET", &format!("/?token={token}"), None, "");
+    assert_eq!(common::http(port, "GET", "/api/next", None, "").0, 401);
+    assert_eq!(
+        common::http(port, "GET", "/api/next", Some("nope"), "").0,
+        403
+    );
+    let (status, page) = common::http(port, "GET", &format!("/?token={token}"), None, "");
     assert_eq!(status, 200);
     assert!(page.contains("textContent") && !page.contains("innerHTML"));
 
-    let (status, body) = request(port, "GET", "/api/next", Some(token), "");
+    let (status, body) = common::http(port, "GET", "/api/next", Some(token), "");
     assert_eq!(status, 200, "{body}");
     let next: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(next["group"], 0);
-    let submit = |body: &str| request(port, "POST", "/api/submit", Some(token), body);
+    let submit = |body: &str| common::http(port, "POST", "/api/submit", Some(token), body);
     for bad in [
         "{\"group\": 0, \"ranking\": [0, 1]}",
         "{\"group\": 0, \"ranking\": [0, 1, 3]}",
@@ -115,7 +100,7 @@ fn a_scripted_labeller_through_the_http_api() {
 
     // Restarted: the label is kept, and group 0 is not served again.
     let (mut server, port) = serve(&queue);
-    let (status, body) = request(port, "GET", "/api/next", Some(token), "");
+    let (status, body) = common::http(port, "GET", "/api/next", Some(token), "");
     assert_eq!(status, 200);
     let next: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -125,4 +110,67 @@ fn a_scripted_labeller_through_the_http_api() {
     assert_eq!(labelled_rows(&queue), 1);
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// A loop round with `labeller: {kind: web}`: the run waits while a
+/// scripted labeller ranks the round's groups through the API, then the
+/// round's reward model trains on them.
+#[test]
+fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &d.path().join("prefs.jsonl"), 20);
+    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 8);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: web\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 2, batch_size: 4}\n\
+         \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}\n\
+         \x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 1, rollout_batch: 4, minibatch_size: 4, sampling: {max_new_tokens: 4}}\n\
+         loop: {repeat: [rm, ppo], rounds: 1, prompts: prompts.jsonl, prompts_per_round: 3, k: 2, sampling: {max_new_tokens: 4}, \
+         labeller: {kind: web, bind: '127.0.0.1:0', timeout_seconds: 600}}\n",
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["run", exp.to_str().unwrap()])
+        .env("RLHF_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut run = common::Drained::new(run);
+    let queue = d.path().join("runs/web/round-1/queue");
+    run.wait_until(
+        "the round's labelling page",
+        std::time::Duration::from_secs(600),
+        || queue.join("address").exists(),
+    );
+    let token = common::rlhf_ok(&["label", "token", "ann", "--queue", queue.to_str().unwrap()]);
+    let address = std::fs::read_to_string(queue.join("address")).unwrap();
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+    let mut ranked = 0;
+    loop {
+        let (status, body) = common::http(port, "GET", "/api/next", Some(token.trim()), "");
+        if status == 204 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        let next: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let submit = format!("{{\"group\": {}, \"ranking\": [1, 0]}}", next["group"]);
+        let (status, body) = common::http(port, "POST", "/api/submit", Some(token.trim()), &submit);
+        assert_eq!(status, 200, "{body}");
+        ranked += 1;
+    }
+    assert_eq!(ranked, 3);
+    let (status, stderr) = run.wait();
+    assert!(status.success(), "{stderr}");
+    let prefs = d.path().join("runs/web/round-1/preferences.parquet");
+    let table = rlhf_datasets::load::read_table(&prefs).unwrap();
+    let rounds = table.column("round").unwrap().i64().unwrap();
+    let new = (0..rounds.len())
+        .filter(|&i| rounds.get(i) == Some(1))
+        .count();
+    assert_eq!(new, 3, "the three groups ranked through the page");
+    assert!(d.path().join("runs/web/round-1/rm/checkpoint").exists());
 }

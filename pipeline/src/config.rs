@@ -132,6 +132,34 @@ pub enum Labeller {
         #[serde(default = "default_labeller_timeout")]
         timeout_seconds: f64,
     },
+    /// People, in a web page: the round writes its groups to
+    /// `round-N/queue/`, serves them (`rlhf label token NAME --queue ...`
+    /// makes a labeller's token) and goes on once every group has its
+    /// labels. Rerun after a stop, it keeps the labels already given.
+    Web {
+        /// Labels each group needs; 2 or more measure agreement.
+        #[serde(default = "default_labels_per_group")]
+        labels_per_group: usize,
+        /// Where the page is served; port 0 picks a free one (written to
+        /// `queue/address`).
+        #[serde(default = "default_bind")]
+        bind: String,
+        /// The round fails when the labels are not all in after this long.
+        #[serde(default = "default_web_timeout")]
+        timeout_seconds: f64,
+    },
+}
+
+fn default_labels_per_group() -> usize {
+    1
+}
+
+fn default_bind() -> String {
+    "127.0.0.1:8080".into()
+}
+
+fn default_web_timeout() -> f64 {
+    7.0 * 24.0 * 3600.0
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -643,6 +671,28 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
         if !program_exists(program) {
             return Err(format!(
                 "labeller.command: program \"{program}\" not found (neither a file nor on PATH)"
+            ));
+        }
+        if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
+            return Err(format!(
+                "labeller.timeout_seconds must be > 0, got {timeout_seconds}"
+            ));
+        }
+    }
+    if let Labeller::Web {
+        labels_per_group,
+        bind,
+        timeout_seconds,
+    } = &l.labeller
+    {
+        if !(1..=100).contains(labels_per_group) {
+            return Err(format!(
+                "labeller.labels_per_group must be in 1..=100, got {labels_per_group}"
+            ));
+        }
+        if bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "labeller.bind: \"{bind}\" is not an address such as 127.0.0.1:8080"
             ));
         }
         if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {

@@ -10,8 +10,10 @@ use rlhf_stages::answer::{answer_prompts, ANSWER_BATCH};
 use rlhf_stages::device::parse_device;
 use rlhf_stages::{Head, HeadChoice, Model};
 
+use std::path::{Path, PathBuf};
+
 use crate::cli::CollectArgs;
-use crate::config::Experiment;
+use crate::config::{Experiment, Labeller};
 use crate::labeller;
 
 pub fn run(args: CollectArgs) -> anyhow::Result<()> {
@@ -60,16 +62,40 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
-    let rankings = labeller::rank(&spec.labeller, &groups)?;
+    let ranked = match &spec.labeller {
+        Labeller::Web {
+            labels_per_group,
+            bind,
+            timeout_seconds,
+        } => {
+            let queue = args.out.parent().unwrap_or(Path::new(".")).join("queue");
+            let web = WebRound {
+                queue,
+                round: args.round as i64,
+                policy: args.policy.display().to_string(),
+                labels_per_group: *labels_per_group,
+                bind: bind.parse()?,
+                timeout: std::time::Duration::from_secs_f64(*timeout_seconds),
+            };
+            web.label(&groups)?
+        }
+        other => {
+            let rankings = labeller::rank(other, &groups)?;
+            groups
+                .into_iter()
+                .zip(rankings)
+                .map(|((prompt, responses), ranking)| RankedGroup {
+                    prompt,
+                    responses,
+                    ranking,
+                    margin: 0.0,
+                })
+                .collect()
+        }
+    };
     let mut new = Vec::new();
     let mut all_tied = 0;
-    for ((prompt, responses), ranking) in groups.into_iter().zip(rankings) {
-        let g = RankedGroup {
-            prompt,
-            responses,
-            ranking,
-            margin: 0.0,
-        };
+    for g in ranked {
         if g.pairs().is_empty() {
             all_tied += 1; // every answer ranked equal: nothing to learn
         } else {
@@ -124,4 +150,64 @@ fn with_base(
         n_new,
     ));
     Ok((groups, round_col, policy_col))
+}
+
+/// A round labelled by people: its queue, served until every group has
+/// its labels.
+struct WebRound {
+    queue: PathBuf,
+    round: i64,
+    policy: String,
+    labels_per_group: usize,
+    bind: std::net::SocketAddr,
+    timeout: std::time::Duration,
+}
+
+impl WebRound {
+    fn label(&self, groups: &[(String, Vec<String>)]) -> anyhow::Result<Vec<RankedGroup>> {
+        use rlhf_datasets::labels::{Group, Queue};
+        let groups: Vec<Group> = groups
+            .iter()
+            .map(|(prompt, responses)| Group {
+                prompt: prompt.clone(),
+                responses: responses.clone(),
+                round: self.round,
+                policy: self.policy.clone(),
+            })
+            .collect();
+        // Written once: a rerun keeps the groups and the labels given.
+        let queue = Queue::open(&self.queue, &groups, self.labels_per_group)?;
+        if !queue.done() {
+            let (left, total) = queue.progress();
+            tracing::info!(
+                "round {}: {left} of {total} groups await labels in {}; make a labeller's token with `rlhf label token NAME --queue {}`",
+                self.round,
+                self.queue.display(),
+                self.queue.display()
+            );
+            drop(queue);
+            crate::label::serve_until_labelled(
+                &self.queue,
+                self.bind,
+                self.labels_per_group,
+                self.timeout,
+            )?;
+        }
+        let queue = Queue::open(&self.queue, &[], self.labels_per_group)?;
+        let (ranked, dropped) = queue.ranked_groups();
+        if dropped > 0 {
+            tracing::info!(
+                "round {}: {dropped} label(s) skipped or not rankable, left out",
+                self.round
+            );
+        }
+        if let Some((agree, tau)) = queue.agreement() {
+            tracing::info!(
+                "round {}: labellers agree on {:.1}% of answer pairs (Kendall's tau {tau:.2})",
+                self.round,
+                100.0 * agree
+            );
+        }
+        Ok(ranked)
+    }
 }

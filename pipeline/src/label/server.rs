@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -24,8 +25,9 @@ use serde_json::json;
 use super::tokens::Tokens;
 
 struct App {
+    dir: PathBuf,
     queue: Mutex<Queue>,
-    tokens: Tokens,
+    tokens: Mutex<Tokens>,
 }
 
 type Shared = Arc<App>;
@@ -60,9 +62,17 @@ fn labeller(app: &App, headers: &HeaderMap, query: &TokenQuery) -> Result<String
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let token = bearer.or(query.token.as_deref()).ok_or(Denied::Missing)?;
-    app.tokens
-        .labeller(token.trim())
+    let token = bearer
+        .or(query.token.as_deref())
+        .ok_or(Denied::Missing)?
+        .trim();
+    let mut tokens = app.tokens.lock().unwrap_or_else(|e| e.into_inner());
+    if tokens.labeller(token).is_none() {
+        // A token made since the server started.
+        *tokens = Tokens::read(&app.dir).unwrap_or_default();
+    }
+    tokens
+        .labeller(token)
         .map(str::to_owned)
         .ok_or(Denied::Unknown)
 }
@@ -195,6 +205,57 @@ pub fn serve(
     labels_per_group: usize,
     until_done: bool,
 ) -> anyhow::Result<()> {
+    let stop = Stop {
+        until_done,
+        timeout: None,
+    };
+    run(dir, bind, labels_per_group, stop).map(|_| ())
+}
+
+/// A loop round's wait: serves the queue until every group has its labels;
+/// fails after `timeout` or on Ctrl-C (labels given so far are kept).
+pub fn serve_until_labelled(
+    dir: &std::path::Path,
+    bind: SocketAddr,
+    labels_per_group: usize,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let stop = Stop {
+        until_done: true,
+        timeout: Some(timeout),
+    };
+    match run(dir.to_owned(), bind, labels_per_group, stop)? {
+        Ended::Done => Ok(()),
+        Ended::Interrupted => anyhow::bail!(
+            "labelling was interrupted; the labels given are kept in {}: rerun to continue",
+            dir.display()
+        ),
+        Ended::TimedOut => anyhow::bail!(
+            "{}: the labels were not all in after {} s (labeller.timeout_seconds); those given are kept",
+            dir.display(),
+            timeout.as_secs()
+        ),
+    }
+}
+
+/// When the server stops by itself.
+struct Stop {
+    until_done: bool,
+    timeout: Option<std::time::Duration>,
+}
+
+enum Ended {
+    Done,
+    Interrupted,
+    TimedOut,
+}
+
+fn run(
+    dir: PathBuf,
+    bind: SocketAddr,
+    labels_per_group: usize,
+    stop: Stop,
+) -> anyhow::Result<Ended> {
     anyhow::ensure!(
         dir.join(rlhf_datasets::labels::GROUPS_FILE).exists(),
         "{}: not a labelling queue (no {})",
@@ -211,8 +272,9 @@ pub fn serve(
         );
     }
     let app = Arc::new(App {
+        dir: dir.clone(),
         queue: Mutex::new(queue),
-        tokens,
+        tokens: Mutex::new(tokens),
     });
     let router = Router::new()
         .route("/", get(page))
@@ -226,20 +288,33 @@ pub fn serve(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(bind).await?;
-        println!("listening on http://{}", listener.local_addr()?);
-        let done = async move {
-            loop {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("cannot listen on {bind}"))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        println!("listening on {url}");
+        tracing::info!("labelling page: {url}/?token=TOKEN");
+        rlhf_datasets::atomic::write_file(&dir.join("address"), url.as_bytes())?;
+        let started = std::time::Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let watch = async move {
+            let ended = loop {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                let finished = until_done && app.queue.lock().map(|q| q.done()).unwrap_or(false);
-                if finished || rlhf_stages::train::interrupt_requested() {
-                    break;
+                if stop.until_done && app.queue.lock().map(|q| q.done()).unwrap_or(false) {
+                    break Ended::Done;
                 }
-            }
+                if rlhf_stages::train::interrupt_requested() {
+                    break Ended::Interrupted;
+                }
+                if stop.timeout.is_some_and(|t| started.elapsed() > t) {
+                    break Ended::TimedOut;
+                }
+            };
+            let _ = tx.send(ended);
         };
         axum::serve(listener, router)
-            .with_graceful_shutdown(done)
+            .with_graceful_shutdown(watch)
             .await?;
-        anyhow::Ok(())
+        Ok(rx.await.unwrap_or(Ended::Interrupted))
     })
 }

@@ -205,6 +205,18 @@ fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
     })
 }
 
+/// Reruns `args` after a stop: it must resume and end where an
+/// uninterrupted run with `sets` ends.
+fn rerun_resumes_as_uninterrupted(dir: &Path, args: &[&str], sets: &[&str]) {
+    let out = common::rlhf(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("resuming from"),
+        "{stderr}"
+    );
+    assert_equals_uninterrupted(dir, sets);
+}
+
 /// Runs the experiment's SFT uninterrupted under another name with `sets`
 /// and checks that the resumed run in `runs/dp` equals it bit for bit.
 fn assert_equals_uninterrupted(dir: &Path, sets: &[&str]) {
@@ -287,14 +299,8 @@ fn a_killed_rank_fails_the_stage_by_name_and_the_rerun_matches() {
         "{stderr}"
     );
     assert!(seconds < 60, "{seconds} s");
-    let out =
-        common::rlhf(&[&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.contains("resuming from"),
-        "{stderr}"
-    );
-    assert_equals_uninterrupted(d.path(), &two);
+    let args = [&["run", exp_s, "--only", "sft", "--threads", "1"][..], &two].concat();
+    rerun_resumes_as_uninterrupted(d.path(), &args, &two);
 }
 
 /// The same two ranks started by PyTorch's own launcher from the venv:
@@ -507,29 +513,25 @@ fn ctrl_c_stops_both_ranks_after_the_same_step_and_the_rerun_matches() {
         .spawn()
         .unwrap();
     let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 60 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = common::Drained::new(child);
+    child.wait_until(
+        "sft's 60 logged steps",
+        std::time::Duration::from_secs(600),
+        || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 60,
+    );
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (status, stderr) = child.wait();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     let checkpoints = std::fs::read_dir(d.path().join("runs/dp/sft/checkpoints")).unwrap();
     assert_eq!(
         checkpoints.count(),
         1,
         "rank 0 wrote the interrupt's checkpoint"
     );
-    let out = common::rlhf(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.contains("resuming from"),
-        "{stderr}"
-    );
-    assert_equals_uninterrupted(d.path(), &settings);
+    rerun_resumes_as_uninterrupted(d.path(), &args, &settings);
 }
 
 /// Two ranks started as Slurm's `srun` starts tasks: rank, world size and

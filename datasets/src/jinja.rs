@@ -77,13 +77,24 @@ impl JinjaTemplate {
     /// `chat_template.jinja`; `None` when the folder has neither.
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, TemplateError> {
         let config_path = dir.join("tokenizer_config.json");
-        let read_err = |path: &Path, e: &dyn std::fmt::Display| TemplateError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
-        let config: serde_json::Map<String, Value> = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| read_err(&config_path, &e))?,
-            Err(_) => serde_json::Map::new(),
+        let config = std::fs::read_to_string(&config_path).ok();
+        let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        Self::from_files(config.as_deref(), jinja.as_deref(), &config_path)
+    }
+
+    /// The template of a folder's `tokenizer_config.json` text (`config`,
+    /// read from `config_path`) and `chat_template.jinja` text (`jinja`).
+    pub fn from_files(
+        config: Option<&str>,
+        jinja: Option<&str>,
+        config_path: &Path,
+    ) -> Result<Option<Self>, TemplateError> {
+        let config: serde_json::Map<String, Value> = match config {
+            Some(text) => serde_json::from_str(text).map_err(|e| TemplateError::Read {
+                path: config_path.display().to_string(),
+                message: e.to_string(),
+            })?,
+            None => serde_json::Map::new(),
         };
         let template = match &config.get("chat_template") {
             Some(Value::String(t)) => Some(t.clone()),
@@ -91,7 +102,7 @@ impl JinjaTemplate {
                 .iter()
                 .find(|t| t["name"] == "default")
                 .and_then(|t| t["template"].as_str().map(str::to_owned)),
-            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            _ => jinja.map(str::to_owned),
         };
         let Some(template) = template else {
             return Ok(None);

@@ -159,7 +159,12 @@ impl Tokenizer {
         if config.is_none() && jinja.is_none() {
             return Ok(());
         }
-        let template = crate::jinja::JinjaTemplate::from_model_dir(dir)?.map(std::sync::Arc::new);
+        let template = crate::jinja::JinjaTemplate::from_files(
+            config.as_deref(),
+            jinja.as_deref(),
+            &dir.join(TOKENIZER_CONFIG_FILE),
+        )?
+        .map(std::sync::Arc::new);
         if let Some(eos) = template.as_ref().and_then(|t| t.token("eos_token")) {
             if let Some(id) = self.inner.token_to_id(&eos) {
                 self.special.eos = i64::from(id);

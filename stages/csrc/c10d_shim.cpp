@@ -1,7 +1,7 @@
 // A C face for libtorch's own distributed engine (c10d): a TCPStore
 // rendezvous, then ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA), and
 // the few collectives rlhf's stages use. Rust calls these through
-// `stages/src/dist/ffi.rs`; tensors travel as the `torch::Tensor*` that
+// `stages/src/ffi.rs`; tensors travel as the `torch::Tensor*` that
 // tch itself passes to libtorch.
 //
 // Every function catches C++ exceptions and returns their text, so a peer

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::checkpoint::{CheckpointError, HeadChoice, Model};
 use crate::lora::{
-    base_of, relative_path, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE,
-    PEFT_PREFIX,
+    base_of, merge, relative_path, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE, PEFT_PREFIX,
 };
 use crate::network::Network;
 
@@ -80,10 +80,7 @@ impl Model {
                     vars.get(&format!("{stem}.lora_B.weight")),
                 );
                 let t = match (a, b) {
-                    (Some(a), Some(b)) => tch::no_grad(|| {
-                        let update = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float));
-                        (w.to_kind(Kind::Float) + update * scale).to_kind(w.kind())
-                    }),
+                    (Some(a), Some(b)) => tch::no_grad(|| merge(w, a, b, scale)),
                     _ => w.shallow_clone(),
                 };
                 (k.clone(), cpu(&t))
@@ -227,6 +224,7 @@ mod tests {
     use super::*;
     use crate::gpt::Head;
     use crate::optim::{AdamW, AdamWConfig};
+    use tch::Kind;
 
     fn model((vs, net): (tch::nn::VarStore, Network)) -> Model {
         Model {

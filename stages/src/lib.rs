@@ -25,6 +25,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;
+mod ffi;
 pub mod gpt;
 pub mod kind;
 pub mod llama;

@@ -204,12 +204,13 @@ impl Adapter {
             .matmul(&self.b.to_kind(kind).tr())
             * self.scale
     }
+}
 
-    /// `W + scale * B @ A` for a weight stored `(out, in)`.
-    pub fn merged(&self, weight: &Tensor) -> Tensor {
-        let update = self.b.matmul(&self.a) * self.scale;
-        (weight.to_kind(Kind::Float) + update).to_kind(weight.kind())
-    }
+/// `W + scale * B @ A` for a weight stored `(out, in)`, computed in fp32
+/// and returned in the weight's kind.
+pub fn merge(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+    let update = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float));
+    (weight.to_kind(Kind::Float) + update * scale).to_kind(weight.kind())
 }
 
 /// The base folder an adapter folder names, resolved from `adapter_dir`.

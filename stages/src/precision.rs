@@ -26,7 +26,7 @@ impl Precision {
     pub fn run<T>(self, device: Device, f: impl FnOnce() -> T) -> T {
         match self {
             Self::Fp32 => f(),
-            Self::Bf16 => crate::dist::with_bf16_autocast(device.is_cuda(), f),
+            Self::Bf16 => crate::ffi::with_bf16_autocast(device.is_cuda(), f),
         }
     }
 }

@@ -3,8 +3,7 @@
 //! joined group with the collectives the stages use. Gloo carries CPU
 //! tensors, NCCL CUDA ones; both are reached through `csrc/c10d_shim.cpp`.
 
-mod ffi;
-pub(crate) use ffi::with_bf16_autocast;
+use crate::ffi;
 
 use tch::{Device, Kind, Tensor};
 

@@ -62,8 +62,23 @@ setup:
 build: setup
     cargo build --release --workspace
 
+# Debian's chromium and chromium-driver, for the labelling page's browser test.
+browser:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian's chromium and chromium-driver (the labelling page's browser test)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+    else
+        echo "error: the browser test needs chromium and chromium-driver (Debian: sudo apt-get install chromium chromium-driver)" >&2
+        exit 1
+    fi
+
 # fmt check, clippy -D warnings, every test.
-test: setup
+test: setup browser
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace

@@ -5,31 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// Starts the server on a free port; its port.
-fn serve(queue: &Path) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args([
-            "label",
-            "serve",
-            queue.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    (child, port)
-}
+use std::process::{Command, Stdio};
 
 fn labelled_rows(queue: &Path) -> usize {
     let path = queue.join("labels.parquet");
@@ -59,7 +36,7 @@ fn a_scripted_labeller_through_the_http_api() {
         .unwrap()
         .contains(token));
 
-    let (mut server, port) = serve(&queue);
+    let (mut server, port) = common::label_serve(&queue);
     assert_eq!(common::http(port, "GET", "/api/next", None, "").0, 401);
     assert_eq!(
         common::http(port, "GET", "/api/next", Some("nope"), "").0,
@@ -99,7 +76,7 @@ fn a_scripted_labeller_through_the_http_api() {
     server.wait().unwrap();
 
     // Restarted: the label is kept, and group 0 is not served again.
-    let (mut server, port) = serve(&queue);
+    let (mut server, port) = common::label_serve(&queue);
     let (status, body) = common::http(port, "GET", "/api/next", Some(token), "");
     assert_eq!(status, 200);
     let next: serde_json::Value = serde_json::from_str(&body).unwrap();

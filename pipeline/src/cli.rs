@@ -76,6 +76,10 @@ pub enum LabelCommand {
         /// Stop once every group has its labels.
         #[arg(long)]
         until_done: bool,
+        /// Markdown shown above every prompt; default: the queue's
+        /// `guidelines.md`, when it has one.
+        #[arg(long)]
+        guidelines: Option<PathBuf>,
     },
     /// Make (or replace) a labeller's token; prints it once.
     Token {

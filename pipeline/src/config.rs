@@ -147,6 +147,10 @@ pub enum Labeller {
         /// The round fails when the labels are not all in after this long.
         #[serde(default = "default_web_timeout")]
         timeout_seconds: f64,
+        /// A Markdown file shown above every prompt (relative to the
+        /// experiment file); copied into each round's queue.
+        #[serde(default)]
+        guidelines: Option<PathBuf>,
     },
 }
 
@@ -337,6 +341,13 @@ impl Experiment {
             deps.insert(name.clone(), refs);
         }
         if let Some(l) = &mut spec.rounds {
+            if let Labeller::Web {
+                guidelines: Some(g),
+                ..
+            } = &mut l.labeller
+            {
+                *g = abs(g);
+            }
             check_loop(l, &spec.stages).map_err(|m| invalid(format!("loop: {m}")))?;
             l.prompts = abs(&l.prompts);
         }
@@ -683,8 +694,17 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
         labels_per_group,
         bind,
         timeout_seconds,
+        guidelines,
     } = &l.labeller
     {
+        if let Some(kind) = guidelines
+            .as_deref()
+            .and_then(rlhf_datasets::files::not_a_regular_file)
+        {
+            return Err(format!(
+                "labeller.guidelines: {kind}, expected a Markdown file"
+            ));
+        }
         if !(1..=100).contains(labels_per_group) {
             return Err(format!(
                 "labeller.labels_per_group must be in 1..=100, got {labels_per_group}"

@@ -165,3 +165,26 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str
     let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
     (status, body)
 }
+
+/// `rlhf label serve QUEUE` on a free port: the server and its port.
+pub fn label_serve(queue: &Path) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args([
+            "label",
+            "serve",
+            queue.to_str().unwrap(),
+            "--bind",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    (child, port)
+}

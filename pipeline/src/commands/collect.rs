@@ -67,14 +67,18 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
             labels_per_group,
             bind,
             timeout_seconds,
+            guidelines,
         } => {
             let queue = args.out.parent().unwrap_or(Path::new(".")).join("queue");
             let web = WebRound {
                 queue,
                 round: args.round as i64,
                 policy: args.policy.display().to_string(),
-                labels_per_group: *labels_per_group,
-                bind: bind.parse()?,
+                serve: crate::label::ServeOptions {
+                    bind: bind.parse()?,
+                    labels_per_group: *labels_per_group,
+                    guidelines: guidelines.clone(),
+                },
                 timeout: std::time::Duration::from_secs_f64(*timeout_seconds),
             };
             web.label(&groups)?
@@ -158,8 +162,7 @@ struct WebRound {
     queue: PathBuf,
     round: i64,
     policy: String,
-    labels_per_group: usize,
-    bind: std::net::SocketAddr,
+    serve: crate::label::ServeOptions,
     timeout: std::time::Duration,
 }
 
@@ -176,7 +179,14 @@ impl WebRound {
             })
             .collect();
         // Written once: a rerun keeps the groups and the labels given.
-        let queue = Queue::open(&self.queue, &groups, self.labels_per_group)?;
+        let per_group = self.serve.labels_per_group;
+        let queue = Queue::open(&self.queue, &groups, per_group)?;
+        if let Some(g) = &self.serve.guidelines {
+            let to = self.queue.join(crate::label::GUIDELINES_FILE);
+            let text =
+                std::fs::read(g).with_context(|| format!("labeller.guidelines {}", g.display()))?;
+            rlhf_datasets::atomic::write_file(&to, &text)?;
+        }
         if !queue.done() {
             let (left, total) = queue.progress();
             tracing::info!(
@@ -186,14 +196,9 @@ impl WebRound {
                 self.queue.display()
             );
             drop(queue);
-            crate::label::serve_until_labelled(
-                &self.queue,
-                self.bind,
-                self.labels_per_group,
-                self.timeout,
-            )?;
+            crate::label::serve_until_labelled(&self.queue, &self.serve, self.timeout)?;
         }
-        let queue = Queue::open(&self.queue, &[], self.labels_per_group)?;
+        let queue = Queue::open(&self.queue, &[], per_group)?;
         let (ranked, dropped) = queue.ranked_groups();
         if dropped > 0 {
             tracing::info!(

@@ -44,7 +44,15 @@ fn label(cmd: crate::cli::LabelCommand) -> anyhow::Result<()> {
             bind,
             labels_per_group,
             until_done,
-        } => crate::label::serve(queue, bind, labels_per_group, until_done),
+            guidelines,
+        } => {
+            let options = crate::label::ServeOptions {
+                bind,
+                labels_per_group,
+                guidelines,
+            };
+            crate::label::serve(queue, &options, until_done)
+        }
         LabelCommand::Token { name, queue } => {
             println!("{}", crate::label::add_token(&queue, &name)?);
             Ok(())

@@ -10,5 +10,5 @@ mod page;
 mod server;
 mod tokens;
 
-pub use server::{serve, serve_until_labelled};
+pub use server::{serve, serve_until_labelled, ServeOptions, GUIDELINES_FILE};
 pub use tokens::add_token;

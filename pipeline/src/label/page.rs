@@ -1,62 +1,77 @@
 //! The labelling page: one file, no outside resources. Model text is put
-//! in with `textContent`, never as HTML.
+//! in with `textContent`, never as HTML; the guidelines are the
+//! experiment's own Markdown, rendered here with any raw HTML in it shown
+//! as text.
 
-pub const HTML: &str = r##"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>rlhf: rank the answers</title>
-<style>
-body{font-family:system-ui,sans-serif;max-width:50rem;margin:2rem auto;padding:0 1rem}
-pre{white-space:pre-wrap;background:#f4f4f4;padding:.6rem;border-radius:4px}
-.answer{display:flex;gap:.8rem;align-items:flex-start;border:1px solid #ccc;border-radius:4px;padding:.4rem;margin:.4rem 0}
-.answer:focus{outline:2px solid #36c}
-.answer select{font-size:1.1rem}
-</style></head><body>
-<h1>Rank the answers</h1>
-<p id="progress"></p>
-<h2>Prompt</h2><pre id="prompt"></pre>
-<h2>Answers <small>(1 = best; equal ranks are ties; focus an answer and press a number key)</small></h2>
-<div id="answers"></div>
-<p><label>Comment <input id="comment" size="50"></label></p>
-<p><button id="submit">Submit ranking</button>
-<button id="notrankable">All bad / not rankable</button>
-<button id="skip">Skip</button></p>
-<p id="status" role="status"></p>
-<script>
-"use strict";
-const token = new URLSearchParams(location.search).get("token") || "";
-const auth = {"Authorization": "Bearer " + token, "Content-Type": "application/json"};
-let current = null;
-function el(tag, text) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; return e; }
-async function load() {
-  const r = await fetch("/api/next", {headers: auth});
-  const answers = document.getElementById("answers");
-  answers.replaceChildren();
-  if (r.status === 204) { current = null; document.getElementById("prompt").textContent = "";
-    document.getElementById("progress").textContent = "Nothing left to rank. Thank you."; return; }
-  if (!r.ok) { document.getElementById("status").textContent = (await r.json()).error; return; }
-  current = await r.json();
-  document.getElementById("progress").textContent = (current.total - current.left) + " of " + current.total + " groups done";
-  document.getElementById("prompt").textContent = current.prompt;
-  current.responses.forEach((text, i) => {
-    const row = el("div"); row.className = "answer"; row.tabIndex = 0;
-    const select = el("select"); select.setAttribute("aria-label", "rank of answer " + (i + 1));
-    current.responses.forEach((_, r) => { const o = el("option", String(r + 1)); o.value = r; select.append(o); });
-    select.value = i;
-    row.addEventListener("keydown", ev => { const n = parseInt(ev.key, 10);
-      if (n >= 1 && n <= current.responses.length) { select.value = n - 1; ev.preventDefault(); } });
-    const body = el("pre", text);
-    row.append(select, body); answers.append(row);
-  });
+const TEMPLATE: &str = include_str!("page.html");
+const GUIDELINES_SLOT: &str = "<!--GUIDELINES-->";
+
+/// The page, with the guidelines (Markdown) in a box above the prompt.
+pub fn render(guidelines: Option<&str>) -> String {
+    let Some(markdown) = guidelines.filter(|g| !g.trim().is_empty()) else {
+        return TEMPLATE.replace(GUIDELINES_SLOT, "");
+    };
+    TEMPLATE.replace(
+        GUIDELINES_SLOT,
+        &format!(
+            "<details id=\"guidelines\" open><summary>Guidelines</summary>\n{}</details>",
+            markdown_to_html(markdown)
+        ),
+    )
 }
-async function send(extra) {
-  const body = Object.assign({group: current.group, comment: document.getElementById("comment").value}, extra);
-  const r = await fetch("/api/submit", {method: "POST", headers: auth, body: JSON.stringify(body)});
-  document.getElementById("status").textContent = r.ok ? "Saved." : (await r.json()).error;
-  if (r.ok) { document.getElementById("comment").value = ""; load(); }
+
+/// CommonMark to HTML; HTML written in the Markdown is escaped, and links
+/// keep only http(s), mailto and relative targets.
+fn markdown_to_html(markdown: &str) -> String {
+    use pulldown_cmark::{Event, Options, Parser, Tag};
+    let safe_url = |url: &str| {
+        let lower = url.trim().to_ascii_lowercase();
+        !lower.contains(':')
+            || ["http:", "https:", "mailto:"]
+                .iter()
+                .any(|p| lower.starts_with(p))
+    };
+    let events = Parser::new_ext(
+        markdown,
+        Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH,
+    )
+    .map(|event| match event {
+        Event::Html(html) | Event::InlineHtml(html) => Event::Text(html),
+        Event::Start(Tag::Link {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) if !safe_url(&dest_url) => Event::Start(Tag::Link {
+            link_type,
+            dest_url: "#".into(),
+            title,
+            id,
+        }),
+        Event::Start(Tag::Image { .. }) | Event::End(pulldown_cmark::TagEnd::Image) => {
+            Event::Text("".into())
+        }
+        other => other,
+    });
+    let mut html = String::new();
+    pulldown_cmark::html::push_html(&mut html, events);
+    html
 }
-document.getElementById("submit").onclick = () => send({ranking:
-  [...document.querySelectorAll("#answers select")].map(s => parseInt(s.value, 10))});
-document.getElementById("notrankable").onclick = () => send({not_rankable: true});
-document.getElementById("skip").onclick = () => send({skipped: true, reason: prompt("Why skip?") || ""});
-load();
-</script></body></html>
-"##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guidelines_render_as_markdown_with_their_html_escaped() {
+        let page = render(Some(
+            "# Be kind\n\nPrefer **correct** answers.\n\n<script>alert(1)</script>\n\n[x](javascript:alert(2)) [ok](https://example.org)\n",
+        ));
+        assert!(page.contains("<h1>Be kind</h1>"));
+        assert!(page.contains("<strong>correct</strong>"));
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(!page.contains("javascript:"));
+        assert!(page.contains("href=\"https://example.org\""));
+        assert!(!render(None).contains("id=\"guidelines\""));
+    }
+}

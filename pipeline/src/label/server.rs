@@ -24,8 +24,13 @@ use serde_json::json;
 
 use super::tokens::Tokens;
 
+/// A queue's own guidelines, copied in by the loop from `labeller.guidelines`.
+pub const GUIDELINES_FILE: &str = "guidelines.md";
+
 struct App {
     dir: PathBuf,
+    /// The page with the guidelines in it, rendered once.
+    page: String,
     queue: Mutex<Queue>,
     tokens: Mutex<Tokens>,
 }
@@ -83,7 +88,7 @@ async fn page(
     Query(q): Query<TokenQuery>,
 ) -> Response {
     match labeller(&app, &headers, &q) {
-        Ok(_) => Html(super::page::HTML).into_response(),
+        Ok(_) => Html(app.page.clone()).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -99,6 +104,7 @@ async fn next(
     };
     let mut queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
     let (left, total) = queue.progress();
+    let yours = queue.rows().iter().filter(|r| r.labeller == who).count();
     match queue.serve(&who) {
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Ok(None) => StatusCode::NO_CONTENT.into_response(),
@@ -111,7 +117,7 @@ async fn next(
                 .collect();
             Json(json!({
                 "group": s.group, "prompt": group.prompt, "responses": shown,
-                "labeller": who, "left": left, "total": total,
+                "labeller": who, "left": left, "total": total, "yours": yours,
             }))
             .into_response()
         }
@@ -196,35 +202,40 @@ async fn progress(
     Json(json!({"left": left, "total": total, "done": left == 0})).into_response()
 }
 
-/// Serves the queue in `dir` on `bind` until Ctrl-C (or, with
-/// `until_done`, until every group has its labels). Prints the address it
-/// listens on as the first line of stdout.
-pub fn serve(
-    dir: PathBuf,
-    bind: SocketAddr,
-    labels_per_group: usize,
-    until_done: bool,
-) -> anyhow::Result<()> {
+/// How a queue is served.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub bind: SocketAddr,
+    /// Labels each group needs.
+    pub labels_per_group: usize,
+    /// Markdown shown above the prompt; default: the queue's
+    /// `guidelines.md`, when it has one.
+    pub guidelines: Option<PathBuf>,
+}
+
+/// Serves the queue in `dir` until Ctrl-C (or, with `until_done`, until
+/// every group has its labels). Prints the address it listens on as the
+/// first line of stdout.
+pub fn serve(dir: PathBuf, options: &ServeOptions, until_done: bool) -> anyhow::Result<()> {
     let stop = Stop {
         until_done,
         timeout: None,
     };
-    run(dir, bind, labels_per_group, stop).map(|_| ())
+    run(dir, options, stop).map(|_| ())
 }
 
 /// A loop round's wait: serves the queue until every group has its labels;
 /// fails after `timeout` or on Ctrl-C (labels given so far are kept).
 pub fn serve_until_labelled(
     dir: &std::path::Path,
-    bind: SocketAddr,
-    labels_per_group: usize,
+    options: &ServeOptions,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
     let stop = Stop {
         until_done: true,
         timeout: Some(timeout),
     };
-    match run(dir.to_owned(), bind, labels_per_group, stop)? {
+    match run(dir.to_owned(), options, stop)? {
         Ended::Done => Ok(()),
         Ended::Interrupted => anyhow::bail!(
             "labelling was interrupted; the labels given are kept in {}: rerun to continue",
@@ -250,12 +261,30 @@ enum Ended {
     TimedOut,
 }
 
-fn run(
-    dir: PathBuf,
-    bind: SocketAddr,
-    labels_per_group: usize,
-    stop: Stop,
-) -> anyhow::Result<Ended> {
+/// The guidelines' Markdown: the file named, else the queue's own.
+fn read_guidelines(
+    dir: &std::path::Path,
+    named: Option<&PathBuf>,
+) -> anyhow::Result<Option<String>> {
+    let own = dir.join(GUIDELINES_FILE);
+    let path = match named {
+        Some(p) => p.clone(),
+        None if own.exists() => own,
+        None => return Ok(None),
+    };
+    rlhf_datasets::files::bounded_size(&path, 1 << 20, "the limit for guidelines")
+        .map_err(|e| anyhow::anyhow!("guidelines {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "guidelines {}: expected a UTF-8 Markdown file",
+            path.display()
+        )
+    })?;
+    Ok(Some(text))
+}
+
+fn run(dir: PathBuf, options: &ServeOptions, stop: Stop) -> anyhow::Result<Ended> {
+    let (bind, labels_per_group) = (options.bind, options.labels_per_group);
     anyhow::ensure!(
         dir.join(rlhf_datasets::labels::GROUPS_FILE).exists(),
         "{}: not a labelling queue (no {})",
@@ -271,7 +300,9 @@ fn run(
             dir.display()
         );
     }
+    let guidelines = read_guidelines(&dir, options.guidelines.as_ref())?;
     let app = Arc::new(App {
+        page: super::page::render(guidelines.as_deref()),
         dir: dir.clone(),
         queue: Mutex::new(queue),
         tokens: Mutex::new(tokens),

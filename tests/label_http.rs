@@ -151,3 +151,136 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
     assert_eq!(new, 3, "the three groups ranked through the page");
     assert!(d.path().join("runs/web/round-1/rm/checkpoint").exists());
 }
+
+/// `rlhf label export` then `import`: the groups go out as Label Studio
+/// tasks (with their config) and Argilla records, the tools' exports come
+/// back as rows of the queue, and a second import adds nothing.
+#[test]
+fn a_queue_goes_to_label_studio_and_argilla_and_its_labels_come_back() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = d.path().join("queue");
+    std::fs::create_dir(&queue).unwrap();
+    let groups: Vec<serde_json::Value> = (0..2)
+        .map(|i| serde_json::json!({"prompt": format!("Sort: {i} 1"), "round": 1, "policy": "ppo", "responses": ["1 0", "0 1", "1 1"]}))
+        .collect();
+    std::fs::write(
+        queue.join("groups.json"),
+        serde_json::to_string(&groups).unwrap(),
+    )
+    .unwrap();
+    let q = queue.to_str().unwrap();
+    let tasks_file = d.path().join("tasks.json");
+    common::rlhf_ok(&[
+        "label",
+        "export",
+        q,
+        "--format",
+        "label-studio",
+        "--out",
+        tasks_file.to_str().unwrap(),
+    ]);
+    let config = std::fs::read_to_string(d.path().join("tasks.xml")).unwrap();
+    assert!(config.contains("<Bucket name=\"rank_3\""), "{config}");
+    let mut tasks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&tasks_file).unwrap()).unwrap();
+    // What Label Studio's JSON export holds once ann has ranked task 0
+    // with a tie and skipped task 1.
+    tasks[0]["annotations"] = serde_json::json!([{"completed_by": {"id": 3, "email": "ann@example.org"}, "was_cancelled": false,
+        "created_at": "2026-11-30T10:00:00Z", "lead_time": 9.5,
+        "result": [{"type": "ranker", "from_name": "rank", "to_name": "answers",
+                    "value": {"ranker": {"_": [], "rank_1": ["a1"], "rank_2": ["a0", "a2"], "rank_3": []}}}]}]);
+    tasks[1]["annotations"] =
+        serde_json::json!([{"completed_by": 3, "was_cancelled": true, "result": []}]);
+    let done = d.path().join("ls-export.json");
+    std::fs::write(&done, tasks.to_string()).unwrap();
+    let import = |format: &str, file: &std::path::Path| -> serde_json::Value {
+        let out = common::rlhf_ok(&[
+            "label",
+            "import",
+            q,
+            "--format",
+            format,
+            file.to_str().unwrap(),
+        ]);
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let counts = import("label-studio", &done);
+    assert_eq!(
+        (counts["added"].as_i64(), counts["groups_left"].as_i64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        import("label-studio", &done)["already_there"],
+        2,
+        "a second import adds nothing"
+    );
+
+    let records_file = d.path().join("records.json");
+    common::rlhf_ok(&[
+        "label",
+        "export",
+        q,
+        "--format",
+        "argilla",
+        "--out",
+        records_file.to_str().unwrap(),
+    ]);
+    let mut records: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&records_file).unwrap()).unwrap();
+    records[1]["responses"] = serde_json::json!({"ranking": [{"user_id": "b0b", "status": "submitted",
+        "value": [{"value": "response_1", "rank": 3}, {"value": "response_2", "rank": 1}, {"value": "response_3", "rank": 2}]}]});
+    std::fs::write(&records_file, records.to_string()).unwrap();
+    assert_eq!(import("argilla", &records_file)["groups_left"], 0);
+
+    let table = rlhf_datasets::load::read_table(&queue.join("labels.parquet")).unwrap();
+    let column = |name: &str| table.column(name).unwrap().clone();
+    let labeller = column("labeller");
+    let labellers: Vec<&str> = (0..3)
+        .map(|i| labeller.str().unwrap().get(i).unwrap())
+        .collect();
+    assert_eq!(
+        labellers,
+        [
+            "label-studio:ann@example.org",
+            "label-studio:3",
+            "argilla:b0b"
+        ]
+    );
+    let ranking = |i: usize| -> Vec<i64> {
+        let s = table
+            .column("ranking")
+            .unwrap()
+            .list()
+            .unwrap()
+            .get_as_series(i)
+            .unwrap();
+        s.i64().unwrap().into_no_null_iter().collect()
+    };
+    assert_eq!(
+        (ranking(0), ranking(1), ranking(2)),
+        (vec![1, 0, 1], vec![], vec![2, 0, 1])
+    );
+    let skipped: Vec<bool> = (0..3)
+        .map(|i| column("skipped").bool().unwrap().get(i).unwrap())
+        .collect();
+    assert_eq!(skipped, [false, true, false]);
+
+    // Another queue's export is refused by name, and adds nothing.
+    records[0]["fields"]["prompt"] = serde_json::json!("Sort: 9 9");
+    std::fs::write(&records_file, records.to_string()).unwrap();
+    let out = common::rlhf(&[
+        "label",
+        "import",
+        q,
+        "--format",
+        "argilla",
+        records_file.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("records.json: record 0: its prompt differs from group 0's"),
+        "{stderr}"
+    );
+    assert_eq!(labelled_rows(&queue), 3);
+}

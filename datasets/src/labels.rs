@@ -99,6 +99,30 @@ pub struct LabelRow {
     pub policy: String,
 }
 
+/// A label given in another tool (Label Studio, Argilla), for
+/// [`Queue::import`]: the ranking in the group's own answer order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Imported {
+    pub group: usize,
+    pub labeller: String,
+    pub ranking: Vec<i64>,
+    pub not_rankable: bool,
+    pub skipped: bool,
+    pub reason: String,
+    pub comment: String,
+    /// Unix milliseconds; 0 when the tool did not say.
+    pub submitted_at: i64,
+    pub seconds: f64,
+}
+
+/// What an import added, and what it left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImportCounts {
+    pub added: usize,
+    /// Labels the queue already holds (same group, same labeller).
+    pub already_there: usize,
+}
+
 /// A round's queue, loaded.
 #[derive(Debug)]
 pub struct Queue {
@@ -265,14 +289,7 @@ impl Queue {
         }
         let k = group.responses.len();
         let ranked = !(s.skipped || s.not_rankable);
-        if ranked
-            && (s.ranking.len() != k || s.ranking.iter().any(|&r| !(0..k as i64).contains(&r)))
-        {
-            return Err(LabelError::BadRanking {
-                ranking: s.ranking.clone(),
-                k,
-            });
-        }
+        check_ranking(ranked, &s.ranking, k)?;
         // Back from the shown order to the group's own.
         let mut ranking = vec![0; if ranked { k } else { 0 }];
         if ranked {
@@ -303,6 +320,56 @@ impl Queue {
             return Err(e);
         }
         Ok(self.rows.last().expect("just pushed"))
+    }
+
+    /// Adds labels given elsewhere, checked as submissions are (the group
+    /// exists, K ranks in 0..K); one a labeller already gave for a group
+    /// is counted and left out, so importing a file twice adds nothing.
+    /// All or nothing: one bad label refuses the whole import.
+    pub fn import(&mut self, labels: &[Imported]) -> Result<ImportCounts, LabelError> {
+        let mut counts = ImportCounts::default();
+        let before = self.rows.len();
+        for l in labels {
+            let group = self
+                .groups
+                .get(l.group)
+                .ok_or(LabelError::NoSuchGroup(l.group))?;
+            let ranked = !(l.skipped || l.not_rankable);
+            check_ranking(ranked, &l.ranking, group.responses.len())?;
+            if self.answered(l.group, &l.labeller) {
+                counts.already_there += 1;
+                continue;
+            }
+            let seconds = if l.seconds.is_finite() {
+                l.seconds.max(0.0)
+            } else {
+                0.0
+            };
+            self.rows.push(LabelRow {
+                group: l.group as i64,
+                prompt: group.prompt.clone(),
+                responses: group.responses.clone(),
+                ranking: if ranked { l.ranking.clone() } else { vec![] },
+                labeller: l.labeller.clone(),
+                shown_at: l.submitted_at - (seconds * 1000.0) as i64,
+                submitted_at: l.submitted_at,
+                seconds,
+                not_rankable: l.not_rankable,
+                skipped: l.skipped,
+                reason: l.reason.clone(),
+                comment: l.comment.clone(),
+                round: group.round,
+                policy: group.policy.clone(),
+            });
+            counts.added += 1;
+        }
+        if counts.added > 0 {
+            if let Err(e) = self.write_rows() {
+                self.rows.truncate(before);
+                return Err(e);
+            }
+        }
+        Ok(counts)
     }
 
     fn write_rows(&self) -> Result<(), LabelError> {
@@ -444,6 +511,19 @@ impl Queue {
     }
 }
 
+/// A ranking of `k` answers is `k` ranks in `0..k` (ties allowed); an
+/// answer that is not a ranking (a skip, "not rankable") holds none.
+fn check_ranking(ranked: bool, ranking: &[i64], k: usize) -> Result<(), LabelError> {
+    let fits = ranking.len() == k && ranking.iter().all(|&r| (0..k as i64).contains(&r));
+    if ranked && !fits {
+        return Err(LabelError::BadRanking {
+            ranking: ranking.to_vec(),
+            k,
+        });
+    }
+    Ok(())
+}
+
 /// Answer pairs two rankings order alike, all pairs, and Kendall's tau-b
 /// (`None` when either ranking ties everything).
 fn compare(a: &[i64], b: &[i64]) -> (usize, usize, Option<f64>) {
@@ -572,6 +652,37 @@ mod tests {
             "a replay adds no row: {e}"
         );
         assert_eq!(q.rows().len(), 1);
+    }
+
+    #[test]
+    fn imports_are_checked_whole_and_a_second_import_adds_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(d.path(), &groups(), 1).unwrap();
+        let label = |group: usize, ranking: Vec<i64>| Imported {
+            group,
+            labeller: "label-studio:7".into(),
+            ranking,
+            submitted_at: 10_000,
+            seconds: 4.0,
+            ..Default::default()
+        };
+        let bad = [label(0, vec![0, 1, 1]), label(1, vec![0, 3, 1])];
+        assert!(matches!(q.import(&bad), Err(LabelError::BadRanking { .. })));
+        assert!(matches!(
+            q.import(&[label(5, vec![0, 1, 2])]),
+            Err(LabelError::NoSuchGroup(5))
+        ));
+        assert!(q.rows().is_empty(), "a refused import adds nothing");
+        let good = [label(0, vec![0, 1, 1]), label(2, vec![2, 1, 0])];
+        let counts = q.import(&good).unwrap();
+        assert_eq!((counts.added, counts.already_there), (2, 0));
+        assert_eq!((q.rows()[0].shown_at, q.rows()[0].seconds), (6_000, 4.0));
+        let counts = q.import(&good).unwrap();
+        assert_eq!((counts.added, counts.already_there), (0, 2));
+        drop(q);
+        let q = Queue::open(d.path(), &[], 1).unwrap();
+        assert_eq!(q.progress(), (1, 3));
+        assert_eq!(q.rows()[1].ranking, vec![2, 1, 0]);
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
 //! - [`labels`]: a loop round's labelling queue: groups, who saw what, submissions (Parquet).
+//! - [`label_exchange`]: a queue to and from Label Studio's and Argilla's JSON.
 
 pub mod atomic;
 pub mod batch;
 pub mod checksum;
 pub mod files;
 pub mod jinja;
+pub mod label_exchange;
 pub mod labels;
 pub mod load;
 pub mod preference;

@@ -81,12 +81,38 @@ pub enum LabelCommand {
         #[arg(long)]
         guidelines: Option<PathBuf>,
     },
+    /// Write a queue's groups as Label Studio tasks or Argilla records
+    /// (with Label Studio, its labelling config beside them).
+    Export {
+        queue: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExchangeFormat,
+        /// The JSON file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add the labels of a Label Studio or Argilla JSON export to a queue
+    /// (labels already there are left as they are).
+    Import {
+        queue: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExchangeFormat,
+        /// The tool's JSON export.
+        file: PathBuf,
+    },
     /// Make (or replace) a labeller's token; prints it once.
     Token {
         name: String,
         #[arg(long)]
         queue: PathBuf,
     },
+}
+
+/// The labelling tools `rlhf label export/import` speak.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExchangeFormat {
+    LabelStudio,
+    Argilla,
 }
 
 #[derive(Debug, Args)]

@@ -53,6 +53,14 @@ fn label(cmd: crate::cli::LabelCommand) -> anyhow::Result<()> {
             };
             crate::label::serve(queue, &options, until_done)
         }
+        LabelCommand::Export { queue, format, out } => {
+            crate::label::export(&queue, format.into(), &out)
+        }
+        LabelCommand::Import {
+            queue,
+            format,
+            file,
+        } => crate::label::import(&queue, format.into(), &file),
         LabelCommand::Token { name, queue } => {
             println!("{}", crate::label::add_token(&queue, &name)?);
             Ok(())

@@ -1,0 +1,83 @@
+//! `rlhf label export` / `import`: a queue to and from Label Studio or
+//! Argilla, through their JSON formats (`rlhf_datasets::label_exchange`).
+
+use std::path::Path;
+
+use anyhow::Context;
+use rlhf_datasets::label_exchange::{self, Format};
+use rlhf_datasets::labels::{Queue, GROUPS_FILE};
+
+use crate::cli::ExchangeFormat;
+
+impl From<ExchangeFormat> for Format {
+    fn from(f: ExchangeFormat) -> Self {
+        match f {
+            ExchangeFormat::LabelStudio => Format::LabelStudio,
+            ExchangeFormat::Argilla => Format::Argilla,
+        }
+    }
+}
+
+/// Largest export file read back (Label Studio's exports repeat each
+/// task's data in every annotation's task; 1 GiB is far above a round).
+const MAX_IMPORT_BYTES: u64 = 1 << 30;
+
+fn open_queue(dir: &Path) -> anyhow::Result<Queue> {
+    anyhow::ensure!(
+        dir.join(GROUPS_FILE).exists(),
+        "{}: not a labelling queue (no {GROUPS_FILE})",
+        dir.display()
+    );
+    Ok(Queue::open(dir, &[], 1)?)
+}
+
+pub fn export(dir: &Path, format: Format, out: &Path) -> anyhow::Result<()> {
+    let queue = open_queue(dir)?;
+    let groups = queue.groups();
+    let json = serde_json::to_vec_pretty(&label_exchange::export(groups, format))?;
+    rlhf_datasets::atomic::write_file(out, &json)?;
+    println!("{}: {} groups", out.display(), groups.len());
+    if format == Format::LabelStudio {
+        let k = groups.iter().map(|g| g.responses.len()).max().unwrap_or(0);
+        let config = out.with_extension("xml");
+        rlhf_datasets::atomic::write_file(
+            &config,
+            label_exchange::label_studio_config(k).as_bytes(),
+        )?;
+        println!(
+            "{}: the labelling config (Settings -> Labeling Interface -> Code)",
+            config.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn import(dir: &Path, format: Format, file: &Path) -> anyhow::Result<()> {
+    let mut queue = open_queue(dir)?;
+    rlhf_datasets::files::bounded_size(file, MAX_IMPORT_BYTES, "the import limit")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: expected a UTF-8 JSON export", file.display()))?;
+    let read = label_exchange::import(format, &text, queue.groups(), file)?;
+    let counts = queue
+        .import(&read.labels)
+        .with_context(|| format!("{}: no label was added", file.display()))?;
+    let (left, total) = queue.progress();
+    println!(
+        "{}",
+        serde_json::json!({
+            "added": counts.added, "already_there": counts.already_there,
+            "incomplete": read.incomplete, "drafts": read.drafts,
+            "groups_left": left, "groups": total,
+        })
+    );
+    if read.incomplete + read.drafts > 0 {
+        tracing::warn!(
+            "{}: {} unfinished ranking(s) and {} draft(s) left out",
+            file.display(),
+            read.incomplete,
+            read.drafts
+        );
+    }
+    Ok(())
+}

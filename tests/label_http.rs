@@ -106,7 +106,7 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
          \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}\n\
          \x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 1, rollout_batch: 4, minibatch_size: 4, sampling: {max_new_tokens: 4}}\n\
          loop: {repeat: [rm, ppo], rounds: 1, prompts: prompts.jsonl, prompts_per_round: 3, k: 2, sampling: {max_new_tokens: 4}, \
-         labeller: {kind: web, bind: '127.0.0.1:0', timeout_seconds: 600}}\n",
+         labeller: {kind: web, labels_per_group: 2, bind: '127.0.0.1:0', timeout_seconds: 600}}\n",
     )
     .unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_rlhf"))
@@ -123,23 +123,53 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
         std::time::Duration::from_secs(600),
         || queue.join("address").exists(),
     );
-    let token = common::rlhf_ok(&["label", "token", "ann", "--queue", queue.to_str().unwrap()]);
     let address = std::fs::read_to_string(queue.join("address")).unwrap();
     let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-    let mut ranked = 0;
-    loop {
-        let (status, body) = common::http(port, "GET", "/api/next", Some(token.trim()), "");
-        if status == 204 {
-            break;
+    // Two labellers rank by the answers' text; bob reverses group 0.
+    let mut answers = std::collections::BTreeMap::new();
+    for who in ["ann", "bob"] {
+        let token = common::rlhf_ok(&["label", "token", who, "--queue", queue.to_str().unwrap()]);
+        let mut ranked = 0;
+        loop {
+            let (status, body) = common::http(port, "GET", "/api/next", Some(token.trim()), "");
+            if status == 204 {
+                break;
+            }
+            assert_eq!(status, 200, "{body}");
+            let next: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let shown: Vec<&str> = next["responses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap())
+                .collect();
+            let group = next["group"].as_i64().unwrap();
+            let reverse = who == "bob" && group == 0;
+            let ranks: Vec<usize> = shown
+                .iter()
+                .map(|a| {
+                    shown
+                        .iter()
+                        .filter(|b| if reverse { *b > a } else { *b < a })
+                        .count()
+                })
+                .collect();
+            answers.insert(group, (shown[0].to_owned(), shown[1].to_owned()));
+            let submit = serde_json::json!({"group": group, "ranking": ranks}).to_string();
+            let (status, body) =
+                common::http(port, "POST", "/api/submit", Some(token.trim()), &submit);
+            assert_eq!(status, 200, "{body}");
+            ranked += 1;
         }
-        assert_eq!(status, 200, "{body}");
-        let next: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let submit = format!("{{\"group\": {}, \"ranking\": [1, 0]}}", next["group"]);
-        let (status, body) = common::http(port, "POST", "/api/submit", Some(token.trim()), &submit);
-        assert_eq!(status, 200, "{body}");
-        ranked += 1;
+        assert_eq!(ranked, 3, "{who} ranks every group");
     }
-    assert_eq!(ranked, 3);
+    // One pair per group: they agree where bob did not reverse, or on a tie.
+    let tied = |g: i64| answers[&g].0 == answers[&g].1;
+    let agree = (0..3).filter(|&g| g != 0 || tied(g)).count() as f64 / 3.0;
+    let taus: Vec<f64> = (0..3)
+        .filter(|&g| !tied(g))
+        .map(|g| if g == 0 { -1.0 } else { 1.0 })
+        .collect();
     let (status, stderr) = run.wait();
     assert!(status.success(), "{stderr}");
     let prefs = d.path().join("runs/web/round-1/preferences.parquet");
@@ -148,8 +178,52 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
     let new = (0..rounds.len())
         .filter(|&i| rounds.get(i) == Some(1))
         .count();
-    assert_eq!(new, 3, "the three groups ranked through the page");
+    let untied = (0..3).filter(|&g| !tied(g)).count();
+    assert_eq!(
+        new,
+        2 * untied,
+        "each labeller's ranking of the groups ranked through the page"
+    );
     assert!(d.path().join("runs/web/round-1/rm/checkpoint").exists());
+
+    // Agreement in the round's line and in `rlhf eval`'s report.
+    let rounds = std::fs::read_to_string(d.path().join("runs/web/rounds.jsonl")).unwrap();
+    let round: serde_json::Value = serde_json::from_str(rounds.lines().next().unwrap()).unwrap();
+    let labels = &round["labels"];
+    assert_eq!(
+        (labels["labellers"].as_i64(), labels["ranked"].as_i64()),
+        (Some(2), Some(6))
+    );
+    assert!(
+        (labels["agreement"].as_f64().unwrap() - agree).abs() < 1e-9,
+        "{labels}"
+    );
+    if !taus.is_empty() {
+        let tau = taus.iter().sum::<f64>() / taus.len() as f64;
+        assert!(
+            (labels["kendall_tau"].as_f64().unwrap() - tau).abs() < 1e-9,
+            "{labels}"
+        );
+    }
+    let run_dir = d.path().join("runs/web");
+    common::rlhf_ok(&[
+        "eval",
+        run_dir.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--max-prompts",
+        "4",
+        "--kl-samples",
+        "1",
+        "--prompts",
+        d.path().join("prompts.jsonl").to_str().unwrap(),
+    ]);
+    let report = std::fs::read_to_string(run_dir.join("report/report.md")).unwrap();
+    let row = format!("| 1 | 3 | 2 | 6 | 0 | 0 | {:.1}% |", 100.0 * agree);
+    assert!(
+        report.contains("## Labelling") && report.contains(&row),
+        "{report}"
+    );
 }
 
 /// `rlhf label export` then `import`: the groups go out as Label Studio

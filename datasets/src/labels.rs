@@ -123,6 +123,23 @@ pub struct ImportCounts {
     pub already_there: usize,
 }
 
+/// A queue's labels in numbers, for a round's summary and `rlhf eval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelSummary {
+    pub groups: usize,
+    pub labels_per_group: usize,
+    pub labellers: usize,
+    /// Rankings given (skips and "not rankable" not counted).
+    pub ranked: usize,
+    pub skipped: usize,
+    pub not_rankable: usize,
+    /// Share of answer pairs two labellers of a group order alike.
+    pub agreement: Option<f64>,
+    /// Mean Kendall's tau-b between two labellers of a group.
+    pub kendall_tau: Option<f64>,
+    pub median_seconds: Option<f64>,
+}
+
 /// A round's queue, loaded.
 #[derive(Debug)]
 pub struct Queue {
@@ -505,6 +522,25 @@ impl Queue {
         })
     }
 
+    /// The labels in numbers.
+    pub fn summary(&self) -> LabelSummary {
+        let count = |f: fn(&LabelRow) -> bool| self.rows.iter().filter(|r| f(r)).count();
+        let mut seconds: Vec<f64> = self.rows.iter().map(|r| r.seconds).collect();
+        seconds.sort_by(f64::total_cmp);
+        let agreement = self.agreement();
+        LabelSummary {
+            groups: self.groups.len(),
+            labels_per_group: self.labels_per_group,
+            labellers: self.labellers().len(),
+            ranked: count(|r| !r.skipped && !r.not_rankable),
+            skipped: count(|r| r.skipped),
+            not_rankable: count(|r| r.not_rankable),
+            agreement: agreement.map(|a| a.0),
+            kendall_tau: agreement.map(|a| a.1),
+            median_seconds: seconds.get(seconds.len() / 2).copied(),
+        }
+    }
+
     /// Labellers who answered at least one group.
     pub fn labellers(&self) -> BTreeSet<String> {
         self.rows.iter().map(|r| r.labeller.clone()).collect()
@@ -708,6 +744,15 @@ mod tests {
         let (agree, tau) = q.agreement().unwrap();
         assert!((agree - 2.0 / 3.0).abs() < 1e-9, "{agree}");
         assert!((tau - 1.0 / 3.0).abs() < 1e-9, "{tau}");
+        let summary = q.summary();
+        assert_eq!(
+            (summary.labellers, summary.ranked, summary.skipped),
+            (2, 2, 0)
+        );
+        assert_eq!(
+            (summary.agreement, summary.kendall_tau),
+            (Some(agree), Some(tau))
+        );
         let (ranked, dropped) = q.ranked_groups();
         assert_eq!((ranked.len(), dropped), (2, 0));
         assert_eq!(ranked[1].ranking, vec![0, 2, 1]);

@@ -400,6 +400,7 @@ fn round_line(round: usize, round_dir: &Path, rm: &str, ppo: &str) -> serde_json
         "rm_eval_accuracy": r["eval"]["accuracy"], "ppo_first_score": p["first_mean_score"],
         "ppo_last_score": p["last_mean_score"], "kl": p["last_kl"],
         "eval_gold_before": p["eval_gold_before"], "eval_gold_after": p["eval_gold_after"],
+        "labels": c["labels"],
     })
 }
 

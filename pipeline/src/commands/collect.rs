@@ -62,6 +62,7 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
+    let mut labels = serde_json::Value::Null;
     let ranked = match &spec.labeller {
         Labeller::Web {
             labels_per_group,
@@ -81,7 +82,9 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
                 },
                 timeout: std::time::Duration::from_secs_f64(*timeout_seconds),
             };
-            web.label(&groups)?
+            let (ranked, summary) = web.label(&groups)?;
+            labels = serde_json::to_value(summary)?;
+            ranked
         }
         other => {
             let rankings = labeller::rank(other, &groups)?;
@@ -112,7 +115,7 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
     write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
     println!(
         "{}",
-        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len()})
+        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len(), "labels": labels})
     );
     Ok(())
 }
@@ -167,7 +170,13 @@ struct WebRound {
 }
 
 impl WebRound {
-    fn label(&self, groups: &[(String, Vec<String>)]) -> anyhow::Result<Vec<RankedGroup>> {
+    /// The round's rankings (one group per ranking given: with two
+    /// labellers a group counts twice, as InstructGPT's comparisons do)
+    /// and the labels in numbers.
+    fn label(
+        &self,
+        groups: &[(String, Vec<String>)],
+    ) -> anyhow::Result<(Vec<RankedGroup>, rlhf_datasets::labels::LabelSummary)> {
         use rlhf_datasets::labels::{Group, Queue};
         let groups: Vec<Group> = groups
             .iter()
@@ -213,6 +222,6 @@ impl WebRound {
                 100.0 * agree
             );
         }
-        Ok(ranked)
+        Ok((ranked, queue.summary()))
     }
 }

@@ -46,6 +46,42 @@ fn policy_line(out: &mut String, p: &PolicyRow) {
     );
 }
 
+/// People's labels per round (web labeller rounds only).
+fn labelling(out: &mut String, rounds: &[serde_json::Value]) {
+    let labelled: Vec<&serde_json::Value> =
+        rounds.iter().filter(|r| r["labels"].is_object()).collect();
+    if labelled.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Labelling
+"
+    );
+    let _ = writeln!(
+        out,
+        "| round | groups | labellers | ranked | skipped | not rankable | agreement | Kendall's tau | median seconds |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for r in labelled {
+        let l = &r["labels"];
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["round"],
+            l["groups"],
+            l["labellers"],
+            l["ranked"],
+            l["skipped"],
+            l["not_rankable"],
+            pct(l["agreement"].as_f64()),
+            num(l["kendall_tau"].as_f64(), 2),
+            num(l["median_seconds"].as_f64(), 1),
+        );
+    }
+    out.push('\n');
+}
+
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Evaluation of `{}`\n", r.run.display());
@@ -128,6 +164,7 @@ pub fn render(r: &Report) -> String {
         }
         out.push('\n');
     }
+    labelling(&mut out, &r.rounds);
     if !r.plots.is_empty() {
         let _ = writeln!(out, "## Plots\n");
         for p in &r.plots {

@@ -290,10 +290,11 @@ fn a_queue_goes_to_label_studio_and_argilla_and_its_labels_come_back() {
     );
 
     let records_file = d.path().join("records.json");
+    // A round's folder names its queue.
     common::rlhf_ok(&[
         "label",
         "export",
-        q,
+        d.path().to_str().unwrap(),
         "--format",
         "argilla",
         "--out",

@@ -65,7 +65,8 @@ pub enum Command {
 pub enum LabelCommand {
     /// Serve a labelling queue's page and API (until Ctrl-C).
     Serve {
-        /// The queue folder (groups.json, labels.parquet, tokens.json).
+        /// The queue folder (groups.json, labels.parquet, tokens.json), or
+        /// the round's folder that holds it.
         queue: PathBuf,
         /// Address to listen on; port 0 picks a free one.
         #[arg(long, default_value = "127.0.0.1:8080")]

@@ -38,6 +38,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
 
 fn label(cmd: crate::cli::LabelCommand) -> anyhow::Result<()> {
     use crate::cli::LabelCommand;
+    use crate::label::queue_dir;
     match cmd {
         LabelCommand::Serve {
             queue,
@@ -51,18 +52,18 @@ fn label(cmd: crate::cli::LabelCommand) -> anyhow::Result<()> {
                 labels_per_group,
                 guidelines,
             };
-            crate::label::serve(queue, &options, until_done)
+            crate::label::serve(queue_dir(&queue), &options, until_done)
         }
         LabelCommand::Export { queue, format, out } => {
-            crate::label::export(&queue, format.into(), &out)
+            crate::label::export(&queue_dir(&queue), format.into(), &out)
         }
         LabelCommand::Import {
             queue,
             format,
             file,
-        } => crate::label::import(&queue, format.into(), &file),
+        } => crate::label::import(&queue_dir(&queue), format.into(), &file),
         LabelCommand::Token { name, queue } => {
-            println!("{}", crate::label::add_token(&queue, &name)?);
+            println!("{}", crate::label::add_token(&queue_dir(&queue), &name)?);
             Ok(())
         }
     }

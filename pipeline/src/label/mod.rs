@@ -15,3 +15,14 @@ pub use exchange::{export, import};
 
 pub use server::{serve, serve_until_labelled, ServeOptions, GUIDELINES_FILE};
 pub use tokens::add_token;
+
+/// A queue folder, or a round's folder holding one in `queue/`.
+pub fn queue_dir(path: &std::path::Path) -> std::path::PathBuf {
+    let inner = path.join("queue");
+    let groups = rlhf_datasets::labels::GROUPS_FILE;
+    if !path.join(groups).exists() && inner.join(groups).exists() {
+        inner
+    } else {
+        path.to_owned()
+    }
+}

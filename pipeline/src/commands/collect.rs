@@ -192,6 +192,8 @@ impl WebRound {
         let queue = Queue::open(&self.queue, &groups, per_group)?;
         if let Some(g) = &self.serve.guidelines {
             let to = self.queue.join(crate::label::GUIDELINES_FILE);
+            rlhf_datasets::files::bounded_size(g, 1 << 20, "the limit for guidelines")
+                .map_err(|e| anyhow::anyhow!("labeller.guidelines {}: {e}", g.display()))?;
             let text =
                 std::fs::read(g).with_context(|| format!("labeller.guidelines {}", g.display()))?;
             rlhf_datasets::atomic::write_file(&to, &text)?;

@@ -278,3 +278,38 @@ fn reward_scores_answers_and_refuses_lm_models() {
     let out = rlhf(&["reward", "--model", &lm, "--prompt", "Q", "--answer", "a"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no scalar head"));
 }
+
+/// Inputs of the text commands are bounded: a device is refused by name,
+/// a line longer than the limit gets an error naming it, and a UTF-8 BOM
+/// (as some editors write) is skipped.
+#[test]
+fn command_inputs_are_regular_bounded_files() {
+    let d = tempfile::tempdir().unwrap();
+    let out = rlhf(&["judge", "--input", "/dev/zero"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/dev/zero is a device"),
+        "{err}"
+    );
+    let long = d.path().join("long.jsonl");
+    let text = "x".repeat(rlhf_datasets::load::MAX_TEXT_BYTES + 10);
+    std::fs::write(
+        &long,
+        format!("{{\"prompt\": \"{text}\", \"answer\": \"a\"}}\n"),
+    )
+    .unwrap();
+    let out = rlhf(&["judge", "--input", long.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("line 1: longer than 4.0 MB"),
+        "{err}"
+    );
+    let bom = d.path().join("bom.jsonl");
+    std::fs::write(
+        &bom,
+        "\u{feff}{\"prompt\": \"Reverse: ab\\n\", \"answer\": \"ba\"}\n",
+    )
+    .unwrap();
+    let out = rlhf_ok(&["judge", "--input", bom.to_str().unwrap()]);
+    assert!(out.contains("\"score\""), "{out}");
+}

@@ -157,6 +157,29 @@ fn data_paths_must_be_regular_files_and_init_keeps_a_full_folder() {
             "{data} blocked the run"
         );
     }
+    // Files hashed for the stage key: the experiment's tokenizer, and the
+    // weights of a model folder a stage starts from.
+    let zero_model = d.path().join("exp/zero_model");
+    common::rlhf_ok(&["init", "--out", zero_model.to_str().unwrap()]);
+    std::fs::remove_file(zero_model.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero_model.join("model.safetensors")).unwrap();
+    for (changed, what) in [
+        (format!("tokenizer: pipe.jsonl\n{text}"), "tokenizer: "),
+        (
+            text.replace("data: sft.jsonl", "data: sft.jsonl, init: zero_model"),
+            "model.safetensors is a device",
+        ),
+    ] {
+        std::fs::write(&exp, changed).unwrap();
+        let t0 = Instant::now();
+        let out = rlhf(&["plan", exp.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(what), "{err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what} blocked the plan"
+        );
+    }
     let folder = d.path().join("model");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("notes.txt"), "mine").unwrap();

@@ -37,8 +37,15 @@ pub enum ChecksumError {
     Write(#[from] AtomicWriteError),
 }
 
-/// sha256 of a file's bytes, streamed, as lowercase hex.
+/// sha256 of a file's bytes, streamed, as lowercase hex. A FIFO or a
+/// device (which would block or never end) is refused.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    if let Some(kind) = crate::files::not_a_regular_file(path) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is {kind}, expected a regular file", path.display()),
+        ));
+    }
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -314,6 +314,16 @@ impl Experiment {
         let abs = |p: &Path| absolute_from(&base, p);
         spec.out_dir = abs(&spec.out_dir);
         spec.tokenizer = spec.tokenizer.as_deref().map(abs);
+        if let Some(kind) = spec
+            .tokenizer
+            .as_deref()
+            .and_then(rlhf_datasets::files::not_a_regular_file)
+        {
+            return Err(invalid(format!(
+                "tokenizer: {} is {kind}, not a regular file",
+                spec.tokenizer.as_ref().expect("checked").display()
+            )));
+        }
         let run_dir = spec.out_dir.join(&spec.name);
         let stage_names: Vec<String> = spec.stages.keys().cloned().collect();
         let mut deps = BTreeMap::new();
@@ -644,6 +654,21 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
     Ok(())
 }
 
+/// A labeller's time limit: above 0, at most about 30 years (a longer
+/// one would overflow the clock's arithmetic).
+fn check_timeout(seconds: f64) -> Result<(), String> {
+    if seconds.is_finite() && seconds > 0.0 && seconds <= 1e9 {
+        return Ok(());
+    }
+    let shown = match seconds.abs() >= 1e12 {
+        true => format!("{seconds:e}"),
+        false => seconds.to_string(),
+    };
+    Err(format!(
+        "labeller.timeout_seconds must be in (0, 1e9], got {shown}"
+    ))
+}
+
 /// The loop's settings, checked with the rest before any stage runs.
 fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), String> {
     let kinds: Vec<&str> = l
@@ -668,8 +693,14 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
             "repeat: the stage name \"{taken}\" is taken inside each round's folder (collect/, preferences.parquet); rename the stage"
         ));
     }
-    if l.rounds == 0 || l.k < 2 || l.prompts_per_round == 0 {
-        return Err("rounds and prompts_per_round must be >= 1, k >= 2".into());
+    for (name, value, lo, hi) in [
+        ("rounds", l.rounds, 1, 10_000),
+        ("k", l.k, 2, 1024),
+        ("prompts_per_round", l.prompts_per_round, 1, 1 << 20),
+    ] {
+        if !(lo..=hi).contains(&value) {
+            return Err(format!("{name} must be in [{lo}, {hi}], got {value}"));
+        }
     }
     if let Labeller::Command {
         command,
@@ -684,11 +715,7 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
                 "labeller.command: program \"{program}\" not found (neither a file nor on PATH)"
             ));
         }
-        if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
-            return Err(format!(
-                "labeller.timeout_seconds must be > 0, got {timeout_seconds}"
-            ));
-        }
+        check_timeout(*timeout_seconds)?;
     }
     if let Labeller::Web {
         labels_per_group,
@@ -715,11 +742,7 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
                 "labeller.bind: \"{bind}\" is not an address such as 127.0.0.1:8080"
             ));
         }
-        if !(timeout_seconds.is_finite() && *timeout_seconds > 0.0) {
-            return Err(format!(
-                "labeller.timeout_seconds must be > 0, got {timeout_seconds}"
-            ));
-        }
+        check_timeout(*timeout_seconds)?;
     }
     l.sampling.validate().map_err(|e| e.to_string())?;
     if let Some(bad) = l

@@ -33,6 +33,14 @@ pub fn non_negative(field: &str, value: f64) -> Result<(), StageError> {
     require(field, value.is_finite() && value >= 0.0, ">= 0", value)
 }
 
+/// Says so when gradient clipping is off (`max_grad_norm: 0`), so that
+/// it never is without a word.
+pub fn note_clipping_off(field: &str, max_grad_norm: f64) {
+    if max_grad_norm == 0.0 {
+        tracing::warn!("{field} is 0: gradients are not clipped");
+    }
+}
+
 /// A number in `[lo, hi]`.
 pub fn within(field: &str, value: f64, lo: f64, hi: f64) -> Result<(), StageError> {
     require(

@@ -231,7 +231,7 @@ impl KindConfig for PpoConfig {
         check::non_negative("max_grad_norm", self.max_grad_norm)?;
         if let Some(ptx) = &self.ptx {
             check::non_negative("ptx.coef", ptx.coef)?;
-            check::at_least("ptx.batch_size", ptx.batch_size as i64, 1)?;
+            check::count("ptx.batch_size", ptx.batch_size as u64, 1, 1 << 16)?;
         }
         check::at_least("checkpoint_every", self.checkpoint_every, 1)?;
         self.sampling.validate().map_err(|e| match e {
@@ -288,6 +288,9 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     let ranks = &*ctx.ranks;
     check_ranks(cfg, ranks)?;
     let main = ranks.is_main();
+    if main {
+        check::note_clipping_off("max_grad_norm", cfg.max_grad_norm);
+    }
     let started = Instant::now();
     let out = &ctx.out_dir;
     // Rank 0 owns the folder; the others read it once it is ready.

@@ -411,6 +411,9 @@ pub fn fit<O: Objective>(
     let cfg = run.settings;
     let ranks = run.ranks;
     let main = ranks.is_main();
+    if main {
+        check::note_clipping_off("max_grad_norm", cfg.max_grad_norm);
+    }
     let Start {
         model,
         mut opt,

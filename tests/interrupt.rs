@@ -88,6 +88,10 @@ fn interrupt_then_rerun(stage: &str, run_to: &str, lines: usize, parts: &[&str])
     let (status, stderr) = child.wait();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted after step"), "{stderr}");
+    assert!(
+        stderr.contains("rerun to resume it from its checkpoint at step"),
+        "{stderr}"
+    );
     let checkpoints = std::fs::read_dir(stage_dir.join("checkpoints")).unwrap();
     assert_eq!(checkpoints.count(), 1, "the interrupt wrote its checkpoint");
     assert!(
@@ -174,6 +178,10 @@ fn ctrl_c_inside_an_enormous_step_stops_after_the_grace_period() {
         stderr
             .contains("interrupted inside step 1, which was still running 1 s after the interrupt"),
         "{stderr}"
+    );
+    assert!(
+        stderr.contains("it stopped before its first checkpoint: rerun to start it again"),
+        "no checkpoint is claimed: {stderr}"
     );
     assert!(
         sent.elapsed() < Duration::from_secs(15),

@@ -617,8 +617,9 @@ fn set_by_override<'a>(message: &str, overrides: &'a [String]) -> Option<&'a str
 /// The names that become folders, and the run-wide settings' ranges.
 fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), String> {
     if !is_folder_name(&spec.name) {
+        let at = at_key_line(text, "name");
         return Err(format!(
-            "name \"{}\" {FOLDER_NAME} (it names the run folder)",
+            "name \"{}\" {FOLDER_NAME} (it names the run folder){at}",
             spec.name
         ));
     }
@@ -891,12 +892,12 @@ fn pinpoint_duplicate_key(text: &str, message: &str) -> String {
     }
 }
 
-const FOLDER_NAME: &str =
-    "must be one path component of letters, digits, '-', '_' or '.', not empty, \".\" or \"..\"";
+const FOLDER_NAME: &str = "must be one path component of at most 100 letters, digits, '-', '_' or '.', not empty, \".\" or \"..\"";
 
 /// Whether a name can be a folder inside the run folder and nothing else.
 pub fn is_folder_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= 100
         && name != "."
         && name != ".."
         && name

@@ -123,7 +123,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
     let t0 = Instant::now();
     let mut args = vec![
@@ -171,12 +171,19 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     write_manifest(dir, &manifest)?;
     match result {
         Ok(_) => Ok((key, Outcome::Ran)),
-        Err(e) if rlhf_stages::train::interrupt_requested() => Err(e),
         Err(e) => {
             // "Rerun to resume" only where there is something to resume.
-            let hint = match rlhf_stages::train::periodic_checkpoints(dir).last() {
-                Some((step, _)) => format!("rerun to resume it from its checkpoint at step {step}"),
-                None => "it left no checkpoint: fix what the error says, then rerun".into(),
+            let checkpoint = rlhf_stages::train::periodic_checkpoints(dir)
+                .last()
+                .map(|c| c.0);
+            let hint = match (checkpoint, rlhf_stages::train::interrupt_requested()) {
+                (Some(step), _) => format!("rerun to resume it from its checkpoint at step {step}"),
+                (None, true) => {
+                    "it stopped before its first checkpoint: rerun to start it again".into()
+                }
+                (None, false) => {
+                    "it left no checkpoint: fix what the error says, then rerun".into()
+                }
             };
             bail!("{e:#}; {hint}")
         }
@@ -225,7 +232,7 @@ impl Collect<'_> {
         }
         refuse_after_interrupt(&label)?;
         self.exp.check_inside(&dir)?;
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let t0 = Instant::now();
         let mut args: Vec<String> = vec!["collect".into(), "--config".into()];
         args.push(self.exp.file.display().to_string());

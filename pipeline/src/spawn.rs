@@ -80,7 +80,7 @@ pub fn run_ranks(
     if let Some(rank) = first_failed {
         let status = statuses[rank];
         if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
-            bail!("{label} was interrupted; its last checkpoint is saved: rerun to continue");
+            bail!("{label} was interrupted");
         }
         let hung = match stopped.as_slice() {
             [] => String::new(),

@@ -70,6 +70,14 @@ impl ModelConfig {
         }
     }
 
+    /// Layers, width and attention heads.
+    pub fn shape(&self) -> (i64, i64, i64) {
+        match self {
+            Self::Gpt2(c) => (c.n_layer, c.n_embd, c.n_head),
+            Self::Llama(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads),
+        }
+    }
+
     pub fn set_vocab_size(&mut self, vocab: i64) {
         match self {
             Self::Gpt2(c) => c.vocab_size = vocab,

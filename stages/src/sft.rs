@@ -235,6 +235,10 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         train.grad_accum,
         ctx.device
     );
+    let longest = examples.iter().map(|e| e.prompt.len() + e.completion.len());
+    let longest = longest.max().unwrap_or(0);
+    let rows = train.batch_size.min(examples.len());
+    crate::train::check_step_memory(&start.model, rows, longest)?;
     let fitted = fit(&run, start, &objective, &examples)?;
     let out = &ctx.out_dir;
     finish(&run, &fitted)?;

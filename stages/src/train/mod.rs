@@ -545,6 +545,43 @@ fn log_eval<E: Evaluation>(
 
 /// The trainable variables by name: the same order on every rank (a
 /// VarStore's own order comes from a hash map).
+/// Refuses a training step that cannot fit in this machine's memory,
+/// before its state is allocated: weights, gradients and AdamW's two
+/// moments (16 bytes per trained parameter, 4 per frozen one), and one
+/// micro-batch of `rows` sequences of `len` tokens (fp32 activations, and
+/// the logits with their softmax and gradient). A rough lower bound: a
+/// step refused here could not have run.
+pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), StageError> {
+    let Some(have) = rlhf_datasets::files::memory_bytes() else {
+        return Ok(());
+    };
+    let config = model.net.config();
+    let trained: f64 = trainable_by_name(model).iter().map(|t| t.numel() as f64).sum();
+    let frozen = (config.n_params() as f64 - trained).max(0.0);
+    let state = 16.0 * trained + 4.0 * frozen;
+    let (layers, width, heads) = config.shape();
+    let tokens = rows as f64 * len as f64;
+    // Per token: the logits three times over; per layer about 17 values of
+    // the width and the attention scores (Korthikanti et al., 2022).
+    let per_token = 3.0 * config.vocab_size() as f64
+        + layers as f64 * (17.0 * width as f64 + 2.5 * heads as f64 * len as f64);
+    let batch = 4.0 * tokens * per_token;
+    if state + batch <= have as f64 {
+        return Ok(());
+    }
+    let gb = |b: f64| format!("{:.1} GB", b / 1e9);
+    Err(StageError::setting(
+        "batch_size",
+        format!(
+            "a training step needs at least {} (weights, gradients and AdamW moments: {}; a micro-batch of {rows} x {len} tokens: {}); this machine has {}: lower batch_size or max_len, or train LoRA adapters",
+            gb(state + batch),
+            gb(state),
+            gb(batch),
+            gb(have as f64)
+        ),
+    ))
+}
+
 pub fn trainable_by_name(model: &Model) -> Vec<Tensor> {
     let mut vars: Vec<(String, Tensor)> = model
         .vs
@@ -771,5 +808,34 @@ impl std::fmt::Debug for StageContext {
             .field("stop_after", &self.stop_after)
             .field("ranks", &self.ranks)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GptConfig, Head, ModelConfig};
+
+    #[test]
+    fn a_step_that_cannot_fit_in_memory_is_refused_before_it_starts() {
+        let config = ModelConfig::Gpt2(GptConfig {
+            vocab_size: 300,
+            n_positions: 64,
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            ..GptConfig::default()
+        });
+        let tokenizer = rlhf_datasets::Tokenizer::bytes();
+        let model = Model::init(&config, Head::Lm, tokenizer, tch::Device::Cpu).unwrap();
+        check_step_memory(&model, 8, 64).unwrap();
+        // 2^40 tokens of 300 logits: more than any machine holds.
+        let e = check_step_memory(&model, 1 << 20, 1 << 20).unwrap_err().to_string();
+        assert!(
+            e.starts_with("batch_size: a training step needs at least")
+                && e.contains("a micro-batch of 1048576 x 1048576 tokens")
+                && e.contains("lower batch_size or max_len"),
+            "{e}"
+        );
     }
 }

@@ -214,7 +214,13 @@ fn read_json_lines(path: &Path, bytes: Vec<u8>) -> Result<DataFrame, DataError> 
             )));
         }
         match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(row)) => types.check(&row, i + 1).map_err(bad)?,
+            Ok(serde_json::Value::Object(row)) => {
+                types.check(&row, i + 1).map_err(bad)?;
+                if let Some(key) = repeated_key(line) {
+                    // serde_json (and Polars) would keep one of the two silently.
+                    return Err(bad(format!("the key \"{key}\" appears twice")));
+                }
+            }
             Ok(_) => return Err(bad("expected a JSON object".into())),
             Err(e) => return Err(bad(format!("invalid JSON ({e})"))),
         }
@@ -227,6 +233,30 @@ fn read_json_lines(path: &Path, bytes: Vec<u8>) -> Result<DataFrame, DataError> 
             path: path.to_owned(),
             message: format!("cannot read JSON lines ({e})"),
         })
+}
+
+/// A key that appears twice in a line's top-level object.
+fn repeated_key(line: &str) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(line);
+    de.deserialize_map(Keys).ok().flatten()
 }
 
 /// The JSON type each field first had, so that a row whose value is of

@@ -73,28 +73,36 @@ fn files_outside_the_run_folder_survive_every_hostile_name() {
     }
 }
 
+/// `rlhf run` of `exp` in the background, one thread.
+fn spawn_run(exp: &Path, sets: &[&str]) -> common::Drained {
+    let mut args = vec!["run", exp.to_str().unwrap()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(&args)
+        .env("RLHF_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::Drained::new(child)
+}
+
 #[test]
 fn a_second_run_on_a_folder_in_use_fails_naming_the_first() {
     let d = tempfile::tempdir().unwrap();
     let exp = experiment(d.path(), "busy", "sft");
     let text = std::fs::read_to_string(&exp).unwrap();
-    std::fs::write(&exp, text.replace("max_steps: 2", "max_steps: 3000")).unwrap();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(["run", exp.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    std::fs::write(&exp, text.replace("max_steps: 2", "max_steps: 2000")).unwrap();
+    let mut first = spawn_run(&exp, &[]);
     let metrics = d.path().join("exp/runs/busy/sft/metrics.jsonl");
-    let t0 = Instant::now();
-    while !metrics.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the first run never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    first.wait_until("the first run", Duration::from_secs(600), || {
+        metrics.exists()
+    });
+    let run_dir = d.path().join("exp/runs/busy");
     for args in [
+        vec!["eval", run_dir.to_str().unwrap()],
         vec!["run", exp.to_str().unwrap()],
         vec!["stage", "--config", exp.to_str().unwrap(), "sft"],
     ] {
@@ -103,12 +111,37 @@ fn a_second_run_on_a_folder_in_use_fails_naming_the_first() {
         assert!(!out.status.success(), "{args:?} ran beside the first run");
         assert!(
             err.contains(&format!("another rlhf process (pid {})", first.id())),
-            "{err}"
+            "{args:?}: {err}"
         );
     }
-    let _ = first.kill();
-    let _ = first.wait();
-    // A killed holder frees the folder: the next run resumes and finishes.
+    let (status, stderr) = first.wait();
+    assert!(status.success(), "{stderr}");
+    // The first run ends as a run alone does, bit for bit.
+    let solo = tempfile::tempdir().unwrap();
+    let solo_exp = experiment(solo.path(), "busy", "sft");
+    std::fs::copy(&exp, &solo_exp).unwrap();
+    let (status, stderr) = spawn_run(&solo_exp, &[]).wait();
+    assert!(status.success(), "{stderr}");
+    let weights = |root: &Path| {
+        std::fs::read(root.join("exp/runs/busy/sft/checkpoint/model.safetensors")).unwrap()
+    };
+    assert!(
+        weights(d.path()) == weights(solo.path()),
+        "the busy run's weights differ from a run alone"
+    );
+
+    // A killed holder frees the folder: the next run starts over and finishes.
+    let mut holder = spawn_run(&exp, &["stages.sft.max_steps=100000"]);
+    let t0 = Instant::now();
+    while !holder.stderr().contains("step 50/100000") {
+        assert!(
+            holder.try_wait().is_none() && t0.elapsed() < Duration::from_secs(600),
+            "{}",
+            holder.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    holder.kill();
     let out = rlhf(&[
         "run",
         exp.to_str().unwrap(),

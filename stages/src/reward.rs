@@ -519,8 +519,14 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         train.batch_size * train.grad_accum
     );
     // A micro-batch holds every answer of its groups, each after its prompt.
-    let answers = examples.iter().map(|g| g.responses.len()).max().unwrap_or(0);
-    let longest = examples.iter().flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()));
+    let answers = examples
+        .iter()
+        .map(|g| g.responses.len())
+        .max()
+        .unwrap_or(0);
+    let longest = examples
+        .iter()
+        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()));
     let longest = longest.max().unwrap_or(0);
     let rows = train.batch_size.min(examples.len()) * answers;
     crate::train::check_step_memory(&start.model, rows, longest)?;

@@ -115,6 +115,12 @@ impl Drained {
         self.child.try_wait().unwrap()
     }
 
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.wait();
+    }
+
     /// What it printed to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()

@@ -556,7 +556,10 @@ pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), S
         return Ok(());
     };
     let config = model.net.config();
-    let trained: f64 = trainable_by_name(model).iter().map(|t| t.numel() as f64).sum();
+    let trained: f64 = trainable_by_name(model)
+        .iter()
+        .map(|t| t.numel() as f64)
+        .sum();
     let frozen = (config.n_params() as f64 - trained).max(0.0);
     let state = 16.0 * trained + 4.0 * frozen;
     let (layers, width, heads) = config.shape();
@@ -830,7 +833,9 @@ mod tests {
         let model = Model::init(&config, Head::Lm, tokenizer, tch::Device::Cpu).unwrap();
         check_step_memory(&model, 8, 64).unwrap();
         // 2^40 tokens of 300 logits: more than any machine holds.
-        let e = check_step_memory(&model, 1 << 20, 1 << 20).unwrap_err().to_string();
+        let e = check_step_memory(&model, 1 << 20, 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("batch_size: a training step needs at least")
                 && e.contains("a micro-batch of 1048576 x 1048576 tokens")

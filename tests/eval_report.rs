@@ -231,6 +231,22 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["answers"].as_array().unwrap().len(), 3);
 
+    // A stage's own warning (did not learn) reaches the report.
+    let manifest_path = run.join("ppo/manifest.json");
+    let mut manifest = json_file(&manifest_path);
+    manifest["summary"]["warning"] = Value::from("ppo may not be learning: (written by the test)");
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    assert!(
+        rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"])
+            .status
+            .success()
+    );
+    let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Warnings") && md.contains("ppo may not be learning: (written by the test)"),
+        "{md}"
+    );
+
     // The round's reward model gone: the report says which one scored.
     std::fs::remove_dir_all(run.join("round-1/rm")).unwrap();
     let out = rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"]);

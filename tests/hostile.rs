@@ -116,6 +116,10 @@ fn a_second_run_on_a_folder_in_use_fails_naming_the_first() {
     }
     let (status, stderr) = first.wait();
     assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("threads: 1 (from --threads"),
+        "the thread count is logged: {stderr}"
+    );
     // The first run ends as a run alone does, bit for bit.
     let solo = tempfile::tempdir().unwrap();
     let solo_exp = experiment(solo.path(), "busy", "sft");
@@ -297,6 +301,45 @@ fn two_sigterms_leave_no_stage_or_labeller_running() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(8),
+            "still running: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The runner killed outright (no signal handler runs): its stage child
+/// sees it is gone and stops within twice the grace period.
+#[test]
+fn a_stage_stops_when_its_runner_is_killed() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "orphan", "sft");
+    let text = std::fs::read_to_string(&exp).unwrap();
+    std::fs::write(&exp, text.replace("max_steps: 2", "max_steps: 1000000")).unwrap();
+    let mut runner = spawn_run(&exp, &[]);
+    let t0 = Instant::now();
+    while !runner.stderr().contains("step 50/1000000") {
+        assert!(
+            runner.try_wait().is_none() && t0.elapsed() < Duration::from_secs(600),
+            "{}",
+            runner.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exp_path = exp.display().to_string();
+    assert!(
+        processes_mentioning(&exp_path).len() >= 2,
+        "the runner and its stage: {:?}",
+        processes_mentioning(&exp_path)
+    );
+    runner.kill();
+    let t0 = Instant::now();
+    loop {
+        let left = processes_mentioning(&exp_path);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(12),
             "still running: {left:?}"
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -352,3 +352,55 @@ fn a_reward_model_trains_on_real_hh_rlhf_with_the_gpt2_tokenizer() {
     assert!(summary["skipped_rows"].as_u64().unwrap() >= 1, "{summary}");
     assert!(summary["eval"]["accuracy"].is_number(), "{summary}");
 }
+
+/// A from-scratch model takes its vocabulary size from the experiment's
+/// tokenizer (here a word-level `tokenizer.json` of 300 ids, written by
+/// the test): no `vocab_size` in the file, and the run says what it chose.
+#[test]
+fn a_scratch_model_takes_its_vocabulary_from_the_tokenizer() {
+    let d = tempfile::tempdir().unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (id, word) in ["<|endoftext|>", "[UNK]"].into_iter().enumerate() {
+        vocab.insert(word.into(), id.into());
+    }
+    for i in 2..300 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+        "post_processor": null, "decoder": null,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "pre_tokenizer": {"type": "Whitespace"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(d.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let rows: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"w{} w{}\", \"completion\": \" w{}\"}}\n",
+                2 + i,
+                3 + i,
+                4 + i
+            )
+        })
+        .collect();
+    std::fs::write(d.path().join("sft.jsonl"), rows).unwrap();
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: words\ndevice: cpu\ntokenizer: tokenizer.json\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 32}\n\
+         stages:\n  sft: {kind: sft, data: sft.jsonl, max_steps: 2, batch_size: 4}\n",
+    )
+    .unwrap();
+    let log = run(&exp, &[]);
+    assert!(
+        log.contains("model.vocab_size: 264 -> 304 to hold the tokenizer's 300 ids"),
+        "{log}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("runs/words/sft/checkpoint/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["vocab_size"], 304);
+}

@@ -529,3 +529,26 @@ impl PpoSummary {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_score_that_did_not_rise_is_flagged() {
+        let d = tempfile::tempdir().unwrap();
+        let metrics = d.path().join(METRICS_FILE);
+        let write = |scores: &[f64]| {
+            let lines: String = scores
+                .iter()
+                .map(|s| format!("{{\"score\": {s}}}\n"))
+                .collect();
+            std::fs::write(&metrics, lines).unwrap();
+        };
+        write(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]);
+        assert_eq!(score_did_not_rise(&metrics), None);
+        write(&[0.5, 0.6, 0.4, 0.5, 0.5, 0.4, 0.5, 0.4]);
+        let w = score_did_not_rise(&metrics).unwrap();
+        assert!(w.starts_with("ppo may not be learning: the rollouts' mean score went from 0.5500 (first 2 iterations) to 0.4500 (last 2)"), "{w}");
+    }
+}

@@ -253,14 +253,19 @@ impl Experiment {
     /// Reads, parses and resolves an experiment file; `overrides` are
     /// `dotted.key=value` settings applied before parsing.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
             message,
         };
+        // An experiment file is a page of YAML, not a device or a FIFO.
+        if path.exists() {
+            rlhf_datasets::files::bounded_size(path, 16 << 20, "the limit for an experiment file")
+                .map_err(&invalid)?;
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut value: serde_norway::Value = serde_norway::from_str(&text)
             .map_err(|e| invalid(pinpoint_duplicate_key(&text, &e.to_string())))?;
         for o in overrides {

@@ -60,7 +60,7 @@ pub enum GptConfigError {
     HeadsDoNotDivide { n_embd: i64, n_head: i64 },
     #[error("model config: {field} must lie in [0, 1), got {value}")]
     BadDropout { field: &'static str, value: f64 },
-    #[error("model config: layer_norm_epsilon must be positive, got {0}")]
+    #[error("model config: layer_norm_epsilon must be a positive finite number, got {0}")]
     BadEpsilon(f64),
     #[error("model config: {field} must be at most {max}, got {value}")]
     TooLarge {
@@ -140,7 +140,7 @@ impl GptConfig {
                 return Err(GptConfigError::BadDropout { field, value });
             }
         }
-        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon <= 0.0 {
+        if !self.layer_norm_epsilon.is_finite() || self.layer_norm_epsilon <= 0.0 {
             return Err(GptConfigError::BadEpsilon(self.layer_norm_epsilon));
         }
         Ok(())

@@ -145,9 +145,13 @@ impl<'de> serde::de::Visitor<'de> for ModelConfigVisitor {
         }
         let layout = map.remove("layout");
         match layout.as_ref().map(|v| v.as_str()) {
+            // A YAML .nan or .inf reaches here as null (JSON has neither).
             None | Some(Some("gpt2")) => serde_json::from_value(Value::Object(map))
                 .map(ModelConfig::Gpt2)
-                .map_err(A::Error::custom),
+                .map_err(|e| match e.to_string().contains("invalid type: null, expected f64") {
+                    true => A::Error::custom("a number must be finite (.nan and .inf are not), got null or a non-finite number"),
+                    false => A::Error::custom(e),
+                }),
             Some(Some("llama")) => LlamaConfig::from_experiment(Value::Object(map))
                 .map(ModelConfig::Llama)
                 .map_err(A::Error::custom),

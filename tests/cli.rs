@@ -291,6 +291,12 @@ fn command_inputs_are_regular_bounded_files() {
         !out.status.success() && err.contains("/dev/zero is a device"),
         "{err}"
     );
+    let out = rlhf(&["plan", "/dev/zero"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/dev/zero: is a device, expected a regular file"),
+        "{err}"
+    );
     let long = d.path().join("long.jsonl");
     let text = "x".repeat(rlhf_datasets::load::MAX_TEXT_BYTES + 10);
     std::fs::write(

@@ -87,6 +87,15 @@ pub fn write(dir: &Path) -> Result<(), ChecksumError> {
 /// was a list (folders from elsewhere, such as HF downloads, have none).
 pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
     let list_path = dir.join(CHECKSUM_FILE);
+    // A list names a few files: a large one (or a device) is damage.
+    if list_path.exists() {
+        crate::files::bounded_size(&list_path, 1 << 20, "a checksum list's limit").map_err(
+            |message| ChecksumError::Io {
+                path: list_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+            },
+        )?;
+    }
     let text = match fs::read_to_string(&list_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),

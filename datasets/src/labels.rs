@@ -344,8 +344,6 @@ impl Queue {
     /// is counted and left out, so importing a file twice adds nothing.
     /// All or nothing: one bad label refuses the whole import.
     pub fn import(&mut self, labels: &[Imported]) -> Result<ImportCounts, LabelError> {
-        let mut counts = ImportCounts::default();
-        let before = self.rows.len();
         for l in labels {
             let group = self
                 .groups
@@ -353,6 +351,12 @@ impl Queue {
                 .ok_or(LabelError::NoSuchGroup(l.group))?;
             let ranked = !(l.skipped || l.not_rankable);
             check_ranking(ranked, &l.ranking, group.responses.len())?;
+        }
+        let mut counts = ImportCounts::default();
+        let before = self.rows.len();
+        for l in labels {
+            let group = &self.groups[l.group];
+            let ranked = !(l.skipped || l.not_rankable);
             if self.answered(l.group, &l.labeller) {
                 counts.already_there += 1;
                 continue;

@@ -213,6 +213,14 @@ impl Tokenizer {
             path: vocab.to_owned(),
             message: e.to_string(),
         };
+        for path in [vocab, merges] {
+            crate::files::bounded_size(path, MAX_TOKENIZER_BYTES, "a tokenizer's limit").map_err(
+                |message| TokenizerError::Load {
+                    path: path.to_owned(),
+                    message,
+                },
+            )?;
+        }
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .build()
             .map_err(load_err)?;

@@ -95,8 +95,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
+    ap.add_argument("--section", choices=["data_parallel"],
+                    help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
+    if a.section:
+        rerun_section(a.section, reps, Path(a.out))
+        return
     results = {"machine": machine(), "reps": reps, "train": [], "generate": [], "ppo": None}
 
     peak = run_with_rss([RLHF, "bench", "matmul", "--size", "1024", "--warmup", "3", "--steps", "10"])
@@ -164,6 +169,17 @@ def main():
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def rerun_section(name, reps, out):
+    """One section measured again on this machine; results.md says when."""
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    results[name] = {"data_parallel": data_parallel}[name](reps)
+    results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
+    path.write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
 
@@ -277,8 +293,13 @@ def data_parallel(reps):
         out = tmp / "runs/dp" / stage
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         if stage == "ppo":
-            its = [l["iteration_seconds"] for l in lines if "iteration_seconds" in l][1:]
-            return {"iteration_seconds": statistics.median(its)}
+            its = [l for l in lines if "iteration_seconds" in l][1:]
+            # Tokens an iteration generates and trains on: the rollout's answers.
+            tokens = [l["answer_length"] * 32 / l["iteration_seconds"] for l in its]
+            share = [l["allreduce_s"] / l["iteration_seconds"] for l in its if "allreduce_s" in l]
+            return {"iteration_seconds": statistics.median(l["iteration_seconds"] for l in its),
+                    "tokens_per_s": statistics.median(tokens),
+                    "allreduce_share": statistics.median(share) if share else None}
         summary = json.loads((out / "summary.json").read_text())
         steps = [l for l in lines if "allreduce_s" in l]
         share = sum(l["allreduce_s"] for l in steps) / max(sum(l["step_s"] for l in steps), 1e-9)
@@ -297,6 +318,9 @@ def data_parallel(reps):
             "allreduce_share": med(two, "allreduce_share"), "cores": cores,
             "ppo_one": med(ppo_one, "iteration_seconds"), "ppo_two": med(ppo_two, "iteration_seconds"),
             "ppo_ratio": med(ppo_one, "iteration_seconds") / med(ppo_two, "iteration_seconds"),
+            "ppo_tokens_one": med(ppo_one, "tokens_per_s"), "ppo_tokens_two": med(ppo_two, "tokens_per_s"),
+            "ppo_tokens_ratio": med(ppo_two, "tokens_per_s") / med(ppo_one, "tokens_per_s"),
+            "ppo_allreduce_share": med(ppo_two, "allreduce_share"),
             "runs": {"one": one, "two": two, "ppo_one": ppo_one, "ppo_two": ppo_two}}
 
 
@@ -375,16 +399,22 @@ def markdown(r):
         lines += [
             "## Data-parallel SFT and PPO (Gloo through libtorch's c10d, same global batches)",
             "",
+            *([f"Measured again on {p['rerun']['date']} (`just bench --section data_parallel`, "
+               f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
+              if p.get("rerun") else []),
             f"The small model on the bundled demonstrations, 40 steps of 16: one process with {p['cores']} "
             f"threads against two ranks with {max(1, p['cores'] // 2)} each (`distributed: {{nproc_per_node: 2}}`). "
             "All-reduce share: rank 0's time in the step's collectives (gradients, then the loss) over the "
-            "step's time, waiting for the other rank included.",
+            "step's time, waiting for the other rank included; for PPO, all of an iteration's collectives "
+            "(gathering the rollout, sums, gradients) over the iteration's time. PPO tokens/s: the rollout's "
+            "answer tokens (sampled, scored and trained on) per second.",
             "",
             "| work | 1 process | 2 ranks | ratio | all-reduce share of a step |",
             "|---|---|---|---|---|",
             f"| SFT tokens/s | {p['one']:,.0f} | {p['two']:,.0f} | **{p['ratio']:.2f}x** | {100 * p['allreduce_share']:.0f}% |",
-            f"| PPO s/iteration (rollout 32, minibatch 8, 24 tokens, median of 5) | {p['ppo_one']:.3f} | {p['ppo_two']:.3f} "
-            f"| **{p['ppo_ratio']:.2f}x** | |",
+            f"| PPO tokens/s (rollout 32, minibatch 8, up to 24 tokens, median of 5 iterations) | {p['ppo_tokens_one']:,.0f} "
+            f"| {p['ppo_tokens_two']:,.0f} | **{p['ppo_tokens_ratio']:.2f}x** | {100 * p['ppo_allreduce_share']:.0f}% |",
+            f"| PPO s/iteration | {p['ppo_one']:.3f} | {p['ppo_two']:.3f} | **{p['ppo_ratio']:.2f}x** | |",
             "",
         ]
     return "\n".join(lines)

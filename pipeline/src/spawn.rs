@@ -5,6 +5,7 @@
 //! instead of leaving them waiting.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -82,17 +83,16 @@ pub fn run_ranks(
         if rlhf_stages::train::interrupt_requested() || status.code() == Some(130) {
             bail!("{label} was interrupted");
         }
-        let hung = match stopped.as_slice() {
-            [] => String::new(),
-            s => format!(
-                "; rank(s) {s:?} still ran {} s later and were stopped (hung, or blocked in a collective)",
-                grace.min(PEER_GRACE).as_secs()
+        let waited = grace.min(PEER_GRACE).as_secs();
+        match (ranks, stopped.as_slice()) {
+            (1, _) => bail!("{label} failed ({status})"),
+            (_, []) => bail!(
+                "{label}: rank {rank} of {ranks} failed first ({status}); the other ranks stopped after it"
             ),
-        };
-        match ranks {
-            1 => bail!("{label} failed ({status})"),
-            _ => bail!(
-                "{label}: rank {rank} of {ranks} failed first ({status}); the other ranks stopped after it{hung}"
+            // The hung ranks lead: the one that failed first most likely
+            // gave up waiting for them.
+            (_, hung) => bail!(
+                "{label}: rank(s) {hung:?} of {ranks} hung (still running {waited} s after rank {rank} failed ({status}), blocked in a collective or stopped) and were stopped"
             ),
         }
     }
@@ -201,7 +201,16 @@ fn wait_all(running: &mut [Running], grace: Duration) -> anyhow::Result<Exits> {
                 // still be writing its checkpoint.
                 let stop = |s: ExitStatus| s.code() == Some(130);
                 if status.is_some_and(|s| !s.success() && !stop(s)) {
-                    failed.get_or_insert((rank, Instant::now()));
+                    // Of ranks seen ending in one poll, one killed by a
+                    // signal is the cause; the others exit with an error.
+                    let killed = status.is_some_and(|s| s.signal().is_some());
+                    match failed {
+                        None => failed = Some((rank, Instant::now())),
+                        Some((_, at)) if killed && at.elapsed() < Duration::from_millis(1) => {
+                            failed = Some((rank, at));
+                        }
+                        _ => {}
+                    }
                 }
             }
         }

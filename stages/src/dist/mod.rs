@@ -171,6 +171,9 @@ pub struct Ranks {
     world: usize,
     /// Where collectives' tensors must live (NCCL takes CUDA tensors only).
     device: Device,
+    /// Nanoseconds spent in collectives so far (waiting for the others
+    /// included): a stage's metrics report the share of its steps.
+    comm_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Ranks {
@@ -187,6 +190,7 @@ impl Ranks {
             device: Device::Cpu,
             rank: 0,
             world: 1,
+            comm_nanos: Default::default(),
         }
     }
 
@@ -221,11 +225,27 @@ impl Ranks {
             device,
             rank: topo.rank,
             world: topo.world,
+            comm_nanos: Default::default(),
         })
     }
 
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Seconds spent in collectives since the group was joined.
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Runs a collective, adding its time to [`Self::comm_seconds`].
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let out = f();
+        let nanos = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.comm_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+        out
     }
 
     pub fn world(&self) -> usize {
@@ -262,6 +282,10 @@ impl Ranks {
     /// gradient). Variables without a gradient are left out on every rank
     /// alike: all ranks run the same modules.
     pub fn sum_gradients(&self, vars: &[Tensor]) -> Result<(), DistError> {
+        self.timed(|| self.sum_gradients_untimed(vars))
+    }
+
+    fn sum_gradients_untimed(&self, vars: &[Tensor]) -> Result<(), DistError> {
         let Some(group) = self.group() else {
             return Ok(());
         };
@@ -288,6 +312,10 @@ impl Ranks {
 
     /// Rank 0's values of `vars` on every rank (initial weights), in place.
     pub fn broadcast_from_main(&self, vars: &[Tensor]) -> Result<(), DistError> {
+        self.timed(|| self.broadcast_from_main_untimed(vars))
+    }
+
+    fn broadcast_from_main_untimed(&self, vars: &[Tensor]) -> Result<(), DistError> {
         let Some(group) = self.group() else {
             return Ok(());
         };
@@ -297,6 +325,10 @@ impl Ranks {
 
     /// The sum over ranks of each value (metrics, statistics).
     pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>, DistError> {
+        self.timed(|| self.sum_untimed(values))
+    }
+
+    fn sum_untimed(&self, values: &[f64]) -> Result<Vec<f64>, DistError> {
         let Some(group) = self.group() else {
             return Ok(values.to_vec());
         };
@@ -311,6 +343,10 @@ impl Ranks {
 
     /// Every rank's bytes, in rank order (rollouts, metrics).
     pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
+        self.timed(|| self.all_gather_bytes_untimed(bytes))
+    }
+
+    fn all_gather_bytes_untimed(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
         let Some(group) = self.group() else {
             return Ok(vec![bytes.to_vec()]);
         };
@@ -340,6 +376,10 @@ impl Ranks {
     }
 
     pub fn barrier(&self) -> Result<(), DistError> {
+        self.timed(|| self.barrier_untimed())
+    }
+
+    fn barrier_untimed(&self) -> Result<(), DistError> {
         match self.group() {
             None => Ok(()),
             Some(g) => g.barrier().map_err(self.fail("waiting at a barrier")),

@@ -341,6 +341,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         // Each rank samples its own share: its own draws (rank 0's are a
         // single process's).
         tch::manual_seed(step_seed(seed, iteration).wrapping_add((ranks.rank() as i64) << 32));
+        let comm_before = ranks.comm_seconds();
         let step = Iteration::run(
             &mut models,
             &data,
@@ -351,7 +352,13 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
             ctx.device,
         )?;
         tallies.add(&step, iteration == start);
-        metrics.write(&step.record(&tallies, kl.beta));
+        let mut record = step.record(&tallies, kl.beta);
+        if ranks.world() > 1 {
+            // Rank 0's time in the iteration's collectives (gathers, sums,
+            // gradients), waiting for the others included.
+            record["allreduce_s"] = (ranks.comm_seconds() - comm_before).into();
+        }
+        metrics.write(&record);
         if cfg.save_rollouts && main {
             step.save_rollouts(
                 &data,

@@ -414,6 +414,15 @@ pub fn fit<O: Objective>(
     if main {
         check::note_clipping_off("max_grad_norm", cfg.max_grad_norm);
     }
+    // Under torchrun or srun the world size is known only now (`rlhf run`
+    // checks it at plan time): every rank takes an equal share.
+    let world = ranks.world();
+    if !cfg.batch_size.is_multiple_of(world) {
+        return Err(StageError::setting(
+            "batch_size",
+            format!("{} does not divide among the {world} ranks", cfg.batch_size),
+        ));
+    }
     let Start {
         model,
         mut opt,

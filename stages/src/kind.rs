@@ -23,6 +23,7 @@ pub static KINDS: &[Kind] = &[
     Kind::of::<crate::sft::SftConfig>(),
     Kind::of::<crate::reward::RewardConfig>(),
     Kind::of::<crate::ppo::PpoConfig>(),
+    Kind::of::<crate::dpo::DpoConfig>(),
 ];
 
 /// The kind named `name`.

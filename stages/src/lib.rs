@@ -23,6 +23,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod device;
 pub mod dist;
+pub mod dpo;
 pub mod error;
 pub mod eval;
 mod ffi;

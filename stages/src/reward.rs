@@ -399,7 +399,7 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 
 /// The rankings of `path` tokenized for `model`, and how many rows were
 /// skipped as saying nothing.
-fn load_groups(
+pub(crate) fn load_groups(
     path: &Path,
     model: &Model,
     max_len: usize,

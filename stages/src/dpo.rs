@@ -1,0 +1,653 @@
+//! Direct preference optimisation (Rafailov et al., 2023): the policy
+//! trained on rankings directly, with no reward model and no sampling.
+//!
+//! For a pair (chosen `w`, rejected `l`) of answers to one prompt, with
+//! `h = [log pi(w) - log pi(l)] - [log ref(w) - log ref(l)]` (sums over the
+//! answers' tokens, EOS included):
+//!
+//! - `sigmoid` (DPO): `-(1 - e) log s(beta h) - e log s(-beta h)`, with
+//!   `e = label_smoothing` (cDPO; 0 is plain DPO);
+//! - `ipo` (Azar et al., 2023): `(h - 1 / (2 beta))^2`, on log-probabilities
+//!   averaged over each answer's tokens, as TRL computes it.
+//!
+//! The implicit rewards are `beta (log pi(y) - log ref(y))`; metrics use
+//! TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+//! `rewards/accuracies`). Rankings are read as the reward model reads them
+//! (pairwise, implicit prompt, K-wise: C(K,2) pairs, ties skipped), each
+//! prompt weighing the same in a batch. The reference's log-probabilities
+//! are computed once, before the first step, and kept in the stage folder
+//! (`reference_logps.json`), so a resumed run reads them back.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rlhf_datasets::batch::{collate_groups, train_eval_split, GroupBatch, TokenizedGroup};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::check;
+use crate::checkpoint::{HeadChoice, Model};
+use crate::gpt::Head;
+use crate::kind::{KindConfig, PathSetting};
+use crate::network::Network;
+use crate::optim::{AdamWConfig, LrSchedule};
+use crate::train::{
+    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
+    StageError, Tokens, TrainSettings,
+};
+
+/// Where the reference's log-probabilities are kept in the stage folder.
+pub const REFERENCE_FILE: &str = "reference_logps.json";
+
+/// Settings of a DPO stage (`kind: dpo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoConfig {
+    /// `batch_size` counts prompts (each with its ranked answers).
+    #[serde(flatten, skip_deserializing)]
+    pub train: TrainSettings,
+    /// The model to train (the SFT stage, or a folder); unset: a random
+    /// model of the experiment's shape.
+    pub policy: Option<PathBuf>,
+    /// The frozen reference; unset: the policy as it starts.
+    pub reference: Option<PathBuf>,
+    /// Rankings: pairwise, implicit-prompt pairwise or K-wise rows.
+    pub data: PathBuf,
+    /// Held-out rankings for eval; unset: `eval_fraction` of `data`.
+    pub eval_data: Option<PathBuf>,
+    pub eval_fraction: f64,
+    pub max_len: usize,
+    /// How far the policy may move from the reference (DPO's beta).
+    pub beta: f64,
+    pub loss: DpoLoss,
+    /// cDPO's share of labels assumed flipped (sigmoid loss only).
+    pub label_smoothing: f64,
+}
+
+/// The preference loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    #[default]
+    Sigmoid,
+    Ipo,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            train: TrainSettings::new(
+                8,
+                1,
+                AdamWConfig {
+                    lr: 1e-5,
+                    weight_decay: 0.0,
+                    ..AdamWConfig::default()
+                },
+                LrSchedule {
+                    warmup_steps: 10,
+                    min_lr_ratio: 0.1,
+                },
+            ),
+            policy: None,
+            reference: None,
+            data: PathBuf::new(),
+            eval_data: None,
+            eval_fraction: 0.05,
+            max_len: 128,
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl KindConfig for DpoConfig {
+    const KIND: &'static str = "dpo";
+    type Summary = DpoSummary;
+
+    fn validate(&self) -> Result<(), StageError> {
+        self.train.validate()?;
+        check::example_split(self.eval_fraction, self.max_len)?;
+        check::require(
+            "beta",
+            self.beta.is_finite() && self.beta > 0.0 && self.beta <= 100.0,
+            "in (0, 100]",
+            self.beta,
+        )?;
+        check::require(
+            "label_smoothing",
+            (0.0..0.5).contains(&self.label_smoothing),
+            "in [0, 0.5)",
+            self.label_smoothing,
+        )?;
+        if self.loss == DpoLoss::Ipo && self.label_smoothing > 0.0 {
+            return Err(StageError::setting(
+                "label_smoothing",
+                "applies to `loss: sigmoid` only (cDPO); IPO has none",
+            ));
+        }
+        Ok(())
+    }
+
+    fn paths(&mut self) -> Vec<PathSetting<'_>> {
+        vec![
+            PathSetting::data(
+                "data",
+                "the rankings: pairwise {prompt, chosen, rejected} or K-wise {prompt, responses, ranking} rows",
+                &mut self.data,
+            ),
+            PathSetting::optional_data("eval_data", &mut self.eval_data),
+            PathSetting::optional_model("policy", &mut self.policy),
+            PathSetting::optional_model("reference", &mut self.reference),
+        ]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<DpoSummary, StageError> {
+        run(self, ctx)
+    }
+
+    fn train(&mut self) -> Option<&mut TrainSettings> {
+        Some(&mut self.train)
+    }
+}
+
+/// Log-probabilities of the pairs of a batch: the policy's and the
+/// reference's, of the chosen and of the rejected answer, one per pair.
+#[derive(Debug)]
+pub struct PairLogps {
+    pub policy_chosen: Tensor,
+    pub policy_rejected: Tensor,
+    pub reference_chosen: Tensor,
+    pub reference_rejected: Tensor,
+}
+
+/// Per pair: the loss, and the chosen and rejected answers' implicit
+/// rewards `beta (log pi - log ref)`.
+pub fn pair_losses(
+    loss: DpoLoss,
+    beta: f64,
+    label_smoothing: f64,
+    p: &PairLogps,
+) -> (Tensor, Tensor, Tensor) {
+    let chosen = &p.policy_chosen - &p.reference_chosen;
+    let rejected = &p.policy_rejected - &p.reference_rejected;
+    let h = &chosen - &rejected;
+    let losses = match loss {
+        DpoLoss::Sigmoid => {
+            -(&h * beta).log_sigmoid() * (1.0 - label_smoothing)
+                - (&h * -beta).log_sigmoid() * label_smoothing
+        }
+        DpoLoss::Ipo => (h - 1.0 / (2.0 * beta)).square(),
+    };
+    (losses, chosen * beta, rejected * beta)
+}
+
+/// Per row of `batch`: the summed log-probability of its answer's tokens
+/// (EOS included) given what precedes them, and how many there are.
+pub fn answer_logps(
+    model: &Network,
+    batch: &GroupBatch,
+    device: Device,
+    train: bool,
+) -> (Tensor, Tensor) {
+    let (rows, width) = (batch.rows as i64, batch.width as i64);
+    let ids = Tensor::from_slice(&batch.input_ids)
+        .view([rows, width])
+        .to_device(device);
+    let logits = model.forward_logits(&ids, None, train);
+    let next = width - 1;
+    let lp = crate::score::gather_logprobs(&logits.narrow(1, 0, next), &ids.narrow(1, 1, next));
+    // Position p predicts token p + 1: the answer's tokens are predicted
+    // from answer_start - 1 to last_index - 1.
+    let pos = Tensor::arange(next, (Kind::Int64, device)).unsqueeze(0);
+    let start = (Tensor::from_slice(&batch.answer_start).to_device(device) - 1).unsqueeze(1);
+    let end = (Tensor::from_slice(&batch.last_index).to_device(device) - 1).unsqueeze(1);
+    let mask = pos
+        .ge_tensor(&start)
+        .logical_and(&pos.le_tensor(&end))
+        .to_kind(Kind::Float);
+    let sum = (lp * &mask).sum_dim_intlist(1, false, Kind::Float);
+    (sum, mask.sum_dim_intlist(1, false, Kind::Float))
+}
+
+/// A prompt's ranked answers and the reference's log-probability of each.
+#[derive(Debug, Clone)]
+pub struct DpoExample {
+    pub group: TokenizedGroup,
+    pub reference: Vec<f64>,
+}
+
+/// A collated batch and the reference's log-probabilities of its rows.
+#[derive(Debug)]
+pub struct DpoBatch {
+    pub groups: GroupBatch,
+    pub reference: Vec<f32>,
+}
+
+impl Tokens for DpoBatch {
+    fn tokens(&self) -> usize {
+        self.groups.rows * self.groups.width
+    }
+}
+
+fn collate(examples: &[&DpoExample], pad: i64) -> DpoBatch {
+    let groups: Vec<&TokenizedGroup> = examples.iter().map(|e| &e.group).collect();
+    DpoBatch {
+        groups: collate_groups(&groups, pad),
+        reference: examples
+            .iter()
+            .flat_map(|e| e.reference.iter().map(|&x| x as f32))
+            .collect(),
+    }
+}
+
+/// What one forward of a batch gives: per pair, the loss and the implicit
+/// rewards, and each pair's weight (each prompt weighs the same).
+struct Forward {
+    losses: Tensor,
+    chosen: Tensor,
+    rejected: Tensor,
+    weight: Tensor,
+}
+
+fn forward(cfg: &DpoConfig, model: &Network, b: &DpoBatch, device: Device, train: bool) -> Forward {
+    let (mut policy, count) = answer_logps(model, &b.groups, device, train);
+    let mut reference = Tensor::from_slice(&b.reference).to_device(device);
+    if cfg.loss == DpoLoss::Ipo {
+        // IPO compares per-token log-probabilities (TRL).
+        let count = count.clamp_min(1.0);
+        policy = policy / &count;
+        reference = reference / &count;
+    }
+    let pick =
+        |t: &Tensor, rows: &[i64]| t.index_select(0, &Tensor::from_slice(rows).to_device(device));
+    let logps = PairLogps {
+        policy_chosen: pick(&policy, &b.groups.better),
+        policy_rejected: pick(&policy, &b.groups.worse),
+        reference_chosen: pick(&reference, &b.groups.better),
+        reference_rejected: pick(&reference, &b.groups.worse),
+    };
+    let (losses, chosen, rejected) = pair_losses(cfg.loss, cfg.beta, cfg.label_smoothing, &logps);
+    let weight = Tensor::from_slice(&b.groups.pair_weight).to_device(device);
+    Forward {
+        losses,
+        chosen,
+        rejected,
+        weight,
+    }
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::try_from(t.detach().to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default()
+}
+
+/// Held-out quality of a DPO policy, as TRL reports it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct DpoEval {
+    pub loss: f64,
+    /// Share of pairs whose chosen answer gets the larger implicit reward.
+    pub accuracy: f64,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub margins: f64,
+    pub pairs: usize,
+}
+
+impl Evaluation for DpoEval {
+    fn loss(&self) -> f64 {
+        self.loss
+    }
+    fn record(&self, record: &mut serde_json::Value) {
+        record["eval_loss"] = json!(self.loss);
+        record["eval_rewards/accuracies"] = json!(self.accuracy);
+        record["eval_rewards/chosen"] = json!(self.rewards_chosen);
+        record["eval_rewards/rejected"] = json!(self.rewards_rejected);
+        record["eval_rewards/margins"] = json!(self.margins);
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DpoSummary {
+    pub steps: i64,
+    pub train_groups: usize,
+    pub train_pairs: usize,
+    /// Rows of `data` passed over as saying nothing.
+    #[serde(default)]
+    pub skipped_rows: usize,
+    pub eval: Option<DpoEval>,
+    pub tokens_per_second: f64,
+    pub wall_seconds: f64,
+    /// Set when the eval loss hardly moved: the stage may not be learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// The DPO loss over ranked groups: a step's loss is the mean over its
+/// micro-batches of each prompt's mean pair loss.
+struct Preferences<'a> {
+    cfg: &'a DpoConfig,
+    eval: Vec<&'a DpoExample>,
+    eval_batch: usize,
+    pad: i64,
+    device: Device,
+}
+
+impl Objective for Preferences<'_> {
+    type Example = DpoExample;
+    type Batch = DpoBatch;
+    type Eval = DpoEval;
+    const LOSS: &'static str = "DPO loss";
+
+    fn collate(&self, examples: &[&DpoExample]) -> DpoBatch {
+        collate(examples, self.pad)
+    }
+
+    fn weight(&self, batch: &DpoBatch) -> f64 {
+        batch.groups.groups as f64
+    }
+
+    fn loss(&self, model: &Network, batch: &DpoBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
+        let f = forward(self.cfg, model, batch, self.device, true);
+        let loss = (&f.losses * &f.weight).sum(Kind::Float) * (share.local / share.micro);
+        let pairs = batch.groups.better.len() as f64;
+        let (chosen, rejected) = (to_vec(&f.chosen), to_vec(&f.rejected));
+        let sum = |xs: &[f64]| xs.iter().sum::<f64>();
+        let right = chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count();
+        let ratio = |name, num| Ratio {
+            name,
+            num,
+            den: pairs,
+        };
+        let ratios = vec![
+            ratio("rewards/accuracies", right as f64),
+            ratio("rewards/chosen", sum(&chosen)),
+            ratio("rewards/rejected", sum(&rejected)),
+            ratio("rewards/margins", sum(&chosen) - sum(&rejected)),
+        ];
+        (loss / share.micro_batches as f64, ratios)
+    }
+
+    /// The loss of a policy equal to its reference: `h = 0`.
+    fn chance_loss(&self) -> Option<f64> {
+        Some(match self.cfg.loss {
+            DpoLoss::Sigmoid => std::f64::consts::LN_2,
+            DpoLoss::Ipo => (0.5 / self.cfg.beta).powi(2),
+        })
+    }
+
+    fn evaluate(&self, model: &Network) -> Option<DpoEval> {
+        if self.eval.is_empty() {
+            return None;
+        }
+        tch::no_grad(|| {
+            let (mut loss, mut right, mut chosen, mut rejected, mut pairs) = (0.0, 0, 0.0, 0.0, 0);
+            for chunk in self.eval.chunks(self.eval_batch.max(1)) {
+                let b = collate(chunk, self.pad);
+                let f = forward(self.cfg, model, &b, self.device, false);
+                let l = (&f.losses * &f.weight).sum(Kind::Double).double_value(&[]);
+                loss += l * chunk.len() as f64;
+                let (c, r) = (to_vec(&f.chosen), to_vec(&f.rejected));
+                right += c.iter().zip(&r).filter(|(c, r)| c > r).count();
+                chosen += c.iter().sum::<f64>();
+                rejected += r.iter().sum::<f64>();
+                pairs += c.len();
+            }
+            let n = pairs.max(1) as f64;
+            Some(DpoEval {
+                loss: loss / self.eval.len() as f64,
+                accuracy: right as f64 / n,
+                rewards_chosen: chosen / n,
+                rewards_rejected: rejected / n,
+                margins: (chosen - rejected) / n,
+                pairs,
+            })
+        })
+    }
+}
+
+/// The reference's log-probability of every answer of `groups`.
+fn reference_logps(
+    model: &Network,
+    groups: &[TokenizedGroup],
+    batch: usize,
+    pad: i64,
+    device: Device,
+) -> Vec<Vec<f64>> {
+    tch::no_grad(|| {
+        let mut out = Vec::with_capacity(groups.len());
+        for chunk in groups.chunks(batch.max(1)) {
+            let refs: Vec<&TokenizedGroup> = chunk.iter().collect();
+            let (sum, _) = answer_logps(model, &collate_groups(&refs, pad), device, false);
+            let mut rows = to_vec(&sum).into_iter();
+            for g in chunk {
+                out.push(rows.by_ref().take(g.responses.len()).collect());
+            }
+        }
+        out
+    })
+}
+
+/// The reference's log-probabilities of the training and held-out
+/// rankings: read back from the stage folder, or computed (by `start`, the
+/// policy before its first step, or by the `reference` model) and kept.
+fn reference_of(
+    cfg: &DpoConfig,
+    ctx: &StageContext,
+    start: &Model,
+    fresh: bool,
+    data: [&[TokenizedGroup]; 2],
+) -> Result<[Vec<Vec<f64>>; 2], StageError> {
+    let path = ctx.out_dir.join(REFERENCE_FILE);
+    let fits = |kept: &[Vec<Vec<f64>>; 2]| {
+        (0..2).all(|i| {
+            kept[i].len() == data[i].len()
+                && kept[i]
+                    .iter()
+                    .zip(data[i])
+                    .all(|(r, g)| r.len() == g.responses.len())
+        })
+    };
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(kept) = serde_json::from_str::<[Vec<Vec<f64>>; 2]>(&text) {
+            if fits(&kept) {
+                return Ok(kept);
+            }
+        }
+    }
+    let loaded;
+    let model = match (&cfg.reference, &cfg.policy, fresh) {
+        (None, _, true) => start,
+        (Some(dir), _, _) | (None, Some(dir), false) => {
+            loaded = Model::load(dir, HeadChoice::Want(Head::Lm), ctx.device)?;
+            &loaded
+        }
+        (None, None, false) => {
+            return Err(StageError::setting(
+                "reference",
+                format!(
+                    "{} is missing and the policy started from a random model: rerun the stage from the start (--force)",
+                    path.display()
+                ),
+            ))
+        }
+    };
+    let (batch, pad) = (cfg.train.batch_size, model.tokenizer.pad_id());
+    let computed = data.map(|d| reference_logps(&model.net, d, batch, pad, ctx.device));
+    if ctx.ranks.is_main() {
+        let text = serde_json::to_vec(&computed).expect("numbers serialise");
+        rlhf_datasets::atomic::write_file(&path, &text)?;
+    }
+    Ok(computed)
+}
+
+/// Runs (or resumes, or finds done) a DPO run.
+pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError> {
+    KindConfig::validate(cfg)?;
+    let started = Instant::now();
+    let train = &cfg.train;
+    let run = FitRun::new("dpo", train, ctx);
+    let start = match run.begin(Head::Lm, cfg.policy.as_deref(), ctx)? {
+        Ok(start) => start,
+        Err(done) => return Ok(done),
+    };
+    let max_len = cfg.max_len.min(start.model.net.n_positions() as usize);
+    let (all, skipped_rows) = crate::reward::load_groups(&cfg.data, &start.model, max_len)?;
+    let held_out = match &cfg.eval_data {
+        Some(p) => crate::reward::load_groups(p, &start.model, max_len)?.0,
+        None => vec![],
+    };
+    let fresh = start.state.is_none();
+    let [reference, held_out_reference] =
+        reference_of(cfg, ctx, &start.model, fresh, [&all, &held_out])?;
+    let with_reference =
+        |groups: Vec<TokenizedGroup>, reference: Vec<Vec<f64>>| -> Vec<DpoExample> {
+            groups
+                .into_iter()
+                .zip(reference)
+                .map(|(group, reference)| DpoExample { group, reference })
+                .collect()
+        };
+    let all = with_reference(all, reference);
+    let held_out = with_reference(held_out, held_out_reference);
+    let (train_idx, eval_idx) = match &cfg.eval_data {
+        Some(_) => ((0..all.len()).collect(), vec![]),
+        None => train_eval_split(all.len(), cfg.eval_fraction, usize::MAX, train.seed()),
+    };
+    let examples: Vec<&DpoExample> = train_idx.iter().map(|&i| &all[i]).collect();
+    let objective = Preferences {
+        cfg,
+        eval: match &cfg.eval_data {
+            Some(_) => held_out.iter().collect(),
+            None => eval_idx.iter().map(|&i| &all[i]).collect(),
+        },
+        eval_batch: train.batch_size,
+        pad: start.model.tokenizer.pad_id(),
+        device: ctx.device,
+    };
+    let train_pairs: usize = examples.iter().map(|e| e.group.pairs.len()).sum();
+    tracing::info!(
+        "dpo: {} train prompts ({train_pairs} pairs) / {} eval prompts, {} steps of {} prompts, beta {}, {:?} loss",
+        examples.len(),
+        objective.eval.len(),
+        train.total_steps(examples.len()),
+        train.batch_size * train.grad_accum,
+        cfg.beta,
+        cfg.loss
+    );
+    let answers = examples
+        .iter()
+        .map(|e| e.group.responses.len())
+        .max()
+        .unwrap_or(0);
+    let longest = examples
+        .iter()
+        .flat_map(|e| {
+            e.group
+                .responses
+                .iter()
+                .map(|r| e.group.prompt.len() + r.len())
+        })
+        .max()
+        .unwrap_or(0);
+    let rows = train.batch_size.min(examples.len()) * answers;
+    crate::train::check_step_memory(&start.model, rows, longest)?;
+    let fitted = fit(&run, start, &objective, &examples)?;
+    let final_eval = objective.evaluate(&fitted.model.net).or(fitted.last_eval);
+    finish(&run, &fitted)?;
+    let summary = DpoSummary {
+        steps: fitted.steps,
+        train_groups: examples.len(),
+        train_pairs,
+        skipped_rows,
+        eval: final_eval,
+        tokens_per_second: fitted.tokens_per_second,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        warning: fitted.warning.clone(),
+    };
+    if run.ranks.is_main() {
+        write_summary(&ctx.out_dir, &summary)?;
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logps(pc: &[f64], pr: &[f64], rc: &[f64], rr: &[f64]) -> PairLogps {
+        let t = |x: &[f64]| Tensor::from_slice(x);
+        PairLogps {
+            policy_chosen: t(pc),
+            policy_rejected: t(pr),
+            reference_chosen: t(rc),
+            reference_rejected: t(rr),
+        }
+    }
+
+    /// -log sigmoid(x)
+    fn nls(x: f64) -> f64 {
+        (1.0 + (-x).exp()).ln()
+    }
+
+    #[test]
+    fn dpo_cdpo_and_ipo_losses_match_hand_computed_values() {
+        // Pair 1: h = (-5 - -9) - (-6 - -7) = 3; pair 2: h = (-4 - -2) - (-3 - -3) = -2.
+        let p = logps(&[-5.0, -4.0], &[-9.0, -2.0], &[-6.0, -3.0], &[-7.0, -3.0]);
+        let beta = 0.1;
+        let (l, chosen, rejected) = pair_losses(DpoLoss::Sigmoid, beta, 0.0, &p);
+        let l = to_vec(&l);
+        assert!(
+            (l[0] - nls(0.3)).abs() < 1e-12 && (l[1] - nls(-0.2)).abs() < 1e-12,
+            "{l:?}"
+        );
+        // Implicit rewards: beta (pi - ref).
+        assert_eq!(to_vec(&chosen), [0.1 * 1.0, 0.1 * -1.0].map(|x: f64| x));
+        let r = to_vec(&rejected);
+        assert!(
+            (r[0] - 0.1 * -2.0).abs() < 1e-12 && (r[1] - 0.1 * 1.0).abs() < 1e-12,
+            "{r:?}"
+        );
+        // cDPO: (1 - e) nls(beta h) + e nls(-beta h).
+        let l = to_vec(&pair_losses(DpoLoss::Sigmoid, beta, 0.2, &p).0);
+        let want = 0.8 * nls(0.3) + 0.2 * nls(-0.3);
+        assert!((l[0] - want).abs() < 1e-12, "{} vs {want}", l[0]);
+        // IPO: (h - 1 / (2 beta))^2 = (3 - 5)^2 and (-2 - 5)^2.
+        assert_eq!(
+            to_vec(&pair_losses(DpoLoss::Ipo, beta, 0.0, &p).0),
+            [4.0, 49.0]
+        );
+        // By the numbers: nls(0.3) = 0.554355, nls(-0.2) = 0.798139.
+        assert!((nls(0.3) - 0.554355).abs() < 1e-6 && (nls(-0.2) - 0.798139).abs() < 1e-6);
+    }
+
+    #[test]
+    fn answer_logps_sum_the_answer_tokens_only() {
+        let _rng = crate::rng_lock();
+        let (_vs, net) = crate::tiny_gpt(5, 20, 16, 1, Head::Lm);
+        // Prompt [1, 2], answers [3, 4] and [5]; padded with 0.
+        let group = TokenizedGroup {
+            prompt: vec![1, 2],
+            responses: vec![vec![3, 4], vec![5]],
+            pairs: vec![(0, 1)],
+            margin: 0.0,
+        };
+        let batch = collate_groups(&[&group], 0);
+        let (sum, count) = answer_logps(&net, &batch, Device::Cpu, false);
+        assert_eq!(to_vec(&count), [2.0, 1.0]);
+        // By hand: log p(3 | 1 2) + log p(4 | 1 2 3), and log p(5 | 1 2).
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        let lp = net
+            .forward_logits(&ids, None, false)
+            .log_softmax(-1, Kind::Double);
+        let want = lp.double_value(&[0, 1, 3]) + lp.double_value(&[0, 2, 4]);
+        let got = to_vec(&sum);
+        assert!((got[0] - want).abs() < 1e-5, "{} vs {want}", got[0]);
+        let ids = Tensor::from_slice(&[1i64, 2, 5]).view([1, 3]);
+        let lp = net
+            .forward_logits(&ids, None, false)
+            .log_softmax(-1, Kind::Double);
+        assert!((got[1] - lp.double_value(&[0, 1, 5])).abs() < 1e-5);
+    }
+}

@@ -404,3 +404,66 @@ fn a_scratch_model_takes_its_vocabulary_from_the_tokenizer() {
     .unwrap();
     assert_eq!(config["vocab_size"], 304);
 }
+
+/// A DPO stage in the DAG beside PPO: trained from the SFT stage on the
+/// reward model's rankings, cached on a rerun, and judged as a policy by
+/// `rlhf eval` (with the reference's log-probabilities in its folder).
+#[test]
+fn a_dpo_stage_trains_from_sft_and_is_evaluated_as_a_policy() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &d.path().join("prefs.jsonl"), 24);
+    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 8);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: routes\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}\n\
+         \x20 dpo: {kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 3, batch_size: 2, max_len: 48, beta: 0.2, loss: ipo}\n",
+    )
+    .unwrap();
+    let plan = String::from_utf8(rlhf(&["plan", exp.to_str().unwrap()]).stdout).unwrap();
+    assert!(plan.contains("2. dpo (dpo) after sft: to run"), "{plan}");
+    run(&exp, &[]);
+    let dpo = d.path().join("runs/routes/dpo");
+    assert!(dpo.join("checkpoint/model.safetensors").exists());
+    assert!(dpo.join("reference_logps.json").exists());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dpo.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 3);
+    assert!(summary["eval"]["accuracy"].is_number(), "{summary}");
+    let log = run(&exp, &[]);
+    assert!(cached(&log, "dpo"), "{log}");
+    let run_dir = d.path().join("runs/routes");
+    let prompts = d.path().join("prompts.jsonl");
+    let out = rlhf(&[
+        "eval",
+        run_dir.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--kl-samples",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(run_dir.join("report/report.md")).unwrap();
+    assert!(report.contains("| dpo |"), "{report}");
+    // A bad setting is named with its stage and line.
+    std::fs::write(
+        &exp,
+        std::fs::read_to_string(&exp)
+            .unwrap()
+            .replace("beta: 0.2", "beta: -1"),
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(&rlhf(&["plan", exp.to_str().unwrap()]).stderr).into_owned();
+    assert!(
+        err.contains("stages.dpo.beta: must be in (0, 100], got -1 at line 6"),
+        "{err}"
+    );
+}

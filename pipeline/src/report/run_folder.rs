@@ -72,7 +72,8 @@ fn kind_order(kind: &str) -> usize {
         "sft" => 0,
         "reward" => 1,
         "ppo" => 2,
-        _ => 3,
+        "dpo" => 3,
+        _ => 4,
     }
 }
 
@@ -105,7 +106,7 @@ fn collect(
         {
             continue;
         }
-        if !matches!(manifest.kind.as_str(), "sft" | "reward" | "ppo") {
+        if !matches!(manifest.kind.as_str(), "sft" | "reward" | "ppo" | "dpo") {
             continue;
         }
         out.push(FinishedStage {

@@ -467,3 +467,74 @@ fn a_dpo_stage_trains_from_sft_and_is_evaluated_as_a_policy() {
         "{err}"
     );
 }
+
+/// Iterated DPO: `loop: {repeat: [dpo]}` samples the latest DPO policy,
+/// has its answers ranked, and trains DPO again on every ranking so far,
+/// from the latest policy against the fixed reference.
+#[test]
+fn a_loop_repeats_dpo_on_fresh_rankings() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &d.path().join("prefs.jsonl"), 16);
+    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 8);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: online\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}\n\
+         \x20 dpo: {kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}\n\
+         loop: {repeat: [dpo], rounds: 2, prompts: prompts.jsonl, prompts_per_round: 3, k: 3, sampling: {max_new_tokens: 4}, labeller: {kind: gold}}\n",
+    )
+    .unwrap();
+    let plan = String::from_utf8(rlhf(&["plan", exp.to_str().unwrap()]).stdout).unwrap();
+    assert!(
+        plan.contains("then 2 round(s) of: collect (3 prompts x 3 answers, Gold labeller) -> dpo"),
+        "{plan}"
+    );
+    run(&exp, &[]);
+    let run_dir = d.path().join("runs/online");
+    for round in [1, 2] {
+        assert!(run_dir
+            .join(format!("round-{round}/dpo/checkpoint/model.safetensors"))
+            .exists());
+    }
+    // Round 2 trained from round 1's policy on the rankings of both rounds.
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("round-2/dpo/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let config = manifest["config"].to_string();
+    assert!(
+        config.contains("round-1/dpo/checkpoint") && config.contains("round-2/preferences.parquet"),
+        "{config}"
+    );
+    let table =
+        rlhf_datasets::load::read_table(&run_dir.join("round-2/preferences.parquet")).unwrap();
+    let rounds = table.column("round").unwrap().i64().unwrap().clone();
+    let per_round = |r: i64| {
+        (0..rounds.len())
+            .filter(|&i| rounds.get(i) == Some(r))
+            .count()
+    };
+    assert_eq!(per_round(0), 16, "the stage's own rankings");
+    // Each round's new groups (all-tied ones dropped), as its collect says.
+    for r in [1, 2] {
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run_dir.join(format!("round-{r}/collect/manifest.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            m["summary"]["new_groups"].as_u64(),
+            Some(per_round(r as i64) as u64),
+            "round {r}"
+        );
+    }
+    assert_eq!(table.height(), 16 + per_round(1) + per_round(2));
+    let lines = std::fs::read_to_string(run_dir.join("rounds.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["round"], 2);
+    assert!(last["dpo_eval_accuracy"].is_number(), "{last}");
+    let log = run(&exp, &[]);
+    assert!(cached(&log, "round-2/dpo"), "{log}");
+}

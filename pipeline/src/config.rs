@@ -75,7 +75,8 @@ pub struct ExperimentFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoopFile {
-    /// The reward stage and the PPO stage to repeat, in that order.
+    /// The stages each round trains after ranking: a reward stage then a
+    /// PPO stage (`[rm, ppo]`), or one DPO stage (`[dpo]`).
     pub repeat: Vec<String>,
     pub rounds: usize,
     /// Prompts to sample answers for (`{prompt}` rows).
@@ -682,11 +683,20 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
         .iter()
         .map(|n| stages.get(n).map_or("missing", |s| s.kind()))
         .collect();
-    if kinds != ["reward", "ppo"] {
+    if kinds != ["reward", "ppo"] && kinds != ["dpo"] {
         return Err(format!(
-            "repeat must name a reward stage then a ppo stage, got {:?} (kinds {kinds:?})",
+            "repeat must name a reward stage then a ppo stage, or one dpo stage, got {:?} (kinds {kinds:?})",
             l.repeat
         ));
+    }
+    let dpo = l
+        .repeat
+        .first()
+        .and_then(|n| stages.get(n)?.get::<rlhf_stages::dpo::DpoConfig>());
+    if dpo.is_some_and(|d| d.policy.is_none()) {
+        return Err(
+            "repeat: [dpo] needs the dpo stage's `policy` (the model the rounds start from)".into(),
+        );
     }
     // A round's folder holds its own `collect/` and preferences beside the
     // repeated stages.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use rlhf_stages::dpo::DpoConfig;
 use rlhf_stages::ppo::PpoConfig;
 use rlhf_stages::reward::RewardConfig;
 
@@ -266,9 +267,75 @@ impl Collect<'_> {
     }
 }
 
+/// The stages a loop round repeats after sampling and ranking.
+enum Repeat<'a> {
+    /// The reward model retrained on every ranking so far, then PPO
+    /// against it (InstructGPT's iteration).
+    RewardThenPpo {
+        rm: &'a str,
+        ppo: &'a str,
+        rm_cfg: &'a RewardConfig,
+    },
+    /// DPO on every ranking so far (iterated, online DPO).
+    Dpo { dpo: &'a str },
+}
+
+impl<'a> Repeat<'a> {
+    /// The repeated stages, and the policy the rounds start from, its
+    /// reference, and the rankings the first round adds to.
+    fn of(
+        exp: &'a Experiment,
+        spec: &'a LoopFile,
+    ) -> anyhow::Result<(Self, PathBuf, PathBuf, PathBuf)> {
+        match spec.repeat.as_slice() {
+            [rm, ppo] => {
+                let (Some(rm_cfg), Some(ppo_cfg)) = (
+                    exp.stage(rm)?.get::<RewardConfig>(),
+                    exp.stage(ppo)?.get::<PpoConfig>(),
+                ) else {
+                    bail!(
+                        "loop.repeat must name a reward stage then a ppo stage, or one dpo stage"
+                    );
+                };
+                let reference = ppo_cfg
+                    .reference
+                    .clone()
+                    .unwrap_or_else(|| ppo_cfg.policy.clone());
+                let repeat = Repeat::RewardThenPpo { rm, ppo, rm_cfg };
+                Ok((
+                    repeat,
+                    ppo_cfg.policy.clone(),
+                    reference,
+                    rm_cfg.data.clone(),
+                ))
+            }
+            [dpo] => {
+                let Some(cfg) = exp.stage(dpo)?.get::<DpoConfig>() else {
+                    bail!(
+                        "loop.repeat must name a reward stage then a ppo stage, or one dpo stage"
+                    );
+                };
+                let policy = cfg.policy.clone().context("loop.repeat: [dpo] needs the dpo stage's `policy` (the model rounds start from)")?;
+                let reference = cfg.reference.clone().unwrap_or_else(|| policy.clone());
+                Ok((Repeat::Dpo { dpo }, policy, reference, cfg.data.clone()))
+            }
+            _ => bail!("loop.repeat must name a reward stage then a ppo stage, or one dpo stage"),
+        }
+    }
+
+    /// The stage whose checkpoint is the rounds' policy.
+    fn policy_stage(&self) -> &'a str {
+        match self {
+            Repeat::RewardThenPpo { ppo, .. } => ppo,
+            Repeat::Dpo { dpo } => dpo,
+        }
+    }
+}
+
 /// The loop: each round samples the latest policy, ranks its answers,
-/// appends them to the preference data, retrains the reward model and runs
-/// PPO from the latest policy. Rounds live in `round-N/`.
+/// appends them to the preference data, and trains on everything so far:
+/// the reward model then PPO from the latest policy, or DPO. Rounds live
+/// in `round-N/`.
 fn run_rounds(
     exp: &Experiment,
     spec: &LoopFile,
@@ -276,27 +343,22 @@ fn run_rounds(
     force: bool,
     overrides: &[String],
 ) -> anyhow::Result<Vec<(String, Outcome)>> {
-    let (rm, ppo) = (&spec.repeat[0], &spec.repeat[1]);
-    let (Some(rm_cfg), Some(ppo_cfg)) = (
-        exp.stage(rm)?.get::<RewardConfig>(),
-        exp.stage(ppo)?.get::<PpoConfig>(),
-    ) else {
-        bail!("loop.repeat must name a reward stage then a ppo stage");
-    };
+    let (repeat, _, reference, data) = Repeat::of(exp, spec)?;
     let final_of = |dir: &Path| dir.join(rlhf_stages::train::FINAL_DIR);
-    let reference = ppo_cfg
-        .reference
-        .clone()
-        .unwrap_or_else(|| ppo_cfg.policy.clone());
-    let (mut policy_dir, mut policy_key) = (final_of(&exp.stage_dir(ppo)), keys[ppo].clone());
+    let trained = repeat.policy_stage();
+    let (mut policy_dir, mut policy_key) =
+        (final_of(&exp.stage_dir(trained)), keys[trained].clone());
     // The reference's key: its stage's, or its folder for an outside model
-    // (whose files the PPO stage's inputs hash).
+    // (whose files the trained stage's inputs hash).
     let reference_key = keys
         .iter()
         .find(|(name, _)| final_of(&exp.stage_dir(name)) == reference)
         .map_or_else(|| reference.display().to_string(), |(_, k)| k.clone());
-    let (mut rm_dir, mut rm_key) = (final_of(&exp.stage_dir(rm)), keys[rm].clone());
-    let (mut prefs, mut prefs_key) = (rm_cfg.data.clone(), String::new());
+    let mut rm_state = match &repeat {
+        Repeat::RewardThenPpo { rm, .. } => Some((final_of(&exp.stage_dir(rm)), keys[*rm].clone())),
+        Repeat::Dpo { .. } => None,
+    };
+    let (mut prefs, mut prefs_key) = (data, String::new());
     let mut outcomes = Vec::new();
     let mut rounds_log = String::new();
     for round in 1..=spec.rounds {
@@ -311,40 +373,54 @@ fn run_rounds(
         };
         let (collect_key, out_prefs, outcome) = collect.ensure(&round_dir, force, overrides)?;
         outcomes.push((format!("round-{round}/collect"), outcome));
-        // 2. The reward model on everything so far.
-        let rm_init = match spec.reward_init {
-            RewardInit::Previous => Some(rm_dir.clone()),
-            RewardInit::Stage => rm_cfg.init.clone(),
-        };
-        let mut extra = spec.set.clone();
-        extra.push(format!("stages.{rm}.data={}", out_prefs.display()));
-        if let Some(init) = &rm_init {
-            extra.push(format!("stages.{rm}.init={}", init.display()));
-        }
-        let upstream = [("collect", &collect_key), ("init", &rm_key)];
         let round_run = RoundRun {
             exp,
             round_dir: &round_dir,
             force,
             overrides,
         };
-        (rm_dir, rm_key) = round_run.ensure(rm, extra, upstream, &mut outcomes)?;
-        // 3. PPO from the latest (or the reference) policy against the new
-        // reward model.
+        // 2. Training on everything so far, from the latest (or the
+        // reference) policy.
         let (start_dir, start_key) = match spec.policy_init {
-            PolicyInit::Previous => (&policy_dir, &policy_key),
-            PolicyInit::Reference => (&reference, &reference_key),
+            PolicyInit::Previous => (policy_dir.clone(), policy_key.clone()),
+            PolicyInit::Reference => (reference.clone(), reference_key.clone()),
         };
         let mut extra = spec.set.clone();
-        extra.extend([
-            format!("stages.{ppo}.policy={}", start_dir.display()),
-            format!("stages.{ppo}.reference={}", reference.display()),
-            format!("stages.{ppo}.reward_model={}", rm_dir.display()),
-        ]);
-        let upstream = [("policy", start_key), ("reward_model", &rm_key)];
-        (policy_dir, policy_key) = round_run.ensure(ppo, extra, upstream, &mut outcomes)?;
+        let line = match &repeat {
+            Repeat::RewardThenPpo { rm, ppo, rm_cfg } => {
+                let (rm_dir, rm_key) = rm_state.as_mut().expect("a reward stage");
+                let rm_init = match spec.reward_init {
+                    RewardInit::Previous => Some(rm_dir.clone()),
+                    RewardInit::Stage => rm_cfg.init.clone(),
+                };
+                let mut rm_extra = extra.clone();
+                rm_extra.push(format!("stages.{rm}.data={}", out_prefs.display()));
+                if let Some(init) = &rm_init {
+                    rm_extra.push(format!("stages.{rm}.init={}", init.display()));
+                }
+                let upstream = [("collect", &collect_key), ("init", &*rm_key)];
+                (*rm_dir, *rm_key) = round_run.ensure(rm, rm_extra, upstream, &mut outcomes)?;
+                extra.extend([
+                    format!("stages.{ppo}.policy={}", start_dir.display()),
+                    format!("stages.{ppo}.reference={}", reference.display()),
+                    format!("stages.{ppo}.reward_model={}", rm_dir.display()),
+                ]);
+                let upstream = [("policy", &start_key), ("reward_model", &*rm_key)];
+                (policy_dir, policy_key) = round_run.ensure(ppo, extra, upstream, &mut outcomes)?;
+                round_line(round, &round_dir, rm, ppo)
+            }
+            Repeat::Dpo { dpo } => {
+                extra.extend([
+                    format!("stages.{dpo}.data={}", out_prefs.display()),
+                    format!("stages.{dpo}.policy={}", start_dir.display()),
+                    format!("stages.{dpo}.reference={}", reference.display()),
+                ]);
+                let upstream = [("collect", &collect_key), ("policy", &start_key)];
+                (policy_dir, policy_key) = round_run.ensure(dpo, extra, upstream, &mut outcomes)?;
+                dpo_round_line(round, &round_dir, dpo)
+            }
+        };
         (prefs, prefs_key) = (out_prefs, collect_key);
-        let line = round_line(round, &round_dir, rm, ppo);
         rounds_log.push_str(&format!("{line}\n"));
     }
     rlhf_datasets::atomic::write_file(&exp.run_dir.join("rounds.jsonl"), rounds_log.as_bytes())?;
@@ -411,6 +487,20 @@ fn round_line(round: usize, round_dir: &Path, rm: &str, ppo: &str) -> serde_json
     })
 }
 
+/// A DPO round's line of `rounds.jsonl`.
+fn dpo_round_line(round: usize, round_dir: &Path, dpo: &str) -> serde_json::Value {
+    let summary = |dir: &Path| read_manifest(dir).map(|m| m.summary).unwrap_or_default();
+    let (c, d) = (
+        summary(&round_dir.join("collect")),
+        summary(&round_dir.join(dpo)),
+    );
+    serde_json::json!({
+        "round": round, "new_groups": c["new_groups"], "total_groups": c["total_groups"],
+        "dpo_eval_accuracy": d["eval"]["accuracy"], "dpo_eval_margins": d["eval"]["margins"],
+        "labels": c["labels"],
+    })
+}
+
 /// The running binary, for stage children. On Linux `/proc/self/exe`: it
 /// stays valid when the file is replaced mid-run (a rebuild, an upgrade),
 /// where `current_exe()` names a deleted path, and every stage of a run
@@ -468,8 +558,12 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
     }
     if let Some(l) = &exp.spec.rounds {
         out.push_str(&format!(
-            "then {} round(s) of: collect ({} prompts x {} answers, {:?} labeller) -> {} -> {}\n",
-            l.rounds, l.prompts_per_round, l.k, l.labeller, l.repeat[0], l.repeat[1]
+            "then {} round(s) of: collect ({} prompts x {} answers, {:?} labeller) -> {}\n",
+            l.rounds,
+            l.prompts_per_round,
+            l.k,
+            l.labeller,
+            l.repeat.join(" -> ")
         ));
     }
     Ok(out)

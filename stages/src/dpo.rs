@@ -474,7 +474,18 @@ fn reference_of(
         }
     };
     let (batch, pad) = (cfg.train.batch_size, model.tokenizer.pad_id());
+    let answers: usize = data
+        .iter()
+        .flat_map(|d| d.iter().map(|g| g.responses.len()))
+        .sum();
+    tracing::info!("dpo: the reference's log-probabilities of {answers} answers, once");
+    let t0 = Instant::now();
     let computed = data.map(|d| reference_logps(&model.net, d, batch, pad, ctx.device));
+    tracing::info!(
+        "dpo: reference done in {:.0} s, kept in {}",
+        t0.elapsed().as_secs_f64(),
+        path.display()
+    );
     if ctx.ranks.is_main() {
         let text = serde_json::to_vec(&computed).expect("numbers serialise");
         rlhf_datasets::atomic::write_file(&path, &text)?;

@@ -258,8 +258,8 @@ fn forward(cfg: &DpoConfig, model: &Network, b: &DpoBatch, device: Device, train
     if cfg.loss == DpoLoss::Ipo {
         // IPO compares per-token log-probabilities (TRL).
         let count = count.clamp_min(1.0);
-        policy = policy / &count;
-        reference = reference / &count;
+        policy /= &count;
+        reference /= &count;
     }
     let pick =
         |t: &Tensor, rows: &[i64]| t.index_select(0, &Tensor::from_slice(rows).to_device(device));
@@ -614,7 +614,7 @@ mod tests {
             "{l:?}"
         );
         // Implicit rewards: beta (pi - ref).
-        assert_eq!(to_vec(&chosen), [0.1 * 1.0, 0.1 * -1.0].map(|x: f64| x));
+        assert_eq!(to_vec(&chosen), [0.1, -0.1]);
         let r = to_vec(&rejected);
         assert!(
             (r[0] - 0.1 * -2.0).abs() < 1e-12 && (r[1] - 0.1 * 1.0).abs() < 1e-12,

@@ -28,6 +28,7 @@ pub mod error;
 pub mod eval;
 mod ffi;
 pub mod gpt;
+pub mod grpo;
 pub mod kind;
 pub mod llama;
 pub mod lora;

@@ -1,0 +1,131 @@
+//! GRPO's arithmetic (Shao et al., 2024, DeepSeekMath): no critic; each
+//! prompt is answered G times and an answer's advantage is its score
+//! against its group's, the same for every token of the answer; PPO's
+//! clipped ratio; the KL to the reference as a per-token penalty in the
+//! loss (the k3 estimator), or subtracted from the score.
+//!
+//! First step of the `kind: grpo` stage (issue #19): the pure functions,
+//! checked by hand; the stage that samples, scores and trains with them
+//! follows.
+
+use tch::Tensor;
+
+/// Added to a group's standard deviation before dividing by it (TRL).
+pub const STD_EPS: f64 = 1e-4;
+
+/// Advantages of answers scored in groups of `group` consecutive answers
+/// (one prompt each): `s - mean` of the group, divided by the group's
+/// standard deviation (unbiased, as `torch.std`) plus [`STD_EPS`] when
+/// `scale` (GRPO), or not (Dr. GRPO: the division favours groups of
+/// nearly equal scores). Also how many groups had no spread (all scores
+/// equal: nothing to learn from them).
+pub fn group_advantages(scores: &[f64], group: usize, scale: bool) -> (Vec<f64>, usize) {
+    let mut out = Vec::with_capacity(scores.len());
+    let mut flat = 0;
+    for g in scores.chunks(group.max(1)) {
+        let n = g.len() as f64;
+        let mean = g.iter().sum::<f64>() / n;
+        let var = g.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        let std = var.sqrt();
+        flat += usize::from(g.iter().all(|&s| s == g[0]));
+        let scale = if scale { std + STD_EPS } else { 1.0 };
+        out.extend(g.iter().map(|s| (s - mean) / scale));
+    }
+    (out, flat)
+}
+
+/// The k3 estimate of KL(policy || reference) per token (Schulman, 2020):
+/// `exp(ref - lp) - (ref - lp) - 1`, never negative, unbiased.
+pub fn k3(lp: &Tensor, ref_lp: &Tensor) -> Tensor {
+    let d = ref_lp - lp;
+    d.exp() - &d - 1.0
+}
+
+/// What one GRPO loss gives: the loss, the share of answer tokens whose
+/// ratio was clipped, and the mean per-token KL to the reference.
+#[derive(Debug)]
+pub struct GrpoLoss {
+    pub loss: Tensor,
+    pub clip_fraction: f64,
+    pub kl: f64,
+}
+
+/// GRPO's loss on answers `(B, N)` with per-answer `advantages` `(B,)`:
+/// per token `-min(r A, clip(r, 1 - e, 1 + e) A) + beta k3`, with
+/// `r = exp(lp - old_lp)`; averaged over each answer's tokens (`mask`),
+/// then over the answers (the paper's normalisation).
+pub fn grpo_loss(
+    lp: &Tensor,
+    old_lp: &Tensor,
+    ref_lp: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    clip_range: f64,
+    beta: f64,
+) -> GrpoLoss {
+    let ratio = (lp - old_lp).exp();
+    let a = advantages.unsqueeze(1);
+    let unclipped = &ratio * &a;
+    let clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * &a;
+    let surrogate = -unclipped.minimum(&clipped);
+    let kl = k3(lp, ref_lp);
+    let per_token = surrogate + &kl * beta;
+    let kind = lp.kind();
+    let tokens = mask.sum_dim_intlist(1, false, kind).clamp_min(1.0);
+    let per_answer = (per_token * mask).sum_dim_intlist(1, false, kind) / &tokens;
+    let all = mask.sum(kind).clamp_min(1.0);
+    let was_clipped = (&ratio - 1.0).abs().gt(clip_range).to_kind(kind);
+    let share = |t: Tensor| ((t * mask).sum(kind) / &all).double_value(&[]);
+    GrpoLoss {
+        loss: per_answer.mean(kind),
+        clip_fraction: share(was_clipped),
+        kl: share(kl.detach()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_advantages_by_hand() {
+        // Group 1: scores 1, 2, 3: mean 2, unbiased std 1. Group 2: all 5.
+        let (a, flat) = group_advantages(&[1.0, 2.0, 3.0, 5.0, 5.0, 5.0], 3, true);
+        let s = 1.0 + STD_EPS;
+        assert_eq!(a, [-1.0 / s, 0.0, 1.0 / s, 0.0, 0.0, 0.0]);
+        assert_eq!(flat, 1, "one group without spread");
+        // Dr. GRPO: the differences alone.
+        let (a, _) = group_advantages(&[0.0, 1.0, 0.5, 0.5], 2, false);
+        assert_eq!(a, [-0.5, 0.5, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn grpo_loss_by_hand() {
+        // Two answers, two token slots; the second answer has one token.
+        let lp = Tensor::from_slice(&[-1.0f64, -2.0, -0.5, 0.0]).view([2, 2]);
+        let old = Tensor::from_slice(&[-1.0f64, -2.5, -1.0, 0.0]).view([2, 2]);
+        let reference = Tensor::from_slice(&[-1.0f64, -2.0, -0.7, 0.0]).view([2, 2]);
+        let adv = Tensor::from_slice(&[2.0f64, -1.0]);
+        let mask = Tensor::from_slice(&[1.0f64, 1.0, 1.0, 0.0]).view([2, 2]);
+        let (clip, beta) = (0.2, 0.1);
+        let out = grpo_loss(&lp, &old, &reference, &adv, &mask, clip, beta);
+        // Answer 1: ratios 1 and e^0.5 = 1.6487 (clipped to 1.2); A = 2:
+        // -min(2, 2) = -2 and -min(3.2974, 2.4) = -2.4; KL 0 on both.
+        // Answer 2: ratio e^0.5 with A = -1: -min(-1.6487, -1.2) = 1.6487;
+        // k3 with d = -0.2: e^-0.2 + 0.2 - 1 = 0.018731.
+        let k3 = (-0.2f64).exp() + 0.2 - 1.0;
+        let answer1 = (-2.0 - 2.4) / 2.0;
+        let answer2 = 0.5f64.exp() + beta * k3;
+        let want = (answer1 + answer2) / 2.0;
+        let got = out.loss.double_value(&[]);
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        assert!(
+            (out.clip_fraction - 2.0 / 3.0).abs() < 1e-12,
+            "{}",
+            out.clip_fraction
+        );
+        assert!((out.kl - k3 / 3.0).abs() < 1e-12, "{}", out.kl);
+        // By the numbers: e^0.5 = 1.648721, k3 = 0.018731.
+        assert!((0.5f64.exp() - 1.648721).abs() < 1e-6 && (k3 - 0.018731).abs() < 1e-6);
+    }
+}

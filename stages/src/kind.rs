@@ -24,6 +24,7 @@ pub static KINDS: &[Kind] = &[
     Kind::of::<crate::reward::RewardConfig>(),
     Kind::of::<crate::ppo::PpoConfig>(),
     Kind::of::<crate::dpo::DpoConfig>(),
+    Kind::of::<crate::grpo::GrpoConfig>(),
 ];
 
 /// The kind named `name`.

@@ -42,6 +42,7 @@ pub use math::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean,
     token_rewards, whiten, AdaptiveKl, KlController, KlEstimator,
 };
+pub(crate) use phases::{answer_logprobs, Scorer};
 use phases::{Iteration, Models, Tallies};
 
 /// Language-model loss on demonstrations during PPO (InstructGPT's PPO-ptx).
@@ -458,7 +459,7 @@ fn judge_eval(
 
 /// A warning when the rollouts' mean score over the last quarter of the
 /// iterations is not above the first quarter's (runs of 4 or more).
-fn score_did_not_rise(metrics: &std::path::Path) -> Option<String> {
+pub(crate) fn score_did_not_rise(metrics: &std::path::Path) -> Option<String> {
     let text = std::fs::read_to_string(metrics).ok()?;
     let scores: Vec<f64> = text
         .lines()

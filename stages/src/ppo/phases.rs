@@ -40,7 +40,7 @@ const CRITIC_DIR: &str = "critic";
 const POLICY_DIR: &str = "policy";
 
 /// Where answers get their score: a frozen reward model, or the judge.
-enum Scorer {
+pub(crate) enum Scorer {
     Model(Box<Model>),
     Judge(Judge),
 }
@@ -98,7 +98,8 @@ impl Models {
                 Some(m)
             }
         };
-        let scorer = Scorer::load(cfg, ctx)?;
+        let rm = cfg.reward_model.as_deref();
+        let scorer = Scorer::load(rm, cfg.gold_reward, ctx)?;
         let models = Self {
             policy_vars: trainable_by_name(&policy),
             critic_vars: trainable_by_name(&critic),
@@ -160,13 +161,23 @@ fn load_resume_point(
 }
 
 impl Scorer {
-    fn load(cfg: &PpoConfig, ctx: &StageContext) -> Result<Self, StageError> {
-        if cfg.gold_reward {
+    /// The judge (`gold_reward`), else the reward model at `reward_model`.
+    pub(crate) fn load(
+        reward_model: Option<&Path>,
+        gold_reward: bool,
+        ctx: &StageContext,
+    ) -> Result<Self, StageError> {
+        if gold_reward {
             return ctx.judge.clone().map(Scorer::Judge).ok_or_else(|| {
                 StageError::setting("gold_reward", "is set but no judge is available")
             });
         }
-        let path = cfg.reward_model.as_deref().expect("validated");
+        let path = reward_model.ok_or_else(|| {
+            StageError::setting(
+                "reward_model",
+                "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
+            )
+        })?;
         let mut m = Model::load(path, HeadChoice::AsSaved, ctx.device)?;
         if m.net.head() != Head::Scalar {
             return Err(StageError::setting(
@@ -183,7 +194,7 @@ impl Scorer {
 
     /// Scores of answers (`ids` and `texts`) to prompts (`prompt_ids` and
     /// `prompts`).
-    fn score(
+    pub(crate) fn score(
         &self,
         prompt_ids: &[Vec<i64>],
         prompts: &[&str],
@@ -848,7 +859,7 @@ impl Tallies {
 /// Log-probabilities `(B, N)` of the answer tokens in `tokens` (answers
 /// start at column `width`), and the logits they came from, over the
 /// tokenizer's `vocab` ids only (the ids sampling can produce).
-fn answer_logprobs(
+pub(crate) fn answer_logprobs(
     model: &Network,
     tokens: &Tensor,
     attention: &Tensor,

@@ -538,3 +538,67 @@ fn a_loop_repeats_dpo_on_fresh_rankings() {
     let log = run(&exp, &[]);
     assert!(cached(&log, "round-2/dpo"), "{log}");
 }
+
+/// The three routes side by side: one SFT and one reward model, then PPO,
+/// DPO and GRPO from them; a loop round repeats [rm, grpo]; `rlhf eval`
+/// judges every policy in one report.
+#[test]
+fn ppo_dpo_and_grpo_side_by_side_in_one_report() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &d.path().join("prefs.jsonl"), 16);
+    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 8);
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: routes\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}\n\
+         \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}\n\
+         \x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 1, rollout_batch: 4, minibatch_size: 4, sampling: {max_new_tokens: 4}}\n\
+         \x20 dpo: {kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}\n\
+         \x20 grpo: {kind: grpo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 2, prompts_per_iteration: 2, group_size: 3, minibatch_size: 3, sampling: {max_new_tokens: 4}}\n\
+         loop: {repeat: [rm, grpo], rounds: 1, prompts: prompts.jsonl, prompts_per_round: 3, k: 2, sampling: {max_new_tokens: 4}, labeller: {kind: gold}}\n",
+    )
+    .unwrap();
+    run(&exp, &[]);
+    let run_dir = d.path().join("runs/routes");
+    let grpo: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("grpo/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(grpo["iterations"], 2);
+    assert!(grpo["zero_spread_share"].is_number(), "{grpo}");
+    assert!(run_dir
+        .join("round-1/grpo/checkpoint/model.safetensors")
+        .exists());
+    let line = std::fs::read_to_string(run_dir.join("rounds.jsonl")).unwrap();
+    assert!(
+        line.contains("\"ppo_last_score\"") && line.contains("\"rm_eval_accuracy\""),
+        "{line}"
+    );
+    let prompts = d.path().join("prompts.jsonl");
+    let out = rlhf(&[
+        "eval",
+        run_dir.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--kl-samples",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(run_dir.join("report/report.md")).unwrap();
+    for policy in [
+        "| sft |",
+        "| ppo |",
+        "| dpo |",
+        "| grpo |",
+        "| round-1/grpo |",
+    ] {
+        assert!(report.contains(policy), "{policy} missing:\n{report}");
+    }
+}

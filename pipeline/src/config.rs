@@ -76,7 +76,8 @@ pub struct ExperimentFile {
 #[serde(deny_unknown_fields)]
 pub struct LoopFile {
     /// The stages each round trains after ranking: a reward stage then a
-    /// PPO stage (`[rm, ppo]`), or one DPO stage (`[dpo]`).
+    /// PPO or GRPO stage (`[rm, ppo]`, `[rm, grpo]`), or one DPO stage
+    /// (`[dpo]`).
     pub repeat: Vec<String>,
     pub rounds: usize,
     /// Prompts to sample answers for (`{prompt}` rows).
@@ -683,9 +684,9 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
         .iter()
         .map(|n| stages.get(n).map_or("missing", |s| s.kind()))
         .collect();
-    if kinds != ["reward", "ppo"] && kinds != ["dpo"] {
+    if !matches!(kinds.as_slice(), ["reward", "ppo" | "grpo"] | ["dpo"]) {
         return Err(format!(
-            "repeat must name a reward stage then a ppo stage, or one dpo stage, got {:?} (kinds {kinds:?})",
+            "repeat must name a reward stage then a ppo or grpo stage, or one dpo stage, got {:?} (kinds {kinds:?})",
             l.repeat
         ));
     }

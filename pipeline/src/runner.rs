@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use rlhf_stages::dpo::DpoConfig;
+use rlhf_stages::grpo::GrpoConfig;
 use rlhf_stages::ppo::PpoConfig;
 use rlhf_stages::reward::RewardConfig;
 
@@ -269,8 +270,8 @@ impl Collect<'_> {
 
 /// The stages a loop round repeats after sampling and ranking.
 enum Repeat<'a> {
-    /// The reward model retrained on every ranking so far, then PPO
-    /// against it (InstructGPT's iteration).
+    /// The reward model retrained on every ranking so far, then PPO (or
+    /// GRPO) against it (InstructGPT's iteration).
     RewardThenPpo {
         rm: &'a str,
         ppo: &'a str,
@@ -289,37 +290,34 @@ impl<'a> Repeat<'a> {
     ) -> anyhow::Result<(Self, PathBuf, PathBuf, PathBuf)> {
         match spec.repeat.as_slice() {
             [rm, ppo] => {
-                let (Some(rm_cfg), Some(ppo_cfg)) = (
-                    exp.stage(rm)?.get::<RewardConfig>(),
-                    exp.stage(ppo)?.get::<PpoConfig>(),
-                ) else {
-                    bail!(
-                        "loop.repeat must name a reward stage then a ppo stage, or one dpo stage"
-                    );
+                let rl = exp.stage(ppo)?;
+                let policy_and_reference = match (rl.get::<PpoConfig>(), rl.get::<GrpoConfig>()) {
+                    (Some(c), _) => Some((c.policy.clone(), c.reference.clone())),
+                    (_, Some(c)) => Some((c.policy.clone(), c.reference.clone())),
+                    _ => None,
                 };
-                let reference = ppo_cfg
-                    .reference
-                    .clone()
-                    .unwrap_or_else(|| ppo_cfg.policy.clone());
+                let (Some(rm_cfg), Some((policy, reference))) =
+                    (exp.stage(rm)?.get::<RewardConfig>(), policy_and_reference)
+                else {
+                    bail!("loop.repeat must name a reward stage then a ppo or grpo stage, or one dpo stage");
+                };
+                let reference = reference.unwrap_or_else(|| policy.clone());
                 let repeat = Repeat::RewardThenPpo { rm, ppo, rm_cfg };
-                Ok((
-                    repeat,
-                    ppo_cfg.policy.clone(),
-                    reference,
-                    rm_cfg.data.clone(),
-                ))
+                Ok((repeat, policy, reference, rm_cfg.data.clone()))
             }
             [dpo] => {
                 let Some(cfg) = exp.stage(dpo)?.get::<DpoConfig>() else {
                     bail!(
-                        "loop.repeat must name a reward stage then a ppo stage, or one dpo stage"
+                        "loop.repeat must name a reward stage then a ppo or grpo stage, or one dpo stage"
                     );
                 };
                 let policy = cfg.policy.clone().context("loop.repeat: [dpo] needs the dpo stage's `policy` (the model rounds start from)")?;
                 let reference = cfg.reference.clone().unwrap_or_else(|| policy.clone());
                 Ok((Repeat::Dpo { dpo }, policy, reference, cfg.data.clone()))
             }
-            _ => bail!("loop.repeat must name a reward stage then a ppo stage, or one dpo stage"),
+            _ => bail!(
+                "loop.repeat must name a reward stage then a ppo or grpo stage, or one dpo stage"
+            ),
         }
     }
 

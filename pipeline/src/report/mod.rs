@@ -182,7 +182,7 @@ fn reference_stage(stages: &[FinishedStage]) -> anyhow::Result<&FinishedStage> {
     named
         .or_else(|| policies.iter().find(|s| s.kind == "sft").copied())
         .or_else(|| policies.first().copied())
-        .context("this run has no finished policy (SFT, PPO or DPO stage) to evaluate")
+        .context("this run has no finished policy (SFT, PPO, DPO or GRPO stage) to evaluate")
 }
 
 /// The prompts and, where the file has a `family` column (the bundled

@@ -73,7 +73,8 @@ fn kind_order(kind: &str) -> usize {
         "reward" => 1,
         "ppo" => 2,
         "dpo" => 3,
-        _ => 4,
+        "grpo" => 4,
+        _ => 5,
     }
 }
 
@@ -106,7 +107,10 @@ fn collect(
         {
             continue;
         }
-        if !matches!(manifest.kind.as_str(), "sft" | "reward" | "ppo" | "dpo") {
+        if !matches!(
+            manifest.kind.as_str(),
+            "sft" | "reward" | "ppo" | "dpo" | "grpo"
+        ) {
             continue;
         }
         out.push(FinishedStage {

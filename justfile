@@ -89,6 +89,11 @@ pipeline: build
     {{rlhf}} run configs/default.yaml
     {{rlhf}} eval runs/default
 
+# PPO, DPO and GRPO from one SFT and one reward model, judged in one report (runs/compare/report/).
+compare: build
+    {{rlhf}} run configs/compare.yaml
+    {{rlhf}} eval runs/compare
+
 # Evaluate a finished run: report.md, report.json and plots in RUN/report/.
 eval run="runs/default" *args: build
     {{rlhf}} eval {{run}} {{args}}

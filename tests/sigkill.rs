@@ -1,6 +1,6 @@
 //! SIGKILL anywhere, rerun, same result: a run killed (runner and stage
-//! process alike, no chance to clean up) mid-SFT, mid-reward-model,
-//! mid-PPO and mid-loop-round, rerun after each kill, ends with weights
+//! process alike, no chance to clean up) mid-SFT, mid-DPO,
+//! mid-reward-model, mid-GRPO, mid-PPO and mid-loop-round, rerun after each kill, ends with weights
 //! bit-identical to a run that was never killed. A damaged checkpoint is
 //! named and passed over for the one before it.
 
@@ -25,6 +25,9 @@ fn experiment(dir: &Path) -> PathBuf {
         "name: kill\nseed: 3\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
          \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 240, batch_size: 8, checkpoint_every: 30, eval_every: 100000}\n\
          \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 160, batch_size: 4, checkpoint_every: 20, eval_every: 100000}\n\
+         \x20 dpo: {kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 60, batch_size: 4, checkpoint_every: 10, eval_every: 100000}\n\
+         \x20 grpo: {kind: grpo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 12, checkpoint_every: 2,\n\
+         \x20        prompts_per_iteration: 2, group_size: 4, minibatch_size: 4, sampling: {max_new_tokens: 6}}\n\
          \x20 ppo:\n    kind: ppo\n    policy: sft\n    reward_model: rm\n    prompts: prompts.jsonl\n    iterations: 16\n\
          \x20   checkpoint_every: 2\n    rollout_batch: 8\n    minibatch_size: 4\n    ppo_epochs: 1\n    sampling: {max_new_tokens: 6}\n\
          loop:\n  repeat: [rm, ppo]\n  rounds: 1\n  prompts: prompts.jsonl\n  prompts_per_round: 6\n  k: 3\n\
@@ -136,9 +139,11 @@ fn kill_when_checkpointed(exp: &Path, stage_dir: &Path) {
     );
 }
 
-const FINAL: [&str; 6] = [
+const FINAL: [&str; 8] = [
     "sft/checkpoint",
+    "dpo/checkpoint",
     "rm/checkpoint",
+    "grpo/checkpoint",
     "ppo/checkpoint",
     "ppo/critic",
     "round-1/rm/checkpoint",
@@ -182,7 +187,16 @@ fn killed_in_every_stage_and_rerun_equals_an_uninterrupted_run() {
 
     let exp = experiment(b.path());
     let run = b.path().join("runs/kill");
-    for stage in ["sft", "rm", "ppo", "round-1/rm", "round-1/ppo"] {
+    // In the plan's order: sft, dpo, rm, grpo, ppo, then the round.
+    for stage in [
+        "sft",
+        "dpo",
+        "rm",
+        "grpo",
+        "ppo",
+        "round-1/rm",
+        "round-1/ppo",
+    ] {
         kill_when_checkpointed(&exp, &run.join(stage));
     }
     let out = rlhf_run(&exp).output().unwrap();

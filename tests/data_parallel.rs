@@ -41,14 +41,6 @@ fn gloo_or_allowed_to_skip() -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `rlhf stage` as rank `rank` of `world` (world 1: alone, no variables).
 fn stage(exp: &Path, name: &str, out: &Path, rank: usize, world: usize, port: u16) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
@@ -77,7 +69,7 @@ fn stage(exp: &Path, name: &str, out: &Path, rank: usize, world: usize, port: u1
 
 /// Runs stage `name` as `world` ranks into `out`; panics if one fails.
 fn run_ranks(exp: &Path, name: &str, out: &Path, world: usize) {
-    let port = free_port();
+    let port = common::free_port();
     let children: Vec<Child> = (0..world)
         .map(|r| stage(exp, name, out, r, world, port))
         .collect();
@@ -336,7 +328,7 @@ fn torchrun_starts_the_ranks_and_they_train_as_one_process() {
     let torchrun_stage = |name: &str, out: &Path| {
         let o = Command::new(&torchrun)
             .args(["--no-python", "--nproc-per-node", "2", "--master-port"])
-            .arg(free_port().to_string())
+            .arg(common::free_port().to_string())
             .arg(env!("CARGO_BIN_EXE_rlhf"))
             .args([
                 "--threads",
@@ -541,7 +533,7 @@ fn a_micro_batch_shorter_than_the_ranks_still_matches_one_process() {
             .replace("batch_size: 4", "batch_size: 3"),
     )
     .unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let ranks: Vec<Child> = (0..2)
         .map(|r| stage(&exp, "sft", &d.path().join("three"), r, 2, port))
         .collect();
@@ -620,7 +612,7 @@ fn ranks_from_slurms_variables_train_as_one_process() {
     let d = tempfile::tempdir().unwrap();
     let exp = experiment(d.path());
     let out = d.path().join("sft-slurm");
-    let port = free_port();
+    let port = common::free_port();
     let children: Vec<Child> = (0..2)
         .map(|rank| {
             Command::new(env!("CARGO_BIN_EXE_rlhf"))

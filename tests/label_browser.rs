@@ -45,17 +45,9 @@ fn chromedriver() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// chromedriver on a free port, once it accepts connections.
 fn start_driver(dir: &Path) -> (Child, u16) {
-    let port = free_port();
+    let port = common::free_port();
     let mut child = Command::new(chromedriver())
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())

@@ -1090,12 +1090,15 @@ mod tests {
             .to_string();
         assert!(m.contains("stagez"), "{m}");
         let m = Experiment::load(
-            &write(d.path(), &GOOD.replace("kind: sft", "kind: dpo")),
+            &write(d.path(), &GOOD.replace("kind: sft", "kind: kto")),
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(m.contains("dpo") && m.contains("sft"), "{m}");
+        assert!(
+            m.contains("kto") && m.contains("sft") && m.contains("grpo"),
+            "{m}"
+        );
     }
 
     #[test]

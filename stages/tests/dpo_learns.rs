@@ -4,42 +4,15 @@
 
 mod common;
 
-use rand::{Rng, SeedableRng};
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::dpo::{run, DpoConfig, DpoLoss, REFERENCE_FILE};
 use rlhf_stages::optim::AdamWConfig;
 use rlhf_stages::train::{StageError, TrainSettings, FINAL_DIR, OPTIMIZER_FILE};
 use rlhf_stages::Model;
-use serde_json::json;
 use tch::{Device, Tensor};
 
-/// Prompts `Q: <n>`, four answers of random digits; the rule: an answer is
-/// better the larger its first digit (distinct first digits, so no ties).
 fn rankings(path: &std::path::Path, n: usize, seed: u64) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut text = String::new();
-    for i in 0..n {
-        let mut firsts: Vec<u32> = (0..10).collect();
-        let responses: Vec<String> = (0..4)
-            .map(|_| {
-                let first = firsts.remove(rng.random_range(0..firsts.len()));
-                let tail: String = (0..rng.random_range(2..6))
-                    .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
-                    .collect();
-                format!("{first}{tail}")
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..4).collect();
-        order.sort_by_key(|&j| std::cmp::Reverse(responses[j].as_bytes()[0]));
-        let mut ranking = vec![0; 4];
-        for (r, &j) in order.iter().enumerate() {
-            ranking[j] = r;
-        }
-        let row =
-            json!({"prompt": format!("Q: {i}\n"), "responses": responses, "ranking": ranking});
-        text.push_str(&format!("{row}\n"));
-    }
-    std::fs::write(path, text).unwrap();
+    common::first_digit_rankings(path, n, seed, false);
 }
 
 fn config(data: std::path::PathBuf, eval: Option<std::path::PathBuf>, epochs: usize) -> DpoConfig {

@@ -10,45 +10,23 @@ use rlhf_stages::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::ppo::{run, AdaptiveKl, PpoConfig};
 use rlhf_stages::sample::SamplingConfig;
 use rlhf_stages::train::{StageContext, StageError, FINAL_DIR};
-use rlhf_stages::{Head, Model};
+use rlhf_stages::Model;
 use tch::Device;
 
-/// The share of the answer's characters that are lowercase ASCII letters:
-/// about 0.1 for a random byte-level model, 1 for a model that learnt it.
+/// The judge rewards the share of lowercase letters (`common::lowercase_share`).
 /// The two tests share libtorch's global RNG; run them one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn lowercase_share(_prompt: &str, answer: &str) -> f64 {
-    let n = answer.chars().count();
-    if n == 0 {
-        return 0.0;
-    }
-    answer.chars().filter(|c| c.is_ascii_lowercase()).count() as f64 / n as f64
-}
-
 fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    tch::manual_seed(5);
-    let model = Model::init(
-        &common::tiny_model().config,
-        Head::Lm,
-        common::tiny_model().tokenizer,
-        Device::Cpu,
-    )
-    .unwrap();
-    let policy = dir.join("policy");
-    model.save(&policy).unwrap();
-    let prompts = dir.join("prompts.jsonl");
-    let lines: String = (0..64)
-        .map(|i| format!("{{\"prompt\": \"Q{i}: \"}}\n"))
-        .collect();
-    std::fs::write(&prompts, lines).unwrap();
-    (policy, prompts)
+    common::rule_policy_and_prompts(dir)
 }
 
 /// A run into `out` whose judge is the lowercase rule.
 fn ctx(out: std::path::PathBuf, stop_after: Option<i64>) -> StageContext {
     StageContext {
-        judge: Some(Arc::new(|p: &str, a: &str| Some(lowercase_share(p, a)))),
+        judge: Some(Arc::new(|p: &str, a: &str| {
+            Some(common::lowercase_share(p, a))
+        })),
         stop_after,
         ranks: std::sync::Arc::new(rlhf_stages::dist::Ranks::single()),
         ..common::ctx(out)

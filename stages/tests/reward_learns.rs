@@ -2,49 +2,16 @@
 
 mod common;
 
-use rand::{Rng, SeedableRng};
 use rlhf_stages::optim::AdamWConfig;
 use rlhf_stages::reward::{run, RewardConfig};
 use rlhf_stages::train::TrainSettings;
-use serde_json::json;
 
-/// Prompts `Q: <n>`, four answers of random digits; the rule: an answer is
-/// better the larger its first digit (distinct first digits, so no ties).
 fn synthetic(path: &std::path::Path, n: usize, seed: u64) {
-    write_rankings(path, n, seed, false);
+    common::first_digit_rankings(path, n, seed, false);
 }
 
-/// `synthetic`, or with each ranking shuffled at random (`shuffled`):
-/// labels that say nothing a model could learn.
 fn write_rankings(path: &std::path::Path, n: usize, seed: u64, shuffled: bool) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut text = String::new();
-    for i in 0..n {
-        let mut firsts: Vec<u32> = (0..10).collect();
-        let mut responses = Vec::new();
-        for _ in 0..4 {
-            let first = firsts.remove(rng.random_range(0..firsts.len()));
-            let tail: String = (0..rng.random_range(2..6))
-                .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
-                .collect();
-            responses.push(format!("{first}{tail}"));
-        }
-        let mut order: Vec<usize> = (0..4).collect();
-        order.sort_by_key(|&j| std::cmp::Reverse(responses[j].as_bytes()[0]));
-        if shuffled {
-            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
-        }
-        let mut ranking = vec![0; 4];
-        for (r, &j) in order.iter().enumerate() {
-            ranking[j] = r;
-        }
-        text.push_str(
-            &json!({"prompt": format!("Q: {i}\n"), "responses": responses, "ranking": ranking})
-                .to_string(),
-        );
-        text.push('\n');
-    }
-    std::fs::write(path, text).unwrap();
+    common::first_digit_rankings(path, n, seed, shuffled);
 }
 
 /// Batches of 8 prompts for `epochs` at learning rate 2e-3, eval at the end.

@@ -194,3 +194,12 @@ pub fn label_serve(queue: &Path) -> (std::process::Child, u16) {
     let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
     (child, port)
 }
+
+/// A port nobody listens on now (the OS picks it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

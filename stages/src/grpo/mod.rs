@@ -13,8 +13,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use rlhf_datasets::batch::epoch_order;
-use rlhf_datasets::load::read_table;
-use rlhf_datasets::schema::{prompt_texts, ChatTemplate};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -24,7 +22,7 @@ use crate::checkpoint::{HeadChoice, Model};
 use crate::gpt::Head;
 use crate::kind::{KindConfig, PathSetting};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::ppo::{answer_logprobs, Scorer};
+use crate::ppo::{answer_logprobs, prompts_with_room, Scorer};
 use crate::sample::{generate, SamplingConfig, TokenSpec};
 use crate::train::{
     check_finite, load_training, newest_usable, prepare_out_dir, progress_bar, save_training,
@@ -118,18 +116,10 @@ impl KindConfig for GrpoConfig {
     type Summary = GrpoSummary;
 
     fn validate(&self) -> Result<(), StageError> {
-        if !self.gold_reward && self.reward_model.is_none() {
-            return Err(StageError::setting(
-                "reward_model",
-                "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
-            ));
-        }
-        let it = self.iterations;
-        check::require(
-            "iterations",
-            (1..=1 << 32).contains(&it),
-            "in [1, 2^32]",
-            it,
+        crate::ppo::check_scorer_and_iterations(
+            self.reward_model.is_some(),
+            self.gold_reward,
+            self.iterations,
         )?;
         check::count(
             "prompts_per_iteration",
@@ -216,35 +206,6 @@ struct Answers {
     scores: Vec<f64>,
     zero_spread: usize,
     mean_length: f64,
-}
-
-/// The prompts, as text and tokens; each must leave room for the answer.
-fn load_prompts(
-    cfg: &GrpoConfig,
-    policy: &Model,
-) -> Result<(Vec<String>, Vec<Vec<i64>>), StageError> {
-    let table = read_table(&cfg.prompts)?;
-    let tok = &policy.tokenizer;
-    let prompts = prompt_texts(&table, &cfg.prompts, &ChatTemplate::for_tokenizer(tok))?;
-    let ids = prompts
-        .iter()
-        .map(|p| tok.encode(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let limit = (policy.net.n_positions() - cfg.sampling.max_new_tokens).max(0) as usize;
-    if let Some((i, p)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.len() > limit || p.is_empty())
-    {
-        return Err(StageError::Config(format!(
-            "{}: row {}: the prompt has {} tokens; it must have 1..={limit} to leave room for max_new_tokens ({})",
-            cfg.prompts.display(),
-            i + 1,
-            p.len(),
-            cfg.sampling.max_new_tokens
-        )));
-    }
-    Ok((prompts, ids))
 }
 
 /// Samples the iteration's groups, scores them and gives each answer its
@@ -424,7 +385,7 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageErr
     )?;
     reference.vs.freeze();
     let scorer = Scorer::load(cfg.reward_model.as_deref(), cfg.gold_reward, ctx)?;
-    let prompts = load_prompts(cfg, &policy)?;
+    let prompts = prompts_with_room(&cfg.prompts, &policy, cfg.sampling.max_new_tokens)?;
     let mut state = state.unwrap_or(GrpoState {
         stage: "grpo".into(),
         iteration: 0,

@@ -42,7 +42,7 @@ pub use math::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean,
     token_rewards, whiten, AdaptiveKl, KlController, KlEstimator,
 };
-pub(crate) use phases::{answer_logprobs, Scorer};
+pub(crate) use phases::{answer_logprobs, prompts_with_room, Scorer};
 use phases::{Iteration, Models, Tallies};
 
 /// Language-model loss on demonstrations during PPO (InstructGPT's PPO-ptx).
@@ -190,18 +190,10 @@ impl KindConfig for PpoConfig {
         if let Some(l) = &self.lora {
             l.validate("lora")?;
         }
-        if self.reward_model.is_none() && !self.gold_reward {
-            return Err(StageError::setting(
-                "reward_model",
-                "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
-            ));
-        }
-        let it = self.iterations;
-        check::require(
-            "iterations",
-            (1..=1 << 32).contains(&it),
-            "in [1, 2^32]",
-            it,
+        check_scorer_and_iterations(
+            self.reward_model.is_some(),
+            self.gold_reward,
+            self.iterations,
         )?;
         for (name, n) in [
             ("rollout_batch", self.rollout_batch),
@@ -281,6 +273,28 @@ impl KindConfig for PpoConfig {
     fn run(&self, ctx: &StageContext) -> Result<PpoSummary, StageError> {
         run(self, ctx)
     }
+}
+
+/// What PPO and GRPO both need: something to score answers, and a
+/// bounded number of iterations.
+pub(crate) fn check_scorer_and_iterations(
+    reward_model: bool,
+    gold_reward: bool,
+    iterations: i64,
+) -> Result<(), StageError> {
+    if !reward_model && !gold_reward {
+        return Err(StageError::setting(
+            "reward_model",
+            "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
+        ));
+    }
+    let it = iterations;
+    check::require(
+        "iterations",
+        (1..=1 << 32).contains(&it),
+        "in [1, 2^32]",
+        it,
+    )
 }
 
 /// Runs (or resumes, or finds done) a PPO run.

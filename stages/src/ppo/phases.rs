@@ -239,29 +239,11 @@ pub(super) struct Data {
 
 impl Data {
     pub fn load(cfg: &PpoConfig, policy: &Model) -> Result<Self, StageError> {
-        let table = read_table(&cfg.prompts)?;
+        let (prompts, prompt_ids) =
+            prompts_with_room(&cfg.prompts, policy, cfg.sampling.max_new_tokens)?;
         let tok = &policy.tokenizer;
         let chat = ChatTemplate::for_tokenizer(tok);
-        let prompts = prompt_texts(&table, &cfg.prompts, &chat)?;
-        let prompt_ids = prompts
-            .iter()
-            .map(|p| tok.encode(p))
-            .collect::<Result<Vec<_>, _>>()?;
         let n_positions = policy.net.n_positions();
-        let limit = (n_positions - cfg.sampling.max_new_tokens) as usize;
-        if let Some((i, p)) = prompt_ids
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.len() > limit || p.is_empty())
-        {
-            return Err(StageError::Config(format!(
-                "{}: row {}: the prompt has {} tokens; it must have 1..={limit} to leave room for max_new_tokens ({})",
-                cfg.prompts.display(),
-                i + 1,
-                p.len(),
-                cfg.sampling.max_new_tokens
-            )));
-        }
         let ptx = match &cfg.ptx {
             Some(ptx) => {
                 let table = read_table(&ptx.data)?;
@@ -276,6 +258,36 @@ impl Data {
             ptx,
         })
     }
+}
+
+/// The prompts of `path` as text and tokens; each must leave room for
+/// `max_new_tokens` in the model's context.
+pub(crate) fn prompts_with_room(
+    path: &Path,
+    policy: &Model,
+    max_new_tokens: i64,
+) -> Result<(Vec<String>, Vec<Vec<i64>>), StageError> {
+    let table = read_table(path)?;
+    let tok = &policy.tokenizer;
+    let prompts = prompt_texts(&table, path, &ChatTemplate::for_tokenizer(tok))?;
+    let ids = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let limit = (policy.net.n_positions() - max_new_tokens).max(0) as usize;
+    if let Some((i, p)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() > limit || p.is_empty())
+    {
+        return Err(StageError::Config(format!(
+            "{}: row {}: the prompt has {} tokens; it must have 1..={limit} to leave room for max_new_tokens ({max_new_tokens})",
+            path.display(),
+            i + 1,
+            p.len(),
+        )));
+    }
+    Ok((prompts, ids))
 }
 
 /// Phase 1's output: sampled answers, how the policy, the reference and the

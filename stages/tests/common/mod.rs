@@ -64,3 +64,69 @@ pub fn sft_job(data: PathBuf, out_dir: PathBuf, config: SftConfig) -> Job<SftCon
         ctx: ctx(out_dir),
     }
 }
+
+/// The share of an answer's characters that are lowercase ASCII letters:
+/// about 0.1 for a random byte-level model, 1 for a model that learnt it
+/// (the rule PPO's and GRPO's tests reward).
+pub fn lowercase_share(_prompt: &str, answer: &str) -> f64 {
+    let n = answer.chars().count();
+    if n == 0 {
+        return 0.0;
+    }
+    answer.chars().filter(|c| c.is_ascii_lowercase()).count() as f64 / n as f64
+}
+
+/// A seeded tiny policy saved in `dir/policy` and 64 prompts `Q<i>: ` in
+/// `dir/prompts.jsonl`.
+pub fn rule_policy_and_prompts(dir: &Path) -> (PathBuf, PathBuf) {
+    tch::manual_seed(5);
+    let scratch = tiny_model();
+    let model = rlhf_stages::Model::init(
+        &scratch.config,
+        rlhf_stages::Head::Lm,
+        scratch.tokenizer,
+        Device::Cpu,
+    )
+    .unwrap();
+    let policy = dir.join("policy");
+    model.save(&policy).unwrap();
+    let prompts = dir.join("prompts.jsonl");
+    let lines: String = (0..64)
+        .map(|i| format!("{{\"prompt\": \"Q{i}: \"}}\n"))
+        .collect();
+    std::fs::write(&prompts, lines).unwrap();
+    (policy, prompts)
+}
+
+/// Prompts `Q: <n>`, four answers of random digits ranked by the rule
+/// "the larger its first digit, the better" (distinct first digits, so no
+/// ties); with `shuffled`, each ranking shuffled at random (labels that
+/// say nothing a model could learn).
+pub fn first_digit_rankings(path: &Path, n: usize, seed: u64, shuffled: bool) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut text = String::new();
+    for i in 0..n {
+        let mut firsts: Vec<u32> = (0..10).collect();
+        let mut responses = Vec::new();
+        for _ in 0..4 {
+            let first = firsts.remove(rng.random_range(0..firsts.len()));
+            let tail: String = (0..rng.random_range(2..6))
+                .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
+                .collect();
+            responses.push(format!("{first}{tail}"));
+        }
+        let mut order: Vec<usize> = (0..4).collect();
+        order.sort_by_key(|&j| std::cmp::Reverse(responses[j].as_bytes()[0]));
+        if shuffled {
+            rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+        }
+        let mut ranking = vec![0; 4];
+        for (r, &j) in order.iter().enumerate() {
+            ranking[j] = r;
+        }
+        let row = serde_json::json!({"prompt": format!("Q: {i}\n"), "responses": responses, "ranking": ranking});
+        text.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(path, text).unwrap();
+}

@@ -14,6 +14,7 @@ use rlhf_stages::Model;
 const EXPERIMENT: &str = "name: dp\ndevice: cpu\nmodel: {n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64}\nstages:\n\
 \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 12, batch_size: 8, grad_accum: 2, eval_every: 4, checkpoint_every: 5}\n\
 \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 10, batch_size: 6, max_len: 64, eval_every: 5, checkpoint_every: 4}\n\
+\x20 dpo: {kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 8, batch_size: 6, max_len: 64, eval_every: 4, checkpoint_every: 4}\n\
 \x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 3, rollout_batch: 8, minibatch_size: 4,\n\
 \x20       ppo_epochs: 2, checkpoint_every: 2, adaptive_kl: {target: 0.05, horizon: 10}, sampling: {max_new_tokens: 8, temperature: 0}}\n";
 
@@ -127,7 +128,7 @@ fn assert_same_run(one: &Path, two: &Path, what: &str, skip: &[&str]) {
 }
 
 #[test]
-fn two_ranks_train_sft_and_the_reward_model_as_one_process_does() {
+fn two_ranks_train_sft_the_reward_model_and_dpo_as_one_process_does() {
     if !gloo_or_allowed_to_skip() {
         return;
     }
@@ -152,6 +153,11 @@ fn two_ranks_train_sft_and_the_reward_model_as_one_process_does() {
         "rm",
         &["score.bias", "ln_f.bias"],
     );
+    // DPO from the same SFT: the reference's log-probabilities computed on
+    // each rank, each rank's share of every batch, the same weights.
+    run_ranks(&exp, "dpo", &d.path().join("dpo-1"), 1);
+    run_ranks(&exp, "dpo", &d.path().join("dpo-2"), 2);
+    assert_same_run(&d.path().join("dpo-1"), &d.path().join("dpo-2"), "dpo", &[]);
     let acc = curve(&d.path().join("rm-2"), "accuracy");
     assert_eq!(
         acc,

@@ -602,3 +602,58 @@ fn ppo_dpo_and_grpo_side_by_side_in_one_report() {
         assert!(report.contains(policy), "{policy} missing:\n{report}");
     }
 }
+
+/// GRPO scored by a program (the loop's labeller protocol): each group of
+/// answers is ranked by the program, an answer scores minus its rank.
+#[test]
+fn grpo_scores_groups_with_a_ranking_program() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
+    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 8);
+    // Longer answers rank better (ties share a rank); each group is logged.
+    std::fs::write(
+        d.path().join("rank.py"),
+        "import json, sys\nlog = open(sys.argv[1], 'a')\nfor line in sys.stdin:\n    g = json.loads(line)\n\
+         \x20   keys = sorted({-len(r) for r in g['responses']})\n\
+         \x20   print(json.dumps({'ranking': [keys.index(-len(r)) for r in g['responses']]}))\n    log.write('group\\n')\n",
+    )
+    .unwrap();
+    let (py, calls) = (common::python(), d.path().join("calls.txt"));
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: verified\ndevice: cpu\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}\nstages:\n\
+             \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}}\n\
+             \x20 grpo: {{kind: grpo, policy: sft, ranker_command: [{py:?}, rank.py, {calls:?}], prompts: prompts.jsonl,\n\
+             \x20        iterations: 3, prompts_per_iteration: 2, group_size: 3, minibatch_size: 3, sampling: {{max_new_tokens: 4}}}}\n",
+            py = py.display().to_string(),
+            calls = calls.display().to_string()
+        ),
+    )
+    .unwrap();
+    run(&exp, &[]);
+    let groups = std::fs::read_to_string(&calls).unwrap().lines().count();
+    assert_eq!(
+        groups,
+        3 * 2,
+        "every group of every iteration was ranked by the program"
+    );
+    let metrics =
+        std::fs::read_to_string(d.path().join("runs/verified/grpo/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let score = v["score"].as_f64().unwrap();
+        assert!(
+            (-2.0..=0.0).contains(&score),
+            "minus a rank in a group of 3: {score}"
+        );
+    }
+    // Two scorers at once are refused by name.
+    let text = std::fs::read_to_string(&exp)
+        .unwrap()
+        .replace("policy: sft,", "policy: sft, gold_reward: true,");
+    std::fs::write(&exp, text).unwrap();
+    let err = String::from_utf8_lossy(&rlhf(&["plan", exp.to_str().unwrap()]).stderr).into_owned();
+    assert!(err.contains("give one scorer"), "{err}");
+}

@@ -60,19 +60,33 @@ pub fn rank(
             timeout_seconds,
         } => {
             let timeout = std::time::Duration::from_secs_f64(*timeout_seconds);
-            rank_with_command(command, groups, timeout)
+            rank_with_command(
+                command,
+                groups,
+                timeout,
+                "loop.labeller.timeout_seconds",
+                None,
+            )
         }
     }
 }
 
-fn rank_with_command(
+/// Rankings from `command` (JSON lines in and out); stopped after
+/// `timeout`, which the setting `limit` sets.
+pub(crate) fn rank_with_command(
     command: &[String],
     groups: &[(String, Vec<String>)],
     timeout: std::time::Duration,
+    limit: &str,
+    cwd: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<Vec<usize>>> {
     let shown = command.join(" ");
     // In its own process group, so a timeout stops what it started too.
-    let mut child = Command::new(&command[0])
+    let mut program = Command::new(&command[0]);
+    if let Some(dir) = cwd {
+        program.current_dir(dir);
+    }
+    let mut child = program
         .args(&command[1..])
         .process_group(0)
         .stdin(Stdio::piped())
@@ -102,7 +116,7 @@ fn rank_with_command(
             bail!("labeller `{shown}` was stopped: interrupted");
         }
         bail!(
-            "labeller `{shown}` gave no answer within {} s and was stopped (loop.labeller.timeout_seconds)",
+            "labeller `{shown}` gave no answer within {} s and was stopped ({limit})",
             timeout.as_secs_f64()
         );
     };

@@ -242,6 +242,7 @@ pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Va
             tokenizer: policy.tokenizer.clone(),
         },
         judge: None,
+        ranker: None,
         stop_after: None,
         ranks: std::sync::Arc::new(crate::dist::Ranks::single()),
     };

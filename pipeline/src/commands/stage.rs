@@ -1,7 +1,7 @@
 //! `rlhf stage`: one stage of an experiment, in this process. The runner
 //! spawns this as a child per stage; people use it to run one stage alone.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -57,6 +57,15 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         None => Tokenizer::bytes(),
     };
     let scratch = scratch_model(exp.spec.model.clone(), tokenizer);
+    let base = exp
+        .file
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned);
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
     let ctx = StageContext {
         out_dir,
         device,
@@ -65,6 +74,14 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         judge: Some(Arc::new(task::judge)),
         stop_after: args.stop_after_step,
         ranks: Arc::new(ranks),
+        // A stage's ranking program runs in the experiment file's folder,
+        // where its relative paths point.
+        ranker: Some(Arc::new(move |command, timeout, groups| {
+            let timeout = std::time::Duration::from_secs_f64(timeout);
+            let limit = "ranker_timeout_seconds";
+            crate::labeller::rank_with_command(command, groups, timeout, limit, Some(&base))
+                .map_err(|e| format!("{e:#}"))
+        })),
     };
     let summary = stage
         .config

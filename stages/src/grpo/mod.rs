@@ -54,6 +54,12 @@ pub struct GrpoConfig {
     pub reward_model: Option<PathBuf>,
     /// Score answers with the task's judge instead of a reward model.
     pub gold_reward: bool,
+    /// Or a program that ranks each group (the loop's labeller protocol:
+    /// `{prompt, responses}` lines in, `{ranking}` lines out): an answer
+    /// scores minus its rank, for rewards a program can verify.
+    pub ranker_command: Option<Vec<String>>,
+    /// The program is stopped, and the stage fails, after this long.
+    pub ranker_timeout_seconds: f64,
     /// Prompts to answer: `{prompt}` (or `{messages}`) rows.
     pub prompts: PathBuf,
     pub iterations: i64,
@@ -85,6 +91,8 @@ impl Default for GrpoConfig {
             reference: None,
             reward_model: None,
             gold_reward: false,
+            ranker_command: None,
+            ranker_timeout_seconds: 3600.0,
             prompts: PathBuf::new(),
             iterations: 40,
             prompts_per_iteration: 16,
@@ -116,8 +124,34 @@ impl KindConfig for GrpoConfig {
     type Summary = GrpoSummary;
 
     fn validate(&self) -> Result<(), StageError> {
-        crate::ppo::check_scorer_and_iterations(
+        let scorers = [
             self.reward_model.is_some(),
+            self.gold_reward,
+            self.ranker_command.is_some(),
+        ];
+        if scorers.iter().filter(|&&s| s).count() > 1 {
+            return Err(StageError::setting(
+                "reward_model",
+                "give one scorer: `reward_model`, `gold_reward: true` or `ranker_command`",
+            ));
+        }
+        if let Some(c) = &self.ranker_command {
+            if c.is_empty() {
+                return Err(StageError::setting(
+                    "ranker_command",
+                    "is empty: give the program and its arguments",
+                ));
+            }
+        }
+        let t = self.ranker_timeout_seconds;
+        check::require(
+            "ranker_timeout_seconds",
+            t > 0.0 && t <= 1e9,
+            "in (0, 1e9]",
+            t,
+        )?;
+        crate::ppo::check_scorer_and_iterations(
+            self.reward_model.is_some() || self.ranker_command.is_some(),
             self.gold_reward,
             self.iterations,
         )?;
@@ -194,6 +228,40 @@ struct GrpoState {
     done: bool,
 }
 
+/// How the stage scores answers: each on its own (a reward model, the
+/// judge), or each group ranked by a program.
+enum GroupScorer {
+    Each(Scorer),
+    Ranked(RankedBy),
+}
+
+/// A program that ranks groups, and how long it may take.
+struct RankedBy {
+    ranker: crate::train::Ranker,
+    command: Vec<String>,
+    timeout: f64,
+}
+
+impl RankedBy {
+    /// Minus each answer's rank in its group (`group` consecutive answers
+    /// to one prompt): the best scores 0.
+    fn scores(
+        &self,
+        prompts: &[&str],
+        answers: &[String],
+        group: usize,
+    ) -> Result<Vec<f64>, StageError> {
+        let groups: Vec<(String, Vec<String>)> = answers
+            .chunks(group)
+            .zip(prompts.chunks(group))
+            .map(|(a, p)| (p[0].to_owned(), a.to_vec()))
+            .collect();
+        let rankings = (self.ranker)(&self.command, self.timeout, &groups)
+            .map_err(|e| StageError::setting("ranker_command", e))?;
+        Ok(rankings.iter().flatten().map(|&r| -(r as f64)).collect())
+    }
+}
+
 /// One iteration's answers, as the update needs them (rows: answers).
 struct Answers {
     tokens: Tensor,
@@ -215,7 +283,7 @@ fn sample_groups(
     cfg: &GrpoConfig,
     policy: &Model,
     reference: &Model,
-    scorer: &Scorer,
+    scorer: &GroupScorer,
     prompts: &(Vec<String>, Vec<Vec<i64>>),
     iteration: i64,
     device: tch::Device,
@@ -260,7 +328,10 @@ fn sample_groups(
         .map(|a| tok.decode(a, false))
         .collect::<Result<_, _>>()?;
     let row_prompts: Vec<&str> = rows.iter().map(|&i| texts[i].as_str()).collect();
-    let mut scores = scorer.score(&prompt_ids, &row_prompts, &g.answers, &answers, device);
+    let mut scores = match scorer {
+        GroupScorer::Each(s) => s.score(&prompt_ids, &row_prompts, &g.answers, &answers, device),
+        GroupScorer::Ranked(r) => r.scores(&row_prompts, &answers, group)?,
+    };
     check_finite(iteration + 1, "score", scores.iter().sum::<f64>())?;
     if cfg.kl_in == KlPlacement::Reward {
         let kl = ((&old_lp - &ref_lp) * &mask).sum_dim_intlist(1, false, Kind::Double);
@@ -384,7 +455,23 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageErr
         device,
     )?;
     reference.vs.freeze();
-    let scorer = Scorer::load(cfg.reward_model.as_deref(), cfg.gold_reward, ctx)?;
+    let scorer = match &cfg.ranker_command {
+        Some(command) => GroupScorer::Ranked(RankedBy {
+            ranker: ctx.ranker.clone().ok_or_else(|| {
+                StageError::setting(
+                    "ranker_command",
+                    "needs the pipeline's ranker (run the stage with rlhf)",
+                )
+            })?,
+            command: command.clone(),
+            timeout: cfg.ranker_timeout_seconds,
+        }),
+        None => GroupScorer::Each(Scorer::load(
+            cfg.reward_model.as_deref(),
+            cfg.gold_reward,
+            ctx,
+        )?),
+    };
     let prompts = prompts_with_room(&cfg.prompts, &policy, cfg.sampling.max_new_tokens)?;
     let mut state = state.unwrap_or(GrpoState {
         stage: "grpo".into(),

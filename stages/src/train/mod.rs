@@ -809,7 +809,17 @@ pub struct StageContext {
     pub stop_after: Option<i64>,
     /// The ranks the stage runs on ([`Ranks::single`] for one process).
     pub ranks: std::sync::Arc<Ranks>,
+    /// Runs a user's ranking program (the loop's labeller protocol),
+    /// passed in by the pipeline: `(command, timeout_seconds, groups)`.
+    pub ranker: Option<Ranker>,
 }
+
+/// Rankings (0 the best) of `(prompt, answers)` groups from a program.
+pub type Ranker = std::sync::Arc<
+    dyn Fn(&[String], f64, &[(String, Vec<String>)]) -> Result<Vec<Vec<usize>>, String>
+        + Send
+        + Sync,
+>;
 
 impl std::fmt::Debug for StageContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

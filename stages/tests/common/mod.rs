@@ -53,6 +53,7 @@ pub fn ctx(out_dir: PathBuf) -> StageContext {
         device: Device::Cpu,
         scratch: tiny_model(),
         judge: None,
+        ranker: None,
         stop_after: None,
         ranks: std::sync::Arc::new(rlhf_stages::dist::Ranks::single()),
     }

@@ -199,7 +199,7 @@ fn rlhf_run_starts_the_ranks_of_each_stage() {
     assert!(
         stderr.contains(
             "stages.ppo.rollout_batch: 8 does not divide among the 3 ranks of distributed.nproc_per_node"
-        ) && stderr.ends_with("at line 7\n"),
+        ) && stderr.ends_with("at line 8\n"),
         "{stderr}"
     );
 }

@@ -138,7 +138,9 @@ pub fn import(
         let place = |m: String| err(format!("{} {n}: {m}", what(format)));
         let group = group_of(task, format, groups).map_err(place)?;
         match format {
-            Format::LabelStudio => label_studio_task(task, group, &mut out),
+            Format::LabelStudio => {
+                label_studio_task(task, group, groups[group].responses.len(), &mut out)
+            }
             Format::Argilla => argilla_record(task, group, groups[group].responses.len(), &mut out),
         }
         .map_err(place)?;
@@ -185,8 +187,12 @@ fn group_of(task: &Value, format: Format, groups: &[Group]) -> Result<usize, Str
 }
 
 /// Each annotation of a Label Studio task.
-fn label_studio_task(task: &Value, group: usize, out: &mut ImportFile) -> Result<(), String> {
-    let k = task["data"]["items"].as_array().map_or(0, Vec::len);
+fn label_studio_task(
+    task: &Value,
+    group: usize,
+    k: usize,
+    out: &mut ImportFile,
+) -> Result<(), String> {
     let annotations = match &task["annotations"] {
         Value::Null => return Ok(()),
         Value::Array(a) => a,

@@ -529,7 +529,13 @@ impl Queue {
     /// The labels in numbers.
     pub fn summary(&self) -> LabelSummary {
         let count = |f: fn(&LabelRow) -> bool| self.rows.iter().filter(|r| f(r)).count();
-        let mut seconds: Vec<f64> = self.rows.iter().map(|r| r.seconds).collect();
+        // Ranked labels with a known time (an import may not say).
+        let mut seconds: Vec<f64> = self
+            .rows
+            .iter()
+            .filter(|r| !r.skipped && !r.not_rankable && r.seconds > 0.0)
+            .map(|r| r.seconds)
+            .collect();
         seconds.sort_by(f64::total_cmp);
         let agreement = self.agreement();
         LabelSummary {

@@ -699,6 +699,14 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
             "repeat: [dpo] needs the dpo stage's `policy` (the model the rounds start from)".into(),
         );
     }
+    // Each round points GRPO at its new reward model: no other scorer.
+    let grpo = l
+        .repeat
+        .get(1)
+        .and_then(|n| stages.get(n)?.get::<rlhf_stages::grpo::GrpoConfig>());
+    if grpo.is_some_and(|g| g.gold_reward || g.ranker_command.is_some()) {
+        return Err("repeat: [rm, grpo] scores each round with the round's reward model; drop the grpo stage's `gold_reward` and `ranker_command`".into());
+    }
     // A round's folder holds its own `collect/` and preferences beside the
     // repeated stages.
     if let Some(taken) = l

@@ -349,7 +349,8 @@ impl Objective for Preferences<'_> {
     }
 
     fn loss(&self, model: &Network, batch: &DpoBatch, share: &Share) -> (Tensor, Vec<Ratio>) {
-        let f = forward(self.cfg, model, batch, self.device, true);
+        // Dropout off, as in the reference pass: at the first step h = 0.
+        let f = forward(self.cfg, model, batch, self.device, false);
         let loss = (&f.losses * &f.weight).sum(Kind::Float) * (share.local / share.micro);
         let pairs = batch.groups.better.len() as f64;
         let (chosen, rejected) = (to_vec(&f.chosen), to_vec(&f.rejected));
@@ -467,7 +468,7 @@ fn reference_of(
             return Err(StageError::setting(
                 "reference",
                 format!(
-                    "{} is missing and the policy started from a random model: rerun the stage from the start (--force)",
+                    "{} is missing and the policy started from a random model: rerun the stage from the start (rlhf run --force STAGE)",
                     path.display()
                 ),
             ))
@@ -509,6 +510,14 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         Some(p) => crate::reward::load_groups(p, &start.model, max_len)?.0,
         None => vec![],
     };
+    // Checked before the reference pass, the stage's first long step.
+    let answers = all.iter().map(|g| g.responses.len()).max().unwrap_or(0);
+    let longest = all
+        .iter()
+        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()));
+    let longest = longest.max().unwrap_or(0);
+    let rows = (train.batch_size / run.ranks.world()).max(1).min(all.len()) * answers;
+    crate::train::check_step_memory(&start.model, rows, longest)?;
     let fresh = start.state.is_none();
     let [reference, held_out_reference] =
         reference_of(cfg, ctx, &start.model, fresh, [&all, &held_out])?;
@@ -547,23 +556,6 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         cfg.beta,
         cfg.loss
     );
-    let answers = examples
-        .iter()
-        .map(|e| e.group.responses.len())
-        .max()
-        .unwrap_or(0);
-    let longest = examples
-        .iter()
-        .flat_map(|e| {
-            e.group
-                .responses
-                .iter()
-                .map(|r| e.group.prompt.len() + r.len())
-        })
-        .max()
-        .unwrap_or(0);
-    let rows = train.batch_size.min(examples.len()) * answers;
-    crate::train::check_step_memory(&start.model, rows, longest)?;
     let fitted = fit(&run, start, &objective, &examples)?;
     let final_eval = objective.evaluate(&fitted.model.net).or(fitted.last_eval);
     finish(&run, &fitted)?;

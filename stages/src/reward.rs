@@ -528,7 +528,10 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         .iter()
         .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()));
     let longest = longest.max().unwrap_or(0);
-    let rows = train.batch_size.min(examples.len()) * answers;
+    let rows = (train.batch_size / run.ranks.world())
+        .max(1)
+        .min(examples.len())
+        * answers;
     crate::train::check_step_memory(&start.model, rows, longest)?;
     let mut fitted = fit(&run, start, &objective, &examples)?;
     let normalization = match &cfg.normalize_on {

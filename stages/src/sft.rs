@@ -237,7 +237,9 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
     );
     let longest = examples.iter().map(|e| e.prompt.len() + e.completion.len());
     let longest = longest.max().unwrap_or(0);
-    let rows = train.batch_size.min(examples.len());
+    let rows = (train.batch_size / run.ranks.world())
+        .max(1)
+        .min(examples.len());
     crate::train::check_step_memory(&start.model, rows, longest)?;
     let fitted = fit(&run, start, &objective, &examples)?;
     let out = &ctx.out_dir;

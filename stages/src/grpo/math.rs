@@ -41,8 +41,8 @@ pub fn k3(lp: &Tensor, ref_lp: &Tensor) -> Tensor {
     d.exp() - &d - 1.0
 }
 
-/// What one GRPO loss gives: the loss, the share of answer tokens whose
-/// ratio was clipped, and the mean per-token KL to the reference.
+/// What one GRPO loss gives: the loss, the share of answer tokens where
+/// the clip binds, and the mean per-token KL to the reference.
 #[derive(Debug)]
 pub struct GrpoLoss {
     pub loss: Tensor,
@@ -74,7 +74,11 @@ pub fn grpo_loss(
     let tokens = mask.sum_dim_intlist(1, false, kind).clamp_min(1.0);
     let per_answer = (per_token * mask).sum_dim_intlist(1, false, kind) / &tokens;
     let all = mask.sum(kind).clamp_min(1.0);
-    let was_clipped = (&ratio - 1.0).abs().gt(clip_range).to_kind(kind);
+    // Clipped where the clip binds (TRL): below 1 - e with A < 0, above
+    // 1 + e with A > 0.
+    let low = ratio.lt(1.0 - clip_range).logical_and(&a.lt(0.0));
+    let high = ratio.gt(1.0 + clip_range).logical_and(&a.gt(0.0));
+    let was_clipped = low.logical_or(&high).to_kind(kind);
     let share = |t: Tensor| ((t * mask).sum(kind) / &all).double_value(&[]);
     GrpoLoss {
         loss: per_answer.mean(kind),
@@ -119,8 +123,10 @@ mod tests {
         let want = (answer1 + answer2) / 2.0;
         let got = out.loss.double_value(&[]);
         assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        // The clip binds on answer 1's second token only (r > 1 + e, A > 0);
+        // answer 2's ratio is beyond it but A < 0 keeps the unclipped term.
         assert!(
-            (out.clip_fraction - 2.0 / 3.0).abs() < 1e-12,
+            (out.clip_fraction - 1.0 / 3.0).abs() < 1e-12,
             "{}",
             out.clip_fraction
         );

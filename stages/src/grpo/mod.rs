@@ -75,7 +75,8 @@ pub struct GrpoConfig {
     pub beta: f64,
     pub kl_in: KlPlacement,
     /// Divide advantages by the group's standard deviation (GRPO); false:
-    /// the differences alone (Dr. GRPO).
+    /// the differences alone (Dr. GRPO's advantages; the loss still
+    /// averages over each answer's tokens).
     pub scale_rewards: bool,
     pub optimizer: AdamWConfig,
     pub max_grad_norm: f64,
@@ -328,20 +329,28 @@ fn sample_groups(
         .map(|a| tok.decode(a, false))
         .collect::<Result<_, _>>()?;
     let row_prompts: Vec<&str> = rows.iter().map(|&i| texts[i].as_str()).collect();
-    let mut scores = match scorer {
+    let scores = match scorer {
         GroupScorer::Each(s) => s.score(&prompt_ids, &row_prompts, &g.answers, &answers, device),
         GroupScorer::Ranked(r) => r.scores(&row_prompts, &answers, group)?,
     };
     check_finite(iteration + 1, "score", scores.iter().sum::<f64>())?;
+    // Groups whose answers all scored alike teach nothing, whatever their KL.
+    let (_, zero_spread) = group_advantages(&scores, group, cfg.scale_rewards);
+    let mut shaped = scores.clone();
     if cfg.kl_in == KlPlacement::Reward {
         let kl = ((&old_lp - &ref_lp) * &mask).sum_dim_intlist(1, false, Kind::Double);
         let kl = Vec::<f64>::try_from(kl.to_device(tch::Device::Cpu)).unwrap_or_default();
-        scores
+        shaped
             .iter_mut()
             .zip(kl)
             .for_each(|(s, k)| *s -= cfg.beta * k);
     }
-    let (adv, zero_spread) = group_advantages(&scores, group, cfg.scale_rewards);
+    let (mut adv, _) = group_advantages(&shaped, group, cfg.scale_rewards);
+    for (a, s) in adv.chunks_mut(group).zip(scores.chunks(group)) {
+        if s.iter().all(|&x| x == s[0]) {
+            a.fill(0.0);
+        }
+    }
     let mean_length = g.answers.iter().map(Vec::len).sum::<usize>() as f64 / rows.len() as f64;
     Ok(Answers {
         advantages: Tensor::from_slice(&adv)
@@ -526,9 +535,9 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageErr
     bar.finish_and_clear();
     state.done = true;
     checkpointer.finish(|| save_training(&out.join(FINAL_DIR), &policy, &opt, &state))?;
-    let warning = crate::ppo::score_did_not_rise(&out.join(METRICS_FILE));
+    let warning = crate::ppo::score_did_not_rise(&out.join(METRICS_FILE), "grpo", "beta");
     if let Some(w) = &warning {
-        tracing::warn!("{}", w.replacen("ppo", "grpo", 1));
+        tracing::warn!("{w}");
     }
     let summary = GrpoSummary {
         iterations: cfg.iterations,
@@ -537,7 +546,7 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageErr
         last_kl,
         zero_spread_share: state.zero_spread as f64 / state.groups.max(1) as f64,
         wall_seconds: started.elapsed().as_secs_f64(),
-        warning: warning.map(|w| w.replacen("ppo", "grpo", 1)),
+        warning,
     };
     write_summary(out, &summary)?;
     Ok(summary)

@@ -394,7 +394,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     if !main {
         return Ok(tallies.summary(cfg, kl, [None, None], started));
     }
-    let warning = score_did_not_rise(&out.join(METRICS_FILE));
+    let warning = score_did_not_rise(&out.join(METRICS_FILE), "ppo", "kl_coef");
     if let Some(w) = &warning {
         tracing::warn!("{w}");
         if cfg.fail_if_not_learning {
@@ -473,7 +473,12 @@ fn judge_eval(
 
 /// A warning when the rollouts' mean score over the last quarter of the
 /// iterations is not above the first quarter's (runs of 4 or more).
-pub(crate) fn score_did_not_rise(metrics: &std::path::Path) -> Option<String> {
+/// `stage` names the stage in the message, `kl` its KL weight's setting.
+pub(crate) fn score_did_not_rise(
+    metrics: &std::path::Path,
+    stage: &str,
+    kl: &str,
+) -> Option<String> {
     let text = std::fs::read_to_string(metrics).ok()?;
     let scores: Vec<f64> = text
         .lines()
@@ -488,7 +493,7 @@ pub(crate) fn score_did_not_rise(metrics: &std::path::Path) -> Option<String> {
     let (first, last) = (mean(&scores[..q]), mean(&scores[n - q..]));
     (last <= first).then(|| {
         format!(
-            "ppo may not be learning: the rollouts' mean score went from {first:.4} (first {q} iterations) to {last:.4} (last {q}): check the reward model, the learning rate and kl_coef"
+            "{stage} may not be learning: the rollouts' mean score went from {first:.4} (first {q} iterations) to {last:.4} (last {q}): check the reward model, the learning rate and {kl}"
         )
     })
 }
@@ -568,9 +573,9 @@ mod tests {
             std::fs::write(&metrics, lines).unwrap();
         };
         write(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]);
-        assert_eq!(score_did_not_rise(&metrics), None);
+        assert_eq!(score_did_not_rise(&metrics, "ppo", "kl_coef"), None);
         write(&[0.5, 0.6, 0.4, 0.5, 0.5, 0.4, 0.5, 0.4]);
-        let w = score_did_not_rise(&metrics).unwrap();
+        let w = score_did_not_rise(&metrics, "ppo", "kl_coef").unwrap();
         assert!(w.starts_with("ppo may not be learning: the rollouts' mean score went from 0.5500 (first 2 iterations) to 0.4500 (last 2)"), "{w}");
     }
 }

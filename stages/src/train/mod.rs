@@ -552,16 +552,16 @@ fn log_eval<E: Evaluation>(
     }
 }
 
-/// The trainable variables by name: the same order on every rank (a
-/// VarStore's own order comes from a hash map).
-/// Refuses a training step that cannot fit in this machine's memory,
-/// before its state is allocated: weights, gradients and AdamW's two
-/// moments (16 bytes per trained parameter, 4 per frozen one), and one
+/// Refuses a training step on the CPU that cannot fit in this machine's
+/// memory, before its state is allocated: weights, gradients and AdamW's
+/// two moments (16 bytes per trained parameter, 4 per frozen one), and one
 /// micro-batch of `rows` sequences of `len` tokens (fp32 activations, and
 /// the logits with their softmax and gradient). A rough lower bound: a
-/// step refused here could not have run.
+/// step refused here could not have run. `rows` is one rank's share.
+/// Not checked on CUDA (the device's memory is what counts there).
 pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), StageError> {
-    let Some(have) = rlhf_datasets::files::memory_bytes() else {
+    let on_cpu = model.vs.device() == tch::Device::Cpu;
+    let Some(have) = rlhf_datasets::files::memory_bytes().filter(|_| on_cpu) else {
         return Ok(());
     };
     let config = model.net.config();
@@ -594,6 +594,8 @@ pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), S
     ))
 }
 
+/// The trainable variables by name: the same order on every rank (a
+/// VarStore's own order comes from a hash map).
 pub fn trainable_by_name(model: &Model) -> Vec<Tensor> {
     let mut vars: Vec<(String, Tensor)> = model
         .vs

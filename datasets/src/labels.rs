@@ -213,6 +213,35 @@ impl Queue {
         Ok(queue)
     }
 
+    /// A round's queue for `groups`: resumed when it was made for these
+    /// same groups. When it holds others (the round sampled again, from a
+    /// retrained policy), it is moved aside whole to `<dir>-superseded-N`
+    /// (people's labels are never deleted, nor used for answers they did
+    /// not see) and a new one is made; returns where the old one went.
+    pub fn open_for_round(
+        dir: &Path,
+        groups: &[Group],
+        labels_per_group: usize,
+    ) -> Result<(Self, Option<PathBuf>), LabelError> {
+        let path = dir.join(GROUPS_FILE);
+        let mut moved = None;
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let kept: Vec<Group> = serde_json::from_str(&text).map_err(|e| file_err(&path, e))?;
+            if kept != groups {
+                let name = dir
+                    .file_name()
+                    .map_or_else(|| "queue".into(), |n| n.to_string_lossy().into_owned());
+                let to = (1..)
+                    .map(|n| dir.with_file_name(format!("{name}-superseded-{n}")))
+                    .find(|p| !p.exists())
+                    .expect("a free name");
+                std::fs::rename(dir, &to).map_err(|e| file_err(dir, e))?;
+                moved = Some(to);
+            }
+        }
+        Ok((Self::open(dir, groups, labels_per_group)?, moved))
+    }
+
     pub fn groups(&self) -> &[Group] {
         &self.groups
     }
@@ -659,6 +688,40 @@ mod tests {
         let table = crate::load::read_table(&d.path().join(LABELS_PARQUET)).unwrap();
         assert_eq!(table.height(), 2);
         assert_eq!(table.width(), 14);
+    }
+
+    #[test]
+    fn a_round_sampled_again_moves_its_old_queue_aside_with_its_labels() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("queue");
+        let (mut q, moved) = Queue::open_for_round(&dir, &groups(), 1).unwrap();
+        assert_eq!(moved, None);
+        let s = q.serve("ann").unwrap().unwrap();
+        let ranking = in_shown_order(&s);
+        q.submit(&Submission {
+            group: s.group,
+            labeller: "ann".into(),
+            ranking,
+            ..Default::default()
+        })
+        .unwrap();
+        drop(q);
+        // The same groups (a rerun after a stop): resumed, the label kept.
+        let (q, moved) = Queue::open_for_round(&dir, &groups(), 1).unwrap();
+        assert_eq!((moved, q.rows().len()), (None, 1));
+        drop(q);
+        // Other answers (the policy changed): a new queue; the old one kept.
+        let mut other = groups();
+        other[0].responses[0] = "c".into();
+        let (q, moved) = Queue::open_for_round(&dir, &other, 1).unwrap();
+        let moved = moved.unwrap();
+        assert_eq!(moved, d.path().join("queue-superseded-1"));
+        assert_eq!(
+            (q.rows().len(), q.groups()[0].responses[0].as_str()),
+            (0, "c")
+        );
+        let old = Queue::open(&moved, &[], 1).unwrap();
+        assert_eq!(old.rows().len(), 1, "the labels people gave are kept");
     }
 
     #[test]

@@ -187,9 +187,18 @@ impl WebRound {
                 policy: self.policy.clone(),
             })
             .collect();
-        // Written once: a rerun keeps the groups and the labels given.
+        // Written once: a rerun keeps the groups and the labels given; a
+        // queue of other answers (a retrained policy) is moved aside.
         let per_group = self.serve.labels_per_group;
-        let queue = Queue::open(&self.queue, &groups, per_group)?;
+        let (queue, moved) = Queue::open_for_round(&self.queue, &groups, per_group)?;
+        if let Some(old) = moved {
+            tracing::warn!(
+                "round {}: {} held other answers than this round sampled (the policy changed); it was moved, with its labels, to {}",
+                self.round,
+                self.queue.display(),
+                old.display()
+            );
+        }
         if let Some(g) = &self.serve.guidelines {
             let to = self.queue.join(crate::label::GUIDELINES_FILE);
             rlhf_datasets::files::bounded_size(g, 1 << 20, "the limit for guidelines")

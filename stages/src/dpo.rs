@@ -133,11 +133,7 @@ impl KindConfig for DpoConfig {
 
     fn paths(&mut self) -> Vec<PathSetting<'_>> {
         vec![
-            PathSetting::data(
-                "data",
-                "the rankings: pairwise {prompt, chosen, rejected} or K-wise {prompt, responses, ranking} rows",
-                &mut self.data,
-            ),
+            PathSetting::data("data", crate::reward::RANKINGS_ABOUT, &mut self.data),
             PathSetting::optional_data("eval_data", &mut self.eval_data),
             PathSetting::optional_model("policy", &mut self.policy),
             PathSetting::optional_model("reference", &mut self.reference),

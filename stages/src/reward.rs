@@ -38,6 +38,11 @@ use crate::train::{
     StageError, TrainSettings,
 };
 
+/// What a rankings file holds, for the error when a stage names none
+/// (the reward model's and DPO's `data`).
+pub(crate) const RANKINGS_ABOUT: &str =
+    "the rankings: pairwise {prompt, chosen, rejected} or K-wise {prompt, responses, ranking} rows";
+
 /// Sequences per forward when scoring whole sequences for normalisation.
 pub const SCORE_BATCH: usize = 64;
 
@@ -153,11 +158,7 @@ impl KindConfig for RewardConfig {
 
     fn paths(&mut self) -> Vec<PathSetting<'_>> {
         vec![
-            PathSetting::data(
-                "data",
-                "the rankings: pairwise {prompt, chosen, rejected} or K-wise {prompt, responses, ranking} rows",
-                &mut self.data,
-            ),
+            PathSetting::data("data", RANKINGS_ABOUT, &mut self.data),
             PathSetting::optional_data("eval_data", &mut self.eval_data),
             PathSetting::optional_data("normalize_on", &mut self.normalize_on),
             PathSetting::optional_model("init", &mut self.init),

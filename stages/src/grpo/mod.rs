@@ -427,6 +427,48 @@ fn update(
     Ok(sums.map(|s| s / steps))
 }
 
+/// The policy and its optimiser from the newest usable periodic
+/// checkpoint, with the state it saved; else the starting policy.
+fn start_or_resume(
+    cfg: &GrpoConfig,
+    ctx: &StageContext,
+) -> Result<(Model, AdamW, Option<GrpoState>), StageError> {
+    let want = HeadChoice::Want(Head::Lm);
+    let resumed = newest_usable(&ctx.out_dir, |dir| {
+        load_training::<GrpoState>(dir, want, ctx.device)
+    });
+    let (policy, moments, state) = match resumed {
+        Some((_, _, (m, moments, state))) => (m, Some(moments), Some(state)),
+        None => (Model::load(&cfg.policy, want, ctx.device)?, None, None),
+    };
+    let mut opt = AdamW::new(&policy.vs, cfg.optimizer.clone());
+    if let Some(m) = &moments {
+        opt.load_state_tensors(m)?;
+    }
+    Ok((policy, opt, state))
+}
+
+impl GroupScorer {
+    /// The stage's scorer: its ranking program, else a reward model or the judge.
+    fn load(cfg: &GrpoConfig, ctx: &StageContext) -> Result<Self, StageError> {
+        let Some(command) = &cfg.ranker_command else {
+            let rm = cfg.reward_model.as_deref();
+            return Ok(GroupScorer::Each(Scorer::load(rm, cfg.gold_reward, ctx)?));
+        };
+        let ranker = ctx.ranker.clone().ok_or_else(|| {
+            StageError::setting(
+                "ranker_command",
+                "needs the pipeline's ranker (run the stage with rlhf)",
+            )
+        })?;
+        Ok(GroupScorer::Ranked(RankedBy {
+            ranker,
+            command: command.clone(),
+            timeout: cfg.ranker_timeout_seconds,
+        }))
+    }
+}
+
 /// Runs (or resumes, or finds done) a GRPO run.
 pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageError> {
     KindConfig::validate(cfg)?;
@@ -443,44 +485,14 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageErr
     }
     let (device, seed) = (ctx.device, cfg.seed.unwrap_or(0));
     tch::manual_seed(seed as i64);
-    let resumed = newest_usable(out, |dir| {
-        load_training::<GrpoState>(dir, HeadChoice::Want(Head::Lm), device)
-    });
-    let (policy, moments, state) = match resumed {
-        Some((_, _, (m, moments, state))) => (m, Some(moments), Some(state)),
-        None => (
-            Model::load(&cfg.policy, HeadChoice::Want(Head::Lm), device)?,
-            None,
-            None,
-        ),
-    };
-    let mut opt = AdamW::new(&policy.vs, cfg.optimizer.clone());
-    if let Some(m) = &moments {
-        opt.load_state_tensors(m)?;
-    }
+    let (policy, mut opt, state) = start_or_resume(cfg, ctx)?;
     let mut reference = Model::load(
         cfg.reference.as_ref().unwrap_or(&cfg.policy),
         HeadChoice::Want(Head::Lm),
         device,
     )?;
     reference.vs.freeze();
-    let scorer = match &cfg.ranker_command {
-        Some(command) => GroupScorer::Ranked(RankedBy {
-            ranker: ctx.ranker.clone().ok_or_else(|| {
-                StageError::setting(
-                    "ranker_command",
-                    "needs the pipeline's ranker (run the stage with rlhf)",
-                )
-            })?,
-            command: command.clone(),
-            timeout: cfg.ranker_timeout_seconds,
-        }),
-        None => GroupScorer::Each(Scorer::load(
-            cfg.reward_model.as_deref(),
-            cfg.gold_reward,
-            ctx,
-        )?),
-    };
+    let scorer = GroupScorer::load(cfg, ctx)?;
     let prompts = prompts_with_room(&cfg.prompts, &policy, cfg.sampling.max_new_tokens)?;
     let mut state = state.unwrap_or(GrpoState {
         stage: "grpo".into(),

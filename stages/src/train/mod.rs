@@ -411,18 +411,7 @@ pub fn fit<O: Objective>(
     let cfg = run.settings;
     let ranks = run.ranks;
     let main = ranks.is_main();
-    if main {
-        check::note_clipping_off("max_grad_norm", cfg.max_grad_norm);
-    }
-    // Under torchrun or srun the world size is known only now (`rlhf run`
-    // checks it at plan time): every rank takes an equal share.
-    let world = ranks.world();
-    if !cfg.batch_size.is_multiple_of(world) {
-        return Err(StageError::setting(
-            "batch_size",
-            format!("{} does not divide among the {world} ranks", cfg.batch_size),
-        ));
-    }
+    check_before_fit(run)?;
     let Start {
         model,
         mut opt,
@@ -445,18 +434,13 @@ pub fn fit<O: Objective>(
     let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed());
     let mut last_loss = state.as_ref().map_or(f64::NAN, |s| s.last_train_loss);
     let mut last_eval = None;
-    // Every rank evaluates (the same data; rank 0 writes): a rank waiting
-    // in the next collective meanwhile could reach its timeout.
-    let start_eval = match &state {
-        None => {
-            let start = objective.evaluate(&model.net).map(|e| e.loss());
-            if let Some(loss) = start {
-                metrics.write(&json!({"step": 0, "eval_loss": loss}));
-            }
-            start
-        }
-        Some(_) => metrics::start_eval_loss(&metrics_path),
-    };
+    let start_eval = eval_at_start(
+        objective,
+        &model,
+        state.is_some(),
+        &mut metrics,
+        &metrics_path,
+    );
     let (mut tokens_seen, mut train_time) = (0usize, 0.0f64);
     for step in start_step..total_steps {
         let t0 = Instant::now();
@@ -475,18 +459,15 @@ pub fn fit<O: Objective>(
         };
         (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
         let done = step + 1;
-        let mut record = json!({
-            "step": done, "loss": done_step.loss, "lr": lr, "grad_norm": done_step.grad_norm,
-            "tokens_per_s": step_tokens as f64 * ranks.world() as f64 / dt.max(1e-9),
-            "epoch": (done * cfg.grad_accum as i64) as f64 / micro_batches.per_epoch().max(1) as f64,
-        });
-        for r in &done_step.ratios {
-            record[r.name] = json!(r.num / r.den.max(1.0));
-        }
-        if ranks.world() > 1 {
-            record["step_s"] = json!(dt);
-            record["allreduce_s"] = json!(done_step.comm_seconds);
-        }
+        let epoch = (done * cfg.grad_accum as i64) as f64 / micro_batches.per_epoch().max(1) as f64;
+        let measured = StepTimes {
+            lr,
+            seconds: dt,
+            tokens: step_tokens,
+            epoch,
+            world: ranks.world(),
+        };
+        let mut record = step_record(done, &done_step, &measured);
         if done % cfg.eval_every == 0 || done == total_steps {
             last_eval = objective.evaluate(&model.net);
             log_eval(run, &mut record, last_eval.as_ref(), done, total_steps, lr);
@@ -509,16 +490,7 @@ pub fn fit<O: Objective>(
     }
     bar.finish_and_clear();
     let baseline = objective.chance_loss().or(start_eval);
-    // Every rank evaluated alike, so every rank decides alike.
-    let warning = not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss()));
-    if let Some(w) = &warning {
-        if main {
-            tracing::warn!("{w}");
-        }
-        if cfg.fail_if_not_learning {
-            return Err(StageError::NotLearning(w.clone()));
-        }
-    }
+    let warning = learning_warning(run, baseline, last_eval.as_ref().map(|e| e.loss()))?;
     Ok(Fitted {
         model,
         opt,
@@ -528,6 +500,90 @@ pub fn fit<O: Objective>(
         tokens_per_second: tokens_seen as f64 * ranks.world() as f64 / train_time.max(1e-9),
         warning,
     })
+}
+
+/// Before the first step: says when clipping is off, and refuses a batch
+/// the ranks cannot share equally (under torchrun or srun the world size is
+/// known only now; `rlhf run` checks it at plan time).
+fn check_before_fit(run: &FitRun) -> Result<(), StageError> {
+    let (cfg, world) = (run.settings, run.ranks.world());
+    if run.ranks.is_main() {
+        check::note_clipping_off("max_grad_norm", cfg.max_grad_norm);
+    }
+    if !cfg.batch_size.is_multiple_of(world) {
+        return Err(StageError::setting(
+            "batch_size",
+            format!("{} does not divide among the {world} ranks", cfg.batch_size),
+        ));
+    }
+    Ok(())
+}
+
+/// The eval loss the run started from: measured now (and logged as step
+/// 0) on a fresh run, read back from the metrics on a resumed one. Every
+/// rank evaluates (the same data; rank 0 writes): a rank waiting in the
+/// next collective meanwhile could reach its timeout.
+fn eval_at_start<O: Objective>(
+    objective: &O,
+    model: &Model,
+    resumed: bool,
+    metrics: &mut MetricsLog,
+    metrics_path: &Path,
+) -> Option<f64> {
+    if resumed {
+        return metrics::start_eval_loss(metrics_path);
+    }
+    let start = objective.evaluate(&model.net).map(|e| e.loss());
+    if let Some(loss) = start {
+        metrics.write(&json!({"step": 0, "eval_loss": loss}));
+    }
+    start
+}
+
+/// What a step measured besides its loss.
+struct StepTimes {
+    lr: f64,
+    seconds: f64,
+    /// This rank's tokens.
+    tokens: usize,
+    epoch: f64,
+    world: usize,
+}
+
+/// A step's line of `metrics.jsonl` (its eval is added by [`log_eval`]).
+fn step_record(done: i64, step: &StepDone, t: &StepTimes) -> serde_json::Value {
+    let mut record = json!({
+        "step": done, "loss": step.loss, "lr": t.lr, "grad_norm": step.grad_norm,
+        "tokens_per_s": t.tokens as f64 * t.world as f64 / t.seconds.max(1e-9),
+        "epoch": t.epoch,
+    });
+    for r in &step.ratios {
+        record[r.name] = json!(r.num / r.den.max(1.0));
+    }
+    if t.world > 1 {
+        record["step_s"] = json!(t.seconds);
+        record["allreduce_s"] = json!(step.comm_seconds);
+    }
+    record
+}
+
+/// The did-not-learn warning, logged by rank 0; an error when the stage
+/// must learn. Every rank evaluated alike, so every rank decides alike.
+fn learning_warning(
+    run: &FitRun,
+    baseline: Option<f64>,
+    last_eval: Option<f64>,
+) -> Result<Option<String>, StageError> {
+    let warning = not_learning(run.label, baseline, last_eval);
+    if let Some(w) = &warning {
+        if run.ranks.is_main() {
+            tracing::warn!("{w}");
+        }
+        if run.settings.fail_if_not_learning {
+            return Err(StageError::NotLearning(w.clone()));
+        }
+    }
+    Ok(warning)
 }
 
 /// Adds an eval to the step's record, and logs it every `eval_every`.

@@ -14,7 +14,8 @@ peft_version := "0.21.2"
 # CUDA headers the torch wheel's nvidia packages leave out, so that the c10d
 # shim compiles its NCCL backend (stages/build.rs); the CUDA 13.0 of torch 2.11.
 cuda_headers := "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
-# TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`.
+# TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`;
+# its DPO and GRPO losses are what tests/trl_reference.rs checks against.
 trl_version := "0.29.1"
 
 export VIRTUAL_ENV := venv
@@ -77,8 +78,15 @@ browser:
         exit 1
     fi
 
+# TRL in the venv: the loss checks of tests/trl_reference.rs and `just bench`.
+trl: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    python -c "import trl, requests, sys; sys.exit(trl.__version__ != '{{trl_version}}')" 2>/dev/null \
+        || { echo "setup: installing trl=={{trl_version}}" >&2; pip install --quiet --disable-pip-version-check "trl=={{trl_version}}" requests; }
+
 # fmt check, clippy -D warnings, every test.
-test: setup browser
+test: setup browser trl
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace
@@ -99,11 +107,7 @@ eval run="runs/default" *args: build
     {{rlhf}} eval {{run}} {{args}}
 
 # Speed and memory against PyTorch eager, HF generate and TRL's PPO, into bench/results.md (--quick: short).
-bench *args: build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    python -c "import trl, sys; sys.exit(trl.__version__ != '{{trl_version}}')" 2>/dev/null \
-        || pip install --quiet "trl=={{trl_version}}"
+bench *args: build trl
     RLHF_BIN={{rlhf}} python bench/bench.py {{args}}
 
 # Stage 1 alone: supervised fine-tuning on the bundled demonstrations.

@@ -180,6 +180,12 @@ pub fn pair_losses(
     (losses, chosen * beta, rejected * beta)
 }
 
+/// IPO compares log-probabilities averaged over each answer's tokens, as
+/// TRL computes it: `logps` summed over `tokens` tokens per row.
+pub fn per_token(logps: &Tensor, tokens: &Tensor) -> Tensor {
+    logps / tokens.clamp_min(1.0)
+}
+
 /// Per row of `batch`: the summed log-probability of its answer's tokens
 /// (EOS included) given what precedes them, and how many there are.
 pub fn answer_logps(
@@ -252,10 +258,8 @@ fn forward(cfg: &DpoConfig, model: &Network, b: &DpoBatch, device: Device, train
     let (mut policy, count) = answer_logps(model, &b.groups, device, train);
     let mut reference = Tensor::from_slice(&b.reference).to_device(device);
     if cfg.loss == DpoLoss::Ipo {
-        // IPO compares per-token log-probabilities (TRL).
-        let count = count.clamp_min(1.0);
-        policy /= &count;
-        reference /= &count;
+        policy = per_token(&policy, &count);
+        reference = per_token(&reference, &count);
     }
     let pick =
         |t: &Tensor, rows: &[i64]| t.index_select(0, &Tensor::from_slice(rows).to_device(device));

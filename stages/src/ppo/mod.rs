@@ -472,8 +472,11 @@ fn judge_eval(
 }
 
 /// A warning when the rollouts' mean score over the last quarter of the
-/// iterations is not above the first quarter's (runs of 4 or more).
-/// `stage` names the stage in the message, `kl` its KL weight's setting.
+/// iterations fell below the first quarter's by at least the difference's
+/// standard error (runs of 4 or more). A fall within that noise says
+/// nothing: GRPO scores a few prompts an iteration, and which prompts
+/// were drawn moves its mean more than learning does. `stage` names the
+/// stage in the message, `kl` its KL weight's setting.
 pub(crate) fn score_did_not_rise(
     metrics: &std::path::Path,
     stage: &str,
@@ -489,13 +492,35 @@ pub(crate) fn score_did_not_rise(
         return None;
     }
     let q = n / 4;
-    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    let (first, last) = (mean(&scores[..q]), mean(&scores[n - q..]));
-    (last <= first).then(|| {
-        format!(
-            "{stage} may not be learning: the rollouts' mean score went from {first:.4} (first {q} iterations) to {last:.4} (last {q}): check the reward model, the learning rate and {kl}"
-        )
-    })
+    let (first, last) = (&scores[..q], &scores[n - q..]);
+    let (first_mean, last_mean) = (mean(first), mean(last));
+    let noise = (sample_variance(first) / q as f64 + sample_variance(last) / q as f64).sqrt();
+    let rise = last_mean - first_mean;
+    if rise > 0.0 {
+        return None;
+    }
+    if rise > -noise {
+        tracing::info!(
+            "{stage}: the rollouts' mean score went from {first_mean:.4} to {last_mean:.4} (first and last {q} iterations), within its noise ({noise:.4}): too noisy to tell whether it learns"
+        );
+        return None;
+    }
+    Some(format!(
+        "{stage} may not be learning: the rollouts' mean score went from {first_mean:.4} (first {q} iterations) to {last_mean:.4} (last {q}), a fall beyond its noise ({noise:.4}): check the reward model, the learning rate and {kl}"
+    ))
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+/// Unbiased; 0 for fewer than two values.
+fn sample_variance(xs: &[f64]) -> f64 {
+    if xs.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(xs);
+    xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64
 }
 
 /// Greedy answers of the reference, written by the first run of a stage
@@ -575,7 +600,15 @@ mod tests {
         write(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]);
         assert_eq!(score_did_not_rise(&metrics, "ppo", "kl_coef"), None);
         write(&[0.5, 0.6, 0.4, 0.5, 0.5, 0.4, 0.5, 0.4]);
+        // First two 0.5, 0.6 and last two 0.5, 0.4: a fall of 0.1 against a
+        // standard error of sqrt(0.005 / 2 + 0.005 / 2) = 0.0707.
         let w = score_did_not_rise(&metrics, "ppo", "kl_coef").unwrap();
-        assert!(w.starts_with("ppo may not be learning: the rollouts' mean score went from 0.5500 (first 2 iterations) to 0.4500 (last 2)"), "{w}");
+        assert!(w.starts_with("ppo may not be learning: the rollouts' mean score went from 0.5500 (first 2 iterations) to 0.4500 (last 2), a fall beyond its noise (0.0707)"), "{w}");
+        // The same fall among scores that swing by 1 either way says nothing.
+        write(&[1.5, -0.4, 0.4, 0.5, 0.5, 0.4, 1.4, -0.5]);
+        assert_eq!(score_did_not_rise(&metrics, "grpo", "beta"), None);
+        // A flat run without noise falls by nothing: still flagged.
+        write(&[0.5; 8]);
+        assert!(score_did_not_rise(&metrics, "ppo", "kl_coef").is_some());
     }
 }

@@ -1,0 +1,180 @@
+//! DPO's and GRPO's arithmetic against TRL's own code (trl==0.29.1 in the
+//! venv; `just test` installs it): tests/python/trl_reference.py calls
+//! `DPOTrainer._compute_loss` and `GRPOTrainer._compute_loss` on fixed
+//! inputs, and this test feeds the same inputs to rlhf's functions.
+//!
+//! - DPO: sigmoid, cDPO (label smoothing 0.2) and IPO losses, and the
+//!   implicit rewards, margins and accuracy TRL logs.
+//! - GRPO: group advantages (scaled by the group's std, and not: Dr.
+//!   GRPO), the count of groups without spread, and the clipped loss with
+//!   its k3 KL and clip ratio, with the KL in the loss and without.
+
+mod common;
+
+use rlhf_stages::dpo::{pair_losses, per_token, DpoLoss, PairLogps};
+use rlhf_stages::grpo::math::{group_advantages, grpo_loss};
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+fn trl_cases() -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trl.json");
+    common::run_python("trl_reference.py", &[out.to_str().unwrap()]);
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn tensor(v: &Value) -> Tensor {
+    match v.as_array().unwrap().first() {
+        Some(Value::Array(_)) => {
+            let rows: Vec<Tensor> = v.as_array().unwrap().iter().map(tensor).collect();
+            Tensor::stack(&rows, 0)
+        }
+        _ => Tensor::from_slice(&floats(v)),
+    }
+}
+
+fn mean(t: &Tensor) -> f64 {
+    t.mean(Kind::Double).double_value(&[])
+}
+
+fn close(what: &str, ours: f64, trl: f64, tol: f64) {
+    assert!(
+        (ours - trl).abs() <= tol * (1.0 + trl.abs()),
+        "{what}: rlhf {ours} vs TRL {trl}"
+    );
+}
+
+fn check_dpo(case: &Value) {
+    let loss = match case["loss_type"].as_str().unwrap() {
+        "sigmoid" => DpoLoss::Sigmoid,
+        "ipo" => DpoLoss::Ipo,
+        other => panic!("loss {other}"),
+    };
+    let (beta, smoothing) = (
+        case["beta"].as_f64().unwrap(),
+        case["label_smoothing"].as_f64().unwrap(),
+    );
+    let name = format!("dpo {loss:?} beta {beta} label_smoothing {smoothing}");
+    let (mut policy, mut reference) = (
+        tensor(&case["policy_logps"]),
+        tensor(&case["reference_logps"]),
+    );
+    let raw_policy = policy.shallow_clone();
+    if loss == DpoLoss::Ipo {
+        let tokens = tensor(&case["tokens"]);
+        policy = per_token(&policy, &tokens);
+        reference = per_token(&reference, &tokens);
+    }
+    // TRL's batch: the chosen rows, then the rejected rows.
+    let pairs = policy.size()[0] / 2;
+    let logps = PairLogps {
+        policy_chosen: policy.narrow(0, 0, pairs),
+        policy_rejected: policy.narrow(0, pairs, pairs),
+        reference_chosen: reference.narrow(0, 0, pairs),
+        reference_rejected: reference.narrow(0, pairs, pairs),
+    };
+    let (losses, chosen, rejected) = pair_losses(loss, beta, smoothing, &logps);
+    close(
+        &format!("{name}: loss"),
+        mean(&losses),
+        case["loss"].as_f64().unwrap(),
+        1e-9,
+    );
+    if loss == DpoLoss::Ipo {
+        // TRL's implicit rewards stay on the summed log-probabilities.
+        return;
+    }
+    let metric = |key: &str| case[key].as_f64().unwrap();
+    close(
+        &format!("{name}: rewards/chosen"),
+        mean(&chosen),
+        metric("rewards/chosen"),
+        1e-9,
+    );
+    close(
+        &format!("{name}: rewards/rejected"),
+        mean(&rejected),
+        metric("rewards/rejected"),
+        1e-9,
+    );
+    close(
+        &format!("{name}: rewards/margins"),
+        mean(&(&chosen - &rejected)),
+        metric("rewards/margins"),
+        1e-9,
+    );
+    let accuracy = mean(&chosen.gt_tensor(&rejected).to_kind(Kind::Double));
+    close(
+        &format!("{name}: rewards/accuracies"),
+        accuracy,
+        metric("rewards/accuracies"),
+        1e-6,
+    );
+    close(
+        &format!("{name}: logps/chosen"),
+        mean(&raw_policy.narrow(0, 0, pairs)),
+        metric("logps/chosen"),
+        1e-9,
+    );
+}
+
+fn check_grpo(case: &Value) {
+    let (group, beta, epsilon) = (
+        case["group"].as_u64().unwrap() as usize,
+        case["beta"].as_f64().unwrap(),
+        case["epsilon"].as_f64().unwrap(),
+    );
+    let rewards = floats(&case["rewards"]);
+    let (scaled, zero) = group_advantages(&rewards, group, true);
+    let (plain, _) = group_advantages(&rewards, group, false);
+    for (ours, trl) in scaled.iter().zip(floats(&case["advantages"])) {
+        close("grpo advantage (scaled)", *ours, trl, 1e-12);
+    }
+    for (ours, trl) in plain.iter().zip(floats(&case["advantages_unscaled"])) {
+        close("grpo advantage (Dr. GRPO)", *ours, trl, 1e-12);
+    }
+    assert_eq!(zero as u64, case["zero_spread_groups"].as_u64().unwrap());
+    let out = grpo_loss(
+        &tensor(&case["logps"]),
+        &tensor(&case["old_logps"]),
+        &tensor(&case["ref_logps"]),
+        &Tensor::from_slice(&scaled),
+        &tensor(&case["mask"]).to_kind(Kind::Double),
+        epsilon,
+        beta,
+    );
+    let name = format!("grpo beta {beta} epsilon {epsilon}");
+    close(
+        &format!("{name}: loss"),
+        out.loss.double_value(&[]),
+        case["loss"].as_f64().unwrap(),
+        1e-9,
+    );
+    close(
+        &format!("{name}: clip ratio"),
+        out.clip_fraction,
+        case["clip_ratio"].as_f64().unwrap(),
+        1e-6,
+    );
+    if let Some(kl) = case["kl"].as_f64() {
+        close(&format!("{name}: kl"), out.kl, kl, 1e-9);
+    }
+}
+
+#[test]
+fn dpo_and_grpo_losses_match_trl() {
+    let cases = trl_cases();
+    let dpo = cases["dpo"].as_array().unwrap();
+    let grpo = cases["grpo"].as_array().unwrap();
+    assert_eq!((dpo.len(), grpo.len()), (3, 2), "{cases}");
+    dpo.iter().for_each(check_dpo);
+    grpo.iter().for_each(check_grpo);
+}

@@ -97,10 +97,12 @@ pipeline: build
     {{rlhf}} run configs/default.yaml
     {{rlhf}} eval runs/default
 
-# PPO, DPO and GRPO from one SFT and one reward model, judged in one report (runs/compare/report/).
+# PPO, DPO and GRPO from one SFT and one reward model, and two loop rounds of each, judged in one report (runs/compare/report/).
 compare: build
     {{rlhf}} run configs/compare.yaml
-    {{rlhf}} eval runs/compare
+    {{rlhf}} run configs/dpo.yaml
+    {{rlhf}} run configs/grpo.yaml
+    {{rlhf}} eval runs/compare --with runs/dpo --with runs/grpo
 
 # Evaluate a finished run: report.md, report.json and plots in RUN/report/.
 eval run="runs/default" *args: build

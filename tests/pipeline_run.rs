@@ -657,3 +657,121 @@ fn grpo_scores_groups_with_a_ranking_program() {
     let err = String::from_utf8_lossy(&rlhf(&["plan", exp.to_str().unwrap()]).stderr).into_owned();
     assert!(err.contains("give one scorer"), "{err}");
 }
+
+/// Two experiment files beside each other (one `out_dir`) with the same
+/// SFT stage: the second copies the first's finished stage instead of
+/// training it again (a damaged one is passed over), and `rlhf eval
+/// --with` judges both runs' policies in one report, the shared SFT once,
+/// with each policy's own and route wall times.
+#[test]
+fn experiments_share_finished_stages_and_one_report_judges_them() {
+    let d = tempfile::tempdir().unwrap();
+    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &d.path().join("prefs.jsonl"), 16);
+    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 6);
+    let write = |name: &str, beta: f64| {
+        let exp = d.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &exp,
+            format!(
+                "name: {name}\ndevice: cpu\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}\nstages:\n\
+                 \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}}\n\
+                 \x20 dpo: {{kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48, beta: {beta}}}\n"
+            ),
+        )
+        .unwrap();
+        exp
+    };
+    let (a, b, c) = (write("a", 0.1), write("b", 0.5), write("c", 0.1));
+    run(&a, &[]);
+    let plan = String::from_utf8(rlhf(&["plan", b.to_str().unwrap()]).stdout).unwrap();
+    assert!(
+        plan.contains("1. sft (sft): finished in ../a/sft (copied)"),
+        "{plan}"
+    );
+    assert!(plan.contains("dpo (dpo) after sft: to run"), "{plan}");
+    let log = run(&b, &[]);
+    assert!(log.contains("[sft] copied from"), "{log}");
+    assert!(
+        !log.contains("stage sft (sft)"),
+        "sft trained again:\n{log}"
+    );
+    let runs = d.path().join("runs");
+    let weights =
+        |run: &str| std::fs::read(runs.join(run).join("sft/checkpoint/model.safetensors")).unwrap();
+    assert_eq!(weights("a"), weights("b"));
+    let manifest = |path: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(runs.join(path).join("manifest.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(manifest("b/sft")["copied_from"], "../a/sft");
+    assert_eq!(manifest("b/sft")["stage"], "sft");
+    assert_eq!(manifest("b/sft")["seconds"], manifest("a/sft")["seconds"]);
+    // A source whose checkpoint no longer matches its checksums is passed over.
+    let damaged = runs.join("a/sft/checkpoint/model.safetensors");
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
+    let log = run(&c, &[]);
+    assert!(
+        log.contains("[sft] copied from") && log.contains("b/sft"),
+        "{log}"
+    );
+    // One report for runs b and c: c's dpo (another beta) joins as c/dpo,
+    // the shared sft once.
+    let prompts = d.path().join("prompts.jsonl");
+    let args = [
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--kl-samples",
+        "1",
+    ];
+    let b_dir = runs.join("b");
+    let mut eval = vec!["eval", b_dir.to_str().unwrap(), "--with"];
+    let c_dir = runs.join("c");
+    eval.push(c_dir.to_str().unwrap());
+    eval.extend(args);
+    let out = rlhf(&eval);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(b_dir.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("| sft |") && md.contains("| dpo |") && md.contains("| c/dpo |"),
+        "{md}"
+    );
+    assert!(!md.contains("| c/sft |"), "the shared sft twice:\n{md}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b_dir.join("report/report.json")).unwrap())
+            .unwrap();
+    let row = report["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["label"] == "c/dpo")
+        .unwrap()
+        .clone();
+    let secs = |path: &str| manifest(path)["seconds"].as_f64().unwrap();
+    assert_eq!(row["seconds"].as_f64().unwrap(), secs("c/dpo"));
+    let route = row["route_seconds"].as_f64().unwrap();
+    assert!(
+        (route - (secs("c/dpo") + secs("c/sft"))).abs() < 1e-9,
+        "{row}"
+    );
+    // Evaluating a run --with itself is refused.
+    let out = rlhf(&[
+        "eval",
+        b_dir.to_str().unwrap(),
+        "--with",
+        b_dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("that is the run being evaluated"));
+}

@@ -31,6 +31,10 @@ pub struct Manifest {
     pub status: Status,
     pub seconds: f64,
     pub summary: serde_json::Value,
+    /// Set when the finished stage was copied from another run folder
+    /// (relative to this run's folder) rather than run here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<String>,
 }
 
 /// How a stage's last run ended.

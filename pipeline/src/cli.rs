@@ -219,6 +219,12 @@ pub struct EvalArgs {
     /// Sampled answers per prompt for the KL estimate.
     #[arg(long, default_value_t = 4)]
     pub kl_samples: usize,
+    /// Another run folder whose policies join this report (repeatable):
+    /// named `<run>/<stage>`, judged against this run's reference with
+    /// this run's reward model; a stage copied between the runs is shown
+    /// once. The report is written into RUN.
+    #[arg(long = "with", value_name = "RUN")]
+    pub with: Vec<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub seed: i64,
     #[command(flatten)]

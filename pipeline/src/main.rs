@@ -12,6 +12,7 @@ mod labeller;
 mod lock;
 mod report;
 mod runner;
+mod sibling_cache;
 mod spawn;
 mod threads;
 

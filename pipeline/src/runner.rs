@@ -24,6 +24,7 @@ use crate::artifact::{
 };
 use crate::config::{Experiment, LoopFile, PolicyInit, RewardInit};
 use crate::dag;
+use crate::sibling_cache;
 
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
@@ -116,6 +117,18 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         tracing::info!("[{label}] cached ({})", dir.display());
         return Ok((key, Outcome::Cached));
     }
+    if let Some(from) = (!job.force)
+        .then(|| sibling_cache::find(&exp, &key))
+        .flatten()
+    {
+        match sibling_cache::copy_in(&exp, &from, dir, label, &key) {
+            Ok(()) => return Ok((key, Outcome::Cached)),
+            Err(e) => tracing::warn!(
+                "[{label}] not copied from {}: {e:#}; running it",
+                from.display()
+            ),
+        }
+    }
     // A folder started with other settings (or forced), or a finished one
     // whose checkpoint is gone or damaged, starts over; one started with
     // these settings and stopped resumes from its last good checkpoint.
@@ -169,6 +182,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         status,
         seconds: t0.elapsed().as_secs_f64(),
         summary,
+        copied_from: None,
     };
     write_manifest(dir, &manifest)?;
     match result {
@@ -262,6 +276,7 @@ impl Collect<'_> {
             status: Status::Complete,
             seconds: t0.elapsed().as_secs_f64(),
             summary,
+            copied_from: None,
         };
         write_manifest(&dir, &manifest)?;
         Ok((key, out_prefs, Outcome::Ran))
@@ -523,9 +538,14 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
             .collect();
         let (key, _, _) = stage_key(exp, name, &upstream)?;
         let state = if is_cached(&exp.stage_dir(name), &key) {
-            "cached"
+            "cached".to_owned()
+        } else if let Some(from) = sibling_cache::find(exp, &key) {
+            format!(
+                "finished in {} (copied)",
+                crate::report::relative_to(&from, &exp.run_dir).display()
+            )
         } else {
-            "to run"
+            "to run".to_owned()
         };
         let after: Vec<&String> = exp.deps[name]
             .iter()

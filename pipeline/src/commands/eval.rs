@@ -19,6 +19,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             ..EvalSettings::default()
         },
         skip_kl: false,
+        with_runs: args.with.clone(),
     };
     anyhow::ensure!(
         args.run.is_dir(),
@@ -26,6 +27,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.run.display()
     );
     let _lock = crate::lock::lock_run_folder(&args.run)?;
+    let mut _other_locks = Vec::new();
+    for other in &args.with {
+        anyhow::ensure!(
+            other.is_dir(),
+            "--with {}: no such run folder",
+            other.display()
+        );
+        anyhow::ensure!(
+            std::path::absolute(other)? != std::path::absolute(&args.run)?,
+            "--with {}: that is the run being evaluated",
+            other.display()
+        );
+        _other_locks.push(crate::lock::lock_run_folder(other)?);
+    }
     let mut evaluation = evaluate_run(&args.run, &opts, device)?;
     let dir = write_report(&mut evaluation)?;
     print!("{}", crate::report::markdown::render(&evaluation.report));

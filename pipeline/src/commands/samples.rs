@@ -43,6 +43,7 @@ pub fn run(args: SamplesArgs) -> anyhow::Result<()> {
                     ..EvalSettings::default()
                 },
                 skip_kl: true,
+                with_runs: vec![],
             };
             evaluate_run(&args.run, &opts, parse_device(&args.device.device)?)?.answers
         }

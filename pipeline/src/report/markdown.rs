@@ -33,7 +33,7 @@ fn versus(v: &Option<VersusReference>) -> String {
 fn policy_line(out: &mut String, p: &PolicyRow) {
     let _ = writeln!(
         out,
-        "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0}% |",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0}% | {} | {} |",
         p.label,
         num(p.gold_score, 3),
         pct(p.exact),
@@ -43,7 +43,13 @@ fn policy_line(out: &mut String, p: &PolicyRow) {
         num(p.kl_to_reference, 2),
         p.answer_tokens,
         100.0 * p.finished,
+        minutes(p.seconds),
+        minutes(p.route_seconds),
     );
+}
+
+fn minutes(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".into(), |s| format!("{:.1}", s / 60.0))
 }
 
 /// People's labels per round (web labeller rounds only).
@@ -107,16 +113,16 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(out, "## Policies\n");
     let _ = writeln!(
         out,
-        "| policy | gold score | exact | gold win rate vs {0} (W-T-L) | RM score | RM win rate vs {0} (W-T-L) | KL to {0} (nats) | answer tokens | ended with EOS |",
+        "| policy | gold score | exact | gold win rate vs {0} (W-T-L) | RM score | RM win rate vs {0} (W-T-L) | KL to {0} (nats) | answer tokens | ended with EOS | stage minutes | route minutes |",
         r.reference
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for p in &r.policies {
         policy_line(&mut out, p);
     }
     let _ = writeln!(
         out,
-        "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart. In brackets: the win rate's 95% Wilson interval over the non-tied prompts.\n"
+        "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart. In brackets: the win rate's 95% Wilson interval over the non-tied prompts. Stage minutes: the stage's own wall time; route minutes: with every stage it was trained from (SFT, reward models, earlier rounds and their labelling), each counted once.\n"
     );
     let families: std::collections::BTreeSet<&String> = r
         .policies

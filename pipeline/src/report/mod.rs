@@ -42,6 +42,8 @@ pub struct EvalOptions {
     pub settings: EvalSettings,
     /// Skip the KL estimate (for `rlhf samples`: answers only).
     pub skip_kl: bool,
+    /// Other run folders whose policies join the report (`--with`).
+    pub with_runs: Vec<PathBuf>,
 }
 
 /// Head-to-head counts and the win rate over the non-tied ones.
@@ -92,6 +94,14 @@ pub struct PolicyRow {
     pub answer_tokens: f64,
     /// Share of answers that ended with EOS.
     pub finished: f64,
+    /// The stage's own wall time (where it was copied from another run,
+    /// its time there).
+    #[serde(default)]
+    pub seconds: Option<f64>,
+    /// The stage's and every stage's upstream of it (SFT, reward models,
+    /// earlier rounds and their labelling), each counted once.
+    #[serde(default)]
+    pub route_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -252,7 +262,12 @@ pub fn evaluate_run(
     opts: &EvalOptions,
     device: Device,
 ) -> anyhow::Result<Evaluation> {
-    let stages = finished_stages(run_dir)?;
+    let mut stages = finished_stages(run_dir)?;
+    stages.extend(run_folder::stages_of_other_runs(&stages, &opts.with_runs)?);
+    let run_dirs: Vec<&Path> = std::iter::once(run_dir)
+        .chain(opts.with_runs.iter().map(PathBuf::as_path))
+        .collect();
+    let times = run_folder::stage_times(&run_dirs);
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
@@ -297,6 +312,8 @@ pub fn evaluate_run(
         let base = all_answers.first().map(|(_, a)| a).unwrap_or(&answers);
         let mut row = policy_row(stage, &answers, base, families.as_deref(), kl);
         row.checkpoint = relative_to(&row.checkpoint, run_dir);
+        row.seconds = Some(stage.manifest.seconds);
+        row.route_seconds = run_folder::route_seconds(&stage.manifest.key, &times);
         policies.push(row);
         all_answers.push((stage.label.clone(), answers));
     }
@@ -391,6 +408,8 @@ fn policy_row(
         kl_to_reference: kl,
         answer_tokens: answers.answer_tokens.iter().sum::<usize>() as f64 / n,
         finished: answers.finished.iter().filter(|&&f| f).count() as f64 / n,
+        seconds: None,
+        route_seconds: None,
     }
 }
 

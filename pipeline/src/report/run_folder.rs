@@ -1,6 +1,7 @@
 //! What a finished run folder holds: its stages (top level and loop
 //! rounds) as their manifests describe them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -122,4 +123,81 @@ fn collect(
         });
     }
     Ok(())
+}
+
+/// Every finished stage's wall time and upstream keys, by key, in these
+/// run folders (labelling steps included), for the routes' times.
+pub fn stage_times(run_dirs: &[&Path]) -> BTreeMap<String, (f64, Vec<String>)> {
+    let mut out = BTreeMap::new();
+    for run in run_dirs {
+        let Ok(tops) = sorted_entries(run) else {
+            continue;
+        };
+        for top in tops {
+            let mut dirs = vec![top.path()];
+            if top.file_name().to_string_lossy().starts_with("round-") {
+                dirs.extend(
+                    sorted_entries(&top.path())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|e| e.path()),
+                );
+            }
+            for dir in dirs {
+                if let Some(m) =
+                    read_manifest(&dir).filter(|m| m.status == crate::artifact::Status::Complete)
+                {
+                    out.insert(
+                        m.key.clone(),
+                        (m.seconds, m.upstream.values().cloned().collect()),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The wall time of the stage with `key` and of every stage upstream of
+/// it, each counted once: what it took to get this model from nothing.
+/// `None` when an upstream stage is not among `times`.
+pub fn route_seconds(key: &str, times: &BTreeMap<String, (f64, Vec<String>)>) -> Option<f64> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![key.to_owned()];
+    let mut total = 0.0;
+    while let Some(k) = todo.pop() {
+        if !seen.insert(k.clone()) {
+            continue;
+        }
+        let (seconds, upstream) = times.get(&k)?;
+        total += seconds;
+        todo.extend(upstream.iter().cloned());
+    }
+    Some(total)
+}
+
+/// The finished stages of other run folders (`rlhf eval --with`), named
+/// `<run>/<stage>`, less those with the key of a stage already in
+/// `stages` (the same model, copied between runs).
+pub fn stages_of_other_runs(
+    stages: &[FinishedStage],
+    others: &[PathBuf],
+) -> anyhow::Result<Vec<FinishedStage>> {
+    let mut keys: std::collections::BTreeSet<String> =
+        stages.iter().map(|s| s.manifest.key.clone()).collect();
+    let mut out = Vec::new();
+    for run in others {
+        let name = run
+            .file_name()
+            .unwrap_or(run.as_os_str())
+            .to_string_lossy()
+            .into_owned();
+        for mut s in finished_stages(run)? {
+            if keys.insert(s.manifest.key.clone()) {
+                s.label = format!("{name}/{}", s.label);
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
 }

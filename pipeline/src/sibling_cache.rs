@@ -1,0 +1,130 @@
+//! Finished stages shared between experiments: a stage whose key (its
+//! settings, input files and upstream stages' keys) matches a finished,
+//! intact stage in another run folder beside this one (the same
+//! `out_dir`) would compute the same thing, so it is copied in instead of
+//! run again. Two experiment files that share an SFT stage train it once.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::artifact::{is_cached, read_manifest, write_manifest, Status};
+use crate::config::Experiment;
+
+/// A stage folder of another run under `exp`'s `out_dir` holding a
+/// finished, intact stage with `key`.
+pub fn find(exp: &Experiment, key: &str) -> Option<PathBuf> {
+    let out_dir = exp.run_dir.parent()?;
+    let runs = sorted_dirs(out_dir);
+    runs.into_iter()
+        .filter(|run| run != &exp.run_dir)
+        .flat_map(|run| stage_dirs(&run))
+        .find(|dir| {
+            read_manifest(dir).is_some_and(|m| m.status == Status::Complete && m.key == key)
+                && is_cached(dir, key)
+        })
+}
+
+/// Copies the stage folder `from` to `to` (absent, inside `exp`'s run
+/// folder) through a temporary folder renamed at the end, so that a copy
+/// cut short leaves nothing that looks finished; then names the copy
+/// `label` and where it came from in its manifest.
+pub fn copy_in(
+    exp: &Experiment,
+    from: &Path,
+    to: &Path,
+    label: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    exp.check_inside(to)?;
+    let tmp = to.with_file_name(format!(
+        ".{}.copying",
+        to.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    exp.check_inside(&tmp)?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("clearing {}", tmp.display()))?;
+    }
+    let bytes = copy_tree(from, &tmp)?;
+    let mut manifest = read_manifest(&tmp).context("the copied manifest.json is unreadable")?;
+    manifest.stage = label.to_owned();
+    manifest.copied_from = Some(
+        crate::report::relative_to(from, &exp.run_dir)
+            .display()
+            .to_string(),
+    );
+    write_manifest(&tmp, &manifest)?;
+    if to.exists() {
+        std::fs::remove_dir_all(to).with_context(|| format!("clearing {}", to.display()))?;
+    }
+    std::fs::rename(&tmp, to)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+    if !is_cached(to, key) {
+        bail!(
+            "the copy in {} does not check out against its checksums",
+            to.display()
+        );
+    }
+    tracing::info!(
+        "[{label}] copied from {} ({:.1} MB): the same settings, inputs and upstream stages finished there",
+        from.display(),
+        bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Top-level stage folders of a run and those of its loop rounds.
+fn stage_dirs(run: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in sorted_dirs(run) {
+        let is_round = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("round-"));
+        if is_round {
+            out.extend(sorted_dirs(&dir));
+        } else {
+            out.push(dir);
+        }
+    }
+    out
+}
+
+/// Sub-folders, not following links: a link in another run folder could
+/// point anywhere.
+fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Copies regular files and folders; refuses links and anything else.
+/// Returns the bytes copied.
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<u64> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            bytes += copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            bytes += std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        } else {
+            bail!(
+                "{}: not a regular file or folder; not copied",
+                src.display()
+            );
+        }
+    }
+    Ok(bytes)
+}

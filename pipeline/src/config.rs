@@ -52,6 +52,10 @@ pub struct ExperimentFile {
     /// Ranks per stage on this machine (`rlhf run` starts them).
     #[serde(default)]
     pub distributed: Distributed,
+    /// Stages `rlhf run` runs at once when the DAG has independent
+    /// branches; they divide the cores among them.
+    #[serde(default = "default_max_parallel")]
+    pub max_parallel: usize,
     #[serde(default = "default_device")]
     pub device: String,
     #[serde(default = "default_out_dir")]
@@ -182,6 +186,10 @@ pub enum PolicyInit {
     #[default]
     Previous,
     Reference,
+}
+
+fn default_max_parallel() -> usize {
+    1
 }
 
 fn default_device() -> String {
@@ -644,6 +652,13 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
         return Err(format!(
             "stages: the stage name \"{taken}\" is taken by the run folder's own files \
              (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
+        ));
+    }
+    if !(1..=1024).contains(&spec.max_parallel) {
+        return Err(format!(
+            "max_parallel: must be in [1, 1024] (stages run at once), got {}{}",
+            spec.max_parallel,
+            at_key_line(text, "max_parallel")
         ));
     }
     let d = &spec.distributed;

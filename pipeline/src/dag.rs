@@ -99,8 +99,72 @@ pub fn with_descendants(
     out
 }
 
+/// The most of `jobs` that can run at once: the largest set of them none
+/// of which is upstream of another, through any stage (Dilworth: the jobs
+/// less a maximum matching of the "upstream of" order).
+pub fn width(jobs: &BTreeSet<String>, deps: &BTreeMap<String, BTreeSet<String>>) -> usize {
+    let list: Vec<&String> = jobs.iter().collect();
+    // below[i]: the jobs downstream of job i.
+    let below: Vec<Vec<usize>> = list
+        .iter()
+        .map(|j| {
+            let down = with_descendants(deps, std::slice::from_ref(*j));
+            (0..list.len())
+                .filter(|&k| list[k] != *j && down.contains(list[k]))
+                .collect()
+        })
+        .collect();
+    let mut matched_to: Vec<Option<usize>> = vec![None; list.len()];
+    let mut matching = 0;
+    for i in 0..list.len() {
+        let mut seen = vec![false; list.len()];
+        if augment(i, &below, &mut matched_to, &mut seen) {
+            matching += 1;
+        }
+    }
+    list.len() - matching
+}
+
+/// Kuhn's augmenting path from job `i` to a job below it.
+fn augment(
+    i: usize,
+    below: &[Vec<usize>],
+    matched_to: &mut [Option<usize>],
+    seen: &mut [bool],
+) -> bool {
+    for &k in &below[i] {
+        if seen[k] {
+            continue;
+        }
+        seen[k] = true;
+        if matched_to[k].is_none_or(|m| augment(m, below, matched_to, seen)) {
+            matched_to[k] = Some(i);
+            return true;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn width_counts_the_jobs_that_can_run_at_once() {
+        let d = deps(&[
+            ("sft", &[]),
+            ("rm", &["sft"]),
+            ("ppo", &["sft", "rm"]),
+            ("dpo", &["sft"]),
+            ("grpo", &["rm"]),
+        ]);
+        let set = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<BTreeSet<_>>();
+        // dpo beside rm, or ppo, grpo and dpo together.
+        assert_eq!(width(&set(&["sft", "rm", "ppo", "dpo", "grpo"]), &d), 3);
+        // A chain runs one at a time, also through a stage left out (rm).
+        assert_eq!(width(&set(&["sft", "ppo"]), &d), 1);
+        assert_eq!(width(&set(&["sft", "grpo"]), &d), 1);
+        assert_eq!(width(&set(&[]), &d), 0);
+    }
+
     use super::*;
 
     fn deps(edges: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {

@@ -12,6 +12,7 @@ mod labeller;
 mod lock;
 mod report;
 mod runner;
+mod schedule;
 mod sibling_cache;
 mod spawn;
 mod threads;

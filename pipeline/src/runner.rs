@@ -53,25 +53,52 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
         exp.stage(f)?;
     }
     let forced = dag::with_descendants(&exp.deps, &opts.force);
-    let mut keys: BTreeMap<String, String> = BTreeMap::new();
-    let mut outcomes = Vec::new();
-    for name in &order {
-        let upstream: BTreeMap<String, String> = exp.deps[name]
-            .iter()
-            .map(|u| (u.clone(), keys[u].clone()))
-            .collect();
-        let job = StageRun {
-            exp,
-            name,
-            label: name,
-            out_dir: exp.stage_dir(name),
-            extra: vec![],
-            upstream,
-            force: forced.contains(name),
-        };
-        let (key, outcome) = ensure_stage(&job, &opts.overrides)?;
-        keys.insert(name.clone(), key);
-        outcomes.push((name.clone(), outcome));
+    let parallel = exp.spec.max_parallel;
+    let side_by_side = parallel.min(dag::width(&stages_to_run(exp, &order, &forced)?, &exp.deps));
+    crate::spawn::set_side_by_side(side_by_side.max(1));
+    if side_by_side > 1 {
+        tracing::info!(
+            "up to {side_by_side} stages run side by side (max_parallel {parallel}); each gets 1/{side_by_side} of the {} cores",
+            crate::threads::cores()
+        );
+    }
+    let finished = crate::schedule::run_dag(
+        &order,
+        &exp.deps,
+        parallel,
+        |name, upstream: &BTreeMap<String, (String, Outcome)>| {
+            let job = StageRun {
+                exp,
+                name,
+                label: name,
+                out_dir: exp.stage_dir(name),
+                extra: vec![],
+                upstream: upstream
+                    .iter()
+                    .map(|(u, (k, _))| (u.clone(), k.clone()))
+                    .collect(),
+                force: forced.contains(name),
+            };
+            ensure_stage(&job, &opts.overrides)
+        },
+        rlhf_stages::train::interrupt_requested,
+    );
+    crate::spawn::set_side_by_side(1);
+    if !finished.failed.is_empty() {
+        bail!("{}", failure_report(&finished));
+    }
+    let keys: BTreeMap<String, String> = finished
+        .done
+        .iter()
+        .map(|(n, (k, _))| (n.clone(), k.clone()))
+        .collect();
+    let mut outcomes: Vec<(String, Outcome)> = order
+        .iter()
+        .filter_map(|n| Some((n.clone(), finished.done.get(n)?.1.clone())))
+        .collect();
+    if !finished.not_run.is_empty() {
+        // Interrupted between stages.
+        refuse_after_interrupt(&finished.not_run[0])?;
     }
     if opts.only.is_none() {
         if let Some(spec) = &exp.spec.rounds {
@@ -85,6 +112,51 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
         }
     }
     Ok(outcomes)
+}
+
+/// The stages of `order` that will run rather than be found done (here or
+/// in another run folder beside this one).
+fn stages_to_run(
+    exp: &Experiment,
+    order: &[String],
+    forced: &BTreeSet<String>,
+) -> anyhow::Result<BTreeSet<String>> {
+    let mut keys = BTreeMap::new();
+    let mut out = BTreeSet::new();
+    for name in order {
+        let upstream: BTreeMap<String, String> = exp.deps[name]
+            .iter()
+            .map(|u| (u.clone(), keys.get(u).cloned().unwrap_or_default()))
+            .collect();
+        let (key, _, _) = stage_key(exp, name, &upstream)?;
+        let done =
+            is_cached(&exp.stage_dir(name), &key) || sibling_cache::find(exp, &key).is_some();
+        if forced.contains(name) || !done {
+            out.insert(name.clone());
+        }
+        keys.insert(name.clone(), key);
+    }
+    Ok(out)
+}
+
+/// The first failure's error, then the others' and the stages left
+/// waiting on them.
+fn failure_report<T>(finished: &crate::schedule::Finished<T>) -> String {
+    let mut text = format!("{:#}", finished.failed[0].error);
+    for f in &finished.failed[1..] {
+        text.push_str(&format!("\n{} failed too: {:#}", f.job, f.error));
+    }
+    if !finished.not_run.is_empty() {
+        text.push_str(&format!(
+            "\nnot run (downstream of a failure): {}",
+            finished.not_run.join(", ")
+        ));
+    }
+    let done: Vec<&str> = finished.done.keys().map(String::as_str).collect();
+    if !done.is_empty() {
+        text.push_str(&format!("\nfinished: {}", done.join(", ")));
+    }
+    text
 }
 
 /// One stage to bring up to date: a stage of the file, or a round's copy
@@ -140,7 +212,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
-    let t0 = Instant::now();
+    let (t0, started_at) = (Instant::now(), crate::artifact::unix_now());
     let mut args = vec![
         "stage".to_owned(),
         "--managed".into(),
@@ -183,6 +255,8 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         seconds: t0.elapsed().as_secs_f64(),
         summary,
         copied_from: None,
+        started_at: Some(started_at),
+        ended_at: Some(crate::artifact::unix_now()),
     };
     write_manifest(dir, &manifest)?;
     match result {
@@ -277,6 +351,8 @@ impl Collect<'_> {
             seconds: t0.elapsed().as_secs_f64(),
             summary,
             copied_from: None,
+            started_at: None,
+            ended_at: Some(crate::artifact::unix_now()),
         };
         write_manifest(&dir, &manifest)?;
         Ok((key, out_prefs, Outcome::Ran))

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -100,8 +100,24 @@ pub fn run_ranks(
     Ok(serde_json::from_str(&last).unwrap_or(serde_json::Value::Null))
 }
 
-/// The variables torchrun sets, for rank `rank` of `world` on this machine.
+/// How many stages the runner runs side by side on this machine: their
+/// children divide the cores among them (see `threads`).
+static SIDE_BY_SIDE: AtomicUsize = AtomicUsize::new(1);
+
+pub fn set_side_by_side(n: usize) {
+    SIDE_BY_SIDE.store(n.max(1), Ordering::SeqCst);
+}
+
+/// The variables torchrun sets, for rank `rank` of `world` on this
+/// machine, and the stages sharing its cores.
 fn rank_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
+    let side_by_side = SIDE_BY_SIDE.load(Ordering::SeqCst).to_string();
+    let mut env = torchrun_env(rank, world, port);
+    env.push((crate::threads::SIDE_BY_SIDE_ENV, side_by_side));
+    env
+}
+
+fn torchrun_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
     if world == 1 {
         // One process, even inside a Slurm job of many tasks.
         return vec![("RANK", "0".into()), ("WORLD_SIZE", "1".into())];

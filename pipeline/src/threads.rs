@@ -13,6 +13,10 @@ use anyhow::bail;
 /// The environment variable that carries `--threads` to child processes.
 pub const ENV: &str = "RLHF_THREADS";
 
+/// How many stages `rlhf run` runs side by side on this machine
+/// (`max_parallel`): each takes its share of the cores.
+pub const SIDE_BY_SIDE_ENV: &str = "RLHF_SIDE_BY_SIDE";
+
 /// The most threads a setting may ask for.
 pub const MAX_THREADS: usize = 1024;
 
@@ -48,7 +52,14 @@ pub fn apply(stage: Option<usize>, experiment: Option<usize>) -> anyhow::Result<
         Source::Experiment => "the experiment's threads",
         Source::Cores => "the cores this process may use",
     };
-    tracing::info!("threads: {n} (from {from}; {} cores available)", cores());
+    let shared = match side_by_side() {
+        1 => String::new(),
+        k => format!(", shared by {k} stages side by side"),
+    };
+    tracing::info!(
+        "threads: {n} (from {from}; {} cores available{shared})",
+        cores()
+    );
     Ok(n)
 }
 
@@ -86,7 +97,16 @@ fn cores_per_rank() -> usize {
             digits.parse::<usize>().ok().filter(|&n| n > 0)
         })
         .unwrap_or(1);
-    (cores() / local).max(1)
+    (cores() / (local * side_by_side())).max(1)
+}
+
+/// The stages sharing this machine's cores (`RLHF_SIDE_BY_SIDE`, else 1).
+fn side_by_side() -> usize {
+    std::env::var(SIDE_BY_SIDE_ENV)
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
 }
 
 /// A thread count's range, for `--threads` and the config.

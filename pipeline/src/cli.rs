@@ -225,6 +225,15 @@ pub struct EvalArgs {
     /// once. The report is written into RUN.
     #[arg(long = "with", value_name = "RUN")]
     pub with: Vec<PathBuf>,
+    /// A program that judges the answers (its words split at spaces, run
+    /// here): `{"prompt", "responses"}` JSON lines in, one
+    /// `{"scores": [...]}` line each out; it fills the gold columns.
+    /// Default: the experiment's `judge:`, else the bundled task's judge.
+    #[arg(long, value_name = "COMMAND")]
+    pub judge: Option<String>,
+    /// Seconds the judge may take.
+    #[arg(long, default_value_t = 3600.0)]
+    pub judge_timeout: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: i64,
     #[command(flatten)]

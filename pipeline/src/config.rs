@@ -73,6 +73,26 @@ pub struct ExperimentFile {
     /// reward model, run PPO again.
     #[serde(default, rename = "loop")]
     pub rounds: Option<LoopFile>,
+    /// Who judges the policies' answers in `rlhf eval`.
+    #[serde(default)]
+    pub judge: JudgeSpec,
+}
+
+/// `judge:`: the bundled task's judge, or a program scoring answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JudgeSpec {
+    /// The bundled task's judge (it knows only the task's prompts).
+    #[default]
+    Gold,
+    /// A program run in the experiment file's folder: reads
+    /// `{"prompt", "responses"}` JSON lines (every policy's answer to the
+    /// prompt) and writes one `{"scores": [...]}` line each.
+    Command {
+        command: Vec<String>,
+        #[serde(default = "default_labeller_timeout")]
+        timeout_seconds: f64,
+    },
 }
 
 /// `loop:`: the iterated RM -> PPO rounds.
@@ -281,16 +301,19 @@ impl Experiment {
         for o in overrides {
             apply_override(&mut value, o).map_err(|m| invalid(format!("--set {o}: {m}")))?;
         }
-        // Parse from the text when nothing was overridden, so that errors
-        // carry the file's line and column.
-        let spec: ExperimentFile = if overrides.is_empty() {
+        let swept = value.get("sweep").is_some();
+        let refs = stage_refs(&value);
+        crate::sweep::expand(&mut value, refs).map_err(&invalid)?;
+        // Parse from the text when nothing was overridden or swept, so that
+        // errors carry the file's line and column.
+        let spec: ExperimentFile = if overrides.is_empty() && !swept {
             serde_norway::from_str(&text)
         } else {
             serde_norway::from_value(value)
         }
         .map_err(|e| {
             let message = e.to_string();
-            if overrides.is_empty() {
+            if overrides.is_empty() && !swept {
                 invalid(locate_stage_error(
                     &text,
                     &pinpoint_unknown_field(&text, &message),
@@ -436,7 +459,7 @@ impl Experiment {
 
     /// The folder a stage writes.
     pub fn stage_dir(&self, name: &str) -> PathBuf {
-        self.run_dir.join(name)
+        self.run_dir.join(crate::sweep::folder_of(name))
     }
 
     /// Fails unless `path` lies strictly inside the run folder (checked on
@@ -474,6 +497,38 @@ where
             Err(m) => Err(D::Error::custom(format!("stages.{name}{m}"))),
         })
         .collect()
+}
+
+/// For a sweep: where each stage of the raw file names another stage it
+/// reads (its model settings whose value is a stage's name).
+fn stage_refs(
+    root: &serde_norway::Value,
+) -> impl Fn(&str, &serde_norway::Value) -> crate::sweep::Refs {
+    let names: BTreeSet<String> = root
+        .get("stages")
+        .and_then(serde_norway::Value::as_mapping)
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    move |_, value| {
+        let Ok(mut stage) = parse_stage(value.clone()) else {
+            // Its error is reported when the file is parsed.
+            return vec![];
+        };
+        stage
+            .config
+            .paths()
+            .into_iter()
+            .filter(|p| p.role != PathRole::Data)
+            .filter_map(|p| {
+                let s = p.get()?.to_string_lossy().into_owned();
+                names.contains(&s).then(|| (p.field.to_owned(), s))
+            })
+            .collect()
+    }
 }
 
 /// One stage's mapping as its kind's config; an error starts with the
@@ -596,7 +651,12 @@ impl Places<'_> {
                         "stages.{name}.{field}: a stage cannot start from itself"
                     ));
                 }
-                p.set(self.run_dir.join(&s).join(rlhf_stages::train::FINAL_DIR));
+                let folder = crate::sweep::folder_of(&s);
+                p.set(
+                    self.run_dir
+                        .join(folder)
+                        .join(rlhf_stages::train::FINAL_DIR),
+                );
                 refs.insert(s);
             } else {
                 let folder = self.abs(&value);
@@ -641,7 +701,11 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
     if spec.stages.is_empty() {
         return Err("stages: no stages defined".into());
     }
-    if let Some(bad) = spec.stages.keys().find(|n| !is_folder_name(n)) {
+    if let Some(bad) = spec
+        .stages
+        .keys()
+        .find(|n| !is_folder_name(n) && !crate::sweep::is_variant_name(n))
+    {
         let at = at_key_line(text, bad);
         return Err(format!(
             "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
@@ -653,6 +717,24 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
             "stages: the stage name \"{taken}\" is taken by the run folder's own files \
              (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
         ));
+    }
+    if let JudgeSpec::Command {
+        command,
+        timeout_seconds,
+    } = &spec.judge
+    {
+        if command.is_empty() || command[0].is_empty() {
+            return Err(format!(
+                "judge.command: name the program to run, e.g. [python3, judge.py]{}",
+                at_key_line(text, "judge")
+            ));
+        }
+        if !(*timeout_seconds > 0.0 && *timeout_seconds <= 1e9) {
+            return Err(format!(
+                "judge.timeout_seconds: must be in (0, 1e9] seconds, got {timeout_seconds}{}",
+                at_key_line(text, "judge")
+            ));
+        }
     }
     if !(1..=1024).contains(&spec.max_parallel) {
         return Err(format!(

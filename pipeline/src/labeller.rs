@@ -80,88 +80,148 @@ pub(crate) fn rank_with_command(
     limit: &str,
     cwd: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<Vec<usize>>> {
-    let shown = command.join(" ");
-    // In its own process group, so a timeout stops what it started too.
-    let mut program = Command::new(&command[0]);
-    if let Some(dir) = cwd {
-        program.current_dir(dir);
-    }
-    let mut child = program
-        .args(&command[1..])
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("labeller `{shown}` could not start"))?;
-    crate::children::register(child.id());
-    let mut input = String::new();
-    for (p, a) in groups {
-        input.push_str(&json!({"prompt": p, "responses": a}).to_string());
-        input.push('\n');
-    }
-    // Write from a thread so a labeller that answers while reading cannot deadlock.
-    let mut stdin = child.stdin.take().expect("piped");
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut stdout, &mut bytes).map(|_| bytes)
-    });
-    let status =
-        wait_or_kill(&mut child, timeout).with_context(|| format!("labeller `{shown}`"))?;
-    crate::children::unregister(child.id());
-    let Some(status) = status else {
-        if rlhf_stages::train::interrupt_requested() {
-            bail!("labeller `{shown}` was stopped: interrupted");
-        }
-        bail!(
-            "labeller `{shown}` gave no answer within {} s and was stopped ({limit})",
-            timeout.as_secs_f64()
-        );
+    let program = LineProgram {
+        command,
+        role: "labeller",
+        timeout,
+        limit,
+        cwd,
     };
-    let _ = writer.join();
-    let stdout = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("labeller `{shown}`: reading its output failed"))?
-        .with_context(|| format!("labeller `{shown}`: reading its output"))?;
-    if !status.success() {
-        bail!("labeller `{shown}` failed ({status})");
+    program.exchange(groups, |v, answers| {
+        let ranking: Vec<usize> = v["ranking"]
+            .as_array()
+            .ok_or("expected {\"ranking\": [...]}")?
+            .iter()
+            .map(|x| x.as_u64().map(|r| r as usize))
+            .collect::<Option<_>>()
+            .ok_or("ranks must be integers >= 0")?;
+        if ranking.len() != answers {
+            return Err(format!("{} ranks for {answers} responses", ranking.len()));
+        }
+        Ok(ranking)
+    })
+}
+
+/// Scores from `command`: `{"scores": [...]}` for each group, one finite
+/// number per response (a judge's protocol).
+pub(crate) fn score_with_command(
+    program: &LineProgram,
+    groups: &[(String, Vec<String>)],
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    program.exchange(groups, |v, answers| {
+        let scores: Vec<f64> = v["scores"]
+            .as_array()
+            .ok_or("expected {\"scores\": [...]}")?
+            .iter()
+            .map(|x| x.as_f64().filter(|s| s.is_finite()))
+            .collect::<Option<_>>()
+            .ok_or("scores must be finite numbers")?;
+        if scores.len() != answers {
+            return Err(format!("{} scores for {answers} responses", scores.len()));
+        }
+        Ok(scores)
+    })
+}
+
+/// A user's program speaking the loop's line protocol: one
+/// `{"prompt", "responses"}` JSON line per group in, one JSON line per
+/// group out.
+#[derive(Debug, Clone)]
+pub(crate) struct LineProgram<'a> {
+    pub command: &'a [String],
+    /// How messages name it: `labeller`, `judge`.
+    pub role: &'a str,
+    pub timeout: std::time::Duration,
+    /// The setting that sets `timeout`, for the message when it passes.
+    pub limit: &'a str,
+    /// Where it runs (default: this process's folder).
+    pub cwd: Option<&'a std::path::Path>,
+}
+
+impl LineProgram<'_> {
+    /// Runs the program on `groups`; `parse(line, responses)` reads each
+    /// output line. Errors name the program and the line.
+    fn exchange<T>(
+        &self,
+        groups: &[(String, Vec<String>)],
+        parse: impl Fn(&Value, usize) -> Result<T, String>,
+    ) -> anyhow::Result<Vec<T>> {
+        let (role, shown) = (self.role, self.command.join(" "));
+        let mut input = String::new();
+        for (p, a) in groups {
+            input.push_str(&json!({"prompt": p, "responses": a}).to_string());
+            input.push('\n');
+        }
+        let text = self.run(input)?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != groups.len() {
+            bail!(
+                "{role} `{shown}` wrote {} lines for {} groups",
+                lines.len(),
+                groups.len()
+            );
+        }
+        lines
+            .iter()
+            .zip(groups)
+            .enumerate()
+            .map(|(i, (line, (_, answers)))| {
+                let bad = |m: &str| anyhow::anyhow!("{role} `{shown}`: output line {}: {m}", i + 1);
+                let v: Value = serde_json::from_str(line).map_err(|_| bad("invalid JSON"))?;
+                parse(&v, answers.len()).map_err(|m| bad(&m))
+            })
+            .collect()
     }
-    let text = String::from_utf8(stdout)
-        .with_context(|| format!("labeller `{shown}`: output is not UTF-8"))?;
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.len() != groups.len() {
-        bail!(
-            "labeller `{shown}` wrote {} ranking lines for {} groups",
-            lines.len(),
-            groups.len()
-        );
-    }
-    lines
-        .iter()
-        .zip(groups)
-        .enumerate()
-        .map(|(i, (line, (_, answers)))| {
-            let bad = |m: &str| anyhow::anyhow!("labeller `{shown}`: output line {}: {m}", i + 1);
-            let v: Value = serde_json::from_str(line).map_err(|_| bad("invalid JSON"))?;
-            let ranking: Vec<usize> = v["ranking"]
-                .as_array()
-                .ok_or_else(|| bad("expected {\"ranking\": [...]}"))?
-                .iter()
-                .map(|x| x.as_u64().map(|r| r as usize))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("ranks must be integers >= 0"))?;
-            if ranking.len() != answers.len() {
-                return Err(bad(&format!(
-                    "{} ranks for {} responses",
-                    ranking.len(),
-                    answers.len()
-                )));
+
+    /// Starts the program, writes `input`, and returns its output once it
+    /// exits (stopped after the timeout, or on Ctrl-C).
+    fn run(&self, input: String) -> anyhow::Result<String> {
+        let (role, shown) = (self.role, self.command.join(" "));
+        // In its own process group, so a timeout stops what it started too.
+        let mut program = Command::new(&self.command[0]);
+        if let Some(dir) = self.cwd {
+            program.current_dir(dir);
+        }
+        let mut child = program
+            .args(&self.command[1..])
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("{role} `{shown}` could not start"))?;
+        crate::children::register(child.id());
+        // Write from a thread so a program that answers while reading cannot deadlock.
+        let mut stdin = child.stdin.take().expect("piped");
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let mut stdout = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut stdout, &mut bytes).map(|_| bytes)
+        });
+        let status =
+            wait_or_kill(&mut child, self.timeout).with_context(|| format!("{role} `{shown}`"))?;
+        crate::children::unregister(child.id());
+        let Some(status) = status else {
+            if rlhf_stages::train::interrupt_requested() {
+                bail!("{role} `{shown}` was stopped: interrupted");
             }
-            Ok(ranking)
-        })
-        .collect()
+            bail!(
+                "{role} `{shown}` gave no answer within {} s and was stopped ({})",
+                self.timeout.as_secs_f64(),
+                self.limit
+            );
+        };
+        let _ = writer.join();
+        let stdout = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("{role} `{shown}`: reading its output failed"))?
+            .with_context(|| format!("{role} `{shown}`: reading its output"))?;
+        if !status.success() {
+            bail!("{role} `{shown}` failed ({status})");
+        }
+        String::from_utf8(stdout).with_context(|| format!("{role} `{shown}`: output is not UTF-8"))
+    }
 }
 
 #[cfg(test)]
@@ -225,6 +285,6 @@ mod tests {
         let e = rank(&command(short, 60.0), &groups)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("1 ranking lines for 3 groups"), "{e}");
+        assert!(e.contains("wrote 1 lines for 3 groups"), "{e}");
     }
 }

@@ -15,6 +15,7 @@ mod runner;
 mod schedule;
 mod sibling_cache;
 mod spawn;
+mod sweep;
 mod threads;
 
 use std::process::ExitCode;

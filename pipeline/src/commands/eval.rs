@@ -4,6 +4,7 @@ use rlhf_stages::device::parse_device;
 use rlhf_stages::eval::EvalSettings;
 
 use crate::cli::EvalArgs;
+use crate::report::judge::CommandJudge;
 use crate::report::{evaluate_run, write_report, EvalOptions, REPORT_JSON, REPORT_MD};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -20,7 +21,23 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         },
         skip_kl: false,
         with_runs: args.with.clone(),
+        judge: args.judge.as_deref().map(|line| CommandJudge {
+            command: line.split_whitespace().map(str::to_owned).collect(),
+            timeout_seconds: args.judge_timeout,
+            cwd: None,
+        }),
     };
+    if let Some(j) = &opts.judge {
+        anyhow::ensure!(
+            !j.command.is_empty(),
+            "--judge: name the program to run, e.g. --judge 'python3 judge.py'"
+        );
+        anyhow::ensure!(
+            args.judge_timeout > 0.0 && args.judge_timeout <= 1e9,
+            "--judge-timeout: must be in (0, 1e9] seconds, got {}",
+            args.judge_timeout
+        );
+    }
     anyhow::ensure!(
         args.run.is_dir(),
         "{}: no such run folder",

@@ -13,6 +13,11 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
     let _lock = crate::lock::lock_run_folder(&exp.run_dir)?;
+    let experiment_dir = match exp.file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => std::path::absolute(p)?,
+        _ => std::env::current_dir()?,
+    };
+    crate::report::judge::record(&exp.run_dir, &exp.spec.judge, &experiment_dir)?;
     let opts = RunOptions {
         force: args.force,
         only: args.only,

@@ -44,6 +44,7 @@ pub fn run(args: SamplesArgs) -> anyhow::Result<()> {
                 },
                 skip_kl: true,
                 with_runs: vec![],
+                judge: None,
             };
             evaluate_run(&args.run, &opts, parse_device(&args.device.device)?)?.answers
         }

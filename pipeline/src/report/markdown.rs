@@ -95,13 +95,19 @@ pub fn render(r: &Report) -> String {
         out,
         "{} held-out prompts from `{}`, greedy answers of up to {} tokens. \
          Reference policy: `{}`; reward model scoring every policy: `{}`. \
-         KL to the reference is measured on {} sampled answers per prompt (temperature 1).\n",
+         KL to the reference is measured on {} sampled answers per prompt (temperature 1). \
+         Gold scores: {}.\n",
         r.prompts,
         r.prompts_file.display(),
         r.settings.max_new_tokens,
         r.reference,
         r.reward_model.as_deref().unwrap_or("none"),
         r.settings.kl_samples_per_prompt,
+        if r.judge.is_empty() {
+            "the bundled task's judge"
+        } else {
+            &r.judge
+        },
     );
     if !r.warnings.is_empty() {
         let _ = writeln!(out, "## Warnings\n");

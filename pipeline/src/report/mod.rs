@@ -8,6 +8,7 @@
 //! pairwise accuracy is measured on held-out rankings. The report is
 //! written to `<run>/report/` as JSON, Markdown and PNG plots.
 
+pub mod judge;
 pub mod markdown;
 pub mod plots;
 pub mod run_folder;
@@ -44,6 +45,9 @@ pub struct EvalOptions {
     pub skip_kl: bool,
     /// Other run folders whose policies join the report (`--with`).
     pub with_runs: Vec<PathBuf>,
+    /// A program judging the answers (`--judge`); default: the run's
+    /// recorded judge, else the bundled task's.
+    pub judge: Option<judge::CommandJudge>,
 }
 
 /// Head-to-head counts and the win rate over the non-tied ones.
@@ -137,6 +141,9 @@ pub struct Report {
     /// Stages that may not have learnt (`stage: why`), from their summaries.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Who gave the gold scores: the bundled task's judge or a program.
+    #[serde(default)]
+    pub judge: String,
 }
 
 /// One prompt and every policy's answer to it (the `answers.jsonl` line).
@@ -285,21 +292,25 @@ pub fn evaluate_run(
                 .filter(|s| s.kind != "reward" && s.label != reference_stage.label),
         )
         .collect();
-    let judge: rlhf_stages::answer::Judge = std::sync::Arc::new(rlhf_datasets::task::judge);
-    let mut policies = Vec::new();
+    let command_judge = match &opts.judge {
+        Some(j) => Some(j.clone()),
+        None => judge::recorded(run_dir)?,
+    };
+    let task_judge: rlhf_stages::answer::Judge = std::sync::Arc::new(rlhf_datasets::task::judge);
     let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
-    for stage in policy_stages {
+    let mut kls = Vec::new();
+    for stage in &policy_stages {
         tracing::info!("evaluating {} on {} prompts", stage.label, prompts.len());
         let model = load_model(stage, device)?;
         let answers = eval::answer_and_score(
             &model,
             models.reward_model.as_ref(),
-            Some(&judge),
+            command_judge.is_none().then_some(&task_judge),
             &prompts,
             &opts.settings,
             device,
         )?;
-        let kl = match opts.skip_kl {
+        kls.push(match opts.skip_kl {
             true => None,
             false => Some(eval::kl_to_reference(
                 &model,
@@ -308,14 +319,20 @@ pub fn evaluate_run(
                 &opts.settings,
                 device,
             )?),
-        };
-        let base = all_answers.first().map(|(_, a)| a).unwrap_or(&answers);
-        let mut row = policy_row(stage, &answers, base, families.as_deref(), kl);
+        });
+        all_answers.push((stage.label.clone(), answers));
+    }
+    if let Some(j) = &command_judge {
+        j.score(&prompts, &mut all_answers)?;
+    }
+    let mut policies = Vec::new();
+    for ((stage, (_, answers)), kl) in policy_stages.iter().zip(&all_answers).zip(kls) {
+        let base = &all_answers[0].1;
+        let mut row = policy_row(stage, answers, base, families.as_deref(), kl);
         row.checkpoint = relative_to(&row.checkpoint, run_dir);
         row.seconds = Some(stage.manifest.seconds);
         row.route_seconds = run_folder::route_seconds(&stage.manifest.key, &times);
         policies.push(row);
-        all_answers.push((stage.label.clone(), answers));
     }
     let reward_models = reward_rows(&stages, opts, run_dir, device)?;
     Ok(Evaluation {
@@ -331,6 +348,10 @@ pub fn evaluate_run(
             rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
             plots: vec![],
             warnings: warnings(&stages, models.reward_stage),
+            judge: command_judge.as_ref().map_or_else(
+                || "the bundled task's judge".to_owned(),
+                judge::CommandJudge::shown,
+            ),
         },
         answers: prompt_answers(&prompts, &all_answers),
         stages,

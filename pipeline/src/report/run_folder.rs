@@ -115,7 +115,11 @@ fn collect(
             continue;
         }
         out.push(FinishedStage {
-            label: format!("{prefix}{}", entry.file_name().to_string_lossy()),
+            // A swept stage's name (`ppo[kl_coef=0.1]`), not its folder's.
+            label: match manifest.stage.is_empty() {
+                true => format!("{prefix}{}", entry.file_name().to_string_lossy()),
+                false => manifest.stage.clone(),
+            },
             kind: manifest.kind.clone(),
             round,
             dir: path,

@@ -1,0 +1,122 @@
+//! Who fills the report's gold columns: the bundled task's judge (which
+//! knows only its own prompts), or the user's program (`judge: {kind:
+//! command}` in the experiment, or `rlhf eval --judge`), which gets every
+//! policy's answer to a prompt in one line of the loop labeller's
+//! protocol (`{"prompt", "responses"}` in, `{"scores": [...]}` out).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::config::JudgeSpec;
+use crate::labeller::{score_with_command, LineProgram};
+use rlhf_stages::eval::PolicyAnswers;
+
+/// What the runner writes into the run folder for `rlhf eval`.
+pub const JUDGE_FILE: &str = "judge.json";
+
+/// A judging program and where it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandJudge {
+    pub command: Vec<String>,
+    pub timeout_seconds: f64,
+    /// Its working folder: the experiment file's (in `judge.json`,
+    /// relative to the run folder).
+    pub cwd: Option<PathBuf>,
+}
+
+/// Records the experiment's judge in its run folder (removes an old one
+/// when the experiment has none).
+pub fn record(run_dir: &Path, spec: &JudgeSpec, experiment_dir: &Path) -> anyhow::Result<()> {
+    let path = run_dir.join(JUDGE_FILE);
+    match spec {
+        JudgeSpec::Gold => {
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        JudgeSpec::Command {
+            command,
+            timeout_seconds,
+        } => {
+            let judge = CommandJudge {
+                command: command.clone(),
+                timeout_seconds: *timeout_seconds,
+                cwd: Some(super::relative_to(experiment_dir, run_dir)),
+            };
+            std::fs::create_dir_all(run_dir)?;
+            rlhf_datasets::atomic::write_file(
+                &path,
+                serde_json::to_string_pretty(&judge)?.as_bytes(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The run folder's recorded judge, its folder made absolute.
+pub fn recorded(run_dir: &Path) -> anyhow::Result<Option<CommandJudge>> {
+    let path = run_dir.join(JUDGE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut judge: CommandJudge = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected {{command, timeout_seconds, cwd}}",
+            path.display()
+        )
+    })?;
+    judge.cwd = judge.cwd.map(|c| run_dir.join(c));
+    Ok(Some(judge))
+}
+
+impl CommandJudge {
+    /// How the report names it.
+    pub fn shown(&self) -> String {
+        format!("`{}`", self.command.join(" "))
+    }
+
+    /// Fills every policy's `gold` scores: one line per prompt holding
+    /// every policy's answer.
+    pub fn score(
+        &self,
+        prompts: &[String],
+        policies: &mut [(String, PolicyAnswers)],
+    ) -> anyhow::Result<()> {
+        let groups: Vec<(String, Vec<String>)> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    p.clone(),
+                    policies.iter().map(|(_, a)| a.answers[i].clone()).collect(),
+                )
+            })
+            .collect();
+        let program = LineProgram {
+            command: &self.command,
+            role: "judge",
+            timeout: Duration::from_secs_f64(self.timeout_seconds),
+            limit: "judge.timeout_seconds",
+            cwd: self.cwd.as_deref(),
+        };
+        tracing::info!(
+            "judging {} policies' answers to {} prompts with {}",
+            policies.len(),
+            prompts.len(),
+            self.shown()
+        );
+        let scores = score_with_command(&program, &groups)?;
+        for (i, row) in scores.iter().enumerate() {
+            for ((_, answers), s) in policies.iter_mut().zip(row) {
+                answers.gold[i] = Some(*s);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,193 @@
+//! `sweep:` in an experiment file: three PPO KL coefficients become three
+//! PPO stages that share one SFT and one reward model (each trained
+//! once), in folders a shell can type; `rlhf eval` puts the three
+//! policies in one table, their gold columns filled by the experiment's
+//! command judge.
+
+mod common;
+
+use std::path::Path;
+
+const JUDGE: &str = r#"import json, sys
+# An answer's score: its share of ASCII upper-case letters.
+for line in sys.stdin:
+    group = json.loads(line)
+    scores = [sum("A" <= c <= "Z" for c in r) / max(1, len(r)) for r in group["responses"]]
+    print(json.dumps({"scores": scores}), flush=True)
+"#;
+
+fn experiment(dir: &Path, extra: &str) -> std::path::PathBuf {
+    common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &dir.join("prefs.jsonl"), 16);
+    common::task_head("prompts.jsonl", &dir.join("prompts.jsonl"), 8);
+    std::fs::write(dir.join("judge.py"), JUDGE).unwrap();
+    let python = common::python();
+    let exp = dir.join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: sweep\ndevice: cpu\nmax_parallel: 3\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}\nstages:\n\
+             \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}}\n\
+             \x20 rm: {{kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}}\n\
+             \x20 ppo: {{kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 2, rollout_batch: 4, minibatch_size: 4, sampling: {{max_new_tokens: 4}}, policy_optimizer: {{lr: 0.01}}}}\n\
+             sweep:\n  stages.ppo.kl_coef: [0.01, 0.1, 1.0]\n\
+             judge: {{kind: command, command: [{}, judge.py]}}\n{extra}",
+            python.display()
+        ),
+    )
+    .unwrap();
+    exp
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_sweep_shares_its_upstream_stages_and_one_report_judges_every_value() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "");
+    let plan = common::rlhf_ok(&["plan", exp.to_str().unwrap()]);
+    for v in ["0.01", "0.1", "1.0"] {
+        assert!(
+            plan.contains(&format!("ppo[kl_coef={v}] (ppo) after rm, sft: to run")),
+            "{plan}"
+        );
+    }
+    let out = common::rlhf(&["run", exp.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("stage sft (sft)").count(),
+        1,
+        "sft trained once:\n{log}"
+    );
+    assert_eq!(
+        log.matches("stage rm (reward)").count(),
+        1,
+        "rm trained once:\n{log}"
+    );
+    let run = d.path().join("runs/sweep");
+    let rm_key = json(&run.join("rm/manifest.json"))["key"].clone();
+    for v in ["0.01", "0.1", "1.0"] {
+        let m = json(&run.join(format!("ppo.kl_coef={v}/manifest.json")));
+        assert_eq!(m["stage"], format!("ppo[kl_coef={v}]"));
+        assert_eq!(m["status"], "complete");
+        assert_eq!(
+            m["config"]["stage"]["kl_coef"].as_f64(),
+            v.parse::<f64>().ok()
+        );
+        assert_eq!(
+            m["upstream"]["rm"], rm_key,
+            "every value reads the one reward model"
+        );
+    }
+    assert!(!run.join("ppo").exists(), "no unswept ppo stage");
+
+    let prompts = d.path().join("prompts.jsonl");
+    common::rlhf_ok(&[
+        "eval",
+        run.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--kl-samples",
+        "1",
+    ]);
+    let report = json(&run.join("report/report.json"));
+    assert!(
+        report["judge"].as_str().unwrap().contains("judge.py"),
+        "{}",
+        report["judge"]
+    );
+    let labels: Vec<&str> = report["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "sft",
+            "ppo[kl_coef=0.01]",
+            "ppo[kl_coef=0.1]",
+            "ppo[kl_coef=1.0]"
+        ]
+    );
+    // The gold scores are the judge's: recomputed here from the answers.
+    let answers = std::fs::read_to_string(run.join("report/answers.jsonl")).unwrap();
+    let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for line in answers.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        for a in row["answers"].as_array().unwrap() {
+            let text = a["answer"].as_str().unwrap();
+            let share = text.chars().filter(char::is_ascii_uppercase).count() as f64
+                / text.chars().count().max(1) as f64;
+            let e = sums
+                .entry(a["policy"].as_str().unwrap().to_owned())
+                .or_default();
+            assert!(
+                (a["gold"].as_f64().unwrap() - share).abs() < 1e-12,
+                "{line}"
+            );
+            *e = (e.0 + share, e.1 + 1.0);
+        }
+    }
+    for p in report["policies"].as_array().unwrap() {
+        let (sum, n) = sums[p["label"].as_str().unwrap()];
+        assert!(
+            (p["gold_score"].as_f64().unwrap() - sum / n).abs() < 1e-12,
+            "{p}"
+        );
+    }
+    let md = std::fs::read_to_string(run.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("| ppo[kl_coef=1.0] |") && md.contains("judge.py`."),
+        "{md}"
+    );
+}
+
+#[test]
+fn sweeps_that_cannot_work_are_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let looped =
+        "loop: {repeat: [rm, ppo], rounds: 1, prompts: prompts.jsonl, labeller: {kind: gold}}\n";
+    let exp = experiment(d.path(), looped);
+    let out = common::rlhf(&["plan", exp.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("loop.repeat names `ppo`"),
+        "{err}"
+    );
+    experiment(d.path(), "");
+    let exp = d.path().join("bad.yaml");
+    for (sweep, want) in [
+        (
+            "stages.nope.lr: [1]",
+            "sweep.stages.nope.lr: no stage named \"nope\"",
+        ),
+        (
+            "kl_coef: [1]",
+            "sweep.kl_coef: expected `stages.<stage>.<setting>`",
+        ),
+        ("stages.ppo.kl_coef: []", "an empty list makes no stage"),
+        ("stages.ppo.kl_coef: 0.1", "expected a list of values"),
+        ("stages.ppo.data: [a/b.jsonl]", "cannot name a stage folder"),
+    ] {
+        let text = std::fs::read_to_string(d.path().join("exp.yaml")).unwrap();
+        let text = text.replace(
+            "  stages.ppo.kl_coef: [0.01, 0.1, 1.0]",
+            &format!("  {sweep}"),
+        );
+        std::fs::write(&exp, text).unwrap();
+        let out = common::rlhf(&["plan", exp.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{sweep}: {err}"
+        );
+        assert!(err.contains("bad.yaml"), "the error names the file: {err}");
+    }
+}

@@ -85,8 +85,12 @@ trl: setup
     python -c "import trl, requests, sys; sys.exit(trl.__version__ != '{{trl_version}}')" 2>/dev/null \
         || { echo "setup: installing trl=={{trl_version}}" >&2; pip install --quiet --disable-pip-version-check "trl=={{trl_version}}" requests; }
 
+# A one-node Slurm on this machine for the slurm executor's tests (root: installs and starts it).
+slurm:
+    .ci/slurm-up
+
 # fmt check, clippy -D warnings, every test.
-test: setup browser trl
+test: setup browser trl slurm
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace

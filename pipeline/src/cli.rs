@@ -196,6 +196,10 @@ pub struct StageArgs {
     /// Set by `rlhf run`, which keys and clears stage folders itself.
     #[arg(long, hide = true)]
     pub managed: bool,
+    /// Set by `rlhf run` in a Slurm job's script: like `--managed`, but
+    /// the runner is not this process's parent.
+    #[arg(long, hide = true)]
+    pub scheduled: bool,
 }
 
 #[derive(Debug, Args)]

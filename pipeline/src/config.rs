@@ -76,6 +76,113 @@ pub struct ExperimentFile {
     /// Who judges the policies' answers in `rlhf eval`.
     #[serde(default)]
     pub judge: JudgeSpec,
+    /// Where stages run: on this machine (`local`) or as Slurm batch jobs
+    /// (`slurm`); a stage's own `executor:` wins.
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// The Slurm jobs' resources; a stage's own `slurm:` overrides fields.
+    #[serde(default)]
+    pub slurm: SlurmSettings,
+}
+
+/// Where a stage runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    #[default]
+    Local,
+    Slurm,
+}
+
+/// A Slurm batch job's resources and flags (unset: the cluster's default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmSettings {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// The job's time limit, as sbatch takes it (`02:00:00`).
+    pub time: Option<String>,
+    /// Nodes; the stage's ranks are `nodes` x `distributed.nproc_per_node`
+    /// for kinds that train data-parallel, else one task.
+    pub nodes: Option<usize>,
+    pub gpus_per_node: Option<usize>,
+    pub cpus_per_task: Option<usize>,
+    /// More `sbatch` flags, each as one word (`--qos=high`).
+    pub sbatch_flags: Option<Vec<String>>,
+    /// How often the runner asks Slurm about the job (seconds, default 5).
+    pub poll_seconds: Option<f64>,
+}
+
+impl SlurmSettings {
+    /// These settings where set, else `base`'s.
+    pub fn over(&self, base: &SlurmSettings) -> SlurmSettings {
+        SlurmSettings {
+            partition: self.partition.clone().or_else(|| base.partition.clone()),
+            account: self.account.clone().or_else(|| base.account.clone()),
+            time: self.time.clone().or_else(|| base.time.clone()),
+            nodes: self.nodes.or(base.nodes),
+            gpus_per_node: self.gpus_per_node.or(base.gpus_per_node),
+            cpus_per_task: self.cpus_per_task.or(base.cpus_per_task),
+            sbatch_flags: self
+                .sbatch_flags
+                .clone()
+                .or_else(|| base.sbatch_flags.clone()),
+            poll_seconds: self.poll_seconds.or(base.poll_seconds),
+        }
+    }
+
+    /// Values that go into a batch script's `#SBATCH` lines: one word
+    /// each, no line breaks or shell characters.
+    pub fn check(&self) -> Result<(), String> {
+        let word = |field: &str, v: &str| {
+            let ok = !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.:,-+=/@%".contains(c));
+            ok.then_some(()).ok_or_else(|| {
+                format!("slurm.{field}: `{v}` is not one word of letters, digits and _.:,-+=/@%")
+            })
+        };
+        for (field, v) in [
+            ("partition", &self.partition),
+            ("account", &self.account),
+            ("time", &self.time),
+        ] {
+            if let Some(v) = v {
+                word(field, v)?;
+            }
+        }
+        for f in self.sbatch_flags.iter().flatten() {
+            word("sbatch_flags", f)?;
+            if !f.starts_with('-') {
+                return Err(format!(
+                    "slurm.sbatch_flags: `{f}` is not a flag (e.g. --qos=high)"
+                ));
+            }
+        }
+        let counts = [
+            ("nodes", self.nodes, 1),
+            ("cpus_per_task", self.cpus_per_task, 1),
+            ("gpus_per_node", self.gpus_per_node, 0),
+        ];
+        for (field, v, min) in counts {
+            if v.is_some_and(|n| n < min || n > 100_000) {
+                return Err(format!(
+                    "slurm.{field}: must be in [{min}, 100000], got {}",
+                    v.unwrap_or_default()
+                ));
+            }
+        }
+        if self
+            .poll_seconds
+            .is_some_and(|p| !(0.1..=3600.0).contains(&p))
+        {
+            return Err(format!(
+                "slurm.poll_seconds: must be in [0.1, 3600], got {}",
+                self.poll_seconds.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `judge:`: the bundled task's judge, or a program scoring answers.
@@ -249,6 +356,10 @@ pub struct StageFile {
     /// libtorch's threads for this stage: how fast, never what it computes
     /// on one machine, so it is left out of the stage's key.
     pub threads: Option<usize>,
+    /// Where it runs, and its Slurm job's resources: like `threads`, not
+    /// part of its key.
+    pub executor: Option<ExecutorKind>,
+    pub slurm: Option<SlurmSettings>,
 }
 
 impl StageFile {
@@ -457,6 +568,16 @@ impl Experiment {
             })
     }
 
+    /// Where stage `name` runs, and its Slurm settings.
+    pub fn executor(&self, name: &str) -> (ExecutorKind, SlurmSettings) {
+        let stage = self.spec.stages.get(name);
+        let kind = stage.and_then(|s| s.executor).unwrap_or(self.spec.executor);
+        let slurm = stage
+            .and_then(|s| s.slurm.as_ref())
+            .map_or_else(|| self.spec.slurm.clone(), |s| s.over(&self.spec.slurm));
+        (kind, slurm)
+    }
+
     /// The folder a stage writes.
     pub fn stage_dir(&self, name: &str) -> PathBuf {
         self.run_dir.join(crate::sweep::folder_of(name))
@@ -576,6 +697,11 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
             }
         },
     };
+    let executor = take_setting::<ExecutorKind>(&mut map, "executor")?;
+    let slurm = take_setting::<SlurmSettings>(&mut map, "slurm")?;
+    if let Some(s) = &slurm {
+        s.check().map_err(|m| format!(".{m}"))?;
+    }
     let config = kind.parse(map).map_err(|message| {
         // Line numbers of the re-serialised text would mislead; the
         // caller finds the line in the file.
@@ -589,7 +715,26 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
             _ => format!(": {message}"),
         }
     })?;
-    Ok(StageFile { config, threads })
+    Ok(StageFile {
+        config,
+        threads,
+        executor,
+        slurm,
+    })
+}
+
+/// A setting every stage kind takes, removed from the stage's mapping;
+/// an error names it (`.executor: ...`).
+fn take_setting<T: serde::de::DeserializeOwned>(
+    map: &mut serde_norway::Mapping,
+    field: &str,
+) -> Result<Option<T>, String> {
+    match map.remove(field) {
+        None | Some(serde_norway::Value::Null) => Ok(None),
+        Some(v) => serde_norway::from_value(v)
+            .map(Some)
+            .map_err(|e| format!(".{field}: {e}")),
+    }
 }
 
 /// A stage's validation error, named by the stage and, for a setting, by
@@ -736,6 +881,7 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
             ));
         }
     }
+    spec.slurm.check()?;
     if !(1..=1024).contains(&spec.max_parallel) {
         return Err(format!(
             "max_parallel: must be in [1, 1024] (stages run at once), got {}{}",

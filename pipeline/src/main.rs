@@ -14,6 +14,7 @@ mod report;
 mod runner;
 mod schedule;
 mod sibling_cache;
+mod slurm;
 mod spawn;
 mod sweep;
 mod threads;

@@ -22,7 +22,7 @@ use rlhf_stages::reward::RewardConfig;
 use crate::artifact::{
     is_cached, read_manifest, sha256_file, stage_key, write_manifest, Manifest, Status, KEY_FILE,
 };
-use crate::config::{Experiment, LoopFile, PolicyInit, RewardInit};
+use crate::config::{ExecutorKind, Experiment, LoopFile, PolicyInit, RewardInit};
 use crate::dag;
 use crate::sibling_cache;
 
@@ -232,7 +232,24 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         );
     }
     let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
-    let result = crate::spawn::run_ranks(label, &args, ranks, grace);
+    let result = match exp.executor(job.name) {
+        (ExecutorKind::Local, _) => crate::spawn::run_ranks(label, &args, ranks, grace),
+        (ExecutorKind::Slurm, settings) => {
+            // The job is no child of the runner: it neither watches it nor
+            // takes the lock the runner holds.
+            args[1] = "--scheduled".into();
+            args[3] = std::path::absolute(&exp.file)?.display().to_string();
+            let stage = crate::slurm::SlurmStage {
+                label,
+                dir,
+                key: &key,
+                args: &args,
+                tasks_per_node: ranks,
+                settings,
+            };
+            stage.run()
+        }
+    };
     let (status, summary) = match &result {
         Ok(summary) => (Status::Complete, summary.clone()),
         Err(e) => {
@@ -602,6 +619,38 @@ pub(crate) fn own_binary() -> anyhow::Result<std::path::PathBuf> {
     std::env::current_exe().context("locating the rlhf binary")
 }
 
+/// Where a stage runs and with what: `on this machine, 1 process` or
+/// `as a Slurm job: 1 node x 2 tasks, partition gpu, ...`.
+fn describe_executor(exp: &Experiment, name: &str) -> String {
+    let ranks = exp.ranks(name);
+    match exp.executor(name) {
+        (ExecutorKind::Local, _) => match ranks {
+            1 => "on this machine, 1 process".into(),
+            n => format!("on this machine, {n} ranks"),
+        },
+        (ExecutorKind::Slurm, s) => {
+            let nodes = s.nodes.unwrap_or(1);
+            let mut parts = vec![format!("{nodes} node(s) x {ranks} task(s)")];
+            let fields = [
+                ("partition", s.partition.clone()),
+                ("account", s.account.clone()),
+                ("time", s.time.clone()),
+                ("cpus/task", s.cpus_per_task.map(|n| n.to_string())),
+                ("gpus/node", s.gpus_per_node.map(|n| n.to_string())),
+            ];
+            parts.extend(
+                fields
+                    .into_iter()
+                    .filter_map(|(k, v)| Some(format!("{k} {}", v?))),
+            );
+            if let Some(f) = s.sbatch_flags.as_ref().filter(|f| !f.is_empty()) {
+                parts.push(format!("sbatch {}", f.join(" ")));
+            }
+            format!("as a Slurm job: {}", parts.join(", "))
+        }
+    }
+}
+
 /// The plan as text: order, dependencies and whether each stage is cached.
 pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
     let order = dag::plan(&exp.deps).with_context(|| exp.file.display().to_string())?;
@@ -648,6 +697,7 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
         if let Some(b) = exp.batch_arithmetic(name) {
             out.push_str(&format!("   {b}\n"));
         }
+        out.push_str(&format!("   runs {}\n", describe_executor(exp, name)));
         keys.insert(name.clone(), key);
     }
     if let Some(l) = &exp.spec.rounds {

@@ -39,9 +39,11 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
     )?;
     // Run by `rlhf run`, the runner holds the run folder's lock; of
     // several ranks, rank 0 holds it.
-    let _lock = match (args.managed, ranks.is_main()) {
+    let _lock = match (args.managed || args.scheduled, ranks.is_main()) {
         (true, _) => {
-            crate::children::stop_when_orphaned();
+            if args.managed {
+                crate::children::stop_when_orphaned();
+            }
             None
         }
         (false, false) => None,

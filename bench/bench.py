@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--section", choices=["data_parallel"],
+    ap.add_argument("--section", choices=["data_parallel", "side_by_side"],
                     help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -166,6 +166,7 @@ def main():
     results["lora_memory"] = lora_memory(a.quick)
     results["shared_cores"] = shared_cores(sizes[1], reps)
     results["data_parallel"] = data_parallel(reps)
+    results["side_by_side"] = side_by_side(reps)
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -177,7 +178,7 @@ def rerun_section(name, reps, out):
     """One section measured again on this machine; results.md says when."""
     path = out / "results.json"
     results = json.loads(path.read_text())
-    results[name] = {"data_parallel": data_parallel}[name](reps)
+    results[name] = {"data_parallel": data_parallel, "side_by_side": side_by_side}[name](reps)
     results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
     path.write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
@@ -324,6 +325,60 @@ def data_parallel(reps):
             "runs": {"one": one, "two": two, "ppo_one": ppo_one, "ppo_two": ppo_two}}
 
 
+def side_by_side(reps):
+    """Two independent stages (SFT of the small model with two seeds, 40
+    steps of 16 on the bundled demonstrations): one after the other
+    (`max_parallel: 1`, each with every core) against side by side
+    (`max_parallel: 2`, each with half), timed from the stages' own start
+    and end in their manifests."""
+    tmp = Path(tempfile.mkdtemp())
+    exp = tmp / "branches.yaml"
+    data = ROOT / "datasets/task/sft.jsonl"
+    stage = ("{kind: sft, data: %s, max_steps: 40, batch_size: 16, eval_every: 1000,"
+             " checkpoint_every: 1000, eval_max_examples: 8, seed: %d}")
+    exp.write_text(
+        "name: branches\ndevice: cpu\nmodel: {n_layer: 4, n_head: 4, n_embd: 128, n_positions: 128}\nstages:\n"
+        f"  a: {stage % (data, 1)}\n  b: {stage % (data, 2)}\n")
+    def run(parallel):
+        cmd = [RLHF, "run", str(exp), "--force", "a", "--force", "b", "--set", f"max_parallel={parallel}"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        spans = [json.loads((tmp / "runs/branches" / s / "manifest.json").read_text()) for s in "ab"]
+        return max(m["ended_at"] for m in spans) - min(m["started_at"] for m in spans)
+    print("two stages side by side ...", file=sys.stderr, flush=True)
+    one, two = [], []
+    for _ in range(reps):
+        one.append(run(1))
+        two.append(run(2))
+    med = statistics.median
+    return {"cores": len(os.sched_getaffinity(0)), "sequential_s": med(one), "side_by_side_s": med(two),
+            "ratio": med(one) / med(two), "runs": {"sequential": one, "side_by_side": two}}
+
+
+def markdown_side_by_side(r):
+    p = r.get("side_by_side")
+    if not p:
+        return []
+    return [
+        "## Two independent stages: side by side against one after the other",
+        "",
+        *([f"Measured on {p['rerun']['date']} (`just bench --section side_by_side`, "
+           f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
+          if p.get("rerun") else []),
+        f"Two SFT stages that read nothing of each other (the small model, two seeds, 40 steps of 16 on the "
+        f"bundled demonstrations) in one experiment: `max_parallel: 1` runs them one after the other, each "
+        f"with the {p['cores']} cores' threads; `max_parallel: 2` runs them at once, each with half. "
+        "Wall time from the first start to the last end, as the stages' manifests record them. "
+        "Ratio > 1: side by side is faster.",
+        "",
+        "| one after the other | side by side | ratio |",
+        "|---|---|---|",
+        f"| {p['sequential_s']:.1f} s | {p['side_by_side_s']:.1f} s | **{p['ratio']:.2f}x** |",
+        "",
+    ]
+
+
 def markdown(r):
     m = r["machine"]
     lines = [
@@ -417,6 +472,7 @@ def markdown(r):
             f"| PPO s/iteration | {p['ppo_one']:.3f} | {p['ppo_two']:.3f} | **{p['ppo_ratio']:.2f}x** | |",
             "",
         ]
+    lines += markdown_side_by_side(r)
     return "\n".join(lines)
 
 

@@ -723,20 +723,8 @@ fn experiments_share_finished_stages_and_one_report_judges_them() {
     // One report for runs b and c: c's dpo (another beta) joins as c/dpo,
     // the shared sft once.
     let prompts = d.path().join("prompts.jsonl");
-    let args = [
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-        "--kl-samples",
-        "1",
-    ];
-    let b_dir = runs.join("b");
-    let mut eval = vec!["eval", b_dir.to_str().unwrap(), "--with"];
-    let c_dir = runs.join("c");
-    eval.push(c_dir.to_str().unwrap());
-    eval.extend(args);
-    let out = rlhf(&eval);
+    let (b_dir, c_dir) = (runs.join("b"), runs.join("c"));
+    let out = common::eval_quick(&b_dir, &prompts, &["--with", c_dir.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",

@@ -85,16 +85,12 @@ fn a_sweep_shares_its_upstream_stages_and_one_report_judges_every_value() {
     assert!(!run.join("ppo").exists(), "no unswept ppo stage");
 
     let prompts = d.path().join("prompts.jsonl");
-    common::rlhf_ok(&[
-        "eval",
-        run.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-        "--kl-samples",
-        "1",
-    ]);
+    let out = common::eval_quick(&run, &prompts, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = json(&run.join("report/report.json"));
     assert!(
         report["judge"].as_str().unwrap().contains("judge.py"),

@@ -96,7 +96,7 @@ pub fn stage_key(
     let stage = exp.stage(name)?;
     let mut inputs = BTreeMap::new();
     for f in input_files(exp, stage) {
-        let hash = sha256_file(&f).map_err(|e| {
+        let hash = hash_input(&f).map_err(|e| {
             anyhow::anyhow!(
                 "{}: stage {name}: cannot read input {}: {e}",
                 exp.file.display(),
@@ -120,6 +120,38 @@ pub fn stage_key(
     h.update(portable(serde_json::to_string(&inputs)?).as_bytes());
     h.update(serde_json::to_string(upstream_keys)?.as_bytes());
     Ok((format!("{:x}", h.finalize()), inputs, config))
+}
+
+/// An input file's sha256, remembered for this process while its size,
+/// modification and change times stay the same: the runner keys every
+/// stage before it starts (to size the side-by-side share) and again as
+/// each starts, and a model folder's weights can be gigabytes.
+fn hash_input(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    type Stamp = (u64, i64, i64, i64, i64);
+    static SEEN: std::sync::Mutex<BTreeMap<PathBuf, (Stamp, String)>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let m = std::fs::metadata(path)?;
+    let stamp = (
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    );
+    let seen = |s: &BTreeMap<PathBuf, (Stamp, String)>| {
+        s.get(path)
+            .filter(|(at, _)| *at == stamp)
+            .map(|(_, h)| h.clone())
+    };
+    if let Some(h) = seen(&SEEN.lock().unwrap_or_else(|e| e.into_inner())) {
+        return Ok(h);
+    }
+    let hash = sha256_file(path)?;
+    SEEN.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_owned(), (stamp, hash.clone()));
+    Ok(hash)
 }
 
 pub fn read_manifest(dir: &Path) -> Option<Manifest> {

@@ -213,43 +213,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
     let (t0, started_at) = (Instant::now(), crate::artifact::unix_now());
-    let mut args = vec![
-        "stage".to_owned(),
-        "--managed".into(),
-        "--config".into(),
-        exp.file.display().to_string(),
-        job.name.into(),
-    ];
-    args.extend(["--out".into(), dir.display().to_string()]);
-    for o in &all {
-        args.extend(["--set".into(), o.clone()]);
-    }
-    let ranks = exp.ranks(job.name);
-    if ranks == 1 && exp.spec.distributed.nproc_per_node > 1 {
-        tracing::info!(
-            "{label} ({}) runs as one process: this kind does not run data-parallel",
-            exp.stage(job.name)?.kind()
-        );
-    }
-    let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
-    let result = match exp.executor(job.name) {
-        (ExecutorKind::Local, _) => crate::spawn::run_ranks(label, &args, ranks, grace),
-        (ExecutorKind::Slurm, settings) => {
-            // The job is no child of the runner: it neither watches it nor
-            // takes the lock the runner holds.
-            args[1] = "--scheduled".into();
-            args[3] = std::path::absolute(&exp.file)?.display().to_string();
-            let stage = crate::slurm::SlurmStage {
-                label,
-                dir,
-                key: &key,
-                args: &args,
-                tasks_per_node: ranks,
-                settings,
-            };
-            stage.run()
-        }
-    };
+    let result = launch(&exp, job, &key, &all);
     let (status, summary) = match &result {
         Ok(summary) => (Status::Complete, summary.clone()),
         Err(e) => {
@@ -278,21 +242,67 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     write_manifest(dir, &manifest)?;
     match result {
         Ok(_) => Ok((key, Outcome::Ran)),
-        Err(e) => {
-            // "Rerun to resume" only where there is something to resume.
-            let checkpoint = rlhf_stages::train::periodic_checkpoints(dir)
-                .last()
-                .map(|c| c.0);
-            let hint = match (checkpoint, rlhf_stages::train::interrupt_requested()) {
-                (Some(step), _) => format!("rerun to resume it from its checkpoint at step {step}"),
-                (None, true) => {
-                    "it stopped before its first checkpoint: rerun to start it again".into()
-                }
-                (None, false) => {
-                    "it left no checkpoint: fix what the error says, then rerun".into()
-                }
+        Err(e) => bail!("{e:#}; {}", rerun_hint(dir)),
+    }
+}
+
+/// What a rerun of a failed stage does: resume only where there is
+/// something to resume.
+fn rerun_hint(dir: &Path) -> String {
+    let checkpoint = rlhf_stages::train::periodic_checkpoints(dir)
+        .last()
+        .map(|c| c.0);
+    match (checkpoint, rlhf_stages::train::interrupt_requested()) {
+        (Some(step), _) => format!("rerun to resume it from its checkpoint at step {step}"),
+        (None, true) => "it stopped before its first checkpoint: rerun to start it again".into(),
+        (None, false) => "it left no checkpoint: fix what the error says, then rerun".into(),
+    }
+}
+
+/// Runs the stage where its executor says: as child processes here (its
+/// ranks), or as a Slurm job. Returns its summary.
+fn launch(
+    exp: &Experiment,
+    job: &StageRun,
+    key: &str,
+    all: &[String],
+) -> anyhow::Result<serde_json::Value> {
+    let (label, dir) = (job.label, &job.out_dir);
+    let mut args = vec![
+        "stage".to_owned(),
+        "--managed".into(),
+        "--config".into(),
+        exp.file.display().to_string(),
+        job.name.into(),
+    ];
+    args.extend(["--out".into(), dir.display().to_string()]);
+    for o in all {
+        args.extend(["--set".into(), o.clone()]);
+    }
+    let ranks = exp.ranks(job.name);
+    if ranks == 1 && exp.spec.distributed.nproc_per_node > 1 {
+        tracing::info!(
+            "{label} ({}) runs as one process: this kind does not run data-parallel",
+            exp.stage(job.name)?.kind()
+        );
+    }
+    let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
+    match exp.executor(job.name) {
+        (ExecutorKind::Local, _) => crate::spawn::run_ranks(label, &args, ranks, grace),
+        (ExecutorKind::Slurm, settings) => {
+            // The job is no child of the runner: it neither watches it nor
+            // takes the lock the runner holds.
+            args[1] = "--scheduled".into();
+            args[3] = std::path::absolute(&exp.file)?.display().to_string();
+            let stage = crate::slurm::SlurmStage {
+                label,
+                dir,
+                key,
+                args: &args,
+                tasks_per_node: ranks,
+                settings,
             };
-            bail!("{e:#}; {hint}")
+            stage.run()
         }
     }
 }

@@ -46,6 +46,20 @@ pub fn run_python(script: &str, args: &[&str]) {
     );
 }
 
+/// `rlhf eval RUN` made quick for tests: `prompts`, answers of 4 tokens,
+/// one KL sample, then `extra` arguments.
+pub fn eval_quick(run: &Path, prompts: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        run.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+    ];
+    args.extend(["--max-new-tokens", "4", "--kl-samples", "1"]);
+    args.extend_from_slice(extra);
+    rlhf(&args)
+}
+
 /// Runs the `rlhf` binary.
 pub fn rlhf(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rlhf"))

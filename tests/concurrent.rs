@@ -51,6 +51,12 @@ fn independent_branches_overlap_and_a_failure_stops_only_its_own() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("up to 2 stages run side by side"), "{log}");
     assert!(log.contains("shared by 2 stages side by side"), "{log}");
+    // SFT, which every branch waits for, runs alone on every core.
+    let sft_threads = log
+        .lines()
+        .find(|l| l.starts_with("[sft]") && l.contains("threads:"))
+        .unwrap();
+    assert!(!sft_threads.contains("shared by"), "{sft_threads}");
     let run = d.path().join("runs/par");
     let (sft, rm, dpo, dpo2) = (
         span(&manifest(&run, "sft")),

@@ -194,3 +194,83 @@ fn a_runner_killed_while_its_job_is_queued_does_not_submit_it_twice() {
         .join("runs/cluster/sft/checkpoint/model.safetensors")
         .exists());
 }
+
+/// Starts `rlhf run --only sft` and waits until its job is submitted;
+/// returns the runner and the job's id.
+fn submit_and_wait(dir: &Path, exp: &Path) -> (std::process::Child, String) {
+    let runner = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["run", exp.to_str().unwrap(), "--only", "sft"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(id) = job_id(dir, "sft") {
+            return (runner, id);
+        }
+        assert!(std::time::Instant::now() < deadline, "no job was submitted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn squeue_state(id: &str) -> String {
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%T", "--jobs", id])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn ctrl_c_cancels_a_queued_job_and_a_job_done_while_no_runner_watched_is_taken_as_done() {
+    if !slurm() {
+        return;
+    }
+    // Ctrl-C while the job waits in the queue: cancelled, the run stops.
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "slurm", 10, ", sbatch_flags: [--begin=now+600]");
+    let (runner, id) = submit_and_wait(d.path(), &exp);
+    let mut runner = common::Drained::new(runner);
+    Command::new("kill")
+        .args(["-INT", &runner.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, stderr) = runner.wait();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cancelling Slurm job {id}")),
+        "{stderr}"
+    );
+    assert_eq!(squeue_state(&id), "", "job {id} is still queued");
+
+    // A runner killed while its job waits; the job then runs to its end
+    // with no runner watching: the rerun takes its result, submits nothing.
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "slurm", 10, ", sbatch_flags: [--begin=now+3]");
+    let (mut runner, id) = submit_and_wait(d.path(), &exp);
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !squeue_state(&id).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "job {id} did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = common::rlhf(&["run", exp.to_str().unwrap(), "--only", "sft"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "Slurm job {id} completed while no runner followed it"
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains("submitted as Slurm job"),
+        "submitted again:\n{log}"
+    );
+    let manifest =
+        std::fs::read_to_string(d.path().join("runs/cluster/sft/manifest.json")).unwrap();
+    assert!(manifest.contains("\"status\": \"complete\""), "{manifest}");
+}

@@ -54,11 +54,10 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
     }
     let forced = dag::with_descendants(&exp.deps, &opts.force);
     let parallel = exp.spec.max_parallel;
-    let side_by_side = parallel.min(dag::width(&stages_to_run(exp, &order, &forced)?, &exp.deps));
-    crate::spawn::set_side_by_side(side_by_side.max(1));
-    if side_by_side > 1 {
+    let shares = core_shares(exp, &stages_to_run(exp, &order, &forced)?, parallel);
+    if let Some(most) = shares.values().max().filter(|&&n| n > 1) {
         tracing::info!(
-            "up to {side_by_side} stages run side by side (max_parallel {parallel}); each gets 1/{side_by_side} of the {} cores",
+            "up to {most} stages run side by side (max_parallel {parallel}), each on its share of the {} cores",
             crate::threads::cores()
         );
     }
@@ -78,12 +77,16 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
                     .map(|(u, (k, _))| (u.clone(), k.clone()))
                     .collect(),
                 force: forced.contains(name),
+                side_by_side: shares.get(name).copied().unwrap_or(1),
             };
-            ensure_stage(&job, &opts.overrides)
+            let result = ensure_stage(&job, &opts.overrides);
+            if let Err(e) = &result {
+                tracing::error!("[{name}] failed: {e:#}");
+            }
+            result
         },
         rlhf_stages::train::interrupt_requested,
     );
-    crate::spawn::set_side_by_side(1);
     if !finished.failed.is_empty() {
         bail!("{}", failure_report(&finished));
     }
@@ -139,6 +142,44 @@ fn stages_to_run(
     Ok(out)
 }
 
+/// For each stage that runs here, how many stages may share the cores
+/// with it: itself and the most of the stages left to run here that are
+/// neither upstream nor downstream of it (at most `parallel`). A stage
+/// that can only run alone, like the SFT every branch starts from, gets
+/// every core.
+fn core_shares(
+    exp: &Experiment,
+    to_run: &BTreeSet<String>,
+    parallel: usize,
+) -> BTreeMap<String, usize> {
+    let here: BTreeSet<String> = to_run
+        .iter()
+        .filter(|n| exp.executor(n).0 == ExecutorKind::Local)
+        .cloned()
+        .collect();
+    here.iter()
+        .map(|name| {
+            let related: BTreeSet<String> =
+                dag::with_descendants(&exp.deps, std::slice::from_ref(name))
+                    .into_iter()
+                    .chain(
+                        dag::with_ancestors(
+                            &here.iter().cloned().collect::<Vec<_>>(),
+                            &exp.deps,
+                            name,
+                        )
+                        .unwrap_or_default(),
+                    )
+                    .collect();
+            let beside: BTreeSet<String> = here.difference(&related).cloned().collect();
+            (
+                name.clone(),
+                parallel.min(1 + dag::width(&beside, &exp.deps)),
+            )
+        })
+        .collect()
+}
+
 /// The first failure's error, then the others' and the stages left
 /// waiting on them.
 fn failure_report<T>(finished: &crate::schedule::Finished<T>) -> String {
@@ -147,10 +188,11 @@ fn failure_report<T>(finished: &crate::schedule::Finished<T>) -> String {
         text.push_str(&format!("\n{} failed too: {:#}", f.job, f.error));
     }
     if !finished.not_run.is_empty() {
-        text.push_str(&format!(
-            "\nnot run (downstream of a failure): {}",
-            finished.not_run.join(", ")
-        ));
+        let why = match rlhf_stages::train::interrupt_requested() {
+            true => "not started (interrupted, or downstream of a failure)",
+            false => "not run (downstream of a failure)",
+        };
+        text.push_str(&format!("\n{why}: {}", finished.not_run.join(", ")));
     }
     let done: Vec<&str> = finished.done.keys().map(String::as_str).collect();
     if !done.is_empty() {
@@ -170,6 +212,8 @@ struct StageRun<'a> {
     extra: Vec<String>,
     upstream: BTreeMap<String, String>,
     force: bool,
+    /// Stages sharing this machine's cores with it, itself included.
+    side_by_side: usize,
 }
 
 /// Skips the stage if its manifest matches, else runs it as a child and
@@ -208,6 +252,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     let finished = read_manifest(dir).is_some_and(|m| m.status == Status::Complete);
     exp.check_inside(dir)?;
     if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {
+        crate::slurm::cancel_recorded(dir);
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -288,8 +333,18 @@ fn launch(
     }
     let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
     match exp.executor(job.name) {
-        (ExecutorKind::Local, _) => crate::spawn::run_ranks(label, &args, ranks, grace),
-        (ExecutorKind::Slurm, settings) => {
+        (ExecutorKind::Local, _) => {
+            crate::spawn::run_ranks(label, &args, ranks, grace, job.side_by_side)
+        }
+        (ExecutorKind::Slurm, mut settings) => {
+            if exp.stage(job.name)?.config.shared_batches().is_empty()
+                && settings.nodes.unwrap_or(1) > 1
+            {
+                tracing::info!(
+                    "{label} runs as one process: one node of the slurm.nodes asked for"
+                );
+                settings.nodes = Some(1);
+            }
             // The job is no child of the runner: it neither watches it nor
             // takes the lock the runner holds.
             args[1] = "--scheduled".into();
@@ -366,7 +421,7 @@ impl Collect<'_> {
         }
         let ranks = self.exp.spec.distributed.nproc_per_node;
         let grace = std::time::Duration::from_secs(self.exp.spec.distributed.timeout_seconds);
-        let summary = crate::spawn::run_ranks(&label, &args, ranks, grace)?;
+        let summary = crate::spawn::run_ranks(&label, &args, ranks, grace, 1)?;
         let manifest = Manifest {
             stage: label,
             kind: "collect".into(),
@@ -579,6 +634,7 @@ impl RoundRun<'_> {
                 .map(|(k, v)| ((*k).to_owned(), (*v).clone()))
                 .collect(),
             force: self.force,
+            side_by_side: 1,
         };
         let (key, outcome) = ensure_stage(&job, self.overrides)?;
         outcomes.push((label, outcome));

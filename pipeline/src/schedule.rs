@@ -63,7 +63,15 @@ where
                     .collect();
                 let (tx, job) = (tx.clone(), &job);
                 scope.spawn(move || {
-                    let r = job(&name, &inputs);
+                    // A panic is this job's failure, not a hang of the run.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job(&name, &inputs)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "{name}: the runner's thread for it panicked"
+                        ))
+                    });
                     let _ = tx.send((name, r));
                 });
                 running += 1;

@@ -45,32 +45,53 @@ pub fn copy_in(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("clearing {}", tmp.display()))?;
     }
-    let bytes = copy_tree(from, &tmp)?;
-    let mut manifest = read_manifest(&tmp).context("the copied manifest.json is unreadable")?;
-    manifest.stage = label.to_owned();
-    manifest.copied_from = Some(
-        crate::report::relative_to(from, &exp.run_dir)
-            .display()
-            .to_string(),
-    );
-    write_manifest(&tmp, &manifest)?;
+    let copied = copy_checked(exp, from, &tmp, label, key);
+    let bytes = match copied {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // Nothing half-copied stays behind; `to` was not touched.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
     if to.exists() {
         std::fs::remove_dir_all(to).with_context(|| format!("clearing {}", to.display()))?;
     }
     std::fs::rename(&tmp, to)
         .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
-    if !is_cached(to, key) {
-        bail!(
-            "the copy in {} does not check out against its checksums",
-            to.display()
-        );
-    }
     tracing::info!(
         "[{label}] copied from {} ({:.1} MB): the same settings, inputs and upstream stages finished there",
         from.display(),
         bytes as f64 / 1e6
     );
     Ok(())
+}
+
+/// Copies `from` into `tmp`, names the copy `label` and its source in its
+/// manifest, and checks it against its checksums. Returns the bytes.
+fn copy_checked(
+    exp: &Experiment,
+    from: &Path,
+    tmp: &Path,
+    label: &str,
+    key: &str,
+) -> anyhow::Result<u64> {
+    let bytes = copy_tree(from, tmp)?;
+    let mut manifest = read_manifest(tmp).context("the copied manifest.json is unreadable")?;
+    manifest.stage = label.to_owned();
+    manifest.copied_from = Some(
+        crate::report::relative_to(from, &exp.run_dir)
+            .display()
+            .to_string(),
+    );
+    write_manifest(tmp, &manifest)?;
+    if !is_cached(tmp, key) {
+        bail!(
+            "the copy of {} does not check out against its checksums",
+            from.display()
+        );
+    }
+    Ok(bytes)
 }
 
 /// Top-level stage folders of a run and those of its loop rounds.

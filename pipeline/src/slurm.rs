@@ -57,16 +57,23 @@ impl SlurmStage<'_> {
         let job_dir = self.job_dir();
         std::fs::create_dir_all(&job_dir)
             .with_context(|| format!("creating {}", job_dir.display()))?;
-        let name = job_name(self.label, self.key);
-        let job = match self.queued(&name)? {
-            Some(id) => {
+        let name = job_name(self.label, self.dir, self.key);
+        let job = match (self.queued(&name)?, self.completed_before(&name)) {
+            (Some(id), _) => {
                 tracing::info!(
                     "[{}] following Slurm job {id}, submitted before",
                     self.label
                 );
                 id
             }
-            None => self.submit(&name)?,
+            (None, Some(id)) => {
+                tracing::info!(
+                    "[{}] Slurm job {id} completed while no runner followed it",
+                    self.label
+                );
+                id
+            }
+            (None, None) => self.submit(&name)?,
         };
         let state = self.follow(&job)?;
         if state != "COMPLETED" {
@@ -98,7 +105,12 @@ impl SlurmStage<'_> {
                 return Ok(Some(r.job_id));
             }
         }
-        let out = squeue(&["--noheader", "--format=%i", &format!("--name={name}")])?;
+        let out = squeue(&[
+            "--me",
+            "--noheader",
+            "--format=%i",
+            &format!("--name={name}"),
+        ])?;
         let found = out.split_whitespace().next().map(str::to_owned);
         if let Some(id) = &found {
             // Submitted by a runner that stopped before it could say so.
@@ -118,6 +130,18 @@ impl SlurmStage<'_> {
         Ok(())
     }
 
+    /// The recorded job of this stage and key, if it completed and left
+    /// the stage's summary (it ran while the runner was stopped).
+    fn completed_before(&self, name: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.job_dir().join(JOB_FILE)).ok()?;
+        let record: JobRecord = serde_json::from_str(&text).ok()?;
+        let summary = self.dir.join(rlhf_stages::train::SUMMARY_FILE);
+        let done = record.name == name
+            && summary.exists()
+            && final_state(&record.job_id).is_ok_and(|s| s == "COMPLETED");
+        done.then_some(record.job_id)
+    }
+
     fn log(&self, job: &str) -> PathBuf {
         self.job_dir().join(format!("job-{job}.log"))
     }
@@ -126,8 +150,20 @@ impl SlurmStage<'_> {
     fn submit(&self, name: &str) -> anyhow::Result<String> {
         let script = self.job_dir().join("job.sh");
         rlhf_datasets::atomic::write_file(&script, self.script(name)?.as_bytes())?;
+        // Paths go on sbatch's command line, not into #SBATCH lines, where a
+        // space or a line break would change what they mean.
+        let (log, cwd) = (self.job_dir().join("job-%j.log"), std::env::current_dir()?);
+        for path in [&self.job_dir(), &cwd] {
+            let text = path.display().to_string();
+            if text.contains('%') || text.chars().any(char::is_control) {
+                bail!("{}: {text}: a folder Slurm runs in or logs to may not hold `%` or control characters", self.label);
+            }
+        }
         let out = Command::new("sbatch")
             .arg("--parsable")
+            .arg(format!("--job-name={name}"))
+            .arg(format!("--output={}", log.display()))
+            .arg(format!("--chdir={}", cwd.display()))
             .arg(&script)
             .output()
             .context("running sbatch (is Slurm installed here?)")?;
@@ -162,12 +198,9 @@ impl SlurmStage<'_> {
     fn script(&self, name: &str) -> anyhow::Result<String> {
         let s = &self.settings;
         let nodes = s.nodes.unwrap_or(1);
-        let log = self.job_dir().join("job-%j.log");
         let mut lines = vec![
             "#!/bin/bash".to_owned(),
-            format!("#SBATCH --job-name={name}"),
-            format!("#SBATCH --output={}", log.display()),
-            format!("#SBATCH --chdir={}", std::env::current_dir()?.display()),
+            format!("# {name}: its name, log and folder are on sbatch's command line."),
             format!("#SBATCH --nodes={nodes}"),
             format!("#SBATCH --ntasks-per-node={}", self.tasks_per_node),
         ];
@@ -197,6 +230,10 @@ impl SlurmStage<'_> {
             self.label
         ));
         lines.push("export RUST_LOG=\"${RUST_LOG:-info}\"".into());
+        // Two jobs on one node must not meet at one rendezvous port.
+        lines.push(
+            "export MASTER_PORT=\"${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}\"".into(),
+        );
         lines.push(format!(
             "exec srun --kill-on-bad-exit=1 {}",
             command.join(" ")
@@ -210,26 +247,37 @@ impl SlurmStage<'_> {
     fn follow(&self, job: &str) -> anyhow::Result<String> {
         let poll = Duration::from_secs_f64(self.settings.poll_seconds.unwrap_or(5.0));
         let mut log = LogTail::new(self.log(job), format!("[{} job {job}] ", self.label));
-        let mut signalled = false;
-        let mut last = String::new();
+        let (mut signalled, mut last, mut failures) = (false, String::new(), 0u32);
         loop {
+            let state = match queue_state(job) {
+                Ok(state) => {
+                    failures = 0;
+                    state
+                }
+                // A busy controller times out now and then: keep asking
+                // for a few minutes before giving the stage up.
+                Err(e) if failures < 60 => {
+                    failures += 1;
+                    tracing::warn!(
+                        "[{}] asking Slurm about job {job}: {e:#}; asking again",
+                        self.label
+                    );
+                    std::thread::sleep(poll.max(Duration::from_secs(5)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if rlhf_stages::train::interrupt_requested() && !signalled {
-                tracing::info!(
-                    "[{}] interrupted: sending SIGINT to Slurm job {job}",
-                    self.label
-                );
-                let _ = Command::new("scancel").args(["--signal=INT", job]).status();
+                interrupt(self.label, job, state.as_deref());
                 signalled = true;
             }
-            let state = queue_state(job)?;
             log.echo();
             match state {
-                Some(s) => {
-                    if s != last {
-                        tracing::info!("[{}] Slurm job {job}: {s}", self.label);
-                        last = s;
-                    }
+                Some(s) if s != last => {
+                    tracing::info!("[{}] Slurm job {job}: {s}", self.label);
+                    last = s;
                 }
+                Some(_) => {}
                 None => break,
             }
             std::thread::sleep(poll);
@@ -245,19 +293,63 @@ impl SlurmStage<'_> {
     }
 }
 
-/// `rlhf-<stage>-<key>`: one job name per stage folder and settings.
-fn job_name(label: &str, key: &str) -> String {
+/// Passes a Ctrl-C on: a running job gets SIGINT (its stage checkpoints
+/// and stops); a job still waiting is cancelled.
+fn interrupt(label: &str, job: &str, state: Option<&str>) {
+    let waiting = matches!(state, Some("PENDING" | "CONFIGURING" | "REQUEUED"));
+    tracing::info!(
+        "[{label}] interrupted: {} Slurm job {job}",
+        if waiting {
+            "cancelling"
+        } else {
+            "sending SIGINT to"
+        }
+    );
+    let mut scancel = Command::new("scancel");
+    if !waiting {
+        scancel.arg("--signal=INT");
+    }
+    if !scancel.arg(job).status().is_ok_and(|s| s.success()) {
+        let _ = Command::new("scancel").arg(job).status();
+    }
+}
+
+/// `rlhf-<stage>-<hash>`: one job name per stage folder and settings (the
+/// hash is of the folder's absolute path and the stage's key), so that two
+/// run folders with the same stage never take each other's jobs.
+fn job_name(label: &str, dir: &Path, key: &str) -> String {
+    use sha2::{Digest, Sha256};
     let stage: String = label
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '.'
-            }
+        .map(|c| match c.is_ascii_alphanumeric() || "-_.".contains(c) {
+            true => c,
+            false => '.',
         })
         .collect();
-    format!("rlhf-{stage}-{}", &key[..key.len().min(12)])
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+    let hash = format!("{:x}", Sha256::digest(format!("{}\n{key}", dir.display())));
+    format!("rlhf-{stage}-{}", &hash[..12])
+}
+
+/// Cancels the job a stage folder records, if Slurm still has it queued or
+/// running: before the runner clears the folder to start the stage over,
+/// so that no old job writes into the new one.
+pub fn cancel_recorded(dir: &Path) {
+    let file = dir.join("slurm").join(JOB_FILE);
+    let Some(record) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<JobRecord>(&t).ok())
+    else {
+        return;
+    };
+    if queue_state(&record.job_id).ok().flatten().is_some() {
+        tracing::warn!(
+            "cancelling Slurm job {} of {}: the stage starts over",
+            record.job_id,
+            dir.display()
+        );
+        let _ = Command::new("scancel").arg(&record.job_id).status();
+    }
 }
 
 /// `'text'` for bash, single quotes escaped.

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,12 +29,14 @@ struct Running {
 /// output lines with `label` (and the rank); returns the JSON summary rank
 /// 0 prints last. Once a rank has failed, the others get `grace` (at most
 /// [`PEER_GRACE`]) to fail at their next collective before they are
-/// stopped and named.
+/// stopped and named. `side_by_side`: how many stages share this
+/// machine's cores with this one, itself included.
 pub fn run_ranks(
     label: &str,
     args: &[String],
     ranks: usize,
     grace: Duration,
+    side_by_side: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let port = match ranks {
         1 => 0,
@@ -46,7 +48,7 @@ pub fn run_ranks(
             0 => format!("[{label}] "),
             r => format!("[{label} r{r}] "),
         };
-        let env = rank_env(rank, ranks, port);
+        let env = rank_env(rank, ranks, port, side_by_side);
         match start(label, args, &env, prefix) {
             Ok(r) => running.push(r),
             Err(e) => {
@@ -100,20 +102,19 @@ pub fn run_ranks(
     Ok(serde_json::from_str(&last).unwrap_or(serde_json::Value::Null))
 }
 
-/// How many stages the runner runs side by side on this machine: their
-/// children divide the cores among them (see `threads`).
-static SIDE_BY_SIDE: AtomicUsize = AtomicUsize::new(1);
-
-pub fn set_side_by_side(n: usize) {
-    SIDE_BY_SIDE.store(n.max(1), Ordering::SeqCst);
-}
-
 /// The variables torchrun sets, for rank `rank` of `world` on this
-/// machine, and the stages sharing its cores.
-fn rank_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
-    let side_by_side = SIDE_BY_SIDE.load(Ordering::SeqCst).to_string();
+/// machine, and how many stages share its cores.
+fn rank_env(
+    rank: usize,
+    world: usize,
+    port: u16,
+    side_by_side: usize,
+) -> Vec<(&'static str, String)> {
     let mut env = torchrun_env(rank, world, port);
-    env.push((crate::threads::SIDE_BY_SIDE_ENV, side_by_side));
+    env.push((
+        crate::threads::SIDE_BY_SIDE_ENV,
+        side_by_side.max(1).to_string(),
+    ));
     env
 }
 

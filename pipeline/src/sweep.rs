@@ -79,7 +79,15 @@ pub fn expand(root: &mut Value, refs: impl Fn(&str, &Value) -> Refs) -> Result<(
         for combo in product(own.iter().map(|&i| axes[i].values.len()).collect()) {
             let pick: BTreeMap<usize, usize> = own.iter().copied().zip(combo).collect();
             let variant = variant_of(name, stage, &pick, &axes, &reads[name], &varies)?;
-            out.insert(Value::from(variant_name(name, &pick, &axes)?), variant);
+            let new = variant_name(name, &pick, &axes)?;
+            let taken = out
+                .keys()
+                .filter_map(Value::as_str)
+                .any(|k| k == new || folder_of(k) == folder_of(&new));
+            if taken || names.contains(&new) {
+                return Err(format!("sweep: two stages would be named {new} (or share its folder {}); give values and stage names that differ as written", folder_of(&new)));
+            }
+            out.insert(Value::from(new), variant);
         }
     }
     map.insert(Value::from("stages"), Value::Mapping(out));

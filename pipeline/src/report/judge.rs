@@ -71,6 +71,12 @@ pub fn recorded(run_dir: &Path) -> anyhow::Result<Option<CommandJudge>> {
             path.display()
         )
     })?;
+    if judge.command.is_empty() || !(judge.timeout_seconds > 0.0 && judge.timeout_seconds <= 1e9) {
+        anyhow::bail!(
+            "{}: expected a command and timeout_seconds in (0, 1e9]; rerun `rlhf run` to write it again",
+            path.display()
+        );
+    }
     judge.cwd = judge.cwd.map(|c| run_dir.join(c));
     Ok(Some(judge))
 }

@@ -155,25 +155,10 @@ fn a_runner_killed_while_its_job_is_queued_does_not_submit_it_twice() {
     let d = tempfile::tempdir().unwrap();
     // The job may not start for 15 s: it sits in the queue meanwhile.
     let exp = experiment(d.path(), "slurm", 10, ", sbatch_flags: [--begin=now+15]");
-    let mut runner = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(["run", exp.to_str().unwrap(), "--only", "sft"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while job_id(d.path(), "sft").is_none() {
-        assert!(std::time::Instant::now() < deadline, "no job was submitted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (mut runner, id) = submit_and_wait(d.path(), &exp);
     runner.kill().unwrap();
     runner.wait().unwrap();
-    let id = job_id(d.path(), "sft").unwrap();
-    let state = Command::new("squeue")
-        .args(["--noheader", "--format=%T", "--jobs", &id])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "PENDING");
+    assert_eq!(squeue_state(&id), "PENDING");
     // As if the runner had died between sbatch and writing the job's id:
     // the rerun finds the job by its name.
     std::fs::remove_file(d.path().join("runs/cluster/sft/slurm/job.json")).unwrap();
@@ -196,7 +181,8 @@ fn a_runner_killed_while_its_job_is_queued_does_not_submit_it_twice() {
 }
 
 /// Starts `rlhf run --only sft` and waits until its job is submitted;
-/// returns the runner and the job's id.
+/// returns the runner (the caller waits for it) and the job's id.
+#[allow(clippy::zombie_processes)]
 fn submit_and_wait(dir: &Path, exp: &Path) -> (std::process::Child, String) {
     let runner = Command::new(env!("CARGO_BIN_EXE_rlhf"))
         .args(["run", exp.to_str().unwrap(), "--only", "sft"])
@@ -232,7 +218,7 @@ fn ctrl_c_cancels_a_queued_job_and_a_job_done_while_no_runner_watched_is_taken_a
     let d = tempfile::tempdir().unwrap();
     let exp = experiment(d.path(), "slurm", 10, ", sbatch_flags: [--begin=now+600]");
     let (runner, id) = submit_and_wait(d.path(), &exp);
-    let mut runner = common::Drained::new(runner);
+    let runner = common::Drained::new(runner);
     Command::new("kill")
         .args(["-INT", &runner.id().to_string()])
         .status()

@@ -108,6 +108,11 @@ compare: build
     {{rlhf}} run configs/grpo.yaml
     {{rlhf}} eval runs/compare --with runs/dpo --with runs/grpo
 
+# PPO's KL coefficient swept over three values in one experiment, judged in one report (runs/sweep/report/).
+sweep: build
+    {{rlhf}} run configs/sweep.yaml
+    {{rlhf}} eval runs/sweep
+
 # Evaluate a finished run: report.md, report.json and plots in RUN/report/.
 eval run="runs/default" *args: build
     {{rlhf}} eval {{run}} {{args}}

@@ -187,3 +187,32 @@ fn sweeps_that_cannot_work_are_refused_by_name() {
         assert!(err.contains("bad.yaml"), "the error names the file: {err}");
     }
 }
+
+/// Every experiment file in configs/ loads and plans, with what its
+/// comments promise: the sweep expands to three PPO stages, the Slurm file
+/// runs every stage as a job.
+#[test]
+fn every_bundled_experiment_file_plans() {
+    let configs = common::workspace().join("configs");
+    let mut files: Vec<_> = std::fs::read_dir(&configs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "{files:?}");
+    for f in &files {
+        let plan = common::rlhf_ok(&["plan", f.to_str().unwrap()]);
+        let name = f.file_name().unwrap().to_str().unwrap();
+        if name == "sweep.yaml" {
+            assert_eq!(plan.matches("] (ppo) after rm, sft").count(), 3, "{plan}");
+        }
+        if name == "slurm.yaml" {
+            assert_eq!(
+                plan.matches("runs as a Slurm job: 1 node(s) x 1 task(s), time 02:00:00")
+                    .count(),
+                3,
+                "{plan}"
+            );
+        }
+    }
+}

@@ -326,7 +326,7 @@ def data_parallel(reps):
 
 
 def side_by_side(reps):
-    """Two independent stages (SFT of the small model with two seeds, 40
+    """Two independent stages (SFT of the small model with two seeds, 150
     steps of 16 on the bundled demonstrations): one after the other
     (`max_parallel: 1`, each with every core) against side by side
     (`max_parallel: 2`, each with half), timed from the stages' own start
@@ -334,7 +334,7 @@ def side_by_side(reps):
     tmp = Path(tempfile.mkdtemp())
     exp = tmp / "branches.yaml"
     data = ROOT / "datasets/task/sft.jsonl"
-    stage = ("{kind: sft, data: %s, max_steps: 40, batch_size: 16, eval_every: 1000,"
+    stage = ("{kind: sft, data: %s, max_steps: 150, batch_size: 16, eval_every: 1000,"
              " checkpoint_every: 1000, eval_max_examples: 8, seed: %d}")
     exp.write_text(
         "name: branches\ndevice: cpu\nmodel: {n_layer: 4, n_head: 4, n_embd: 128, n_positions: 128}\nstages:\n"
@@ -366,7 +366,7 @@ def markdown_side_by_side(r):
         *([f"Measured on {p['rerun']['date']} (`just bench --section side_by_side`, "
            f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
           if p.get("rerun") else []),
-        f"Two SFT stages that read nothing of each other (the small model, two seeds, 40 steps of 16 on the "
+        f"Two SFT stages that read nothing of each other (the small model, two seeds, 150 steps of 16 on the "
         f"bundled demonstrations) in one experiment: `max_parallel: 1` runs them one after the other, each "
         f"with the {p['cores']} cores' threads; `max_parallel: 2` runs them at once, each with half. "
         "Wall time from the first start to the last end, as the stages' manifests record them. "

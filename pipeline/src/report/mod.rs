@@ -269,7 +269,7 @@ pub fn evaluate_run(
     opts: &EvalOptions,
     device: Device,
 ) -> anyhow::Result<Evaluation> {
-        let mut stages = finished_stages(run_dir)?;
+    let mut stages = finished_stages(run_dir)?;
     // The run's own latest reward model scores every policy, others' too.
     let own = stages.len();
     stages.extend(run_folder::stages_of_other_runs(&stages, &opts.with_runs)?);
@@ -280,7 +280,7 @@ pub fn evaluate_run(
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
-        let reward_stage = stages[..own].iter().rev().find(|s| s.kind == "reward");
+    let reward_stage = stages[..own].iter().rev().find(|s| s.kind == "reward");
     let models = RunModels {
         reference_stage,
         reference: load_model(reference_stage, device)?,

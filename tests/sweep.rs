@@ -158,6 +158,19 @@ fn sweeps_that_cannot_work_are_refused_by_name() {
         "{err}"
     );
     experiment(d.path(), "");
+    // A --set of a swept setting would be overwritten without a word.
+    let exp = d.path().join("exp.yaml");
+    let out = common::rlhf(&[
+        "plan",
+        exp.to_str().unwrap(),
+        "--set",
+        "stages.ppo.kl_coef=0.5",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the sweep sets stages.ppo.kl_coef"),
+        "{err}"
+    );
     let exp = d.path().join("bad.yaml");
     for (sweep, want) in [
         (

@@ -413,6 +413,7 @@ impl Experiment {
             apply_override(&mut value, o).map_err(|m| invalid(format!("--set {o}: {m}")))?;
         }
         let swept = value.get("sweep").is_some();
+        crate::sweep::check_overrides(&value, overrides).map_err(&invalid)?;
         let refs = stage_refs(&value);
         crate::sweep::expand(&mut value, refs).map_err(&invalid)?;
         // Parse from the text when nothing was overridden or swept, so that

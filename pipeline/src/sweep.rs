@@ -94,6 +94,26 @@ pub fn expand(root: &mut Value, refs: impl Fn(&str, &Value) -> Refs) -> Result<(
     Ok(())
 }
 
+/// A `--set` of a setting the sweep sets would be overwritten by it
+/// without a word: refused instead.
+pub fn check_overrides(root: &Value, overrides: &[String]) -> Result<(), String> {
+    let Some(Value::Mapping(sweep)) = root.get("sweep") else {
+        return Ok(());
+    };
+    for o in overrides {
+        let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+        let clash = sweep.keys().filter_map(Value::as_str).find(|s| {
+            *s == key || s.starts_with(&format!("{key}.")) || key.starts_with(&format!("{s}."))
+        });
+        if let Some(swept) = clash {
+            return Err(format!(
+                "--set {o}: the sweep sets {swept} (one stage per value); change the sweep's values instead"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The sweep's settings, checked.
 fn axes(sweep: &Value, stages: &BTreeSet<String>) -> Result<Vec<Axis>, String> {
     let Value::Mapping(entries) = sweep else {

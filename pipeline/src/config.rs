@@ -971,10 +971,26 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
             return Err(format!("{name} must be in [{lo}, {hi}], got {value}"));
         }
     }
+    check_labeller(&l.labeller)?;
+    l.sampling.validate().map_err(|e| e.to_string())?;
+    if let Some(bad) = l
+        .set
+        .iter()
+        .find(|o| !o.contains('=') || o.starts_with('='))
+    {
+        return Err(format!(
+            "set: \"{bad}\" is not KEY=VALUE (e.g. \"stages.rm.epochs=1\")"
+        ));
+    }
+    Ok(())
+}
+
+/// The loop's labeller: a program that exists, a web page's settings.
+fn check_labeller(labeller: &Labeller) -> Result<(), String> {
     if let Labeller::Command {
         command,
         timeout_seconds,
-    } = &l.labeller
+    } = labeller
     {
         let Some(program) = command.first() else {
             return Err("labeller.command is empty".into());
@@ -991,7 +1007,7 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
         bind,
         timeout_seconds,
         guidelines,
-    } = &l.labeller
+    } = labeller
     {
         if let Some(kind) = guidelines
             .as_deref()
@@ -1012,16 +1028,6 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
             ));
         }
         check_timeout(*timeout_seconds)?;
-    }
-    l.sampling.validate().map_err(|e| e.to_string())?;
-    if let Some(bad) = l
-        .set
-        .iter()
-        .find(|o| !o.contains('=') || o.starts_with('='))
-    {
-        return Err(format!(
-            "set: \"{bad}\" is not KEY=VALUE (e.g. \"stages.rm.epochs=1\")"
-        ));
     }
     Ok(())
 }

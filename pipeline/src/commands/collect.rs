@@ -62,8 +62,36 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
+    let (ranked, labels) = rank_groups(&args, &spec.labeller, groups)?;
+    let mut new = Vec::new();
+    let mut all_tied = 0;
+    for g in ranked {
+        if g.pairs().is_empty() {
+            all_tied += 1; // every answer ranked equal: nothing to learn
+        } else {
+            new.push(g);
+        }
+    }
+
+    let n_new = new.len();
+    let (groups, round_col, policy_col) = with_base(&args, new)?;
+    write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
+    println!(
+        "{}",
+        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len(), "labels": labels})
+    );
+    Ok(())
+}
+
+/// The round's groups ranked by its labeller; for people, their labels'
+/// summary too (agreement, skips).
+fn rank_groups(
+    args: &CollectArgs,
+    labeller: &Labeller,
+    groups: Vec<(String, Vec<String>)>,
+) -> anyhow::Result<(Vec<RankedGroup>, serde_json::Value)> {
     let mut labels = serde_json::Value::Null;
-    let ranked = match &spec.labeller {
+    let ranked = match labeller {
         Labeller::Web {
             labels_per_group,
             bind,
@@ -100,24 +128,7 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
                 .collect()
         }
     };
-    let mut new = Vec::new();
-    let mut all_tied = 0;
-    for g in ranked {
-        if g.pairs().is_empty() {
-            all_tied += 1; // every answer ranked equal: nothing to learn
-        } else {
-            new.push(g);
-        }
-    }
-
-    let n_new = new.len();
-    let (groups, round_col, policy_col) = with_base(&args, new)?;
-    write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
-    println!(
-        "{}",
-        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len(), "labels": labels})
-    );
-    Ok(())
+    Ok((ranked, labels))
 }
 
 /// The round's data: every group so far (with its provenance where the base

@@ -394,6 +394,16 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
     if !main {
         return Ok(tallies.summary(cfg, kl, [None, None], started));
     }
+    let eval_after = judge_eval(&models.policy, cfg, ctx, "samples.jsonl")?;
+    let mut summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
+    summary.warning = learning_warning(cfg, out)?;
+    write_summary(out, &summary)?;
+    Ok(summary)
+}
+
+/// The did-not-learn warning from the rollouts' scores (logged); an error
+/// instead where `fail_if_not_learning` asks for one.
+fn learning_warning(cfg: &PpoConfig, out: &std::path::Path) -> Result<Option<String>, StageError> {
     let warning = score_did_not_rise(&out.join(METRICS_FILE), "ppo", "kl_coef");
     if let Some(w) = &warning {
         tracing::warn!("{w}");
@@ -401,11 +411,7 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
             return Err(StageError::NotLearning(w.clone()));
         }
     }
-    let eval_after = judge_eval(&models.policy, cfg, ctx, "samples.jsonl")?;
-    let mut summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
-    summary.warning = warning;
-    write_summary(out, &summary)?;
-    Ok(summary)
+    Ok(warning)
 }
 
 /// Whether any rank was interrupted: every rank stops after the same

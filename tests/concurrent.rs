@@ -122,11 +122,7 @@ fn ctrl_c_stops_every_stage_running_side_by_side_and_a_rerun_resumes_them() {
     child.wait_until("rm and dpo both training", Duration::from_secs(600), || {
         steps("rm") >= 2 && steps("dpo") >= 2
     });
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = child.wait();
+    let (status, stderr) = child.interrupt();
     assert_eq!(status.code(), Some(130), "{stderr}");
     for stage in ["rm", "dpo"] {
         assert_eq!(

@@ -591,11 +591,7 @@ fn ctrl_c_stops_both_ranks_after_the_same_step_and_the_rerun_matches() {
         std::time::Duration::from_secs(600),
         || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= 60,
     );
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = child.wait();
+    let (status, stderr) = child.interrupt();
     assert_eq!(status.code(), Some(130), "{stderr}");
     let checkpoints = std::fs::read_dir(d.path().join("runs/dp/sft/checkpoints")).unwrap();
     assert_eq!(

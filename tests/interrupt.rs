@@ -81,11 +81,7 @@ fn interrupt_then_rerun(stage: &str, run_to: &str, lines: usize, parts: &[&str])
         Duration::from_secs(600),
         || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) >= lines,
     );
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = child.wait();
+    let (status, stderr) = child.interrupt();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted after step"), "{stderr}");
     assert!(
@@ -168,11 +164,7 @@ fn ctrl_c_inside_an_enormous_step_stops_after_the_grace_period() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = child.wait();
+    let (status, stderr) = child.interrupt();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(
         stderr

@@ -219,11 +219,7 @@ fn ctrl_c_cancels_a_queued_job_and_a_job_done_while_no_runner_watched_is_taken_a
     let exp = experiment(d.path(), "slurm", 10, ", sbatch_flags: [--begin=now+600]");
     let (runner, id) = submit_and_wait(d.path(), &exp);
     let runner = common::Drained::new(runner);
-    Command::new("kill")
-        .args(["-INT", &runner.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, stderr) = runner.wait();
+    let (status, stderr) = runner.interrupt();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(
         stderr.contains(&format!("cancelling Slurm job {id}")),

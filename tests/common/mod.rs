@@ -140,6 +140,17 @@ impl Drained {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Sends it SIGINT (Ctrl-C), then waits for its end.
+    pub fn interrupt(self) -> (std::process::ExitStatus, String) {
+        let pid = self.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        self.wait()
+    }
+
     /// Waits for its end: its status and all it printed to stderr.
     pub fn wait(mut self) -> (std::process::ExitStatus, String) {
         let status = self.child.wait().unwrap();

@@ -49,8 +49,15 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         (false, false) => None,
         (false, true) => {
             let lock = crate::lock::lock_run_folder(&exp.run_dir)?;
+            // A folder outside the run folder is locked on its own: another
+            // experiment's stage may be given the same --out.
+            let outside =
+                !std::path::absolute(&out_dir)?.starts_with(std::path::absolute(&exp.run_dir)?);
+            let out_lock = outside
+                .then(|| crate::lock::lock_stage_folder(&out_dir))
+                .transpose()?;
             prepare_standalone(&exp, &args.name, &out_dir)?;
-            Some(lock)
+            Some((lock, out_lock))
         }
     };
     let tokenizer = match &exp.spec.tokenizer {

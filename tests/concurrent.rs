@@ -21,8 +21,8 @@ fn experiment(dir: &Path, name: &str, steps: usize, dpo_data: &str) -> PathBuf {
         format!(
             "name: {name}\ndevice: cpu\nmax_parallel: 2\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}\nstages:\n\
              \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 3, batch_size: 4}}\n\
-             \x20 rm: {{kind: reward, init: sft, data: prefs.jsonl, max_steps: {steps}, batch_size: 2, max_len: 48, eval_every: 100000}}\n\
-             \x20 dpo: {{kind: dpo, policy: sft, data: {dpo_data}, max_steps: {steps}, batch_size: 2, max_len: 48, eval_every: 100000}}\n\
+             \x20 rm: {{kind: reward, init: sft, data: prefs.jsonl, max_steps: {steps}, batch_size: 2, max_len: 48, eval_every: 100000, checkpoint_every: 100000}}\n\
+             \x20 dpo: {{kind: dpo, policy: sft, data: {dpo_data}, max_steps: {steps}, batch_size: 2, max_len: 48, eval_every: 100000, checkpoint_every: 100000}}\n\
              \x20 dpo2: {{kind: dpo, policy: dpo, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}}\n"
         ),
     )

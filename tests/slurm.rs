@@ -109,8 +109,8 @@ fn a_cancelled_job_fails_its_stage_and_the_rerun_resumes_it() {
         return;
     }
     let (local, cluster) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    run(&experiment(local.path(), "local", 400, ""));
-    let exp = experiment(cluster.path(), "slurm", 400, "");
+    run(&experiment(local.path(), "local", 1500, ""));
+    let exp = experiment(cluster.path(), "slurm", 1500, "");
     let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
         .args(["run", exp.to_str().unwrap()])
         .env("RUST_LOG", "info")

@@ -436,16 +436,7 @@ fn a_dpo_stage_trains_from_sft_and_is_evaluated_as_a_policy() {
     assert!(cached(&log, "dpo"), "{log}");
     let run_dir = d.path().join("runs/routes");
     let prompts = d.path().join("prompts.jsonl");
-    let out = rlhf(&[
-        "eval",
-        run_dir.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-        "--kl-samples",
-        "1",
-    ]);
+    let out = common::eval_quick(&run_dir, &prompts, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -576,16 +567,7 @@ fn ppo_dpo_and_grpo_side_by_side_in_one_report() {
         "{line}"
     );
     let prompts = d.path().join("prompts.jsonl");
-    let out = rlhf(&[
-        "eval",
-        run_dir.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-        "--kl-samples",
-        "1",
-    ]);
+    let out = common::eval_quick(&run_dir, &prompts, &[]);
     assert!(
         out.status.success(),
         "{}",

@@ -1238,6 +1238,15 @@ pub fn apply_override(root: &mut serde_norway::Value, assignment: &str) -> Resul
     if parts.iter().any(|p| p.is_empty()) {
         return Err(format!("key `{key}` has an empty part"));
     }
+    set_path(root, &parts, value)
+}
+
+/// Sets `root.a.b.c` (`parts`) to `value`, making the mappings on the way.
+pub fn set_path(
+    root: &mut serde_norway::Value,
+    parts: &[&str],
+    value: serde_norway::Value,
+) -> Result<(), String> {
     let mut node = root;
     for (i, part) in parts.iter().enumerate() {
         let map = node
@@ -1252,7 +1261,7 @@ pub fn apply_override(root: &mut serde_norway::Value, assignment: &str) -> Resul
             .entry(k)
             .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
     }
-    unreachable!("the loop returns at the last part")
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,21 +8,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::artifact::{is_cached, read_manifest, write_manifest, Status};
+use crate::artifact::{is_cached, looks_cached, read_manifest, write_manifest};
 use crate::config::Experiment;
 
 /// A stage folder of another run under `exp`'s `out_dir` holding a
 /// finished, intact stage with `key`.
 pub fn find(exp: &Experiment, key: &str) -> Option<PathBuf> {
+    search(exp, key, is_cached)
+}
+
+/// Whether another run seems to hold a finished stage with `key`, its
+/// checksums unread: enough to plan with.
+pub fn seems_done(exp: &Experiment, key: &str) -> bool {
+    search(exp, key, looks_cached).is_some()
+}
+
+/// The first stage folder of another run for which `done(folder, key)`.
+fn search(exp: &Experiment, key: &str, done: fn(&Path, &str) -> bool) -> Option<PathBuf> {
     let out_dir = exp.run_dir.parent()?;
     let runs = sorted_dirs(out_dir);
     runs.into_iter()
         .filter(|run| run != &exp.run_dir)
         .flat_map(|run| stage_dirs(&run))
-        .find(|dir| {
-            read_manifest(dir).is_some_and(|m| m.status == Status::Complete && m.key == key)
-                && is_cached(dir, key)
-        })
+        .find(|dir| done(dir, key))
 }
 
 /// Copies the stage folder `from` to `to` (absent, inside `exp`'s run
@@ -95,7 +103,7 @@ fn copy_checked(
 }
 
 /// Top-level stage folders of a run and those of its loop rounds.
-fn stage_dirs(run: &Path) -> Vec<PathBuf> {
+pub(crate) fn stage_dirs(run: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for dir in sorted_dirs(run) {
         let is_round = dir

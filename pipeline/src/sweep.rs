@@ -269,20 +269,8 @@ fn variant_of(
 
 /// Sets `path` inside a stage's mapping.
 fn set(stage: &mut Value, path: &[String], value: Value) -> Result<(), String> {
-    let mut node = stage;
-    for (i, part) in path.iter().enumerate() {
-        let map = node
-            .as_mapping_mut()
-            .ok_or_else(|| format!("sweep: `{}` is not a mapping", path[..i].join(".")))?;
-        if i + 1 == path.len() {
-            map.insert(Value::from(part.as_str()), value);
-            return Ok(());
-        }
-        node = map
-            .entry(Value::from(part.as_str()))
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
-    }
-    Ok(())
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    crate::config::set_path(stage, &parts, value).map_err(|m| format!("sweep: {m}"))
 }
 
 /// The folder of a stage: a variant's name with its brackets turned into

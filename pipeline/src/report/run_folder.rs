@@ -132,34 +132,13 @@ fn collect(
 /// Every finished stage's wall time and upstream keys, by key, in these
 /// run folders (labelling steps included), for the routes' times.
 pub fn stage_times(run_dirs: &[&Path]) -> BTreeMap<String, (f64, Vec<String>)> {
-    let mut out = BTreeMap::new();
-    for run in run_dirs {
-        let Ok(tops) = sorted_entries(run) else {
-            continue;
-        };
-        for top in tops {
-            let mut dirs = vec![top.path()];
-            if top.file_name().to_string_lossy().starts_with("round-") {
-                dirs.extend(
-                    sorted_entries(&top.path())
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|e| e.path()),
-                );
-            }
-            for dir in dirs {
-                if let Some(m) =
-                    read_manifest(&dir).filter(|m| m.status == crate::artifact::Status::Complete)
-                {
-                    out.insert(
-                        m.key.clone(),
-                        (m.seconds, m.upstream.values().cloned().collect()),
-                    );
-                }
-            }
-        }
-    }
-    out
+    run_dirs
+        .iter()
+        .flat_map(|run| crate::sibling_cache::stage_dirs(run))
+        .filter_map(|dir| read_manifest(&dir))
+        .filter(|m| m.status == crate::artifact::Status::Complete)
+        .map(|m| (m.key, (m.seconds, m.upstream.into_values().collect())))
+        .collect()
 }
 
 /// The wall time of the stage with `key` and of every stage upstream of

@@ -135,7 +135,7 @@ ppo *args: build
 
 # Regenerate the bundled task's data files (deterministic).
 task: build
-    {{rlhf}} task generate --out datasets/task
+    {{rlhf}} task generate --out datasets/task --force
 
 # Run the rlhf binary with any arguments: just rlhf generate --model DIR --prompt hi
 rlhf *args: build

@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--section", choices=["data_parallel", "side_by_side"],
+    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue"],
                     help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -167,6 +167,7 @@ def main():
     results["shared_cores"] = shared_cores(sizes[1], reps)
     results["data_parallel"] = data_parallel(reps)
     results["side_by_side"] = side_by_side(reps)
+    results["label_queue"] = label_queue(reps)
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -178,7 +179,8 @@ def rerun_section(name, reps, out):
     """One section measured again on this machine; results.md says when."""
     path = out / "results.json"
     results = json.loads(path.read_text())
-    results[name] = {"data_parallel": data_parallel, "side_by_side": side_by_side}[name](reps)
+    sections = {"data_parallel": data_parallel, "side_by_side": side_by_side, "label_queue": label_queue}
+    results[name] = sections[name](reps)
     results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
     path.write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
@@ -356,6 +358,112 @@ def side_by_side(reps):
             "ratio": med(one) / med(two), "runs": {"sequential": one, "side_by_side": two}}
 
 
+def write_queue(d, labels, open_groups, labellers=100, per_group=2):
+    """A queue folder holding `labels` labels (two per group, from
+    `labellers` people) and `open_groups` groups still waiting, as
+    `rlhf label serve` reads it."""
+    import hashlib
+    d.mkdir(parents=True)
+    done = labels // per_group
+    groups = [{"prompt": f"Sort: {i} 3 1", "responses": ["1 3", "3 1", "1 1 3"], "round": 1, "policy": "ppo"}
+              for i in range(done + open_groups)]
+    (d / "groups.json").write_text(json.dumps(groups))
+    with open(d / "labels.jsonl", "w") as f, open(d / "served.jsonl", "w") as g:
+        for i in range(labels):
+            group, who = i // per_group, f"p{(i % per_group + group) % labellers}"
+            g.write(json.dumps({"group": group, "labeller": who, "order": [0, 1, 2], "shown_at": 1000}) + "\n")
+            f.write(json.dumps({"group": group, "prompt": groups[group]["prompt"],
+                                "responses": groups[group]["responses"], "ranking": [0, 1, 2],
+                                "labeller": who, "shown_at": 1000, "submitted_at": 5000, "seconds": 4.0,
+                                "not_rankable": False, "skipped": False, "reason": "", "comment": "",
+                                "round": 1, "policy": "ppo"}) + "\n")
+    token = "bench-token"
+    (d / "tokens.json").write_text(json.dumps({hashlib.sha256(token.encode()).hexdigest(): "bench"}))
+    return token
+
+
+def queue_latency(d, token, requests):
+    """Milliseconds per `next` and per `submit` over one kept-alive
+    connection (medians and 99th percentiles of `requests` each)."""
+    import http.client
+    import time
+    server = subprocess.Popen([RLHF, "label", "serve", str(d), "--bind", "127.0.0.1:0",
+                               "--labels-per-group", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    try:
+        port = int(server.stdout.readline().strip().rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        head = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        nexts, submits = [], []
+        for _ in range(requests):
+            t = time.perf_counter()
+            conn.request("GET", "/api/next", headers=head)
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            nexts.append(1000 * (time.perf_counter() - t))
+            ranking = json.dumps({"group": body["group"], "ranking": [0, 1, 2]})
+            t = time.perf_counter()
+            conn.request("POST", "/api/submit", body=ranking, headers=head)
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                sys.exit(f"submit answered {r.status}")
+            submits.append(1000 * (time.perf_counter() - t))
+        pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
+        return {"next_ms": statistics.median(nexts), "next_p99_ms": pct(nexts, 0.99),
+                "submit_ms": statistics.median(submits), "submit_p99_ms": pct(submits, 0.99)}
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def label_queue(reps):
+    """The labelling server's latency with 100,000 labels in its queue
+    against the same server with 1,000 (the reference): each request keeps
+    counts as labels arrive, so neither grows with the labels given.
+    Submissions are on disk (fsync) before they are answered."""
+    out = {"requests": 200 if reps > 1 else 50}
+    for labels in (1_000, 100_000):
+        d = Path(tempfile.mkdtemp()) / "queue"
+        token = write_queue(d, labels, open_groups=out["requests"] + 10)
+        print(f"label queue with {labels} labels ...", file=sys.stderr, flush=True)
+        runs = [queue_latency(d, token, out["requests"] // reps or 1) for _ in range(reps)]
+        out[str(labels)] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        shutil.rmtree(d.parent)
+    small, big = out["1000"], out["100000"]
+    out["ratio_next"] = big["next_ms"] / small["next_ms"]
+    out["ratio_submit"] = big["submit_ms"] / small["submit_ms"]
+    return out
+
+
+def markdown_label_queue(r):
+    p = r.get("label_queue")
+    if not p:
+        return []
+    row = lambda n: (f"| {int(n):,} | {p[n]['next_ms']:.2f} ms | {p[n]['next_p99_ms']:.2f} ms | "
+                     f"{p[n]['submit_ms']:.2f} ms | {p[n]['submit_p99_ms']:.2f} ms |")
+    return [
+        "## The labelling server at 100,000 labels",
+        "",
+        *([f"Measured on {p['rerun']['date']} (`just bench --section label_queue`, "
+           f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
+          if p.get("rerun") else []),
+        f"`rlhf label serve` on a queue holding 100,000 labels (two per group from 100 people) against the "
+        f"same queue with 1,000, the reference: {p['requests']} `next` and `submit` requests each, one labeller "
+        "over a kept-alive connection; each submission is on disk (fsync) before it is answered. Medians and "
+        "99th percentiles. Ratio near 1: the latency does not grow with the labels given (the goal is under "
+        "20 ms at 100,000).",
+        "",
+        "| labels | next | next p99 | submit | submit p99 |",
+        "|---|---|---|---|---|",
+        row("1000"),
+        row("100000"),
+        "",
+        f"100,000 against 1,000: next **{p['ratio_next']:.2f}x**, submit **{p['ratio_submit']:.2f}x** the time.",
+        "",
+    ]
+
+
 def markdown_side_by_side(r):
     p = r.get("side_by_side")
     if not p:
@@ -473,6 +581,7 @@ def markdown(r):
             "",
         ]
     lines += markdown_side_by_side(r)
+    lines += markdown_label_queue(r)
     return "\n".join(lines)
 
 

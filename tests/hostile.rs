@@ -233,6 +233,121 @@ fn data_paths_must_be_regular_files_and_init_keeps_a_full_folder() {
     assert!(folder.join("model.safetensors").exists());
 }
 
+/// Folders and files rlhf did not make are refused before anything is
+/// touched: a user's folder bearing a stage's name, the task's files, a
+/// file named as a model folder; and a run folder's recorded judge is
+/// shown, never run.
+#[test]
+fn what_rlhf_did_not_make_is_left_alone_and_a_run_folder_runs_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "t", "sft");
+    let mine = d.path().join("exp/runs/t/sft");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    let out = rlhf(&["run", exp.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not made by rlhf"),
+        "{err}"
+    );
+    assert!(err.contains(&mine.display().to_string()), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let out = rlhf(&["run", exp.to_str().unwrap(), "--force"]);
+    assert!(!out.status.success(), "--force does not clear it either");
+    assert!(mine.join("notes.txt").exists());
+    std::fs::remove_dir_all(&mine).unwrap();
+    common::rlhf_ok(&["run", exp.to_str().unwrap()]);
+
+    // The task's files: refused without --force, replaced with it.
+    let task = d.path().join("task");
+    std::fs::create_dir_all(&task).unwrap();
+    std::fs::write(task.join("sft.jsonl"), "mine\n").unwrap();
+    let out = rlhf(&[
+        "task",
+        "generate",
+        "--out",
+        task.to_str().unwrap(),
+        "--sft-examples",
+        "10",
+        "--preference-prompts",
+        "10",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(task.join("sft.jsonl")).unwrap(),
+        "mine\n"
+    );
+    assert!(!task.join("prompts.jsonl").exists(), "nothing written");
+
+    // A file named as the model folder: refused, the file as it was.
+    let file = d.path().join("model.bin");
+    std::fs::write(&file, "weights of mine").unwrap();
+    for args in [
+        vec!["init", "--out", file.to_str().unwrap()],
+        vec!["init", "--out", file.to_str().unwrap(), "--force"],
+        vec![
+            "merge",
+            "--adapter",
+            mine.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+            "--force",
+        ],
+    ] {
+        let out = rlhf(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("is not a folder"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "weights of mine");
+        let hidden = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".model.bin"))
+            .count();
+        assert_eq!(hidden, 0, "{args:?} left a hidden copy");
+    }
+
+    // A judge recorded in a run folder (from someone else) is not run.
+    let run = d.path().join("exp/runs/t");
+    let pwned = d.path().join("pwned");
+    let judge = serde_json::json!({"command": ["sh", "-c", format!("touch {}", pwned.display())],
+        "timeout_seconds": 10.0, "cwd": "/"});
+    std::fs::write(run.join("judge.json"), judge.to_string()).unwrap();
+    let prompts = d.path().join("prompts.jsonl");
+    task_head("prompts.jsonl", &prompts, 2);
+    let out = common::eval_quick(&run, &prompts, &["--max-prompts", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!pwned.exists(), "the recorded judge ran");
+    assert!(
+        err.contains("judge.json records") && err.contains("--judge"),
+        "{err}"
+    );
+    // Named on the command line, with quotes as a shell reads them, it runs.
+    let script = d.path().join("my judge.py");
+    std::fs::write(&script, "import json, sys\nfor l in sys.stdin:\n    print(json.dumps({'scores': [0.5] * len(json.loads(l)['responses'])}), flush=True)\n").unwrap();
+    let line = format!("{} '{}'", common::python().display(), script.display());
+    let out = common::eval_quick(&run, &prompts, &["--max-prompts", "2", "--judge", &line]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report/report.json")).unwrap()).unwrap();
+    assert!(
+        report["judge"].as_str().unwrap().contains("my judge.py"),
+        "{}",
+        report["judge"]
+    );
+}
+
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let out = Command::new("pgrep")

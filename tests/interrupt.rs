@@ -120,6 +120,17 @@ fn interrupt_then_rerun(stage: &str, run_to: &str, lines: usize, parts: &[&str])
             );
         }
     }
+    if stage == "ppo" {
+        // The summary of the resumed run reports iteration 1's score.
+        let first = |dir: &Path| -> serde_json::Value {
+            let path = dir.join("runs/ctrlc/ppo/summary.json");
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            v["first_mean_score"].clone()
+        };
+        assert!(first(reference).is_f64());
+        assert_eq!(first(reference), first(d.path()));
+    }
 }
 
 #[test]

@@ -397,6 +397,11 @@ fn a_labeller_ranks_skips_and_resumes_in_a_real_browser() {
         entered.iter().map(|e| e.group).collect::<Vec<_>>(),
         [0, 1, 2, 3, 4]
     );
+    // The server writes labels.parquet off the request path: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while rows(&queue).len() != entered.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(rows(&queue), entered, "the rows are what was entered");
 
     // Killed and restarted: every label kept, only group 5 left for ann.

@@ -8,9 +8,16 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-fn labelled_rows(queue: &Path) -> usize {
+/// Rows in `labels.parquet` once it holds `n` (a running server writes it
+/// off the request path, within a second), or what it holds after 20 s.
+fn labelled_rows(queue: &Path, n: usize) -> usize {
     let path = queue.join("labels.parquet");
-    rlhf_datasets::load::read_table(&path).unwrap().height()
+    let read = || rlhf_datasets::load::read_table(&path).map_or(0, |t| t.height());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while read() != n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    read()
 }
 
 #[test]
@@ -71,7 +78,7 @@ fn a_scripted_labeller_through_the_http_api() {
         409,
         "a replay"
     );
-    assert_eq!(labelled_rows(&queue), 1);
+    assert_eq!(labelled_rows(&queue, 1), 1);
     server.kill().unwrap();
     server.wait().unwrap();
 
@@ -84,9 +91,122 @@ fn a_scripted_labeller_through_the_http_api() {
         (next["group"].as_i64(), next["left"].as_i64()),
         (Some(1), Some(2))
     );
-    assert_eq!(labelled_rows(&queue), 1);
+    assert_eq!(labelled_rows(&queue, 1), 1);
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+fn write_groups(queue: &Path, n: usize) {
+    std::fs::create_dir_all(queue).unwrap();
+    let groups: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"prompt": format!("Sort: {i} 1"), "round": 1, "policy": "ppo", "responses": ["1 0", "0 1", "1 1"]}))
+        .collect();
+    std::fs::write(
+        queue.join("groups.json"),
+        serde_json::to_string(&groups).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A served queue has one writer: a second server and an import are
+/// refused naming the first's pid, and every acknowledged label is on
+/// disk. A re-issued token stops working at the next request, and a
+/// token for a folder that is not a queue is refused.
+#[test]
+fn a_served_queue_has_one_writer_and_a_revoked_token_stops_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = d.path().join("queue");
+    let q = queue.to_str().unwrap();
+    let missing = common::rlhf(&[
+        "label",
+        "token",
+        "ann",
+        "--queue",
+        d.path().join("nope").to_str().unwrap(),
+    ]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("not a labelling queue"), "{err}");
+    assert!(
+        !d.path().join("nope").exists(),
+        "nothing made for a mistyped path"
+    );
+    write_groups(&queue, 4);
+    let old = common::rlhf_ok(&["label", "token", "ann", "--queue", q]);
+    let (mut server, port) = common::label_serve(&queue);
+    let take = |token: &str| {
+        let (status, body) = common::http(port, "GET", "/api/next", Some(token), "");
+        assert_eq!(status, 200, "{body}");
+        let next: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let group = next["group"].as_i64().unwrap();
+        let body = format!("{{\"group\": {group}, \"ranking\": [0, 1, 2]}}");
+        common::http(port, "POST", "/api/submit", Some(token), &body).0
+    };
+    assert_eq!(take(old.trim()), 200);
+
+    let second = common::rlhf(&["label", "serve", q, "--bind", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second server is refused");
+    assert!(err.contains(&format!("pid {}", server.id())), "{err}");
+    let export = d.path().join("ls.json");
+    common::rlhf_ok(&[
+        "label",
+        "export",
+        q,
+        "--format",
+        "label-studio",
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    let mut tasks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
+    tasks[3]["annotations"] = serde_json::json!([{"completed_by": 3, "was_cancelled": false,
+        "result": [{"type": "ranker", "from_name": "rank", "to_name": "answers",
+                    "value": {"ranker": {"rank_1": ["a1"], "rank_2": ["a0"], "rank_3": ["a2"]}}}]}]);
+    std::fs::write(&export, tasks.to_string()).unwrap();
+    let import = common::rlhf(&[
+        "label",
+        "import",
+        q,
+        "--format",
+        "label-studio",
+        export.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&import.stderr);
+    assert!(
+        !import.status.success(),
+        "an import beside the server is refused"
+    );
+    assert!(err.contains(&format!("pid {}", server.id())), "{err}");
+
+    // Re-issued: the old token is refused at once, the new one works.
+    let new = common::rlhf_ok(&["label", "token", "ann", "--queue", q]);
+    assert_eq!(
+        common::http(port, "GET", "/api/next", Some(old.trim()), "").0,
+        403
+    );
+    assert_eq!(take(new.trim()), 200);
+    // Deleted from tokens.json: refused too.
+    std::fs::write(queue.join("tokens.json"), "{}").unwrap();
+    assert_eq!(
+        common::http(port, "GET", "/api/next", Some(new.trim()), "").0,
+        403
+    );
+    // Two labels acknowledged, two on disk.
+    assert_eq!(labelled_rows(&queue, 2), 2);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // With the server gone the import goes through, beside the two labels.
+    let out = common::rlhf_ok(&[
+        "label",
+        "import",
+        q,
+        "--format",
+        "label-studio",
+        export.to_str().unwrap(),
+    ]);
+    assert!(out.contains("\"added\":1"), "{out}");
+    assert_eq!(labelled_rows(&queue, 3), 3);
 }
 
 /// A loop round with `labeller: {kind: web}`: the run waits while a
@@ -155,7 +275,12 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
                 })
                 .collect();
             answers.insert(group, (shown[0].to_owned(), shown[1].to_owned()));
-            let submit = serde_json::json!({"group": group, "ranking": ranks}).to_string();
+            // Two equal answers cannot be ranked: a tie says nothing.
+            let submit = if shown[0] == shown[1] {
+                serde_json::json!({"group": group, "not_rankable": true}).to_string()
+            } else {
+                serde_json::json!({"group": group, "ranking": ranks}).to_string()
+            };
             let (status, body) =
                 common::http(port, "POST", "/api/submit", Some(token.trim()), &submit);
             assert_eq!(status, 200, "{body}");
@@ -163,9 +288,10 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
         }
         assert_eq!(ranked, 3, "{who} ranks every group");
     }
-    // One pair per group: they agree where bob did not reverse, or on a tie.
+    // One pair per ranked group: they agree where bob did not reverse.
     let tied = |g: i64| answers[&g].0 == answers[&g].1;
-    let agree = (0..3).filter(|&g| g != 0 || tied(g)).count() as f64 / 3.0;
+    let untied = (0..3).filter(|&g| !tied(g)).count();
+    let agree = (0..3).filter(|&g| g != 0 && !tied(g)).count() as f64 / untied.max(1) as f64;
     let taus: Vec<f64> = (0..3)
         .filter(|&g| !tied(g))
         .map(|g| if g == 0 { -1.0 } else { 1.0 })
@@ -178,7 +304,6 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
     let new = (0..rounds.len())
         .filter(|&i| rounds.get(i) == Some(1))
         .count();
-    let untied = (0..3).filter(|&g| !tied(g)).count();
     assert_eq!(
         new,
         2 * untied,
@@ -190,14 +315,21 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
     let rounds = std::fs::read_to_string(d.path().join("runs/web/rounds.jsonl")).unwrap();
     let round: serde_json::Value = serde_json::from_str(rounds.lines().next().unwrap()).unwrap();
     let labels = &round["labels"];
+    let ranked = 2 * untied as i64;
     assert_eq!(
-        (labels["labellers"].as_i64(), labels["ranked"].as_i64()),
-        (Some(2), Some(6))
+        (
+            labels["labellers"].as_i64(),
+            labels["ranked"].as_i64(),
+            labels["not_rankable"].as_i64()
+        ),
+        (Some(2), Some(ranked), Some(6 - ranked))
     );
-    assert!(
-        (labels["agreement"].as_f64().unwrap() - agree).abs() < 1e-9,
-        "{labels}"
-    );
+    if untied > 0 {
+        assert!(
+            (labels["agreement"].as_f64().unwrap() - agree).abs() < 1e-9,
+            "{labels}"
+        );
+    }
     if !taus.is_empty() {
         let tau = taus.iter().sum::<f64>() / taus.len() as f64;
         assert!(
@@ -219,7 +351,11 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
         d.path().join("prompts.jsonl").to_str().unwrap(),
     ]);
     let report = std::fs::read_to_string(run_dir.join("report/report.md")).unwrap();
-    let row = format!("| 1 | 3 | 2 | 6 | 0 | 0 | {:.1}% |", 100.0 * agree);
+    let row = format!("| 1 | 3 | 2 | {ranked} | 0 | {} |", 6 - ranked);
+    let row = match untied {
+        0 => row,
+        _ => format!("{row} {:.1}% |", 100.0 * agree),
+    };
     assert!(
         report.contains("## Labelling") && report.contains(&row),
         "{report}"
@@ -357,5 +493,5 @@ fn a_queue_goes_to_label_studio_and_argilla_and_its_labels_come_back() {
             && stderr.contains("records.json: record 0: its prompt differs from group 0's"),
         "{stderr}"
     );
-    assert_eq!(labelled_rows(&queue), 3);
+    assert_eq!(labelled_rows(&queue, 3), 3);
 }

@@ -119,3 +119,83 @@ fn unsupported_rope_scaling_is_named() {
     let e = llama::LlamaConfig::from_hf(&v).unwrap_err().to_string();
     assert!(e.contains("not a Llama-layout decoder"), "{e}");
 }
+
+/// Where `rope_parameters` and a top-level `rope_theta` disagree, rlhf
+/// uses what transformers 5 uses (the former): the logits of the edited
+/// folder match transformers' own. An activation or MLP bias rlhf does not
+/// compute is refused by name.
+#[test]
+fn config_fields_are_read_as_transformers_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    common::run_python("llama_reference.py", &["make-hf", dir, "llama", "0"]);
+    let config_path = d.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["rope_theta"] = serde_json::json!(500000.0);
+    config["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 20000.0});
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (_, net) =
+        Model::load_network(Path::new(dir), HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    let Network::Llama(model) = &net else {
+        panic!("loaded as {net:?}")
+    };
+    assert_eq!(model.config().rope_theta, 20000.0);
+    let reference_path = d.path().join("reference.safetensors");
+    let theirs = d.path().join("theirs.safetensors");
+    common::run_python(
+        "llama_reference.py",
+        &[
+            "logits",
+            dir,
+            reference_path.to_str().unwrap(),
+            theirs.to_str().unwrap(),
+        ],
+    );
+    let ids = tch::Tensor::read_safetensors(&reference_path)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1;
+    let theirs = tch::Tensor::read_safetensors(&theirs).unwrap().remove(0).1;
+    let logits = tch::no_grad(|| model.forward_logits(&ids, None));
+    let diff = (logits - theirs).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "logits differ from transformers' by {diff}");
+
+    for (key, value, named) in [
+        (
+            "hidden_act",
+            serde_json::json!("gelu"),
+            "hidden_act: \"gelu\" is not supported",
+        ),
+        (
+            "hidden_act",
+            serde_json::json!("relu2"),
+            "hidden_act: \"relu2\" is not supported",
+        ),
+        (
+            "mlp_bias",
+            serde_json::json!(true),
+            "mlp_bias: true is not supported",
+        ),
+        (
+            "eos_token_id",
+            serde_json::json!(-1),
+            "eos_token_id: -1 is not a token id",
+        ),
+        (
+            "eos_token_id",
+            serde_json::json!([2, 300]),
+            "eos_token_id: 300 is not a token id",
+        ),
+    ] {
+        let mut bad = config.clone();
+        bad[key] = value;
+        std::fs::write(&config_path, bad.to_string()).unwrap();
+        let e = Model::load_network(Path::new(dir), HeadChoice::AsSaved, tch::Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(named) && e.contains("config.json"), "{key}: {e}");
+    }
+}

@@ -135,6 +135,67 @@ fn adapters_load_in_peft_and_merge_to_the_same_model() {
     for (k, t) in &a {
         assert!(max_diff(t, &b[k]) < 1e-6, "{k}");
     }
+
+    // PEFT settings that change the weights, and a scale that overflows:
+    // refused by name, nothing written.
+    let adapter = d.path().join("their-adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(checkpoint.join("adapter").join(f), adapter.join(f)).unwrap();
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    for (key, value, named) in [
+        (
+            "alpha_pattern",
+            serde_json::json!({"q_proj": 64}),
+            "alpha_pattern",
+        ),
+        (
+            "rank_pattern",
+            serde_json::json!({"q_proj": 2}),
+            "rank_pattern",
+        ),
+        (
+            "layers_to_transform",
+            serde_json::json!([0]),
+            "layers_to_transform",
+        ),
+        ("bias", serde_json::json!("all"), "bias"),
+        (
+            "modules_to_save",
+            serde_json::json!(["lm_head"]),
+            "modules_to_save",
+        ),
+        (
+            "init_lora_weights",
+            serde_json::json!("pissa"),
+            "init_lora_weights",
+        ),
+        (
+            "lora_alpha",
+            serde_json::json!(1e300),
+            "alpha: must be a positive number at most 1e6",
+        ),
+    ] {
+        let mut bad = config.clone();
+        bad[key] = value;
+        std::fs::write(adapter.join("adapter_config.json"), bad.to_string()).unwrap();
+        let out_dir = d.path().join("refused");
+        let out = common::rlhf(&[
+            "merge",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--base",
+            d.path().join("base").to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named), "{key}: {err}");
+        assert!(!out_dir.exists(), "{key}: nothing written");
+    }
 }
 
 #[test]

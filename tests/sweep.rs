@@ -85,7 +85,14 @@ fn a_sweep_shares_its_upstream_stages_and_one_report_judges_every_value() {
     assert!(!run.join("ppo").exists(), "no unswept ppo stage");
 
     let prompts = d.path().join("prompts.jsonl");
-    let out = common::eval_quick(&run, &prompts, &[]);
+    // The experiment's judge is named on the command line: a run folder's
+    // recorded command is never run for the person evaluating it.
+    let judge = format!(
+        "{} {}",
+        common::python().display(),
+        d.path().join("judge.py").display()
+    );
+    let out = common::eval_quick(&run, &prompts, &["--judge", &judge]);
     assert!(
         out.status.success(),
         "{}",

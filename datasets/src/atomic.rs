@@ -67,6 +67,14 @@ where
     E: From<AtomicWriteError>,
 {
     fs::create_dir_all(parent_of(dir)).map_err(err(dir))?;
+    if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+        // Never swap a file (or a link) out for a folder.
+        let e = std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists and is not a folder",
+        );
+        return Err(err(dir)(e).into());
+    }
     let tmp = sibling(dir, "tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(err(&tmp))?;

@@ -83,9 +83,9 @@ pub fn write(dir: &Path) -> Result<(), ChecksumError> {
     Ok(())
 }
 
-/// Checks every file `dir/checksums.sha256` lists. Returns whether there
-/// was a list (folders from elsewhere, such as HF downloads, have none).
-pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
+/// The (hash, file name) pairs `dir/checksums.sha256` lists, checked for
+/// form; `None` when there is no list.
+pub fn listed(dir: &Path) -> Result<Option<Vec<(String, String)>>, ChecksumError> {
     let list_path = dir.join(CHECKSUM_FILE);
     // A list names a few files: a large one (or a device) is damage.
     if list_path.exists() {
@@ -98,7 +98,7 @@ pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
     }
     let text = match fs::read_to_string(&list_path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(ChecksumError::Io {
                 path: list_path,
@@ -106,6 +106,7 @@ pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
             })
         }
     };
+    let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let bad = || ChecksumError::BadList {
             path: list_path.clone(),
@@ -121,6 +122,19 @@ pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
         {
             return Err(bad());
         }
+        out.push((hash.to_owned(), name.to_owned()));
+    }
+    Ok(Some(out))
+}
+
+/// Checks every file `dir/checksums.sha256` lists. Returns whether there
+/// was a list (folders from elsewhere, such as HF downloads, have none).
+pub fn verify(dir: &Path) -> Result<bool, ChecksumError> {
+    let Some(list) = listed(dir)? else {
+        return Ok(false);
+    };
+    for (hash, name) in &list {
+        let hash = hash.as_str();
         let path = dir.join(name);
         if let Some(what) = leaves_folder(dir, &path) {
             return Err(ChecksumError::Outside { path, what });

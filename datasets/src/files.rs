@@ -40,6 +40,34 @@ pub fn bounded_size(path: &Path, limit: u64, what: &str) -> Result<u64, String> 
     Ok(size)
 }
 
+/// The text of a regular file of at most `limit` bytes, else a message
+/// that says what is wrong. Opened without blocking, so a FIFO put where a
+/// file was expected is named instead of waited on; the type is checked on
+/// the opened file, so a swap after the check cannot slip a device in.
+pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        let kind = not_a_regular_file(path).unwrap_or("not a regular file");
+        return Err(format!("is {kind}, expected a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("is larger than {} ({what})", human_bytes(limit)));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("is not UTF-8 text: {e}"))
+}
+
 /// This machine's memory in bytes (`/proc/meminfo`), if it can be read.
 pub fn memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -77,5 +105,30 @@ mod tests {
         );
         let m = bounded_size(Path::new("/dev/zero"), u64::MAX, "x").unwrap_err();
         assert_eq!(m, "is a device, expected a regular file");
+    }
+
+    #[test]
+    fn a_bounded_read_names_fifos_devices_and_big_files_without_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = read_bounded(&fifo, 100, "x").unwrap_err();
+        assert_eq!(e, "is a FIFO (named pipe), expected a regular file");
+        let link = d.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert_eq!(
+            read_bounded(&link, 100, "x").unwrap_err(),
+            "is a device, expected a regular file"
+        );
+        let f = d.path().join("f");
+        std::fs::write(&f, "hello").unwrap();
+        assert_eq!(read_bounded(&f, 5, "x").unwrap(), "hello");
+        assert!(read_bounded(&f, 4, "the cap")
+            .unwrap_err()
+            .contains("the cap"));
     }
 }

@@ -36,7 +36,7 @@ impl Message {
 pub enum TemplateError {
     #[error("{path}: {message}")]
     Read { path: String, message: String },
-    #[error("chat template: {0}")]
+    #[error("{0}")]
     Render(String),
 }
 
@@ -46,9 +46,40 @@ pub struct JinjaTemplate {
     env: Environment<'static>,
     /// `bos_token`, `eos_token`, ... as the tokenizer config gives them.
     tokens: serde_json::Map<String, Value>,
+    /// Where it came from, for messages.
+    origin: String,
 }
 
 const NAME: &str = "chat_template";
+
+/// Steps one rendering may take: a real template renders a long
+/// conversation in tens of thousands; this bounds one that loops without
+/// end to well under a second.
+const FUEL: u64 = 20_000_000;
+
+/// Longest rendered conversation.
+pub const MAX_RENDERED: usize = 16 << 20;
+
+/// Output that refuses to grow past [`MAX_RENDERED`].
+struct Capped {
+    out: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + bytes.len() > MAX_RENDERED {
+            self.over = true;
+            return Err(std::io::Error::other("the rendering is too long"));
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 impl JinjaTemplate {
     /// From a template's text and the special tokens it may use.
@@ -57,6 +88,7 @@ impl JinjaTemplate {
         tokens: serde_json::Map<String, Value>,
     ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -68,8 +100,18 @@ impl JinjaTemplate {
         );
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, template.to_owned())
-            .map_err(|e| TemplateError::Render(e.to_string()))?;
-        Ok(Self { env, tokens })
+            .map_err(|e| TemplateError::Render(format!("chat template: {e}")))?;
+        Ok(Self {
+            env,
+            tokens,
+            origin: "the chat template".into(),
+        })
+    }
+
+    /// Names where the template came from in its errors.
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = origin.into();
+        self
     }
 
     /// A model folder's template: `tokenizer_config.json`'s `chat_template`
@@ -96,13 +138,23 @@ impl JinjaTemplate {
             })?,
             None => serde_json::Map::new(),
         };
-        let template = match &config.get("chat_template") {
-            Some(Value::String(t)) => Some(t.clone()),
-            Some(Value::Array(named)) => named
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str().map(str::to_owned)),
-            _ => jinja.map(str::to_owned),
+        let in_config = format!("the chat template of {}", config_path.display());
+        let (template, origin) = match &config.get("chat_template") {
+            Some(Value::String(t)) => (Some(t.clone()), in_config),
+            Some(Value::Array(named)) => (
+                named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str().map(str::to_owned)),
+                in_config,
+            ),
+            _ => (
+                jinja.map(str::to_owned),
+                format!(
+                    "the chat template {}",
+                    config_path.with_file_name("chat_template.jinja").display()
+                ),
+            ),
         };
         let Some(template) = template else {
             return Ok(None);
@@ -112,7 +164,7 @@ impl JinjaTemplate {
             .filter(|(k, _)| k.ends_with("_token"))
             .filter_map(|(k, v)| special_token_text(v).map(|t| (k.clone(), Value::from(t))))
             .collect();
-        Self::new(&template, tokens).map(Some)
+        Ok(Some(Self::new(&template, tokens)?.with_origin(origin)))
     }
 
     /// A special token the template may name (`eos_token`), as text.
@@ -136,13 +188,35 @@ impl JinjaTemplate {
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
         );
+        let origin = &self.origin;
         let template = self
             .env
             .get_template(NAME)
-            .map_err(|e| TemplateError::Render(e.to_string()))?;
-        template
-            .render(minijinja::Value::from_serialize(&context))
-            .map_err(|e| TemplateError::Render(e.to_string()))
+            .map_err(|e| TemplateError::Render(format!("{origin}: {e}")))?;
+        let mut out = Capped {
+            out: Vec::new(),
+            over: false,
+        };
+        let rendered = crate::render_guard::bounded(origin, || {
+            template.render_captured_to(minijinja::Value::from_serialize(&context), &mut out)
+        });
+        match rendered {
+            Ok(_) => {}
+            Err(_) if out.over => {
+                return Err(TemplateError::Render(format!(
+                    "{origin}: the rendering grew past {} MiB; a chat template writes one conversation",
+                    MAX_RENDERED >> 20
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(TemplateError::Render(format!(
+                    "{origin}: rendering took over {FUEL} steps for one conversation; does it loop without end?"
+                )))
+            }
+            Err(e) => return Err(TemplateError::Render(format!("{origin}: {e}"))),
+        }
+        String::from_utf8(out.out)
+            .map_err(|e| TemplateError::Render(format!("{origin}: not UTF-8: {e}")))
     }
 }
 
@@ -167,7 +241,15 @@ impl JinjaTemplate {
             let through = self.render(&messages[..=i], false)?;
             if !through.starts_with(&before) || !full.starts_with(&through) {
                 return Err(TemplateError::Render(format!(
-                    "message {}: the template's rendering of the conversation up to it does not extend the one before it, so its assistant text cannot be found",
+                    "{}: message {}: the template's rendering of the conversation up to it does not extend the one before it, so its assistant text cannot be found",
+                    self.origin,
+                    i + 1
+                )));
+            }
+            if through.len() == before.len() && !m.content.is_empty() {
+                return Err(TemplateError::Render(format!(
+                    "{}: message {} (assistant) renders as nothing: this template does not write assistant turns",
+                    self.origin,
                     i + 1
                 )));
             }

@@ -10,6 +10,7 @@
 //! - [`checksum`]: sha256 lists that let a loader refuse a damaged folder.
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
+//! - [`render_guard`]: the memory bound on a chat template's rendering.
 //! - [`labels`]: a loop round's labelling queue: groups, who saw what, submissions (Parquet).
 //! - [`label_exchange`]: a queue to and from Label Studio's and Argilla's JSON.
 
@@ -22,6 +23,7 @@ pub mod label_exchange;
 pub mod labels;
 pub mod load;
 pub mod preference;
+pub mod render_guard;
 pub mod rollout;
 pub mod schema;
 pub mod task;

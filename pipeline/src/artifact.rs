@@ -154,9 +154,56 @@ fn hash_input(path: &Path) -> std::io::Result<String> {
     Ok(hash)
 }
 
+/// Largest manifest read: settings, input hashes and a summary.
+const MAX_MANIFEST: u64 = 16 << 20;
+
+/// A folder's manifest; none when it is missing, not a regular file (a
+/// FIFO or a device put there is passed over, not waited on), too large
+/// or not a manifest.
 pub fn read_manifest(dir: &Path) -> Option<Manifest> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).ok()?;
-    serde_json::from_str(&text).ok()
+    let path = dir.join(MANIFEST_FILE);
+    let text = rlhf_datasets::files::read_bounded(&path, MAX_MANIFEST, "the limit for a manifest");
+    match text {
+        Ok(text) => serde_json::from_str(&text).ok(),
+        Err(e) => {
+            if path.symlink_metadata().is_ok() {
+                tracing::warn!("{}: {e}; passed over", path.display());
+            }
+            None
+        }
+    }
+}
+
+/// What only rlhf writes in a stage folder: a folder holding neither is
+/// someone else's, and is never cleared.
+const STAGE_MARKS: [&str; 2] = [KEY_FILE, MANIFEST_FILE];
+
+/// Refuses a folder that is in the way of stage `label` and was not made
+/// by rlhf (not empty, with neither `.key` nor a manifest): a user's own
+/// folder that happens to bear the stage's name.
+pub fn refuse_foreign_folder(dir: &Path, label: &str) -> anyhow::Result<()> {
+    let meta = match dir.symlink_metadata() {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    anyhow::ensure!(
+        meta.is_dir(),
+        "{}: stage {label} writes here, but this is not a folder; move it or rename the stage",
+        dir.display()
+    );
+    let ours = STAGE_MARKS
+        .iter()
+        .any(|m| dir.join(m).symlink_metadata().is_ok());
+    let empty = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
+        .next()
+        .is_none();
+    anyhow::ensure!(
+        ours || empty,
+        "{}: stage {label} writes here, but this folder was not made by rlhf (no {KEY_FILE} or {MANIFEST_FILE}) and is not empty; it is left alone: move it, or rename the stage or the run (`name`, `out_dir`)",
+        dir.display()
+    );
+    Ok(())
 }
 
 pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<()> {
@@ -178,14 +225,29 @@ pub fn looks_cached(dir: &Path, key: &str) -> bool {
         && final_dir.join(rlhf_stages::train::STATE_FILE).exists()
 }
 
-/// Whether a finished checkpoint still matches its checksums; a damaged one
-/// is named, and the stage is then run again rather than trusted.
+/// Whether a finished checkpoint still matches its checksums (and its
+/// adapter's, when it has one); a damaged one, or one without its list
+/// (rlhf always writes one), is named, and the stage is then run again
+/// rather than trusted.
 fn checkpoint_intact(dir: &Path) -> bool {
-    match rlhf_datasets::checksum::verify(dir) {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::warn!("{e}; the stage will run again");
-            false
+    let adapter = dir.join("adapter");
+    let lists = std::iter::once(dir).chain(adapter.is_dir().then_some(adapter.as_path()));
+    for d in lists {
+        match rlhf_datasets::checksum::verify(d) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "{}: no {}, so nothing says it is whole; the stage will run again",
+                    d.display(),
+                    rlhf_datasets::checksum::CHECKSUM_FILE
+                );
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!("{e}; the stage will run again");
+                return false;
+            }
         }
     }
+    true
 }

@@ -229,10 +229,11 @@ pub struct EvalArgs {
     /// once. The report is written into RUN.
     #[arg(long = "with", value_name = "RUN")]
     pub with: Vec<PathBuf>,
-    /// A program that judges the answers (its words split at spaces, run
-    /// here): `{"prompt", "responses"}` JSON lines in, one
-    /// `{"scores": [...]}` line each out; it fills the gold columns.
-    /// Default: the experiment's `judge:`, else the bundled task's judge.
+    /// A program that judges the answers (split into words as a shell
+    /// would, quotes kept; run here): `{"prompt", "responses"}` JSON lines
+    /// in, one `{"scores": [...]}` line each out; it fills the gold
+    /// columns. Default: the bundled task's judge. A run folder's recorded
+    /// judge (`judge.json`) is shown, with how to run it, never run.
     #[arg(long, value_name = "COMMAND")]
     pub judge: Option<String>,
     /// Seconds the judge may take.
@@ -353,6 +354,9 @@ pub enum TaskCommand {
         /// Prompts ranked by the noisy labeller (default in the task's README).
         #[arg(long)]
         preference_prompts: Option<usize>,
+        /// Replace the task's files where they already exist.
+        #[arg(long)]
+        force: bool,
     },
 }
 

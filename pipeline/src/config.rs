@@ -178,7 +178,7 @@ impl SlurmSettings {
         {
             return Err(format!(
                 "slurm.poll_seconds: must be in [0.1, 3600], got {}",
-                self.poll_seconds.unwrap_or_default()
+                rlhf_stages::check::shown(self.poll_seconds.unwrap_or_default())
             ));
         }
         Ok(())
@@ -877,7 +877,8 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
         }
         if !(*timeout_seconds > 0.0 && *timeout_seconds <= 1e9) {
             return Err(format!(
-                "judge.timeout_seconds: must be in (0, 1e9] seconds, got {timeout_seconds}{}",
+                "judge.timeout_seconds: must be in (0, 1e9] seconds, got {}{}",
+                rlhf_stages::check::shown(*timeout_seconds),
                 at_key_line(text, "judge")
             ));
         }
@@ -912,12 +913,9 @@ fn check_timeout(seconds: f64) -> Result<(), String> {
     if seconds.is_finite() && seconds > 0.0 && seconds <= 1e9 {
         return Ok(());
     }
-    let shown = match seconds.abs() >= 1e12 {
-        true => format!("{seconds:e}"),
-        false => seconds.to_string(),
-    };
     Err(format!(
-        "labeller.timeout_seconds must be in (0, 1e9], got {shown}"
+        "labeller.timeout_seconds must be in (0, 1e9], got {}",
+        rlhf_stages::check::shown(seconds)
     ))
 }
 

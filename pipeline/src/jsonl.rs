@@ -7,17 +7,28 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::Value;
 
+/// Largest log read back: far above a long run's metrics.
+const MAX_LOG_BYTES: u64 = 1 << 30;
+
 /// The lines of a log the program itself appends to (`metrics.jsonl`,
 /// `rounds.jsonl`) that parse; none if the file is absent. A line cut short
-/// by a crash is skipped rather than failing a report.
+/// by a crash is skipped rather than failing a report. The file is read
+/// bounded: a FIFO or a device put in its place is named and passed over,
+/// never waited on or read without end.
 pub fn read_log_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    if path.symlink_metadata().is_err() {
+        return vec![];
+    }
+    match rlhf_datasets::files::read_bounded(path, MAX_LOG_BYTES, "the limit for a log") {
+        Ok(t) => t
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!("{}: {e}; passed over", path.display());
+            vec![]
+        }
+    }
 }
 
 /// Each non-blank line parsed, with its 1-based line number. A named

@@ -26,27 +26,6 @@ pub fn gold_ranking(prompt: &str, answers: &[String]) -> anyhow::Result<Vec<usiz
         .collect())
 }
 
-/// The child's exit status, or `None` after killing it at `timeout`.
-fn wait_or_kill(
-    child: &mut std::process::Child,
-    timeout: std::time::Duration,
-) -> std::io::Result<Option<std::process::ExitStatus>> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if std::time::Instant::now() >= deadline || rlhf_stages::train::interrupt_requested() {
-            let group = format!("-{}", child.id());
-            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 /// Rankings for `(prompt, answers)` groups, in order.
 pub fn rank(
     labeller: &Labeller,
@@ -113,15 +92,19 @@ pub(crate) fn score_with_command(
             .as_array()
             .ok_or("expected {\"scores\": [...]}")?
             .iter()
-            .map(|x| x.as_f64().filter(|s| s.is_finite()))
+            .map(|x| x.as_f64().filter(|s| s.abs() <= MAX_SCORE))
             .collect::<Option<_>>()
-            .ok_or("scores must be finite numbers")?;
+            .ok_or("scores must be finite numbers within ±1e15")?;
         if scores.len() != answers {
             return Err(format!("{} scores for {answers} responses", scores.len()));
         }
         Ok(scores)
     })
 }
+
+/// The largest score magnitude a judge may give: far above any scale in
+/// use, low enough that means and differences of scores stay finite.
+const MAX_SCORE: f64 = 1e15;
 
 /// A user's program speaking the loop's line protocol: one
 /// `{"prompt", "responses"}` JSON line per group in, one JSON line per
@@ -152,7 +135,7 @@ impl LineProgram<'_> {
             input.push_str(&json!({"prompt": p, "responses": a}).to_string());
             input.push('\n');
         }
-        let text = self.run(input)?;
+        let text = self.run(input, groups.len())?;
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         if lines.len() != groups.len() {
             bail!(
@@ -173,9 +156,12 @@ impl LineProgram<'_> {
             .collect()
     }
 
-    /// Starts the program, writes `input`, and returns its output once it
-    /// exits (stopped after the timeout, or on Ctrl-C).
-    fn run(&self, input: String) -> anyhow::Result<String> {
+    /// Starts the program, writes `input`, and returns its output (at most
+    /// `max_lines` non-empty lines) once it has written it and exited.
+    /// The timeout covers both; the program's whole process group is
+    /// killed when it ends, so nothing it started outlives it or holds its
+    /// output open.
+    fn run(&self, input: String, max_lines: usize) -> anyhow::Result<String> {
         let (role, shown) = (self.role, self.command.join(" "));
         // In its own process group, so a timeout stops what it started too.
         let mut program = Command::new(&self.command[0]);
@@ -190,37 +176,128 @@ impl LineProgram<'_> {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("{role} `{shown}` could not start"))?;
-        crate::children::register(child.id());
+        let group = child.id();
+        crate::children::register(group);
         // Write from a thread so a program that answers while reading cannot deadlock.
         let mut stdin = child.stdin.take().expect("piped");
         let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let mut stdout = child.stdout.take().expect("piped");
-        let reader = std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut stdout, &mut bytes).map(|_| bytes)
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_output(stdout, max_lines));
         });
-        let status =
-            wait_or_kill(&mut child, self.timeout).with_context(|| format!("{role} `{shown}`"))?;
-        crate::children::unregister(child.id());
-        let Some(status) = status else {
-            if rlhf_stages::train::interrupt_requested() {
-                bail!("{role} `{shown}` was stopped: interrupted");
-            }
-            bail!(
-                "{role} `{shown}` gave no answer within {} s and was stopped ({})",
+        let ended = wait_for_output(&mut child, &rx, self.timeout);
+        crate::children::stop_group(group);
+        let _ = child.kill();
+        let status = child.wait();
+        crate::children::unregister(group);
+        let _ = writer.join();
+        let stdout = match ended {
+            Ended::Output(Ok(bytes)) => bytes,
+            Ended::Output(Err(e)) => bail!("{role} `{shown}`: {e}; it was stopped"),
+            Ended::Interrupted => bail!("{role} `{shown}` was stopped: interrupted"),
+            Ended::TimedOut => bail!(
+                "{role} `{shown}` had not written its answers and exited within {} s and was stopped ({})",
                 self.timeout.as_secs_f64(),
                 self.limit
-            );
+            ),
         };
-        let _ = writer.join();
-        let stdout = reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("{role} `{shown}`: reading its output failed"))?
-            .with_context(|| format!("{role} `{shown}`: reading its output"))?;
+        let status = status.with_context(|| format!("{role} `{shown}`"))?;
         if !status.success() {
             bail!("{role} `{shown}` failed ({status})");
         }
         String::from_utf8(stdout).with_context(|| format!("{role} `{shown}`: output is not UTF-8"))
+    }
+}
+
+/// Longest output line read from a program (a line answers one group).
+const MAX_LINE: usize = 1 << 20;
+
+/// How a program's run ended.
+enum Ended {
+    /// Its output is complete (or refused) and it exited.
+    Output(Result<Vec<u8>, String>),
+    TimedOut,
+    Interrupted,
+}
+
+/// Waits, until `timeout`, for the output to end and the program to exit.
+/// Once it has exited, what it left running gets a moment to close the
+/// output, then the group is killed so the output ends.
+fn wait_for_output(
+    child: &mut std::process::Child,
+    output: &std::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    timeout: std::time::Duration,
+) -> Ended {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + timeout;
+    let (mut read, mut exited_at) = (None, None);
+    loop {
+        if read.is_none() {
+            if let Ok(r) = output.try_recv() {
+                if r.is_err() {
+                    return Ended::Output(r);
+                }
+                read = Some(r);
+            }
+        }
+        if exited_at.is_none() && child.try_wait().ok().flatten().is_some() {
+            exited_at = Some(Instant::now());
+        }
+        match (read.take(), exited_at) {
+            (Some(r), Some(_)) => return Ended::Output(r),
+            (r, Some(at)) if at.elapsed() > Duration::from_secs(1) => {
+                // Exited, but something it started still holds the output.
+                crate::children::stop_group(child.id());
+                read = r;
+            }
+            (r, _) => read = r,
+        }
+        if rlhf_stages::train::interrupt_requested() {
+            return Ended::Interrupted;
+        }
+        if Instant::now() >= deadline {
+            return Ended::TimedOut;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads a program's output to its end: at most `max_lines` non-empty
+/// lines of at most [`MAX_LINE`] bytes, so a program that writes without
+/// end is refused rather than read until memory runs out.
+fn read_output(mut from: impl std::io::Read, max_lines: usize) -> Result<Vec<u8>, String> {
+    let (mut out, mut buf) = (Vec::new(), vec![0u8; 64 << 10]);
+    let (mut line, mut lines, mut counted) = (0usize, 0usize, false);
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading its output: {e}")),
+        };
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                (line, counted) = (0, false);
+            } else {
+                if !counted && !b.is_ascii_whitespace() {
+                    (lines, counted) = (lines + 1, true);
+                }
+                line += 1;
+                if line > MAX_LINE {
+                    return Err(format!("an output line is over {} MiB", MAX_LINE >> 20));
+                }
+            }
+        }
+        if lines > max_lines {
+            return Err(format!(
+                "it wrote more than {max_lines} lines, one per group"
+            ));
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > max_lines.saturating_add(1).saturating_mul(MAX_LINE) {
+            return Err("it wrote more than its lines can hold".into());
+        }
     }
 }
 
@@ -258,7 +335,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         let e = rank(&command(hang, 0.5), &groups).unwrap_err().to_string();
         assert!(
-            e.contains("gave no answer within 0.5 s") && e.contains("timeout_seconds"),
+            e.contains("within 0.5 s") && e.contains("timeout_seconds"),
             "{e}"
         );
         assert!(t0.elapsed() < std::time::Duration::from_secs(10));
@@ -286,5 +363,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wrote 1 lines for 3 groups"), "{e}");
+    }
+
+    /// Running (a zombie waiting for a parent that does not reap it is not).
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    }
+
+    /// A program that answers and exits but leaves a child holding its
+    /// output: the answer is taken, and the child is killed.
+    #[test]
+    fn a_child_left_holding_the_output_is_killed_with_its_group() {
+        let d = tempfile::tempdir().unwrap();
+        let pid_file = d.path().join("pid");
+        let script = format!(
+            "cat > /dev/null; echo '{{\"ranking\": [1, 0]}}'; sleep 100000 & echo $! > {}",
+            pid_file.display()
+        );
+        let groups = vec![("p".to_string(), vec!["a".to_string(), "b".to_string()])];
+        let t0 = std::time::Instant::now();
+        let r = rank(
+            &command(vec!["sh".into(), "-c".into(), script], 60.0),
+            &groups,
+        )
+        .unwrap();
+        assert_eq!(r, vec![vec![1, 0]]);
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t0.elapsed()
+        );
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while alive(pid.trim()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!alive(pid.trim()), "the left child {pid} was killed");
+        // Stuck past the timeout the same way: stopped at the timeout.
+        let stuck = "cat > /dev/null; (sleep 100000; echo late) & wait".to_string();
+        let t0 = std::time::Instant::now();
+        let e = rank(
+            &command(vec!["sh".into(), "-c".into(), stuck], 0.5),
+            &groups,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("within 0.5 s"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    /// A program that writes without end is refused, not read until
+    /// memory runs out; so is one line without end.
+    #[test]
+    fn endless_output_is_refused_with_bounded_memory() {
+        let groups = vec![("p".to_string(), vec!["a".to_string(), "b".to_string()]); 2];
+        let e = rank(&command(vec!["yes".into()], 60.0), &groups)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 2 lines"), "{e}");
+        let one_line = vec!["sh".into(), "-c".into(), "yes | tr -d '\\n'".into()];
+        let e = rank(&command(one_line, 60.0), &groups)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("over 1 MiB"), "{e}");
     }
 }

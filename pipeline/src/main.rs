@@ -23,6 +23,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The system allocator, with a memory bound on chat-template renderings.
+#[global_allocator]
+static ALLOCATOR: rlhf_datasets::render_guard::BoundedAlloc =
+    rlhf_datasets::render_guard::BoundedAlloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     cli::init_logging(cli.verbose);

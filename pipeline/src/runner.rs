@@ -235,6 +235,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         tracing::info!("[{label}] cached ({})", dir.display());
         return Ok((key, Outcome::Cached));
     }
+    crate::artifact::refuse_foreign_folder(dir, label)?;
     if let Some(from) = (!job.force)
         .then(|| sibling_cache::find(&exp, &key))
         .flatten()
@@ -406,6 +407,7 @@ impl Collect<'_> {
         }
         refuse_after_interrupt(&label)?;
         self.exp.check_inside(&dir)?;
+        crate::artifact::refuse_foreign_folder(&dir, &label)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let t0 = Instant::now();
         let mut args: Vec<String> = vec!["collect".into(), "--config".into()];

@@ -84,7 +84,7 @@ fn copy_checked(
     label: &str,
     key: &str,
 ) -> anyhow::Result<u64> {
-    let bytes = copy_tree(from, tmp)?;
+    let bytes = copy_stage(from, tmp)?;
     let mut manifest = read_manifest(tmp).context("the copied manifest.json is unreadable")?;
     manifest.stage = label.to_owned();
     manifest.copied_from = Some(
@@ -134,26 +134,64 @@ fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Copies regular files and folders; refuses links and anything else.
-/// Returns the bytes copied.
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<u64> {
+/// The files of a finished stage folder that are copied besides its
+/// checkpoint, when they are there: the record of the run, its samples.
+const STAGE_FILES: [&str; 6] = [
+    crate::artifact::MANIFEST_FILE,
+    "summary.json",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "samples_before.jsonl",
+    "reference_logps.json",
+];
+
+/// Copies what a finished stage is: the files above and the checkpoint's
+/// files its checksum lists name (the adapter's too), nothing else, so a
+/// stray file in another run's folder is never copied. A checkpoint
+/// without its list is refused. Returns the bytes copied.
+fn copy_stage(from: &Path, to: &Path) -> anyhow::Result<u64> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     let mut bytes = 0;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            bytes += copy_tree(&src, &dst)?;
-        } else if kind.is_file() {
-            bytes += std::fs::copy(&src, &dst)
-                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        } else {
-            bail!(
-                "{}: not a regular file or folder; not copied",
-                src.display()
-            );
+    for name in STAGE_FILES {
+        if from.join(name).symlink_metadata().is_ok() {
+            bytes += copy_file(&from.join(name), &to.join(name))?;
         }
     }
+    let checkpoint = Path::new(rlhf_stages::train::FINAL_DIR);
+    bytes += copy_listed(&from.join(checkpoint), &to.join(checkpoint))?;
+    let adapter = checkpoint.join("adapter");
+    if from.join(&adapter).is_dir() {
+        bytes += copy_listed(&from.join(&adapter), &to.join(&adapter))?;
+    }
     Ok(bytes)
+}
+
+/// Copies the checksum list of `from` and the files it names.
+fn copy_listed(from: &Path, to: &Path) -> anyhow::Result<u64> {
+    let list = rlhf_datasets::checksum::CHECKSUM_FILE;
+    let names = rlhf_datasets::checksum::listed(from)?.with_context(|| {
+        format!(
+            "{}: no {list}, so nothing says what it holds",
+            from.display()
+        )
+    })?;
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut bytes = copy_file(&from.join(list), &to.join(list))?;
+    for (_, name) in names {
+        bytes += copy_file(&from.join(&name), &to.join(&name))?;
+    }
+    Ok(bytes)
+}
+
+/// Copies a regular file; refuses links and anything else.
+fn copy_file(src: &Path, dst: &Path) -> anyhow::Result<u64> {
+    let kind = src
+        .symlink_metadata()
+        .with_context(|| format!("reading {}", src.display()))?
+        .file_type();
+    if !kind.is_file() {
+        bail!("{}: not a regular file; not copied", src.display());
+    }
+    std::fs::copy(src, dst)
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))
 }

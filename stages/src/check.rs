@@ -23,14 +23,30 @@ pub fn require(
     }
 }
 
+/// A number as a message shows it: very large or small ones in scientific
+/// notation (`1e300`, not its 301 digits).
+pub fn shown(value: f64) -> String {
+    let a = value.abs();
+    if a.is_finite() && a != 0.0 && !(1e-6..1e12).contains(&a) {
+        format!("{value:e}")
+    } else {
+        format!("{value}")
+    }
+}
+
 /// A finite number above 0.
 pub fn positive(field: &str, value: f64) -> Result<(), StageError> {
-    require(field, value.is_finite() && value > 0.0, "> 0", value)
+    require(field, value.is_finite() && value > 0.0, "> 0", shown(value))
 }
 
 /// A finite number at or above 0.
 pub fn non_negative(field: &str, value: f64) -> Result<(), StageError> {
-    require(field, value.is_finite() && value >= 0.0, ">= 0", value)
+    require(
+        field,
+        value.is_finite() && value >= 0.0,
+        ">= 0",
+        shown(value),
+    )
 }
 
 /// Says so when gradient clipping is off (`max_grad_norm: 0`), so that

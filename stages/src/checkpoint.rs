@@ -296,6 +296,17 @@ impl Model {
             .collect::<BTreeMap<_, _>>()
             .into_iter()
             .collect();
+        // A merge with a huge scale (or a broken adapter) would write inf.
+        if let Some((name, _)) = named.iter().find(|(_, t)| {
+            t.is_floating_point() && !bool::try_from(t.isfinite().all()).unwrap_or(false)
+        }) {
+            return Err(CheckpointError::Invalid {
+                path: weights_path,
+                message: format!(
+                    "{name} would hold non-finite values (inf or NaN); nothing was written"
+                ),
+            });
+        }
         Tensor::write_safetensors(&named, &weights_path).map_err(|source| {
             CheckpointError::WriteWeights {
                 path: weights_path.clone(),
@@ -488,6 +499,22 @@ fn read_config(path: &Path) -> Result<(ModelConfig, ModelMeta), CheckpointError>
             )))
         }
     };
+    check_token_ids(obj, config.vocab_size()).map_err(bad)?;
+    let generation = path.with_file_name("generation_config.json");
+    if generation.is_file() {
+        let bad_generation = |message: String| CheckpointError::Invalid {
+            path: generation.clone(),
+            message,
+        };
+        let text =
+            rlhf_datasets::files::read_bounded(&generation, MAX_CONFIG_BYTES, "a config's limit")
+                .map_err(bad_generation)?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| bad_generation(format!("invalid JSON: {e}")))?;
+        if let Some(obj) = v.as_object() {
+            check_token_ids(obj, config.vocab_size()).map_err(bad_generation)?;
+        }
+    }
     let meta = match obj.get("rlhf") {
         None => ModelMeta::default(),
         Some(m) => {
@@ -495,6 +522,29 @@ fn read_config(path: &Path) -> Result<(ModelConfig, ModelMeta), CheckpointError>
         }
     };
     Ok((config, meta))
+}
+
+/// The special token ids a config names (`eos_token_id` may be a list):
+/// each an id of the vocabulary, so an answer can end.
+fn check_token_ids(obj: &serde_json::Map<String, Value>, vocab: i64) -> Result<(), String> {
+    for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+        let ids: Vec<&Value> = match obj.get(key) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(list)) => list.iter().collect(),
+            Some(one) => vec![one],
+        };
+        for id in ids {
+            match id.as_i64() {
+                Some(i) if (0..vocab).contains(&i) => {}
+                _ => {
+                    return Err(format!(
+                        "{key}: {id} is not a token id of this model (0..{vocab})"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A GPT-2 `config.json`'s shapes, HF's defaults for unset keys.

@@ -197,10 +197,13 @@ pub fn kl_to_reference(
     Ok(total / answered.answers.len().max(1) as f64)
 }
 
-/// Mean of the values that are present; `None` if none are.
+/// Mean of the values that are present; `None` if none are. Each is
+/// divided before it is added, so finite values have a finite mean (two
+/// scores of 1e308 do not overflow to inf).
 pub fn mean_present(xs: &[Option<f64>]) -> Option<f64> {
     let present: Vec<f64> = xs.iter().flatten().copied().collect();
-    (!present.is_empty()).then(|| present.iter().sum::<f64>() / present.len() as f64)
+    let n = present.len() as f64;
+    (!present.is_empty()).then(|| present.iter().map(|x| x / n).sum::<f64>())
 }
 
 #[cfg(test)]

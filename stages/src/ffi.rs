@@ -85,7 +85,38 @@ fn take_error(err: *mut c_char) -> String {
         .into_owned();
     // SAFETY: freed once, by the allocator that made it.
     unsafe { rlhf_c10d_free_error(err) };
-    text
+    without_backtraces(&text)
+}
+
+/// libtorch's message without its C++ backtraces ("Exception raised
+/// from ... (most recent call first):" and the "frame #N" lines): a
+/// rendezvous error nests one error's text, backtrace and all, in
+/// another's, so the reason would come after two screens of frames.
+fn without_backtraces(text: &str) -> String {
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.starts_with("Exception raised from") && !l.starts_with("frame #")
+        })
+        .collect();
+    kept.join("\n").trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backtraces_are_dropped_and_the_reason_kept() {
+        let text = "TCP client failed to connect/validate to host 127.0.0.1:29500 - timed out (try=1, timeout=1000ms): The client socket has timed out after 1000ms while trying to connect to (127.0.0.1, 29500).\n\
+Exception raised from throwTimeoutError at /pytorch/torch/csrc/distributed/c10d/socket.cpp:1021 (most recent call first):\n\
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f in libc10.so)\n\
+frame #1: <unknown function> + 0x5 (0x7f in libtorch_cpu.so)\n\
+Exception raised from doConnect at /pytorch/torch/csrc/distributed/c10d/TCPStore.cpp:1 (most recent call first):\n\
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f in libc10.so)\n";
+        let shown = super::without_backtraces(text);
+        assert!(shown.ends_with("(127.0.0.1, 29500)."), "{shown}");
+        assert!(!shown.contains("frame #") && !shown.contains("Exception raised"));
+    }
 }
 
 /// A joined c10d group; dropped, it leaves.

@@ -45,6 +45,12 @@ pub enum LlamaConfigError {
     NotLlama(String),
     #[error("rope_scaling of type \"{0}\" is not supported (only plain rotary embeddings are)")]
     RopeScaling(String),
+    #[error("{field}: {value} is not supported ({supported}); rlhf refuses it rather than compute another model")]
+    Unsupported {
+        field: &'static str,
+        value: String,
+        supported: &'static str,
+    },
     #[error("{field} ({value}) must be a positive multiple of {of_field} ({of})")]
     Shape {
         field: &'static str,
@@ -122,6 +128,30 @@ const LIMITS: [(&str, i64); 7] = [
     ("max_position_embeddings", 1 << 24),
 ];
 
+/// The MLP rlhf computes: SiLU-gated, without biases (`hidden_act` and
+/// `mlp_bias` as transformers' Llama reads them).
+fn check_activation(v: &Value) -> Result<(), LlamaConfigError> {
+    match &v["hidden_act"] {
+        Value::Null => {}
+        Value::String(a) if a == "silu" || a == "swish" => {}
+        other => {
+            return Err(LlamaConfigError::Unsupported {
+                field: "hidden_act",
+                value: other.to_string(),
+                supported: "\"silu\"",
+            })
+        }
+    }
+    match &v["mlp_bias"] {
+        Value::Null | Value::Bool(false) => Ok(()),
+        other => Err(LlamaConfigError::Unsupported {
+            field: "mlp_bias",
+            value: other.to_string(),
+            supported: "false",
+        }),
+    }
+}
+
 impl LlamaConfig {
     /// From an HF `config.json` object.
     pub fn from_hf(v: &Value) -> Result<Self, LlamaConfigError> {
@@ -131,8 +161,14 @@ impl LlamaConfig {
             return Err(LlamaConfigError::NotLlama(model_type.into()));
         }
         // transformers 5 writes `rope_parameters`, earlier ones `rope_theta`
-        // and `rope_scaling`.
-        let rope = &v["rope_parameters"];
+        // and `rope_scaling`; as transformers 5 reads them, `rope_scaling`
+        // replaces `rope_parameters` whole, and a top-level `rope_theta`
+        // counts only where neither gives one.
+        let rope = match &v["rope_scaling"] {
+            r @ Value::Object(_) => r,
+            _ => &v["rope_parameters"],
+        };
+        check_activation(v)?;
         let scaling = [&v["rope_scaling"], rope]
             .into_iter()
             .find_map(|r| r.get("rope_type").or_else(|| r.get("type")));
@@ -164,9 +200,9 @@ impl LlamaConfig {
                 .as_i64()
                 .unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
             rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_theta: v["rope_theta"]
+            rope_theta: rope["rope_theta"]
                 .as_f64()
-                .or_else(|| rope["rope_theta"].as_f64())
+                .or_else(|| v["rope_theta"].as_f64())
                 .unwrap_or(10_000.0),
             max_position_embeddings: window.map_or(max_positions, |w| w.min(max_positions)),
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),

@@ -59,6 +59,63 @@ pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
+/// The largest `alpha`: far above any used (16 to 512), low enough that
+/// `alpha / r * B @ A` stays finite in float32.
+const MAX_ALPHA: f64 = 1e6;
+
+/// PEFT settings that change what an adapter computes, with the values
+/// that leave it plain LoRA (what rlhf computes); any other value is
+/// refused by name rather than merged into other weights.
+fn refuse_unsupported_peft(v: &Value) -> Result<(), String> {
+    let plain = |key: &str, value: &Value| -> bool {
+        match (key, value) {
+            (_, Value::Null) => true,
+            (_, Value::Object(o)) if o.is_empty() => true,
+            (_, Value::Array(a)) if a.is_empty() => true,
+            (_, Value::Bool(false)) => true,
+            ("layers_pattern", Value::String(s)) => s.is_empty(),
+            ("bias", Value::String(s)) => s == "none",
+            ("init_lora_weights", Value::Bool(true)) => true,
+            ("init_lora_weights", Value::String(s)) => s == "gaussian",
+            ("modules_to_save", Value::Array(a)) => a.iter().all(|m| m == "score"),
+            _ => false,
+        }
+    };
+    const KEYS: [&str; 21] = [
+        "alpha_pattern",
+        "rank_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+        "target_parameters",
+        "layer_replication",
+        "trainable_token_indices",
+        "bias",
+        "lora_bias",
+        "modules_to_save",
+        "init_lora_weights",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "megatron_config",
+        "use_qalora",
+        "use_bdlora",
+        "alora_invocation_tokens",
+        "arrow_config",
+    ];
+    for key in KEYS {
+        if let Some(value) = v.get(key) {
+            if !plain(key, value) {
+                return Err(format!(
+                    "`{key}: {value}` changes what the adapter computes, and rlhf computes plain LoRA (one rank and scale, every layer, no bias); it is refused rather than merged wrongly"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl LoraConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), StageError> {
         let field = |f: &str| format!("{prefix}.{f}");
@@ -68,10 +125,13 @@ impl LoraConfig {
                 format!("must be in [1, 4096], got {}", self.r),
             ));
         }
-        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+        if !(self.alpha > 0.0 && self.alpha <= MAX_ALPHA) {
             return Err(StageError::setting(
                 field("alpha"),
-                format!("must be a positive number, got {}", self.alpha),
+                format!(
+                    "must be a positive number at most {MAX_ALPHA:e}, got {}",
+                    crate::check::shown(self.alpha)
+                ),
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
@@ -137,6 +197,7 @@ impl LoraConfig {
                 return Err(format!("`{flag}: true` is not supported"));
             }
         }
+        refuse_unsupported_peft(v)?;
         let targets = match &v["target_modules"] {
             Value::Array(a) => a
                 .iter()

@@ -74,6 +74,14 @@ pub const PREFERENCES_FILE: &str = "preferences.jsonl";
 pub const GOLD_PREFERENCES_FILE: &str = "preferences_gold.jsonl";
 pub const PPO_PROMPTS_FILE: &str = "prompts.jsonl";
 pub const EVAL_PROMPTS_FILE: &str = "prompts_eval.jsonl";
+/// Every file [`generate`] writes.
+pub const TASK_FILES: [&str; 5] = [
+    SFT_FILE,
+    PREFERENCES_FILE,
+    GOLD_PREFERENCES_FILE,
+    PPO_PROMPTS_FILE,
+    EVAL_PROMPTS_FILE,
+];
 
 /// Draws instructions whose prompts are new (never used by another file).
 struct Fresh<'a> {

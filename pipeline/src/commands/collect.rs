@@ -201,7 +201,7 @@ impl WebRound {
         // Written once: a rerun keeps the groups and the labels given; a
         // queue of other answers (a retrained policy) is moved aside.
         let per_group = self.serve.labels_per_group;
-        let (queue, moved) = Queue::open_for_round(&self.queue, &groups, per_group)?;
+        let (mut queue, moved) = Queue::open_for_round(&self.queue, &groups, per_group)?;
         if let Some(old) = moved {
             tracing::warn!(
                 "round {}: {} held other answers than this round sampled (the policy changed); it was moved, with its labels, to {}",
@@ -226,10 +226,8 @@ impl WebRound {
                 self.queue.display(),
                 self.queue.display()
             );
-            drop(queue);
-            crate::label::serve_until_labelled(&self.queue, &self.serve, self.timeout)?;
+            queue = crate::label::serve_until_labelled(queue, &self.serve, self.timeout)?;
         }
-        let queue = Queue::open(&self.queue, &[], per_group)?;
         let (ranked, dropped) = queue.ranked_groups();
         if dropped > 0 {
             tracing::info!(

@@ -21,11 +21,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         },
         skip_kl: false,
         with_runs: args.with.clone(),
-        judge: args.judge.as_deref().map(|line| CommandJudge {
-            command: line.split_whitespace().map(str::to_owned).collect(),
-            timeout_seconds: args.judge_timeout,
-            cwd: None,
-        }),
+        judge: args
+            .judge
+            .as_deref()
+            .map(|line| -> anyhow::Result<CommandJudge> {
+                let command = shlex::split(line).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--judge {line:?}: unbalanced quotes or a trailing backslash; quote it as a shell would"
+                    )
+                })?;
+                Ok(CommandJudge {
+                    command,
+                    timeout_seconds: args.judge_timeout,
+                    cwd: None,
+                })
+            })
+            .transpose()?,
     };
     if let Some(j) = &opts.judge {
         anyhow::ensure!(
@@ -35,7 +46,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         anyhow::ensure!(
             args.judge_timeout > 0.0 && args.judge_timeout <= 1e9,
             "--judge-timeout: must be in (0, 1e9] seconds, got {}",
-            args.judge_timeout
+            rlhf_stages::check::shown(args.judge_timeout)
         );
     }
     anyhow::ensure!(

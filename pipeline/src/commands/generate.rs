@@ -15,10 +15,15 @@ fn room_for_answers(asked: i64, n_positions: i64, longest_prompt: i64) -> i64 {
             "--max-new-tokens {asked} capped to {room}: the model holds {n_positions} positions and the longest prompt has {longest_prompt} tokens"
         );
     }
-    asked.min(room).max(1)
+    asked.min(room)
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.max_new_tokens >= 1,
+        "--max-new-tokens: must be at least 1, got {}",
+        args.max_new_tokens
+    );
     let device = parse_device(&args.device.device)?;
     let model = Model::load(&args.model, HeadChoice::Want(rlhf_stages::Head::Lm), device)?;
     let tok = &model.tokenizer;

@@ -34,8 +34,17 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A folder to write must be new or empty, unless `--force`.
+/// A folder to write must be new or empty, unless `--force`; a file (or
+/// anything else that is not a folder) is refused before anything is
+/// touched, `--force` or not.
 pub fn refuse_files(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    if let Ok(meta) = out.symlink_metadata() {
+        anyhow::ensure!(
+            meta.is_dir(),
+            "{}: exists and is not a folder; --out names the model folder to write: give a new folder",
+            out.display()
+        );
+    }
     let has_files = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
     if has_files && !force {
         anyhow::bail!(

@@ -1,7 +1,7 @@
 //! `rlhf task generate`: the bundled task's files.
 
 use anyhow::Context;
-use rlhf_datasets::task::generate::{generate, TaskConfig};
+use rlhf_datasets::task::generate::{generate, TaskConfig, TASK_FILES};
 
 use crate::cli::TaskCommand;
 
@@ -12,7 +12,18 @@ pub fn run(cmd: TaskCommand) -> anyhow::Result<()> {
             seed,
             sft_examples,
             preference_prompts,
+            force,
         } => {
+            let there: Vec<String> = TASK_FILES
+                .iter()
+                .filter(|f| out.join(f).symlink_metadata().is_ok())
+                .map(|f| out.join(f).display().to_string())
+                .collect();
+            anyhow::ensure!(
+                force || there.is_empty(),
+                "{} already exist; give a new --out folder, or --force to replace them",
+                there.join(", ")
+            );
             let defaults = TaskConfig::default();
             let cfg = TaskConfig {
                 seed: seed.unwrap_or(defaults.seed),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use rlhf_datasets::label_exchange::{self, Format};
-use rlhf_datasets::labels::{Queue, GROUPS_FILE};
+use rlhf_datasets::labels::{read_groups, Queue, GROUPS_FILE};
 
 use crate::cli::ExchangeFormat;
 
@@ -22,18 +22,19 @@ impl From<ExchangeFormat> for Format {
 /// task's data in every annotation's task; 1 GiB is far above a round).
 const MAX_IMPORT_BYTES: u64 = 1 << 30;
 
-fn open_queue(dir: &Path) -> anyhow::Result<Queue> {
+fn is_queue(dir: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         dir.join(GROUPS_FILE).exists(),
         "{}: not a labelling queue (no {GROUPS_FILE})",
         dir.display()
     );
-    Ok(Queue::open(dir, &[], 1)?)
+    Ok(())
 }
 
+/// Reads the groups only, so a queue being served can be exported.
 pub fn export(dir: &Path, format: Format, out: &Path) -> anyhow::Result<()> {
-    let queue = open_queue(dir)?;
-    let groups = queue.groups();
+    is_queue(dir)?;
+    let groups = &read_groups(dir)?;
     let json = serde_json::to_vec_pretty(&label_exchange::export(groups, format))?;
     rlhf_datasets::atomic::write_file(out, &json)?;
     println!("{}: {} groups", out.display(), groups.len());
@@ -52,8 +53,12 @@ pub fn export(dir: &Path, format: Format, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds the file's labels through the queue's lock: refused, naming the
+/// server's pid, while the queue is served (its rows live in that
+/// process's memory and would erase these at its next write).
 pub fn import(dir: &Path, format: Format, file: &Path) -> anyhow::Result<()> {
-    let mut queue = open_queue(dir)?;
+    is_queue(dir)?;
+    let mut queue = Queue::open(dir, &[], 1)?;
     rlhf_datasets::files::bounded_size(file, MAX_IMPORT_BYTES, "the import limit")
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let text = std::fs::read_to_string(file)
@@ -67,10 +72,18 @@ pub fn import(dir: &Path, format: Format, file: &Path) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "added": counts.added, "already_there": counts.already_there,
+            "says_nothing": counts.says_nothing,
             "incomplete": read.incomplete, "drafts": read.drafts,
             "groups_left": left, "groups": total,
         })
     );
+    if counts.says_nothing > 0 {
+        tracing::warn!(
+            "{}: {} label(s) tie every answer, which says nothing; left out",
+            file.display(),
+            counts.says_nothing
+        );
+    }
     if read.incomplete + read.drafts > 0 {
         tracing::warn!(
             "{}: {} unfinished ranking(s) and {} draft(s) left out",

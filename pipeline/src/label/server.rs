@@ -5,8 +5,13 @@
 //! - `POST /api/submit` a ranking, skip or "not rankable" for a group;
 //! - `GET /api/progress` groups left and all.
 //!
-//! 401 without a token, 403 with an unknown one; a refused submission is
-//! 400 (malformed), 403 (not shown to this labeller) or 409 (answered).
+//! 401 without a token, 403 with an unknown one (tokens are read on every
+//! request, so a revoked one stops working at once); a refused submission
+//! is 400 (malformed, or it says nothing), 403 (not shown to this
+//! labeller) or 409 (answered).
+//!
+//! The server is the queue's one writer while it runs (it holds the
+//! queue's lock); `labels.parquet` is rewritten off the request path.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,7 +37,6 @@ struct App {
     /// The page with the guidelines in it, rendered once.
     page: String,
     queue: Mutex<Queue>,
-    tokens: Mutex<Tokens>,
 }
 
 type Shared = Arc<App>;
@@ -71,12 +75,10 @@ fn labeller(app: &App, headers: &HeaderMap, query: &TokenQuery) -> Result<String
         .or(query.token.as_deref())
         .ok_or(Denied::Missing)?
         .trim();
-    let mut tokens = app.tokens.lock().unwrap_or_else(|e| e.into_inner());
-    if tokens.labeller(token).is_none() {
-        // A token made since the server started.
-        *tokens = Tokens::read(&app.dir).unwrap_or_default();
-    }
-    tokens
+    // Read each time: a token made, re-issued or deleted since the last
+    // request counts now. An unreadable file admits nobody.
+    Tokens::read(&app.dir)
+        .unwrap_or_default()
         .labeller(token)
         .map(str::to_owned)
         .ok_or(Denied::Unknown)
@@ -104,7 +106,7 @@ async fn next(
     };
     let mut queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
     let (left, total) = queue.progress();
-    let yours = queue.rows().iter().filter(|r| r.labeller == who).count();
+    let yours = queue.answered_by(&who);
     match queue.serve(&who) {
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Ok(None) => StatusCode::NO_CONTENT.into_response(),
@@ -179,10 +181,12 @@ async fn submit(
             let status = match &e {
                 LabelError::NotServed { .. } => StatusCode::FORBIDDEN,
                 LabelError::Answered { .. } => StatusCode::CONFLICT,
-                LabelError::NoSuchGroup(_) | LabelError::BadRanking { .. } => {
-                    StatusCode::BAD_REQUEST
+                LabelError::NoSuchGroup(_)
+                | LabelError::BadRanking { .. }
+                | LabelError::SaysNothing(_) => StatusCode::BAD_REQUEST,
+                LabelError::File { .. } | LabelError::Busy { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
                 }
-                LabelError::File { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };
             error(status, e.to_string())
         }
@@ -217,31 +221,40 @@ pub struct ServeOptions {
 /// every group has its labels). Prints the address it listens on as the
 /// first line of stdout.
 pub fn serve(dir: PathBuf, options: &ServeOptions, until_done: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        dir.join(rlhf_datasets::labels::GROUPS_FILE).exists(),
+        "{}: not a labelling queue (no {})",
+        dir.display(),
+        rlhf_datasets::labels::GROUPS_FILE
+    );
+    let queue = Queue::open(&dir, &[], options.labels_per_group)?;
     let stop = Stop {
         until_done,
         timeout: None,
     };
-    run(dir, options, stop).map(|_| ())
+    run(queue, options, stop).map(|_| ())
 }
 
-/// A loop round's wait: serves the queue until every group has its labels;
-/// fails after `timeout` or on Ctrl-C (labels given so far are kept).
+/// A loop round's wait: serves `queue` until every group has its labels
+/// and gives it back; fails after `timeout` or on Ctrl-C (labels given so
+/// far are kept).
 pub fn serve_until_labelled(
-    dir: &std::path::Path,
+    queue: Queue,
     options: &ServeOptions,
     timeout: std::time::Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Queue> {
     let stop = Stop {
         until_done: true,
         timeout: Some(timeout),
     };
-    match run(dir.to_owned(), options, stop)? {
-        Ended::Done => Ok(()),
-        Ended::Interrupted => anyhow::bail!(
+    let dir = queue.dir().to_owned();
+    match run(queue, options, stop)? {
+        (Ended::Done, queue) => Ok(queue),
+        (Ended::Interrupted, _) => anyhow::bail!(
             "labelling was interrupted; the labels given are kept in {}: rerun to continue",
             dir.display()
         ),
-        Ended::TimedOut => anyhow::bail!(
+        (Ended::TimedOut, _) => anyhow::bail!(
             "{}: the labels were not all in after {} s (labeller.timeout_seconds); those given are kept",
             dir.display(),
             timeout.as_secs()
@@ -283,17 +296,13 @@ fn read_guidelines(
     Ok(Some(text))
 }
 
-fn run(dir: PathBuf, options: &ServeOptions, stop: Stop) -> anyhow::Result<Ended> {
-    let (bind, labels_per_group) = (options.bind, options.labels_per_group);
-    anyhow::ensure!(
-        dir.join(rlhf_datasets::labels::GROUPS_FILE).exists(),
-        "{}: not a labelling queue (no {})",
-        dir.display(),
-        rlhf_datasets::labels::GROUPS_FILE
-    );
-    let queue = Queue::open(&dir, &[], labels_per_group)?;
-    let tokens = Tokens::read(&dir)?;
-    if tokens.is_empty() {
+/// How long open connections (a browser's keep-alive) may hold the
+/// server after it was told to stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn run(queue: Queue, options: &ServeOptions, stop: Stop) -> anyhow::Result<(Ended, Queue)> {
+    let dir = queue.dir().to_owned();
+    if Tokens::read(&dir)?.is_empty() {
         tracing::warn!(
             "{}: no labeller has a token yet; make one with `rlhf label token NAME --queue {}`",
             dir.display(),
@@ -305,7 +314,6 @@ fn run(dir: PathBuf, options: &ServeOptions, stop: Stop) -> anyhow::Result<Ended
         page: super::page::render(guidelines.as_deref()),
         dir: dir.clone(),
         queue: Mutex::new(queue),
-        tokens: Mutex::new(tokens),
     });
     let router = Router::new()
         .route("/", get(page))
@@ -318,34 +326,80 @@ fn run(dir: PathBuf, options: &ServeOptions, stop: Stop) -> anyhow::Result<Ended
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .with_context(|| format!("cannot listen on {bind}"))?;
-        let url = format!("http://{}", listener.local_addr()?);
-        println!("listening on {url}");
-        tracing::info!("labelling page: {url}/?token=TOKEN");
-        rlhf_datasets::atomic::write_file(&dir.join("address"), url.as_bytes())?;
-        let started = std::time::Instant::now();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let watch = async move {
-            let ended = loop {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                if stop.until_done && app.queue.lock().map(|q| q.done()).unwrap_or(false) {
-                    break Ended::Done;
+    let ended = runtime.block_on(listen(options.bind, router, app.clone(), stop))?;
+    drop(runtime);
+    let app = Arc::try_unwrap(app)
+        .map_err(|_| anyhow::anyhow!("the labelling server still held its queue"))?;
+    let mut queue = app.queue.into_inner().unwrap_or_else(|e| e.into_inner());
+    queue.flush()?;
+    Ok((ended, queue))
+}
+
+/// Serves `router` on `bind` until `stop` says so.
+async fn listen(
+    bind: SocketAddr,
+    router: Router,
+    app: Shared,
+    stop: Stop,
+) -> anyhow::Result<Ended> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind}"))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    println!("listening on {url}");
+    tracing::info!("labelling page: {url}/?token=TOKEN");
+    rlhf_datasets::atomic::write_file(&app.dir.join("address"), url.as_bytes())?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let watch = {
+        let (app, stopped) = (app.clone(), stopped.clone());
+        async move {
+            let _ = tx.send(watch(&app, &stop).await);
+            stopped.notify_one();
+        }
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(watch);
+    let deadline = async {
+        stopped.notified().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => {}
+    }
+    Ok(rx.await.unwrap_or(Ended::Interrupted))
+}
+
+/// Waits for the reason to stop, keeping `labels.parquet` up with the
+/// labels meanwhile (written from a snapshot, outside the queue's lock).
+async fn watch(app: &Shared, stop: &Stop) -> Ended {
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let snapshot = app.queue.lock().ok().and_then(|q| q.parquet_snapshot());
+        if let Some(rows) = snapshot {
+            let dir = app.dir.clone();
+            let n = rows.len();
+            let written =
+                tokio::task::spawn_blocking(move || Queue::write_snapshot(&dir, &rows)).await;
+            match written {
+                Ok(Ok(())) => {
+                    if let Ok(mut q) = app.queue.lock() {
+                        q.parquet_written(n);
+                    }
                 }
-                if rlhf_stages::train::interrupt_requested() {
-                    break Ended::Interrupted;
-                }
-                if stop.timeout.is_some_and(|t| started.elapsed() > t) {
-                    break Ended::TimedOut;
-                }
-            };
-            let _ = tx.send(ended);
-        };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(watch)
-            .await?;
-        Ok(rx.await.unwrap_or(Ended::Interrupted))
-    })
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(e) => tracing::warn!("writing labels.parquet: {e}"),
+            }
+        }
+        if stop.until_done && app.queue.lock().map(|q| q.done()).unwrap_or(false) {
+            return Ended::Done;
+        }
+        if rlhf_stages::train::interrupt_requested() {
+            return Ended::Interrupted;
+        }
+        if stop.timeout.is_some_and(|t| started.elapsed() > t) {
+            return Ended::TimedOut;
+        }
+    }
 }

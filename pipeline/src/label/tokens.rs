@@ -56,7 +56,12 @@ pub fn add_token(queue: &Path, name: &str) -> anyhow::Result<String> {
         valid,
         "labeller name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
     );
-    std::fs::create_dir_all(queue).with_context(|| format!("creating {}", queue.display()))?;
+    let groups = rlhf_datasets::labels::GROUPS_FILE;
+    anyhow::ensure!(
+        queue.join(groups).is_file(),
+        "{}: not a labelling queue (no {groups}); a loop round's queue is made when the round has sampled its answers (its log names the folder)",
+        queue.display()
+    );
     let mut tokens = Tokens::read(queue)?;
     let token: String = (0..24)
         .map(|_| format!("{:02x}", rand::rng().random::<u8>()))

@@ -57,28 +57,41 @@ pub fn record(run_dir: &Path, spec: &JudgeSpec, experiment_dir: &Path) -> anyhow
     Ok(())
 }
 
-/// The run folder's recorded judge, its folder made absolute.
-pub fn recorded(run_dir: &Path) -> anyhow::Result<Option<CommandJudge>> {
+/// What to tell the person who evaluates a run folder whose experiment
+/// named a judge: the recorded command and how to run it. A run folder may
+/// have come from someone else, so what it records is shown, never run.
+pub fn recorded_hint(run_dir: &Path) -> Option<String> {
     let path = run_dir.join(JUDGE_FILE);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut judge: CommandJudge = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: expected {{command, timeout_seconds, cwd}}",
+    path.symlink_metadata().ok()?;
+    let text = match rlhf_datasets::files::read_bounded(&path, 1 << 20, "the limit for judge.json")
+    {
+        Ok(t) => t,
+        Err(e) => return Some(format!("{}: {e}; not read", path.display())),
+    };
+    let Ok(judge) = serde_json::from_str::<CommandJudge>(&text) else {
+        return Some(format!(
+            "{}: not a recorded judge; not read",
             path.display()
-        )
-    })?;
-    if judge.command.is_empty() || !(judge.timeout_seconds > 0.0 && judge.timeout_seconds <= 1e9) {
-        anyhow::bail!(
-            "{}: expected a command and timeout_seconds in (0, 1e9]; rerun `rlhf run` to write it again",
-            path.display()
-        );
-    }
-    judge.cwd = judge.cwd.map(|c| run_dir.join(c));
-    Ok(Some(judge))
+        ));
+    };
+    let line = shlex::try_join(judge.command.iter().map(String::as_str))
+        .unwrap_or_else(|_| judge.command.join(" "));
+    let folder = judge
+        .cwd
+        .map(|c| {
+            format!(
+                ", from the experiment's folder ({})",
+                run_dir.join(c).display()
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "{} records the experiment's judge `{line}`; a run folder's commands are never run for you. \
+         To judge with it, run: rlhf eval {} --judge {}{folder}",
+        path.display(),
+        run_dir.display(),
+        shlex::try_quote(&line).unwrap_or_else(|_| line.as_str().into())
+    ))
 }
 
 impl CommandJudge {

@@ -294,10 +294,12 @@ pub fn evaluate_run(
                 .filter(|s| s.kind != "reward" && s.label != reference_stage.label),
         )
         .collect();
-    let command_judge = match &opts.judge {
-        Some(j) => Some(j.clone()),
-        None => judge::recorded(run_dir)?,
-    };
+    let command_judge = opts.judge.clone();
+    if command_judge.is_none() {
+        if let Some(hint) = judge::recorded_hint(run_dir) {
+            tracing::warn!("{hint}; judged by the bundled task's gold judge instead");
+        }
+    }
     let task_judge: rlhf_stages::answer::Judge = std::sync::Arc::new(rlhf_datasets::task::judge);
     let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
     let mut kls = Vec::new();

@@ -149,7 +149,7 @@ impl KindConfig for GrpoConfig {
             "ranker_timeout_seconds",
             t > 0.0 && t <= 1e9,
             "in (0, 1e9]",
-            t,
+            check::shown(t),
         )?;
         crate::ppo::check_scorer_and_iterations(
             self.reward_model.is_some() || self.ranker_command.is_some(),

@@ -351,6 +351,9 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         false => indicatif::ProgressBar::hidden(),
     };
     let mut tallies = Tallies::new(cfg.ptx.is_some());
+    if let Some(first) = state.as_ref().and_then(|s| s.first_mean_score) {
+        tallies.resume_first_score(first);
+    }
     for iteration in start..cfg.iterations {
         let it = iteration + 1;
         // Each rank samples its own share: its own draws (rank 0's are a
@@ -382,14 +385,14 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         }
         step.show(&bar, cfg.iterations, kl.beta);
         kl.update(step.mean_kl, step.batch_size());
-        let state = PpoState::new(it, cfg.iterations, kl);
+        let state = PpoState::new(it, cfg.iterations, kl, tallies.first_score());
         let interrupted = any_interrupted(ranks)?;
         checkpointer
             .after_step_or_stop(it, interrupted, |dir| models.save(dir, &state))
             .inspect_err(|_| bar.abandon())?;
     }
     bar.finish_and_clear();
-    let state = PpoState::new(cfg.iterations, cfg.iterations, kl);
+    let state = PpoState::new(cfg.iterations, cfg.iterations, kl, tallies.first_score());
     checkpointer.finish(|| models.save_final(out, &state))?;
     if !main {
         return Ok(tallies.summary(cfg, kl, [None, None], started));
@@ -541,16 +544,21 @@ struct PpoState {
     iterations: i64,
     kl: KlController,
     done: bool,
+    /// Iteration 1's mean score (absent in checkpoints written before it
+    /// was kept).
+    #[serde(default)]
+    first_mean_score: Option<f64>,
 }
 
 impl PpoState {
-    fn new(iteration: i64, iterations: i64, kl: KlController) -> Self {
+    fn new(iteration: i64, iterations: i64, kl: KlController, first: Option<f64>) -> Self {
         Self {
             stage: "ppo".into(),
             iteration,
             iterations,
             kl,
             done: iteration == iterations,
+            first_mean_score: first,
         }
     }
 }

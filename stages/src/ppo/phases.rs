@@ -833,8 +833,19 @@ impl Tallies {
         }
     }
 
+    /// The first iteration's score, kept in checkpoints so that a resumed
+    /// run reports iteration 1's, not the one it resumed at.
+    pub fn first_score(&self) -> Option<f64> {
+        self.first_score.is_finite().then_some(self.first_score)
+    }
+
+    pub fn resume_first_score(&mut self, score: f64) {
+        self.first_score = score;
+    }
+
+    /// Counts an iteration; `first` when the run has no first score yet.
     pub fn add(&mut self, step: &Iteration, first: bool) {
-        if first {
+        if first && self.first_score.is_nan() {
             self.first_score = step.mean_score;
         }
         (self.last_score, self.last_kl) = (step.mean_score, step.mean_kl);

@@ -6,16 +6,18 @@
 //! same groups), `served.jsonl` (each group shown to a labeller, with the
 //! order its answers were shown in) and the submissions: `labels.jsonl`,
 //! the record read back on a restart, and `labels.parquet`, the same rows
-//! for people and the reward model's loader. Both are rewritten whole and
-//! renamed into place before a submission is acknowledged, so a crash
-//! loses no acknowledged label and leaves no half-written file.
+//! for people and the reward model's loader. A submission is appended to
+//! `labels.jsonl` and on disk (fsync) before it is acknowledged, so a crash
+//! loses no acknowledged label; `labels.parquet` is rewritten whole, off the
+//! request path, and always when the queue is opened, done or closed.
+//!
+//! One process writes a queue at a time: [`Queue::open`] takes the
+//! folder's OS lock (`.lock`), and a second server or an import beside a
+//! running one is refused naming the holder's pid.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use polars::prelude::*;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::atomic;
@@ -40,6 +42,10 @@ pub enum LabelError {
     Answered { group: usize, labeller: String },
     #[error("ranking {ranking:?}: expected {k} ranks, each in 0..{k} (0 the best; equal ranks are ties)")]
     BadRanking { ranking: Vec<i64>, k: usize },
+    #[error("{0}")]
+    SaysNothing(String),
+    #[error("{dir}: another rlhf process (pid {pid}) has this labelling queue open; labels reach it only through that process (its page), or stop it first")]
+    Busy { dir: PathBuf, pid: String },
 }
 
 /// One prompt and its sampled answers.
@@ -121,6 +127,8 @@ pub struct ImportCounts {
     pub added: usize,
     /// Labels the queue already holds (same group, same labeller).
     pub already_there: usize,
+    /// Labels that say nothing (every answer tied), left out.
+    pub says_nothing: usize,
 }
 
 /// A queue's labels in numbers, for a round's summary and `rlhf eval`.
@@ -140,15 +148,11 @@ pub struct LabelSummary {
     pub median_seconds: Option<f64>,
 }
 
-/// A round's queue, loaded.
-#[derive(Debug)]
-pub struct Queue {
-    dir: PathBuf,
-    groups: Vec<Group>,
-    labels_per_group: usize,
-    served: BTreeMap<(usize, String), Served>,
-    rows: Vec<LabelRow>,
-}
+mod log;
+mod queue;
+mod table;
+
+pub use queue::{read_groups, Queue, DEFAULT_LEASE_MS, LOCK_FILE};
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -163,359 +167,13 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> LabelError {
     }
 }
 
-/// Each line of a JSON-lines file; a torn last line (a crash while it was
-/// written, before it was acknowledged) is dropped.
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, LabelError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(file_err(path, e)),
-    };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut out = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str(line) {
-            Ok(v) => out.push(v),
-            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
-            Err(e) => return Err(file_err(path, format!("line {}: {e}", i + 1))),
-        }
-    }
-    Ok(out)
-}
-
 impl Queue {
-    /// The queue in `dir`: created with `groups` the first time, read back
-    /// (its groups unchanged, its labels kept) after that.
-    pub fn open(dir: &Path, groups: &[Group], labels_per_group: usize) -> Result<Self, LabelError> {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-        let path = dir.join(GROUPS_FILE);
-        let groups = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| file_err(&path, e))?,
-            Err(_) => {
-                let text = serde_json::to_string_pretty(groups).expect("groups serialise");
-                atomic::write_file(&path, text.as_bytes()).map_err(|e| file_err(&path, e))?;
-                groups.to_vec()
-            }
-        };
-        let served = read_jsonl::<Served>(&dir.join(SERVED_FILE))?
-            .into_iter()
-            .map(|s| ((s.group, s.labeller.clone()), s))
-            .collect();
-        let rows = read_jsonl(&dir.join(LABELS_FILE))?;
-        let queue = Self {
-            dir: dir.to_owned(),
-            groups,
-            labels_per_group: labels_per_group.max(1),
-            served,
-            rows,
-        };
-        queue.write_parquet()?;
-        Ok(queue)
-    }
-
-    /// A round's queue for `groups`: resumed when it was made for these
-    /// same groups. When it holds others (the round sampled again, from a
-    /// retrained policy), it is moved aside whole to `<dir>-superseded-N`
-    /// (people's labels are never deleted, nor used for answers they did
-    /// not see) and a new one is made; returns where the old one went.
-    pub fn open_for_round(
-        dir: &Path,
-        groups: &[Group],
-        labels_per_group: usize,
-    ) -> Result<(Self, Option<PathBuf>), LabelError> {
-        let path = dir.join(GROUPS_FILE);
-        let mut moved = None;
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let kept: Vec<Group> = serde_json::from_str(&text).map_err(|e| file_err(&path, e))?;
-            if kept != groups {
-                let name = dir
-                    .file_name()
-                    .map_or_else(|| "queue".into(), |n| n.to_string_lossy().into_owned());
-                let to = (1..)
-                    .map(|n| dir.with_file_name(format!("{name}-superseded-{n}")))
-                    .find(|p| !p.exists())
-                    .expect("a free name");
-                std::fs::rename(dir, &to).map_err(|e| file_err(dir, e))?;
-                moved = Some(to);
-            }
-        }
-        Ok((Self::open(dir, groups, labels_per_group)?, moved))
-    }
-
-    pub fn groups(&self) -> &[Group] {
-        &self.groups
-    }
-
-    pub fn rows(&self) -> &[LabelRow] {
-        &self.rows
-    }
-
-    /// Labels that count for a group: rankings and "not rankable", not skips.
-    fn labels_of(&self, group: usize) -> usize {
-        self.rows
-            .iter()
-            .filter(|r| r.group as usize == group && !r.skipped)
-            .count()
-    }
-
-    fn answered(&self, group: usize, labeller: &str) -> bool {
-        self.rows
-            .iter()
-            .any(|r| r.group as usize == group && r.labeller == labeller)
-    }
-
-    /// Groups still needing labels, and all groups.
-    pub fn progress(&self) -> (usize, usize) {
-        let left = (0..self.groups.len())
-            .filter(|&g| self.labels_of(g) < self.labels_per_group)
-            .count();
-        (left, self.groups.len())
-    }
-
-    pub fn done(&self) -> bool {
-        self.progress().0 == 0
-    }
-
-    /// The next group for `labeller` (one they were shown and did not
-    /// answer comes first), its answers shuffled for them; recorded.
-    pub fn serve(&mut self, labeller: &str) -> Result<Option<Served>, LabelError> {
-        let open = |g: usize| !self.answered(g, labeller);
-        if let Some(s) = self
-            .served
-            .values()
-            .find(|s| s.labeller == labeller && open(s.group))
-        {
-            return Ok(Some(s.clone()));
-        }
-        let Some(group) =
-            (0..self.groups.len()).find(|&g| open(g) && self.labels_of(g) < self.labels_per_group)
-        else {
-            return Ok(None);
-        };
-        let mut order: Vec<usize> = (0..self.groups[group].responses.len()).collect();
-        let seed = group as u64
-            ^ labeller
-                .bytes()
-                .fold(0u64, |h, b| h.wrapping_mul(31) ^ b as u64);
-        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        let served = Served {
-            group,
-            labeller: labeller.to_owned(),
-            order,
-            shown_at: now_ms(),
-        };
-        let path = self.dir.join(SERVED_FILE);
-        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-        text.push_str(&serde_json::to_string(&served).expect("serialises"));
-        text.push('\n');
-        atomic::write_file(&path, text.as_bytes()).map_err(|e| file_err(&path, e))?;
-        self.served
-            .insert((group, labeller.to_owned()), served.clone());
-        Ok(Some(served))
-    }
-
-    /// Checks and stores a submission; nothing changes when it is refused.
-    pub fn submit(&mut self, s: &Submission) -> Result<&LabelRow, LabelError> {
-        let group = self
-            .groups
-            .get(s.group)
-            .ok_or(LabelError::NoSuchGroup(s.group))?;
-        let served = self
-            .served
-            .get(&(s.group, s.labeller.clone()))
-            .ok_or_else(|| LabelError::NotServed {
-                group: s.group,
-                labeller: s.labeller.clone(),
-            })?;
-        if self.answered(s.group, &s.labeller) {
-            return Err(LabelError::Answered {
-                group: s.group,
-                labeller: s.labeller.clone(),
-            });
-        }
-        let k = group.responses.len();
-        let ranked = !(s.skipped || s.not_rankable);
-        check_ranking(ranked, &s.ranking, k)?;
-        // Back from the shown order to the group's own.
-        let mut ranking = vec![0; if ranked { k } else { 0 }];
-        if ranked {
-            for (shown, &index) in served.order.iter().enumerate() {
-                ranking[index] = s.ranking[shown];
-            }
-        }
-        let submitted_at = now_ms();
-        let row = LabelRow {
-            group: s.group as i64,
-            prompt: group.prompt.clone(),
-            responses: group.responses.clone(),
-            ranking,
-            labeller: s.labeller.clone(),
-            shown_at: served.shown_at,
-            submitted_at,
-            seconds: (submitted_at - served.shown_at) as f64 / 1000.0,
-            not_rankable: s.not_rankable,
-            skipped: s.skipped,
-            reason: s.reason.clone(),
-            comment: s.comment.clone(),
-            round: group.round,
-            policy: group.policy.clone(),
-        };
-        self.rows.push(row);
-        if let Err(e) = self.write_rows() {
-            self.rows.pop();
-            return Err(e);
-        }
-        Ok(self.rows.last().expect("just pushed"))
-    }
-
-    /// Adds labels given elsewhere, checked as submissions are (the group
-    /// exists, K ranks in 0..K); one a labeller already gave for a group
-    /// is counted and left out, so importing a file twice adds nothing.
-    /// All or nothing: one bad label refuses the whole import.
-    pub fn import(&mut self, labels: &[Imported]) -> Result<ImportCounts, LabelError> {
-        for l in labels {
-            let group = self
-                .groups
-                .get(l.group)
-                .ok_or(LabelError::NoSuchGroup(l.group))?;
-            let ranked = !(l.skipped || l.not_rankable);
-            check_ranking(ranked, &l.ranking, group.responses.len())?;
-        }
-        let mut counts = ImportCounts::default();
-        let before = self.rows.len();
-        for l in labels {
-            let group = &self.groups[l.group];
-            let ranked = !(l.skipped || l.not_rankable);
-            if self.answered(l.group, &l.labeller) {
-                counts.already_there += 1;
-                continue;
-            }
-            let seconds = if l.seconds.is_finite() {
-                l.seconds.max(0.0)
-            } else {
-                0.0
-            };
-            self.rows.push(LabelRow {
-                group: l.group as i64,
-                prompt: group.prompt.clone(),
-                responses: group.responses.clone(),
-                ranking: if ranked { l.ranking.clone() } else { vec![] },
-                labeller: l.labeller.clone(),
-                shown_at: l.submitted_at - (seconds * 1000.0) as i64,
-                submitted_at: l.submitted_at,
-                seconds,
-                not_rankable: l.not_rankable,
-                skipped: l.skipped,
-                reason: l.reason.clone(),
-                comment: l.comment.clone(),
-                round: group.round,
-                policy: group.policy.clone(),
-            });
-            counts.added += 1;
-        }
-        if counts.added > 0 {
-            if let Err(e) = self.write_rows() {
-                self.rows.truncate(before);
-                return Err(e);
-            }
-        }
-        Ok(counts)
-    }
-
-    fn write_rows(&self) -> Result<(), LabelError> {
-        let path = self.dir.join(LABELS_FILE);
-        let mut text = String::new();
-        for r in &self.rows {
-            text.push_str(&serde_json::to_string(r).expect("rows serialise"));
-            text.push('\n');
-        }
-        atomic::write_file(&path, text.as_bytes()).map_err(|e| file_err(&path, e))?;
-        self.write_parquet()
-    }
-
-    fn write_parquet(&self) -> Result<(), LabelError> {
-        let path = self.dir.join(LABELS_PARQUET);
-        let rows = &self.rows;
-        let list = |f: &dyn Fn(&LabelRow) -> Series| -> Series {
-            Series::new("".into(), rows.iter().map(f).collect::<Vec<_>>())
-        };
-        let col = |name: &str, s: Series| -> Column { s.with_name(name.into()).into() };
-        let strings = |f: fn(&LabelRow) -> &str| {
-            Series::new("".into(), rows.iter().map(f).collect::<Vec<_>>())
-        };
-        let mut df = DataFrame::new_infer_height(vec![
-            col(
-                "group",
-                Series::new("".into(), rows.iter().map(|r| r.group).collect::<Vec<_>>()),
-            ),
-            col("prompt", strings(|r| &r.prompt)),
-            col(
-                "responses",
-                list(&|r| {
-                    Series::new(
-                        "".into(),
-                        r.responses.iter().map(String::as_str).collect::<Vec<_>>(),
-                    )
-                }),
-            ),
-            col(
-                "ranking",
-                list(&|r| Series::new("".into(), r.ranking.clone())),
-            ),
-            col("labeller", strings(|r| &r.labeller)),
-            col(
-                "shown_at",
-                Series::new(
-                    "".into(),
-                    rows.iter().map(|r| r.shown_at).collect::<Vec<_>>(),
-                ),
-            ),
-            col(
-                "submitted_at",
-                Series::new(
-                    "".into(),
-                    rows.iter().map(|r| r.submitted_at).collect::<Vec<_>>(),
-                ),
-            ),
-            col(
-                "seconds",
-                Series::new(
-                    "".into(),
-                    rows.iter().map(|r| r.seconds).collect::<Vec<_>>(),
-                ),
-            ),
-            col(
-                "not_rankable",
-                Series::new(
-                    "".into(),
-                    rows.iter().map(|r| r.not_rankable).collect::<Vec<_>>(),
-                ),
-            ),
-            col(
-                "skipped",
-                Series::new(
-                    "".into(),
-                    rows.iter().map(|r| r.skipped).collect::<Vec<_>>(),
-                ),
-            ),
-            col("reason", strings(|r| &r.reason)),
-            col("comment", strings(|r| &r.comment)),
-            col(
-                "round",
-                Series::new("".into(), rows.iter().map(|r| r.round).collect::<Vec<_>>()),
-            ),
-            col("policy", strings(|r| &r.policy)),
-        ])
-        .map_err(|e| file_err(&path, e))?;
-        crate::load::write_parquet(&path, &mut df).map_err(|e| file_err(&path, e))
-    }
-
     /// The rankings the reward model learns from: one group per ranked
     /// label (skips and "not rankable" dropped), and how many were dropped.
     pub fn ranked_groups(&self) -> (Vec<RankedGroup>, usize) {
         let mut dropped = 0;
         let mut out = Vec::new();
-        for r in &self.rows {
+        for r in self.rows() {
             if r.skipped || r.not_rankable {
                 dropped += 1;
                 continue;
@@ -535,8 +193,8 @@ impl Queue {
     /// the mean Kendall's tau-b between two labellers' rankings.
     pub fn agreement(&self) -> Option<(f64, f64)> {
         let mut by_group: BTreeMap<i64, Vec<&LabelRow>> = BTreeMap::new();
-        for r in self.rows.iter().filter(|r| !r.skipped && !r.not_rankable) {
-            by_group.entry(r.group).or_default().push(r);
+        for r in self.rows().iter().filter(|r| !r.skipped && !r.not_rankable) {
+            by_group.entry(r.group).or_default().push(r.as_ref());
         }
         let (mut agree, mut pairs, mut taus) = (0usize, 0usize, Vec::new());
         for rows in by_group.values().filter(|v| v.len() >= 2) {
@@ -557,10 +215,10 @@ impl Queue {
 
     /// The labels in numbers.
     pub fn summary(&self) -> LabelSummary {
-        let count = |f: fn(&LabelRow) -> bool| self.rows.iter().filter(|r| f(r)).count();
+        let count = |f: fn(&LabelRow) -> bool| self.rows().iter().filter(|r| f(r)).count();
         // Ranked labels with a known time (an import may not say).
         let mut seconds: Vec<f64> = self
-            .rows
+            .rows()
             .iter()
             .filter(|r| !r.skipped && !r.not_rankable && r.seconds > 0.0)
             .map(|r| r.seconds)
@@ -568,8 +226,8 @@ impl Queue {
         seconds.sort_by(f64::total_cmp);
         let agreement = self.agreement();
         LabelSummary {
-            groups: self.groups.len(),
-            labels_per_group: self.labels_per_group,
+            groups: self.groups().len(),
+            labels_per_group: self.labels_per_group(),
             labellers: self.labellers().len(),
             ranked: count(|r| !r.skipped && !r.not_rankable),
             skipped: count(|r| r.skipped),
@@ -582,7 +240,7 @@ impl Queue {
 
     /// Labellers who answered at least one group.
     pub fn labellers(&self) -> BTreeSet<String> {
-        self.rows.iter().map(|r| r.labeller.clone()).collect()
+        self.rows().iter().map(|r| r.labeller.clone()).collect()
     }
 }
 
@@ -627,6 +285,7 @@ fn compare(a: &[i64], b: &[i64]) -> (usize, usize, Option<f64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn groups() -> Vec<Group> {
         (0..3)
@@ -835,12 +494,14 @@ mod tests {
     fn the_reward_models_loader_reads_the_parquet_rows_and_counts_the_skips() {
         let d = tempfile::tempdir().unwrap();
         let mut q = Queue::open(d.path(), &groups(), 1).unwrap();
+        let mut shown = None;
         for (i, (skipped, not_rankable)) in [(false, false), (true, false), (false, true)]
             .into_iter()
             .enumerate()
         {
             let s = q.serve("ann").unwrap().unwrap();
             assert_eq!(s.group, i);
+            shown.get_or_insert(s.order.clone());
             q.submit(&Submission {
                 group: s.group,
                 labeller: "ann".into(),
@@ -855,6 +516,7 @@ mod tests {
             })
             .unwrap();
         }
+        q.flush().unwrap();
         let path = d.path().join(LABELS_PARQUET);
         let r = crate::preference::ranked_groups(&crate::load::read_table(&path).unwrap(), &path)
             .unwrap();
@@ -863,7 +525,7 @@ mod tests {
             (1, 2, vec![0])
         );
         // The tie survives: answers 0 and 2 share rank 1 in the shown order.
-        let shown = &q.served[&(0, "ann".to_owned())].order;
+        let shown = shown.unwrap();
         let mut own = [0i64; 3];
         for (pos, &idx) in shown.iter().enumerate() {
             own[idx] = [1, 0, 1][pos];
@@ -874,5 +536,130 @@ mod tests {
             .skipped_note()
             .unwrap()
             .contains("2 skipped or not rankable"));
+    }
+
+    fn ranked(q: &mut Queue, who: &str) -> Arc<LabelRow> {
+        let s = q.serve(who).unwrap().unwrap();
+        q.submit(&Submission {
+            group: s.group,
+            labeller: who.into(),
+            ranking: in_shown_order(&s),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn one_process_writes_a_queue_and_a_second_is_refused_naming_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(d.path(), &groups(), 1).unwrap();
+        ranked(&mut q, "ann");
+        let e = Queue::open(d.path(), &[], 1).unwrap_err();
+        assert!(matches!(e, LabelError::Busy { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        let e = Queue::open_for_round(d.path(), &groups(), 1).unwrap_err();
+        assert!(matches!(e, LabelError::Busy { .. }), "{e}");
+        // The groups can still be read, without the lock (an export).
+        assert_eq!(read_groups(d.path()).unwrap().len(), 3);
+        drop(q);
+        let q = Queue::open(d.path(), &[], 1).unwrap();
+        assert_eq!((q.rows().len(), q.progress()), (1, (2, 3)));
+    }
+
+    #[test]
+    fn people_working_at_once_are_given_different_groups_until_a_lease_runs_out() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(d.path(), &groups(), 1).unwrap();
+        let shown: Vec<usize> = ["ann", "bob", "cy"]
+            .iter()
+            .map(|who| q.serve(who).unwrap().unwrap().group)
+            .collect();
+        assert_eq!(shown, [0, 1, 2], "each is given a group nobody holds");
+        // All held: the next person gets one anyway (the least held).
+        assert_eq!(q.serve("dee").unwrap().unwrap().group, 0);
+        // bob answers; his group is done and nobody is given it again.
+        q.submit(&Submission {
+            group: 1,
+            labeller: "bob".into(),
+            ranking: vec![0, 1, 2],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(q.serve("bob").unwrap().unwrap().group, 2, "the least held");
+        // A lease that has run out no longer holds its group.
+        let mut q2 = {
+            drop(q);
+            Queue::open(d.path(), &[], 1).unwrap()
+        };
+        q2.set_lease(0);
+        assert_eq!(q2.serve("eve").unwrap().unwrap().group, 0);
+        assert_eq!(q2.progress(), (2, 3));
+    }
+
+    #[test]
+    fn labels_that_say_nothing_are_refused_and_an_import_leaves_them_out() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(d.path(), &groups(), 1).unwrap();
+        let s = q.serve("ann").unwrap().unwrap();
+        let sub = |ranking: Vec<i64>, skipped: bool, not_rankable: bool| Submission {
+            group: s.group,
+            labeller: "ann".into(),
+            ranking,
+            skipped,
+            not_rankable,
+            ..Default::default()
+        };
+        for bad in [
+            sub(vec![], true, true),
+            sub(vec![1, 1, 1], false, false),
+            sub(vec![0, 1, 2], true, false),
+            sub(vec![0, 1, 2], false, true),
+        ] {
+            let e = q.submit(&bad).unwrap_err();
+            assert!(matches!(e, LabelError::SaysNothing(_)), "{e}");
+        }
+        assert!(q.rows().is_empty() && q.answered_by("ann") == 0);
+        let tied = Imported {
+            group: 1,
+            labeller: "ls:1".into(),
+            ranking: vec![2, 2, 2],
+            ..Default::default()
+        };
+        let ok = Imported {
+            group: 2,
+            ranking: vec![0, 1, 2],
+            ..tied.clone()
+        };
+        let counts = q.import(&[tied, ok]).unwrap();
+        assert_eq!((counts.added, counts.says_nothing), (1, 1));
+        assert_eq!(q.progress(), (2, 3));
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_files_are_removed_when_the_queue_opens() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Queue::open(d.path(), &groups(), 1).unwrap());
+        let stale = d.path().join(".labels.parquet.tmp-4294967294");
+        std::fs::write(&stale, "half").unwrap();
+        drop(Queue::open(d.path(), &[], 1).unwrap());
+        assert!(!stale.exists());
+    }
+
+    #[test]
+    fn counts_kept_as_labels_arrive_equal_those_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(d.path(), &groups(), 2).unwrap();
+        for who in ["ann", "bob", "ann", "cy"] {
+            ranked(&mut q, who);
+        }
+        let live = (q.progress(), q.answered_by("ann"), q.rows().len());
+        drop(q);
+        let q = Queue::open(d.path(), &[], 2).unwrap();
+        assert_eq!(live, (q.progress(), q.answered_by("ann"), q.rows().len()));
+        assert_eq!(live, ((1, 3), 2, 4));
     }
 }

@@ -174,3 +174,94 @@ fn stages_render_conversations_with_the_folders_template() {
     let prompts = rlhf_datasets::load::string_column(&rows, &rollouts, "prompt", "").unwrap();
     assert_eq!(prompts[0], "<|user|>Sort: 5 1<|endoftext|><|assistant|>");
 }
+
+fn folder_with_template(dir: &std::path::Path, template: &str) {
+    rlhf_datasets::Tokenizer::bytes()
+        .save(&dir.join("tokenizer.json"))
+        .unwrap();
+    let config = json!({"chat_template": template, "eos_token": "<|endoftext|>"});
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
+
+/// A model folder's template is code from elsewhere: one that loops
+/// without end runs out of its step budget, one that writes without end
+/// stops at the rendering cap, and one that never writes assistant turns
+/// is named; each error names the template's file.
+#[test]
+fn a_hostile_template_is_stopped_and_named() {
+    let d = tempfile::tempdir().unwrap();
+    let conversation = [
+        Message::new("user", "hi"),
+        Message::new("assistant", "hello"),
+    ];
+    for (template, expected) in [
+        (
+            "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}",
+            "does it loop without end?",
+        ),
+        (
+            "{% for a in range(10000) %}{% for b in range(10000) %}{{ 'x' * 1000 }}{% endfor %}{% endfor %}",
+            "grew past 16 MiB",
+        ),
+        (
+            "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
+            "does not write assistant turns",
+        ),
+    ] {
+        folder_with_template(d.path(), template);
+        let t = JinjaTemplate::from_model_dir(d.path()).unwrap().unwrap();
+        let t0 = std::time::Instant::now();
+        let e = t
+            .render_with_assistant_spans(&conversation)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expected), "{e}");
+        assert!(e.contains("tokenizer_config.json"), "names the file: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{expected}: {:?}", t0.elapsed());
+    }
+}
+
+/// A template that doubles a string fills no machine: `rlhf run` stops at
+/// the memory cap on one rendering, naming the template, within seconds.
+#[test]
+fn a_template_that_doubles_a_string_stops_the_run_at_its_memory_cap() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base");
+    common::rlhf_ok(&[
+        "init",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--n-positions",
+        "64",
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    let doubling = "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}{% for m in messages %}{{ m.content }}{% endfor %}";
+    let config = json!({"chat_template": doubling, "eos_token": "<|endoftext|>"});
+    std::fs::write(base.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let row = json!({"messages": [{"role": "user", "content": "Sort: 2 1"}, {"role": "assistant", "content": "1 2"}]});
+    std::fs::write(d.path().join("sft.jsonl"), format!("{row}\n").repeat(8)).unwrap();
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: t\ndevice: cpu\nstages:\n  sft: {kind: sft, init: base, data: sft.jsonl, max_steps: 1, batch_size: 2}\n",
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let out = common::rlhf(&["run", exp.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("held over 512 MiB") && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(120),
+        "{:?}",
+        t0.elapsed()
+    );
+}

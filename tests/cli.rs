@@ -230,6 +230,42 @@ fn bad_inputs_get_clear_errors() {
         "generate", "--model", &m, "--prompt", "x", "--device", "tpu",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
+
+    // No answer of no tokens: refused, not one token.
+    let out = rlhf(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--max-new-tokens: must be at least 1"),
+        "{err}"
+    );
+
+    // A non-finite model setting given with --set is named, with its --set.
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: t\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 32}\nstages:\n  sft: {kind: sft, data: sft.jsonl}\n",
+    )
+    .unwrap();
+    let out = rlhf(&[
+        "plan",
+        exp.to_str().unwrap(),
+        "--set",
+        "model.layer_norm_epsilon=.inf",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.layer_norm_epsilon: must be a finite number")
+            && err.contains("(from --set model.layer_norm_epsilon=.inf)"),
+        "{err}"
+    );
 }
 
 #[test]

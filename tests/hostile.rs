@@ -348,6 +348,54 @@ fn what_rlhf_did_not_make_is_left_alone_and_a_run_folder_runs_nothing() {
     );
 }
 
+/// Another run's folder can neither stop this run nor slip it weights: a
+/// FIFO as a manifest is passed over, a stray file is not copied in, and
+/// a checkpoint without its checksum list is not trusted, there or here.
+#[test]
+fn another_runs_folder_cannot_stop_or_fool_this_run() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "a", "sft");
+    common::rlhf_ok(&["run", exp.to_str().unwrap()]);
+    let runs = d.path().join("exp/runs");
+    std::fs::write(runs.join("a/sft/stray.bin"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::create_dir_all(runs.join("x/sft")).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(runs.join("x/sft/manifest.json"))
+        .status()
+        .unwrap()
+        .success());
+    let text = std::fs::read_to_string(&exp).unwrap();
+    std::fs::write(&exp, text.replace("name: \"a\"", "name: \"b\"")).unwrap();
+    let t0 = Instant::now();
+    let out = rlhf(&["run", exp.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the FIFO blocked the run"
+    );
+    assert!(err.contains("copied from"), "{err}");
+    assert!(
+        !runs.join("b/sft/stray.bin").exists(),
+        "a stray file was copied"
+    );
+    assert!(runs.join("b/sft/checkpoint/model.safetensors").exists());
+
+    // This run's own checkpoint without its list: run again, not cached.
+    std::fs::remove_file(runs.join("b/sft/checkpoint/checksums.sha256")).unwrap();
+    // And the sibling's: not copied either.
+    std::fs::remove_file(runs.join("a/sft/checkpoint/checksums.sha256")).unwrap();
+    let out = rlhf(&["run", exp.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no checksums.sha256"), "{err}");
+    assert!(!err.contains("copied from"), "{err}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("b/sft/manifest.json")).unwrap()).unwrap();
+    assert!(manifest.get("copied_from").is_none(), "{manifest}");
+    assert!(runs.join("b/sft/checkpoint/checksums.sha256").exists());
+}
+
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let out = Command::new("pgrep")

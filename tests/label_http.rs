@@ -96,6 +96,11 @@ fn a_scripted_labeller_through_the_http_api() {
     server.wait().unwrap();
 }
 
+/// `rlhf label import QUEUE --format FORMAT FILE`.
+fn label_import(queue: &str, format: &str, file: &str) -> std::process::Output {
+    common::rlhf(&["label", "import", queue, "--format", format, file])
+}
+
 fn write_groups(queue: &Path, n: usize) {
     std::fs::create_dir_all(queue).unwrap();
     let groups: Vec<serde_json::Value> = (0..n)
@@ -164,14 +169,7 @@ fn a_served_queue_has_one_writer_and_a_revoked_token_stops_at_once() {
         "result": [{"type": "ranker", "from_name": "rank", "to_name": "answers",
                     "value": {"ranker": {"rank_1": ["a1"], "rank_2": ["a0"], "rank_3": ["a2"]}}}]}]);
     std::fs::write(&export, tasks.to_string()).unwrap();
-    let import = common::rlhf(&[
-        "label",
-        "import",
-        q,
-        "--format",
-        "label-studio",
-        export.to_str().unwrap(),
-    ]);
+    let import = label_import(q, "label-studio", export.to_str().unwrap());
     let err = String::from_utf8_lossy(&import.stderr);
     assert!(
         !import.status.success(),
@@ -209,16 +207,13 @@ fn a_served_queue_has_one_writer_and_a_revoked_token_stops_at_once() {
     assert_eq!(labelled_rows(&queue, 3), 3);
 }
 
-/// A loop round with `labeller: {kind: web}`: the run waits while a
-/// scripted labeller ranks the round's groups through the API, then the
-/// round's reward model trains on them.
-#[test]
-fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
-    let d = tempfile::tempdir().unwrap();
-    common::task_head("sft.jsonl", &d.path().join("sft.jsonl"), 40);
-    common::task_head("preferences.jsonl", &d.path().join("prefs.jsonl"), 20);
-    common::task_head("prompts.jsonl", &d.path().join("prompts.jsonl"), 8);
-    let exp = d.path().join("exp.yaml");
+/// A tiny experiment whose one loop round is labelled through the web
+/// page (2 labels per group, 3 groups).
+fn web_experiment(dir: &Path) -> std::path::PathBuf {
+    common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 40);
+    common::task_head("preferences.jsonl", &dir.join("prefs.jsonl"), 20);
+    common::task_head("prompts.jsonl", &dir.join("prompts.jsonl"), 8);
+    let exp = dir.join("exp.yaml");
     std::fs::write(
         &exp,
         "name: web\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\
@@ -229,6 +224,10 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
          labeller: {kind: web, labels_per_group: 2, bind: '127.0.0.1:0', timeout_seconds: 600}}\n",
     )
     .unwrap();
+    exp
+}
+
+fn spawn_run(exp: &Path) -> common::Drained {
     let run = Command::new(env!("CARGO_BIN_EXE_rlhf"))
         .args(["run", exp.to_str().unwrap()])
         .env("RLHF_THREADS", "1")
@@ -236,7 +235,96 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut run = common::Drained::new(run);
+    common::Drained::new(run)
+}
+
+/// The page's port once `queue/address` is written (by a server started
+/// after `since`).
+fn page_port(run: &mut common::Drained, queue: &Path, since: std::time::SystemTime) -> u16 {
+    let address = queue.join("address");
+    run.wait_until(
+        "the round's labelling page",
+        std::time::Duration::from_secs(600),
+        || {
+            std::fs::metadata(&address)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+        },
+    );
+    let text = std::fs::read_to_string(&address).unwrap();
+    text.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A round's page is a child of its runner: SIGKILL the runner and the
+/// page stops within seconds (it is the queue's one writer, so it must not
+/// outlive the run); the rerun serves the queue again, its label kept.
+#[test]
+fn a_rounds_page_ends_with_its_runner_and_the_rerun_serves_its_queue() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = web_experiment(d.path());
+    let queue = d.path().join("runs/web/round-1/queue");
+    let mut run = spawn_run(&exp);
+    let port = page_port(&mut run, &queue, std::time::UNIX_EPOCH);
+    let token = common::rlhf_ok(&["label", "token", "ann", "--queue", queue.to_str().unwrap()]);
+    let token = token.trim();
+    let (status, body) = common::http(port, "GET", "/api/next", Some(token), "");
+    assert_eq!(status, 200, "{body}");
+    let next: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shown = next["responses"].as_array().unwrap();
+    let submit = match shown[0] == shown[1] {
+        true => serde_json::json!({"group": next["group"], "not_rankable": true}),
+        false => serde_json::json!({"group": next["group"], "ranking": [0, 1]}),
+    };
+    let (status, body) = common::http(
+        port,
+        "POST",
+        "/api/submit",
+        Some(token),
+        &submit.to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    run.kill();
+    let t0 = std::time::Instant::now();
+    while listening(port) && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!listening(port), "the page outlived its runner");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    let since = std::time::SystemTime::now();
+    let mut rerun = spawn_run(&exp);
+    let port = page_port(&mut rerun, &queue, since);
+    let (status, body) = common::http(port, "GET", "/api/next", Some(token), "");
+    assert_eq!(status, 200, "{body}");
+    let next: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        next["yours"], 1,
+        "the label given before the kill is kept: {body}"
+    );
+    rerun.kill();
+    let t0 = std::time::Instant::now();
+    while listening(port) && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A loop round with `labeller: {kind: web}`: the run waits while a
+/// scripted labeller ranks the round's groups through the API, then the
+/// round's reward model trains on them.
+#[test]
+fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = web_experiment(d.path());
+    let mut run = spawn_run(&exp);
     let queue = d.path().join("runs/web/round-1/queue");
     run.wait_until(
         "the round's labelling page",
@@ -369,15 +457,7 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
 fn a_queue_goes_to_label_studio_and_argilla_and_its_labels_come_back() {
     let d = tempfile::tempdir().unwrap();
     let queue = d.path().join("queue");
-    std::fs::create_dir(&queue).unwrap();
-    let groups: Vec<serde_json::Value> = (0..2)
-        .map(|i| serde_json::json!({"prompt": format!("Sort: {i} 1"), "round": 1, "policy": "ppo", "responses": ["1 0", "0 1", "1 1"]}))
-        .collect();
-    std::fs::write(
-        queue.join("groups.json"),
-        serde_json::to_string(&groups).unwrap(),
-    )
-    .unwrap();
+    write_groups(&queue, 2);
     let q = queue.to_str().unwrap();
     let tasks_file = d.path().join("tasks.json");
     common::rlhf_ok(&[
@@ -479,14 +559,7 @@ fn a_queue_goes_to_label_studio_and_argilla_and_its_labels_come_back() {
     // Another queue's export is refused by name, and adds nothing.
     records[0]["fields"]["prompt"] = serde_json::json!("Sort: 9 9");
     std::fs::write(&records_file, records.to_string()).unwrap();
-    let out = common::rlhf(&[
-        "label",
-        "import",
-        q,
-        "--format",
-        "argilla",
-        records_file.to_str().unwrap(),
-    ]);
+    let out = label_import(q, "argilla", records_file.to_str().unwrap());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()

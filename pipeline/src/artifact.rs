@@ -154,6 +154,12 @@ fn hash_input(path: &Path) -> std::io::Result<String> {
     Ok(hash)
 }
 
+/// The key a stage folder was started with, if it holds a readable one (a
+/// FIFO or a device in its place is not waited on).
+pub fn started_key(dir: &Path) -> Option<String> {
+    rlhf_datasets::files::read_bounded(&dir.join(KEY_FILE), 4096, "the limit for a key").ok()
+}
+
 /// Largest manifest read: settings, input hashes and a summary.
 const MAX_MANIFEST: u64 = 16 << 20;
 

@@ -3,6 +3,7 @@
 //! than leaving them running, parented to init; and, in a child, the
 //! watch that stops it when the runner that started it dies.
 
+use std::io::Write;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -63,7 +64,13 @@ pub fn stop_when_orphaned() {
         while std::os::unix::process::parent_id() == parent {
             std::thread::sleep(Duration::from_millis(200));
         }
-        eprintln!("the runner that started this stage is gone: stopping after the current step");
+        // Not eprintln!: the runner read this process's stderr, and with
+        // it gone the write fails; eprintln! would panic this thread and
+        // the stage would never stop.
+        let _ = writeln!(
+            std::io::stderr(),
+            "the runner that started this stage is gone: stopping after the current step"
+        );
         rlhf_stages::train::request_interrupt();
         std::thread::sleep(2 * GRACE);
         stop_all();

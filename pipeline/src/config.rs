@@ -153,7 +153,8 @@ impl SlurmSettings {
         }
         for f in self.sbatch_flags.iter().flatten() {
             word("sbatch_flags", f)?;
-            if !f.starts_with('-') {
+            let name = f.strip_prefix("--").or_else(|| f.strip_prefix('-'));
+            if !name.is_some_and(|n| n.starts_with(|c: char| c.is_ascii_alphabetic())) {
                 return Err(format!(
                     "slurm.sbatch_flags: `{f}` is not a flag (e.g. --qos=high)"
                 ));
@@ -418,13 +419,15 @@ impl Experiment {
         crate::sweep::expand(&mut value, refs).map_err(&invalid)?;
         // Parse from the text when nothing was overridden or swept, so that
         // errors carry the file's line and column.
+        // With overrides or sweeps, the changed value is parsed from its
+        // own text too: serde names a field's path only when it reads text.
         let spec: ExperimentFile = if overrides.is_empty() && !swept {
             serde_norway::from_str(&text)
         } else {
-            serde_norway::from_value(value)
+            from_value_with_paths(value)
         }
         .map_err(|e| {
-            let message = e.to_string();
+            let message = dotted(&e.to_string());
             if overrides.is_empty() && !swept {
                 invalid(locate_stage_error(
                     &text,
@@ -725,17 +728,68 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
 }
 
 /// A setting every stage kind takes, removed from the stage's mapping;
-/// an error names it (`.executor: ...`).
+/// an error names it and the field inside it (`.slurm.cpus_per_task: ...`).
 fn take_setting<T: serde::de::DeserializeOwned>(
     map: &mut serde_norway::Mapping,
     field: &str,
 ) -> Result<Option<T>, String> {
     match map.remove(field) {
         None | Some(serde_norway::Value::Null) => Ok(None),
-        Some(v) => serde_norway::from_value(v)
-            .map(Some)
-            .map_err(|e| format!(".{field}: {e}")),
+        Some(v) => from_value_with_paths(v).map(Some).map_err(|e| {
+            let message = e.to_string();
+            let message = without_position(&message);
+            match message.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => format!(".{field}.{path}: {rest}"),
+                _ => format!(".{field}: {message}"),
+            }
+        }),
     }
+}
+
+/// Parses a YAML value through its text, so that an error names the path
+/// of the field at fault (`distributed.nproc_per_node: ...`), as parsing
+/// the file does; the line and column of that text, which would mislead,
+/// are dropped.
+fn from_value_with_paths<T: serde::de::DeserializeOwned>(
+    value: serde_norway::Value,
+) -> Result<T, serde_norway::Error> {
+    let text = match serde_norway::to_string(&value) {
+        Ok(t) => t,
+        Err(_) => return serde_norway::from_value(value),
+    };
+    serde_norway::from_str(&text).map_err(|e| {
+        <serde_norway::Error as serde::de::Error>::custom(without_position(&e.to_string()))
+    })
+}
+
+/// `model: layer_norm_epsilon: ...` (serde's field, then a custom
+/// error's own field) as one path: `model.layer_norm_epsilon: ...`.
+fn dotted(message: &str) -> String {
+    let mut path: Vec<&str> = Vec::new();
+    let mut rest = message;
+    while let Some((head, tail)) = rest.split_once(": ") {
+        let is_path = !head.is_empty()
+            && head
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.[]=-".contains(c));
+        if !is_path {
+            break;
+        }
+        path.push(head);
+        rest = tail;
+    }
+    match path.is_empty() {
+        true => message.to_owned(),
+        false => format!("{}: {rest}", path.join(".")),
+    }
+}
+
+/// A serde message without its " at line N column M" (of re-serialised
+/// text, not the user's file).
+fn without_position(message: &str) -> &str {
+    message
+        .rfind(" at line ")
+        .map_or(message, |i| &message[..i])
 }
 
 /// A stage's validation error, named by the stage and, for a setting, by
@@ -1179,7 +1233,12 @@ pub fn is_folder_name(name: &str) -> bool {
 
 /// ` at line N` for the first line that sets `key`, or nothing.
 fn at_key_line(text: &str, key: &str) -> String {
-    let line = text.lines().position(|l| is_key_line(l, key));
+    // A key with a backslash or quote is written escaped in double quotes.
+    let escaped = serde_json::to_string(key).unwrap_or_default();
+    let escaped = escaped.trim_matches('"');
+    let line = text
+        .lines()
+        .position(|l| is_key_line(l, key) || is_key_line(l, escaped));
     line.map_or(String::new(), |i| format!(" at line {}", i + 1))
 }
 

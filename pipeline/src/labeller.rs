@@ -416,6 +416,29 @@ mod tests {
         assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     }
 
+    /// A judge's score beyond ±1e15 is refused naming the line (means and
+    /// differences of scores must stay finite).
+    #[test]
+    fn a_judges_huge_scores_are_refused() {
+        let groups = vec![("p".to_string(), vec!["a".to_string(), "b".to_string()])];
+        let command: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            "cat > /dev/null; echo '{\"scores\": [1e308, 0]}'".into(),
+        ];
+        let program = LineProgram {
+            command: &command,
+            role: "judge",
+            timeout: std::time::Duration::from_secs(60),
+            limit: "judge.timeout_seconds",
+            cwd: None,
+        };
+        let e = score_with_command(&program, &groups)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output line 1") && e.contains("1e15"), "{e}");
+    }
+
     /// A program that writes without end is refused, not read until
     /// memory runs out; so is one line without end.
     #[test]

@@ -28,6 +28,12 @@ use clap::Parser;
 static ALLOCATOR: rlhf_datasets::render_guard::BoundedAlloc =
     rlhf_datasets::render_guard::BoundedAlloc;
 
+/// A line on stderr, or nothing where stderr is gone.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     cli::init_logging(cli.verbose);
@@ -37,19 +43,21 @@ fn main() -> ExitCode {
     }
     // Ctrl-C (or SIGTERM): training stops after the current step with a
     // checkpoint, so a rerun continues; a second Ctrl-C stops at once.
+    // Messages here never panic on a closed stderr (a runner that died
+    // took it along): the stop must happen all the same.
     let _ = ctrlc::set_handler(|| {
         if rlhf_stages::train::interrupt_requested() {
-            eprintln!("interrupt again: stopping every stage now");
+            say("interrupt again: stopping every stage now");
             children::stop_all();
             std::process::exit(130);
         }
-        eprintln!("interrupt: stopping after the current step (Ctrl-C again to stop now)");
+        say("interrupt: stopping after the current step (Ctrl-C again to stop now)");
         rlhf_stages::train::request_interrupt();
     });
     match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            say(&format!("error: {}", error_chain(&e)));
             if rlhf_stages::train::interrupt_requested() {
                 ExitCode::from(130)
             } else {

@@ -251,7 +251,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     // A folder started with other settings (or forced), or a finished one
     // whose checkpoint is gone or damaged, starts over; one started with
     // these settings and stopped resumes from its last good checkpoint.
-    let started_key = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
+    let started_key = crate::artifact::started_key(dir);
     let finished = read_manifest(dir).is_some_and(|m| m.status == Status::Complete);
     exp.check_inside(dir)?;
     if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {

@@ -232,6 +232,14 @@ mod tests {
     }
 
     #[test]
+    fn the_mean_of_huge_finite_scores_is_finite() {
+        let xs = [Some(1e308), None, Some(1e308), Some(-1e308)];
+        let m = mean_present(&xs).unwrap();
+        assert!((m - 1e308 / 3.0).abs() < 1e295, "{m}");
+        assert_eq!(mean_present(&[None]), None);
+    }
+
+    #[test]
     fn tally_counts_wins_ties_losses_and_rate_ignores_ties() {
         let t = Tally::of(&[1.0, 0.5, 0.2, 0.9], &[0.5, 0.5, 0.7, 0.1], 1e-9);
         assert_eq!(

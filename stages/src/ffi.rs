@@ -103,22 +103,6 @@ fn without_backtraces(text: &str) -> String {
     kept.join("\n").trim().to_owned()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn backtraces_are_dropped_and_the_reason_kept() {
-        let text = "TCP client failed to connect/validate to host 127.0.0.1:29500 - timed out (try=1, timeout=1000ms): The client socket has timed out after 1000ms while trying to connect to (127.0.0.1, 29500).\n\
-Exception raised from throwTimeoutError at /pytorch/torch/csrc/distributed/c10d/socket.cpp:1021 (most recent call first):\n\
-frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f in libc10.so)\n\
-frame #1: <unknown function> + 0x5 (0x7f in libtorch_cpu.so)\n\
-Exception raised from doConnect at /pytorch/torch/csrc/distributed/c10d/TCPStore.cpp:1 (most recent call first):\n\
-frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f in libc10.so)\n";
-        let shown = super::without_backtraces(text);
-        assert!(shown.ends_with("(127.0.0.1, 29500)."), "{shown}");
-        assert!(!shown.contains("frame #") && !shown.contains("Exception raised"));
-    }
-}
-
 /// A joined c10d group; dropped, it leaves.
 pub struct Group(*mut c_void);
 
@@ -210,5 +194,21 @@ impl Drop for Group {
     fn drop(&mut self) {
         // SAFETY: made by rlhf_c10d_new, freed once.
         unsafe { rlhf_c10d_free(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backtraces_are_dropped_and_the_reason_kept() {
+        let text = "TCP client failed to connect/validate to host 127.0.0.1:29500 - timed out (try=1, timeout=1000ms): The client socket has timed out after 1000ms while trying to connect to (127.0.0.1, 29500).\n\
+Exception raised from throwTimeoutError at /pytorch/torch/csrc/distributed/c10d/socket.cpp:1021 (most recent call first):\n\
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f in libc10.so)\n\
+frame #1: <unknown function> + 0x5 (0x7f in libtorch_cpu.so)\n\
+Exception raised from doConnect at /pytorch/torch/csrc/distributed/c10d/TCPStore.cpp:1 (most recent call first):\n\
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x98 (0x7f in libc10.so)\n";
+        let shown = super::without_backtraces(text);
+        assert!(shown.ends_with("(127.0.0.1, 29500)."), "{shown}");
+        assert!(!shown.contains("frame #") && !shown.contains("Exception raised"));
     }
 }

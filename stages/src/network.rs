@@ -143,6 +143,16 @@ impl<'de> serde::de::Visitor<'de> for ModelConfigVisitor {
         while let Some((key, value)) = access.next_entry::<String, Value>()? {
             map.insert(key, value);
         }
+        // A YAML .nan or .inf reaches here as null (JSON has neither).
+        if let Some(key) = map
+            .iter()
+            .find(|(_, v)| v.is_null())
+            .map(|(k, _)| k.clone())
+        {
+            return Err(A::Error::custom(format!(
+                "{key}: must be a finite number (.nan and .inf are not)"
+            )));
+        }
         let layout = map.remove("layout");
         match layout.as_ref().map(|v| v.as_str()) {
             // A YAML .nan or .inf reaches here as null (JSON has neither).

@@ -130,7 +130,7 @@ const STAGE_MARKS: [&str; 5] = [
 /// with these resumes. A non-empty folder that is not a stage's is refused.
 fn prepare_standalone(exp: &Experiment, name: &str, out_dir: &Path) -> anyhow::Result<()> {
     let (key, _, _) = stage_key(exp, name, &Default::default())?;
-    let started = std::fs::read_to_string(out_dir.join(KEY_FILE)).ok();
+    let started = crate::artifact::started_key(out_dir);
     if out_dir.exists() && started.as_deref() != Some(key.as_str()) {
         let is_stage = STAGE_MARKS.iter().any(|m| out_dir.join(m).exists());
         let empty = std::fs::read_dir(out_dir)

@@ -72,6 +72,15 @@ fn a_scripted_labeller_through_the_http_api() {
         403,
         "never shown"
     );
+    // A label that says nothing: every answer tied, or skip and "not
+    // rankable" at once.
+    for nothing in [
+        "{\"group\": 0, \"ranking\": [1, 1, 1]}",
+        "{\"group\": 0, \"skipped\": true, \"not_rankable\": true}",
+    ] {
+        let (status, body) = submit(nothing);
+        assert_eq!(status, 400, "{nothing}: {body}");
+    }
     assert_eq!(submit("{\"group\": 0, \"ranking\": [0, 0, 2]}").0, 200);
     assert_eq!(
         submit("{\"group\": 0, \"ranking\": [0, 0, 2]}").0,

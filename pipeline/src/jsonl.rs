@@ -81,3 +81,27 @@ pub fn read_json_lines(path: &Path) -> anyhow::Result<Vec<(usize, Value)>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FIFO or a device where a log should be is passed over at once.
+    #[test]
+    fn a_log_that_is_not_a_regular_file_is_passed_over() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("metrics.jsonl");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(read_log_lines(&fifo).is_empty());
+        let zero = d.path().join("rounds.jsonl");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(read_log_lines(&zero).is_empty());
+        let ok = d.path().join("ok.jsonl");
+        std::fs::write(&ok, "{\"step\": 1}\n{\"step\": 2, \"loss\"").unwrap();
+        assert_eq!(read_log_lines(&ok).len(), 1);
+    }
+}

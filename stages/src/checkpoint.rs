@@ -297,13 +297,16 @@ impl Model {
             .into_iter()
             .collect();
         // A merge with a huge scale (or a broken adapter) would write inf.
+        // Only merged weights are checked: a model's own are the training
+        // loop's, whose non-finite guard stops before any is saved.
+        let merged = self.lora.is_some();
         if let Some((name, _)) = named.iter().find(|(_, t)| {
-            t.is_floating_point() && !bool::try_from(t.isfinite().all()).unwrap_or(false)
+            merged && t.is_floating_point() && !bool::try_from(t.isfinite().all()).unwrap_or(false)
         }) {
             return Err(CheckpointError::Invalid {
                 path: weights_path,
                 message: format!(
-                    "{name} would hold non-finite values (inf or NaN); nothing was written"
+                    "{name}, merged with its adapter, would hold non-finite values (inf or NaN); nothing was written"
                 ),
             });
         }

@@ -370,7 +370,8 @@ def write_queue(d, labels, open_groups, labellers=100, per_group=2):
     (d / "groups.json").write_text(json.dumps(groups))
     with open(d / "labels.jsonl", "w") as f, open(d / "served.jsonl", "w") as g:
         for i in range(labels):
-            group, who = i // per_group, f"p{(i % per_group + group) % labellers}"
+            group = i // per_group
+            who = f"p{(i % per_group + group) % labellers}"
             g.write(json.dumps({"group": group, "labeller": who, "order": [0, 1, 2], "shown_at": 1000}) + "\n")
             f.write(json.dumps({"group": group, "prompt": groups[group]["prompt"],
                                 "responses": groups[group]["responses"], "ranking": [0, 1, 2],

@@ -654,3 +654,44 @@ fn ranks_from_slurms_variables_train_as_one_process() {
     run_ranks(&exp, "sft", &d.path().join("sft-1"), 1);
     assert_same_run(&d.path().join("sft-1"), &out, "sft", &[]);
 }
+
+/// A rank whose rank 0 never comes fails after the timeout with one clear
+/// line: the reason and the rendezvous, without libtorch's C++ backtraces.
+#[test]
+fn a_rank_without_rank_zero_fails_with_one_clear_line() {
+    if !gloo_or_allowed_to_skip() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let port = common::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args([
+            "--threads",
+            "1",
+            "stage",
+            "--config",
+            exp.to_str().unwrap(),
+            "sft",
+        ])
+        .args(["--out", d.path().join("out").to_str().unwrap()])
+        .env("RANK", "1")
+        .env("LOCAL_RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RLHF_DIST_TIMEOUT_SECONDS", "3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("joining the group")
+            && stderr.contains(&format!("rendezvous at 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("frame #") && !stderr.contains("Exception raised from"),
+        "{stderr}"
+    );
+}

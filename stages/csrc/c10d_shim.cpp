@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include <c10/util/Logging.h>
 #include <torch/torch.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -112,6 +113,15 @@ void* rlhf_c10d_new(
     int gloo_threads,
     char** err) {
   Group* group = nullptr;
+  // While joining, c10d logs each failed connection as an error with its
+  // C++ backtrace before it throws; the exception's text (without its
+  // backtrace, see ffi.rs) is what rlhf reports, so only fatal messages
+  // are logged meanwhile.
+  struct QuietLogs {
+    int was = FLAGS_caffe2_log_level;
+    QuietLogs() { FLAGS_caffe2_log_level = c10::GLOG_FATAL; }
+    ~QuietLogs() { FLAGS_caffe2_log_level = was; }
+  } quiet;
   guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions so;

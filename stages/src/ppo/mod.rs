@@ -350,10 +350,8 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError
         true => progress_bar(cfg.iterations as u64, start as u64, "ppo"),
         false => indicatif::ProgressBar::hidden(),
     };
-    let mut tallies = Tallies::new(cfg.ptx.is_some());
-    if let Some(first) = state.as_ref().and_then(|s| s.first_mean_score) {
-        tallies.resume_first_score(first);
-    }
+    let first = state.as_ref().and_then(|s| s.first_mean_score);
+    let mut tallies = Tallies::new(cfg.ptx.is_some(), first);
     for iteration in start..cfg.iterations {
         let it = iteration + 1;
         // Each rank samples its own share: its own draws (rank 0's are a

@@ -821,10 +821,11 @@ pub(super) struct Tallies {
 }
 
 impl Tallies {
-    /// `ptx`: whether the run trains PPO-ptx (its loss is then logged).
-    pub fn new(ptx: bool) -> Self {
+    /// `ptx`: whether the run trains PPO-ptx (its loss is then logged);
+    /// `first`: iteration 1's score, kept by the checkpoint resumed from.
+    pub fn new(ptx: bool, first: Option<f64>) -> Self {
         Self {
-            first_score: f64::NAN,
+            first_score: first.unwrap_or(f64::NAN),
             last_score: f64::NAN,
             last_kl: f64::NAN,
             generation_seconds: 0.0,
@@ -837,10 +838,6 @@ impl Tallies {
     /// run reports iteration 1's, not the one it resumed at.
     pub fn first_score(&self) -> Option<f64> {
         self.first_score.is_finite().then_some(self.first_score)
-    }
-
-    pub fn resume_first_score(&mut self, score: f64) {
-        self.first_score = score;
     }
 
     /// Counts an iteration; `first` when the run has no first score yet.

@@ -5,7 +5,7 @@
 //!
 //! `EXPECTED` lines are `file: text the error must contain`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -2,7 +2,7 @@
 //! `transformers`' `apply_chat_template` give the same text, with and
 //! without the generation prompt.
 
-mod common;
+use crate::common;
 
 use rlhf_datasets::jinja::{JinjaTemplate, Message};
 use serde_json::{json, Value};

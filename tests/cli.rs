@@ -1,6 +1,6 @@
 //! The model commands as a user runs them: init, generate, score.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,10 +4,10 @@
 //! failing branch stops only what is downstream of it; Ctrl-C stops every
 //! running stage with a checkpoint and a rerun resumes them all.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 /// SFT, then a reward model and DPO beside each other (both read only
@@ -101,24 +101,14 @@ fn independent_branches_overlap_and_a_failure_stops_only_its_own() {
 fn ctrl_c_stops_every_stage_running_side_by_side_and_a_rerun_resumes_them() {
     let d = tempfile::tempdir().unwrap();
     let exp = experiment(d.path(), "stop", 1500, "prefs.jsonl");
-    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args([
-            "run",
-            exp.to_str().unwrap(),
-            "--set",
-            "stages.dpo2.max_steps=1",
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::Rlhf::new(["run".as_ref(), exp.as_os_str()])
+        .set("stages.dpo2.max_steps=1")
+        .spawn();
     let run = d.path().join("runs/stop");
     let steps = |stage: &str| {
         std::fs::read_to_string(run.join(stage).join("metrics.jsonl"))
             .map_or(0, |t| t.lines().count())
     };
-    let mut child = common::Drained::new(child);
     child.wait_until("rm and dpo both training", Duration::from_secs(600), || {
         steps("rm") >= 2 && steps("dpo") >= 2
     });

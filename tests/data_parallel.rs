@@ -3,7 +3,7 @@
 //! `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), ends with the weights and
 //! the loss curve of one process on the same global batch.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -260,14 +260,8 @@ fn assert_equals_uninterrupted(dir: &Path, sets: &[&str]) {
 /// stage has logged `lines` steps, and waits for the run: whether it
 /// succeeded, its stderr, and the seconds it took after the signal.
 fn signal_rank_one(dir: &Path, args: &[&str], lines: usize, signal: &str) -> (bool, String, u64) {
-    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let metrics = dir.join("runs/dp/sft/metrics.jsonl");
-    let mut child = common::Drained::new(child);
+    let mut child = common::Rlhf::new(args).spawn();
     child.wait_until(
         &format!("sft's {lines} logged steps"),
         std::time::Duration::from_secs(600),
@@ -578,14 +572,8 @@ fn ctrl_c_stops_both_ranks_after_the_same_step_and_the_rerun_matches() {
         &settings,
     ]
     .concat();
-    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let metrics = d.path().join("runs/dp/sft/metrics.jsonl");
-    let mut child = common::Drained::new(child);
+    let mut child = common::Rlhf::new(&args).spawn();
     child.wait_until(
         "sft's 60 logged steps",
         std::time::Duration::from_secs(600),

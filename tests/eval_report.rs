@@ -3,7 +3,7 @@
 //! here), the reference's KL to itself is zero, the plots are PNGs, and a
 //! second evaluation gives the same report.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

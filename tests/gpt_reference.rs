@@ -1,7 +1,7 @@
 //! rlhf's GPT computes what HF transformers' GPT-2 computes, and the two
 //! read each other's model folders.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

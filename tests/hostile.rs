@@ -3,7 +3,7 @@
 //! folder written over. Nothing outside the run folder is touched, and each
 //! case fails at once with an error that says why.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -75,18 +75,8 @@ fn files_outside_the_run_folder_survive_every_hostile_name() {
 
 /// `rlhf run` of `exp` in the background, one thread.
 fn spawn_run(exp: &Path, sets: &[&str]) -> common::Drained {
-    let mut args = vec!["run", exp.to_str().unwrap()];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(&args)
-        .env("RLHF_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    common::Drained::new(child)
+    let run = common::Rlhf::new(["run".as_ref(), exp.as_os_str()]).one_thread();
+    sets.iter().fold(run, |run, s| run.set(s)).spawn()
 }
 
 #[test]

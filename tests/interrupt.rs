@@ -3,7 +3,7 @@
 //! starts nothing new, and a rerun finishes with the same weights, bit for
 //! bit, as a run that was never interrupted.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -9,7 +9,7 @@
 //! `.ci/run` install them). `RLHF_SCREENSHOT=FILE` keeps the screenshot
 //! the README shows.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

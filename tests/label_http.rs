@@ -3,10 +3,9 @@
 //! with a 4xx and change nothing, a replay adds no row, and a restarted
 //! server keeps every label and serves only what is left.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 /// Rows in `labels.parquet` once it holds `n` (a running server writes it
 /// off the request path, within a second), or what it holds after 20 s.
@@ -237,14 +236,9 @@ fn web_experiment(dir: &Path) -> std::path::PathBuf {
 }
 
 fn spawn_run(exp: &Path) -> common::Drained {
-    let run = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(["run", exp.to_str().unwrap()])
-        .env("RLHF_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    common::Rlhf::new(["run".as_ref(), exp.as_os_str()])
+        .one_thread()
         .spawn()
-        .unwrap();
-    common::Drained::new(run)
 }
 
 /// The page's port once `queue/address` is written (by a server started

@@ -5,7 +5,7 @@
 //! within 1e-4; a folder saved here (weights changed) loads in
 //! `transformers` with the same logits. The Qwen2 folder is sharded.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //! resumed LoRA run equals an uninterrupted one; PPO with LoRA runs on one
 //! copy of the base.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

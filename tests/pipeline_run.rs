@@ -2,7 +2,7 @@
 //! run that writes every artifact and manifest, a second run that is all
 //! cache hits, and misses when a setting or an input file changes.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -173,12 +173,9 @@ fn loop_round_with_command_labeller() {
     .unwrap();
     // The labeller runs from the current directory: run from the temp dir.
     let run_here = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-            .args(["run", "exp.yaml"])
-            .current_dir(d.path())
-            .env("RUST_LOG", "info")
-            .output()
-            .unwrap();
+        let out = common::Rlhf::new(["run", "exp.yaml"])
+            .dir(d.path())
+            .output();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{stderr}");
         stderr

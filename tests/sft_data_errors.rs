@@ -1,7 +1,7 @@
 //! Bad SFT data through `rlhf stage`: each case exits with a clear error
 //! that names the file and what is wrong, and never panics.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! bit-identical to a run that was never killed. A damaged checkpoint is
 //! named and passed over for the one before it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

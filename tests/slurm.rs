@@ -5,7 +5,7 @@
 //! (to the uninterrupted run's weights); a runner killed while its job is
 //! queued finds that job on rerun instead of submitting it again.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -111,14 +111,7 @@ fn a_cancelled_job_fails_its_stage_and_the_rerun_resumes_it() {
     let (local, cluster) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     run(&experiment(local.path(), "local", 1500, ""));
     let exp = experiment(cluster.path(), "slurm", 1500, "");
-    let child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(["run", exp.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = common::Drained::new(child);
+    let mut child = common::Rlhf::new(["run".as_ref(), exp.as_os_str()]).spawn();
     let checkpoints = cluster.path().join("runs/cluster/sft/checkpoints");
     child.wait_until("sft's first checkpoint", Duration::from_secs(600), || {
         std::fs::read_dir(&checkpoints).is_ok_and(|d| d.count() > 0)

@@ -4,7 +4,7 @@
 //! policies in one table, their gold columns filled by the experiment's
 //! command judge.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -9,7 +9,7 @@
 //!   GRPO), the count of groups without spread, and the clipped loss with
 //!   its k3 KL and clip ratio, with the KL in the loss and without.
 
-mod common;
+use crate::common;
 
 use rlhf_stages::dpo::{pair_losses, per_token, DpoLoss, PairLogps};
 use rlhf_stages::grpo::math::{group_advantages, grpo_loss};

@@ -1,22 +1,13 @@
 //! `rlhf`: parse, run, map the error to an exit code.
 
-mod artifact;
-mod children;
 mod cli;
 mod commands;
-mod config;
-mod dag;
-mod jsonl;
+mod exec;
+mod experiment;
 mod label;
-mod labeller;
-mod lock;
+mod plan;
 mod report;
-mod runner;
-mod schedule;
-mod sibling_cache;
-mod slurm;
-mod spawn;
-mod sweep;
+mod run_folder;
 mod threads;
 
 use std::process::ExitCode;
@@ -48,7 +39,7 @@ fn main() -> ExitCode {
     let _ = ctrlc::set_handler(|| {
         if rlhf_stages::train::interrupt_requested() {
             say("interrupt again: stopping every stage now");
-            children::stop_all();
+            exec::children::stop_all();
             std::process::exit(130);
         }
         say("interrupt: stopping after the current step (Ctrl-C again to stop now)");

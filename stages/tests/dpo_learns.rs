@@ -2,7 +2,7 @@
 //! reward model; stopped and resumed, it ends bit for bit as an
 //! uninterrupted run.
 
-mod common;
+use crate::common;
 
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::dpo::{run, DpoConfig, DpoLoss, REFERENCE_FILE};

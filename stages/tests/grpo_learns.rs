@@ -2,7 +2,7 @@
 //! score rises with no critic; a stopped run resumes to the same weights
 //! bit for bit.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

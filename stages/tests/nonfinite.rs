@@ -2,7 +2,7 @@
 //! infinite stops the stage with an error naming the step and the
 //! quantity, before the update, and the last good checkpoint is kept.
 
-mod common;
+use crate::common;
 
 use rlhf_stages::checkpoint::HeadChoice;
 use rlhf_stages::optim::AdamWConfig;

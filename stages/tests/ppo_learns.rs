@@ -2,7 +2,7 @@
 //! reward rises while the KL to the reference stays bounded; and a stopped
 //! run resumes to the same weights bit for bit.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

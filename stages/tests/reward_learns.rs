@@ -1,6 +1,6 @@
 //! A reward model learns a noiseless ranking rule from K-wise rankings.
 
-mod common;
+use crate::common;
 
 use rlhf_stages::optim::AdamWConfig;
 use rlhf_stages::reward::{run, RewardConfig};

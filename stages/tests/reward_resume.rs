@@ -1,7 +1,7 @@
 //! Stop reward-model training mid-run, resume, and the final weights and
 //! optimiser moments equal an uninterrupted run's bit for bit (CPU).
 
-mod common;
+use crate::common;
 
 use rlhf_stages::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::reward::{run, RewardConfig};

@@ -1,7 +1,7 @@
 //! SFT on a slice of the bundled task drives the eval loss well below what
 //! a model that ignores the prompt can reach.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -1,7 +1,7 @@
 //! Stop SFT mid-run, resume it, and the final weights and optimiser moments
 //! equal an uninterrupted run's bit for bit (CPU).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

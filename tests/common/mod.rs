@@ -60,24 +60,115 @@ pub fn eval_quick(run: &Path, prompts: &Path, extra: &[&str]) -> Output {
     rlhf(&args)
 }
 
+/// An `rlhf` command being built: arguments, `--set`s, environment and
+/// folder, then run to its output, to success or to failure, or started.
+///
+/// `Rlhf::new(["run", exp]).set("ppo.steps=2").one_thread().ok()`
+pub struct Rlhf {
+    cmd: Command,
+    shown: String,
+}
+
+impl Rlhf {
+    /// `rlhf ARGS…` with `RUST_LOG=info`.
+    pub fn new<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Self {
+        Self::binary(env!("CARGO_BIN_EXE_rlhf"), args)
+    }
+
+    /// The same with another copy of the binary.
+    pub fn binary<S: AsRef<std::ffi::OsStr>>(
+        exe: impl AsRef<std::ffi::OsStr>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        let mut cmd = Command::new(exe);
+        cmd.env("RUST_LOG", "info");
+        let mut this = Self {
+            cmd,
+            shown: String::from("rlhf"),
+        };
+        for a in args {
+            this = this.arg(a);
+        }
+        this
+    }
+
+    pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.shown.push(' ');
+        self.shown.push_str(&a.as_ref().to_string_lossy());
+        self.cmd.arg(a);
+        self
+    }
+
+    /// `--set KEY=VALUE`.
+    pub fn set(self, key_value: &str) -> Self {
+        self.arg("--set").arg(key_value)
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
+    pub fn dir(mut self, dir: &Path) -> Self {
+        self.cmd.current_dir(dir);
+        self
+    }
+
+    /// One libtorch thread: tests run side by side on a small machine,
+    /// where the spinning threads of several processes slow all of them.
+    pub fn one_thread(self) -> Self {
+        self.env("RLHF_THREADS", "1")
+    }
+
+    /// Runs it to the end: status, stdout and stderr.
+    pub fn output(mut self) -> Output {
+        self.cmd.output().expect("rlhf runs")
+    }
+
+    /// Runs it; panics with its stderr unless it succeeds. Its stdout.
+    pub fn ok(self) -> String {
+        let shown = self.shown.clone();
+        let out = self.output();
+        assert!(
+            out.status.success(),
+            "`{shown}` failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs it; panics with its stdout unless it fails. Its stderr.
+    pub fn fails(self) -> String {
+        let shown = self.shown.clone();
+        let out = self.output();
+        assert!(
+            !out.status.success(),
+            "`{shown}` succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Starts it with stdout dropped and stderr read as it comes.
+    pub fn spawn(mut self) -> Drained {
+        let child = self
+            .cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("rlhf starts");
+        Drained::new(child)
+    }
+}
+
 /// Runs the `rlhf` binary.
 pub fn rlhf(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("rlhf runs")
+    Rlhf::new(args).output()
 }
 
 /// Runs `rlhf` and returns stdout, panicking with stderr on failure.
 pub fn rlhf_ok(args: &[&str]) -> String {
-    let out = rlhf(args);
-    assert!(
-        out.status.success(),
-        "rlhf {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
+    Rlhf::new(args).ok()
 }
 
 /// The first `n` lines of a bundled task file (`datasets/task/SRC`), written to `dst`.

@@ -13,11 +13,11 @@ use rlhf_stages::{Head, HeadChoice, Model};
 use std::path::{Path, PathBuf};
 
 use crate::cli::CollectArgs;
-use crate::config::{Experiment, Labeller};
-use crate::labeller;
+use crate::experiment::{Experiment, Labeller};
+use crate::label::programs;
 
 pub fn run(args: CollectArgs) -> anyhow::Result<()> {
-    crate::children::stop_when_orphaned();
+    crate::exec::children::stop_when_orphaned();
     let exp = Experiment::load(&args.config, &args.overrides)?;
     let spec = exp
         .spec
@@ -98,7 +98,11 @@ fn rank_groups(
             timeout_seconds,
             guidelines,
         } => {
-            let queue = args.out.parent().unwrap_or(Path::new(".")).join("queue");
+            let queue = args
+                .out
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(crate::run_folder::QUEUE_DIR);
             let web = WebRound {
                 queue,
                 round: args.round as i64,
@@ -115,7 +119,7 @@ fn rank_groups(
             ranked
         }
         other => {
-            let rankings = labeller::rank(other, &groups)?;
+            let rankings = programs::rank(other, &groups)?;
             groups
                 .into_iter()
                 .zip(rankings)

@@ -54,7 +54,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "{}: no such run folder",
         args.run.display()
     );
-    let _lock = crate::lock::lock_run_folder(&args.run)?;
+    let _lock = crate::run_folder::lock::lock_run_folder(&args.run)?;
     let mut _other_locks = Vec::new();
     for other in &args.with {
         anyhow::ensure!(
@@ -67,7 +67,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "--with {}: that is the run being evaluated",
             other.display()
         );
-        _other_locks.push(crate::lock::lock_run_folder(other)?);
+        _other_locks.push(crate::run_folder::lock::lock_run_folder(other)?);
     }
     let mut evaluation = evaluate_run(&args.run, &opts, device)?;
     let dir = write_report(&mut evaluation)?;

@@ -5,7 +5,7 @@ use rlhf_datasets::task::judge;
 use serde_json::json;
 
 use crate::cli::JudgeArgs;
-use crate::jsonl::read_json_lines;
+use crate::commands::jsonl::read_json_lines;
 
 pub fn run(args: JudgeArgs) -> anyhow::Result<()> {
     if let (Some(prompt), Some(answer)) = (&args.prompt, &args.answer) {

@@ -1,10 +1,13 @@
-//! One module per subcommand.
+//! One module per subcommand (`cli` declares them), and the JSON-lines
+//! input of those that take texts (`jsonl`). Commands may import every
+//! other room; no room imports them.
 
 mod bench;
 pub mod collect;
 mod eval;
 mod generate;
 mod init;
+pub mod jsonl;
 mod judge;
 mod merge;
 mod plan;

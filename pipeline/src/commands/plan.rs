@@ -1,8 +1,8 @@
 //! `rlhf plan` and `rlhf run`.
 
 use crate::cli::{PlanArgs, RunArgs};
-use crate::config::Experiment;
-use crate::runner::{self, Outcome, RunOptions};
+use crate::exec::runner::{self, Outcome, RunOptions};
+use crate::experiment::Experiment;
 
 pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
@@ -12,7 +12,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
-    let _lock = crate::lock::lock_run_folder(&exp.run_dir)?;
+    let _lock = crate::run_folder::lock::lock_run_folder(&exp.run_dir)?;
     let experiment_dir = match exp.file.parent() {
         Some(p) if !p.as_os_str().is_empty() => std::path::absolute(p)?,
         _ => std::env::current_dir()?,

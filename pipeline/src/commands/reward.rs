@@ -11,7 +11,7 @@ use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 
 use crate::cli::RewardArgs;
-use crate::jsonl::read_json_lines;
+use crate::commands::jsonl::read_json_lines;
 
 pub fn run(args: RewardArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;

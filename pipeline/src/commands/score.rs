@@ -8,7 +8,7 @@ use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 
 use crate::cli::ScoreArgs;
-use crate::jsonl::read_json_lines;
+use crate::commands::jsonl::read_json_lines;
 
 /// One thing to score, as given: text (tokenized once the model is
 /// loaded) or token ids.

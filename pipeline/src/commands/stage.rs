@@ -10,9 +10,10 @@ use rlhf_stages::device::{device_name, parse_device};
 use rlhf_stages::dist::{Ranks, Topology};
 use rlhf_stages::train::{ScratchModel, StageContext};
 
-use crate::artifact::{stage_key, KEY_FILE};
 use crate::cli::StageArgs;
-use crate::config::Experiment;
+use crate::exec::key::stage_key;
+use crate::experiment::Experiment;
+use crate::run_folder::KEY_FILE;
 
 pub fn run(args: StageArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
@@ -42,19 +43,19 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
     let _lock = match (args.managed || args.scheduled, ranks.is_main()) {
         (true, _) => {
             if args.managed {
-                crate::children::stop_when_orphaned();
+                crate::exec::children::stop_when_orphaned();
             }
             None
         }
         (false, false) => None,
         (false, true) => {
-            let lock = crate::lock::lock_run_folder(&exp.run_dir)?;
+            let lock = crate::run_folder::lock::lock_run_folder(&exp.run_dir)?;
             // A folder outside the run folder is locked on its own: another
             // experiment's stage may be given the same --out.
             let outside =
                 !std::path::absolute(&out_dir)?.starts_with(std::path::absolute(&exp.run_dir)?);
             let out_lock = outside
-                .then(|| crate::lock::lock_stage_folder(&out_dir))
+                .then(|| crate::run_folder::lock::lock_stage_folder(&out_dir))
                 .transpose()?;
             prepare_standalone(&exp, &args.name, &out_dir)?;
             Some((lock, out_lock))
@@ -88,7 +89,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         ranker: Some(Arc::new(move |command, timeout, groups| {
             let timeout = std::time::Duration::from_secs_f64(timeout);
             let limit = "ranker_timeout_seconds";
-            crate::labeller::rank_with_command(command, groups, timeout, limit, Some(&base))
+            crate::label::programs::rank_with_command(command, groups, timeout, limit, Some(&base))
                 .map_err(|e| format!("{e:#}"))
         })),
     };
@@ -119,9 +120,9 @@ fn scratch_model(mut config: rlhf_stages::ModelConfig, tokenizer: Tokenizer) -> 
 /// Files that mark a folder as a stage's (safe to clear and redo).
 const STAGE_MARKS: [&str; 5] = [
     KEY_FILE,
-    "summary.json",
-    "metrics.jsonl",
-    "checkpoint",
+    crate::run_folder::SUMMARY_FILE,
+    crate::run_folder::METRICS_FILE,
+    crate::run_folder::CHECKPOINT_DIR,
     "checkpoints",
 ];
 
@@ -130,7 +131,7 @@ const STAGE_MARKS: [&str; 5] = [
 /// with these resumes. A non-empty folder that is not a stage's is refused.
 fn prepare_standalone(exp: &Experiment, name: &str, out_dir: &Path) -> anyhow::Result<()> {
     let (key, _, _) = stage_key(exp, name, &Default::default())?;
-    let started = crate::artifact::started_key(out_dir);
+    let started = crate::run_folder::manifest::started_key(out_dir);
     if out_dir.exists() && started.as_deref() != Some(key.as_str()) {
         let is_stage = STAGE_MARKS.iter().any(|m| out_dir.join(m).exists());
         let empty = std::fs::read_dir(out_dir)

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::config::JudgeSpec;
-use crate::labeller::{score_with_command, LineProgram};
+use crate::experiment::JudgeSpec;
+use crate::label::programs::{score_with_command, LineProgram};
 use rlhf_stages::eval::PolicyAnswers;
 
 /// What the runner writes into the run folder for `rlhf eval`.
@@ -45,7 +45,7 @@ pub fn record(run_dir: &Path, spec: &JudgeSpec, experiment_dir: &Path) -> anyhow
             let judge = CommandJudge {
                 command: command.clone(),
                 timeout_seconds: *timeout_seconds,
-                cwd: Some(super::relative_to(experiment_dir, run_dir)),
+                cwd: Some(crate::run_folder::relative_to(experiment_dir, run_dir)),
             };
             std::fs::create_dir_all(run_dir)?;
             rlhf_datasets::atomic::write_file(

@@ -7,11 +7,13 @@
 //! to the reference is measured on sampled answers. Each reward model's
 //! pairwise accuracy is measured on held-out rankings. The report is
 //! written to `<run>/report/` as JSON, Markdown and PNG plots.
+//!
+//! It reads run folders through run_folder and imports experiment (the
+//! judge's settings) and label (the judge runs as a labelling program).
 
 pub mod judge;
 pub mod markdown;
 pub mod plots;
-pub mod run_folder;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,9 +25,10 @@ use rlhf_stages::{HeadChoice, Model};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-pub use run_folder::{finished_stages, FinishedStage};
+use crate::run_folder::finished::{self, finished_stages, FinishedStage};
+use crate::run_folder::relative_to;
 
-pub const REPORT_DIR: &str = "report";
+pub use crate::run_folder::REPORT_DIR;
 pub const REPORT_JSON: &str = "report.json";
 pub const REPORT_MD: &str = "report.md";
 pub const ANSWERS_FILE: &str = "answers.jsonl";
@@ -237,19 +240,6 @@ fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
-/// `path` as seen from `run_dir` (`../../datasets/task/x.jsonl`,
-/// `sft/checkpoint`): a report names no folder of the machine it was made
-/// on, and stays true when the run folder moves with its data.
-pub fn relative_to(path: &Path, run_dir: &Path) -> PathBuf {
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let (path, base) = (abs(path), abs(run_dir));
-    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
-    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut out: PathBuf = std::iter::repeat_n("..", b.len() - common).collect();
-    out.extend(p[common..].iter().map(|c| c.as_os_str()));
-    out
-}
-
 /// The models of a run that `rlhf eval` reads.
 struct RunModels<'a> {
     reference_stage: &'a FinishedStage,
@@ -272,11 +262,11 @@ pub fn evaluate_run(
     let mut stages = finished_stages(run_dir)?;
     // The run's own latest reward model scores every policy, others' too.
     let own = stages.len();
-    stages.extend(run_folder::stages_of_other_runs(&stages, &opts.with_runs)?);
+    stages.extend(finished::stages_of_other_runs(&stages, &opts.with_runs)?);
     let run_dirs: Vec<&Path> = std::iter::once(run_dir)
         .chain(opts.with_runs.iter().map(PathBuf::as_path))
         .collect();
-    let times = run_folder::stage_times(&run_dirs);
+    let times = finished::stage_times(&run_dirs);
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
@@ -335,7 +325,7 @@ pub fn evaluate_run(
         let mut row = policy_row(stage, answers, base, families.as_deref(), kl);
         row.checkpoint = relative_to(&row.checkpoint, run_dir);
         row.seconds = Some(stage.manifest.seconds);
-        row.route_seconds = run_folder::route_seconds(&stage.manifest.key, &times);
+        row.route_seconds = finished::route_seconds(&stage.manifest.key, &times);
         policies.push(row);
     }
     let reward_models = reward_rows(&stages, opts, run_dir, device)?;
@@ -349,7 +339,7 @@ pub fn evaluate_run(
             settings: opts.settings.clone(),
             policies,
             reward_models,
-            rounds: crate::jsonl::read_log_lines(&run_dir.join("rounds.jsonl")),
+            rounds: crate::run_folder::read_log_lines(&run_dir.join(crate::run_folder::ROUNDS_LOG)),
             plots: vec![],
             warnings: warnings(&stages, models.reward_stage),
             judge: command_judge.as_ref().map_or_else(

@@ -150,7 +150,7 @@ pub fn draw(path: &Path, panels: &[Panel], cols: usize) -> anyhow::Result<()> {
 
 /// A stage's metrics lines (empty if it has none).
 fn metrics(stage: &FinishedStage) -> Vec<serde_json::Value> {
-    crate::jsonl::read_log_lines(&stage.metrics())
+    crate::run_folder::read_log_lines(&stage.metrics())
 }
 
 /// `(x, y)` for the lines that have both fields.

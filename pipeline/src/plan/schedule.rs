@@ -86,7 +86,8 @@ where
                     out.done.insert(name, value);
                 }
                 Err(error) => {
-                    let below = crate::dag::with_descendants(deps, std::slice::from_ref(&name));
+                    let below =
+                        crate::plan::dag::with_descendants(deps, std::slice::from_ref(&name));
                     pending.retain(|p| {
                         let blocked = below.contains(p.as_str());
                         if blocked {

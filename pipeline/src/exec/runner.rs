@@ -19,12 +19,13 @@ use rlhf_stages::grpo::GrpoConfig;
 use rlhf_stages::ppo::PpoConfig;
 use rlhf_stages::reward::RewardConfig;
 
-use crate::artifact::{
-    is_cached, read_manifest, sha256_file, stage_key, write_manifest, Manifest, Status, KEY_FILE,
+use crate::exec::key::stage_key;
+use crate::exec::sibling_cache;
+use crate::experiment::{ExecutorKind, Experiment, LoopFile, PolicyInit, RewardInit};
+use crate::plan::dag;
+use crate::run_folder::manifest::{
+    is_cached, read_manifest, sha256_file, write_manifest, Manifest, Status, KEY_FILE,
 };
-use crate::config::{ExecutorKind, Experiment, LoopFile, PolicyInit, RewardInit};
-use crate::dag;
-use crate::sibling_cache;
 
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
@@ -61,7 +62,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
             crate::threads::cores()
         );
     }
-    let finished = crate::schedule::run_dag(
+    let finished = crate::plan::schedule::run_dag(
         &order,
         &exp.deps,
         parallel,
@@ -134,7 +135,7 @@ fn stages_to_run(
         let (key, _, _) = stage_key(exp, name, &upstream)?;
         // Only to size the core shares: checksums are read when the stage
         // is reached, not twice.
-        let done = crate::artifact::looks_cached(&exp.stage_dir(name), &key)
+        let done = crate::run_folder::manifest::looks_cached(&exp.stage_dir(name), &key)
             || sibling_cache::seems_done(exp, &key);
         if forced.contains(name) || !done {
             out.insert(name.clone());
@@ -184,7 +185,7 @@ fn core_shares(
 
 /// The first failure's error, then the others' and the stages left
 /// waiting on them.
-fn failure_report<T>(finished: &crate::schedule::Finished<T>) -> String {
+fn failure_report<T>(finished: &crate::plan::schedule::Finished<T>) -> String {
     let mut text = format!("{:#}", finished.failed[0].error);
     for f in &finished.failed[1..] {
         text.push_str(&format!("\n{} failed too: {:#}", f.job, f.error));
@@ -235,7 +236,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         tracing::info!("[{label}] cached ({})", dir.display());
         return Ok((key, Outcome::Cached));
     }
-    crate::artifact::refuse_foreign_folder(dir, label)?;
+    crate::run_folder::manifest::refuse_foreign_folder(dir, label)?;
     if let Some(from) = (!job.force)
         .then(|| sibling_cache::find(&exp, &key))
         .flatten()
@@ -251,16 +252,16 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     // A folder started with other settings (or forced), or a finished one
     // whose checkpoint is gone or damaged, starts over; one started with
     // these settings and stopped resumes from its last good checkpoint.
-    let started_key = crate::artifact::started_key(dir);
+    let started_key = crate::run_folder::manifest::started_key(dir);
     let finished = read_manifest(dir).is_some_and(|m| m.status == Status::Complete);
     exp.check_inside(dir)?;
     if dir.exists() && (job.force || finished || started_key.as_deref() != Some(key.as_str())) {
-        crate::slurm::cancel_recorded(dir);
+        crate::exec::slurm::cancel_recorded(dir);
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
-    let (t0, started_at) = (Instant::now(), crate::artifact::unix_now());
+    let (t0, started_at) = (Instant::now(), crate::run_folder::manifest::unix_now());
     let result = launch(&exp, job, &key, &all);
     let (status, summary) = match &result {
         Ok(summary) => (Status::Complete, summary.clone()),
@@ -285,7 +286,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
         summary,
         copied_from: None,
         started_at: Some(started_at),
-        ended_at: Some(crate::artifact::unix_now()),
+        ended_at: Some(crate::run_folder::manifest::unix_now()),
     };
     write_manifest(dir, &manifest)?;
     match result {
@@ -337,7 +338,7 @@ fn launch(
     let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
     match exp.executor(job.name) {
         (ExecutorKind::Local, _) => {
-            crate::spawn::run_ranks(label, &args, ranks, grace, job.side_by_side)
+            crate::exec::spawn::run_ranks(label, &args, ranks, grace, job.side_by_side)
         }
         (ExecutorKind::Slurm, mut settings) => {
             if exp.stage(job.name)?.config.shared_batches().is_empty()
@@ -352,7 +353,7 @@ fn launch(
             // takes the lock the runner holds.
             args[1] = "--scheduled".into();
             args[3] = std::path::absolute(&exp.file)?.display().to_string();
-            let stage = crate::slurm::SlurmStage {
+            let stage = crate::exec::slurm::SlurmStage {
                 label,
                 dir,
                 key,
@@ -392,7 +393,7 @@ impl Collect<'_> {
         force: bool,
         overrides: &[String],
     ) -> anyhow::Result<(String, PathBuf, Outcome)> {
-        let label = format!("round-{}/collect", self.round);
+        let label = crate::run_folder::round_stage(self.round, "collect");
         let dir = round_dir.join("collect");
         let out_prefs = round_dir.join("preferences.parquet");
         let ((prefs, prefs_key), (policy, policy_key)) = (self.prefs, self.policy);
@@ -407,7 +408,7 @@ impl Collect<'_> {
         }
         refuse_after_interrupt(&label)?;
         self.exp.check_inside(&dir)?;
-        crate::artifact::refuse_foreign_folder(&dir, &label)?;
+        crate::run_folder::manifest::refuse_foreign_folder(&dir, &label)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let t0 = Instant::now();
         let mut args: Vec<String> = vec!["collect".into(), "--config".into()];
@@ -425,7 +426,7 @@ impl Collect<'_> {
         }
         let ranks = self.exp.spec.distributed.nproc_per_node;
         let grace = std::time::Duration::from_secs(self.exp.spec.distributed.timeout_seconds);
-        let summary = crate::spawn::run_ranks(&label, &args, ranks, grace, 1)?;
+        let summary = crate::exec::spawn::run_ranks(&label, &args, ranks, grace, 1)?;
         let manifest = Manifest {
             stage: label,
             kind: "collect".into(),
@@ -438,7 +439,7 @@ impl Collect<'_> {
             summary,
             copied_from: None,
             started_at: None,
-            ended_at: Some(crate::artifact::unix_now()),
+            ended_at: Some(crate::run_folder::manifest::unix_now()),
         };
         write_manifest(&dir, &manifest)?;
         Ok((key, out_prefs, Outcome::Ran))
@@ -537,7 +538,7 @@ fn run_rounds(
     let mut outcomes = Vec::new();
     let mut rounds_log = String::new();
     for round in 1..=spec.rounds {
-        let round_dir = exp.run_dir.join(format!("round-{round}"));
+        let round_dir = exp.run_dir.join(crate::run_folder::round_folder(round));
         // 1. Fresh comparisons of the current policy's answers.
         let collect = Collect {
             exp,
@@ -547,7 +548,7 @@ fn run_rounds(
             prefs: (&prefs, &prefs_key),
         };
         let (collect_key, out_prefs, outcome) = collect.ensure(&round_dir, force, overrides)?;
-        outcomes.push((format!("round-{round}/collect"), outcome));
+        outcomes.push((crate::run_folder::round_stage(round, "collect"), outcome));
         let round_run = RoundRun {
             exp,
             round_dir: &round_dir,
@@ -598,7 +599,10 @@ fn run_rounds(
         (prefs, prefs_key) = (out_prefs, collect_key);
         rounds_log.push_str(&format!("{line}\n"));
     }
-    rlhf_datasets::atomic::write_file(&exp.run_dir.join("rounds.jsonl"), rounds_log.as_bytes())?;
+    rlhf_datasets::atomic::write_file(
+        &exp.run_dir.join(crate::run_folder::ROUNDS_LOG),
+        rounds_log.as_bytes(),
+    )?;
     Ok(outcomes)
 }
 
@@ -677,18 +681,6 @@ fn dpo_round_line(round: usize, round_dir: &Path, dpo: &str) -> serde_json::Valu
     })
 }
 
-/// The running binary, for stage children. On Linux `/proc/self/exe`: it
-/// stays valid when the file is replaced mid-run (a rebuild, an upgrade),
-/// where `current_exe()` names a deleted path, and every stage of a run
-/// keeps the runner's code.
-pub(crate) fn own_binary() -> anyhow::Result<std::path::PathBuf> {
-    let proc_exe = std::path::Path::new("/proc/self/exe");
-    if proc_exe.exists() {
-        return Ok(proc_exe.to_owned());
-    }
-    std::env::current_exe().context("locating the rlhf binary")
-}
-
 /// Where a stage runs and with what: `on this machine, 1 process` or
 /// `as a Slurm job: 1 node x 2 tasks, partition gpu, ...`.
 fn describe_executor(exp: &Experiment, name: &str) -> String {
@@ -737,7 +729,7 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
         } else if let Some(from) = sibling_cache::find(exp, &key) {
             format!(
                 "finished in {} (copied)",
-                crate::report::relative_to(&from, &exp.run_dir).display()
+                crate::run_folder::relative_to(&from, &exp.run_dir).display()
             )
         } else {
             "to run".to_owned()

@@ -64,7 +64,7 @@ pub fn expand(root: &mut Value, refs: impl Fn(&str, &Value) -> Refs) -> Result<(
     // The axes each stage varies over: its own and its ancestors'.
     let mut varies: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, axis) in axes.iter().enumerate() {
-        for s in crate::dag::with_descendants(&deps, std::slice::from_ref(&axis.stage)) {
+        for s in crate::plan::dag::with_descendants(&deps, std::slice::from_ref(&axis.stage)) {
             varies.entry(s).or_default().push(i);
         }
     }
@@ -270,7 +270,7 @@ fn variant_of(
 /// Sets `path` inside a stage's mapping.
 fn set(stage: &mut Value, path: &[String], value: Value) -> Result<(), String> {
     let parts: Vec<&str> = path.iter().map(String::as_str).collect();
-    crate::config::set_path(stage, &parts, value).map_err(|m| format!("sweep: {m}"))
+    crate::experiment::set_path(stage, &parts, value).map_err(|m| format!("sweep: {m}"))
 }
 
 /// The folder of a stage: a variant's name with its brackets turned into
@@ -290,7 +290,7 @@ pub fn is_variant_name(name: &str) -> bool {
     let Some(inner) = rest.strip_suffix(']') else {
         return false;
     };
-    crate::config::is_folder_name(stage)
+    crate::experiment::is_folder_name(stage)
         && !inner.is_empty()
         && inner.split(',').all(|p| {
             p.split_once('=').is_some_and(|(k, v)| {

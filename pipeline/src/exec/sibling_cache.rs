@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::artifact::{is_cached, looks_cached, read_manifest, write_manifest};
-use crate::config::Experiment;
+use crate::experiment::Experiment;
+use crate::run_folder::manifest::{is_cached, looks_cached, read_manifest, write_manifest};
+use crate::run_folder::{sorted_dirs, stage_dirs};
 
 /// A stage folder of another run under `exp`'s `out_dir` holding a
 /// finished, intact stage with `key`.
@@ -88,7 +89,7 @@ fn copy_checked(
     let mut manifest = read_manifest(tmp).context("the copied manifest.json is unreadable")?;
     manifest.stage = label.to_owned();
     manifest.copied_from = Some(
-        crate::report::relative_to(from, &exp.run_dir)
+        crate::run_folder::relative_to(from, &exp.run_dir)
             .display()
             .to_string(),
     );
@@ -102,44 +103,12 @@ fn copy_checked(
     Ok(bytes)
 }
 
-/// Top-level stage folders of a run and those of its loop rounds.
-pub(crate) fn stage_dirs(run: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for dir in sorted_dirs(run) {
-        let is_round = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("round-"));
-        if is_round {
-            out.extend(sorted_dirs(&dir));
-        } else {
-            out.push(dir);
-        }
-    }
-    out
-}
-
-/// Sub-folders, not following links: a link in another run folder could
-/// point anywhere.
-fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    let mut out: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect();
-    out.sort();
-    out
-}
-
 /// The files of a finished stage folder that are copied besides its
 /// checkpoint, when they are there: the record of the run, its samples.
 const STAGE_FILES: [&str; 6] = [
-    crate::artifact::MANIFEST_FILE,
-    "summary.json",
-    "metrics.jsonl",
+    crate::run_folder::MANIFEST_FILE,
+    crate::run_folder::SUMMARY_FILE,
+    crate::run_folder::METRICS_FILE,
     "samples.jsonl",
     "samples_before.jsonl",
     "reference_logps.json",

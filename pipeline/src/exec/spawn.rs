@@ -54,8 +54,8 @@ pub fn run_ranks(
             Err(e) => {
                 // The ranks already started would wait for this one.
                 for r in &running {
-                    crate::children::stop_group(r.pid);
-                    crate::children::unregister(r.pid);
+                    crate::exec::children::stop_group(r.pid);
+                    crate::exec::children::unregister(r.pid);
                 }
                 return Err(e);
             }
@@ -69,7 +69,7 @@ pub fn run_ranks(
     let _ = watcher.join();
     let mut last = None;
     for (rank, r) in running.into_iter().enumerate() {
-        crate::children::unregister(r.pid);
+        crate::exec::children::unregister(r.pid);
         for e in r.echo {
             let line = e.join().ok().flatten();
             if rank == 0 && line.is_some() {
@@ -146,7 +146,7 @@ fn start(
     prefix: String,
 ) -> anyhow::Result<Running> {
     use std::os::unix::process::CommandExt;
-    let exe = crate::runner::own_binary()?;
+    let exe = crate::exec::own_binary()?;
     // The child gets its own process group: a terminal's Ctrl-C reaches only
     // the runner, which forwards it once (a second signal would make the
     // child stop without its checkpoint).
@@ -160,7 +160,7 @@ fn start(
         .spawn()
         .with_context(|| format!("starting {label}"))?;
     let pid = child.id();
-    crate::children::register(pid);
+    crate::exec::children::register(pid);
     let stderr = child.stderr.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let err_prefix = prefix.clone();
@@ -235,7 +235,7 @@ fn wait_all(running: &mut [Running], grace: Duration) -> anyhow::Result<Exits> {
         if failed_at.is_some_and(|t| t.elapsed() > grace) {
             for (rank, (r, status)) in running.iter().zip(&statuses).enumerate() {
                 if status.is_none() && !stopped.contains(&rank) {
-                    crate::children::stop_group(r.pid);
+                    crate::exec::children::stop_group(r.pid);
                     stopped.push(rank);
                 }
             }

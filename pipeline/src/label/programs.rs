@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use rlhf_datasets::task::judge;
 use serde_json::{json, Value};
 
-use crate::config::Labeller;
+use crate::experiment::Labeller;
 
 /// Rank of each answer, 0 the best, equal scores tied.
 pub fn gold_ranking(prompt: &str, answers: &[String]) -> anyhow::Result<Vec<usize>> {
@@ -177,7 +177,7 @@ impl LineProgram<'_> {
             .spawn()
             .with_context(|| format!("{role} `{shown}` could not start"))?;
         let group = child.id();
-        crate::children::register(group);
+        crate::exec::children::register(group);
         // Write from a thread so a program that answers while reading cannot deadlock.
         let mut stdin = child.stdin.take().expect("piped");
         let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
@@ -187,10 +187,10 @@ impl LineProgram<'_> {
             let _ = tx.send(read_output(stdout, max_lines));
         });
         let ended = wait_for_output(&mut child, &rx, self.timeout);
-        crate::children::stop_group(group);
+        crate::exec::children::stop_group(group);
         let _ = child.kill();
         let status = child.wait();
-        crate::children::unregister(group);
+        crate::exec::children::unregister(group);
         let _ = writer.join();
         let stdout = match ended {
             Ended::Output(Ok(bytes)) => bytes,
@@ -248,7 +248,7 @@ fn wait_for_output(
             (Some(r), Some(_)) => return Ended::Output(r),
             (r, Some(at)) if at.elapsed() > Duration::from_secs(1) => {
                 // Exited, but something it started still holds the output.
-                crate::children::stop_group(child.id());
+                crate::exec::children::stop_group(child.id());
                 read = r;
             }
             (r, _) => read = r,

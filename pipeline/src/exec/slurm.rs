@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::config::SlurmSettings;
+use crate::experiment::SlurmSettings;
 
 /// What the stage folder keeps of its job.
 const JOB_FILE: &str = "job.json";

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::artifact::{read_manifest, Manifest};
+use crate::run_folder::manifest::{read_manifest, Manifest};
 
 /// A stage that finished, found in a run folder.
 #[derive(Debug, Clone)]
@@ -23,11 +23,11 @@ pub struct FinishedStage {
 
 impl FinishedStage {
     pub fn checkpoint(&self) -> PathBuf {
-        self.dir.join("checkpoint")
+        self.dir.join(super::CHECKPOINT_DIR)
     }
 
     pub fn metrics(&self) -> PathBuf {
-        self.dir.join("metrics.jsonl")
+        self.dir.join(super::METRICS_FILE)
     }
 
     /// A path setting of the stage (`eval_prompts`, `reference`, ...).
@@ -51,10 +51,7 @@ pub fn finished_stages(run_dir: &Path) -> anyhow::Result<Vec<FinishedStage>> {
     collect(run_dir, "", 0, &mut found)?;
     for entry in sorted_entries(run_dir)? {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(round) = name
-            .strip_prefix("round-")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
+        if let Some(round) = super::round_of(&name) {
             collect(&entry.path(), &format!("{name}/"), round, &mut found)?;
         }
     }
@@ -97,14 +94,18 @@ fn collect(
 ) -> anyhow::Result<()> {
     for entry in sorted_entries(dir)? {
         let path = entry.path();
-        if !path.join(crate::artifact::MANIFEST_FILE).exists() {
+        if !path
+            .join(crate::run_folder::manifest::MANIFEST_FILE)
+            .exists()
+        {
             continue;
         }
         let Some(manifest) = read_manifest(&path) else {
             tracing::warn!("{}: unreadable manifest.json; skipped", path.display());
             continue;
         };
-        if manifest.status != crate::artifact::Status::Complete || !path.join("checkpoint").exists()
+        if manifest.status != crate::run_folder::manifest::Status::Complete
+            || !path.join(super::CHECKPOINT_DIR).exists()
         {
             continue;
         }
@@ -134,9 +135,9 @@ fn collect(
 pub fn stage_times(run_dirs: &[&Path]) -> BTreeMap<String, (f64, Vec<String>)> {
     run_dirs
         .iter()
-        .flat_map(|run| crate::sibling_cache::stage_dirs(run))
+        .flat_map(|run| crate::run_folder::stage_dirs(run))
         .filter_map(|dir| read_manifest(&dir))
-        .filter(|m| m.status == crate::artifact::Status::Complete)
+        .filter(|m| m.status == crate::run_folder::manifest::Status::Complete)
         .map(|m| (m.key, (m.seconds, m.upstream.into_values().collect())))
         .collect()
 }

@@ -16,7 +16,13 @@
 //! Relative paths are relative to the experiment file's folder, so a run
 //! does not depend on the directory it is started from. Parsing is two
 //! steps (candle's pattern): serde structs mirror the file, then
-//! [`Experiment::resolve`] checks and resolves them once.
+//! [`Experiment::resolve`] checks and resolves them once. `sweep:` lines
+//! expand into stages here too (`sweep`).
+//!
+//! It imports plan (the stages' graph) and run_folder (names a stage may
+//! not take).
+
+pub mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -414,9 +420,9 @@ impl Experiment {
             apply_override(&mut value, o).map_err(|m| invalid(format!("--set {o}: {m}")))?;
         }
         let swept = value.get("sweep").is_some();
-        crate::sweep::check_overrides(&value, overrides).map_err(&invalid)?;
+        crate::experiment::sweep::check_overrides(&value, overrides).map_err(&invalid)?;
         let refs = stage_refs(&value);
-        crate::sweep::expand(&mut value, refs).map_err(&invalid)?;
+        crate::experiment::sweep::expand(&mut value, refs).map_err(&invalid)?;
         // Parse from the text when nothing was overridden or swept, so that
         // errors carry the file's line and column.
         // With overrides or sweeps, the changed value is parsed from its
@@ -584,7 +590,7 @@ impl Experiment {
 
     /// The folder a stage writes.
     pub fn stage_dir(&self, name: &str) -> PathBuf {
-        self.run_dir.join(crate::sweep::folder_of(name))
+        self.run_dir.join(crate::experiment::sweep::folder_of(name))
     }
 
     /// Fails unless `path` lies strictly inside the run folder (checked on
@@ -628,7 +634,7 @@ where
 /// reads (its model settings whose value is a stage's name).
 fn stage_refs(
     root: &serde_norway::Value,
-) -> impl Fn(&str, &serde_norway::Value) -> crate::sweep::Refs {
+) -> impl Fn(&str, &serde_norway::Value) -> crate::experiment::sweep::Refs {
     let names: BTreeSet<String> = root
         .get("stages")
         .and_then(serde_norway::Value::as_mapping)
@@ -851,7 +857,7 @@ impl Places<'_> {
                         "stages.{name}.{field}: a stage cannot start from itself"
                     ));
                 }
-                let folder = crate::sweep::folder_of(&s);
+                let folder = crate::experiment::sweep::folder_of(&s);
                 p.set(
                     self.run_dir
                         .join(folder)
@@ -904,14 +910,18 @@ fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), Str
     if let Some(bad) = spec
         .stages
         .keys()
-        .find(|n| !is_folder_name(n) && !crate::sweep::is_variant_name(n))
+        .find(|n| !is_folder_name(n) && !crate::experiment::sweep::is_variant_name(n))
     {
         let at = at_key_line(text, bad);
         return Err(format!(
             "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
         ));
     }
-    if let Some(taken) = spec.stages.keys().find(|n| reserved_in_run_folder(n)) {
+    if let Some(taken) = spec
+        .stages
+        .keys()
+        .find(|n| crate::run_folder::is_reserved(n))
+    {
         let at = at_key_line(text, taken);
         return Err(format!(
             "stages: the stage name \"{taken}\" is taken by the run folder's own files \
@@ -1242,15 +1252,6 @@ fn at_key_line(text: &str, key: &str) -> String {
     line.map_or(String::new(), |i| format!(" at line {}", i + 1))
 }
 
-/// Whether a stage folder of this name would collide with what the runner
-/// and `rlhf eval` write beside the stages.
-fn reserved_in_run_folder(name: &str) -> bool {
-    let round = name
-        .strip_prefix("round-")
-        .is_some_and(|n| n.parse::<usize>().is_ok());
-    round || name.starts_with('.') || ["report", "rounds.jsonl"].contains(&name)
-}
-
 /// `p` made absolute against `base` (the experiment file's folder), cleaned.
 fn absolute_from(base: &Path, p: &Path) -> PathBuf {
     clean_path(&if p.is_absolute() {
@@ -1534,7 +1535,7 @@ mod fuzz {
     use rand::{Rng, SeedableRng};
 
     const SEEDS: [&str; 2] = [
-        include_str!("../../configs/default.yaml"),
+        include_str!("../../../configs/default.yaml"),
         "name: t\nseed: 3\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 32}\nstages:\n  sft: {kind: sft, data: a.jsonl}\n  rm: {kind: reward, init: sft, data: b.jsonl}\n  ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: c.jsonl}\nloop: {repeat: [rm, ppo], rounds: 1, prompts: c.jsonl, labeller: {kind: gold}}\n",
     ];
     const VALUES: [&str; 16] = [

@@ -8,7 +8,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::Model;
 
 const EXPERIMENT: &str = "name: dp\ndevice: cpu\nmodel: {n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64}\nstages:\n\

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::Model;
 
 const EXPERIMENT: &str = "name: ctrlc\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\nstages:\n\

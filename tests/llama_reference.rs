@@ -9,8 +9,8 @@ use crate::common;
 
 use std::path::Path;
 
-use rlhf_stages::checkpoint::ModelMeta;
-use rlhf_stages::{llama, HeadChoice, Model, Network};
+use rlhf_stages::model::checkpoint::ModelMeta;
+use rlhf_stages::{model::llama, HeadChoice, Model, Network};
 
 fn check(family: &str, tied: bool) {
     let d = tempfile::tempdir().unwrap();

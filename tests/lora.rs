@@ -9,7 +9,7 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use rlhf_stages::checkpoint::weights_of;
+use rlhf_stages::model::checkpoint::weights_of;
 use rlhf_stages::{HeadChoice, Model};
 use tch::Tensor;
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::Model;
 
 use common::task_head as head;

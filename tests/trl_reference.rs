@@ -11,8 +11,8 @@
 
 use crate::common;
 
-use rlhf_stages::dpo::{pair_losses, per_token, DpoLoss, PairLogps};
-use rlhf_stages::grpo::math::{group_advantages, grpo_loss};
+use rlhf_stages::kinds::dpo::{pair_losses, per_token, DpoLoss, PairLogps};
+use rlhf_stages::rl::grpo::math::{group_advantages, grpo_loss};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 

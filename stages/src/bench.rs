@@ -10,10 +10,10 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{io_err, StageError};
+use crate::model::sample::{generate, SamplingConfig, TokenSpec};
+use crate::objectives::nll::masked_nll_sum;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::ppo::{self, PpoConfig};
-use crate::sample::{generate, SamplingConfig, TokenSpec};
-use crate::sft::masked_nll_sum;
+use crate::rl::ppo::{self, PpoConfig};
 use crate::train::{ScratchModel, StageContext, METRICS_FILE};
 use crate::{GptConfig, Head, HeadChoice, Model, ModelConfig};
 
@@ -43,7 +43,7 @@ pub struct BenchSpec {
     pub seed: i64,
     /// The caller runs train, generate and ppo in it; matmul takes
     /// bfloat16 operands for bf16.
-    pub precision: crate::precision::Precision,
+    pub precision: crate::model::precision::Precision,
 }
 
 fn model_config(spec: &BenchSpec) -> ModelConfig {
@@ -270,8 +270,8 @@ pub fn matmul(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Sta
     tch::manual_seed(spec.seed);
     let n = spec.size;
     let kind = match spec.precision {
-        crate::precision::Precision::Fp32 => Kind::Float,
-        crate::precision::Precision::Bf16 => Kind::BFloat16,
+        crate::model::precision::Precision::Fp32 => Kind::Float,
+        crate::model::precision::Precision::Bf16 => Kind::BFloat16,
     };
     let a = Tensor::randn([n, n], (kind, device));
     let b = Tensor::randn([n, n], (kind, device));

@@ -4,7 +4,23 @@
 
 use std::fmt::Display;
 
-use crate::error::StageError;
+/// A setting out of its range: `field` is its path inside the stage
+/// (`optimizer.lr`), so the pipeline can name it with the stage and line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SettingError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SettingError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
 
 /// Fails with "FIELD: must be EXPECTED, got VALUE" unless `ok`.
 pub fn require(
@@ -12,11 +28,11 @@ pub fn require(
     ok: bool,
     expected: &str,
     value: impl Display,
-) -> Result<(), StageError> {
+) -> Result<(), SettingError> {
     if ok {
         Ok(())
     } else {
-        Err(StageError::setting(
+        Err(SettingError::new(
             field,
             format!("must be {expected}, got {value}"),
         ))
@@ -35,12 +51,12 @@ pub fn shown(value: f64) -> String {
 }
 
 /// A finite number above 0.
-pub fn positive(field: &str, value: f64) -> Result<(), StageError> {
+pub fn positive(field: &str, value: f64) -> Result<(), SettingError> {
     require(field, value.is_finite() && value > 0.0, "> 0", shown(value))
 }
 
 /// A finite number at or above 0.
-pub fn non_negative(field: &str, value: f64) -> Result<(), StageError> {
+pub fn non_negative(field: &str, value: f64) -> Result<(), SettingError> {
     require(
         field,
         value.is_finite() && value >= 0.0,
@@ -58,7 +74,7 @@ pub fn note_clipping_off(field: &str, max_grad_norm: f64) {
 }
 
 /// A number in `[lo, hi]`.
-pub fn within(field: &str, value: f64, lo: f64, hi: f64) -> Result<(), StageError> {
+pub fn within(field: &str, value: f64, lo: f64, hi: f64) -> Result<(), SettingError> {
     require(
         field,
         (lo..=hi).contains(&value),
@@ -68,12 +84,12 @@ pub fn within(field: &str, value: f64, lo: f64, hi: f64) -> Result<(), StageErro
 }
 
 /// A count of at least `min`.
-pub fn at_least(field: &str, value: i64, min: i64) -> Result<(), StageError> {
+pub fn at_least(field: &str, value: i64, min: i64) -> Result<(), SettingError> {
     require(field, value >= min, &format!("at least {min}"), value)
 }
 
 /// A supervised stage's held-out share and longest example.
-pub fn example_split(eval_fraction: f64, max_len: usize) -> Result<(), StageError> {
+pub fn example_split(eval_fraction: f64, max_len: usize) -> Result<(), SettingError> {
     let ok = (0.0..1.0).contains(&eval_fraction);
     require("eval_fraction", ok, "in [0, 1)", eval_fraction)?;
     at_least("max_len", max_len as i64, 2)
@@ -81,7 +97,7 @@ pub fn example_split(eval_fraction: f64, max_len: usize) -> Result<(), StageErro
 
 /// A count in `[min, max]`: the bound keeps arithmetic on it (steps,
 /// buffers) from overflowing or asking for more memory than exists.
-pub fn count(field: &str, value: u64, min: u64, max: u64) -> Result<(), StageError> {
+pub fn count(field: &str, value: u64, min: u64, max: u64) -> Result<(), SettingError> {
     require(
         field,
         (min..=max).contains(&value),

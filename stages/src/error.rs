@@ -8,9 +8,9 @@ use rlhf_datasets::atomic::AtomicWriteError;
 use rlhf_datasets::load::DataError;
 use rlhf_datasets::tokenizer::TokenizerError;
 
-use crate::checkpoint::CheckpointError;
+use crate::model::checkpoint::CheckpointError;
+use crate::model::sample::SamplingError;
 use crate::optim::OptimError;
-use crate::sample::SamplingError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -63,6 +63,15 @@ impl StageError {
         Self::Setting {
             field: field.into(),
             message: message.into(),
+        }
+    }
+}
+
+impl From<crate::check::SettingError> for StageError {
+    fn from(e: crate::check::SettingError) -> Self {
+        Self::Setting {
+            field: e.field,
+            message: e.message,
         }
     }
 }

@@ -3,9 +3,9 @@
 //! Each stage file implements [`KindConfig`] for its config struct: the
 //! kind's name, validation, its path settings (data files and model
 //! references, which the pipeline resolves, hashes into the cache key and
-//! waits for) and how it runs. [`KINDS`] registers them; the pipeline
-//! parses, resolves, hashes and runs stages by looping over it, so adding a
-//! kind is one new file and one line there.
+//! waits for) and how it runs. `kinds::KINDS` registers them; the
+//! pipeline parses, resolves, hashes and runs stages by looping over it,
+//! so adding a kind is one new file and one line there.
 
 use std::any::Any;
 use std::fmt::Debug;
@@ -15,22 +15,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_norway::{Mapping, Value};
 
 use crate::error::StageError;
-use crate::precision::Precision;
+use crate::model::precision::Precision;
 use crate::train::{StageContext, TrainSettings};
-
-/// Every stage kind, in the order `kind:` lists them in errors.
-pub static KINDS: &[Kind] = &[
-    Kind::of::<crate::sft::SftConfig>(),
-    Kind::of::<crate::reward::RewardConfig>(),
-    Kind::of::<crate::ppo::PpoConfig>(),
-    Kind::of::<crate::dpo::DpoConfig>(),
-    Kind::of::<crate::grpo::GrpoConfig>(),
-];
-
-/// The kind named `name`.
-pub fn kind(name: &str) -> Option<&'static Kind> {
-    KINDS.iter().find(|k| k.name == name)
-}
 
 /// A registered kind: its name and its parser.
 #[derive(Debug)]

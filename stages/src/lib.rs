@@ -1,50 +1,44 @@
-//! libtorch: the GPT and the math of each RLHF stage.
+//! libtorch: the models and the math of each RLHF stage, in rooms:
 //!
-//! - [`gpt`]: the GPT-2-layout model, KV cache, LM and scalar heads.
-//! - [`llama`]: the Llama-layout decoder (Llama, Qwen2, Mistral).
-//! - [`lora`]: LoRA adapters, PEFT's files.
-//! - [`network`]: either layout behind one interface; `model:` shapes.
-//! - [`checkpoint`]: model folders (HF GPT-2 compatible), atomic writes.
-//! - [`optim`]: AdamW with saveable moments, LR schedule, clipping.
-//! - [`train`]: the training loop every supervised stage shares, training
-//!   checkpoints, metrics, resume and stop.
-//! - [`kind`]: a stage kind declared once, and the registry of kinds.
-//! - [`sft`], [`reward`], [`ppo`]: the stage kinds.
-//! - [`sample`]: batched KV-cache sampling; [`answer`]: answering prompts.
-//! - [`score`]: per-token log-probabilities of texts.
-//! - [`eval`]: held-out evaluation of policies: judge and reward scores, win rates, KL.
-//! - [`bench`]: the timed kernels of `rlhf bench`.
+//! - [`model`]: the GPT and Llama layouts behind one `Network`, LoRA,
+//!   precision, devices, model folders; sampling and token log-probs.
+//! - [`optim`]: AdamW with saveable moments, the LR schedule, clipping.
+//! - [`train`]: the loop every supervised stage shares (`fit` behind an
+//!   `Objective`), training checkpoints, metrics, exact resume, stop and
+//!   interrupt.
+//! - [`objectives`]: what several kinds use: rankings and sequence
+//!   rewards, the masked next-token NLL.
+//! - [`kind`]: how a stage kind is declared; [`kinds`]: the registry and
+//!   the supervised kinds (SFT, reward model, DPO).
+//! - [`rl`]: PPO and GRPO and the rollout they share.
+//! - [`eval`]: held-out evaluation of policies (judge and reward scores,
+//!   win rates, KL) and answering prompts.
 //! - [`dist`]: data-parallel ranks on libtorch's c10d (Gloo, NCCL).
+//! - [`bench`]: the timed kernels of `rlhf bench`.
+//! - [`error`]: the error every stage returns; [`check`]: setting checks.
+//!
+//! Imports run one way, each room from those before it: check, model,
+//! dist, optim, error (the error every stage returns wraps theirs),
+//! objectives, eval, train, rl, kinds (whose registry lists rl's kinds),
+//! bench.
 
-pub mod adapters;
-pub mod answer;
 pub mod bench;
 pub mod check;
-pub mod checkpoint;
-pub mod device;
 pub mod dist;
-pub mod dpo;
 pub mod error;
 pub mod eval;
 mod ffi;
-pub mod gpt;
-pub mod grpo;
 pub mod kind;
-pub mod llama;
-pub mod lora;
-pub mod network;
+pub mod kinds;
+pub mod model;
+pub mod objectives;
 pub mod optim;
-pub mod ppo;
-pub mod precision;
-pub mod reward;
-pub mod sample;
-pub mod score;
-pub mod sft;
+pub mod rl;
 pub mod train;
 
-pub use checkpoint::{HeadChoice, Model};
-pub use gpt::{Gpt, GptConfig, Head, KvCache};
-pub use network::{Cache, ModelConfig, Network};
+pub use model::checkpoint::{HeadChoice, Model};
+pub use model::gpt::{Gpt, GptConfig, Head, KvCache};
+pub use model::network::{Cache, ModelConfig, Network};
 
 /// A seeded tiny GPT for unit tests: 16 wide, 2 heads.
 #[cfg(test)]
@@ -81,7 +75,7 @@ pub(crate) fn tiny_llama(
 ) -> (tch::nn::VarStore, Network) {
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let cfg = llama::LlamaConfig::from_experiment(serde_json::json!({
+    let cfg = model::llama::LlamaConfig::from_experiment(serde_json::json!({
         "vocab_size": vocab_size, "hidden_size": 16, "num_hidden_layers": n_layer,
         "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": n_positions, "tie_word_embeddings": false,

@@ -68,7 +68,7 @@ pub enum OptimError {
 impl AdamWConfig {
     /// Every field in its range; `prefix` is the setting's path
     /// (`optimizer`, `policy_optimizer`).
-    pub fn validate(&self, prefix: &str) -> Result<(), crate::error::StageError> {
+    pub fn validate(&self, prefix: &str) -> Result<(), crate::check::SettingError> {
         use crate::check::{non_negative, path, positive, require};
         positive(&path(prefix, "lr"), self.lr)?;
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
@@ -274,7 +274,7 @@ impl Default for LrSchedule {
 }
 
 impl LrSchedule {
-    pub fn validate(&self, prefix: &str) -> Result<(), crate::error::StageError> {
+    pub fn validate(&self, prefix: &str) -> Result<(), crate::check::SettingError> {
         use crate::check::{at_least, path, within};
         at_least(&path(prefix, "warmup_steps"), self.warmup_steps, 0)?;
         within(&path(prefix, "min_lr_ratio"), self.min_lr_ratio, 0.0, 1.0)

@@ -4,16 +4,12 @@
 
 use crate::common;
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
-use rlhf_stages::dpo::{run, DpoConfig, DpoLoss, REFERENCE_FILE};
+use rlhf_stages::kinds::dpo::{run, DpoConfig, DpoLoss, REFERENCE_FILE};
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::optim::AdamWConfig;
 use rlhf_stages::train::{StageError, TrainSettings, FINAL_DIR, OPTIMIZER_FILE};
 use rlhf_stages::Model;
 use tch::{Device, Tensor};
-
-/// The tests share libtorch's global RNG (model initialisation); run them
-/// one at a time, or a test's start depends on the other's timing.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rankings(path: &std::path::Path, n: usize, seed: u64) {
     common::first_digit_rankings(path, n, seed, false);
@@ -42,7 +38,7 @@ fn config(data: std::path::PathBuf, eval: Option<std::path::PathBuf>, epochs: us
 
 #[test]
 fn dpo_learns_a_ranking_rule_without_a_reward_model() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
     rankings(&train, 400, 1);
@@ -83,7 +79,7 @@ fn dpo_learns_a_ranking_rule_without_a_reward_model() {
 
 #[test]
 fn resumed_dpo_equals_uninterrupted_bit_for_bit() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("train.jsonl");
     rankings(&data, 80, 3);

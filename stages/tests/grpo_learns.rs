@@ -6,15 +6,12 @@ use crate::common;
 
 use std::sync::Arc;
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
-use rlhf_stages::grpo::{run, GrpoConfig};
-use rlhf_stages::sample::SamplingConfig;
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
+use rlhf_stages::model::sample::SamplingConfig;
+use rlhf_stages::rl::grpo::{run, GrpoConfig};
 use rlhf_stages::train::{StageContext, StageError, FINAL_DIR};
 use rlhf_stages::Model;
 use tch::Device;
-
-/// The tests share libtorch's global RNG; run them one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The judge rewards the share of lowercase letters (`common::lowercase_share`).
 fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -59,7 +56,7 @@ fn config(policy: std::path::PathBuf, prompts: std::path::PathBuf, iterations: i
 
 #[test]
 fn grpo_raises_a_rule_based_reward_without_a_critic() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = setup(d.path());
     let summary = run(
@@ -96,7 +93,7 @@ fn grpo_raises_a_rule_based_reward_without_a_critic() {
 
 #[test]
 fn stopped_grpo_resumes_to_identical_weights() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = setup(d.path());
     let cfg = config(policy, prompts, 5);

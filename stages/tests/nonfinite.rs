@@ -4,17 +4,18 @@
 
 use crate::common;
 
-use rlhf_stages::checkpoint::HeadChoice;
+use rlhf_stages::kinds::sft::{run, SftConfig};
+use rlhf_stages::model::checkpoint::HeadChoice;
+use rlhf_stages::model::sample::SamplingConfig;
 use rlhf_stages::optim::AdamWConfig;
-use rlhf_stages::ppo::{self, PpoConfig};
-use rlhf_stages::sample::SamplingConfig;
-use rlhf_stages::sft::{run, SftConfig};
+use rlhf_stages::rl::ppo::{self, PpoConfig};
 use rlhf_stages::train::{periodic_checkpoints, StageError, TrainSettings, FINAL_DIR};
 use rlhf_stages::{Head, Model};
 use tch::Device;
 
 #[test]
 fn exploding_sft_stops_at_the_step_and_keeps_the_last_good_checkpoint() {
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let data = common::task_slice(d.path(), "sft.jsonl", 64);
     // A learning rate of 1e30 without clipping sends the weights to
@@ -70,6 +71,7 @@ fn exploding_sft_stops_at_the_step_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn a_reward_model_that_returns_nan_stops_ppo_naming_the_reward() {
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let scratch = common::tiny_model();
     tch::manual_seed(3);

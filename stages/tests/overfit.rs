@@ -1,6 +1,7 @@
 //! A tiny GPT memorises a short text with AdamW: the training loop's
 //! pieces (forward, loss, backward, clipping, AdamW) fit together.
 
+use crate::common;
 use rlhf_datasets::Tokenizer;
 use rlhf_stages::optim::{AdamW, AdamWConfig};
 use rlhf_stages::{GptConfig, Head, Model};
@@ -8,6 +9,7 @@ use tch::{Device, Tensor};
 
 #[test]
 fn tiny_gpt_overfits_a_short_text() {
+    let _serial = common::serial();
     tch::manual_seed(0);
     let text =
         "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.";

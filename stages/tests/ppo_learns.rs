@@ -6,16 +6,12 @@ use crate::common;
 
 use std::sync::Arc;
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
-use rlhf_stages::ppo::{run, AdaptiveKl, PpoConfig};
-use rlhf_stages::sample::SamplingConfig;
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
+use rlhf_stages::model::sample::SamplingConfig;
+use rlhf_stages::rl::ppo::{run, AdaptiveKl, PpoConfig};
 use rlhf_stages::train::{StageContext, StageError, FINAL_DIR};
 use rlhf_stages::Model;
 use tch::Device;
-
-/// The judge rewards the share of lowercase letters (`common::lowercase_share`).
-/// The two tests share libtorch's global RNG; run them one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     common::rule_policy_and_prompts(dir)
@@ -66,7 +62,7 @@ fn config(policy: std::path::PathBuf, prompts: std::path::PathBuf, iterations: i
 
 #[test]
 fn reward_rises_under_a_kl_bound() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = setup(d.path());
     let summary = run(
@@ -108,7 +104,7 @@ fn reward_rises_under_a_kl_bound() {
 
 #[test]
 fn stopped_ppo_resumes_to_identical_weights() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = setup(d.path());
     let mut cfg = config(policy, prompts, 5);
@@ -144,12 +140,12 @@ fn stopped_ppo_resumes_to_identical_weights() {
 
 #[test]
 fn ptx_adds_the_demonstration_loss() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = setup(d.path());
     let demos = common::task_slice(d.path(), "sft.jsonl", 40);
     let mut cfg = config(policy, prompts, 2);
-    cfg.ptx = Some(rlhf_stages::ppo::PtxConfig {
+    cfg.ptx = Some(rlhf_stages::rl::ppo::PtxConfig {
         data: demos,
         coef: 27.8,
         batch_size: 4,

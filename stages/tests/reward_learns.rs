@@ -2,13 +2,9 @@
 
 use crate::common;
 
+use rlhf_stages::kinds::reward::{run, RewardConfig};
 use rlhf_stages::optim::AdamWConfig;
-use rlhf_stages::reward::{run, RewardConfig};
 use rlhf_stages::train::TrainSettings;
-
-/// The tests share libtorch's global RNG (model initialisation); run them
-/// one at a time, or a test's start depends on the other's timing.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn synthetic(path: &std::path::Path, n: usize, seed: u64) {
     common::first_digit_rankings(path, n, seed, false);
@@ -41,7 +37,7 @@ fn config(train: std::path::PathBuf, eval: std::path::PathBuf, epochs: usize) ->
 
 #[test]
 fn reward_model_learns_a_ranking_rule() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
     synthetic(&train, 400, 1);
@@ -64,7 +60,7 @@ fn reward_model_learns_a_ranking_rule() {
 
 #[test]
 fn a_reward_model_on_shuffled_labels_is_flagged_and_can_stop_the_pipeline() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
     write_rankings(&train, 400, 1, true);

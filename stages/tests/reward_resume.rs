@@ -3,14 +3,15 @@
 
 use crate::common;
 
-use rlhf_stages::checkpoint::{weights_of, HeadChoice};
-use rlhf_stages::reward::{run, RewardConfig};
+use rlhf_stages::kinds::reward::{run, RewardConfig};
+use rlhf_stages::model::checkpoint::{weights_of, HeadChoice};
 use rlhf_stages::train::{StageContext, StageError, TrainSettings, FINAL_DIR, OPTIMIZER_FILE};
 use rlhf_stages::Model;
 use tch::{Device, Tensor};
 
 #[test]
 fn resumed_reward_training_equals_uninterrupted_bit_for_bit() {
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let data = common::task_slice(d.path(), "preferences.jsonl", 120);
     let demos = common::task_slice(d.path(), "sft.jsonl", 50);

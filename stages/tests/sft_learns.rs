@@ -9,8 +9,8 @@ use rlhf_datasets::batch::tokenize_pairs;
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{sft_records, ChatTemplate};
 use rlhf_datasets::Tokenizer;
+use rlhf_stages::kinds::sft::{run, SftConfig};
 use rlhf_stages::optim::{AdamWConfig, LrSchedule};
-use rlhf_stages::sft::{run, SftConfig};
 use rlhf_stages::train::TrainSettings;
 
 /// Entropy (nats) of answer tokens by frequency: the best loss of a model
@@ -35,6 +35,7 @@ fn unigram_entropy(path: &std::path::Path) -> f64 {
 
 #[test]
 fn sft_on_a_task_slice_beats_the_prompt_blind_bound() {
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let data = common::task_slice(d.path(), "sft.jsonl", 2000);
     let h = unigram_entropy(&data);
@@ -95,8 +96,9 @@ fn sft_on_a_task_slice_beats_the_prompt_blind_bound() {
 /// and the checkpoint's weights stay fp32 (the master copy).
 #[test]
 fn sft_in_bf16_learns_as_fp32_does() {
+    let _serial = common::serial();
     use rlhf_stages::kind::StageConfig;
-    use rlhf_stages::precision::Precision;
+    use rlhf_stages::model::precision::Precision;
     let d = tempfile::tempdir().unwrap();
     let data = common::task_slice(d.path(), "sft.jsonl", 1000);
     let h = unigram_entropy(&data);

@@ -5,10 +5,10 @@ use crate::common;
 
 use std::collections::BTreeMap;
 
-use rlhf_stages::checkpoint::HeadChoice;
-use rlhf_stages::sft::{run, SftConfig};
+use rlhf_stages::kinds::sft::{run, SftConfig};
+use rlhf_stages::model::checkpoint::HeadChoice;
 use rlhf_stages::train::{StageError, TrainSettings, FINAL_DIR, OPTIMIZER_FILE};
-use rlhf_stages::{checkpoint::weights_of, Model};
+use rlhf_stages::{model::checkpoint::weights_of, Model};
 use tch::{Device, Tensor};
 
 fn final_tensors(run_dir: &std::path::Path) -> BTreeMap<String, Tensor> {
@@ -23,6 +23,7 @@ fn final_tensors(run_dir: &std::path::Path) -> BTreeMap<String, Tensor> {
 
 #[test]
 fn resumed_sft_equals_uninterrupted_bit_for_bit() {
+    let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let data = common::task_slice(d.path(), "sft.jsonl", 200);
     let config = SftConfig {

@@ -2,10 +2,10 @@
 //! one of the stages crate's timed kernels and prints its JSON line.
 
 use rlhf_stages::bench::{self, BenchSpec};
-use rlhf_stages::device::parse_device;
+use rlhf_stages::model::device::parse_device;
 
 use crate::cli::{BenchArgs, BenchMode, PrecisionArg};
-use rlhf_stages::precision::Precision;
+use rlhf_stages::model::precision::Precision;
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;

@@ -6,8 +6,8 @@ use anyhow::Context;
 use rlhf_datasets::batch::epoch_order;
 use rlhf_datasets::load::{read_table, string_column};
 use rlhf_datasets::preference::{ranked_groups, write_ranked_groups, RankedGroup};
-use rlhf_stages::answer::{answer_prompts, ANSWER_BATCH};
-use rlhf_stages::device::parse_device;
+use rlhf_stages::eval::answer::{answer_prompts, ANSWER_BATCH};
+use rlhf_stages::model::device::parse_device;
 use rlhf_stages::{Head, HeadChoice, Model};
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! `rlhf eval RUN`: evaluate a finished run and write its report.
 
-use rlhf_stages::device::parse_device;
 use rlhf_stages::eval::EvalSettings;
+use rlhf_stages::model::device::parse_device;
 
 use crate::cli::EvalArgs;
 use crate::report::judge::CommandJudge;

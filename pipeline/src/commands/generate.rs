@@ -1,7 +1,7 @@
 use anyhow::Context;
-use rlhf_stages::answer::{answer_prompts, ANSWER_BATCH};
-use rlhf_stages::device::parse_device;
-use rlhf_stages::sample::SamplingConfig;
+use rlhf_stages::eval::answer::{answer_prompts, ANSWER_BATCH};
+use rlhf_stages::model::device::parse_device;
+use rlhf_stages::model::sample::SamplingConfig;
 use rlhf_stages::{HeadChoice, Model};
 
 use crate::cli::GenerateArgs;

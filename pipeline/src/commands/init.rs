@@ -79,7 +79,7 @@ fn model_config(args: &InitArgs, vocab_size: i64) -> anyhow::Result<ModelConfig>
                 "max_position_embeddings": args.n_positions,
             });
             ModelConfig::Llama(
-                rlhf_stages::llama::LlamaConfig::from_experiment(spec)
+                rlhf_stages::model::llama::LlamaConfig::from_experiment(spec)
                     .map_err(|e| anyhow::anyhow!("model shape: {e}"))?,
             )
         }

@@ -1,5 +1,5 @@
 use anyhow::Context;
-use rlhf_stages::lora::{ADAPTER_CONFIG_FILE, ADAPTER_DIR};
+use rlhf_stages::model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_DIR};
 use rlhf_stages::{HeadChoice, Model};
 
 use crate::cli::MergeArgs;

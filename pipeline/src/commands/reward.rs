@@ -5,8 +5,8 @@
 //! saved in the checkpoint).
 
 use anyhow::bail;
-use rlhf_stages::device::parse_device;
-use rlhf_stages::reward::{reward_sequence, sequence_rewards, Pooling};
+use rlhf_stages::model::device::parse_device;
+use rlhf_stages::objectives::rankings::{reward_sequence, sequence_rewards, Pooling};
 use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use rlhf_stages::device::parse_device;
 use rlhf_stages::eval::EvalSettings;
+use rlhf_stages::model::device::parse_device;
 
 use crate::cli::SamplesArgs;
 use crate::report::{evaluate_run, EvalOptions, PromptAnswers, ANSWERS_FILE, REPORT_DIR};

@@ -2,8 +2,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use rlhf_datasets::Tokenizer;
-use rlhf_stages::device::parse_device;
-use rlhf_stages::score::sequence_logprobs;
+use rlhf_stages::model::device::parse_device;
+use rlhf_stages::model::score::sequence_logprobs;
 use rlhf_stages::{Head, HeadChoice, Model};
 use serde_json::{json, Value};
 

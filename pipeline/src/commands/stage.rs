@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use rlhf_datasets::{task, Tokenizer};
-use rlhf_stages::device::{device_name, parse_device};
 use rlhf_stages::dist::{Ranks, Topology};
+use rlhf_stages::model::device::{device_name, parse_device};
 use rlhf_stages::train::{ScratchModel, StageContext};
 
 use crate::cli::StageArgs;

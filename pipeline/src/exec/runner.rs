@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use rlhf_stages::dpo::DpoConfig;
-use rlhf_stages::grpo::GrpoConfig;
-use rlhf_stages::ppo::PpoConfig;
-use rlhf_stages::reward::RewardConfig;
+use rlhf_stages::kinds::dpo::DpoConfig;
+use rlhf_stages::kinds::reward::RewardConfig;
+use rlhf_stages::rl::grpo::GrpoConfig;
+use rlhf_stages::rl::ppo::PpoConfig;
 
 use crate::exec::key::stage_key;
 use crate::exec::sibling_cache;

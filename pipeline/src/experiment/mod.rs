@@ -27,7 +27,8 @@ pub mod sweep;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use rlhf_stages::kind::{PathRole, StageConfig, KINDS};
+use rlhf_stages::kind::{PathRole, StageConfig};
+use rlhf_stages::kinds::KINDS;
 use rlhf_stages::train::StageError;
 use rlhf_stages::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -237,7 +238,7 @@ pub struct LoopFile {
     #[serde(default)]
     pub policy_init: PolicyInit,
     #[serde(default)]
-    pub sampling: rlhf_stages::sample::SamplingConfig,
+    pub sampling: rlhf_stages::model::sample::SamplingConfig,
     /// Settings for the rounds' stages only, as `--set` writes them:
     /// `["stages.rm.epochs=1"]` fine-tunes each round's reward model for
     /// one epoch instead of the first one's three.
@@ -356,7 +357,7 @@ impl Default for Distributed {
 }
 
 /// One stage as written: its kind's settings (the kinds are registered
-/// in `rlhf_stages::kind::KINDS`) and its thread count.
+/// in `rlhf_stages::kinds::KINDS`) and its thread count.
 #[derive(Debug, Clone)]
 pub struct StageFile {
     pub config: Box<dyn StageConfig>,
@@ -460,7 +461,7 @@ impl Experiment {
         spec.model
             .validate()
             .map_err(|e| invalid(format!("model: {e}")))?;
-        rlhf_stages::device::check_device_spec(&spec.device)
+        rlhf_stages::model::device::check_device_spec(&spec.device)
             .map_err(|e| invalid(format!("device: {e}")))?;
         // Absolute, so paths mean the same in child processes and overrides.
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
@@ -688,7 +689,7 @@ fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
             shown.trim()
         ));
     };
-    let Some(kind) = rlhf_stages::kind::kind(name) else {
+    let Some(kind) = rlhf_stages::kinds::kind(name) else {
         return Err(format!(
             ".kind: unknown variant `{name}`, expected one of {kinds}"
         ));
@@ -999,7 +1000,7 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
     let dpo = l
         .repeat
         .first()
-        .and_then(|n| stages.get(n)?.get::<rlhf_stages::dpo::DpoConfig>());
+        .and_then(|n| stages.get(n)?.get::<rlhf_stages::kinds::dpo::DpoConfig>());
     if dpo.is_some_and(|d| d.policy.is_none()) {
         return Err(
             "repeat: [dpo] needs the dpo stage's `policy` (the model the rounds start from)".into(),
@@ -1009,7 +1010,7 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
     let grpo = l
         .repeat
         .get(1)
-        .and_then(|n| stages.get(n)?.get::<rlhf_stages::grpo::GrpoConfig>());
+        .and_then(|n| stages.get(n)?.get::<rlhf_stages::rl::grpo::GrpoConfig>());
     if grpo.is_some_and(|g| g.gold_reward || g.ranker_command.is_some()) {
         return Err("repeat: [rm, grpo] scores each round with the round's reward model; drop the grpo stage's `gold_reward` and `ranker_command`".into());
     }
@@ -1325,8 +1326,8 @@ pub fn set_path(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rlhf_stages::reward::RewardConfig;
-    use rlhf_stages::sft::SftConfig;
+    use rlhf_stages::kinds::reward::RewardConfig;
+    use rlhf_stages::kinds::sft::SftConfig;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("exp.yaml");

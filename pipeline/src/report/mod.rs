@@ -290,7 +290,8 @@ pub fn evaluate_run(
             tracing::warn!("{hint}; judged by the bundled task's gold judge instead");
         }
     }
-    let task_judge: rlhf_stages::answer::Judge = std::sync::Arc::new(rlhf_datasets::task::judge);
+    let task_judge: rlhf_stages::eval::answer::Judge =
+        std::sync::Arc::new(rlhf_datasets::task::judge);
     let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
     let mut kls = Vec::new();
     for stage in &policy_stages {
@@ -446,7 +447,7 @@ fn reward_rows(
             .as_u64()
             .unwrap_or(model.net.n_positions() as u64) as usize;
         let result = match &data {
-            Some(path) => rlhf_stages::reward::evaluate_file(
+            Some(path) => rlhf_stages::kinds::reward::evaluate_file(
                 &model,
                 path,
                 max_len,

@@ -11,8 +11,8 @@ use rlhf_datasets::atomic;
 use serde::{de::DeserializeOwned, Serialize};
 use tch::{Device, Tensor};
 
-use crate::checkpoint::{CheckpointError, HeadChoice, Model};
 use crate::error::{interrupt_requested, io_err, StageError};
+use crate::model::checkpoint::{CheckpointError, HeadChoice, Model};
 use crate::optim::AdamW;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";

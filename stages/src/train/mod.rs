@@ -22,14 +22,14 @@ use serde_json::json;
 use tch::{Device, Tensor};
 
 use crate::check;
-use crate::checkpoint::{HeadChoice, Model};
-use crate::gpt::Head;
-use crate::network::{ModelConfig, Network};
+use crate::model::checkpoint::{HeadChoice, Model};
+use crate::model::gpt::Head;
+use crate::model::network::{ModelConfig, Network};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 
 pub use crate::dist::Ranks;
 pub use crate::error::{check_finite, interrupt_requested, io_err, request_interrupt, StageError};
-pub use crate::precision::Precision;
+pub use crate::model::precision::Precision;
 pub use batches::EpochBatches;
 pub use checkpoints::{
     load_training, newest_usable, periodic_checkpoints, periodic_dir, prune_periodic,
@@ -68,7 +68,7 @@ pub struct TrainSettings {
     /// Train LoRA adapters on the frozen `init` model instead of every
     /// weight (a scalar head is trained in full).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<crate::lora::LoraConfig>,
+    pub lora: Option<crate::model::lora::LoraConfig>,
     /// `bf16`: matmuls in bfloat16 on fp32 master weights (autocast).
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
@@ -142,7 +142,8 @@ impl TrainSettings {
             l.validate("lora")?;
         }
         self.optimizer.validate("optimizer")?;
-        self.schedule.validate("schedule")
+        self.schedule.validate("schedule")?;
+        Ok(())
     }
 
     /// The seed, once the experiment's has been filled in.
@@ -861,7 +862,7 @@ pub struct StageContext {
     pub scratch: ScratchModel,
     /// Scores (prompt, answer) text where it knows the prompt: the bundled
     /// task's gold judge, passed in by the pipeline.
-    pub judge: Option<crate::answer::Judge>,
+    pub judge: Option<crate::eval::answer::Judge>,
     /// Stop (as if killed) after this step, leaving its checkpoint: for
     /// resume tests.
     pub stop_after: Option<i64>,

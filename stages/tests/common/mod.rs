@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use rlhf_datasets::Tokenizer;
-use rlhf_stages::sft::SftConfig;
+use rlhf_stages::kinds::sft::SftConfig;
 use rlhf_stages::train::{ScratchModel, StageContext};
 use rlhf_stages::GptConfig;
 use tch::Device;
@@ -130,4 +130,12 @@ pub fn first_digit_rankings(path: &Path, n: usize, seed: u64, shuffled: bool) {
         text.push_str(&format!("{row}\n"));
     }
     std::fs::write(path, text).unwrap();
+}
+
+/// libtorch's RNG is global to the process, and every module here runs in
+/// one test binary: a test that seeds it and trains holds this lock, so
+/// that another test's draws never land between its own.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

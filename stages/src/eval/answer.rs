@@ -16,9 +16,9 @@ use tch::Device;
 use rlhf_datasets::load::{read_table, string_column};
 use rlhf_datasets::Tokenizer;
 
-use crate::checkpoint::Model;
 use crate::error::StageError;
-use crate::sample::{generate, SamplingConfig, TokenSpec};
+use crate::model::checkpoint::Model;
+use crate::model::sample::{generate, SamplingConfig, TokenSpec};
 
 /// Sequences per generation batch. Part of what a seed means: sampled
 /// answers depend on how prompts are batched.

@@ -5,15 +5,17 @@
 //! Everything here is deterministic for a given seed, so two evaluations of
 //! the same run give the same report.
 
+pub mod answer;
+
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use crate::answer::{answer_prompts, greedy, Judge, ANSWER_BATCH};
-use crate::checkpoint::Model;
 use crate::error::StageError;
-use crate::reward::{reward_sequence, sequence_rewards};
-use crate::sample::SamplingConfig;
-use crate::score::sequence_logprobs;
+use crate::eval::answer::{answer_prompts, greedy, Judge, ANSWER_BATCH};
+use crate::model::checkpoint::Model;
+use crate::model::sample::SamplingConfig;
+use crate::model::score::sequence_logprobs;
+use crate::objectives::rankings::{reward_sequence, sequence_rewards};
 
 /// How answers are drawn for evaluation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,8 +211,8 @@ pub fn mean_present(xs: &[Option<f64>]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Model;
-    use crate::gpt::{GptConfig, Head};
+    use crate::model::checkpoint::Model;
+    use crate::model::gpt::{GptConfig, Head};
 
     fn tiny(seed: i64) -> Model {
         tch::manual_seed(seed);

@@ -18,12 +18,12 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use crate::check;
-use crate::checkpoint::{HeadChoice, Model};
-use crate::gpt::Head;
 use crate::kind::{KindConfig, PathSetting};
+use crate::model::checkpoint::{HeadChoice, Model};
+use crate::model::gpt::Head;
+use crate::model::sample::{generate, SamplingConfig, TokenSpec};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::ppo::{answer_logprobs, prompts_with_room, Scorer};
-use crate::sample::{generate, SamplingConfig, TokenSpec};
+use crate::rl::rollout::{answer_logprobs, prompts_with_room, Scorer};
 use crate::train::{
     check_finite, load_training, newest_usable, prepare_out_dir, progress_bar, save_training,
     step_seed, write_summary, Checkpointer, MetricsLog, StageContext, StageError, FINAL_DIR,
@@ -151,7 +151,7 @@ impl KindConfig for GrpoConfig {
             "in (0, 1e9]",
             check::shown(t),
         )?;
-        crate::ppo::check_scorer_and_iterations(
+        crate::rl::check_scorer_and_iterations(
             self.reward_model.is_some() || self.ranker_command.is_some(),
             self.gold_reward,
             self.iterations,
@@ -172,7 +172,7 @@ impl KindConfig for GrpoConfig {
         check::non_negative("max_grad_norm", self.max_grad_norm)?;
         check::at_least("checkpoint_every", self.checkpoint_every, 1)?;
         self.sampling.validate().map_err(|e| match e {
-            crate::sample::SamplingError::Invalid(m) => StageError::setting("sampling", m),
+            crate::model::sample::SamplingError::Invalid(m) => StageError::setting("sampling", m),
             other => other.into(),
         })
     }
@@ -547,7 +547,7 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<GrpoSummary, StageErr
     bar.finish_and_clear();
     state.done = true;
     checkpointer.finish(|| save_training(&out.join(FINAL_DIR), &policy, &opt, &state))?;
-    let warning = crate::ppo::score_did_not_rise(&out.join(METRICS_FILE), "grpo", "beta");
+    let warning = crate::rl::score_did_not_rise(&out.join(METRICS_FILE), "grpo", "beta");
     if let Some(w) = &warning {
         tracing::warn!("{w}");
     }

@@ -13,14 +13,15 @@ use rlhf_datasets::batch::{collate, tokenize_pairs, train_eval_split, LmBatch, T
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{sft_records, ChatTemplate};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use crate::answer::judged_eval;
 use crate::check;
-use crate::checkpoint::Model;
-use crate::gpt::Head;
+use crate::eval::answer::judged_eval;
 use crate::kind::{KindConfig, PathSetting};
-use crate::network::Network;
+use crate::model::checkpoint::Model;
+use crate::model::gpt::Head;
+use crate::model::network::Network;
+use crate::objectives::nll::masked_nll_sum;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
     finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
@@ -84,7 +85,8 @@ impl KindConfig for SftConfig {
     fn validate(&self) -> Result<(), StageError> {
         self.train.validate()?;
         check::example_split(self.eval_fraction, self.max_len)?;
-        check::at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
+        check::at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)?;
+        Ok(())
     }
 
     fn paths(&mut self) -> Vec<PathSetting<'_>> {
@@ -125,34 +127,6 @@ pub struct SftSummary {
     /// Set when the eval loss hardly moved: the stage may not be learning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
-}
-
-/// The SFT loss of a batch: mean NLL over answer tokens, as
-/// `(sum of masked NLL, number of answer tokens)` tensors.
-pub fn masked_nll_sum(
-    model: &Network,
-    batch: &LmBatch,
-    device: Device,
-    train: bool,
-) -> (Tensor, f64) {
-    let shape = [batch.rows as i64, batch.width as i64];
-    let inputs = Tensor::from_slice(&batch.input_ids)
-        .view(shape)
-        .to_device(device);
-    let targets = Tensor::from_slice(&batch.targets)
-        .view(shape)
-        .to_device(device);
-    let mask = Tensor::from_slice(&batch.loss_mask)
-        .view(shape)
-        .to_device(device);
-    let logits = model.forward_logits(&inputs, None, train);
-    let nll = token_nll(&logits, &targets);
-    ((nll * mask).sum(Kind::Float), batch.target_tokens as f64)
-}
-
-/// Per-position NLL `(B, T)` of `targets` under `logits` `(B, T, V)`.
-pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
-    -crate::score::gather_logprobs(logits, targets)
 }
 
 /// Next-token loss on answer tokens: a step's loss is the mean over every
@@ -321,46 +295,4 @@ pub fn eval_loss(
         }
         Some(sum / count)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rlhf_datasets::batch::collate;
-
-    #[test]
-    fn prompt_targets_contribute_nothing_to_the_loss() {
-        let _rng = crate::rng_lock();
-        let (_vs, gpt) = crate::tiny_gpt(9, 40, 16, 1, Head::Lm);
-        let pair = TokenizedPair {
-            prompt: vec![1, 2, 3, 4],
-            completion: vec![5, 6, 0],
-            learn: None,
-        };
-        let batch = collate(&[&pair], 39);
-        let loss = |b: &LmBatch| {
-            masked_nll_sum(&gpt, b, Device::Cpu, false)
-                .0
-                .double_value(&[])
-        };
-        let base = loss(&batch);
-        // Position 1's target is prompt token 3: change it, nothing moves.
-        let mut changed = batch.clone();
-        assert_eq!(changed.loss_mask[1], 0.0);
-        changed.targets[1] = 17;
-        assert_eq!(loss(&changed), base);
-        // Position 4's target is answer token 6: changing it does move the loss.
-        let mut answer = batch.clone();
-        assert_eq!(answer.loss_mask[4], 1.0);
-        answer.targets[4] = 17;
-        assert_ne!(loss(&answer), base);
-        // And the loss is exactly the answer tokens' NLL, computed apart.
-        let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([1, 6]);
-        let lp = crate::score::gather_logprobs(
-            &gpt.forward_logits(&ids, None, false),
-            &Tensor::from_slice(&[2i64, 3, 4, 5, 6, 0]).view([1, 6]),
-        );
-        let by_hand = -lp.narrow(1, 3, 3).sum(Kind::Double).double_value(&[]);
-        assert!((by_hand - base).abs() < 1e-5, "{by_hand} vs {base}");
-    }
 }

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::gpt::{GptConfig, GptConfigError, Head};
-use crate::llama::LlamaConfig;
-use crate::network::{ModelConfig, Network};
+use crate::model::gpt::{GptConfig, GptConfigError, Head};
+use crate::model::llama::LlamaConfig;
+use crate::model::network::{ModelConfig, Network};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -148,7 +148,7 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     pub meta: ModelMeta,
     /// LoRA adapters on a frozen base, once added ([`Model::add_lora`]).
-    pub lora: Option<crate::adapters::LoraState>,
+    pub lora: Option<crate::model::adapters::LoraState>,
 }
 
 /// Which head to build when loading.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn, Kind, Tensor};
 
-use crate::error::StageError;
+use crate::check::SettingError;
 
 /// `lora:` in a stage's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,16 +117,16 @@ fn refuse_unsupported_peft(v: &Value) -> Result<(), String> {
 }
 
 impl LoraConfig {
-    pub fn validate(&self, prefix: &str) -> Result<(), StageError> {
+    pub fn validate(&self, prefix: &str) -> Result<(), SettingError> {
         let field = |f: &str| format!("{prefix}.{f}");
         if !(1..=4096).contains(&self.r) {
-            return Err(StageError::setting(
+            return Err(SettingError::new(
                 field("r"),
                 format!("must be in [1, 4096], got {}", self.r),
             ));
         }
         if !(self.alpha > 0.0 && self.alpha <= MAX_ALPHA) {
-            return Err(StageError::setting(
+            return Err(SettingError::new(
                 field("alpha"),
                 format!(
                     "must be a positive number at most {MAX_ALPHA:e}, got {}",
@@ -135,13 +135,13 @@ impl LoraConfig {
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(StageError::setting(
+            return Err(SettingError::new(
                 field("dropout"),
                 format!("must lie in [0, 1), got {}", self.dropout),
             ));
         }
         if self.target_modules.is_empty() {
-            return Err(StageError::setting(
+            return Err(SettingError::new(
                 field("target_modules"),
                 format!("is empty; name some of {LLAMA_MODULES:?}"),
             ));
@@ -151,7 +151,7 @@ impl LoraConfig {
             .iter()
             .find(|m| !LLAMA_MODULES.contains(&m.as_str()))
         {
-            return Err(StageError::setting(
+            return Err(SettingError::new(
                 field("target_modules"),
                 format!("\"{m}\" is not a projection of a Llama-layout model; choose from {LLAMA_MODULES:?}"),
             ));

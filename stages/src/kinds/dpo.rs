@@ -27,10 +27,10 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::check;
-use crate::checkpoint::{HeadChoice, Model};
-use crate::gpt::Head;
 use crate::kind::{KindConfig, PathSetting};
-use crate::network::Network;
+use crate::model::checkpoint::{HeadChoice, Model};
+use crate::model::gpt::Head;
+use crate::model::network::Network;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
     finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
@@ -133,7 +133,11 @@ impl KindConfig for DpoConfig {
 
     fn paths(&mut self) -> Vec<PathSetting<'_>> {
         vec![
-            PathSetting::data("data", crate::reward::RANKINGS_ABOUT, &mut self.data),
+            PathSetting::data(
+                "data",
+                crate::objectives::rankings::RANKINGS_ABOUT,
+                &mut self.data,
+            ),
             PathSetting::optional_data("eval_data", &mut self.eval_data),
             PathSetting::optional_model("policy", &mut self.policy),
             PathSetting::optional_model("reference", &mut self.reference),
@@ -200,7 +204,8 @@ pub fn answer_logps(
         .to_device(device);
     let logits = model.forward_logits(&ids, None, train);
     let next = width - 1;
-    let lp = crate::score::gather_logprobs(&logits.narrow(1, 0, next), &ids.narrow(1, 1, next));
+    let lp =
+        crate::model::score::gather_logprobs(&logits.narrow(1, 0, next), &ids.narrow(1, 1, next));
     // Position p predicts token p + 1: the answer's tokens are predicted
     // from answer_start - 1 to last_index - 1.
     let pos = Tensor::arange(next, (Kind::Int64, device)).unsqueeze(0);
@@ -505,9 +510,10 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         Err(done) => return Ok(done),
     };
     let max_len = cfg.max_len.min(start.model.net.n_positions() as usize);
-    let (all, skipped_rows) = crate::reward::load_groups(&cfg.data, &start.model, max_len)?;
+    let (all, skipped_rows) =
+        crate::objectives::rankings::load_groups(&cfg.data, &start.model, max_len)?;
     let held_out = match &cfg.eval_data {
-        Some(p) => crate::reward::load_groups(p, &start.model, max_len)?.0,
+        Some(p) => crate::objectives::rankings::load_groups(p, &start.model, max_len)?.0,
         None => vec![],
     };
     // Checked before the reference pass, the stage's first long step.

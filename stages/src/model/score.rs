@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::network::Network;
+use crate::model::network::Network;
 
 /// `log p(targets)` from logits: `(.., V)` and `(..)` -> `(..)`.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
@@ -51,7 +51,7 @@ pub fn sequence_logprobs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::Head;
+    use crate::model::gpt::Head;
 
     #[test]
     fn batched_logprobs_equal_single_and_match_log_softmax() {

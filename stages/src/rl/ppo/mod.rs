@@ -27,12 +27,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::answer::{judged_eval, read_judged, JudgedScore};
 use crate::check;
 use crate::dist::Ranks;
+use crate::eval::answer::{judged_eval, read_judged, JudgedScore};
 use crate::kind::{KindConfig, PathSetting};
+use crate::model::sample::SamplingConfig;
 use crate::optim::AdamWConfig;
-use crate::sample::SamplingConfig;
+use crate::rl::{check_scorer_and_iterations, score_did_not_rise};
 use crate::train::{
     prepare_out_dir, progress_bar, step_seed, write_summary, Checkpointer, MetricsLog,
     StageContext, StageError, METRICS_FILE,
@@ -42,7 +43,6 @@ pub use math::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean,
     token_rewards, whiten, AdaptiveKl, KlController, KlEstimator,
 };
-pub(crate) use phases::{answer_logprobs, prompts_with_room, Scorer};
 use phases::{Iteration, Models, Tallies};
 
 /// Language-model loss on demonstrations during PPO (InstructGPT's PPO-ptx).
@@ -119,11 +119,11 @@ pub struct PpoConfig {
     /// is then the policy with its adapters off: one copy of the base in
     /// memory, not two.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora: Option<crate::lora::LoraConfig>,
+    pub lora: Option<crate::model::lora::LoraConfig>,
     /// `bf16`: rollouts and updates with matmuls in bfloat16 on fp32
     /// master weights (autocast).
-    #[serde(skip_serializing_if = "crate::precision::Precision::is_fp32")]
-    pub precision: crate::precision::Precision,
+    #[serde(skip_serializing_if = "crate::model::precision::Precision::is_fp32")]
+    pub precision: crate::model::precision::Precision,
 }
 
 impl Default for PpoConfig {
@@ -182,7 +182,7 @@ impl KindConfig for PpoConfig {
     const KIND: &'static str = "ppo";
     type Summary = PpoSummary;
 
-    fn precision(&mut self) -> crate::precision::Precision {
+    fn precision(&mut self) -> crate::model::precision::Precision {
         self.precision
     }
 
@@ -228,7 +228,7 @@ impl KindConfig for PpoConfig {
         }
         check::at_least("checkpoint_every", self.checkpoint_every, 1)?;
         self.sampling.validate().map_err(|e| match e {
-            crate::sample::SamplingError::Invalid(m) => StageError::setting("sampling", m),
+            crate::model::sample::SamplingError::Invalid(m) => StageError::setting("sampling", m),
             other => other.into(),
         })
     }
@@ -273,28 +273,6 @@ impl KindConfig for PpoConfig {
     fn run(&self, ctx: &StageContext) -> Result<PpoSummary, StageError> {
         run(self, ctx)
     }
-}
-
-/// What PPO and GRPO both need: something to score answers, and a
-/// bounded number of iterations.
-pub(crate) fn check_scorer_and_iterations(
-    reward_model: bool,
-    gold_reward: bool,
-    iterations: i64,
-) -> Result<(), StageError> {
-    if !reward_model && !gold_reward {
-        return Err(StageError::setting(
-            "reward_model",
-            "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
-        ));
-    }
-    let it = iterations;
-    check::require(
-        "iterations",
-        (1..=1 << 32).contains(&it),
-        "in [1, 2^32]",
-        it,
-    )
 }
 
 /// Runs (or resumes, or finds done) a PPO run.
@@ -458,7 +436,7 @@ fn check_ranks(cfg: &PpoConfig, ranks: &Ranks) -> Result<(), StageError> {
 /// Greedy answers of `model` to the config's `eval_prompts`, written with
 /// their judge scores to `file` in the run folder; `None` without prompts.
 fn judge_eval(
-    model: &crate::checkpoint::Model,
+    model: &crate::model::checkpoint::Model,
     cfg: &PpoConfig,
     ctx: &StageContext,
     file: &str,
@@ -476,58 +454,6 @@ fn judge_eval(
         ctx.device,
         &out,
     )
-}
-
-/// A warning when the rollouts' mean score over the last quarter of the
-/// iterations fell below the first quarter's by at least the difference's
-/// standard error (runs of 4 or more). A fall within that noise says
-/// nothing: GRPO scores a few prompts an iteration, and which prompts
-/// were drawn moves its mean more than learning does. `stage` names the
-/// stage in the message, `kl` its KL weight's setting.
-pub(crate) fn score_did_not_rise(
-    metrics: &std::path::Path,
-    stage: &str,
-    kl: &str,
-) -> Option<String> {
-    let text = std::fs::read_to_string(metrics).ok()?;
-    let scores: Vec<f64> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["score"].as_f64())
-        .collect();
-    let n = scores.len();
-    if n < 4 {
-        return None;
-    }
-    let q = n / 4;
-    let (first, last) = (&scores[..q], &scores[n - q..]);
-    let (first_mean, last_mean) = (mean(first), mean(last));
-    let noise = (sample_variance(first) / q as f64 + sample_variance(last) / q as f64).sqrt();
-    let rise = last_mean - first_mean;
-    if rise > 0.0 {
-        return None;
-    }
-    if rise > -noise {
-        tracing::info!(
-            "{stage}: the rollouts' mean score went from {first_mean:.4} to {last_mean:.4} (first and last {q} iterations), within its noise ({noise:.4}): too noisy to tell whether it learns"
-        );
-        return None;
-    }
-    Some(format!(
-        "{stage} may not be learning: the rollouts' mean score went from {first_mean:.4} (first {q} iterations) to {last_mean:.4} (last {q}), a fall beyond its noise ({noise:.4}): check the reward model, the learning rate and {kl}"
-    ))
-}
-
-fn mean(xs: &[f64]) -> f64 {
-    xs.iter().sum::<f64>() / xs.len() as f64
-}
-
-/// Unbiased; 0 for fewer than two values.
-fn sample_variance(xs: &[f64]) -> f64 {
-    if xs.len() < 2 {
-        return 0.0;
-    }
-    let m = mean(xs);
-    xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64
 }
 
 /// Greedy answers of the reference, written by the first run of a stage

@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::phases::Rollout;
 use crate::dist::Ranks;
-use crate::sample::Generation;
+use crate::model::sample::Generation;
 use crate::train::StageError;
 
 /// One answered prompt, as it travels between ranks.

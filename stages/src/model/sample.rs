@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::network::Network;
+use crate::model::network::Network;
 
 /// How answers are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,7 +291,7 @@ pub fn filter_logits(logits: &Tensor, top_k: i64, top_p: f64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::Head;
+    use crate::model::gpt::Head;
     use tch::nn::VarStore;
 
     fn spec(eos: i64) -> TokenSpec {

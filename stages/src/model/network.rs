@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::gpt::{Gpt, GptConfig, Head, KvCache};
-use crate::llama::{Llama, LlamaCache, LlamaConfig};
+use crate::model::gpt::{Gpt, GptConfig, Head, KvCache};
+use crate::model::llama::{Llama, LlamaCache, LlamaConfig};
 
 /// The shape of a model: a GPT-2-layout one or a Llama-layout one.
 ///

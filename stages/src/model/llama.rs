@@ -6,15 +6,15 @@
 //! folder loads with a key copy.
 //!
 //! Checked against `transformers` in `tests/llama_reference.rs`; the
-//! stages reach it through [`crate::network::Network`].
+//! stages reach it through [`crate::model::network::Network`].
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::gpt::{Head, ScalarHead};
-use crate::lora::{Adapter, LoraConfig};
+use crate::model::gpt::{Head, ScalarHead};
+use crate::model::lora::{Adapter, LoraConfig};
 
 /// What `config.json` says of a Llama-layout model (HF's field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

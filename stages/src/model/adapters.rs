@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{Device, Tensor};
 
-use crate::checkpoint::{CheckpointError, HeadChoice, Model};
-use crate::lora::{
+use crate::model::checkpoint::{CheckpointError, HeadChoice, Model};
+use crate::model::lora::{
     base_of, merge, relative_path, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_DIR,
     ADAPTER_WEIGHTS_FILE, PEFT_PREFIX,
 };
-use crate::network::Network;
+use crate::model::network::Network;
 
 /// The adapters a model carries and the folder of the base they adapt.
 #[derive(Debug, Clone, PartialEq)]
@@ -222,7 +222,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::Head;
+    use crate::model::gpt::Head;
     use crate::optim::{AdamW, AdamWConfig};
     use tch::Kind;
 

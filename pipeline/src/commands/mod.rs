@@ -71,3 +71,6 @@ fn label(cmd: crate::cli::LabelCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod registered_kind_tests;

@@ -27,8 +27,7 @@ pub mod sweep;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use rlhf_stages::kind::{PathRole, StageConfig};
-use rlhf_stages::kinds::KINDS;
+use rlhf_stages::kind::{LoopRole, PathRole, StageConfig};
 use rlhf_stages::train::StageError;
 use rlhf_stages::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -357,7 +356,7 @@ impl Default for Distributed {
 }
 
 /// One stage as written: its kind's settings (the kinds are registered
-/// in `rlhf_stages::kinds::KINDS`) and its thread count.
+/// in `rlhf_stages::kinds::all()`) and its thread count.
 #[derive(Debug, Clone)]
 pub struct StageFile {
     pub config: Box<dyn StageConfig>,
@@ -666,13 +665,14 @@ fn stage_refs(
 /// One stage's mapping as its kind's config; an error starts with the
 /// field's path (`.epochs: ...`) or `: ` for the stage itself.
 fn parse_stage(value: serde_norway::Value) -> Result<StageFile, String> {
-    let kinds = KINDS
+    let registered = rlhf_stages::kinds::all();
+    let kinds = registered
         .iter()
         .map(|k| format!("`{}`", k.name))
         .collect::<Vec<_>>()
         .join(", ");
     let serde_norway::Value::Mapping(mut map) = value else {
-        let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        let names: Vec<&str> = registered.iter().map(|k| k.name).collect();
         let (last, rest) = names.split_last().expect("kinds are registered");
         return Err(format!(
             ": expected a mapping: `kind` ({} or {last}) and the stage's settings",
@@ -984,6 +984,16 @@ fn check_timeout(seconds: f64) -> Result<(), String> {
     ))
 }
 
+/// The kinds that play `role` in a loop, for messages: `ppo or grpo`.
+fn kinds_with_role(role: LoopRole) -> String {
+    let names: Vec<&str> = rlhf_stages::kinds::all()
+        .into_iter()
+        .filter(|k| k.loop_role == role)
+        .map(|k| k.name)
+        .collect();
+    names.join(" or ")
+}
+
 /// The loop's settings, checked with the rest before any stage runs.
 fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), String> {
     let kinds: Vec<&str> = l
@@ -991,9 +1001,19 @@ fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> Result<(), 
         .iter()
         .map(|n| stages.get(n).map_or("missing", |s| s.kind()))
         .collect();
-    if !matches!(kinds.as_slice(), ["reward", "ppo" | "grpo"] | ["dpo"]) {
+    let roles: Vec<Option<LoopRole>> = kinds
+        .iter()
+        .map(|k| rlhf_stages::kinds::kind(k).map(|k| k.loop_role))
+        .collect();
+    use LoopRole::{LearnsFromRankings, OptimisesScorer, Scorer};
+    if !matches!(
+        roles.as_slice(),
+        [Some(Scorer), Some(OptimisesScorer)] | [Some(LearnsFromRankings)]
+    ) {
         return Err(format!(
-            "repeat must name a reward stage then a ppo or grpo stage, or one dpo stage, got {:?} (kinds {kinds:?})",
+            "repeat must name a reward stage then a stage that optimises it ({}), or one stage that learns from rankings ({}), got {:?} (kinds {kinds:?})",
+            kinds_with_role(OptimisesScorer),
+            kinds_with_role(LearnsFromRankings),
             l.repeat
         ));
     }

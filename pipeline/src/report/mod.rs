@@ -27,6 +27,7 @@ use tch::Device;
 
 use crate::run_folder::finished::{self, finished_stages, FinishedStage};
 use crate::run_folder::relative_to;
+use rlhf_stages::kind::LoopRole;
 
 pub use crate::run_folder::REPORT_DIR;
 pub const REPORT_JSON: &str = "report.json";
@@ -184,8 +185,8 @@ fn prompts_file(stages: &[FinishedStage], given: Option<&Path>) -> anyhow::Resul
     stages
         .iter()
         .rev()
-        .filter(|s| s.kind == "ppo")
-        .chain(stages.iter().filter(|s| s.kind == "sft"))
+        .filter(|s| s.optimises_scorer())
+        .chain(stages.iter().filter(|s| s.is_policy() && !s.optimises_scorer()))
         .find_map(|s| s.path_setting("eval_prompts"))
         .context("no stage of this run names eval_prompts; give --prompts FILE (JSONL with a \"prompt\" field)")
 }
@@ -193,14 +194,19 @@ fn prompts_file(stages: &[FinishedStage], given: Option<&Path>) -> anyhow::Resul
 /// The reference policy: the checkpoint the PPO stages were anchored to,
 /// else the first SFT stage.
 fn reference_stage(stages: &[FinishedStage]) -> anyhow::Result<&FinishedStage> {
-    let policies: Vec<&FinishedStage> = stages.iter().filter(|s| s.kind != "reward").collect();
+    let policies: Vec<&FinishedStage> = stages.iter().filter(|s| s.is_policy()).collect();
     let named = stages
         .iter()
-        .filter(|s| s.kind == "ppo")
+        .filter(|s| s.optimises_scorer())
         .find_map(|s| s.path_setting("reference"))
         .and_then(|r| policies.iter().find(|s| s.checkpoint() == r).copied());
     named
-        .or_else(|| policies.iter().find(|s| s.kind == "sft").copied())
+        .or_else(|| {
+            policies
+                .iter()
+                .find(|s| s.kind().is_some_and(|k| k.loop_role == LoopRole::None))
+                .copied()
+        })
         .or_else(|| policies.first().copied())
         .context("this run has no finished policy (SFT, PPO, DPO or GRPO stage) to evaluate")
 }
@@ -270,7 +276,7 @@ pub fn evaluate_run(
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
-    let reward_stage = stages[..own].iter().rev().find(|s| s.kind == "reward");
+    let reward_stage = stages[..own].iter().rev().find(|s| s.is_reward_model());
     let models = RunModels {
         reference_stage,
         reference: load_model(reference_stage, device)?,
@@ -281,7 +287,7 @@ pub fn evaluate_run(
         .chain(
             stages
                 .iter()
-                .filter(|s| s.kind != "reward" && s.label != reference_stage.label),
+                .filter(|s| s.is_policy() && s.label != reference_stage.label),
         )
         .collect();
     let command_judge = opts.judge.clone();
@@ -437,7 +443,7 @@ fn reward_rows(
     device: Device,
 ) -> anyhow::Result<Vec<RewardRow>> {
     let mut rows = Vec::new();
-    for stage in stages.iter().filter(|s| s.kind == "reward") {
+    for stage in stages.iter().filter(|s| s.is_reward_model()) {
         let data = opts
             .preferences
             .clone()

@@ -1,6 +1,7 @@
 //! PNG plots of a run's metrics (plotters, with an embedded font so that
-//! no system fonts are needed): SFT loss, reward-model accuracy, PPO
-//! training curves, and gold and reward-model score against KL.
+//! no system fonts are needed), as each kind declares them
+//! (`rlhf_stages::kind::Plot`): losses, pairwise accuracy, curves per RL
+//! iteration, and gold and reward-model score against KL.
 
 use std::path::Path;
 use std::sync::Once;
@@ -8,6 +9,8 @@ use std::sync::Once;
 use anyhow::anyhow;
 use plotters::prelude::*;
 use rlhf_datasets::task;
+
+use rlhf_stages::kind::Plot;
 
 use super::FinishedStage;
 
@@ -215,26 +218,17 @@ fn rollout_gold_by_iteration(stage: &FinishedStage) -> Vec<(i64, f64)> {
     out
 }
 
-/// Every plot this run has data for; returns the file names written.
+/// Every plot this run has data for, as each kind declares its plots;
+/// returns the file names written.
 pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<String>> {
-    let of_kind =
-        |kind: &str| -> Vec<&FinishedStage> { stages.iter().filter(|s| s.kind == kind).collect() };
-    let ppo = of_kind("ppo");
-    let ppo_metrics: Vec<Vec<serde_json::Value>> = ppo.iter().map(|s| metrics(s)).collect();
-    let plots = [
-        ("sft_loss.png", vec![sft_loss(&of_kind("sft"))], 1),
-        (
-            "reward_accuracy.png",
-            vec![reward_accuracy(&of_kind("reward"))],
-            1,
-        ),
-        ("ppo_training.png", ppo_training(&ppo, &ppo_metrics), 2),
-        (
-            "overoptimization.png",
-            overoptimization(&ppo, &ppo_metrics),
-            2,
-        ),
-    ];
+    let mut plots = Vec::new();
+    for kind in rlhf_stages::kinds::all() {
+        let of_kind: Vec<&FinishedStage> = stages.iter().filter(|s| s.kind == kind.name).collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        plots.extend(kind.plots.iter().map(|plot| figure(plot, &of_kind)));
+    }
     let mut written = Vec::new();
     for (name, panels, cols) in plots {
         if panels
@@ -252,10 +246,27 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
     Ok(written)
 }
 
-/// SFT: per-step train loss (faint), its moving average, eval loss.
-fn sft_loss(sft: &[&FinishedStage]) -> Panel {
+/// A declared plot drawn from its kind's stages: the file, its panels and
+/// how many columns they take.
+fn figure(plot: &Plot, stages: &[&FinishedStage]) -> (&'static str, Vec<Panel>, usize) {
+    match *plot {
+        Plot::Loss { file, title } => (file, vec![loss(stages, title)], 1),
+        Plot::PairwiseAccuracy { file, title } => (file, vec![pairwise_accuracy(stages, title)], 1),
+        Plot::Iterations { file, panels } => {
+            let metrics: Vec<Vec<serde_json::Value>> = stages.iter().map(|s| metrics(s)).collect();
+            (file, by_iteration(stages, &metrics, panels), 2)
+        }
+        Plot::ScoreAgainstKl { file } => {
+            let metrics: Vec<Vec<serde_json::Value>> = stages.iter().map(|s| metrics(s)).collect();
+            (file, overoptimization(stages, &metrics), 2)
+        }
+    }
+}
+
+/// Per-step train loss (faint), its moving average, eval loss.
+fn loss(stages: &[&FinishedStage], title: &str) -> Panel {
     let mut lines = Vec::new();
-    for (i, s) in sft.iter().enumerate() {
+    for (i, s) in stages.iter().enumerate() {
         let m = metrics(s);
         let train = series(&m, "step", "loss");
         lines.push(Line {
@@ -277,7 +288,7 @@ fn sft_loss(sft: &[&FinishedStage]) -> Panel {
         });
     }
     Panel {
-        title: "SFT loss (NLL per answer token)".into(),
+        title: title.into(),
         x_label: "step".into(),
         y_label: "loss".into(),
         lines,
@@ -285,9 +296,9 @@ fn sft_loss(sft: &[&FinishedStage]) -> Panel {
 }
 
 /// Reward models: held-out accuracy, one line per round.
-fn reward_accuracy(reward: &[&FinishedStage]) -> Panel {
+fn pairwise_accuracy(stages: &[&FinishedStage], title: &str) -> Panel {
     let mut lines = Vec::new();
-    for (i, s) in reward.iter().enumerate() {
+    for (i, s) in stages.iter().enumerate() {
         let m = metrics(s);
         lines.push(Line {
             faint: true,
@@ -303,23 +314,27 @@ fn reward_accuracy(reward: &[&FinishedStage]) -> Panel {
         });
     }
     Panel {
-        title: "Reward model pairwise accuracy (faint: train batches, EMA)".into(),
+        title: title.into(),
         x_label: "step".into(),
         y_label: "accuracy".into(),
         lines,
     }
 }
 
-/// PPO: reward, KL, beta, clip fraction per iteration, a line per round;
-/// raw per-iteration values faint, their moving average bold.
-fn ppo_training(ppo: &[&FinishedStage], ppo_metrics: &[Vec<serde_json::Value>]) -> Vec<Panel> {
-    let panel = |title: &str, key: &str, y: &str| Panel {
+/// One panel per `(metric, title, y axis)` against iteration, a line per
+/// stage (each round's): raw values faint, their moving average bold.
+fn by_iteration(
+    stages: &[&FinishedStage],
+    metrics: &[Vec<serde_json::Value>],
+    panels: &[(&str, &str, &str)],
+) -> Vec<Panel> {
+    let panel = |&(key, title, y): &(&str, &str, &str)| Panel {
         title: title.into(),
         x_label: "iteration".into(),
         y_label: y.into(),
-        lines: ppo
+        lines: stages
             .iter()
-            .zip(ppo_metrics)
+            .zip(metrics)
             .enumerate()
             .flat_map(|(i, (s, m))| {
                 let raw = series(m, "iteration", key);
@@ -333,12 +348,7 @@ fn ppo_training(ppo: &[&FinishedStage], ppo_metrics: &[Vec<serde_json::Value>]) 
             })
             .collect(),
     };
-    vec![
-        panel("Reward-model score of rollouts", "score", "mean score"),
-        panel("KL to the reference (per answer)", "kl", "nats"),
-        panel("KL coefficient beta", "beta", "beta"),
-        panel("Clip fraction", "clip_fraction", "fraction"),
-    ]
+    panels.iter().map(panel).collect()
 }
 
 /// Each iteration as a faint dot, and the bold path of both coordinates'
@@ -362,10 +372,10 @@ fn kl_path(name: &str, points: Vec<(f64, f64)>, color: usize) -> [Line; 2] {
 }
 
 /// Over-optimisation (Gao et al.): gold and proxy score against KL.
-fn overoptimization(ppo: &[&FinishedStage], ppo_metrics: &[Vec<serde_json::Value>]) -> Vec<Panel> {
+fn overoptimization(stages: &[&FinishedStage], metrics: &[Vec<serde_json::Value>]) -> Vec<Panel> {
     let mut gold_lines = Vec::new();
     let mut proxy_lines = Vec::new();
-    for (i, (s, m)) in ppo.iter().zip(ppo_metrics).enumerate() {
+    for (i, (s, m)) in stages.iter().zip(metrics).enumerate() {
         let kl_by_it: std::collections::BTreeMap<i64, f64> = m
             .iter()
             .filter_map(|r| Some((r["iteration"].as_i64()?, r["kl"].as_f64()?)))

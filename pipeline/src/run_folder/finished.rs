@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use rlhf_stages::kind::{Kind, LoopRole, Produces};
 
 use crate::run_folder::manifest::{read_manifest, Manifest};
 
@@ -28,6 +29,27 @@ impl FinishedStage {
 
     pub fn metrics(&self) -> PathBuf {
         self.dir.join(super::METRICS_FILE)
+    }
+
+    /// Its kind as registered; every finished stage found has one.
+    pub fn kind(&self) -> Option<&'static Kind> {
+        rlhf_stages::kinds::kind(&self.kind)
+    }
+
+    /// Whether its checkpoint is a policy (not a reward model).
+    pub fn is_policy(&self) -> bool {
+        self.kind().is_some_and(|k| k.produces == Produces::Policy)
+    }
+
+    pub fn is_reward_model(&self) -> bool {
+        self.kind()
+            .is_some_and(|k| k.produces == Produces::RewardModel)
+    }
+
+    /// Whether its kind optimises a scorer against a reference (PPO, GRPO).
+    pub fn optimises_scorer(&self) -> bool {
+        self.kind()
+            .is_some_and(|k| k.loop_role == LoopRole::OptimisesScorer)
     }
 
     /// A path setting of the stage (`eval_prompts`, `reference`, ...).
@@ -65,15 +87,14 @@ pub fn finished_stages(run_dir: &Path) -> anyhow::Result<Vec<FinishedStage>> {
     Ok(found)
 }
 
+/// A kind's place in the registry: stages of one round sort as the
+/// kinds are listed (SFT, reward, PPO, DPO, GRPO, then registered ones).
 fn kind_order(kind: &str) -> usize {
-    match kind {
-        "sft" => 0,
-        "reward" => 1,
-        "ppo" => 2,
-        "dpo" => 3,
-        "grpo" => 4,
-        _ => 5,
-    }
+    let kinds = rlhf_stages::kinds::all();
+    kinds
+        .iter()
+        .position(|k| k.name == kind)
+        .unwrap_or(kinds.len())
 }
 
 fn sorted_entries(dir: &Path) -> anyhow::Result<Vec<std::fs::DirEntry>> {
@@ -109,10 +130,7 @@ fn collect(
         {
             continue;
         }
-        if !matches!(
-            manifest.kind.as_str(),
-            "sft" | "reward" | "ppo" | "dpo" | "grpo"
-        ) {
+        if rlhf_stages::kinds::kind(&manifest.kind).is_none() {
             continue;
         }
         out.push(FinishedStage {

@@ -27,7 +27,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::check;
-use crate::kind::{KindConfig, PathSetting};
+use crate::kind::{KindConfig, LoopRole, PathSetting, Plot, Produces};
 use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::model::network::Network;
@@ -105,6 +105,12 @@ impl Default for DpoConfig {
 
 impl KindConfig for DpoConfig {
     const KIND: &'static str = "dpo";
+    const PRODUCES: Produces = Produces::Policy;
+    const LOOP_ROLE: LoopRole = LoopRole::LearnsFromRankings;
+    const PLOTS: &'static [Plot] = &[Plot::Loss {
+        file: "dpo_loss.png",
+        title: "DPO loss (per ranked pair)",
+    }];
     type Summary = DpoSummary;
 
     fn validate(&self) -> Result<(), StageError> {

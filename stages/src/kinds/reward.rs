@@ -27,7 +27,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::check;
-use crate::kind::{KindConfig, PathSetting};
+use crate::kind::{KindConfig, LoopRole, PathSetting, Plot, Produces};
 use crate::model::checkpoint::Model;
 use crate::model::gpt::Head;
 use crate::model::network::Network;
@@ -97,6 +97,12 @@ impl Default for RewardConfig {
 
 impl KindConfig for RewardConfig {
     const KIND: &'static str = "reward";
+    const PRODUCES: Produces = Produces::RewardModel;
+    const LOOP_ROLE: LoopRole = LoopRole::Scorer;
+    const PLOTS: &'static [Plot] = &[Plot::PairwiseAccuracy {
+        file: "reward_accuracy.png",
+        title: "Reward model pairwise accuracy (faint: train batches, EMA)",
+    }];
     type Summary = RewardSummary;
 
     fn validate(&self) -> Result<(), StageError> {

@@ -17,7 +17,7 @@ use tch::{Device, Tensor};
 
 use crate::check;
 use crate::eval::answer::judged_eval;
-use crate::kind::{KindConfig, PathSetting};
+use crate::kind::{KindConfig, PathSetting, Plot, Produces};
 use crate::model::checkpoint::Model;
 use crate::model::gpt::Head;
 use crate::model::network::Network;
@@ -76,6 +76,11 @@ impl Default for SftConfig {
 
 impl KindConfig for SftConfig {
     const KIND: &'static str = "sft";
+    const PRODUCES: Produces = Produces::Policy;
+    const PLOTS: &'static [Plot] = &[Plot::Loss {
+        file: "sft_loss.png",
+        title: "SFT loss (NLL per answer token)",
+    }];
     type Summary = SftSummary;
 
     fn train(&mut self) -> Option<&mut TrainSettings> {

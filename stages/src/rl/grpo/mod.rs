@@ -18,7 +18,7 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use crate::check;
-use crate::kind::{KindConfig, PathSetting};
+use crate::kind::{KindConfig, LoopRole, PathSetting, Plot, Produces};
 use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::model::sample::{generate, SamplingConfig, TokenSpec};
@@ -122,6 +122,21 @@ impl Default for GrpoConfig {
 
 impl KindConfig for GrpoConfig {
     const KIND: &'static str = "grpo";
+    const PRODUCES: Produces = Produces::Policy;
+    const LOOP_ROLE: LoopRole = LoopRole::OptimisesScorer;
+    const PLOTS: &'static [Plot] = &[Plot::Iterations {
+        file: "grpo_training.png",
+        panels: &[
+            ("score", "Score of the sampled groups", "mean score"),
+            ("kl", "KL to the reference (per answer)", "nats"),
+            ("clip_fraction", "Clip fraction", "fraction"),
+            (
+                "zero_spread",
+                "Groups whose answers all scored alike",
+                "fraction",
+            ),
+        ],
+    }];
     type Summary = GrpoSummary;
 
     fn validate(&self) -> Result<(), StageError> {

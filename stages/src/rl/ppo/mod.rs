@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::check;
 use crate::dist::Ranks;
 use crate::eval::answer::{judged_eval, read_judged, JudgedScore};
-use crate::kind::{KindConfig, PathSetting};
+use crate::kind::{KindConfig, LoopRole, PathSetting, Plot, Produces};
 use crate::model::sample::SamplingConfig;
 use crate::optim::AdamWConfig;
 use crate::rl::{check_scorer_and_iterations, score_did_not_rise};
@@ -180,6 +180,22 @@ impl Default for PpoConfig {
 
 impl KindConfig for PpoConfig {
     const KIND: &'static str = "ppo";
+    const PRODUCES: Produces = Produces::Policy;
+    const LOOP_ROLE: LoopRole = LoopRole::OptimisesScorer;
+    const PLOTS: &'static [Plot] = &[
+        Plot::Iterations {
+            file: "ppo_training.png",
+            panels: &[
+                ("score", "Reward-model score of rollouts", "mean score"),
+                ("kl", "KL to the reference (per answer)", "nats"),
+                ("beta", "KL coefficient beta", "beta"),
+                ("clip_fraction", "Clip fraction", "fraction"),
+            ],
+        },
+        Plot::ScoreAgainstKl {
+            file: "overoptimization.png",
+        },
+    ];
     type Summary = PpoSummary;
 
     fn precision(&mut self) -> crate::model::precision::Precision {

@@ -67,6 +67,34 @@ fn plan_run_cache_hit_and_misses() {
             .unwrap();
     assert_eq!(manifest["status"], "complete");
     assert!(manifest["upstream"]["sft"].is_string());
+    // The child ran from the stage as planned: its settings, key and
+    // upstream keys in rm/stage.json, the summary back through summary.json.
+    let planned: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs.join("rm/stage.json")).unwrap())
+            .unwrap();
+    assert_eq!(planned["key"], manifest["key"]);
+    assert_eq!(planned["upstream"], manifest["upstream"]);
+    assert_eq!(planned["settings"]["kind"], "reward");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs.join("rm/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["summary"], summary);
+    // A planned stage runs again from its file alone, in another folder:
+    // no experiment file is read (it is gone).
+    let mut alone = planned.clone();
+    let elsewhere = d.path().join("alone");
+    std::fs::create_dir(&elsewhere).unwrap();
+    alone["out_dir"] = serde_json::json!(elsewhere);
+    alone["experiment"] = serde_json::json!(d.path().join("gone.yaml"));
+    std::fs::write(elsewhere.join("stage.json"), alone.to_string()).unwrap();
+    common::Rlhf::new(["stage", "--planned"])
+        .arg(elsewhere.join("stage.json"))
+        .ok();
+    assert_eq!(
+        std::fs::read(elsewhere.join("checkpoint/model.safetensors")).unwrap(),
+        std::fs::read(runs.join("rm/checkpoint/model.safetensors")).unwrap(),
+        "the same stage from its stage.json gives the same weights"
+    );
     assert!(manifest["inputs"]
         .as_object()
         .unwrap()

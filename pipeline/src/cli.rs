@@ -180,10 +180,15 @@ pub struct PlanArgs {
 #[derive(Debug, Args)]
 pub struct StageArgs {
     /// The experiment file (YAML).
-    #[arg(long, short)]
-    pub config: PathBuf,
+    #[arg(long, short, required_unless_present = "planned")]
+    pub config: Option<PathBuf>,
     /// Which stage of it to run.
-    pub name: String,
+    #[arg(required_unless_present = "planned")]
+    pub name: Option<String>,
+    /// A stage as `rlhf run` planned it: its folder's stage.json (what
+    /// `rlhf run` starts; --config, the name, --set and --out do not apply).
+    #[arg(long, conflicts_with_all = ["config", "name", "overrides", "out"])]
+    pub planned: Option<PathBuf>,
     /// Override a setting: --set stages.sft.epochs=3 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,

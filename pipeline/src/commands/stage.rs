@@ -1,7 +1,7 @@
 //! `rlhf stage`: one stage of an experiment, in this process. The runner
 //! spawns this as a child per stage; people use it to run one stage alone.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,77 +12,98 @@ use rlhf_stages::train::{ScratchModel, StageContext};
 
 use crate::cli::StageArgs;
 use crate::exec::key::stage_key;
+use crate::exec::planned::PlannedStage;
 use crate::experiment::Experiment;
 use crate::run_folder::KEY_FILE;
 
 pub fn run(args: StageArgs) -> anyhow::Result<()> {
-    let exp = Experiment::load(&args.config, &args.overrides)?;
-    let stage = exp.stage(&args.name)?;
+    let (planned, exp) = match (&args.planned, &args.config, &args.name) {
+        (Some(path), _, _) => (PlannedStage::read(path)?, None),
+        (None, Some(config), Some(name)) => {
+            let exp = Experiment::load(config, &args.overrides)?;
+            let out_dir = args.out.clone().unwrap_or_else(|| exp.stage_dir(name));
+            let (key, _, _) = stage_key(&exp, name, &Default::default())?;
+            let planned = PlannedStage::of(&exp, name, name, &out_dir, &key, &Default::default())?;
+            (planned, Some(exp))
+        }
+        _ => anyhow::bail!("give --planned STAGE_FILE, or --config FILE and the stage's name"),
+    };
+    let config = planned.config()?;
     let topology = Topology::from_env()?;
-    let device = rank_device(parse_device(&exp.spec.device)?, topology.as_ref());
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| exp.stage_dir(&args.name));
+    let device = rank_device(parse_device(&planned.device)?, topology.as_ref());
     tracing::info!(
         "stage {} ({}) of {} on {} -> {}",
-        args.name,
-        stage.kind(),
-        exp.file.display(),
+        planned.label,
+        config.kind(),
+        planned.experiment.display(),
         device_name(device),
-        out_dir.display()
+        planned.out_dir.display()
     );
-    crate::threads::apply(stage.threads, exp.spec.threads)?;
-    let ranks = join_ranks(
-        topology.as_ref(),
-        device,
-        exp.spec.distributed.timeout_seconds,
-    )?;
+    crate::threads::apply(planned.threads, planned.experiment_threads)?;
+    let ranks = join_ranks(topology.as_ref(), device, planned.rank_timeout_seconds)?;
     // Run by `rlhf run`, the runner holds the run folder's lock; of
     // several ranks, rank 0 holds it.
-    let _lock = match (args.managed || args.scheduled, ranks.is_main()) {
-        (true, _) => {
+    let _lock = match (args.managed || args.scheduled, ranks.is_main(), &exp) {
+        (true, _, _) => {
             if args.managed {
                 crate::exec::children::stop_when_orphaned();
             }
             None
         }
-        (false, false) => None,
-        (false, true) => {
-            let lock = crate::run_folder::lock::lock_run_folder(&exp.run_dir)?;
-            // A folder outside the run folder is locked on its own: another
-            // experiment's stage may be given the same --out.
-            let outside =
-                !std::path::absolute(&out_dir)?.starts_with(std::path::absolute(&exp.run_dir)?);
-            let out_lock = outside
-                .then(|| crate::run_folder::lock::lock_stage_folder(&out_dir))
-                .transpose()?;
-            prepare_standalone(&exp, &args.name, &out_dir)?;
-            Some((lock, out_lock))
-        }
+        (false, true, Some(exp)) => Some(lock_standalone(exp, &planned)?),
+        (false, _, _) => None,
     };
-    let tokenizer = match &exp.spec.tokenizer {
+    let ctx = context(&planned, device, ranks, args.stop_after_step)?;
+    let summary = config
+        .run(&ctx)
+        .with_context(|| format!("stage {} failed", planned.label))?;
+    tracing::debug!("{}: {summary}", planned.label);
+    Ok(())
+}
+
+/// A stage run alone: the run folder's lock (and the stage folder's, when
+/// it lies outside), its folder made ready, and its stage.json written.
+fn lock_standalone(
+    exp: &Experiment,
+    planned: &PlannedStage,
+) -> anyhow::Result<(
+    crate::run_folder::lock::RunLock,
+    Option<crate::run_folder::lock::RunLock>,
+)> {
+    let out_dir = &planned.out_dir;
+    let lock = crate::run_folder::lock::lock_run_folder(&exp.run_dir)?;
+    // A folder outside the run folder is locked on its own: another
+    // experiment's stage may be given the same --out.
+    let outside = !out_dir.starts_with(std::path::absolute(&exp.run_dir)?);
+    let out_lock = outside
+        .then(|| crate::run_folder::lock::lock_stage_folder(out_dir))
+        .transpose()?;
+    prepare_standalone(out_dir, &planned.key)?;
+    planned.write()?;
+    Ok((lock, out_lock))
+}
+
+/// What the stage runs with: its folder, device, model shape, ranks, and
+/// the judge and ranking programs.
+fn context(
+    planned: &PlannedStage,
+    device: tch::Device,
+    ranks: Ranks,
+    stop_after: Option<i64>,
+) -> anyhow::Result<StageContext> {
+    let tokenizer = match &planned.tokenizer {
         Some(p) if p.is_dir() => Tokenizer::from_model_dir(p)?,
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::bytes(),
     };
-    let scratch = scratch_model(exp.spec.model.clone(), tokenizer);
-    let base = exp
-        .file
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_owned);
-    let base = if base.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        base
-    };
-    let ctx = StageContext {
-        out_dir,
+    let base = planned.experiment_dir();
+    Ok(StageContext {
+        out_dir: planned.out_dir.clone(),
         device,
-        scratch,
+        scratch: scratch_model(planned.model_config()?, tokenizer),
         // The bundled task's judge scores the prompts it knows.
         judge: Some(Arc::new(task::judge)),
-        stop_after: args.stop_after_step,
+        stop_after,
         ranks: Arc::new(ranks),
         // A stage's ranking program runs in the experiment file's folder,
         // where its relative paths point.
@@ -92,13 +113,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
             crate::label::programs::rank_with_command(command, groups, timeout, limit, Some(&base))
                 .map_err(|e| format!("{e:#}"))
         })),
-    };
-    let summary = stage
-        .config
-        .run(&ctx)
-        .with_context(|| format!("stage {} failed", args.name))?;
-    println!("{summary}");
-    Ok(())
+    })
 }
 
 /// The model a stage builds from nothing: the experiment's shape, with
@@ -118,8 +133,9 @@ fn scratch_model(mut config: rlhf_stages::ModelConfig, tokenizer: Tokenizer) -> 
 }
 
 /// Files that mark a folder as a stage's (safe to clear and redo).
-const STAGE_MARKS: [&str; 5] = [
+const STAGE_MARKS: [&str; 6] = [
     KEY_FILE,
+    crate::exec::planned::STAGE_FILE,
     crate::run_folder::SUMMARY_FILE,
     crate::run_folder::METRICS_FILE,
     crate::run_folder::CHECKPOINT_DIR,
@@ -129,10 +145,9 @@ const STAGE_MARKS: [&str; 5] = [
 /// Run alone, a stage folder made with other settings or inputs starts
 /// over (a finished one would otherwise be reported as done); one made
 /// with these resumes. A non-empty folder that is not a stage's is refused.
-fn prepare_standalone(exp: &Experiment, name: &str, out_dir: &Path) -> anyhow::Result<()> {
-    let (key, _, _) = stage_key(exp, name, &Default::default())?;
+fn prepare_standalone(out_dir: &Path, key: &str) -> anyhow::Result<()> {
     let started = crate::run_folder::manifest::started_key(out_dir);
-    if out_dir.exists() && started.as_deref() != Some(key.as_str()) {
+    if out_dir.exists() && started.as_deref() != Some(key) {
         let is_stage = STAGE_MARKS.iter().any(|m| out_dir.join(m).exists());
         let empty = std::fs::read_dir(out_dir)
             .with_context(|| format!("reading {}", out_dir.display()))?

@@ -10,6 +10,7 @@
 
 pub mod children;
 pub mod key;
+pub mod planned;
 pub mod runner;
 pub mod sibling_cache;
 pub mod slurm;

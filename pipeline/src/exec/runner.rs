@@ -20,6 +20,7 @@ use rlhf_stages::rl::grpo::GrpoConfig;
 use rlhf_stages::rl::ppo::PpoConfig;
 
 use crate::exec::key::stage_key;
+use crate::exec::planned::PlannedStage;
 use crate::exec::sibling_cache;
 use crate::experiment::{ExecutorKind, Experiment, LoopFile, PolicyInit, RewardInit};
 use crate::plan::dag;
@@ -262,7 +263,7 @@ fn ensure_stage(job: &StageRun, overrides: &[String]) -> anyhow::Result<(String,
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
     let (t0, started_at) = (Instant::now(), crate::run_folder::manifest::unix_now());
-    let result = launch(&exp, job, &key, &all);
+    let result = launch(&exp, job, &key);
     let (status, summary) = match &result {
         Ok(summary) => (Status::Complete, summary.clone()),
         Err(e) => {
@@ -309,25 +310,17 @@ fn rerun_hint(dir: &Path) -> String {
 }
 
 /// Runs the stage where its executor says: as child processes here (its
-/// ranks), or as a Slurm job. Returns its summary.
-fn launch(
-    exp: &Experiment,
-    job: &StageRun,
-    key: &str,
-    all: &[String],
-) -> anyhow::Result<serde_json::Value> {
+/// ranks), or as a Slurm job, each reading the stage.json written here.
+/// Returns its summary (its `summary.json`).
+fn launch(exp: &Experiment, job: &StageRun, key: &str) -> anyhow::Result<serde_json::Value> {
     let (label, dir) = (job.label, &job.out_dir);
+    let planned = PlannedStage::of(exp, job.name, label, dir, key, &job.upstream)?.write()?;
     let mut args = vec![
         "stage".to_owned(),
         "--managed".into(),
-        "--config".into(),
-        exp.file.display().to_string(),
-        job.name.into(),
+        "--planned".into(),
+        planned.display().to_string(),
     ];
-    args.extend(["--out".into(), dir.display().to_string()]);
-    for o in all {
-        args.extend(["--set".into(), o.clone()]);
-    }
     let ranks = exp.ranks(job.name);
     if ranks == 1 && exp.spec.distributed.nproc_per_node > 1 {
         tracing::info!(
@@ -338,7 +331,8 @@ fn launch(
     let grace = std::time::Duration::from_secs(exp.spec.distributed.timeout_seconds);
     match exp.executor(job.name) {
         (ExecutorKind::Local, _) => {
-            crate::exec::spawn::run_ranks(label, &args, ranks, grace, job.side_by_side)
+            crate::exec::spawn::run_ranks(label, &args, ranks, grace, job.side_by_side)?;
+            crate::run_folder::read_summary(dir)
         }
         (ExecutorKind::Slurm, mut settings) => {
             if exp.stage(job.name)?.config.shared_batches().is_empty()
@@ -352,7 +346,6 @@ fn launch(
             // The job is no child of the runner: it neither watches it nor
             // takes the lock the runner holds.
             args[1] = "--scheduled".into();
-            args[3] = std::path::absolute(&exp.file)?.display().to_string();
             let stage = crate::exec::slurm::SlurmStage {
                 label,
                 dir,

@@ -95,6 +95,20 @@ pub fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A finished stage's `summary.json`, which every kind writes as it ends:
+/// the one way a stage's summary comes back to the runner.
+pub fn read_summary(stage_dir: &Path) -> anyhow::Result<Value> {
+    let path = stage_dir.join(SUMMARY_FILE);
+    let text = rlhf_datasets::files::read_bounded(&path, 16 << 20, "the limit for a summary")
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: the stage ended without its summary: {e}",
+                path.display()
+            )
+        })?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))
+}
+
 /// Largest log read back: far above a long run's metrics.
 const MAX_LOG_BYTES: u64 = 1 << 30;
 

@@ -443,7 +443,9 @@ fn two_sigterms_leave_no_stage_or_labeller_running() {
     assert_eq!(status.code(), Some(130), "{stderr}");
     // Within the grace period everything the run started is gone.
     let t0 = Instant::now();
-    let exp_path = exp.display().to_string();
+    // The runner names the experiment file, a stage its stage.json: both
+    // lie in the test's folder.
+    let exp_path = d.path().display().to_string();
     loop {
         let left: Vec<String> = processes_mentioning(&marker)
             .into_iter()
@@ -478,7 +480,9 @@ fn a_stage_stops_when_its_runner_is_killed() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let exp_path = exp.display().to_string();
+    // The runner names the experiment file, a stage its stage.json: both
+    // lie in the test's folder.
+    let exp_path = d.path().display().to_string();
     assert!(
         processes_mentioning(&exp_path).len() >= 2,
         "the runner and its stage: {:?}",

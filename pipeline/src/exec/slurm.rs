@@ -83,14 +83,8 @@ impl SlurmStage<'_> {
                 self.log(&job).display()
             );
         }
-        let summary = rlhf_stages::train::SUMMARY_FILE;
-        let text = std::fs::read_to_string(self.dir.join(summary)).with_context(|| {
-            format!(
-                "{}: Slurm job {job} completed without {summary}",
-                self.label
-            )
-        })?;
-        Ok(serde_json::from_str(&text)?)
+        crate::run_folder::read_summary(self.dir)
+            .with_context(|| format!("{}: Slurm job {job} completed", self.label))
     }
 
     /// The job of this stage and key still queued or running: the one the

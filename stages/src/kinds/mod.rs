@@ -51,5 +51,8 @@ pub fn all() -> Vec<&'static Kind> {
 
 /// The kind named `name`.
 pub fn kind(name: &str) -> Option<&'static Kind> {
-    all().into_iter().find(|k| k.name == name)
+    KINDS.iter().find(|k| k.name == name).or_else(|| {
+        let registered = REGISTERED.read().unwrap_or_else(|e| e.into_inner());
+        registered.iter().copied().find(|k| k.name == name)
+    })
 }

@@ -52,7 +52,8 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
     );
     let collect = json_file(&run.join("round-1/collect/manifest.json"));
     let first_ppo = json_file(&run.join("ppo/manifest.json"));
-    assert_eq!(collect["upstream"]["policy"], first_ppo["key"]);
+    // Upstream keys are named by the stage they come from.
+    assert_eq!(collect["upstream"]["ppo"], first_ppo["key"]);
 
     let out = rlhf(&["eval", run.to_str().unwrap(), "--max-new-tokens", "8"]);
     assert!(

@@ -389,7 +389,9 @@ fn a_web_round_waits_for_people_and_trains_on_their_rankings() {
         .collect();
     let (status, stderr) = run.wait();
     assert!(status.success(), "{stderr}");
-    let prefs = d.path().join("runs/web/round-1/preferences.parquet");
+    let prefs = d
+        .path()
+        .join("runs/web/round-1/collect/checkpoint/preferences.parquet");
     let table = rlhf_datasets::load::read_table(&prefs).unwrap();
     let rounds = table.column("round").unwrap().i64().unwrap();
     let new = (0..rounds.len())

@@ -216,7 +216,7 @@ fn loop_round_with_command_labeller() {
         "ppo/manifest.json",
         "ppo/rollouts/iter-0002.parquet",
         "round-1/collect/manifest.json",
-        "round-1/preferences.parquet",
+        "round-1/collect/checkpoint/preferences.parquet",
         "round-1/rm/manifest.json",
         "round-1/rm/checkpoint/model.safetensors",
         "round-1/ppo/manifest.json",
@@ -225,7 +225,7 @@ fn loop_round_with_command_labeller() {
     ] {
         assert!(runs.join(f).exists(), "{f} missing\n{log}");
     }
-    let p = runs.join("round-1/preferences.parquet");
+    let p = runs.join("round-1/collect/checkpoint/preferences.parquet");
     let table = rlhf_datasets::load::read_table(&p).unwrap();
     let groups = rlhf_datasets::preference::ranked_groups(&table, &p)
         .unwrap()
@@ -503,10 +503,16 @@ fn a_loop_repeats_dpo_on_fresh_rankings() {
     )
     .unwrap();
     let plan = String::from_utf8(rlhf(&["plan", exp.to_str().unwrap()]).stdout).unwrap();
-    assert!(
-        plan.contains("then 2 round(s) of: collect (3 prompts x 3 answers, Gold labeller) -> dpo"),
-        "{plan}"
-    );
+    // The rounds are stages of the plan, each after what it reads.
+    for line in [
+        "round-1/collect (collect) after dpo: to run",
+        "round-1/dpo (dpo) after dpo, round-1/collect, sft: to run",
+        "round-2/collect (collect) after round-1/collect, round-1/dpo: to run",
+        "round-2/dpo (dpo) after round-1/dpo, round-2/collect, sft: to run",
+        "loop: 2 round(s) (the round-N stages above), each collect (3 prompts x 3 answers, gold labeller) -> dpo",
+    ] {
+        assert!(plan.contains(line), "{line}\n{plan}");
+    }
     run(&exp, &[]);
     let run_dir = d.path().join("runs/online");
     for round in [1, 2] {
@@ -521,11 +527,14 @@ fn a_loop_repeats_dpo_on_fresh_rankings() {
     .unwrap();
     let config = manifest["config"].to_string();
     assert!(
-        config.contains("round-1/dpo/checkpoint") && config.contains("round-2/preferences.parquet"),
+        config.contains("round-1/dpo/checkpoint")
+            && config.contains("round-2/collect/checkpoint/preferences.parquet"),
         "{config}"
     );
-    let table =
-        rlhf_datasets::load::read_table(&run_dir.join("round-2/preferences.parquet")).unwrap();
+    let table = rlhf_datasets::load::read_table(
+        &run_dir.join("round-2/collect/checkpoint/preferences.parquet"),
+    )
+    .unwrap();
     let rounds = table.column("round").unwrap().i64().unwrap().clone();
     let per_round = |r: i64| {
         (0..rounds.len())

@@ -41,9 +41,6 @@ pub enum Command {
     Run(RunArgs),
     /// Print an experiment's plan: stage order, dependencies, cache state.
     Plan(PlanArgs),
-    /// Sample, rank and append one loop round's comparisons (run by `rlhf run`).
-    #[command(hide = true)]
-    Collect(CollectArgs),
     /// Run one stage of an experiment file in this process.
     Stage(StageArgs),
     /// Score answers with the bundled task's gold judge (JSON lines in and out).
@@ -485,24 +482,4 @@ pub fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-}
-
-/// `rlhf collect` (run by the loop, hidden).
-#[derive(Debug, Args)]
-pub struct CollectArgs {
-    #[arg(long, short)]
-    pub config: PathBuf,
-    #[arg(long)]
-    pub round: usize,
-    /// The policy to sample.
-    #[arg(long)]
-    pub policy: PathBuf,
-    /// The preference data so far.
-    #[arg(long)]
-    pub base: PathBuf,
-    /// Where to write this round's preference data (Parquet).
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
 }

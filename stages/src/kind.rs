@@ -25,6 +25,9 @@ pub enum Produces {
     Policy,
     /// A reward model: a scalar head that scores answers.
     RewardModel,
+    /// Rankings of sampled answers (a loop round's collection): a
+    /// preference file, no model.
+    Rankings,
 }
 
 /// A kind's part in a loop round (`loop: repeat:`).

@@ -3,7 +3,6 @@
 //! other room; no room imports them.
 
 mod bench;
-pub mod collect;
 mod eval;
 mod generate;
 mod init;
@@ -29,7 +28,6 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Reward(args) => reward::run(args),
         Command::Stage(args) => stage::run(args),
         Command::Run(args) => plan::run(args),
-        Command::Collect(args) => collect::run(args),
         Command::Plan(args) => plan::plan(args),
         Command::Judge(args) => judge::run(args),
         Command::Eval(args) => eval::run(args),

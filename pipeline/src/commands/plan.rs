@@ -21,7 +21,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         force: args.force,
         only: args.only,
-        overrides: args.overrides,
     };
     let outcomes = runner::run(&exp, &opts)?;
     let ran = outcomes.iter().filter(|(_, o)| *o == Outcome::Ran).count();

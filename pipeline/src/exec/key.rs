@@ -25,10 +25,19 @@ pub fn input_files(exp: &Experiment, stage: &StageFile) -> Vec<PathBuf> {
             .filter(|p| p.exists())
             .collect()
     };
+    // A file in a stage's folder (a round's rankings) is that stage's
+    // output: its key covers it, and it may not exist yet.
+    let made_by_a_stage = |f: &Path| {
+        exp.spec
+            .stages
+            .keys()
+            .any(|s| f.starts_with(exp.stage_dir(s)))
+    };
     let mut files: Vec<PathBuf> = exp.spec.tokenizer.iter().cloned().collect();
     let mut config = stage.config.clone();
     for p in config.paths() {
         match (p.role, p.get()) {
+            (PathRole::Data, Some(f)) if made_by_a_stage(f) => {}
             (PathRole::Data, Some(f)) => files.push(f.clone()),
             (PathRole::Model, Some(dir)) => files.extend(model_files(dir)),
             (_, None) => {}

@@ -114,7 +114,7 @@ impl PlannedStage {
             .remove("kind")
             .and_then(|k| k.as_str().map(str::to_owned))
             .with_context(|| format!("{}: settings: no kind", self.label))?;
-        let kind = rlhf_stages::kinds::kind(&kind_name)
+        let kind = crate::experiment::kind_named(&kind_name)
             .with_context(|| format!("{}: settings: unknown kind {kind_name:?}", self.label))?;
         let mapping: serde_norway::Mapping = serde_norway::to_value(&fields)
             .ok()

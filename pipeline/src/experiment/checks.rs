@@ -141,15 +141,15 @@ pub(super) fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> 
     if grpo.is_some_and(|g| g.gold_reward || g.ranker_command.is_some()) {
         return Err("repeat: [rm, grpo] scores each round with the round's reward model; drop the grpo stage's `gold_reward` and `ranker_command`".into());
     }
-    // A round's folder holds its own `collect/` and preferences beside the
+    // A round's folder holds its own `collect/` and `queue/` beside the
     // repeated stages.
     if let Some(taken) = l
         .repeat
         .iter()
-        .find(|n| ["collect", "preferences.parquet"].contains(&n.as_str()))
+        .find(|n| [COLLECT_KIND, crate::run_folder::QUEUE_DIR].contains(&n.as_str()))
     {
         return Err(format!(
-            "repeat: the stage name \"{taken}\" is taken inside each round's folder (collect/, preferences.parquet); rename the stage"
+            "repeat: the stage name \"{taken}\" is taken inside each round's folder (collect/, queue/); rename the stage"
         ));
     }
     for (name, value, lo, hi) in [

@@ -254,6 +254,17 @@ pub enum Labeller {
     },
 }
 
+impl Labeller {
+    /// `gold`, `command` or `web`, as `kind:` names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Labeller::Gold => "gold",
+            Labeller::Command { .. } => "command",
+            Labeller::Web { .. } => "web",
+        }
+    }
+}
+
 pub(super) fn default_labels_per_group() -> usize {
     1
 }

@@ -17,7 +17,8 @@
 //! does not depend on the directory it is started from. Parsing is two
 //! steps (candle's pattern): serde structs mirror the file, then
 //! [`Experiment::resolve`] checks and resolves them once. `sweep:` lines
-//! expand into stages here too (`sweep`).
+//! expand into stages here too (`sweep`), and so do `loop:` rounds
+//! (`rounds`).
 //!
 //! It imports plan (the stages' graph) and run_folder (names a stage may
 //! not take).
@@ -27,6 +28,7 @@ mod errors;
 mod file;
 mod overrides;
 mod paths;
+mod rounds;
 pub mod sweep;
 
 pub use checks::*;
@@ -34,6 +36,7 @@ pub use errors::*;
 pub use file::*;
 pub use overrides::*;
 use paths::*;
+pub use rounds::{kind_named, CollectConfig, COLLECT_KIND, PREFERENCES_FILE};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -177,6 +180,8 @@ impl Experiment {
             check_loop(l, &spec.stages).map_err(|m| invalid(format!("loop: {m}")))?;
             l.prompts = abs(&l.prompts);
         }
+        rounds::expand(&mut spec, &mut deps, &run_dir, &base)
+            .map_err(|m| invalid(format!("loop: {m}")))?;
         Ok(Self {
             file: path.to_owned(),
             spec,

@@ -53,57 +53,81 @@ impl Places<'_> {
     /// Makes a stage's data paths absolute and its model references
     /// checkpoint folders; returns the stages it reads from.
     pub(super) fn resolve(&self, stage: &mut dyn StageConfig) -> Result<BTreeSet<String>, String> {
-        let name = self.stage;
         let mut refs = BTreeSet::new();
         for mut p in stage.paths() {
-            let field = p.field;
-            let Some(value) = p.get().cloned() else {
-                if p.is_required() {
-                    return Err(format!(
-                        "stages.{name}: missing field `{field}` ({})",
-                        p.about
-                    ));
-                }
-                continue;
-            };
-            if p.role == PathRole::Data {
-                let file = self.abs(&value);
-                if let Some(kind) = rlhf_datasets::files::not_a_regular_file(&file) {
-                    return Err(format!(
-                        "stages.{name}.{field}: {} is {kind}, not a regular file",
-                        file.display()
-                    ));
-                }
-                p.set(file);
-                continue;
-            }
-            // A model reference: another stage's name (its final
-            // checkpoint, and a dependency) or a model folder on disk.
-            let s = value.to_string_lossy().into_owned();
-            if self.stages.contains(&s) {
-                if s == name {
-                    return Err(format!(
-                        "stages.{name}.{field}: a stage cannot start from itself"
-                    ));
-                }
-                let folder = crate::experiment::sweep::folder_of(&s);
-                p.set(
-                    self.run_dir
-                        .join(folder)
-                        .join(rlhf_stages::train::FINAL_DIR),
-                );
-                refs.insert(s);
-            } else {
-                let folder = self.abs(&value);
-                if !folder.is_dir() {
-                    return Err(format!(
-                        "stages.{name}.{field}: \"{s}\" is neither a stage of this file ({}) nor an existing model folder",
-                        self.stages.join(", ")
-                    ));
-                }
-                p.set(folder);
-            }
+            refs.extend(self.place(&mut p)?);
         }
         Ok(refs)
+    }
+
+    /// Like `resolve`, for a copy of `original` with some settings changed
+    /// (a loop round's `set`): only the paths that differ are placed, the
+    /// others are `original`'s, placed already.
+    pub(super) fn resolve_changed(
+        &self,
+        stage: &mut dyn StageConfig,
+        original: &dyn StageConfig,
+    ) -> Result<(), String> {
+        let mut original = original.clone_box();
+        let before: Vec<Option<PathBuf>> =
+            original.paths().iter().map(|p| p.get().cloned()).collect();
+        for (mut p, old) in stage.paths().into_iter().zip(before) {
+            if p.get() != old.as_ref() {
+                self.place(&mut p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One path setting placed; the stage it names, if it names one.
+    fn place(&self, p: &mut rlhf_stages::kind::PathSetting) -> Result<Option<String>, String> {
+        let name = self.stage;
+        let field = p.field;
+        let Some(value) = p.get().cloned() else {
+            if p.is_required() {
+                return Err(format!(
+                    "stages.{name}: missing field `{field}` ({})",
+                    p.about
+                ));
+            }
+            return Ok(None);
+        };
+        if p.role == PathRole::Data {
+            let file = self.abs(&value);
+            if let Some(kind) = rlhf_datasets::files::not_a_regular_file(&file) {
+                return Err(format!(
+                    "stages.{name}.{field}: {} is {kind}, not a regular file",
+                    file.display()
+                ));
+            }
+            p.set(file);
+            return Ok(None);
+        }
+        // A model reference: another stage's name (its final checkpoint,
+        // and a dependency) or a model folder on disk.
+        let s = value.to_string_lossy().into_owned();
+        if !self.stages.contains(&s) {
+            let folder = self.abs(&value);
+            if !folder.is_dir() {
+                return Err(format!(
+                    "stages.{name}.{field}: \"{s}\" is neither a stage of this file ({}) nor an existing model folder",
+                    self.stages.join(", ")
+                ));
+            }
+            p.set(folder);
+            return Ok(None);
+        }
+        if s == name {
+            return Err(format!(
+                "stages.{name}.{field}: a stage cannot start from itself"
+            ));
+        }
+        let folder = crate::experiment::sweep::folder_of(&s);
+        p.set(
+            self.run_dir
+                .join(folder)
+                .join(rlhf_stages::train::FINAL_DIR),
+        );
+        Ok(Some(s))
     }
 }

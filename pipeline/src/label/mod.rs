@@ -6,11 +6,14 @@
 //! page itself); a submission is checked by the queue and refused with a
 //! 4xx that changes nothing. Programs that rank (`programs`: the bundled
 //! task's gold judge, or a user's command speaking JSON lines) live here
-//! too. The queue itself is `rlhf_datasets::labels`.
+//! too, and a loop round's collection stage (`collect`: sample, rank,
+//! write the round's rankings). The queue itself is
+//! `rlhf_datasets::labels`.
 //!
 //! It imports experiment (the labeller's settings), run_folder and
 //! exec's process groups.
 
+mod collect;
 mod exchange;
 mod page;
 pub mod programs;

@@ -33,7 +33,7 @@ pub fn rank(
 ) -> anyhow::Result<Vec<Vec<usize>>> {
     match labeller {
         Labeller::Gold => groups.iter().map(|(p, a)| gold_ranking(p, a)).collect(),
-        Labeller::Web { .. } => bail!("a web labeller ranks through its queue (rlhf collect)"),
+        Labeller::Web { .. } => bail!("a web labeller ranks through its round's queue"),
         Labeller::Command {
             command,
             timeout_seconds,

@@ -126,12 +126,12 @@ pub fn is_cached(dir: &Path, key: &str) -> bool {
     looks_cached(dir, key) && checkpoint_intact(&dir.join(rlhf_stages::train::FINAL_DIR))
 }
 
-/// Complete, with this key, and its checkpoint still there; its checksums
-/// unread (a damaged one is found when the stage is reached).
+/// Complete, with this key, and its `checkpoint/` (a model, or a round's
+/// rankings) still there; its checksums unread (a damaged one is found
+/// when the stage is reached).
 pub fn looks_cached(dir: &Path, key: &str) -> bool {
-    let final_dir = dir.join(rlhf_stages::train::FINAL_DIR);
     read_manifest(dir).is_some_and(|m| m.status == Status::Complete && m.key == key)
-        && final_dir.join(rlhf_stages::train::STATE_FILE).exists()
+        && dir.join(rlhf_stages::train::FINAL_DIR).is_dir()
 }
 
 /// Whether a finished checkpoint still matches its checksums (and its

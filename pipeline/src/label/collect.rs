@@ -1,41 +1,71 @@
-//! `rlhf collect` (run by the loop): sample K answers per prompt from a
-//! policy, have the labeller rank them, and write the round's preference
-//! data: everything before plus the new rankings, with provenance.
+//! A loop round's collection (`round-N/collect`): sample K answers per
+//! prompt from the latest policy, have the labeller rank them, and leave
+//! the round's rankings in the stage's `checkpoint/`: everything before
+//! plus the new ones, with their round and policy. The experiment makes
+//! these stages from `loop:`; the runner runs them like any other.
 
 use anyhow::Context;
 use rlhf_datasets::batch::epoch_order;
 use rlhf_datasets::load::{read_table, string_column};
 use rlhf_datasets::preference::{ranked_groups, write_ranked_groups, RankedGroup};
+use rlhf_stages::dist::Ranks;
 use rlhf_stages::eval::answer::{answer_prompts, ANSWER_BATCH};
-use rlhf_stages::model::device::parse_device;
+use rlhf_stages::kind::{KindConfig, PathSetting, Produces};
+use rlhf_stages::train::{StageContext, StageError, FINAL_DIR};
 use rlhf_stages::{Head, HeadChoice, Model};
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::CollectArgs;
-use crate::experiment::{Experiment, Labeller};
+use crate::experiment::{CollectConfig, Labeller, COLLECT_KIND, PREFERENCES_FILE};
 use crate::label::programs;
 
-pub fn run(args: CollectArgs) -> anyhow::Result<()> {
-    crate::exec::children::stop_when_orphaned();
-    let exp = Experiment::load(&args.config, &args.overrides)?;
-    let spec = exp
-        .spec
-        .rounds
-        .as_ref()
-        .context("the experiment has no `loop` section")?;
-    let topology = rlhf_stages::dist::Topology::from_env()?;
-    let device = super::stage::rank_device(parse_device(&exp.spec.device)?, topology.as_ref());
-    crate::threads::apply(None, exp.spec.threads)?;
-    let timeout = exp.spec.distributed.timeout_seconds;
-    let ranks = super::stage::join_ranks(topology.as_ref(), device, timeout)?;
-    let policy = Model::load(&args.policy, HeadChoice::Want(Head::Lm), device)?;
-    let table = read_table(&spec.prompts)?;
-    let all_prompts = string_column(&table, &spec.prompts, "prompt", "{prompt}")?;
-    let seed = exp.spec.seed ^ (args.round as u64).wrapping_mul(0x51_7c_c1_b7);
+impl KindConfig for CollectConfig {
+    const KIND: &'static str = COLLECT_KIND;
+    const PRODUCES: Produces = Produces::Rankings;
+    type Summary = serde_json::Value;
+
+    fn validate(&self) -> Result<(), StageError> {
+        // The loop's settings were checked where `loop:` was read.
+        Ok(())
+    }
+
+    fn paths(&mut self) -> Vec<PathSetting<'_>> {
+        vec![
+            PathSetting::model("policy", "the policy to sample", &mut self.policy),
+            PathSetting::data("base", "the rankings so far", &mut self.base),
+            PathSetting::data(
+                "prompts",
+                "prompts to sample answers for",
+                &mut self.prompts,
+            ),
+        ]
+    }
+
+    fn seed_mut(&mut self) -> &mut Option<u64> {
+        &mut self.seed
+    }
+
+    /// Ranks share the prompts (uneven shares allowed).
+    fn shared_batches(&mut self) -> Vec<(&'static str, usize)> {
+        vec![("prompts_per_round", self.prompts_per_round)]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<serde_json::Value, StageError> {
+        collect(self, ctx).map_err(|e| StageError::Config(format!("{e:#}")))
+    }
+}
+
+/// Samples, ranks and writes the round; returns its summary (also in
+/// `summary.json`).
+fn collect(cfg: &CollectConfig, ctx: &StageContext) -> anyhow::Result<serde_json::Value> {
+    let ranks: &Ranks = &ctx.ranks;
+    let policy = Model::load(&cfg.policy, HeadChoice::Want(Head::Lm), ctx.device)?;
+    let table = read_table(&cfg.prompts)?;
+    let all_prompts = string_column(&table, &cfg.prompts, "prompt", "{prompt}")?;
+    let seed = cfg.seed.unwrap_or(0) ^ (cfg.round as u64).wrapping_mul(0x51_7c_c1_b7);
     let prompts: Vec<String> = epoch_order(all_prompts.len(), seed, 0)
         .into_iter()
-        .take(spec.prompts_per_round)
+        .take(cfg.prompts_per_round)
         .map(|i| all_prompts[i].clone())
         .collect();
     // Each rank answers its share of the prompts, with its own draws (rank
@@ -44,13 +74,13 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
     let answered = answer_prompts(
         &policy,
         &prompts[ranks.share(prompts.len())],
-        spec.k,
-        &spec.sampling,
+        cfg.k,
+        &cfg.sampling,
         ANSWER_BATCH,
-        device,
+        ctx.device,
     )?;
     let texts = answered.texts(&policy.tokenizer)?;
-    let mine: Vec<Vec<String>> = texts.chunks(spec.k).map(<[String]>::to_vec).collect();
+    let mine: Vec<Vec<String>> = texts.chunks(cfg.k).map(<[String]>::to_vec).collect();
     let mut answers: Vec<Vec<String>> = Vec::new();
     let bytes = serde_json::to_vec(&mine)?;
     for (rank, part) in ranks.all_gather_bytes(&bytes)?.iter().enumerate() {
@@ -59,10 +89,10 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
         answers.extend(part);
     }
     if !ranks.is_main() {
-        return Ok(());
+        return Ok(serde_json::Value::Null);
     }
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
-    let (ranked, labels) = rank_groups(&args, &spec.labeller, groups)?;
+    let (ranked, labels) = rank_groups(cfg, groups)?;
     let mut new = Vec::new();
     let mut all_tied = 0;
     for g in ranked {
@@ -72,41 +102,64 @@ pub fn run(args: CollectArgs) -> anyhow::Result<()> {
             new.push(g);
         }
     }
-
     let n_new = new.len();
-    let (groups, round_col, policy_col) = with_base(&args, new)?;
-    write_ranked_groups(&args.out, &groups, &round_col, &policy_col)?;
-    println!(
-        "{}",
-        serde_json::json!({"round": args.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len(), "labels": labels})
+    let (groups, round_col, policy_col) = with_base(cfg, new)?;
+    write_rankings(&ctx.out_dir, &groups, &round_col, &policy_col)?;
+    let summary = serde_json::json!({"round": cfg.round, "new_groups": n_new, "all_tied_dropped": all_tied, "total_groups": groups.len(), "labels": labels});
+    tracing::info!(
+        "round {}: {n_new} new ranked group(s), {} in all",
+        cfg.round,
+        groups.len()
     );
+    let text = serde_json::to_string_pretty(&summary)?;
+    rlhf_datasets::atomic::write_file(
+        &ctx.out_dir.join(crate::run_folder::SUMMARY_FILE),
+        text.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+/// The rankings and their checksum list, in a temporary folder renamed
+/// to `checkpoint/`: a collection cut short leaves nothing finished.
+fn write_rankings(
+    out_dir: &Path,
+    groups: &[RankedGroup],
+    round_col: &[i64],
+    policy_col: &[String],
+) -> anyhow::Result<()> {
+    let done = out_dir.join(FINAL_DIR);
+    let tmp = out_dir.join(format!(".{FINAL_DIR}.tmp"));
+    for dir in [&tmp, &done] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write_ranked_groups(&tmp.join(PREFERENCES_FILE), groups, round_col, policy_col)?;
+    rlhf_datasets::checksum::write(&tmp)?;
+    std::fs::rename(&tmp, &done)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), done.display()))?;
     Ok(())
 }
 
 /// The round's groups ranked by its labeller; for people, their labels'
 /// summary too (agreement, skips).
 fn rank_groups(
-    args: &CollectArgs,
-    labeller: &Labeller,
+    cfg: &CollectConfig,
     groups: Vec<(String, Vec<String>)>,
 ) -> anyhow::Result<(Vec<RankedGroup>, serde_json::Value)> {
     let mut labels = serde_json::Value::Null;
-    let ranked = match labeller {
+    let ranked = match &cfg.labeller {
         Labeller::Web {
             labels_per_group,
             bind,
             timeout_seconds,
             guidelines,
         } => {
-            let queue = args
-                .out
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(crate::run_folder::QUEUE_DIR);
             let web = WebRound {
-                queue,
-                round: args.round as i64,
-                policy: args.policy.display().to_string(),
+                queue: cfg.queue.clone(),
+                round: cfg.round as i64,
+                policy: cfg.policy.display().to_string(),
                 serve: crate::label::ServeOptions {
                     bind: bind.parse()?,
                     labels_per_group: *labels_per_group,
@@ -138,14 +191,14 @@ fn rank_groups(
 /// The round's data: every group so far (with its provenance where the base
 /// file has it) and the new ones, with their round and policy columns.
 fn with_base(
-    args: &CollectArgs,
+    cfg: &CollectConfig,
     new: Vec<RankedGroup>,
 ) -> anyhow::Result<(Vec<RankedGroup>, Vec<i64>, Vec<String>)> {
     // Everything so far, with its provenance where the file has it.
-    let base_table = read_table(&args.base)?;
-    let base = ranked_groups(&base_table, &args.base)?;
+    let base_table = read_table(&cfg.base)?;
+    let base = ranked_groups(&base_table, &cfg.base)?;
     if let Some(note) = base.skipped_note() {
-        tracing::warn!("{}: {note}", args.base.display());
+        tracing::warn!("{}: {note}", cfg.base.display());
     }
     // Provenance of the kept rows, where the file has it.
     let rounds: Vec<i64> = match base_table.column("round").ok().and_then(|c| c.i64().ok()) {
@@ -165,12 +218,9 @@ fn with_base(
     let mut groups = base;
     groups.extend(new);
     let mut round_col = rounds;
-    round_col.extend(std::iter::repeat_n(args.round as i64, n_new));
+    round_col.extend(std::iter::repeat_n(cfg.round as i64, n_new));
     let mut policy_col = policies;
-    policy_col.extend(std::iter::repeat_n(
-        args.policy.display().to_string(),
-        n_new,
-    ));
+    policy_col.extend(std::iter::repeat_n(cfg.policy.display().to_string(), n_new));
     Ok((groups, round_col, policy_col))
 }
 

@@ -16,7 +16,10 @@ const EXPERIMENT: &str = "name: dp\ndevice: cpu\nmodel: {n_layer: 2, n_head: 2, 
 \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, max_steps: 10, batch_size: 6, max_len: 64, eval_every: 5, checkpoint_every: 4}\n\
 \x20 dpo: {kind: dpo, policy: sft, data: prefs.jsonl, max_steps: 8, batch_size: 6, max_len: 64, eval_every: 4, checkpoint_every: 4}\n\
 \x20 ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 3, rollout_batch: 8, minibatch_size: 4,\n\
-\x20       ppo_epochs: 2, checkpoint_every: 2, adaptive_kl: {target: 0.05, horizon: 10}, sampling: {max_new_tokens: 8, temperature: 0}}\n";
+\x20       ppo_epochs: 2, checkpoint_every: 2, adaptive_kl: {target: 0.05, horizon: 10}, sampling: {max_new_tokens: 8, temperature: 0}}\n\
+\x20 grpo: {kind: grpo, policy: sft, reference: dpo, reward_model: rm, prompts: prompts.jsonl, eval_prompts: prompts.jsonl, iterations: 3,\n\
+\x20        prompts_per_iteration: 4, group_size: 4, minibatch_size: 8, epochs: 2, beta: 0.5, checkpoint_every: 2,\n\
+\x20        optimizer: {lr: 0.001}, sampling: {max_new_tokens: 8, temperature: 0}}\n";
 
 fn experiment(dir: &Path) -> PathBuf {
     common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 150);
@@ -426,6 +429,60 @@ fn two_ranks_train_ppo_as_one_process_does() {
             "{file}: the gathered rollout differs from one process's"
         );
     }
+}
+
+/// GRPO as two ranks: each samples whole groups for its share of the
+/// prompts; the gathered groups give every rank the same advantages, and
+/// the split minibatches the same steps as one process. Sampling is
+/// greedy, so that both draw the same answers; a group's answers are then
+/// alike and its advantages zero, so the steps come from the KL to a
+/// reference that is another model (the DPO stage's), per answer and
+/// token as the loss normalises it.
+#[test]
+fn two_ranks_train_grpo_as_one_process_does() {
+    if !gloo_or_allowed_to_skip() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path());
+    let runs = d.path().join("runs/dp");
+    for stage in ["sft", "rm", "dpo"] {
+        run_ranks(&exp, stage, &runs.join(stage), 1);
+    }
+    let (one, two) = (d.path().join("grpo-1"), d.path().join("grpo-2"));
+    run_ranks(&exp, "grpo", &one, 1);
+    run_ranks(&exp, "grpo", &two, 2);
+    let diff = max_abs_difference_of(&one, &two, "checkpoint", &[]);
+    assert!(diff < 1e-5, "grpo: weights differ by {diff}");
+    let moved = max_abs_difference_of(&one, &runs.join("sft"), "checkpoint", &[]);
+    assert!(moved > 1e-4, "the policy moved from the SFT's: {moved}");
+    for key in ["score", "kl", "policy_loss", "clip_fraction", "zero_spread"] {
+        let (a, b) = (curve(&one, key), curve(&two, key));
+        assert_eq!(a.len(), 3, "{key}: {a:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "grpo {key}: {x} vs {y}");
+        }
+    }
+    // Rollout files hold the whole iteration (4 prompts x 4 answers).
+    for it in 1..=3 {
+        let file = format!("rollouts/iter-{it:04}.parquet");
+        let rows = |dir: &Path| {
+            rlhf_datasets::rollout::read_prompts_and_answers(&dir.join(&file)).unwrap()
+        };
+        let (a, b) = (rows(&one), rows(&two));
+        assert_eq!(a.len(), 16, "{file}");
+        assert_eq!(
+            a, b,
+            "{file}: the gathered groups differ from one process's"
+        );
+    }
+    // Greedy answers judged before and after, as PPO's.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap()).unwrap();
+    for key in ["eval_gold_before", "eval_gold_after", "zero_spread_share"] {
+        assert!(summary[key].is_number(), "{key}: {summary}");
+    }
+    assert!(two.join("samples_before.jsonl").exists() && two.join("samples.jsonl").exists());
 }
 
 /// A loop round as two ranks: each samples answers to its share of the

@@ -2,8 +2,8 @@
 //! base load in PEFT (`PeftModel.from_pretrained`) with our logits within
 //! 1e-4; the stage's merged folder equals base + adapter (in transformers
 //! and against PEFT's own merge); `rlhf merge` writes the same weights; a
-//! resumed LoRA run equals an uninterrupted one; PPO with LoRA runs on one
-//! copy of the base.
+//! resumed LoRA run equals an uninterrupted one; PPO and GRPO with LoRA run
+//! on one copy of the base.
 
 use crate::common;
 
@@ -39,6 +39,19 @@ const EXPERIMENT: &str = "name: lora\ndevice: cpu\nstages:\n\
 \x20   rollout_batch: 4\n\
 \x20   minibatch_size: 4\n\
 \x20   sampling: {max_new_tokens: 6}\n\
+\x20   lora: {r: 2, target_modules: [q_proj, v_proj]}\n\
+\x20 grpo:\n\
+\x20   kind: grpo\n\
+\x20   policy: sft\n\
+\x20   reward_model: rm\n\
+\x20   prompts: prompts.jsonl\n\
+\x20   iterations: 3\n\
+\x20   prompts_per_iteration: 2\n\
+\x20   group_size: 4\n\
+\x20   minibatch_size: 4\n\
+\x20   optimizer: {lr: 0.01, weight_decay: 0.0}\n\
+\x20   sampling: {max_new_tokens: 6}\n\
+\x20   precision: bf16\n\
 \x20   lora: {r: 2, target_modules: [q_proj, v_proj]}\n";
 
 /// A fresh Llama-layout base and the experiment beside it.
@@ -251,46 +264,62 @@ fn a_resumed_lora_run_equals_an_uninterrupted_one() {
     }
 }
 
+/// PPO and GRPO (the latter in bf16) with LoRA: the policy's base stays
+/// the SFT policy bit for bit, the adapters move, and the reference is
+/// that base (no second copy is loaded).
 #[test]
-fn ppo_with_lora_keeps_one_base_and_trains_only_adapters() {
+fn ppo_and_grpo_with_lora_keep_one_base_and_train_only_adapters() {
     let d = tempfile::tempdir().unwrap();
     let exp = setup(d.path());
-    common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", "ppo"]);
     let run = d.path().join("runs/lora");
-    let adapter: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("ppo/checkpoint/adapter/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    // The adapter names its base (the SFT policy) by a relative path.
-    assert_eq!(
-        adapter["base_model_name_or_path"],
-        "../../../sft/checkpoint"
-    );
-    let sft = weights_of(
-        &Model::load(
-            &run.join("sft/checkpoint"),
+    for stage in ["ppo", "grpo"] {
+        common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", stage]);
+        let adapter: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                run.join(format!("{stage}/checkpoint/adapter/adapter_config.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        // The adapter names its base (the SFT policy) by a relative path.
+        assert_eq!(
+            adapter["base_model_name_or_path"],
+            "../../../sft/checkpoint"
+        );
+        let sft = weights_of(
+            &Model::load(
+                &run.join("sft/checkpoint"),
+                HeadChoice::AsSaved,
+                tch::Device::Cpu,
+            )
+            .unwrap(),
+        );
+        let trained = Model::load_adapted(
+            &run.join(stage).join("checkpoint"),
             HeadChoice::AsSaved,
             tch::Device::Cpu,
         )
-        .unwrap(),
-    );
-    let ppo = Model::load_adapted(
-        &run.join("ppo/checkpoint"),
-        HeadChoice::AsSaved,
-        tch::Device::Cpu,
-    )
-    .unwrap();
-    let ppo_weights = weights_of(&ppo);
-    let mut moved = 0;
-    for (k, t) in &ppo_weights {
-        match sft.get(k) {
-            // The frozen base is the SFT policy, bit for bit.
-            Some(base) => assert!(t.equal(base), "{k} moved"),
-            None => {
-                assert!(k.contains(".lora_"), "{k}");
-                moved += usize::from(k.contains("lora_B") && t.abs().max().double_value(&[]) > 0.0);
+        .unwrap();
+        let mut moved = 0;
+        for (k, t) in &weights_of(&trained) {
+            match sft.get(k) {
+                // The frozen base is the SFT policy, bit for bit.
+                Some(base) => assert!(t.equal(base), "{stage}: {k} moved"),
+                None => {
+                    assert!(k.contains(".lora_"), "{k}");
+                    assert_eq!(t.kind(), tch::Kind::Float, "fp32 master weights");
+                    moved +=
+                        usize::from(k.contains("lora_B") && t.abs().max().double_value(&[]) > 0.0);
+                }
             }
         }
+        assert!(moved > 0, "{stage}: no adapter was trained");
     }
-    assert!(moved > 0, "no adapter was trained");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("grpo/summary.json")).unwrap())
+            .unwrap();
+    assert!(
+        summary["last_kl"].as_f64().unwrap().is_finite(),
+        "{summary}"
+    );
 }

@@ -123,3 +123,49 @@ fn stopped_grpo_resumes_to_identical_weights() {
     };
     assert_eq!(scores(metrics("a")), scores(metrics("b")), "the same curve");
 }
+
+/// The same run in bf16 autocast (fp32 master weights) learns as fp32 does.
+#[test]
+fn grpo_in_bf16_raises_the_reward_too() {
+    let _serial = common::serial();
+    use rlhf_stages::kind::StageConfig;
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = setup(d.path());
+    let fp32 = config(policy, prompts, 15);
+    let cfg = GrpoConfig {
+        precision: rlhf_stages::model::precision::Precision::Bf16,
+        ..fp32.clone()
+    };
+    let scores_of = |cfg: &GrpoConfig, out: &str| -> Vec<f64> {
+        StageConfig::run(cfg, &ctx(d.path().join(out), None)).unwrap();
+        std::fs::read_to_string(d.path().join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let scores = scores_of(&cfg, "run");
+    assert_ne!(
+        scores,
+        scores_of(&fp32, "fp32"),
+        "bf16 autocast took effect"
+    );
+    let (early, late) = (
+        (scores[0] + scores[1]) / 2.0,
+        (scores[13] + scores[14]) / 2.0,
+    );
+    assert!(late > early + 0.25, "bf16: score {early:.3} -> {late:.3}");
+    let weights =
+        tch::Tensor::read_safetensors(d.path().join("run/checkpoint/model.safetensors")).unwrap();
+    assert!(weights.iter().all(|(_, t)| t.kind() == tch::Kind::Float));
+    // Each iteration's answers, with their group advantage on every token.
+    let rows = rlhf_datasets::rollout::read_prompts_and_answers(
+        &d.path().join("run/rollouts/iter-0015.parquet"),
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 32);
+}

@@ -119,7 +119,10 @@ fn stopped_ppo_resumes_to_identical_weights() {
         Err(StageError::StoppedEarly(3))
     ));
     let b = run(&cfg, &job("b", None)).unwrap();
-    assert_eq!(a.beta, b.beta, "the KL controller's state is restored");
+    assert_eq!(
+        a.own["beta"], b.own["beta"],
+        "the KL controller's state is restored"
+    );
     for part in [FINAL_DIR, "critic"] {
         let load = |out: &str| {
             weights_of(

@@ -1,13 +1,20 @@
 //! Reinforcement learning from a scorer: PPO (`ppo`: GAE with a critic,
 //! clipped updates, per-token KL to the reference) and GRPO (`grpo`:
-//! group-normalised scores, no critic). What they share is here: the
-//! rollout's pieces (`rollout`) and the checks of their settings and
-//! progress. It imports model, train, objectives and eval, never a
+//! group-normalised scores, no critic). What they share is here, written
+//! once: the rollout (`rollout`: prompt order, sampling, old and
+//! reference log-probabilities, scoring), its gathering over ranks
+//! (`shard`), the optimiser step (`step`), the stage's lifecycle
+//! (`driver`) and the checks of their settings and progress. The kinds
+//! differ in how sampled answers become advantages and in their update.
+//! It imports model, dist, optim, train, objectives and eval, never a
 //! supervised kind.
 
+pub mod driver;
 pub mod grpo;
 pub mod ppo;
 pub mod rollout;
+mod shard;
+mod step;
 
 use crate::check;
 use crate::train::StageError;

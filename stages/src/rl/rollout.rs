@@ -1,28 +1,83 @@
-//! The rollout both RL kinds share: the prompts that leave room for an
-//! answer, the scorer (a frozen reward model or the judge) and the
-//! answers' log-probabilities under a policy or its reference.
+//! The rollout both RL kinds share, phase 1 of every iteration: the
+//! iteration's prompts (a seeded order per epoch), answers sampled from
+//! the policy with the KV cache, their log-probabilities under the policy
+//! and the frozen reference, and their scores (a reward model, the judge,
+//! or a program that ranks each group). [`sample`] runs it; the kinds
+//! turn its output into advantages.
 
 use std::path::Path;
 
+use rlhf_datasets::batch::epoch_order;
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{prompt_texts, ChatTemplate};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::eval::answer::Judge;
 use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::model::network::Network;
+use crate::model::sample::{generate, Generation, SamplingConfig, TokenSpec};
 use crate::model::score::gather_logprobs;
 use crate::objectives::rankings::{sequence_rewards, RewardInput, SCORE_BATCH};
-use crate::train::{StageContext, StageError};
+use crate::train::{check_finite, StageContext, StageError};
 
-/// Where answers get their score: a frozen reward model, or the judge.
+/// Where answers get their score: a frozen reward model, the judge, or a
+/// program that ranks each group.
 pub enum Scorer {
     Model(Box<Model>),
     Judge(Judge),
+    Ranked(RankedBy),
+}
+
+/// A program that ranks groups (the loop's labeller protocol), and how
+/// long it may take.
+pub struct RankedBy {
+    pub ranker: crate::train::Ranker,
+    pub command: Vec<String>,
+    pub timeout: f64,
+}
+
+impl RankedBy {
+    /// Minus each answer's rank in its group (`group` consecutive answers
+    /// to one prompt): the best scores 0.
+    fn scores(
+        &self,
+        prompts: &[&str],
+        answers: &[String],
+        group: usize,
+    ) -> Result<Vec<f64>, StageError> {
+        let groups: Vec<(String, Vec<String>)> = answers
+            .chunks(group)
+            .zip(prompts.chunks(group))
+            .map(|(a, p)| (p[0].to_owned(), a.to_vec()))
+            .collect();
+        let rankings = (self.ranker)(&self.command, self.timeout, &groups)
+            .map_err(|e| StageError::setting("ranker_command", e))?;
+        Ok(rankings.iter().flatten().map(|&r| -(r as f64)).collect())
+    }
 }
 
 impl Scorer {
+    /// A ranking program (`command`, its timeout in seconds): it needs
+    /// the pipeline's ranker.
+    pub fn ranked(
+        command: &[String],
+        timeout: f64,
+        ctx: &StageContext,
+    ) -> Result<Self, StageError> {
+        let ranker = ctx.ranker.clone().ok_or_else(|| {
+            StageError::setting(
+                "ranker_command",
+                "needs the pipeline's ranker (run the stage with rlhf)",
+            )
+        })?;
+        Ok(Scorer::Ranked(RankedBy {
+            ranker,
+            command: command.to_vec(),
+            timeout,
+        }))
+    }
+
     /// The judge (`gold_reward`), else the reward model at `reward_model`.
     pub fn load(
         reward_model: Option<&Path>,
@@ -55,16 +110,17 @@ impl Scorer {
     }
 
     /// Scores of answers (`ids` and `texts`) to prompts (`prompt_ids` and
-    /// `prompts`).
+    /// `prompts`), in groups of `group` answers to one prompt.
     pub fn score(
         &self,
         prompt_ids: &[Vec<i64>],
         prompts: &[&str],
         ids: &[Vec<i64>],
         texts: &[String],
+        group: usize,
         device: Device,
-    ) -> Vec<f64> {
-        match self {
+    ) -> Result<Vec<f64>, StageError> {
+        Ok(match self {
             Scorer::Model(rm) => {
                 let eos = rm.tokenizer.eos_id();
                 let inputs: Vec<RewardInput> = prompt_ids
@@ -88,8 +144,199 @@ impl Scorer {
                 .zip(texts)
                 .map(|(p, a)| judge(p, a).unwrap_or(0.0))
                 .collect(),
+            Scorer::Ranked(r) => r.scores(prompts, texts, group)?,
+        })
+    }
+}
+
+/// The frozen reference: its own model, or the policy with its LoRA
+/// adapters off (one copy of the base in memory, not two).
+pub enum Reference {
+    Model(Box<Model>),
+    AdaptersOff,
+}
+
+impl Reference {
+    /// The model at `reference` (unset: the starting `policy`), or the
+    /// policy itself where its adapters start from that policy.
+    pub fn load(
+        reference: Option<&Path>,
+        policy_dir: &Path,
+        policy: &Model,
+        device: Device,
+    ) -> Result<Self, StageError> {
+        if reference.is_none() && policy.lora.is_some() {
+            return Ok(Reference::AdaptersOff);
+        }
+        let mut m = Model::load(
+            reference.unwrap_or(policy_dir),
+            HeadChoice::Want(Head::Lm),
+            device,
+        )?;
+        m.vs.freeze();
+        Ok(Reference::Model(Box::new(m)))
+    }
+
+    /// Runs `f` on the reference of `policy`.
+    pub fn with<T>(&self, policy: &Model, f: impl FnOnce(&Model) -> T) -> T {
+        match self {
+            Reference::Model(r) => f(r),
+            Reference::AdaptersOff => policy.net.without_adapters(|| f(policy)),
         }
     }
+}
+
+/// The prompts an RL stage rolls out on, as text and tokens.
+pub struct Prompts {
+    pub texts: Vec<String>,
+    pub ids: Vec<Vec<i64>>,
+}
+
+impl Prompts {
+    pub fn load(path: &Path, policy: &Model, max_new_tokens: i64) -> Result<Self, StageError> {
+        let (texts, ids) = prompts_with_room(path, policy, max_new_tokens)?;
+        Ok(Self { texts, ids })
+    }
+
+    /// The `per_iteration` prompts of iteration `iteration`: each epoch
+    /// goes through them in its own seeded order; fewer prompts than an
+    /// iteration takes come round again.
+    pub fn of_iteration(&self, per_iteration: usize, seed: u64, iteration: i64) -> Vec<usize> {
+        let n = self.ids.len();
+        let per_epoch = (n / per_iteration).max(1) as i64;
+        let (epoch, pos) = (iteration / per_epoch, (iteration % per_epoch) as usize);
+        let order = epoch_order(n, seed, epoch as u64);
+        order
+            .iter()
+            .cycle()
+            .skip(pos * per_iteration)
+            .take(per_iteration)
+            .copied()
+            .collect()
+    }
+}
+
+/// Sampled answers, as both kinds start from them (rows: answers).
+pub struct Sampled {
+    /// The prompt (of [`Prompts`]) each answer answers.
+    pub rows: Vec<usize>,
+    pub generation: Generation,
+    /// `(B, N)`: 1 on the answers' real tokens.
+    pub answer_mask: Tensor,
+    pub old_lp: Tensor,
+    pub ref_lp: Tensor,
+    /// The critic's values of the states before each token (PPO's);
+    /// `None` without a critic.
+    pub values: Option<Tensor>,
+    pub answers: Vec<String>,
+    pub scores: Vec<f64>,
+}
+
+/// What a rollout reads: the models, the prompts and how to sample.
+pub struct RolloutInputs<'a> {
+    pub policy: &'a Model,
+    pub reference: &'a Reference,
+    pub scorer: &'a Scorer,
+    pub prompts: &'a Prompts,
+    pub sampling: &'a SamplingConfig,
+    /// Answers per prompt: 1 (PPO) or the group size (GRPO).
+    pub group: usize,
+    pub device: Device,
+}
+
+impl RolloutInputs<'_> {
+    /// `group` answers to each prompt of `chosen`, sampled from the policy
+    /// (libtorch's RNG is seeded by the caller), seen by the policy and
+    /// the reference, and scored; `iteration` (0-based) names a failure.
+    pub fn sample(&self, chosen: &[usize], iteration: i64) -> Result<Sampled, StageError> {
+        let rows: Vec<usize> = chosen
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(i, self.group))
+            .collect();
+        let prompt_ids: Vec<Vec<i64>> = rows.iter().map(|&i| self.prompts.ids[i].clone()).collect();
+        let tok = &self.policy.tokenizer;
+        let g = generate(
+            &self.policy.net,
+            &prompt_ids,
+            self.sampling,
+            TokenSpec::of(tok),
+            self.device,
+        )?;
+        let (width, vocab) = (g.prompt_width, tok.vocab_size() as i64);
+        let n = g.tokens.size()[1] - width;
+        let answer_mask = g.attention_mask.narrow(1, width, n).to_kind(Kind::Float);
+        let (old_lp, ref_lp) = tch::no_grad(|| {
+            let (lp, _) =
+                answer_logprobs(&self.policy.net, &g.tokens, &g.attention_mask, width, vocab);
+            let (rlp, _) = self.reference.with(self.policy, |r| {
+                answer_logprobs(&r.net, &g.tokens, &g.attention_mask, width, vocab)
+            });
+            (lp, rlp)
+        });
+        let answers: Vec<String> = g
+            .answers
+            .iter()
+            .map(|a| tok.decode(a, false))
+            .collect::<Result<_, _>>()?;
+        let texts: Vec<&str> = rows
+            .iter()
+            .map(|&i| self.prompts.texts[i].as_str())
+            .collect();
+        let scores = self.scorer.score(
+            &prompt_ids,
+            &texts,
+            &g.answers,
+            &answers,
+            self.group,
+            self.device,
+        )?;
+        let what = match self.scorer {
+            Scorer::Model(_) => "reward-model score",
+            _ => "score",
+        };
+        check_finite(iteration + 1, what, scores.iter().sum::<f64>())?;
+        Ok(Sampled {
+            rows,
+            generation: g,
+            answer_mask,
+            old_lp,
+            ref_lp,
+            values: None,
+            answers,
+            scores,
+        })
+    }
+}
+
+/// A `(B, N)` tensor as B rows, in `T`'s kind, on the CPU.
+pub fn to_rows<T>(t: &Tensor) -> Vec<Vec<T>>
+where
+    T: tch::kind::Element,
+    Vec<T>: TryFrom<Tensor>,
+    <Vec<T> as TryFrom<Tensor>>::Error: std::fmt::Debug,
+{
+    let t = t.to_kind(T::KIND).to_device(Device::Cpu);
+    let (b, n) = t.size2().expect("2-D");
+    let flat: Vec<T> = Vec::try_from(t.reshape([-1])).expect("the kind asked for");
+    let n = n as usize;
+    (0..b as usize)
+        .map(|i| flat[i * n..(i + 1) * n].to_vec())
+        .collect()
+}
+
+/// Rows of per-token numbers as a `(B, n)` float tensor, zero-padded.
+pub fn from_rows(rows: &[Vec<f64>], n: usize, device: Device) -> Tensor {
+    let flat: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| {
+            r.iter()
+                .map(|&x| x as f32)
+                .chain(std::iter::repeat_n(0.0, n - r.len()))
+        })
+        .collect();
+    Tensor::from_slice(&flat)
+        .view([rows.len() as i64, n as i64])
+        .to_device(device)
 }
 
 /// The prompts of `path` as text and tokens; each must leave room for

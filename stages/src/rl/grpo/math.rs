@@ -3,10 +3,6 @@
 //! against its group's, the same for every token of the answer; PPO's
 //! clipped ratio; the KL to the reference as a per-token penalty in the
 //! loss (the k3 estimator), or subtracted from the score.
-//!
-//! First step of the `kind: grpo` stage (issue #19): the pure functions,
-//! checked by hand; the stage that samples, scores and trains with them
-//! follows.
 
 use tch::Tensor;
 
@@ -63,6 +59,24 @@ pub fn grpo_loss(
     clip_range: f64,
     beta: f64,
 ) -> GrpoLoss {
+    grpo_loss_over(lp, old_lp, ref_lp, advantages, mask, clip_range, beta, None)
+}
+
+/// [`grpo_loss`] on one rank's rows of a minibatch whose whole holds
+/// `whole = (answers, answer tokens)` over every rank: the loss and the
+/// shares are this rank's parts, so that their sums over the ranks are
+/// the minibatch's. `None`: the rows are the whole minibatch.
+#[allow(clippy::too_many_arguments)]
+pub fn grpo_loss_over(
+    lp: &Tensor,
+    old_lp: &Tensor,
+    ref_lp: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    clip_range: f64,
+    beta: f64,
+    whole: Option<(f64, f64)>,
+) -> GrpoLoss {
     let ratio = (lp - old_lp).exp();
     let a = advantages.unsqueeze(1);
     let unclipped = &ratio * &a;
@@ -73,15 +87,23 @@ pub fn grpo_loss(
     let kind = lp.kind();
     let tokens = mask.sum_dim_intlist(1, false, kind).clamp_min(1.0);
     let per_answer = (per_token * mask).sum_dim_intlist(1, false, kind) / &tokens;
-    let all = mask.sum(kind).clamp_min(1.0);
     // Clipped where the clip binds (TRL): below 1 - e with A < 0, above
     // 1 + e with A > 0.
     let low = ratio.lt(1.0 - clip_range).logical_and(&a.lt(0.0));
     let high = ratio.gt(1.0 + clip_range).logical_and(&a.gt(0.0));
     let was_clipped = low.logical_or(&high).to_kind(kind);
-    let share = |t: Tensor| ((t * mask).sum(kind) / &all).double_value(&[]);
+    let share = |t: Tensor| {
+        let part = (t * mask).sum(kind);
+        match whole {
+            None => (part / mask.sum(kind).clamp_min(1.0)).double_value(&[]),
+            Some((_, all)) => part.double_value(&[]) / all.max(1.0),
+        }
+    };
     GrpoLoss {
-        loss: per_answer.mean(kind),
+        loss: match whole {
+            None => per_answer.mean(kind),
+            Some((answers, _)) => per_answer.sum(kind) / answers,
+        },
         clip_fraction: share(was_clipped),
         kl: share(kl.detach()),
     }
@@ -90,6 +112,56 @@ pub fn grpo_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two ranks' parts of a minibatch (rows split by position, each
+    /// normalised by the whole's answers and tokens) sum to the loss, its
+    /// gradient, and the shares one process computes on the whole.
+    #[test]
+    fn rank_parts_sum_to_the_whole_minibatch() {
+        tch::manual_seed(3);
+        let (b, n) = (6, 5);
+        let old = Tensor::randn([b, n], (tch::Kind::Double, tch::Device::Cpu)) * 0.1;
+        let reference = Tensor::randn([b, n], (tch::Kind::Double, tch::Device::Cpu)) * 0.1;
+        let adv = Tensor::randn([b], (tch::Kind::Double, tch::Device::Cpu));
+        // Answers of 5, 3, 4, 1, 5 and 2 tokens.
+        let lens = [5, 3, 4, 1, 5, 2];
+        let mask = Tensor::from_slice(
+            &lens
+                .iter()
+                .flat_map(|&l| (0..n).map(move |j| if j < l { 1.0 } else { 0.0 }))
+                .collect::<Vec<f64>>(),
+        )
+        .view([b, n]);
+        let lp = (&old + Tensor::randn([b, n], (tch::Kind::Double, tch::Device::Cpu)) * 0.3)
+            .set_requires_grad(true);
+        let whole = grpo_loss(&lp, &old, &reference, &adv, &mask, 0.2, 0.1);
+        let g_whole = Tensor::run_backward(&[&whole.loss], &[&lp], false, false)[0].copy();
+        let all = (b as f64, mask.sum(tch::Kind::Double).double_value(&[]));
+        let (mut loss, mut clip, mut kl) = (0.0, 0.0, 0.0);
+        let mut g_parts = Tensor::zeros([b, n], (tch::Kind::Double, tch::Device::Cpu));
+        for rows in [0..2i64, 2..6] {
+            let part = |t: &Tensor| t.narrow(0, rows.start, rows.end - rows.start);
+            let out = grpo_loss_over(
+                &part(&lp),
+                &part(&old),
+                &part(&reference),
+                &part(&adv),
+                &part(&mask),
+                0.2,
+                0.1,
+                Some(all),
+            );
+            let g = Tensor::run_backward(&[&out.loss], &[&lp], false, false)[0].copy();
+            g_parts += g;
+            loss += out.loss.double_value(&[]);
+            (clip, kl) = (clip + out.clip_fraction, kl + out.kl);
+        }
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(loss, whole.loss.double_value(&[])), "{loss}");
+        assert!(close(clip, whole.clip_fraction) && close(kl, whole.kl));
+        let gap = (g_parts - g_whole).abs().max().double_value(&[]);
+        assert!(gap < 1e-12, "gradients differ by {gap}");
+    }
 
     #[test]
     fn group_advantages_by_hand() {

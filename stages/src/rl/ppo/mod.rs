@@ -5,14 +5,16 @@
 //! (trunk and value head from the reward model) and the frozen reward
 //! model. Each iteration runs three named phases ([`phases`]):
 //!
-//! 1. **rollout**: sample answers with the KV cache; the policy's,
-//!    reference's and critic's view of them; the reward model's scores;
+//! 1. **rollout**: the rollout every RL kind shares (`rl::rollout`: answers
+//!    sampled with the KV cache, the policy's and reference's view of
+//!    them, the reward model's scores), plus the critic's values;
 //! 2. **experience**: per-token rewards from the KL penalty and the score
 //!    ([`math::token_rewards`]), GAE advantages, whitening;
 //! 3. **update**: minibatch epochs of clipped-surrogate policy steps and
 //!    clipped value steps;
 //!
-//! then logs and checkpoints through the checkpointer every stage uses.
+//! and the RL driver (`rl::driver`) runs the stage around them: resume,
+//! evals, metrics, rollout files, checkpoints, interrupts, summary.
 //!
 //! Token `i` of an answer is predicted from position `P - 1 + i` of the
 //! padded sequence (P = prompt width), and its value is the critic's output
@@ -20,30 +22,25 @@
 
 pub mod math;
 mod phases;
-mod shard;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::check;
 use crate::dist::Ranks;
-use crate::eval::answer::{judged_eval, read_judged, JudgedScore};
 use crate::kind::{KindConfig, LoopRole, PathSetting, Plot, Produces};
 use crate::model::sample::SamplingConfig;
 use crate::optim::AdamWConfig;
-use crate::rl::{check_scorer_and_iterations, score_did_not_rise};
-use crate::train::{
-    prepare_out_dir, progress_bar, step_seed, write_summary, Checkpointer, MetricsLog,
-    StageContext, StageError, METRICS_FILE,
-};
+use crate::rl::check_scorer_and_iterations;
+use crate::rl::driver::{RlSummary, Schedule};
+use crate::train::{StageContext, StageError};
 
 pub use math::{
     clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean,
     token_rewards, whiten, AdaptiveKl, KlController, KlEstimator,
 };
-use phases::{Iteration, Models, Tallies};
+use phases::PpoLearner;
 
 /// Language-model loss on demonstrations during PPO (InstructGPT's PPO-ptx).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,7 +193,7 @@ impl KindConfig for PpoConfig {
             file: "overoptimization.png",
         },
     ];
-    type Summary = PpoSummary;
+    type Summary = RlSummary;
 
     fn precision(&mut self) -> crate::model::precision::Precision {
         self.precision
@@ -286,134 +283,28 @@ impl KindConfig for PpoConfig {
             ("minibatch_size", self.minibatch_size),
         ]
     }
-    fn run(&self, ctx: &StageContext) -> Result<PpoSummary, StageError> {
+    fn run(&self, ctx: &StageContext) -> Result<RlSummary, StageError> {
         run(self, ctx)
     }
 }
 
 /// Runs (or resumes, or finds done) a PPO run.
-pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<PpoSummary, StageError> {
+pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<RlSummary, StageError> {
     KindConfig::validate(cfg)?;
-    let ranks = &*ctx.ranks;
-    check_ranks(cfg, ranks)?;
-    let main = ranks.is_main();
-    if main {
-        check::note_clipping_off("max_grad_norm", cfg.max_grad_norm);
-    }
-    let started = Instant::now();
-    let out = &ctx.out_dir;
-    // Rank 0 owns the folder; the others read it once it is ready.
-    let done = match main {
-        true => prepare_out_dir(out, "ppo")?,
-        false => None,
+    check_ranks(cfg, &ctx.ranks)?;
+    let schedule = Schedule {
+        kind: "ppo",
+        iterations: cfg.iterations,
+        checkpoint_every: cfg.checkpoint_every,
+        seed: cfg.seed.unwrap_or(0),
+        eval_prompts: cfg.eval_prompts.clone(),
+        max_new_tokens: cfg.sampling.max_new_tokens,
+        save_rollouts: cfg.save_rollouts,
+        fail_if_not_learning: cfg.fail_if_not_learning,
+        kl_setting: "kl_coef",
+        max_grad_norm: cfg.max_grad_norm,
     };
-    ranks.barrier()?;
-    if let Some(summary) = done.or_else(|| crate::train::finished_summary(out)) {
-        return Ok(summary);
-    }
-    let seed = cfg.seed.unwrap_or(0);
-    tch::manual_seed(seed as i64);
-    let (mut models, state) = Models::start_or_resume(cfg, ctx)?;
-    let data = phases::Data::load(cfg, &models.policy)?;
-    let eval_before = match (&state, main) {
-        (_, false) => None,
-        (None, true) => models.with_reference(|r| judge_eval(r, cfg, ctx, SAMPLES_BEFORE))?,
-        (Some(_), true) => read_judged(&out.join(SAMPLES_BEFORE)),
-    };
-    let start = state.as_ref().map_or(0, |s| s.iteration);
-    crate::train::same_on_every_rank(ranks, start, "resumed from iteration")?;
-    let mut kl = state.as_ref().map_or(
-        KlController {
-            beta: cfg.kl_coef,
-            adaptive: cfg.adaptive_kl,
-        },
-        |s| s.kl,
-    );
-    let mut metrics = match main {
-        true => MetricsLog::open(&out.join(METRICS_FILE), state.as_ref().map(|s| s.iteration))?,
-        false => MetricsLog::disabled(),
-    };
-    let checkpointer = Checkpointer {
-        out_dir: out.clone(),
-        every: cfg.checkpoint_every,
-        total_steps: cfg.iterations,
-        stop_after: ctx.stop_after,
-        writes: main,
-    };
-    let bar = match main {
-        true => progress_bar(cfg.iterations as u64, start as u64, "ppo"),
-        false => indicatif::ProgressBar::hidden(),
-    };
-    let first = state.as_ref().and_then(|s| s.first_mean_score);
-    let mut tallies = Tallies::new(cfg.ptx.is_some(), first);
-    for iteration in start..cfg.iterations {
-        let it = iteration + 1;
-        // Each rank samples its own share: its own draws (rank 0's are a
-        // single process's).
-        tch::manual_seed(step_seed(seed, iteration).wrapping_add((ranks.rank() as i64) << 32));
-        let comm_before = ranks.comm_seconds();
-        let step = Iteration::run(
-            &mut models,
-            &data,
-            cfg,
-            kl.beta,
-            iteration,
-            ranks,
-            ctx.device,
-        )?;
-        tallies.add(&step, iteration == start);
-        let mut record = step.record(&tallies, kl.beta);
-        if ranks.world() > 1 {
-            // Rank 0's time in the iteration's collectives (gathers, sums,
-            // gradients), waiting for the others included.
-            record["allreduce_s"] = (ranks.comm_seconds() - comm_before).into();
-        }
-        metrics.write(&record);
-        if cfg.save_rollouts && main {
-            step.save_rollouts(
-                &data,
-                &out.join("rollouts").join(format!("iter-{it:04}.parquet")),
-            )?;
-        }
-        step.show(&bar, cfg.iterations, kl.beta);
-        kl.update(step.mean_kl, step.batch_size());
-        let state = PpoState::new(it, cfg.iterations, kl, tallies.first_score());
-        let interrupted = any_interrupted(ranks)?;
-        checkpointer
-            .after_step_or_stop(it, interrupted, |dir| models.save(dir, &state))
-            .inspect_err(|_| bar.abandon())?;
-    }
-    bar.finish_and_clear();
-    let state = PpoState::new(cfg.iterations, cfg.iterations, kl, tallies.first_score());
-    checkpointer.finish(|| models.save_final(out, &state))?;
-    if !main {
-        return Ok(tallies.summary(cfg, kl, [None, None], started));
-    }
-    let eval_after = judge_eval(&models.policy, cfg, ctx, "samples.jsonl")?;
-    let mut summary = tallies.summary(cfg, kl, [eval_before, eval_after], started);
-    summary.warning = learning_warning(cfg, out)?;
-    write_summary(out, &summary)?;
-    Ok(summary)
-}
-
-/// The did-not-learn warning from the rollouts' scores (logged); an error
-/// instead where `fail_if_not_learning` asks for one.
-fn learning_warning(cfg: &PpoConfig, out: &std::path::Path) -> Result<Option<String>, StageError> {
-    let warning = score_did_not_rise(&out.join(METRICS_FILE), "ppo", "kl_coef");
-    if let Some(w) = &warning {
-        tracing::warn!("{w}");
-        if cfg.fail_if_not_learning {
-            return Err(StageError::NotLearning(w.clone()));
-        }
-    }
-    Ok(warning)
-}
-
-/// Whether any rank was interrupted: every rank stops after the same
-/// iteration.
-fn any_interrupted(ranks: &Ranks) -> Result<bool, StageError> {
-    let mine = f64::from(u8::from(crate::train::interrupt_requested()));
-    Ok(ranks.sum(&[mine])?[0] > 0.0)
+    crate::rl::driver::run(&schedule, ctx, || PpoLearner::start_or_resume(cfg, ctx))
 }
 
 /// What several ranks need: every batch divides among them, and no PPO-ptx
@@ -449,96 +340,10 @@ fn check_ranks(cfg: &PpoConfig, ranks: &Ranks) -> Result<(), StageError> {
     Ok(())
 }
 
-/// Greedy answers of `model` to the config's `eval_prompts`, written with
-/// their judge scores to `file` in the run folder; `None` without prompts.
-fn judge_eval(
-    model: &crate::model::checkpoint::Model,
-    cfg: &PpoConfig,
-    ctx: &StageContext,
-    file: &str,
-) -> Result<Option<JudgedScore>, StageError> {
-    let Some(prompts) = &cfg.eval_prompts else {
-        return Ok(None);
-    };
-    let max_new = cfg.sampling.max_new_tokens;
-    let out = ctx.out_dir.join(file);
-    judged_eval(
-        model,
-        prompts,
-        max_new,
-        ctx.judge.as_ref(),
-        ctx.device,
-        &out,
-    )
-}
-
-/// Greedy answers of the reference, written by the first run of a stage
-/// (a resumed run reads their scores back).
-const SAMPLES_BEFORE: &str = "samples_before.jsonl";
-
-/// What PPO saves with each checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PpoState {
-    stage: String,
-    iteration: i64,
-    iterations: i64,
-    kl: KlController,
-    done: bool,
-    /// Iteration 1's mean score (absent in checkpoints written before it
-    /// was kept).
-    #[serde(default)]
-    first_mean_score: Option<f64>,
-}
-
-impl PpoState {
-    fn new(iteration: i64, iterations: i64, kl: KlController, first: Option<f64>) -> Self {
-        Self {
-            stage: "ppo".into(),
-            iteration,
-            iterations,
-            kl,
-            done: iteration == iterations,
-            first_mean_score: first,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PpoSummary {
-    pub iterations: i64,
-    pub first_mean_score: f64,
-    pub last_mean_score: f64,
-    /// Mean KL to the reference per answer (nats), last iteration.
-    pub last_kl: f64,
-    pub beta: f64,
-    /// Judge score of greedy answers to `eval_prompts`: reference, final policy.
-    pub eval_gold_before: Option<f64>,
-    pub eval_gold_after: Option<f64>,
-    pub eval_exact_before: Option<f64>,
-    pub eval_exact_after: Option<f64>,
-    pub generation_seconds: f64,
-    pub training_seconds: f64,
-    pub wall_seconds: f64,
-    /// Set when the rollouts' score did not rise: PPO may not be learning.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
-}
-
-impl PpoSummary {
-    fn judged(eval: [Option<JudgedScore>; 2]) -> [Option<f64>; 4] {
-        let [before, after] = eval;
-        [
-            before.map(|e| e.mean),
-            after.map(|e| e.mean),
-            before.map(|e| e.exact),
-            after.map(|e| e.exact),
-        ]
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::rl::score_did_not_rise;
+    use crate::train::METRICS_FILE;
 
     #[test]
     fn a_score_that_did_not_rise_is_flagged() {

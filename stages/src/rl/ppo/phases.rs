@@ -1,16 +1,20 @@
-//! PPO's phases, each a function with plain data in and out: [`rollout`]
-//! (generate and score), [`experience`] (token rewards, advantages) and
-//! [`update`] (minibatch epochs), run in turn by [`Iteration::run`]; and
-//! the models they work on, loaded, resumed and saved by [`Models`].
+//! PPO's learner: the models it trains and holds ([`Models`]), and one
+//! iteration in three phases with plain data in and out: the shared
+//! rollout with the critic's values ([`PpoLearner::rollout`]),
+//! [`experience`] (token rewards, GAE advantages) and
+//! [`PpoLearner::update`] (minibatch epochs). The driver (`rl::driver`)
+//! runs the rest of the stage.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use rlhf_datasets::atomic;
 use rlhf_datasets::batch::{collate, epoch_order, tokenize_pairs, TokenizedPair};
 use rlhf_datasets::load::read_table;
-use rlhf_datasets::rollout::{write_rollouts, RolloutRow};
+use rlhf_datasets::rollout::RolloutRow;
 use rlhf_datasets::schema::{sft_records, ChatTemplate};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -18,20 +22,30 @@ use super::math::{
     clipped_surrogate_over, clipped_value_loss_over, explained_variance, gae, kl_estimate,
     masked_mean_over, token_rewards, whiten, KlController,
 };
-use super::{PpoConfig, PpoState, PpoSummary};
+use super::PpoConfig;
 use crate::dist::Ranks;
-use crate::eval::answer::JudgedScore;
 use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::model::network::Network;
-use crate::model::sample::{generate, Generation, TokenSpec};
 use crate::objectives::nll::masked_nll_sum;
 use crate::optim::AdamW;
-use crate::rl::rollout::{answer_logprobs, prompts_with_room, Scorer};
+use crate::rl::driver::{Learner, Outcome, RlState};
+use crate::rl::rollout::{
+    answer_logprobs, from_rows, to_rows, Prompts, Reference, RolloutInputs, Sampled, Scorer,
+};
+use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
     check_finite, load_training, newest_usable, save_training, trainable_by_name, StageContext,
     StageError, FINAL_DIR,
 };
+
+/// PPO's part of a checkpoint's state: the KL controller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct PpoOwn {
+    kl: KlController,
+}
+
+type PpoState = RlState<PpoOwn>;
 
 /// The critic's folder, beside the policy's `checkpoint/`, and inside a
 /// periodic checkpoint beside `policy/`.
@@ -43,8 +57,7 @@ const POLICY_DIR: &str = "policy";
 pub(super) struct Models {
     pub policy: Model,
     pub critic: Model,
-    /// `None`: the policy with its LoRA adapters off.
-    reference: Option<Model>,
+    reference: Reference,
     popt: AdamW,
     copt: AdamW,
     scorer: Scorer,
@@ -81,16 +94,8 @@ impl Models {
                 (p, c, popt, copt, None)
             }
         };
-        let reference = match (&cfg.reference, &policy.lora) {
-            // The adapters' base is the starting policy: the reference.
-            (None, Some(_)) => None,
-            (r, _) => {
-                let dir = r.as_deref().unwrap_or(&cfg.policy);
-                let mut m = Model::load(dir, HeadChoice::Want(Head::Lm), device)?;
-                m.vs.freeze();
-                Some(m)
-            }
-        };
+        // The adapters' base is the starting policy: the reference.
+        let reference = Reference::load(cfg.reference.as_deref(), &cfg.policy, &policy, device)?;
         let rm = cfg.reward_model.as_deref();
         let scorer = Scorer::load(rm, cfg.gold_reward, ctx)?;
         let models = Self {
@@ -104,15 +109,6 @@ impl Models {
             scorer,
         };
         Ok((models, state))
-    }
-
-    /// Runs `f` on the frozen reference: its own model, or the policy with
-    /// its adapters off.
-    pub fn with_reference<T>(&self, f: impl FnOnce(&Model) -> T) -> T {
-        match &self.reference {
-            Some(r) => f(r),
-            None => self.policy.net.without_adapters(|| f(&self.policy)),
-        }
     }
 
     /// A periodic checkpoint: `policy/` and `critic/` in one folder, whole.
@@ -155,15 +151,13 @@ fn load_resume_point(
 
 /// The prompts to roll out on, tokenized, and the PPO-ptx demonstrations.
 pub(super) struct Data {
-    prompts: Vec<String>,
-    prompt_ids: Vec<Vec<i64>>,
+    prompts: Prompts,
     ptx: Vec<TokenizedPair>,
 }
 
 impl Data {
     pub fn load(cfg: &PpoConfig, policy: &Model) -> Result<Self, StageError> {
-        let (prompts, prompt_ids) =
-            prompts_with_room(&cfg.prompts, policy, cfg.sampling.max_new_tokens)?;
+        let prompts = Prompts::load(&cfg.prompts, policy, cfg.sampling.max_new_tokens)?;
         let tok = &policy.tokenizer;
         let chat = ChatTemplate::for_tokenizer(tok);
         let n_positions = policy.net.n_positions();
@@ -175,107 +169,74 @@ impl Data {
             }
             None => vec![],
         };
-        Ok(Self {
-            prompts,
-            prompt_ids,
-            ptx,
-        })
+        Ok(Self { prompts, ptx })
     }
 }
 
-/// Phase 1's output: sampled answers, how the policy, the reference and the
-/// critic see them, and their scores.
-pub(super) struct Rollout {
-    /// Which prompts of [`Data`] were answered.
-    pub batch_idx: Vec<usize>,
-    pub generation: Generation,
-    /// `(B, N)`: 1 on the answers' real tokens.
-    pub answer_mask: Tensor,
-    pub old_lp: Tensor,
-    pub ref_lp: Tensor,
-    pub old_values: Tensor,
-    pub answers: Vec<String>,
-    /// Scores after `reward_clip`.
-    pub scores: Vec<f64>,
-}
-
-/// Phase 1: answers to this iteration's prompts, sampled from the policy
-/// (libtorch's RNG is seeded by the caller), and scored.
-fn rollout(
-    models: &Models,
-    data: &Data,
-    cfg: &PpoConfig,
-    iteration: i64,
-    ranks: &Ranks,
+/// PPO as the driver runs it: the models, the data, the KL controller.
+pub(super) struct PpoLearner<'a> {
+    cfg: &'a PpoConfig,
+    models: Models,
+    data: Data,
+    kl: KlController,
     device: Device,
-) -> Result<Rollout, StageError> {
-    let per_epoch = (data.prompts.len() / cfg.rollout_batch).max(1) as i64;
-    let (epoch, pos) = (iteration / per_epoch, (iteration % per_epoch) as usize);
-    let order = epoch_order(data.prompts.len(), cfg.seed.unwrap_or(0), epoch as u64);
-    let batch: Vec<usize> = order
-        .iter()
-        .skip(pos * cfg.rollout_batch)
-        .take(cfg.rollout_batch)
-        .copied()
-        .collect();
-    // This rank's share of the batch (all of it for one process).
-    let batch_idx = batch[ranks.share(batch.len())].to_vec();
-    let prompt_ids: Vec<Vec<i64>> = batch_idx
-        .iter()
-        .map(|&i| data.prompt_ids[i].clone())
-        .collect();
-    let tok = &models.policy.tokenizer;
-    let g = generate(
-        &models.policy.net,
-        &prompt_ids,
-        &cfg.sampling,
-        TokenSpec::of(tok),
-        device,
-    )?;
-    let (width, vocab) = (g.prompt_width, tok.vocab_size() as i64);
-    let n = g.tokens.size()[1] - width;
-    let answer_mask = g.attention_mask.narrow(1, width, n).to_kind(Kind::Float);
-    let (old_lp, ref_lp, old_values) = tch::no_grad(|| {
-        let (lp, _) = answer_logprobs(
-            &models.policy.net,
-            &g.tokens,
-            &g.attention_mask,
-            width,
-            vocab,
+}
+
+impl<'a> PpoLearner<'a> {
+    /// The models (resumed, or from the config's starting points), the
+    /// data, and the KL controller where the checkpoint left it.
+    pub fn start_or_resume(
+        cfg: &'a PpoConfig,
+        ctx: &StageContext,
+    ) -> Result<(Self, Option<PpoState>), StageError> {
+        let (models, state) = Models::start_or_resume(cfg, ctx)?;
+        let data = Data::load(cfg, &models.policy)?;
+        let kl = state.as_ref().map_or(
+            KlController {
+                beta: cfg.kl_coef,
+                adaptive: cfg.adaptive_kl,
+            },
+            |s| s.own.kl,
         );
-        let (rlp, _) = models.with_reference(|r| {
-            answer_logprobs(&r.net, &g.tokens, &g.attention_mask, width, vocab)
-        });
-        let v = answer_values(&models.critic.net, &g.tokens, &g.attention_mask, width);
-        (lp, rlp, v)
-    });
-    let answers: Vec<String> = g
-        .answers
-        .iter()
-        .map(|a| tok.decode(a, false))
-        .collect::<Result<_, _>>()?;
-    let prompts: Vec<&str> = batch_idx
-        .iter()
-        .map(|&i| data.prompts[i].as_str())
-        .collect();
-    let mut scores = models
-        .scorer
-        .score(&prompt_ids, &prompts, &g.answers, &answers, device);
-    if let Some(c) = cfg.reward_clip {
-        scores.iter_mut().for_each(|s| *s = s.clamp(-c, c));
+        let learner = Self {
+            cfg,
+            models,
+            data,
+            kl,
+            device: ctx.device,
+        };
+        Ok((learner, state))
     }
-    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-    check_finite(iteration + 1, "reward-model score", mean)?;
-    Ok(Rollout {
-        batch_idx,
-        generation: g,
-        answer_mask,
-        old_lp,
-        ref_lp,
-        old_values,
-        answers,
-        scores,
-    })
+
+    /// Phase 1: this rank's share of the iteration's prompts answered
+    /// (libtorch's RNG is seeded by the driver), scored and valued by the
+    /// critic; then every rank's shares gathered.
+    fn rollout(&self, iteration: i64, ranks: &Ranks) -> Result<Sampled, StageError> {
+        let (cfg, m) = (self.cfg, &self.models);
+        let seed = cfg.seed.unwrap_or(0);
+        let batch = self
+            .data
+            .prompts
+            .of_iteration(cfg.rollout_batch, seed, iteration);
+        let inputs = RolloutInputs {
+            policy: &m.policy,
+            reference: &m.reference,
+            scorer: &m.scorer,
+            prompts: &self.data.prompts,
+            sampling: &cfg.sampling,
+            group: 1,
+            device: self.device,
+        };
+        let mut r = inputs.sample(&batch[ranks.share(batch.len())], iteration)?;
+        let g = &r.generation;
+        r.values = Some(tch::no_grad(|| {
+            answer_values(&m.critic.net, &g.tokens, &g.attention_mask, g.prompt_width)
+        }));
+        if let Some(c) = cfg.reward_clip {
+            r.scores.iter_mut().for_each(|s| *s = s.clamp(-c, c));
+        }
+        crate::rl::shard::gather(r, ranks, m.policy.tokenizer.pad_id())
+    }
 }
 
 /// Phase 2's output, per answer (rows) and token, on the CPU.
@@ -293,12 +254,9 @@ struct Experience {
 
 /// Phase 2: per-token rewards (KL penalty at `beta` plus the score), GAE
 /// advantages and returns, advantages whitened over the batch.
-fn experience(r: &Rollout, cfg: &PpoConfig, beta: f64) -> Experience {
-    let (lp_rows, ref_rows, v_rows) = (
-        to_rows(&r.old_lp),
-        to_rows(&r.ref_lp),
-        to_rows(&r.old_values),
-    );
+fn experience(r: &Sampled, cfg: &PpoConfig, beta: f64) -> Experience {
+    let values = r.values.as_ref().expect("PPO's rollout carries values");
+    let (lp_rows, ref_rows, v_rows) = (to_rows(&r.old_lp), to_rows(&r.ref_lp), to_rows(values));
     let lens: Vec<usize> = r.generation.answers.iter().map(Vec::len).collect();
     let (mut rewards, mut advantages, mut returns, mut kl_sum) = (vec![], vec![], vec![], 0.0);
     for (row, &len) in lens.iter().enumerate() {
@@ -385,6 +343,8 @@ struct Minibatch {
     tokens: Tensor,
     attention: Tensor,
     mask: Tensor,
+    /// The prompts' padded width: answers start there.
+    width: i64,
     /// The answer tokens of the whole minibatch, over every rank: losses
     /// are means over them.
     count: Tensor,
@@ -394,257 +354,150 @@ struct Minibatch {
     returns: Tensor,
 }
 
-/// Phase 3: `ppo_epochs` passes over the rollout in shuffled minibatches,
-/// each a clipped policy step (plus PPO-ptx) and a clipped value step.
-fn update(
-    models: &mut Models,
-    data: &Data,
-    r: &Rollout,
-    exp: &Experience,
-    cfg: &PpoConfig,
-    iteration: i64,
-    ranks: &Ranks,
-) -> Result<UpdateStats, StageError> {
-    let it = iteration + 1;
-    let device = r.generation.tokens.device();
-    let b = r.batch_idx.len();
-    let n = r.answer_mask.size()[1] as usize;
-    let (adv_t, ret_t) = (
-        from_rows(&exp.advantages, n, device),
-        from_rows(&exp.returns, n, device),
-    );
-    let mut stats = UpdateStats::default();
-    let mut ptx_cursor = (iteration as usize * cfg.ppo_epochs * b.div_ceil(cfg.minibatch_size))
-        % data.ptx.len().max(1);
-    for epoch in 0..cfg.ppo_epochs {
-        let perm = epoch_order(b, cfg.seed.unwrap_or(0) ^ (it as u64) << 16, epoch as u64);
-        for chunk in perm.chunks(cfg.minibatch_size) {
-            let rows = |rows: &[usize]| {
-                Tensor::from_slice(&rows.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                    .to_device(device)
-            };
-            let count = r.answer_mask.index_select(0, &rows(chunk)).sum(Kind::Float);
-            // Every rank holds the whole rollout and takes its positions
-            // of each minibatch.
-            let idx = rows(&chunk[ranks.share(chunk.len())]);
-            let sel = |t: &Tensor| t.index_select(0, &idx);
-            let mb = Minibatch {
-                tokens: sel(&r.generation.tokens),
-                attention: sel(&r.generation.attention_mask),
-                mask: sel(&r.answer_mask),
-                count,
-                old_lp: sel(&r.old_lp),
-                old_values: sel(&r.old_values),
-                advantages: sel(&adv_t),
-                returns: sel(&ret_t),
-            };
-            let step = Step { it, ranks };
-            policy_step(
-                models,
-                data,
-                &mb,
-                r.generation.prompt_width,
-                cfg,
-                &mut ptx_cursor,
-                &mut stats,
-                step,
-            )?;
-            critic_step(
-                models,
-                &mb,
-                r.generation.prompt_width,
-                cfg,
-                &mut stats,
-                step,
-            )?;
-            stats.updates += 1.0;
+impl PpoLearner<'_> {
+    /// Phase 3: `ppo_epochs` passes over the rollout in shuffled
+    /// minibatches, each a clipped policy step (plus PPO-ptx) and a
+    /// clipped value step.
+    fn update(
+        &mut self,
+        r: &Sampled,
+        exp: &Experience,
+        step: Step,
+    ) -> Result<UpdateStats, StageError> {
+        let (cfg, it) = (self.cfg, step.it);
+        let device = r.generation.tokens.device();
+        let b = r.rows.len();
+        let n = r.answer_mask.size()[1] as usize;
+        let (adv_t, ret_t) = (
+            from_rows(&exp.advantages, n, device),
+            from_rows(&exp.returns, n, device),
+        );
+        let values = r.values.as_ref().expect("PPO's rollout carries values");
+        let mut stats = UpdateStats::default();
+        let mut ptx_cursor = ((it - 1) as usize * cfg.ppo_epochs * b.div_ceil(cfg.minibatch_size))
+            % self.data.ptx.len().max(1);
+        for epoch in 0..cfg.ppo_epochs {
+            let perm = epoch_order(b, cfg.seed.unwrap_or(0) ^ (it as u64) << 16, epoch as u64);
+            for chunk in perm.chunks(cfg.minibatch_size) {
+                let rows = |rows: &[usize]| {
+                    Tensor::from_slice(&rows.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                        .to_device(device)
+                };
+                let count = r.answer_mask.index_select(0, &rows(chunk)).sum(Kind::Float);
+                // Every rank holds the whole rollout and takes its positions
+                // of each minibatch.
+                let idx = rows(&chunk[step.ranks.share(chunk.len())]);
+                let sel = |t: &Tensor| t.index_select(0, &idx);
+                let mb = Minibatch {
+                    tokens: sel(&r.generation.tokens),
+                    attention: sel(&r.generation.attention_mask),
+                    mask: sel(&r.answer_mask),
+                    width: r.generation.prompt_width,
+                    count,
+                    old_lp: sel(&r.old_lp),
+                    old_values: sel(values),
+                    advantages: sel(&adv_t),
+                    returns: sel(&ret_t),
+                };
+                self.policy_step(&mb, &mut ptx_cursor, &mut stats, step)?;
+                self.critic_step(&mb, &mut stats, step)?;
+                stats.updates += 1.0;
+            }
         }
+        stats.sum_over(step.ranks)?;
+        check_finite(it, "policy loss", stats.policy_loss)?;
+        check_finite(it, "value loss", stats.value_loss)?;
+        Ok(stats)
     }
-    stats.sum_over(ranks)?;
-    check_finite(it, "policy loss", stats.policy_loss)?;
-    check_finite(it, "value loss", stats.value_loss)?;
-    Ok(stats)
-}
 
-/// One clipped-surrogate step of the policy, with the entropy bonus and
-/// the PPO-ptx language-model loss when set.
-#[allow(clippy::too_many_arguments)]
-fn policy_step(
-    models: &mut Models,
-    data: &Data,
-    mb: &Minibatch,
-    width: i64,
-    cfg: &PpoConfig,
-    ptx_cursor: &mut usize,
-    stats: &mut UpdateStats,
-    step: Step,
-) -> Result<(), StageError> {
-    let vocab = models.policy.tokenizer.vocab_size() as i64;
-    let (new_lp, logits) =
-        answer_logprobs(&models.policy.net, &mb.tokens, &mb.attention, width, vocab);
-    let (pg_loss, clipfrac, approx_kl) = clipped_surrogate_over(
-        &new_lp,
-        &mb.old_lp,
-        &mb.advantages,
-        &mb.mask,
-        &mb.count,
-        cfg.clip_range,
-    );
-    let entropy = {
-        let logp = logits.log_softmax(-1, Kind::Float);
-        masked_mean_over(
-            &-(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float),
+    /// One clipped-surrogate step of the policy, with the entropy bonus
+    /// and the PPO-ptx language-model loss when set.
+    fn policy_step(
+        &mut self,
+        mb: &Minibatch,
+        ptx_cursor: &mut usize,
+        stats: &mut UpdateStats,
+        step: Step,
+    ) -> Result<(), StageError> {
+        let (cfg, models) = (self.cfg, &mut self.models);
+        let vocab = models.policy.tokenizer.vocab_size() as i64;
+        let (new_lp, logits) = answer_logprobs(
+            &models.policy.net,
+            &mb.tokens,
+            &mb.attention,
+            mb.width,
+            vocab,
+        );
+        let (pg_loss, clipfrac, approx_kl) = clipped_surrogate_over(
+            &new_lp,
+            &mb.old_lp,
+            &mb.advantages,
             &mb.mask,
             &mb.count,
-        )
-    };
-    let mut loss = &pg_loss - cfg.entropy_coef * &entropy;
-    if let Some(ptx) = &cfg.ptx {
-        let rows: Vec<&TokenizedPair> = (0..ptx.batch_size)
-            .map(|k| &data.ptx[(*ptx_cursor + k) % data.ptx.len()])
-            .collect();
-        *ptx_cursor = (*ptx_cursor + ptx.batch_size) % data.ptx.len();
-        let batch = collate(&rows, models.policy.tokenizer.pad_id());
-        let device = mb.tokens.device();
-        let (nll, count) = masked_nll_sum(&models.policy.net, &batch, device, false);
-        let ptx_loss = nll / count;
-        stats.ptx_loss += ptx_loss.double_value(&[]);
-        loss += ptx.coef * ptx_loss;
-    }
-    let lr = cfg.policy_optimizer.lr;
-    let clip = (cfg.max_grad_norm, "policy gradient norm");
-    let vars = &models.policy_vars;
-    optimizer_step(&mut models.popt, vars, &loss, lr, clip, step)?;
-    stats.policy_loss += pg_loss.double_value(&[]);
-    stats.entropy += entropy.double_value(&[]);
-    stats.clip_fraction += clipfrac;
-    stats.approx_kl += approx_kl;
-    Ok(())
-}
-
-/// One clipped value step of the critic.
-fn critic_step(
-    models: &mut Models,
-    mb: &Minibatch,
-    width: i64,
-    cfg: &PpoConfig,
-    stats: &mut UpdateStats,
-    step: Step,
-) -> Result<(), StageError> {
-    let new_v = answer_values(&models.critic.net, &mb.tokens, &mb.attention, width);
-    let vf_loss = clipped_value_loss_over(
-        &new_v,
-        &mb.old_values,
-        &mb.returns,
-        &mb.mask,
-        &mb.count,
-        cfg.clip_range_value,
-    );
-    let lr = cfg.critic_optimizer.lr;
-    let clip = (cfg.max_grad_norm, "critic gradient norm");
-    let vars = &models.critic_vars;
-    optimizer_step(&mut models.copt, vars, &vf_loss, lr, clip, step)?;
-    stats.value_loss += vf_loss.double_value(&[]);
-    Ok(())
-}
-
-/// Which iteration an update belongs to, and the ranks it is shared by.
-#[derive(Clone, Copy)]
-struct Step<'a> {
-    it: i64,
-    ranks: &'a Ranks,
-}
-
-/// Backward, the gradients of `vars` summed over the ranks, global-norm
-/// clipping to `clip.0` (the norm must be finite; `clip.1` names it), and
-/// an AdamW step at `lr`.
-fn optimizer_step(
-    opt: &mut AdamW,
-    vars: &[Tensor],
-    loss: &Tensor,
-    lr: f64,
-    clip: (f64, &'static str),
-    step: Step,
-) -> Result<(), StageError> {
-    opt.zero_grad();
-    loss.backward();
-    step.ranks.sum_gradients(vars)?;
-    let norm = opt.clip_grad_norm(clip.0);
-    check_finite(step.it, clip.1, norm)?;
-    opt.step(lr);
-    Ok(())
-}
-
-/// One iteration, phase by phase, and what it measured.
-pub(super) struct Iteration {
-    /// 1-based.
-    it: i64,
-    rollout: Rollout,
-    exp: Experience,
-    stats: UpdateStats,
-    pub mean_score: f64,
-    pub mean_kl: f64,
-    generation_seconds: f64,
-    training_seconds: f64,
-    started: Instant,
-}
-
-impl Iteration {
-    pub fn run(
-        models: &mut Models,
-        data: &Data,
-        cfg: &PpoConfig,
-        beta: f64,
-        iteration: i64,
-        ranks: &Ranks,
-        device: Device,
-    ) -> Result<Self, StageError> {
-        let started = Instant::now();
-        let rollout = rollout(models, data, cfg, iteration, ranks, device)?;
-        let rollout = super::shard::gather(rollout, ranks, models.policy.tokenizer.pad_id())?;
-        let exp = experience(&rollout, cfg, beta);
-        let generation_seconds = started.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let stats = update(models, data, &rollout, &exp, cfg, iteration, ranks)?;
-        let training_seconds = t1.elapsed().as_secs_f64();
-        let b = rollout.scores.len() as f64;
-        Ok(Self {
-            it: iteration + 1,
-            mean_score: rollout.scores.iter().sum::<f64>() / b,
-            mean_kl: exp.mean_kl,
-            rollout,
-            exp,
-            stats,
-            generation_seconds,
-            training_seconds,
-            started,
-        })
-    }
-
-    /// Progress: the bar's position and message, and every 5th iteration
-    /// (and the last of `iterations`) a log line; `beta` is the KL
-    /// coefficient its rewards used.
-    pub fn show(&self, bar: &indicatif::ProgressBar, iterations: i64, beta: f64) {
-        let (score, kl) = (self.mean_score, self.mean_kl);
-        bar.set_position(self.it as u64);
-        bar.set_message(format!("score {score:.3} kl {kl:.2}"));
-        if self.it % 5 == 0 || self.it == iterations {
-            tracing::info!(
-                "ppo: iteration {}/{iterations} score {score:.4} kl {kl:.3} beta {beta:.4}",
-                self.it
-            );
+            cfg.clip_range,
+        );
+        let entropy = {
+            let logp = logits.log_softmax(-1, Kind::Float);
+            masked_mean_over(
+                &-(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float),
+                &mb.mask,
+                &mb.count,
+            )
+        };
+        let mut loss = &pg_loss - cfg.entropy_coef * &entropy;
+        if let Some(ptx) = &cfg.ptx {
+            let ptx_data = &self.data.ptx;
+            let rows: Vec<&TokenizedPair> = (0..ptx.batch_size)
+                .map(|k| &ptx_data[(*ptx_cursor + k) % ptx_data.len()])
+                .collect();
+            *ptx_cursor = (*ptx_cursor + ptx.batch_size) % ptx_data.len();
+            let batch = collate(&rows, models.policy.tokenizer.pad_id());
+            let device = mb.tokens.device();
+            let (nll, count) = masked_nll_sum(&models.policy.net, &batch, device, false);
+            let ptx_loss = nll / count;
+            stats.ptx_loss += ptx_loss.double_value(&[]);
+            loss += ptx.coef * ptx_loss;
         }
+        let lr = cfg.policy_optimizer.lr;
+        let clip = (cfg.max_grad_norm, "policy gradient norm");
+        let vars = &models.policy_vars;
+        optimizer_step(&mut models.popt, vars, &loss, lr, clip, step)?;
+        stats.policy_loss += pg_loss.double_value(&[]);
+        stats.entropy += entropy.double_value(&[]);
+        stats.clip_fraction += clipfrac;
+        stats.approx_kl += approx_kl;
+        Ok(())
     }
 
-    pub fn batch_size(&self) -> usize {
-        self.rollout.batch_idx.len()
+    /// One clipped value step of the critic.
+    fn critic_step(
+        &mut self,
+        mb: &Minibatch,
+        stats: &mut UpdateStats,
+        step: Step,
+    ) -> Result<(), StageError> {
+        let (cfg, models) = (self.cfg, &mut self.models);
+        let new_v = answer_values(&models.critic.net, &mb.tokens, &mb.attention, mb.width);
+        let vf_loss = clipped_value_loss_over(
+            &new_v,
+            &mb.old_values,
+            &mb.returns,
+            &mb.mask,
+            &mb.count,
+            cfg.clip_range_value,
+        );
+        let lr = cfg.critic_optimizer.lr;
+        let clip = (cfg.max_grad_norm, "critic gradient norm");
+        let vars = &models.critic_vars;
+        optimizer_step(&mut models.copt, vars, &vf_loss, lr, clip, step)?;
+        stats.value_loss += vf_loss.double_value(&[]);
+        Ok(())
     }
 
-    /// The iteration's line of `metrics.jsonl`; `beta` is the KL
+    /// The iteration's fields of `metrics.jsonl`; `beta` is the KL
     /// coefficient its rewards used.
-    pub fn record(&self, tallies: &Tallies, beta: f64) -> serde_json::Value {
-        let (s, e) = (&self.stats, &self.exp);
-        let b = self.batch_size() as f64;
+    fn record(&self, r: &Sampled, e: &Experience, s: &UpdateStats, beta: f64) -> serde_json::Value {
+        let b = r.rows.len() as f64;
         let flat_ret: Vec<f64> = e.returns.iter().flatten().copied().collect();
         let flat_v: Vec<f64> = e
             .v_rows
@@ -652,38 +505,27 @@ impl Iteration {
             .zip(&e.lens)
             .flat_map(|(v, &l)| v[..l].to_vec())
             .collect();
-        let finished = self
-            .rollout
-            .generation
-            .finished
-            .iter()
-            .filter(|&&f| f)
-            .count();
+        let finished = r.generation.finished.iter().filter(|&&f| f).count();
+        let ptx = self.cfg.ptx.is_some();
         json!({
-            "step": self.it, "iteration": self.it, "score": self.mean_score, "kl": self.mean_kl,
             "beta": beta, "policy_loss": s.policy_loss / s.updates,
             "value_loss": s.value_loss / s.updates, "entropy": s.entropy / s.updates,
             "clip_fraction": s.clip_fraction / s.updates, "approx_kl": s.approx_kl / s.updates,
             "explained_variance": explained_variance(&flat_v, &flat_ret),
             "answer_length": e.lens.iter().sum::<usize>() as f64 / b,
             "finished_fraction": finished as f64 / b,
-            "ptx_loss": if tallies.ptx { json!(s.ptx_loss / s.updates) } else { json!(null) },
-            "generation_seconds": tallies.generation_seconds,
-            "training_seconds": tallies.training_seconds,
-            // Rollout, scoring and update of this iteration alone.
-            "iteration_seconds": self.started.elapsed().as_secs_f64(),
+            "ptx_loss": if ptx { json!(s.ptx_loss / s.updates) } else { json!(null) },
         })
     }
 
-    /// Every answer of the iteration with its per-token numbers, as Parquet.
-    pub fn save_rollouts(&self, data: &Data, path: &Path) -> Result<(), StageError> {
-        let (r, e) = (&self.rollout, &self.exp);
-        let rows: Vec<RolloutRow> = (0..self.batch_size())
+    /// Every answer of the iteration with its per-token numbers.
+    fn rollout_rows(&self, it: i64, r: &Sampled, e: &Experience) -> Vec<RolloutRow> {
+        (0..r.rows.len())
             .map(|row| {
                 let len = e.lens[row];
                 RolloutRow {
-                    iteration: self.it,
-                    prompt: data.prompts[r.batch_idx[row]].clone(),
+                    iteration: it,
+                    prompt: self.data.prompts.texts[r.rows[row]].clone(),
                     answer: r.answers[row].clone(),
                     token_ids: r.generation.answers[row].clone(),
                     logprobs: e.lp_rows[row][..len].to_vec(),
@@ -696,76 +538,69 @@ impl Iteration {
                     finished: r.generation.finished[row],
                 }
             })
-            .collect();
-        write_rollouts(path, &rows)?;
-        Ok(())
+            .collect()
     }
 }
 
-/// What the run reports across iterations.
-#[derive(Debug)]
-pub(super) struct Tallies {
-    first_score: f64,
-    last_score: f64,
-    last_kl: f64,
-    generation_seconds: f64,
-    training_seconds: f64,
-    ptx: bool,
-}
+impl Learner for PpoLearner<'_> {
+    type Own = PpoOwn;
 
-impl Tallies {
-    /// `ptx`: whether the run trains PPO-ptx (its loss is then logged);
-    /// `first`: iteration 1's score, kept by the checkpoint resumed from.
-    pub fn new(ptx: bool, first: Option<f64>) -> Self {
-        Self {
-            first_score: first.unwrap_or(f64::NAN),
-            last_score: f64::NAN,
-            last_kl: f64::NAN,
-            generation_seconds: 0.0,
-            training_seconds: 0.0,
-            ptx,
-        }
+    fn policy(&self) -> &Model {
+        &self.models.policy
     }
 
-    /// The first iteration's score, kept in checkpoints so that a resumed
-    /// run reports iteration 1's, not the one it resumed at.
-    pub fn first_score(&self) -> Option<f64> {
-        self.first_score.is_finite().then_some(self.first_score)
+    fn with_reference<T>(&self, f: impl FnOnce(&Model) -> T) -> T {
+        self.models.reference.with(&self.models.policy, f)
     }
 
-    /// Counts an iteration; `first` when the run has no first score yet.
-    pub fn add(&mut self, step: &Iteration, first: bool) {
-        if first && self.first_score.is_nan() {
-            self.first_score = step.mean_score;
-        }
-        (self.last_score, self.last_kl) = (step.mean_score, step.mean_kl);
-        self.generation_seconds += step.generation_seconds;
-        self.training_seconds += step.training_seconds;
+    fn iterate(
+        &mut self,
+        iteration: i64,
+        ranks: &Ranks,
+        rows: bool,
+    ) -> Result<Outcome, StageError> {
+        let started = Instant::now();
+        let beta = self.kl.beta;
+        let rollout = self.rollout(iteration, ranks)?;
+        let exp = experience(&rollout, self.cfg, beta);
+        let generation_seconds = started.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let step = Step {
+            it: iteration + 1,
+            ranks,
+        };
+        let stats = self.update(&rollout, &exp, step)?;
+        let b = rollout.rows.len();
+        let outcome = Outcome {
+            mean_score: rollout.scores.iter().sum::<f64>() / b as f64,
+            mean_kl: exp.mean_kl,
+            record: self.record(&rollout, &exp, &stats, beta),
+            rows: match rows {
+                true => self.rollout_rows(iteration + 1, &rollout, &exp),
+                false => vec![],
+            },
+            generation_seconds,
+            training_seconds: t1.elapsed().as_secs_f64(),
+            note: format!(" beta {beta:.4}"),
+        };
+        self.kl.update(exp.mean_kl, b);
+        Ok(outcome)
     }
 
-    pub fn summary(
-        &self,
-        cfg: &PpoConfig,
-        kl: KlController,
-        judged: [Option<JudgedScore>; 2],
-        started: Instant,
-    ) -> PpoSummary {
-        let [gold_before, gold_after, exact_before, exact_after] = PpoSummary::judged(judged);
-        PpoSummary {
-            iterations: cfg.iterations,
-            first_mean_score: self.first_score,
-            last_mean_score: self.last_score,
-            last_kl: self.last_kl,
-            beta: kl.beta,
-            eval_gold_before: gold_before,
-            eval_gold_after: gold_after,
-            eval_exact_before: exact_before,
-            eval_exact_after: exact_after,
-            generation_seconds: self.generation_seconds,
-            training_seconds: self.training_seconds,
-            wall_seconds: started.elapsed().as_secs_f64(),
-            warning: None,
-        }
+    fn own_state(&self) -> PpoOwn {
+        PpoOwn { kl: self.kl }
+    }
+
+    fn save(&self, dir: &Path, state: &PpoState) -> Result<(), StageError> {
+        self.models.save(dir, state)
+    }
+
+    fn save_final(&self, out: &Path, state: &PpoState) -> Result<(), StageError> {
+        self.models.save_final(out, state)
+    }
+
+    fn summary_fields(&self) -> BTreeMap<String, serde_json::Value> {
+        BTreeMap::from([("beta".to_owned(), json!(self.kl.beta))])
     }
 }
 
@@ -777,34 +612,4 @@ fn answer_values(critic: &Network, tokens: &Tensor, attention: &Tensor, width: i
             .hidden(tokens, Some(attention), None, false)
             .narrow(1, width - 1, n),
     )
-}
-
-/// A `(B, N)` tensor as B rows, in `T`'s kind, on the CPU.
-pub(super) fn to_rows<T>(t: &Tensor) -> Vec<Vec<T>>
-where
-    T: tch::kind::Element,
-    Vec<T>: TryFrom<Tensor>,
-    <Vec<T> as TryFrom<Tensor>>::Error: std::fmt::Debug,
-{
-    let t = t.to_kind(T::KIND).to_device(Device::Cpu);
-    let (b, n) = t.size2().expect("2-D");
-    let flat: Vec<T> = Vec::try_from(t.reshape([-1])).expect("the kind asked for");
-    let n = n as usize;
-    (0..b as usize)
-        .map(|i| flat[i * n..(i + 1) * n].to_vec())
-        .collect()
-}
-
-pub(super) fn from_rows(rows: &[Vec<f64>], n: usize, device: Device) -> Tensor {
-    let flat: Vec<f32> = rows
-        .iter()
-        .flat_map(|r| {
-            r.iter()
-                .map(|&x| x as f32)
-                .chain(std::iter::repeat_n(0.0, n - r.len()))
-        })
-        .collect();
-    Tensor::from_slice(&flat)
-        .view([rows.len() as i64, n as i64])
-        .to_device(device)
 }

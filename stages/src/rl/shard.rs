@@ -1,14 +1,15 @@
-//! PPO over several ranks: each rank samples and scores its share of the
-//! rollout batch; the shares are then gathered, so that every rank holds
-//! the whole batch in the layout one process would have made (prompts
-//! left-padded to the longest, answers right-padded) and computes the
-//! same advantages, whitening and KL from it. Each minibatch is then split
-//! between the ranks by position, and the gradients summed.
+//! RL over several ranks: each rank samples and scores its share of the
+//! iteration's prompts; the shares are then gathered, so that every rank
+//! holds the whole batch in the layout one process would have made
+//! (prompts left-padded to the longest, answers right-padded) and computes
+//! the same advantages (whitening, group baselines) and KL from it. Each
+//! minibatch is then split between the ranks by position, and the
+//! gradients summed.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::phases::Rollout;
+use super::rollout::{from_rows, to_rows, Sampled};
 use crate::dist::Ranks;
 use crate::model::sample::Generation;
 use crate::train::StageError;
@@ -29,10 +30,11 @@ struct Row {
 }
 
 /// The whole batch on every rank, in rank order (one process: unchanged).
-pub(super) fn gather(local: Rollout, ranks: &Ranks, pad: i64) -> Result<Rollout, StageError> {
+pub fn gather(local: Sampled, ranks: &Ranks, pad: i64) -> Result<Sampled, StageError> {
     if ranks.world() == 1 {
         return Ok(local);
     }
+    let with_values = local.values.is_some();
     let bytes = serde_json::to_vec(&rows_of(&local)).expect("rows serialise");
     let mut rows: Vec<Row> = Vec::new();
     for (rank, part) in ranks.all_gather_bytes(&bytes)?.iter().enumerate() {
@@ -41,21 +43,22 @@ pub(super) fn gather(local: Rollout, ranks: &Ranks, pad: i64) -> Result<Rollout,
         })?;
         rows.extend(part);
     }
-    Ok(assemble(rows, pad, local.generation.tokens.device()))
+    let device = local.generation.tokens.device();
+    Ok(assemble(rows, pad, device, with_values))
 }
 
-fn rows_of(r: &Rollout) -> Vec<Row> {
+fn rows_of(r: &Sampled) -> Vec<Row> {
     let g = &r.generation;
-    use super::phases::to_rows;
     let floats = |t: &Tensor| -> Vec<Vec<f64>> { to_rows(t) };
-    let (lp, rlp, v) = (floats(&r.old_lp), floats(&r.ref_lp), floats(&r.old_values));
+    let (lp, rlp) = (floats(&r.old_lp), floats(&r.ref_lp));
+    let v = r.values.as_ref().map(floats);
     let prompt_ids: Vec<Vec<i64>> = to_rows(&g.tokens.narrow(1, 0, g.prompt_width));
     let prompt_mask: Vec<Vec<i64>> = to_rows(&g.attention_mask.narrow(1, 0, g.prompt_width));
-    (0..r.batch_idx.len())
+    (0..r.rows.len())
         .map(|i| {
             let len = g.answers[i].len();
             Row {
-                index: r.batch_idx[i],
+                index: r.rows[i],
                 prompt: prompt_ids[i]
                     .iter()
                     .zip(&prompt_mask[i])
@@ -68,14 +71,14 @@ fn rows_of(r: &Rollout) -> Vec<Row> {
                 score: r.scores[i],
                 old_lp: lp[i][..len].to_vec(),
                 ref_lp: rlp[i][..len].to_vec(),
-                values: v[i][..len].to_vec(),
+                values: v.as_ref().map_or(vec![], |v| v[i][..len].to_vec()),
             }
         })
         .collect()
 }
 
 /// The rollout one process would hold for these rows.
-fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device) -> Rollout {
+fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device, with_values: bool) -> Sampled {
     let p = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let n = rows.iter().map(|r| r.answer.len()).max().unwrap_or(0);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
@@ -96,14 +99,14 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device) -> Rollout {
     let answer_mask = attention.narrow(1, p as i64, n as i64).to_kind(Kind::Float);
     let table = |f: fn(&Row) -> &Vec<f64>| {
         let rows: Vec<Vec<f64>> = rows.iter().map(|r| f(r).clone()).collect();
-        super::phases::from_rows(&rows, n, device)
+        from_rows(&rows, n, device)
     };
-    Rollout {
+    Sampled {
         old_lp: table(|r| &r.old_lp),
         ref_lp: table(|r| &r.ref_lp),
-        old_values: table(|r| &r.values),
+        values: with_values.then(|| table(|r| &r.values)),
         answer_mask,
-        batch_idx: rows.iter().map(|r| r.index).collect(),
+        rows: rows.iter().map(|r| r.index).collect(),
         answers: rows.iter().map(|r| r.text.clone()).collect(),
         scores: rows.iter().map(|r| r.score).collect(),
         generation: Generation {

@@ -1,0 +1,381 @@
+//! The lifecycle every RL kind shares, written once: the stage folder
+//! (done, resumed or started), greedy answers to `eval_prompts` judged
+//! before and after, the iterations with their seeds, metrics, progress,
+//! rollout files, periodic checkpoints and interrupts over every rank,
+//! the final checkpoint, the did-not-learn check and the summary. A kind
+//! brings a [`Learner`]: its models, and how one iteration turns sampled
+//! answers into advantages and an update.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rlhf_datasets::rollout::{write_rollouts, RolloutRow};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::check;
+use crate::dist::Ranks;
+use crate::eval::answer::{judged_eval, read_judged, JudgedScore};
+use crate::model::checkpoint::Model;
+use crate::rl::score_did_not_rise;
+use crate::train::{
+    finished_summary, prepare_out_dir, progress_bar, same_on_every_rank, step_seed, write_summary,
+    Checkpointer, MetricsLog, StageContext, StageError, METRICS_FILE,
+};
+
+/// The settings the driver reads from a kind's config.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// `ppo` or `grpo`: logs, checkpoints and the progress bar say it.
+    pub kind: &'static str,
+    pub iterations: i64,
+    pub checkpoint_every: i64,
+    pub seed: u64,
+    pub eval_prompts: Option<PathBuf>,
+    pub max_new_tokens: i64,
+    pub save_rollouts: bool,
+    pub fail_if_not_learning: bool,
+    /// The setting that weighs the KL penalty, which the did-not-learn
+    /// warning suggests lowering.
+    pub kl_setting: &'static str,
+    pub max_grad_norm: f64,
+}
+
+/// What a checkpoint records: the driver's progress, and the kind's own
+/// state beside it (PPO's KL controller, GRPO's group counts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RlState<K> {
+    pub stage: String,
+    pub iteration: i64,
+    pub iterations: i64,
+    pub done: bool,
+    /// Iteration 1's mean score (absent in checkpoints written before it
+    /// was kept).
+    #[serde(default)]
+    pub first_mean_score: Option<f64>,
+    #[serde(flatten)]
+    pub own: K,
+}
+
+/// One iteration, as the driver logs and saves it.
+pub struct Outcome {
+    pub mean_score: f64,
+    /// Mean KL to the reference per answer (nats).
+    pub mean_kl: f64,
+    /// The kind's fields of the iteration's `metrics.jsonl` line.
+    pub record: serde_json::Value,
+    /// Every answer with its per-token numbers, when rollouts are saved.
+    pub rows: Vec<RolloutRow>,
+    pub generation_seconds: f64,
+    pub training_seconds: f64,
+    /// What the log line adds after score and KL (` beta 0.0200`).
+    pub note: String,
+}
+
+/// What the driver asks of an RL kind.
+pub trait Learner {
+    /// The kind's part of a checkpoint's state.
+    type Own: Serialize + DeserializeOwned + Clone;
+    fn policy(&self) -> &Model;
+    /// Runs `f` on the frozen reference.
+    fn with_reference<T>(&self, f: impl FnOnce(&Model) -> T) -> T;
+    /// Iteration `iteration` (0-based): sample, score, advantages, update.
+    /// `rows`: whether to return the rollout's rows.
+    fn iterate(&mut self, iteration: i64, ranks: &Ranks, rows: bool)
+        -> Result<Outcome, StageError>;
+    fn own_state(&self) -> Self::Own;
+    /// A periodic checkpoint, whole in `dir`.
+    fn save(&self, dir: &Path, state: &RlState<Self::Own>) -> Result<(), StageError>;
+    /// The final policy in `out/checkpoint/` (what later stages read), and
+    /// whatever else the kind keeps.
+    fn save_final(&self, out: &Path, state: &RlState<Self::Own>) -> Result<(), StageError>;
+    /// The kind's fields of the summary (PPO's final `beta`).
+    fn summary_fields(&self) -> BTreeMap<String, serde_json::Value>;
+}
+
+/// What an RL stage reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RlSummary {
+    pub iterations: i64,
+    pub first_mean_score: f64,
+    pub last_mean_score: f64,
+    /// Mean KL to the reference per answer (nats), last iteration.
+    pub last_kl: f64,
+    /// Judge score of greedy answers to `eval_prompts`: reference, final policy.
+    pub eval_gold_before: Option<f64>,
+    pub eval_gold_after: Option<f64>,
+    pub eval_exact_before: Option<f64>,
+    pub eval_exact_after: Option<f64>,
+    pub generation_seconds: f64,
+    pub training_seconds: f64,
+    pub wall_seconds: f64,
+    /// Set when the rollouts' score did not rise: the stage may not be
+    /// learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    #[serde(flatten)]
+    pub own: BTreeMap<String, serde_json::Value>,
+}
+
+/// Greedy answers of the reference, written by the first run of a stage
+/// (a resumed run reads their scores back).
+const SAMPLES_BEFORE: &str = "samples_before.jsonl";
+const SAMPLES_AFTER: &str = "samples.jsonl";
+
+/// Runs (or resumes, or finds done) an RL stage; `start` loads its
+/// learner, from the newest usable periodic checkpoint if there is one.
+pub fn run<L: Learner>(
+    s: &Schedule,
+    ctx: &StageContext,
+    start: impl FnOnce() -> Result<(L, Option<RlState<L::Own>>), StageError>,
+) -> Result<RlSummary, StageError> {
+    let ranks = &*ctx.ranks;
+    let main = ranks.is_main();
+    if main {
+        check::note_clipping_off("max_grad_norm", s.max_grad_norm);
+    }
+    let started = Instant::now();
+    let out = &ctx.out_dir;
+    // Rank 0 owns the folder; the others read it once it is ready.
+    let done = match main {
+        true => prepare_out_dir(out, s.kind)?,
+        false => None,
+    };
+    ranks.barrier()?;
+    if let Some(summary) = done.or_else(|| finished_summary(out)) {
+        return Ok(summary);
+    }
+    tch::manual_seed(s.seed as i64);
+    let (mut learner, state) = start()?;
+    let eval_before = match (&state, main) {
+        (_, false) => None,
+        (None, true) => learner.with_reference(|r| judge_eval(r, s, ctx, SAMPLES_BEFORE))?,
+        (Some(_), true) => read_judged(&out.join(SAMPLES_BEFORE)),
+    };
+    let first = state.as_ref().and_then(|s| s.first_mean_score);
+    let from = state.map_or(0, |s| s.iteration);
+    same_on_every_rank(ranks, from, "resumed from iteration")?;
+    let mut tallies = Tallies::new(first);
+    let mut run = Iterations {
+        s,
+        ctx,
+        metrics: match main {
+            true => MetricsLog::open(&out.join(METRICS_FILE), Some(from).filter(|&i| i > 0))?,
+            false => MetricsLog::disabled(),
+        },
+        bar: match main {
+            true => progress_bar(s.iterations as u64, from as u64, s.kind),
+            false => indicatif::ProgressBar::hidden(),
+        },
+        checkpointer: Checkpointer {
+            out_dir: out.clone(),
+            every: s.checkpoint_every,
+            total_steps: s.iterations,
+            stop_after: ctx.stop_after,
+            writes: main,
+        },
+    };
+    for iteration in from..s.iterations {
+        run.one(&mut learner, &mut tallies, iteration)?;
+    }
+    run.bar.finish_and_clear();
+    let state = tallies.state(s, s.iterations, learner.own_state());
+    run.checkpointer
+        .finish(|| learner.save_final(out, &state))?;
+    let mut summary = tallies.summary(s, started, learner.summary_fields());
+    if !main {
+        return Ok(summary);
+    }
+    let eval_after = judge_eval(learner.policy(), s, ctx, SAMPLES_AFTER)?;
+    summary.judged([eval_before, eval_after]);
+    summary.warning = learning_warning(s, out)?;
+    write_summary(out, &summary)?;
+    Ok(summary)
+}
+
+/// The loop's writers: metrics, progress, checkpoints.
+struct Iterations<'a> {
+    s: &'a Schedule,
+    ctx: &'a StageContext,
+    metrics: MetricsLog,
+    bar: indicatif::ProgressBar,
+    checkpointer: Checkpointer,
+}
+
+impl Iterations<'_> {
+    /// One iteration: seeded, run, logged, shown, saved as due.
+    fn one<L: Learner>(
+        &mut self,
+        learner: &mut L,
+        tallies: &mut Tallies,
+        iteration: i64,
+    ) -> Result<(), StageError> {
+        let (s, ranks) = (self.s, &*self.ctx.ranks);
+        let (it, main) = (iteration + 1, ranks.is_main());
+        let t0 = Instant::now();
+        // Each rank samples its own share: its own draws (rank 0's are a
+        // single process's).
+        tch::manual_seed(step_seed(s.seed, iteration).wrapping_add((ranks.rank() as i64) << 32));
+        let comm_before = ranks.comm_seconds();
+        let step = learner.iterate(iteration, ranks, s.save_rollouts && main)?;
+        tallies.add(&step);
+        let mut record = step.record;
+        for (k, v) in [
+            ("step", it.into()),
+            ("iteration", it.into()),
+            ("score", step.mean_score.into()),
+            ("kl", step.mean_kl.into()),
+            ("generation_seconds", tallies.generation_seconds.into()),
+            ("training_seconds", tallies.training_seconds.into()),
+            // Rollout, scoring and update of this iteration alone.
+            ("iteration_seconds", t0.elapsed().as_secs_f64().into()),
+        ] {
+            record[k] = v;
+        }
+        if ranks.world() > 1 {
+            // Rank 0's time in the iteration's collectives (gathers, sums,
+            // gradients), waiting for the others included.
+            record["allreduce_s"] = (ranks.comm_seconds() - comm_before).into();
+        }
+        self.metrics.write(&record);
+        if s.save_rollouts && main {
+            let path = self.ctx.out_dir.join("rollouts");
+            write_rollouts(&path.join(format!("iter-{it:04}.parquet")), &step.rows)?;
+        }
+        let (score, kl) = (step.mean_score, step.mean_kl);
+        self.bar.set_position(it as u64);
+        self.bar.set_message(format!("score {score:.3} kl {kl:.3}"));
+        if it % 5 == 0 || it == s.iterations {
+            tracing::info!(
+                "{}: iteration {it}/{} score {score:.4} kl {kl:.3}{}",
+                s.kind,
+                s.iterations,
+                step.note
+            );
+        }
+        let state = tallies.state(s, it, learner.own_state());
+        let interrupted = any_interrupted(ranks)?;
+        self.checkpointer
+            .after_step_or_stop(it, interrupted, |dir| learner.save(dir, &state))
+            .inspect_err(|_| self.bar.abandon())
+    }
+}
+
+/// What the run reports across iterations.
+#[derive(Debug)]
+struct Tallies {
+    first_score: f64,
+    last_score: f64,
+    last_kl: f64,
+    generation_seconds: f64,
+    training_seconds: f64,
+}
+
+impl Tallies {
+    /// `first`: iteration 1's score, kept by the checkpoint resumed from.
+    fn new(first: Option<f64>) -> Self {
+        Self {
+            first_score: first.unwrap_or(f64::NAN),
+            last_score: f64::NAN,
+            last_kl: f64::NAN,
+            generation_seconds: 0.0,
+            training_seconds: 0.0,
+        }
+    }
+
+    fn add(&mut self, step: &Outcome) {
+        if self.first_score.is_nan() {
+            self.first_score = step.mean_score;
+        }
+        (self.last_score, self.last_kl) = (step.mean_score, step.mean_kl);
+        self.generation_seconds += step.generation_seconds;
+        self.training_seconds += step.training_seconds;
+    }
+
+    /// The state a checkpoint after iteration `it` (1-based) records.
+    fn state<K>(&self, s: &Schedule, it: i64, own: K) -> RlState<K> {
+        RlState {
+            stage: s.kind.into(),
+            iteration: it,
+            iterations: s.iterations,
+            done: it == s.iterations,
+            first_mean_score: self.first_score.is_finite().then_some(self.first_score),
+            own,
+        }
+    }
+
+    fn summary(
+        &self,
+        s: &Schedule,
+        started: Instant,
+        own: BTreeMap<String, serde_json::Value>,
+    ) -> RlSummary {
+        RlSummary {
+            iterations: s.iterations,
+            first_mean_score: self.first_score,
+            last_mean_score: self.last_score,
+            last_kl: self.last_kl,
+            eval_gold_before: None,
+            eval_gold_after: None,
+            eval_exact_before: None,
+            eval_exact_after: None,
+            generation_seconds: self.generation_seconds,
+            training_seconds: self.training_seconds,
+            wall_seconds: started.elapsed().as_secs_f64(),
+            warning: None,
+            own,
+        }
+    }
+}
+
+impl RlSummary {
+    /// The judge's scores of the reference's and the final policy's answers.
+    fn judged(&mut self, [before, after]: [Option<JudgedScore>; 2]) {
+        self.eval_gold_before = before.as_ref().map(|e| e.mean);
+        self.eval_gold_after = after.as_ref().map(|e| e.mean);
+        self.eval_exact_before = before.map(|e| e.exact);
+        self.eval_exact_after = after.map(|e| e.exact);
+    }
+}
+
+/// The did-not-learn warning from the rollouts' scores (logged); an error
+/// instead where `fail_if_not_learning` asks for one.
+fn learning_warning(s: &Schedule, out: &Path) -> Result<Option<String>, StageError> {
+    let warning = score_did_not_rise(&out.join(METRICS_FILE), s.kind, s.kl_setting);
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
+        if s.fail_if_not_learning {
+            return Err(StageError::NotLearning(w.clone()));
+        }
+    }
+    Ok(warning)
+}
+
+/// Whether any rank was interrupted: every rank stops after the same
+/// iteration.
+fn any_interrupted(ranks: &Ranks) -> Result<bool, StageError> {
+    let mine = f64::from(u8::from(crate::train::interrupt_requested()));
+    Ok(ranks.sum(&[mine])?[0] > 0.0)
+}
+
+/// Greedy answers of `model` to `eval_prompts`, written with their judge
+/// scores to `file` in the stage folder; `None` without prompts.
+fn judge_eval(
+    model: &Model,
+    s: &Schedule,
+    ctx: &StageContext,
+    file: &str,
+) -> Result<Option<JudgedScore>, StageError> {
+    let Some(prompts) = &s.eval_prompts else {
+        return Ok(None);
+    };
+    let out = ctx.out_dir.join(file);
+    judged_eval(
+        model,
+        prompts,
+        s.max_new_tokens,
+        ctx.judge.as_ref(),
+        ctx.device,
+        &out,
+    )
+}

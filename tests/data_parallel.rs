@@ -199,10 +199,12 @@ fn rlhf_run_starts_the_ranks_of_each_stage() {
     assert_same_run(&d.path().join("sft-1"), &runs.join("sft"), "sft", &[]);
     let bad = common::rlhf(&["plan", exp_s, "--set", "distributed.nproc_per_node=3"]);
     let stderr = String::from_utf8_lossy(&bad.stderr);
+    // The first stage (by name) whose batch does not divide, at the line
+    // of the setting.
     assert!(
         stderr.contains(
-            "stages.ppo.rollout_batch: 8 does not divide among the 3 ranks of distributed.nproc_per_node"
-        ) && stderr.ends_with("at line 8\n"),
+            "stages.grpo.prompts_per_iteration: 4 does not divide among the 3 ranks of distributed.nproc_per_node"
+        ) && stderr.ends_with("at line 11\n"),
         "{stderr}"
     );
 }

@@ -3,13 +3,16 @@
 
 use super::*;
 
-/// The names that become folders, and the run-wide settings' ranges.
-pub(super) fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Result<(), String> {
+/// The names that become folders, and the run-wide settings' ranges;
+/// each problem names the key whose line it is at.
+pub(super) fn check_names_and_settings(spec: &ExperimentFile) -> Result<(), Problem> {
     if !is_folder_name(&spec.name) {
-        let at = at_key_line(text, "name");
-        return Err(format!(
-            "name \"{}\" {FOLDER_NAME} (it names the run folder){at}",
-            spec.name
+        return Err(Problem::at_key(
+            "name",
+            format!(
+                "name \"{}\" {FOLDER_NAME} (it names the run folder)",
+                spec.name
+            ),
         ));
     }
     if spec.stages.is_empty() {
@@ -20,9 +23,9 @@ pub(super) fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Res
         .keys()
         .find(|n| !is_folder_name(n) && !crate::experiment::sweep::is_variant_name(n))
     {
-        let at = at_key_line(text, bad);
-        return Err(format!(
-            "stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder){at}"
+        return Err(Problem::at_key(
+            bad,
+            format!("stages: the stage name \"{bad}\" {FOLDER_NAME} (it names the stage's folder)"),
         ));
     }
     if let Some(taken) = spec
@@ -30,51 +33,65 @@ pub(super) fn check_names_and_settings(text: &str, spec: &ExperimentFile) -> Res
         .keys()
         .find(|n| crate::run_folder::is_reserved(n))
     {
-        let at = at_key_line(text, taken);
-        return Err(format!(
-            "stages: the stage name \"{taken}\" is taken by the run folder's own files \
-             (report/, round-N/, rounds.jsonl, hidden files); choose another{at}"
+        return Err(Problem::at_key(
+            taken,
+            format!(
+                "stages: the stage name \"{taken}\" is taken by the run folder's own files \
+                 (report/, round-N/, rounds.jsonl, hidden files); choose another"
+            ),
         ));
     }
-    if let JudgeSpec::Command {
-        command,
-        timeout_seconds,
-    } = &spec.judge
-    {
-        if command.is_empty() || command[0].is_empty() {
-            return Err(format!(
-                "judge.command: name the program to run, e.g. [python3, judge.py]{}",
-                at_key_line(text, "judge")
-            ));
-        }
-        if !(*timeout_seconds > 0.0 && *timeout_seconds <= 1e9) {
-            return Err(format!(
-                "judge.timeout_seconds: must be in (0, 1e9] seconds, got {}{}",
-                rlhf_stages::check::shown(*timeout_seconds),
-                at_key_line(text, "judge")
-            ));
-        }
-    }
+    check_judge(&spec.judge)?;
     spec.slurm.check()?;
     if !(1..=1024).contains(&spec.max_parallel) {
-        return Err(format!(
-            "max_parallel: must be in [1, 1024] (stages run at once), got {}{}",
-            spec.max_parallel,
-            at_key_line(text, "max_parallel")
+        return Err(Problem::at_key(
+            "max_parallel",
+            format!(
+                "max_parallel: must be in [1, 1024] (stages run at once), got {}",
+                spec.max_parallel
+            ),
         ));
     }
     let d = &spec.distributed;
     if !(1..=1024).contains(&d.nproc_per_node) || !(1..=86_400).contains(&d.timeout_seconds) {
-        return Err(format!(
-            "distributed: nproc_per_node must be in [1, 1024] and timeout_seconds in [1, 86400], got {} and {}{}",
-            d.nproc_per_node,
-            d.timeout_seconds,
-            at_key_line(text, "distributed")
+        return Err(Problem::at_key(
+            "distributed",
+            format!(
+                "distributed: nproc_per_node must be in [1, 1024] and timeout_seconds in [1, 86400], got {} and {}",
+                d.nproc_per_node, d.timeout_seconds
+            ),
         ));
     }
     if let Some(n) = spec.threads {
         crate::threads::check(n, "threads")
-            .map_err(|e| format!("{e}{}", at_key_line(text, "threads")))?;
+            .map_err(|e| Problem::at_key("threads", e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A judge program's command and time limit.
+fn check_judge(judge: &JudgeSpec) -> Result<(), Problem> {
+    let JudgeSpec::Command {
+        command,
+        timeout_seconds,
+    } = judge
+    else {
+        return Ok(());
+    };
+    if command.is_empty() || command[0].is_empty() {
+        return Err(Problem::at_key(
+            "judge",
+            "judge.command: name the program to run, e.g. [python3, judge.py]".into(),
+        ));
+    }
+    if !(*timeout_seconds > 0.0 && *timeout_seconds <= 1e9) {
+        return Err(Problem::at_key(
+            "judge",
+            format!(
+                "judge.timeout_seconds: must be in (0, 1e9] seconds, got {}",
+                rlhf_stages::check::shown(*timeout_seconds)
+            ),
+        ));
     }
     Ok(())
 }

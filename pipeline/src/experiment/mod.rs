@@ -61,10 +61,7 @@ impl Experiment {
     /// Reads, parses and resolves an experiment file; `overrides` are
     /// `dotted.key=value` settings applied before parsing.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        };
+        let invalid = |message: String| ConfigError::in_file(path, message);
         // An experiment file is a page of YAML, not a device or a FIFO.
         if path.exists() {
             rlhf_datasets::files::bounded_size(path, 16 << 20, "the limit for an experiment file")
@@ -75,7 +72,7 @@ impl Experiment {
             source,
         })?;
         let mut value: serde_norway::Value = serde_norway::from_str(&text)
-            .map_err(|e| invalid(pinpoint_duplicate_key(&text, &e.to_string())))?;
+            .map_err(|e| ConfigError::located(path, Some(&text), &[], e.to_string().into()))?;
         for o in overrides {
             apply_override(&mut value, o).map_err(|m| invalid(format!("--set {o}: {m}")))?;
         }
@@ -87,21 +84,15 @@ impl Experiment {
         // errors carry the file's line and column.
         // With overrides or sweeps, the changed value is parsed from its
         // own text too: serde names a field's path only when it reads text.
-        let spec: ExperimentFile = if overrides.is_empty() && !swept {
+        let as_written = overrides.is_empty() && !swept;
+        let spec: ExperimentFile = if as_written {
             serde_norway::from_str(&text)
         } else {
             from_value_with_paths(value)
         }
         .map_err(|e| {
-            let message = dotted(&e.to_string());
-            if overrides.is_empty() && !swept {
-                invalid(locate_stage_error(
-                    &text,
-                    &pinpoint_unknown_field(&text, &message),
-                ))
-            } else {
-                invalid(place_error(message, overrides, None))
-            }
+            let problem = dotted(&e.to_string()).into();
+            ConfigError::located(path, as_written.then_some(&*text), overrides, problem)
         })?;
         Self::resolve(path, &text, spec, overrides)
     }
@@ -112,11 +103,9 @@ impl Experiment {
         mut spec: ExperimentFile,
         overrides: &[String],
     ) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            message: place_error(message, overrides, Some(text)),
-        };
-        check_names_and_settings(text, &spec).map_err(&invalid)?;
+        let located = |p: Problem| ConfigError::located(path, Some(text), overrides, p);
+        let invalid = |message: String| located(message.into());
+        check_names_and_settings(&spec).map_err(located)?;
         spec.model
             .validate()
             .map_err(|e| invalid(format!("model: {e}")))?;
@@ -223,21 +212,16 @@ impl Experiment {
     }
 
     pub fn stage(&self, name: &str) -> Result<&StageFile, ConfigError> {
-        self.spec
-            .stages
-            .get(name)
-            .ok_or_else(|| ConfigError::Invalid {
-                path: self.file.clone(),
-                message: format!(
+        self.spec.stages.get(name).ok_or_else(|| {
+            let names: Vec<&str> = self.spec.stages.keys().map(String::as_str).collect();
+            ConfigError::in_file(
+                &self.file,
+                format!(
                     "no stage named \"{name}\"; the file defines: {}",
-                    self.spec
-                        .stages
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    names.join(", ")
                 ),
-            })
+            )
+        })
     }
 
     /// Where stage `name` runs, and its Slurm settings.

@@ -19,6 +19,37 @@ mod step;
 use crate::check;
 use crate::train::StageError;
 
+/// What an RL stage needs to run as `world` ranks: each batch in `shared`
+/// divides among them, and `minibatch_size` divides the iteration's
+/// answers (`answers`: how many, and what the setting calls them).
+pub fn check_rank_shares(
+    world: usize,
+    shared: Vec<(&'static str, usize)>,
+    minibatch_size: usize,
+    (answers, what): (usize, &str),
+) -> Result<(), StageError> {
+    if world == 1 {
+        return Ok(());
+    }
+    for (field, n) in shared {
+        if !n.is_multiple_of(world) {
+            return Err(StageError::setting(
+                field,
+                format!("{n} does not divide among the {world} ranks"),
+            ));
+        }
+    }
+    if !answers.is_multiple_of(minibatch_size) {
+        return Err(StageError::setting(
+            "minibatch_size",
+            format!(
+                "{minibatch_size} must divide {what} ({answers}) when the stage runs as {world} ranks"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What PPO and GRPO both need: something to score answers, and a
 /// bounded number of iterations.
 pub fn check_scorer_and_iterations(

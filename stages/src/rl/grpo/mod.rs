@@ -272,27 +272,10 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<RlSummary, StageError
 /// What several ranks need: whole groups and minibatches divide among
 /// them, and the minibatches divide the iteration's answers.
 fn check_ranks(cfg: &GrpoConfig, ranks: &Ranks) -> Result<(), StageError> {
-    let world = ranks.world();
-    if world == 1 {
-        return Ok(());
-    }
-    for (field, n) in KindConfig::shared_batches(&mut cfg.clone()) {
-        if !n.is_multiple_of(world) {
-            return Err(StageError::setting(
-                field,
-                format!("{n} does not divide among the {world} ranks"),
-            ));
-        }
-    }
-    let answers = cfg.prompts_per_iteration * cfg.group_size;
-    if !answers.is_multiple_of(cfg.minibatch_size) {
-        return Err(StageError::setting(
-            "minibatch_size",
-            format!(
-                "{} must divide the iteration's {answers} answers (prompts_per_iteration x group_size) when GRPO runs as {world} ranks",
-                cfg.minibatch_size
-            ),
-        ));
-    }
-    Ok(())
+    let shared = KindConfig::shared_batches(&mut cfg.clone());
+    let answers = (
+        cfg.prompts_per_iteration * cfg.group_size,
+        "the iteration's answers (prompts_per_iteration x group_size)",
+    );
+    crate::rl::check_rank_shares(ranks.world(), shared, cfg.minibatch_size, answers)
 }

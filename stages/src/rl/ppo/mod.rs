@@ -310,28 +310,10 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<RlSummary, StageError>
 /// What several ranks need: every batch divides among them, and no PPO-ptx
 /// (its language-model batches are not split yet).
 fn check_ranks(cfg: &PpoConfig, ranks: &Ranks) -> Result<(), StageError> {
-    let world = ranks.world();
-    if world == 1 {
-        return Ok(());
-    }
-    for (field, n) in KindConfig::shared_batches(&mut cfg.clone()) {
-        if !n.is_multiple_of(world) {
-            return Err(StageError::setting(
-                field,
-                format!("{n} does not divide among the {world} ranks"),
-            ));
-        }
-    }
-    if !cfg.rollout_batch.is_multiple_of(cfg.minibatch_size) {
-        return Err(StageError::setting(
-            "minibatch_size",
-            format!(
-                "{} must divide rollout_batch ({}) when PPO runs as {world} ranks",
-                cfg.minibatch_size, cfg.rollout_batch
-            ),
-        ));
-    }
-    if cfg.ptx.is_some() {
+    let shared = KindConfig::shared_batches(&mut cfg.clone());
+    let answers = (cfg.rollout_batch, "rollout_batch");
+    crate::rl::check_rank_shares(ranks.world(), shared, cfg.minibatch_size, answers)?;
+    if ranks.world() > 1 && cfg.ptx.is_some() {
         return Err(StageError::setting(
             "ptx",
             "PPO-ptx does not run data-parallel yet: run this stage as one process",

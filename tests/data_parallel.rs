@@ -209,6 +209,39 @@ fn rlhf_run_starts_the_ranks_of_each_stage() {
     );
 }
 
+/// The metrics `keys` of two RL runs agree at each of `iterations`.
+fn assert_same_curves(one: &Path, two: &Path, keys: &[&str], iterations: usize) {
+    for key in keys {
+        let (a, b) = (curve(one, key), curve(two, key));
+        assert_eq!(a.len(), iterations, "{key}: {a:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{key}: {x} vs {y}");
+        }
+    }
+}
+
+/// Each iteration's rollout file of two RL runs holds the same `rows`
+/// answers to the same prompts: the whole batch, gathered from the ranks.
+fn assert_same_rollouts(one: &Path, two: &Path, iterations: usize, rows: usize) {
+    let files = std::fs::read_dir(two.join("rollouts")).unwrap().count();
+    assert_eq!(
+        files, iterations,
+        "one Parquet file per iteration, written by rank 0"
+    );
+    for it in 1..=iterations {
+        let file = format!("rollouts/iter-{it:04}.parquet");
+        let read = |dir: &Path| {
+            rlhf_datasets::rollout::read_prompts_and_answers(&dir.join(&file)).unwrap()
+        };
+        let (a, b) = (read(one), read(two));
+        assert_eq!(a.len(), rows, "{file}");
+        assert_eq!(
+            a, b,
+            "{file}: the gathered rollout differs from one process's"
+        );
+    }
+}
+
 /// The pid of the `rlhf stage` process that is rank `rank` of a run in `dir`.
 fn rank_pid(dir: &Path, rank: usize) -> Option<u32> {
     let want = format!("RANK={rank}");
@@ -394,43 +427,22 @@ fn two_ranks_train_ppo_as_one_process_does() {
         let diff = max_abs_difference_of(&one, &two, part, &[]);
         assert!(diff < 1e-5, "ppo {part}: weights differ by {diff}");
     }
-    for key in [
+    let keys = [
         "score",
         "kl",
         "beta",
         "policy_loss",
         "value_loss",
         "entropy",
-    ] {
-        let (a, b) = (curve(&one, key), curve(&two, key));
-        assert_eq!(a.len(), 3, "{key}: {a:?}");
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-5, "ppo {key}: {x} vs {y}");
-        }
-    }
+    ];
+    assert_same_curves(&one, &two, &keys, 3);
     let beta = curve(&two, "beta");
     assert!(
         beta[2] != beta[0],
         "the adaptive KL controller moved beta: {beta:?}"
     );
-    let rollouts = std::fs::read_dir(two.join("rollouts")).unwrap().count();
-    assert_eq!(
-        rollouts, 3,
-        "one Parquet file per iteration, written by rank 0"
-    );
     // Each holds the whole batch, both ranks' rows, as one process's does.
-    for it in 1..=3 {
-        let file = format!("rollouts/iter-{it:04}.parquet");
-        let rows = |dir: &Path| {
-            rlhf_datasets::rollout::read_prompts_and_answers(&dir.join(&file)).unwrap()
-        };
-        let (a, b) = (rows(&one), rows(&two));
-        assert_eq!(a.len(), 8, "{file}");
-        assert_eq!(
-            a, b,
-            "{file}: the gathered rollout differs from one process's"
-        );
-    }
+    assert_same_rollouts(&one, &two, 3, 8);
 }
 
 /// GRPO as two ranks: each samples whole groups for its share of the
@@ -458,26 +470,10 @@ fn two_ranks_train_grpo_as_one_process_does() {
     assert!(diff < 1e-5, "grpo: weights differ by {diff}");
     let moved = max_abs_difference_of(&one, &runs.join("sft"), "checkpoint", &[]);
     assert!(moved > 1e-4, "the policy moved from the SFT's: {moved}");
-    for key in ["score", "kl", "policy_loss", "clip_fraction", "zero_spread"] {
-        let (a, b) = (curve(&one, key), curve(&two, key));
-        assert_eq!(a.len(), 3, "{key}: {a:?}");
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-5, "grpo {key}: {x} vs {y}");
-        }
-    }
+    let keys = ["score", "kl", "policy_loss", "clip_fraction", "zero_spread"];
+    assert_same_curves(&one, &two, &keys, 3);
     // Rollout files hold the whole iteration (4 prompts x 4 answers).
-    for it in 1..=3 {
-        let file = format!("rollouts/iter-{it:04}.parquet");
-        let rows = |dir: &Path| {
-            rlhf_datasets::rollout::read_prompts_and_answers(&dir.join(&file)).unwrap()
-        };
-        let (a, b) = (rows(&one), rows(&two));
-        assert_eq!(a.len(), 16, "{file}");
-        assert_eq!(
-            a, b,
-            "{file}: the gathered groups differ from one process's"
-        );
-    }
+    assert_same_rollouts(&one, &two, 3, 16);
     // Greedy answers judged before and after, as PPO's.
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap()).unwrap();

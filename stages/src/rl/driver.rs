@@ -106,7 +106,10 @@ pub struct RlSummary {
     pub eval_gold_after: Option<f64>,
     pub eval_exact_before: Option<f64>,
     pub eval_exact_after: Option<f64>,
+    /// Absent from GRPO summaries written before the driver.
+    #[serde(default)]
     pub generation_seconds: f64,
+    #[serde(default)]
     pub training_seconds: f64,
     pub wall_seconds: f64,
     /// Set when the rollouts' score did not rise: the stage may not be
@@ -378,4 +381,33 @@ fn judge_eval(
         ctx.device,
         &out,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Summaries and checkpoint states written before the driver (PPO's
+    /// with `beta`, GRPO's without timings) still read, so a finished or
+    /// interrupted stage of an older run is found done or resumed.
+    #[test]
+    fn older_summaries_and_states_still_read() {
+        let ppo = r#"{"iterations":2,"first_mean_score":-0.6,"last_mean_score":-0.2,"last_kl":0.1,"beta":0.3,"eval_gold_before":0.05,"eval_gold_after":0.06,"eval_exact_before":0.0,"eval_exact_after":0.0,"generation_seconds":2.6,"training_seconds":11.9,"wall_seconds":20.4}"#;
+        let s: RlSummary = serde_json::from_str(ppo).unwrap();
+        assert_eq!(s.own["beta"], 0.3);
+        let grpo = r#"{"iterations":5,"first_mean_score":0.1,"last_mean_score":0.6,"last_kl":1.0,"zero_spread_share":0.25,"wall_seconds":3.0}"#;
+        let s: RlSummary = serde_json::from_str(grpo).unwrap();
+        assert_eq!(
+            (s.own["zero_spread_share"].as_f64(), s.eval_gold_after),
+            (Some(0.25), None)
+        );
+        #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+        struct Groups {
+            groups: usize,
+            zero_spread: usize,
+        }
+        let state = r#"{"stage":"grpo","iteration":3,"iterations":5,"first_mean_score":0.1,"groups":12,"zero_spread":3,"done":false}"#;
+        let s: RlState<Groups> = serde_json::from_str(state).unwrap();
+        assert_eq!((s.iteration, s.own.zero_spread), (3, 3));
+    }
 }

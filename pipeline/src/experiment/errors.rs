@@ -301,8 +301,7 @@ mod tests {
 
     fn place_of(text: &str, overrides: &[&str]) -> (String, Place) {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("exp.yaml");
-        std::fs::write(&p, text).unwrap();
+        let p = crate::experiment::tests::write(d.path(), text);
         let sets: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         match Experiment::load(&p, &sets).unwrap_err() {
             ConfigError::Invalid { message, place, .. } => (message, place),

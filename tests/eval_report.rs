@@ -279,3 +279,137 @@ fn eval_of_a_folder_that_is_not_a_run_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no finished stages"), "{err}");
 }
+
+/// Scores of `(prompt, answer)` pairs by the reward model in `model`,
+/// through `rlhf reward`.
+fn rewards_of(model: &Path, pairs: &[(String, String)], dir: &Path) -> Vec<f64> {
+    let input = dir.join("to_score.jsonl");
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|(p, a)| serde_json::json!({"prompt": p, "answer": a}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = common::rlhf_ok(&[
+        "reward",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    out.lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A run without a gold judge: a reward stage trained on held-out
+/// rankings judges every policy (and is no policy's reward model), and
+/// another ranks the loop round's answers. An experiment in which a stage
+/// reads the judge is refused.
+#[test]
+fn held_out_reward_stages_judge_the_policies_and_label_the_round() {
+    let d = tempfile::tempdir().unwrap();
+    head("sft.jsonl", &d.path().join("sft.jsonl"), 64);
+    head("preferences.jsonl", &d.path().join("prefs.jsonl"), 16);
+    head("preferences_gold.jsonl", &d.path().join("gold.jsonl"), 12);
+    head("prompts.jsonl", &d.path().join("prompts.jsonl"), 16);
+    head("prompts_eval.jsonl", &d.path().join("eval.jsonl"), 12);
+    let text = "name: held\ndevice: cpu\nmodel: {n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}\n\
+         judge: {kind: reward_model, stage: judge}\nstages:\n\
+         \x20 sft: {kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 8}\n\
+         \x20 rm: {kind: reward, init: sft, data: prefs.jsonl, eval_data: gold.jsonl, max_steps: 4, batch_size: 4}\n\
+         \x20 labeller: {kind: reward, init: sft, data: gold.jsonl, max_steps: 4, batch_size: 4}\n\
+         \x20 judge: {kind: reward, init: sft, data: gold.jsonl, eval_data: prefs.jsonl, max_steps: 6, batch_size: 4}\n\
+         \x20 ppo:\n    kind: ppo\n    policy: sft\n    reward_model: rm\n    prompts: prompts.jsonl\n    eval_prompts: eval.jsonl\n    iterations: 2\n\
+         \x20   rollout_batch: 4\n    minibatch_size: 4\n    ppo_epochs: 1\n    sampling: {max_new_tokens: 6}\n    policy_optimizer: {lr: 0.01}\n\
+         loop:\n  repeat: [rm, ppo]\n  rounds: 1\n  prompts: prompts.jsonl\n  prompts_per_round: 4\n  k: 3\n\
+         \x20 sampling: {max_new_tokens: 6}\n  labeller: {kind: reward_model, model: labeller}\n  policy_init: reference\n";
+    let exp = d.path().join("exp.yaml");
+    // A stage that reads the judge makes it no held-out judge.
+    std::fs::write(
+        &exp,
+        text.replace("reward_model: rm", "reward_model: judge"),
+    )
+    .unwrap();
+    let err = common::Rlhf::new(["plan", exp.to_str().unwrap()]).fails();
+    assert!(
+        err.contains("judge.stage: stage ppo reads judge") && err.contains("at line 4"),
+        "{err}"
+    );
+    std::fs::write(&exp, text).unwrap();
+    let plan = common::rlhf_ok(&["plan", exp.to_str().unwrap()]);
+    assert!(
+        plan.contains("round-1/collect (collect) after labeller, ppo"),
+        "{plan}"
+    );
+    common::rlhf_ok(&["run", exp.to_str().unwrap()]);
+    let run = d.path().join("runs/held");
+
+    // The round's new rankings are the labeller's order of its answers.
+    let prefs = run.join("round-1/collect/checkpoint/preferences.parquet");
+    let table = rlhf_datasets::load::read_table(&prefs).unwrap();
+    let groups = rlhf_datasets::preference::ranked_groups(&table, &prefs)
+        .unwrap()
+        .groups;
+    let new = &groups[groups.len() - 4..];
+    let pairs: Vec<(String, String)> = new
+        .iter()
+        .flat_map(|g| g.responses.iter().map(|r| (g.prompt.clone(), r.clone())))
+        .collect();
+    let scores = rewards_of(&run.join("labeller/checkpoint"), &pairs, d.path());
+    for (i, g) in new.iter().enumerate() {
+        let s = &scores[i * 3..i * 3 + 3];
+        let ranks: Vec<usize> = s
+            .iter()
+            .map(|x| s.iter().filter(|&&o| o > *x).count())
+            .collect();
+        assert_eq!(g.ranking, ranks, "{g:?} scored {s:?}");
+    }
+
+    common::rlhf_ok(&["eval", run.to_str().unwrap(), "--max-new-tokens", "6"]);
+    let report = json_file(&run.join("report/report.json"));
+    assert!(
+        report["judge"].as_str().unwrap().contains("`judge`"),
+        "{}",
+        report["judge"]
+    );
+    assert_eq!(report["reward_model"], "round-1/rm");
+    assert_eq!(report["examples"].as_array().unwrap().len(), 10);
+    assert!(
+        report["gold_length_correlation"].is_number()
+            || report["gold_length_correlation"].is_null()
+    );
+    let answers: Vec<Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (i, policy) in report["policies"].as_array().unwrap().iter().enumerate() {
+        assert!(policy["exact"].is_null(), "{policy}");
+        // Each gold score is the judge's reward of that answer.
+        let pairs: Vec<(String, String)> = answers
+            .iter()
+            .map(|a| {
+                let s = |v: &Value| v.as_str().unwrap().to_owned();
+                (s(&a["prompt"]), s(&a["answers"][i]["answer"]))
+            })
+            .collect();
+        let judged = rewards_of(&run.join("judge/checkpoint"), &pairs, d.path());
+        for (a, j) in answers.iter().zip(judged) {
+            let gold = a["answers"][i]["gold"].as_f64().unwrap();
+            assert!(
+                (gold - j).abs() < 1e-4,
+                "{}: gold {gold}, judge {j}",
+                policy["label"]
+            );
+        }
+    }
+    let md = std::fs::read_to_string(run.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("## Answers side by side") && md.contains("### Prompt 10"),
+        "{md}"
+    );
+}

@@ -25,5 +25,6 @@ mod pipeline_run;
 mod sft_data_errors;
 mod sigkill;
 mod slurm;
+mod smollm2;
 mod sweep;
 mod trl_reference;

@@ -3,6 +3,7 @@
 //!
 //! - [`load`]: Polars readers (JSONL, JSONL.gz, Parquet, CSV) and column checks.
 //! - [`schema`]: SFT records (`{prompt, completion}`, `{messages}`), chat template.
+//! - [`hh`]: HH-RLHF dialogues (`\n\nHuman: …`) as messages, rendered in a model's chat format.
 //! - [`batch`]: truncation, seeded shuffles and splits, padded batches.
 //! - [`tokenizer`]: the byte-level default and HF `tokenizer.json`.
 //! - [`task`]: the bundled task, its simulated labeller and gold judge.
@@ -18,6 +19,7 @@ pub mod atomic;
 pub mod batch;
 pub mod checksum;
 pub mod files;
+pub mod hh;
 pub mod jinja;
 pub mod label_exchange;
 pub mod labels;

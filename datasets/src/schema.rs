@@ -41,7 +41,8 @@ impl SftRecord {
     }
 }
 
-const SFT_EXPECTED: &str = "{prompt, completion} or {messages: [{role, content}]}";
+const SFT_EXPECTED: &str =
+    "{prompt, completion}, {messages: [{role, content}]} or HH-RLHF's {chosen} dialogues";
 
 /// How messages become text: the model folder's Jinja template when its
 /// tokenizer has one; else role markers. With a tokenizer that has role
@@ -168,8 +169,12 @@ pub fn prompt_texts(
     path: &Path,
     chat: &ChatTemplate,
 ) -> Result<Vec<String>, DataError> {
-    const EXPECTED: &str = "{prompt} or {messages: [{role, content}]}";
+    const EXPECTED: &str =
+        "{prompt}, {messages: [{role, content}]} or HH-RLHF's {chosen} dialogues";
     if df.column("messages").is_err() {
+        if is_hh(df) {
+            return hh_dialogues(df, path, EXPECTED, |d| crate::hh::render_prompt(d, chat));
+        }
         return string_column(df, path, "prompt", EXPECTED);
     }
     let conversations = read_messages(df, path, chat)?;
@@ -196,6 +201,10 @@ pub fn sft_records(
 ) -> Result<Vec<SftRecord>, DataError> {
     let records = if df.column("messages").is_ok() {
         conversations(df, path, chat)?
+    } else if is_hh(df) {
+        hh_dialogues(df, path, SFT_EXPECTED, |d| {
+            crate::hh::messages(d).map(|m| chat.render_conversation(&m))
+        })?
     } else {
         let prompts = string_column(df, path, "prompt", SFT_EXPECTED)?;
         let completions = string_column(df, path, "completion", SFT_EXPECTED)?;
@@ -216,6 +225,42 @@ pub fn sft_records(
         }
     }
     Ok(records)
+}
+
+/// A table of HH-RLHF pairs (`chosen` dialogues, no `prompt`) read as
+/// conversations: SFT learns the chosen dialogue, PPO answers its prompt.
+fn is_hh(df: &DataFrame) -> bool {
+    df.column("prompt").is_err() && df.column("chosen").is_ok()
+}
+
+/// Each row's `chosen` dialogue through `read` (`None`: not a dialogue).
+fn hh_dialogues<T>(
+    df: &DataFrame,
+    path: &Path,
+    expected: &str,
+    read: impl Fn(&str) -> Option<Result<T, String>>,
+) -> Result<Vec<T>, DataError> {
+    let bad = |row: usize, message: String| DataError::BadValue {
+        path: path.to_owned(),
+        row,
+        column: "chosen".into(),
+        message,
+    };
+    let dialogues = string_column(df, path, "chosen", expected)?;
+    let mut out = Vec::with_capacity(dialogues.len());
+    for (i, dialogue) in dialogues.iter().enumerate() {
+        match read(dialogue) {
+            Some(Ok(value)) => out.push(value),
+            Some(Err(message)) => return Err(bad(i + 1, message)),
+            None => {
+                return Err(bad(
+                    i + 1,
+                    "is not an HH-RLHF dialogue (`\\n\\nHuman: …\\n\\nAssistant: …`)".into(),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn conversations(

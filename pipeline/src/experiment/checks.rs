@@ -96,6 +96,39 @@ fn check_judge(judge: &JudgeSpec) -> Result<(), Problem> {
     Ok(())
 }
 
+/// A reward-model judge names a reward stage that no stage reads: what
+/// judges the policies must be something none of them learnt from.
+pub(super) fn check_held_out_judge(
+    spec: &ExperimentFile,
+    deps: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<(), Problem> {
+    let JudgeSpec::RewardModel { stage } = &spec.judge else {
+        return Ok(());
+    };
+    let at = |message: String| Problem::at_key("judge", message);
+    let Some(file) = spec.stages.get(stage) else {
+        let names: Vec<&str> = spec.stages.keys().map(String::as_str).collect();
+        return Err(at(format!(
+            "judge.stage: no stage named \"{stage}\"; the file defines: {}",
+            names.join(", ")
+        )));
+    };
+    let produces = kind_named(file.kind()).map(|k| k.produces);
+    if produces != Some(rlhf_stages::kind::Produces::RewardModel) {
+        return Err(at(format!(
+            "judge.stage: {stage} is a {} stage; a judge is a reward model ({})",
+            file.kind(),
+            kinds_producing(rlhf_stages::kind::Produces::RewardModel)
+        )));
+    }
+    if let Some((reader, _)) = deps.iter().find(|(_, up)| up.contains(stage)) {
+        return Err(at(format!(
+            "judge.stage: stage {reader} reads {stage}; a held-out judge must be a stage that nothing learns from or starts from"
+        )));
+    }
+    Ok(())
+}
+
 /// A labeller's time limit: above 0, at most about 30 years (a longer
 /// one would overflow the clock's arithmetic).
 pub(super) fn check_timeout(seconds: f64) -> Result<(), String> {
@@ -116,6 +149,16 @@ pub(super) fn kinds_with_role(role: LoopRole) -> String {
         .map(|k| k.name)
         .collect();
     names.join(" or ")
+}
+
+/// The kinds that produce `what`, for messages: `reward`.
+fn kinds_producing(what: rlhf_stages::kind::Produces) -> String {
+    let names: Vec<&str> = rlhf_stages::kinds::all()
+        .into_iter()
+        .filter(|k| k.produces == what)
+        .map(|k| k.name)
+        .collect();
+    format!("kind {}", names.join(" or "))
 }
 
 /// The loop's settings, checked with the rest before any stage runs.

@@ -167,6 +167,10 @@ pub enum JudgeSpec {
         #[serde(default = "default_labeller_timeout")]
         timeout_seconds: f64,
     },
+    /// A reward stage of this experiment trained on held-out labels: its
+    /// score of each answer is the gold score. No stage may read it, so no
+    /// policy ever optimises (or is selected by) its judge.
+    RewardModel { stage: String },
 }
 
 /// `loop:`: the iterated RM -> PPO rounds.
@@ -252,15 +256,21 @@ pub enum Labeller {
         #[serde(default)]
         guidelines: Option<PathBuf>,
     },
+    /// A reward model ranks the answers by its score (equal scores tie): a
+    /// stage of this experiment, or a model folder. A stand-in for fresh
+    /// human labels, such as one trained on labels the policies' own
+    /// reward model never saw.
+    RewardModel { model: PathBuf },
 }
 
 impl Labeller {
-    /// `gold`, `command` or `web`, as `kind:` names it.
+    /// `gold`, `command`, `web` or `reward_model`, as `kind:` names it.
     pub fn name(&self) -> &'static str {
         match self {
             Labeller::Gold => "gold",
             Labeller::Command { .. } => "command",
             Labeller::Web { .. } => "web",
+            Labeller::RewardModel { .. } => "reward_model",
         }
     }
 }

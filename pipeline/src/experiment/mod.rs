@@ -159,18 +159,28 @@ impl Experiment {
             deps.insert(name.clone(), refs);
         }
         if let Some(l) = &mut spec.rounds {
-            if let Labeller::Web {
-                guidelines: Some(g),
-                ..
-            } = &mut l.labeller
-            {
-                *g = abs(g);
+            match &mut l.labeller {
+                Labeller::Web {
+                    guidelines: Some(g),
+                    ..
+                } => *g = abs(g),
+                // A stage's name means its checkpoint; else a folder.
+                Labeller::RewardModel { model } => {
+                    *model = match model.to_str().filter(|m| spec.stages.contains_key(*m)) {
+                        Some(stage) => run_dir
+                            .join(crate::experiment::sweep::folder_of(stage))
+                            .join(rlhf_stages::train::FINAL_DIR),
+                        None => abs(model),
+                    }
+                }
+                _ => {}
             }
             check_loop(l, &spec.stages).map_err(|m| invalid(format!("loop: {m}")))?;
             l.prompts = abs(&l.prompts);
         }
         rounds::expand(&mut spec, &mut deps, &run_dir, &base)
             .map_err(|m| invalid(format!("loop: {m}")))?;
+        check_held_out_judge(&spec, &deps).map_err(located)?;
         Ok(Self {
             file: path.to_owned(),
             spec,

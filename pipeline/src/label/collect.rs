@@ -6,8 +6,9 @@
 
 use anyhow::Context;
 use rlhf_datasets::batch::epoch_order;
-use rlhf_datasets::load::{read_table, string_column};
+use rlhf_datasets::load::read_table;
 use rlhf_datasets::preference::{ranked_groups, write_ranked_groups, RankedGroup};
+use rlhf_datasets::schema::{prompt_texts, ChatTemplate};
 use rlhf_stages::dist::Ranks;
 use rlhf_stages::eval::answer::{answer_prompts, ANSWER_BATCH};
 use rlhf_stages::kind::{KindConfig, PathSetting, Produces};
@@ -30,7 +31,7 @@ impl KindConfig for CollectConfig {
     }
 
     fn paths(&mut self) -> Vec<PathSetting<'_>> {
-        vec![
+        let mut paths = vec![
             PathSetting::model("policy", "the policy to sample", &mut self.policy),
             PathSetting::data("base", "the rankings so far", &mut self.base),
             PathSetting::data(
@@ -38,7 +39,15 @@ impl KindConfig for CollectConfig {
                 "prompts to sample answers for",
                 &mut self.prompts,
             ),
-        ]
+        ];
+        if let Labeller::RewardModel { model } = &mut self.labeller {
+            paths.push(PathSetting::model(
+                "labeller",
+                "the reward model that ranks the answers",
+                model,
+            ));
+        }
+        paths
     }
 
     fn seed_mut(&mut self) -> &mut Option<u64> {
@@ -61,7 +70,8 @@ fn collect(cfg: &CollectConfig, ctx: &StageContext) -> anyhow::Result<serde_json
     let ranks: &Ranks = &ctx.ranks;
     let policy = Model::load(&cfg.policy, HeadChoice::Want(Head::Lm), ctx.device)?;
     let table = read_table(&cfg.prompts)?;
-    let all_prompts = string_column(&table, &cfg.prompts, "prompt", "{prompt}")?;
+    let chat = ChatTemplate::for_tokenizer(&policy.tokenizer);
+    let all_prompts = prompt_texts(&table, &cfg.prompts, &chat)?;
     let seed = cfg.seed.unwrap_or(0) ^ (cfg.round as u64).wrapping_mul(0x51_7c_c1_b7);
     let prompts: Vec<String> = epoch_order(all_prompts.len(), seed, 0)
         .into_iter()
@@ -92,7 +102,7 @@ fn collect(cfg: &CollectConfig, ctx: &StageContext) -> anyhow::Result<serde_json
         return Ok(serde_json::Value::Null);
     }
     let groups: Vec<(String, Vec<String>)> = prompts.into_iter().zip(answers).collect();
-    let (ranked, labels) = rank_groups(cfg, groups)?;
+    let (ranked, labels) = rank_groups(cfg, groups, ctx.device)?;
     let mut new = Vec::new();
     let mut all_tied = 0;
     for g in ranked {
@@ -147,6 +157,7 @@ fn write_rankings(
 fn rank_groups(
     cfg: &CollectConfig,
     groups: Vec<(String, Vec<String>)>,
+    device: tch::Device,
 ) -> anyhow::Result<(Vec<RankedGroup>, serde_json::Value)> {
     let mut labels = serde_json::Value::Null;
     let ranked = match &cfg.labeller {
@@ -172,7 +183,12 @@ fn rank_groups(
             ranked
         }
         other => {
-            let rankings = programs::rank(other, &groups)?;
+            let rankings = match other {
+                Labeller::RewardModel { model } => {
+                    programs::rank_by_reward_model(model, &groups, device)?
+                }
+                _ => programs::rank(other, &groups)?,
+            };
             groups
                 .into_iter()
                 .zip(rankings)

@@ -20,9 +20,46 @@ pub fn gold_ranking(prompt: &str, answers: &[String]) -> anyhow::Result<Vec<usiz
                 .with_context(|| format!("the gold judge does not know the prompt {prompt:?}"))
         })
         .collect::<anyhow::Result<Vec<f64>>>()?;
-    Ok(scores
+    Ok(ranks_by_score(&scores))
+}
+
+/// Rank of each score, 0 the highest; equal scores share a rank.
+pub fn ranks_by_score(scores: &[f64]) -> Vec<usize> {
+    scores
         .iter()
         .map(|s| scores.iter().filter(|&&o| o > *s).count())
+        .collect()
+}
+
+/// Rankings by a reward model's scores of each group's answers (a model
+/// folder with a scalar head, read as it was trained).
+pub fn rank_by_reward_model(
+    dir: &std::path::Path,
+    groups: &[(String, Vec<String>)],
+    device: tch::Device,
+) -> anyhow::Result<Vec<Vec<usize>>> {
+    use rlhf_stages::{Head, HeadChoice, Model};
+    let model = Model::load(dir, HeadChoice::AsSaved, device)
+        .with_context(|| format!("loading the labeller's reward model {}", dir.display()))?;
+    if model.net.head() != Head::Scalar {
+        bail!(
+            "labeller.model: {} has no scalar head; give a reward stage or a reward model's folder",
+            dir.display()
+        );
+    }
+    let (prompts, answers): (Vec<String>, Vec<String>) = groups
+        .iter()
+        .flat_map(|(p, a)| a.iter().map(move |x| (p.clone(), x.clone())))
+        .unzip();
+    let settings = rlhf_stages::eval::EvalSettings::default();
+    let scores = rlhf_stages::eval::reward_scores(&model, &prompts, &answers, &settings, device)?;
+    let mut at = 0;
+    Ok(groups
+        .iter()
+        .map(|(_, a)| {
+            at += a.len();
+            ranks_by_score(&scores[at - a.len()..at])
+        })
         .collect())
 }
 
@@ -34,6 +71,9 @@ pub fn rank(
     match labeller {
         Labeller::Gold => groups.iter().map(|(p, a)| gold_ranking(p, a)).collect(),
         Labeller::Web { .. } => bail!("a web labeller ranks through its round's queue"),
+        Labeller::RewardModel { .. } => {
+            bail!("a reward-model labeller ranks on the round's device")
+        }
         Labeller::Command {
             command,
             timeout_seconds,

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{PolicyRow, Report, VersusReference};
+use super::{PolicyRow, PromptAnswers, Report, VersusReference};
 
 fn num(x: Option<f64>, digits: usize) -> String {
     x.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
@@ -88,6 +88,59 @@ fn labelling(out: &mut String, rounds: &[serde_json::Value]) {
     out.push('\n');
 }
 
+/// How much the judge and the reward model pay for length.
+fn length_line(out: &mut String, r: &Report) {
+    if r.gold_length_correlation.is_none() && r.reward_length_correlation.is_none() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "Correlation of score with answer length (Pearson's r over every policy's answers): gold {}, reward model {}.\n",
+        num(r.gold_length_correlation, 2),
+        num(r.reward_length_correlation, 2)
+    );
+}
+
+/// The first prompts with every policy's answer and its scores.
+fn examples(out: &mut String, examples: &[PromptAnswers]) {
+    if examples.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## Answers side by side\n");
+    for (i, e) in examples.iter().enumerate() {
+        // A fence longer than any run of backticks inside the prompt.
+        let longest = e
+            .prompt
+            .split(|c| c != '`')
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let fence = "`".repeat(longest.max(2) + 1);
+        let prompt = e.prompt.trim_end();
+        let _ = writeln!(
+            out,
+            "### Prompt {}\n\n{fence}text\n{prompt}\n{fence}\n",
+            i + 1
+        );
+        for a in &e.answers {
+            let answer = a.answer.trim();
+            let quoted = if answer.is_empty() {
+                "> (empty)".to_owned()
+            } else {
+                let lines: Vec<String> = answer.lines().map(|l| format!("> {l}")).collect();
+                lines.join("\n")
+            };
+            let _ = writeln!(
+                out,
+                "**{}** (gold {}, reward model {}):\n\n{quoted}\n",
+                a.policy,
+                num(a.gold, 3),
+                num(a.reward, 3)
+            );
+        }
+    }
+}
+
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Evaluation of `{}`\n", r.run.display());
@@ -130,6 +183,7 @@ pub fn render(r: &Report) -> String {
         out,
         "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart. In brackets: the win rate's 95% Wilson interval over the non-tied prompts. Stage minutes: the stage's own wall time; route minutes: with every stage it was trained from (SFT, reward models, earlier rounds and their labelling), each counted once.\n"
     );
+    length_line(&mut out, r);
     let families: std::collections::BTreeSet<&String> = r
         .policies
         .iter()
@@ -177,6 +231,7 @@ pub fn render(r: &Report) -> String {
         out.push('\n');
     }
     labelling(&mut out, &r.rounds);
+    examples(&mut out, &r.examples);
     if !r.plots.is_empty() {
         let _ = writeln!(out, "## Plots\n");
         for p in &r.plots {

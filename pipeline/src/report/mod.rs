@@ -145,9 +145,20 @@ pub struct Report {
     /// Stages that may not have learnt (`stage: why`), from their summaries.
     #[serde(default)]
     pub warnings: Vec<String>,
-    /// Who gave the gold scores: the bundled task's judge or a program.
+    /// Who gave the gold scores: the bundled task's judge, a program or a
+    /// held-out reward stage.
     #[serde(default)]
     pub judge: String,
+    /// Pearson's r of the gold score with answer length (tokens), over
+    /// every policy's answers.
+    #[serde(default)]
+    pub gold_length_correlation: Option<f64>,
+    /// The same for the reward model scoring every policy.
+    #[serde(default)]
+    pub reward_length_correlation: Option<f64>,
+    /// The first prompts with every policy's answer, side by side.
+    #[serde(default)]
+    pub examples: Vec<PromptAnswers>,
 }
 
 /// One prompt and every policy's answer to it (the `answers.jsonl` line).
@@ -216,10 +227,11 @@ fn reference_stage(stages: &[FinishedStage]) -> anyhow::Result<&FinishedStage> {
 fn read_prompts(
     path: &Path,
     max: Option<usize>,
+    chat: &rlhf_datasets::schema::ChatTemplate,
 ) -> anyhow::Result<(Vec<String>, Option<Vec<String>>)> {
     use rlhf_datasets::load::{read_table, string_column, DataError};
     let table = read_table(path)?;
-    let mut prompts = string_column(&table, path, "prompt", "{\"prompt\": ...} rows")?;
+    let mut prompts = rlhf_datasets::schema::prompt_texts(&table, path, chat)?;
     let mut families = match string_column(&table, path, "family", "strings") {
         Ok(f) => Some(f),
         Err(DataError::MissingColumn { .. }) => None,
@@ -274,12 +286,21 @@ pub fn evaluate_run(
         .collect();
     let times = finished::stage_times(&run_dirs);
     let prompts_path = prompts_file(&stages, opts.prompts.as_deref())?;
-    let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts)?;
     let reference_stage = reference_stage(&stages)?;
-    let reward_stage = stages[..own].iter().rev().find(|s| s.is_reward_model());
+    let reference = load_model(reference_stage, device)?;
+    // Prompts in the policies' chat format (their tokenizer is SFT's).
+    let chat = rlhf_datasets::schema::ChatTemplate::for_tokenizer(&reference.tokenizer);
+    let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts, &chat)?;
+    let gold = judge::Gold::choose(run_dir, opts.judge.clone(), &stages, device)?;
+    // The latest reward model scores every policy; a held-out judge is
+    // none of theirs.
+    let reward_stage = stages[..own]
+        .iter()
+        .rev()
+        .find(|s| s.is_reward_model() && gold.stage() != Some(s.label.as_str()));
     let models = RunModels {
         reference_stage,
-        reference: load_model(reference_stage, device)?,
+        reference,
         reward_stage,
         reward_model: reward_stage.map(|s| load_model(s, device)).transpose()?,
     };
@@ -290,14 +311,7 @@ pub fn evaluate_run(
                 .filter(|s| s.is_policy() && s.label != reference_stage.label),
         )
         .collect();
-    let command_judge = opts.judge.clone();
-    if command_judge.is_none() {
-        if let Some(hint) = judge::recorded_hint(run_dir) {
-            tracing::warn!("{hint}; judged by the bundled task's gold judge instead");
-        }
-    }
-    let task_judge: rlhf_stages::eval::answer::Judge =
-        std::sync::Arc::new(rlhf_datasets::task::judge);
+    let task_judge = gold.while_answering();
     let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
     let mut kls = Vec::new();
     for stage in &policy_stages {
@@ -306,7 +320,7 @@ pub fn evaluate_run(
         let answers = eval::answer_and_score(
             &model,
             models.reward_model.as_ref(),
-            command_judge.is_none().then_some(&task_judge),
+            task_judge.as_ref(),
             &prompts,
             &opts.settings,
             device,
@@ -323,13 +337,14 @@ pub fn evaluate_run(
         });
         all_answers.push((stage.label.clone(), answers));
     }
-    if let Some(j) = &command_judge {
-        j.score(&prompts, &mut all_answers)?;
-    }
+    gold.score(&prompts, &mut all_answers, &opts.settings, device)?;
     let mut policies = Vec::new();
     for ((stage, (_, answers)), kl) in policy_stages.iter().zip(&all_answers).zip(kls) {
         let base = &all_answers[0].1;
         let mut row = policy_row(stage, answers, base, families.as_deref(), kl);
+        if !gold.scores_exactness() {
+            row.exact = None;
+        }
         row.checkpoint = relative_to(&row.checkpoint, run_dir);
         row.seconds = Some(stage.manifest.seconds);
         row.route_seconds = finished::route_seconds(&stage.manifest.key, &times);
@@ -349,10 +364,16 @@ pub fn evaluate_run(
             rounds: crate::run_folder::read_log_lines(&run_dir.join(crate::run_folder::ROUNDS_LOG)),
             plots: vec![],
             warnings: warnings(&stages, models.reward_stage),
-            judge: command_judge.as_ref().map_or_else(
-                || "the bundled task's judge".to_owned(),
-                judge::CommandJudge::shown,
-            ),
+            judge: gold.shown(),
+            gold_length_correlation: length_correlation(&all_answers, |a| a.gold.clone()),
+            reward_length_correlation: length_correlation(&all_answers, |a| match &a.reward {
+                Some(r) => r.iter().map(|&x| Some(x)).collect(),
+                None => vec![],
+            }),
+            examples: prompt_answers(&prompts, &all_answers)
+                .into_iter()
+                .take(EXAMPLES)
+                .collect(),
         },
         answers: prompt_answers(&prompts, &all_answers),
         stages,
@@ -473,6 +494,40 @@ fn reward_rows(
         });
     }
     Ok(rows)
+}
+
+/// How many prompts' answers the report shows side by side.
+const EXAMPLES: usize = 10;
+
+/// Pearson's correlation of a score with answer length (tokens) over
+/// every policy's answers that have the score: how much a judge or a
+/// reward model pays for length, the usual reward hack. `None` for fewer
+/// than three answers or no spread.
+fn length_correlation(
+    all: &[(String, PolicyAnswers)],
+    score: impl Fn(&PolicyAnswers) -> Vec<Option<f64>>,
+) -> Option<f64> {
+    let (xs, ys): (Vec<f64>, Vec<f64>) = all
+        .iter()
+        .flat_map(|(_, a)| {
+            let tokens = a.answer_tokens.iter().map(|&t| t as f64);
+            score(a).into_iter().zip(tokens).collect::<Vec<_>>()
+        })
+        .filter_map(|(s, t)| Some((s?, t)))
+        .unzip();
+    pearson(&xs, &ys)
+}
+
+fn pearson(xs: &[f64], ys: &[f64]) -> Option<f64> {
+    let n = xs.len() as f64;
+    if xs.len() < 3 {
+        return None;
+    }
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let cov: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let vx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
+    let vy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
+    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
 }
 
 /// Every policy's answer to each prompt, prompt by prompt.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use serde_json::json;
 use tch::Device;
 
-use rlhf_datasets::load::{read_table, string_column};
+use rlhf_datasets::load::read_table;
+use rlhf_datasets::schema::{prompt_texts, ChatTemplate};
 use rlhf_datasets::Tokenizer;
 
 use crate::error::StageError;
@@ -134,7 +135,8 @@ pub fn judged_eval(
     samples_out: &Path,
 ) -> Result<Option<JudgedScore>, StageError> {
     let table = read_table(path)?;
-    let prompts = string_column(&table, path, "prompt", "{prompt}")?;
+    let chat = ChatTemplate::for_tokenizer(&model.tokenizer);
+    let prompts = prompt_texts(&table, path, &chat)?;
     let answered = answer_prompts(
         model,
         &prompts,

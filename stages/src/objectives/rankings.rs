@@ -7,8 +7,10 @@
 use std::path::Path;
 
 use rlhf_datasets::batch::{tokenize_groups, GroupBatch, TokenizedGroup};
-use rlhf_datasets::load::read_table;
+use rlhf_datasets::hh::render_groups;
+use rlhf_datasets::load::{read_table, DataError};
 use rlhf_datasets::preference::ranked_groups;
+use rlhf_datasets::schema::ChatTemplate;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -178,11 +180,28 @@ pub fn load_groups(
     model: &Model,
     max_len: usize,
 ) -> Result<(Vec<TokenizedGroup>, usize), StageError> {
-    let rankings = ranked_groups(&read_table(path)?, path)?;
+    let mut rankings = ranked_groups(&read_table(path)?, path)?;
     if let Some(note) = rankings.skipped_note() {
         tracing::warn!("{}: {note}", path.display());
     }
-    let skipped = rankings.skipped();
+    // HH-RLHF dialogues in the model's own chat format, as its policy
+    // writes them.
+    let chat = ChatTemplate::for_tokenizer(&model.tokenizer);
+    let dropped = render_groups(&mut rankings.groups, &mut rankings.rows, &chat).map_err(
+        |(row, message)| DataError::BadValue {
+            path: path.to_owned(),
+            row: row + 1,
+            column: "prompt".into(),
+            message,
+        },
+    )?;
+    if dropped > 0 {
+        tracing::warn!(
+            "{}: {dropped} pairs skipped whose answers carry further dialogue turns (the chat template renders one answer)",
+            path.display()
+        );
+    }
+    let skipped = rankings.skipped() + dropped;
     let (tokenized, cut) = tokenize_groups(&rankings.groups, &model.tokenizer, max_len)?;
     if cut.prompts_cut + cut.completions_cut > 0 {
         tracing::warn!(

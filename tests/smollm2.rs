@@ -159,7 +159,7 @@ fn hh_split_files_are_what_split_py_writes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for f in ["policy", "labeller", "judge", "eval"] {
+    for f in ["policy", "labeller", "judge", "eval", "dpo"] {
         let name = format!("{f}.jsonl.gz");
         assert!(
             std::fs::read(src.join(&name)).unwrap() == std::fs::read(d.path().join(&name)).unwrap(),

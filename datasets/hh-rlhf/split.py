@@ -13,7 +13,9 @@ writes, next to this file:
   labeller.jsonl.gz pairs for the reward model that labels the loop round;
   judge.jsonl.gz   pairs for the judge reward model and for the proxy
                    reward model's held-out accuracy on human labels;
-  eval.jsonl.gz    held-out prompts (as HH pairs), from the judge's part.
+  eval.jsonl.gz    held-out pairs: the prompts the policies are judged on,
+                   and every reward model's held-out accuracy on human labels;
+  dpo.jsonl.gz     the first pairs of policy.jsonl.gz, for DPO.
 
 Every line is an HH-RLHF row as Anthropic wrote it, plus `source` (file and
 line). Pairs go to one part by a hash of their first human turn, so that a
@@ -39,7 +41,10 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 POLICY_ROWS = 1000
 LABELLER_ROWS = 1000
 JUDGE_ROWS = 1000
-EVAL_ROWS = 100
+EVAL_ROWS = 200
+# DPO computes its reference's log-probabilities of all its data first:
+# its file is the first pairs of the policy part, as many as it trains on.
+DPO_ROWS = 320
 # Longest dialogue kept (prompt + longer answer), in characters.
 MAX_CHARS = 1200
 
@@ -109,10 +114,11 @@ def main():
             sys.exit(f"split: the {name} part has {len(part)} pairs, fewer than {n}")
         write(f"{name}.jsonl.gz", part[:n])
     write("eval.jsonl.gz", eval_rows)
+    write("dpo.jsonl.gz", policy[:DPO_ROWS])
     print(f"split: {len(rows)} usable pairs of {len(rows) + sum(skipped.values())} "
           f"(skipped: {skipped}); parts of {len(policy)}, {len(labeller)} and "
           f"{len(judge) + EVAL_ROWS} pairs; wrote {POLICY_ROWS} policy, {LABELLER_ROWS} "
-          f"labeller, {JUDGE_ROWS} judge and {EVAL_ROWS} eval rows", file=sys.stderr)
+          f"labeller, {JUDGE_ROWS} judge, {EVAL_ROWS} eval and {DPO_ROWS} dpo rows", file=sys.stderr)
 
 
 if __name__ == "__main__":

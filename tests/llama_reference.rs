@@ -29,15 +29,8 @@ fn check(family: &str, tied: bool) {
     assert_eq!(model.config().attention_bias, family == "qwen2");
     let window = if family == "mistral" { 96 } else { 128 };
     assert_eq!(model.config().max_position_embeddings, window);
-    let reference = tch::Tensor::read_safetensors(d.path().join("reference.safetensors")).unwrap();
-    let get = |k: &str| {
-        reference
-            .iter()
-            .find(|(n, _)| n == k)
-            .unwrap()
-            .1
-            .shallow_clone()
-    };
+    let reference = common::tensors(&d.path().join("reference.safetensors"));
+    let get = |k: &str| reference[k].shallow_clone();
     let logits = tch::no_grad(|| model.forward_logits(&get("input_ids"), None));
     let diff = (logits - get("logits")).abs().max().double_value(&[]);
     assert!(

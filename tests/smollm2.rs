@@ -101,17 +101,12 @@ fn same_logits(dir: &std::path::Path, reference: &std::path::Path) {
         (30, 9)
     );
     assert!(config.tie_word_embeddings);
-    let tensors = tch::Tensor::read_safetensors(reference).unwrap();
-    let get = |k: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == k)
-            .unwrap()
-            .1
-            .shallow_clone()
-    };
-    let logits = tch::no_grad(|| model.forward_logits(&get("input_ids"), None));
-    let diff = (logits - get("logits")).abs().max().double_value(&[]);
+    let reference = common::tensors(reference);
+    let logits = tch::no_grad(|| model.forward_logits(&reference["input_ids"], None));
+    let diff = (logits - &reference["logits"])
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff < 1e-4, "logits differ from transformers' by {diff}");
 }
 

@@ -46,6 +46,14 @@ pub fn run_python(script: &str, args: &[&str]) {
     );
 }
 
+/// The tensors of a safetensors file (a Python reference's output), by name.
+pub fn tensors(path: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 /// `rlhf eval RUN` made quick for tests: `prompts`, answers of 4 tokens,
 /// one KL sample, then `extra` arguments.
 pub fn eval_quick(run: &Path, prompts: &Path, extra: &[&str]) -> Output {

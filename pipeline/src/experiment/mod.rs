@@ -167,9 +167,7 @@ impl Experiment {
                 // A stage's name means its checkpoint; else a folder.
                 Labeller::RewardModel { model } => {
                     *model = match model.to_str().filter(|m| spec.stages.contains_key(*m)) {
-                        Some(stage) => run_dir
-                            .join(crate::experiment::sweep::folder_of(stage))
-                            .join(rlhf_stages::train::FINAL_DIR),
+                        Some(stage) => stage_checkpoint(&run_dir, stage),
                         None => abs(model),
                     }
                 }

@@ -122,12 +122,14 @@ impl Places<'_> {
                 "stages.{name}.{field}: a stage cannot start from itself"
             ));
         }
-        let folder = crate::experiment::sweep::folder_of(&s);
-        p.set(
-            self.run_dir
-                .join(folder)
-                .join(rlhf_stages::train::FINAL_DIR),
-        );
+        p.set(stage_checkpoint(self.run_dir, &s));
         Ok(Some(s))
     }
+}
+
+/// Where stage `name` of the run in `run_dir` leaves its final checkpoint.
+pub(super) fn stage_checkpoint(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir
+        .join(crate::experiment::sweep::folder_of(name))
+        .join(rlhf_stages::train::FINAL_DIR)
 }

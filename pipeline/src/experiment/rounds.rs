@@ -65,11 +65,7 @@ pub(super) fn expand(
     let Some(l) = spec.rounds.clone() else {
         return Ok(());
     };
-    let checkpoint = |name: &str| {
-        run_dir
-            .join(crate::experiment::sweep::folder_of(name))
-            .join(FINAL_DIR)
-    };
+    let checkpoint = |name: &str| super::paths::stage_checkpoint(run_dir, name);
     let (scorer, trained) = match l.repeat.as_slice() {
         [rm, ppo] => (Some(rm.clone()), ppo.clone()),
         [dpo] => (None, dpo.clone()),

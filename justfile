@@ -143,7 +143,7 @@ sweep: build
 # SmolLM2-135M-Instruct on HH-RLHF (configs/smollm2-hh.yaml): SFT, reward models, PPO, DPO, GRPO, a round; judged by a held-out reward model (runs/smollm2-hh/report/).
 real: build smollm2
     {{rlhf}} run configs/smollm2-hh.yaml
-    {{rlhf}} eval runs/smollm2-hh --preferences datasets/hh-rlhf/eval.jsonl.gz --max-prompts 80 --max-new-tokens 48 --kl-samples 1
+    {{rlhf}} eval runs/smollm2-hh --preferences datasets/hh-rlhf/eval.jsonl.gz --max-prompts 80 --max-new-tokens 48 --kl-samples 1 --precision bf16
 
 # Evaluate a finished run: report.md, report.json and plots in RUN/report/.
 eval run="runs/default" *args: build

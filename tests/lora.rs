@@ -1,7 +1,8 @@
-//! LoRA end to end: adapters trained by an SFT stage on a Llama-layout
-//! base load in PEFT (`PeftModel.from_pretrained`) with our logits within
-//! 1e-4; the stage's merged folder equals base + adapter (in transformers
-//! and against PEFT's own merge); `rlhf merge` writes the same weights; a
+//! LoRA end to end, on a Llama-layout base and on a GPT-2 one (Conv1D
+//! weights, PEFT's `fan_in_fan_out`): adapters trained by an SFT stage
+//! load in PEFT (`PeftModel.from_pretrained`) with our logits within 1e-4;
+//! the stage's merged folder equals base + adapter (in transformers and
+//! against PEFT's own merge); `rlhf merge` writes the same weights; a
 //! resumed LoRA run (SFT, DPO) equals an uninterrupted one; PPO, GRPO and
 //! DPO with LoRA run on one copy of the base and train only adapters, and
 //! DPO's adapters load in PEFT with our logits.
@@ -65,32 +66,39 @@ const EXPERIMENT: &str = "name: lora\ndevice: cpu\nstages:\n\
 \x20   optimizer: {lr: 0.01, weight_decay: 0.0}\n\
 \x20   lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj, down_proj]}\n";
 
+#[derive(Clone, Copy)]
+enum Layout {
+    Llama,
+    Gpt2,
+}
+
 /// A fresh Llama-layout base and the experiment beside it.
 fn setup(dir: &Path) -> PathBuf {
-    common::rlhf_ok(&[
-        "init",
-        "--layout",
-        "llama",
-        "--n-layer",
-        "2",
-        "--n-head",
-        "4",
-        "--kv-heads",
-        "2",
-        "--n-embd",
-        "32",
-        "--n-positions",
-        "64",
-        "--seed",
-        "3",
-        "--out",
-        dir.join("base").to_str().unwrap(),
-    ]);
+    setup_layout(dir, Layout::Llama)
+}
+
+/// A fresh base of `layout` and the experiment beside it; on GPT-2 the
+/// adapters are named by its projections.
+fn setup_layout(dir: &Path, layout: Layout) -> PathBuf {
+    let base = dir.join("base");
+    let mut args = vec!["init", "--n-layer", "2", "--n-head", "4", "--n-embd", "32"];
+    args.extend(["--n-positions", "64", "--seed", "3"]);
+    args.extend(["--out", base.to_str().unwrap()]);
+    let experiment = match layout {
+        Layout::Llama => {
+            args.extend(["--layout", "llama", "--kv-heads", "2"]);
+            EXPERIMENT.to_string()
+        }
+        Layout::Gpt2 => EXPERIMENT
+            .replace("[q_proj, v_proj, down_proj]", "[c_attn, c_fc]")
+            .replace("[q_proj, v_proj]", "[c_attn]"),
+    };
+    common::rlhf_ok(&args);
     common::task_head("sft.jsonl", &dir.join("sft.jsonl"), 64);
     common::task_head("preferences.jsonl", &dir.join("prefs.jsonl"), 16);
     common::task_head("prompts.jsonl", &dir.join("prompts.jsonl"), 8);
     let exp = dir.join("exp.yaml");
-    std::fs::write(&exp, EXPERIMENT).unwrap();
+    std::fs::write(&exp, experiment).unwrap();
     exp
 }
 
@@ -137,10 +145,37 @@ fn adapters_load_in_peft_and_merge_to_the_same_model() {
     let exp = setup(d.path());
     common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", "sft"]);
     let checkpoint = d.path().join("runs/lora/sft/checkpoint");
-    let theirs = peft_reference(d.path(), &d.path().join("base"), &checkpoint);
+    merges_to_the_same_model(d.path(), &checkpoint);
+    refuses_peft_settings_it_does_not_compute(d.path(), &checkpoint);
+}
+
+/// GPT-2's Conv1D projections (`c_attn`, `c_proj`, `c_fc`) carry adapters
+/// that PEFT reads with `fan_in_fan_out` and merges as we do.
+#[test]
+fn gpt2_adapters_load_in_peft_and_merge_to_the_same_model() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = setup_layout(d.path(), Layout::Gpt2);
+    common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", "sft"]);
+    let checkpoint = d.path().join("runs/lora/sft/checkpoint");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(checkpoint.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["fan_in_fan_out"], true);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["c_attn", "c_proj", "c_fc"])
+    );
+    merges_to_the_same_model(d.path(), &checkpoint);
+}
+
+/// The SFT stage's adapters in PEFT, its merged folder in transformers,
+/// PEFT's own merge and `rlhf merge`: one model.
+fn merges_to_the_same_model(d: &Path, checkpoint: &Path) {
+    let theirs = peft_reference(d, &d.join("base"), checkpoint);
     let ids = &theirs["input_ids"];
-    let adapted = Model::load_adapted(&checkpoint, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
-    let merged = Model::load(&checkpoint, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    let adapted = Model::load_adapted(checkpoint, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
+    let merged = Model::load(checkpoint, HeadChoice::AsSaved, tch::Device::Cpu).unwrap();
     assert!(merged.lora.is_none());
     for (what, reference) in [
         ("transformers on the merged folder", "merged"),
@@ -155,7 +190,7 @@ fn adapters_load_in_peft_and_merge_to_the_same_model() {
     assert!(max_diff(&base, &theirs["base"]) < 1e-4);
 
     // `rlhf merge` writes the stage's merged weights, and no adapter.
-    let merged_out = d.path().join("merged");
+    let merged_out = d.join("merged");
     common::rlhf_ok(&[
         "merge",
         "--adapter",
@@ -170,10 +205,12 @@ fn adapters_load_in_peft_and_merge_to_the_same_model() {
     for (k, t) in &a {
         assert!(max_diff(t, &b[k]) < 1e-6, "{k}");
     }
+}
 
-    // PEFT settings that change the weights, and a scale that overflows:
-    // refused by name, nothing written.
-    let adapter = d.path().join("their-adapter");
+/// PEFT settings that change the weights, and a scale that overflows:
+/// refused by name, nothing written.
+fn refuses_peft_settings_it_does_not_compute(d: &Path, checkpoint: &Path) {
+    let adapter = d.join("their-adapter");
     std::fs::create_dir_all(&adapter).unwrap();
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(checkpoint.join("adapter").join(f), adapter.join(f)).unwrap();
@@ -217,13 +254,13 @@ fn adapters_load_in_peft_and_merge_to_the_same_model() {
         let mut bad = config.clone();
         bad[key] = value;
         std::fs::write(adapter.join("adapter_config.json"), bad.to_string()).unwrap();
-        let out_dir = d.path().join("refused");
+        let out_dir = d.join("refused");
         let out = common::rlhf(&[
             "merge",
             "--adapter",
             adapter.to_str().unwrap(),
             "--base",
-            d.path().join("base").to_str().unwrap(),
+            d.join("base").to_str().unwrap(),
             "--out",
             out_dir.to_str().unwrap(),
         ]);
@@ -235,9 +272,11 @@ fn adapters_load_in_peft_and_merge_to_the_same_model() {
 
 #[test]
 fn a_resumed_lora_run_equals_an_uninterrupted_one() {
-    let d = tempfile::tempdir().unwrap();
-    let exp = setup(d.path());
-    resumed_equals_whole(d.path(), &exp, "sft", "6");
+    for layout in [Layout::Llama, Layout::Gpt2] {
+        let d = tempfile::tempdir().unwrap();
+        let exp = setup_layout(d.path(), layout);
+        resumed_equals_whole(d.path(), &exp, "sft", "6");
+    }
 }
 
 /// DPO with LoRA: resumed equals uninterrupted, bit for bit.
@@ -307,8 +346,17 @@ fn resumed_equals_whole(d: &Path, exp: &Path, name: &str, stop_after: &str) {
 /// (no second copy is loaded).
 #[test]
 fn ppo_grpo_and_dpo_with_lora_keep_one_base_and_train_only_adapters() {
+    lora_kinds_keep_one_base(Layout::Llama);
+}
+
+#[test]
+fn gpt2_ppo_grpo_and_dpo_with_lora_keep_one_base_and_train_only_adapters() {
+    lora_kinds_keep_one_base(Layout::Gpt2);
+}
+
+fn lora_kinds_keep_one_base(layout: Layout) {
     let d = tempfile::tempdir().unwrap();
-    let exp = setup(d.path());
+    let exp = setup_layout(d.path(), layout);
     let run = d.path().join("runs/lora");
     for stage in ["ppo", "grpo", "dpo"] {
         common::rlhf_ok(&["run", exp.to_str().unwrap(), "--only", stage]);

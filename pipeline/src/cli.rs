@@ -243,6 +243,10 @@ pub struct EvalArgs {
     pub judge_timeout: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: i64,
+    /// fp32, or bf16 autocast as a stage's `precision: bf16` (about twice
+    /// as fast on CPUs with bf16 units; scores move in the third digit).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    pub precision: PrecisionArg,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -327,6 +331,15 @@ pub struct BenchArgs {
 pub enum PrecisionArg {
     Fp32,
     Bf16,
+}
+
+impl From<PrecisionArg> for rlhf_stages::model::precision::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Self::Fp32,
+            PrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -4,8 +4,7 @@
 use rlhf_stages::bench::{self, BenchSpec};
 use rlhf_stages::model::device::parse_device;
 
-use crate::cli::{BenchArgs, BenchMode, PrecisionArg};
-use rlhf_stages::model::precision::Precision;
+use crate::cli::{BenchArgs, BenchMode};
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
@@ -25,10 +24,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         steps: args.steps,
         size: args.size,
         seed: args.seed,
-        precision: match args.precision {
-            PrecisionArg::Fp32 => Precision::Fp32,
-            PrecisionArg::Bf16 => Precision::Bf16,
-        },
+        precision: args.precision.into(),
     };
     let out = match args.mode {
         BenchMode::Matmul => bench::matmul(&spec, device)?,

@@ -17,6 +17,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             max_new_tokens: args.max_new_tokens,
             kl_samples_per_prompt: args.kl_samples,
             seed: args.seed,
+            precision: args.precision.into(),
             ..EvalSettings::default()
         },
         skip_kl: false,
@@ -69,7 +70,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         );
         _other_locks.push(crate::run_folder::lock::lock_run_folder(other)?);
     }
-    let mut evaluation = evaluate_run(&args.run, &opts, device)?;
+    let precision = opts.settings.precision;
+    let mut evaluation = precision.run(device, || evaluate_run(&args.run, &opts, device))?;
     let dir = write_report(&mut evaluation)?;
     print!("{}", crate::report::markdown::render(&evaluation.report));
     eprintln!(

@@ -13,8 +13,9 @@ use tch::Device;
 use crate::error::StageError;
 use crate::eval::answer::{answer_prompts, greedy, Judge, ANSWER_BATCH};
 use crate::model::checkpoint::Model;
+use crate::model::precision::Precision;
 use crate::model::sample::SamplingConfig;
-use crate::model::score::sequence_logprobs;
+use crate::model::score::sequence_logprobs_from;
 use crate::objectives::rankings::{reward_sequence, sequence_rewards};
 
 /// How answers are drawn for evaluation.
@@ -25,6 +26,9 @@ pub struct EvalSettings {
     pub kl_samples_per_prompt: usize,
     pub batch_size: usize,
     pub seed: i64,
+    /// What the models run in (bf16: autocast, as a stage's `precision`).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for EvalSettings {
@@ -34,6 +38,7 @@ impl Default for EvalSettings {
             kl_samples_per_prompt: 4,
             batch_size: ANSWER_BATCH,
             seed: 1,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -184,18 +189,17 @@ pub fn kl_to_reference(
         .zip(&answered.answers)
         .map(|(p, a)| p.iter().chain(a).copied().collect())
         .collect();
-    let lp = sequence_logprobs(&policy.net, &seqs, settings.batch_size, device);
-    let ref_lp = sequence_logprobs(&reference.net, &seqs, settings.batch_size, device);
-    let mut total = 0.0;
-    for ((lp, ref_lp), answer) in lp.iter().zip(&ref_lp).zip(&answered.answers) {
-        // The answer's tokens are the last `answer.len()` log-probabilities.
-        let n = answer.len();
-        total += lp[lp.len() - n..]
-            .iter()
-            .zip(&ref_lp[ref_lp.len() - n..])
-            .map(|(a, b)| a - b)
-            .sum::<f64>();
-    }
+    // Only the answers' positions are scored (logits over a 49k vocabulary
+    // for whole prompts would take gigabytes).
+    let starts: Vec<usize> = answered.prompt_ids.iter().map(Vec::len).collect();
+    let lp = sequence_logprobs_from(&policy.net, &seqs, &starts, settings.batch_size, device);
+    let ref_lp =
+        sequence_logprobs_from(&reference.net, &seqs, &starts, settings.batch_size, device);
+    let total: f64 = lp
+        .iter()
+        .zip(&ref_lp)
+        .map(|(a, b)| a.iter().zip(b).map(|(a, b)| a - b).sum::<f64>())
+        .sum();
     Ok(total / answered.answers.len().max(1) as f64)
 }
 
@@ -293,6 +297,7 @@ mod tests {
             kl_samples_per_prompt: 3000,
             batch_size: 512,
             seed: 7,
+            ..EvalSettings::default()
         };
         let same = kl_to_reference(&a, &a, &prompts, &settings, Device::Cpu).unwrap();
         assert!(same.abs() < 1e-9, "{same}");

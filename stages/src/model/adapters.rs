@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{Device, Tensor};
 
+use crate::model::checkpoint::HF_TRUNK_PREFIX;
 use crate::model::checkpoint::{CheckpointError, HeadChoice, Model};
 use crate::model::lora::{
     base_of, merge, relative_path, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_DIR,
-    ADAPTER_WEIGHTS_FILE, PEFT_PREFIX,
+    ADAPTER_WEIGHTS_FILE, GPT2_MODULES, LLAMA_MODULES, PEFT_PREFIX,
 };
 use crate::model::network::Network;
 
@@ -38,20 +39,26 @@ impl Model {
     /// Freezes every weight but the scalar head and adds `config`'s
     /// adapters; `base` is the folder this model was loaded from.
     pub fn add_lora(&mut self, config: &LoraConfig, base: &Path) -> Result<(), CheckpointError> {
-        let Network::Llama(llama) = &mut self.net else {
-            return Err(CheckpointError::Invalid {
-                path: base.to_owned(),
-                message: "lora: adapters need a Llama-layout model (Llama, Qwen2, Mistral); this is a GPT-2 one".into(),
-            });
-        };
+        let resolved = match &self.net {
+            Network::Gpt(_) => config.for_layout("GPT-2", &GPT2_MODULES),
+            Network::Llama(_) => config.for_layout("Llama", &LLAMA_MODULES),
+        }
+        .map_err(|message| CheckpointError::Invalid {
+            path: base.to_owned(),
+            message,
+        })?;
         for (name, t) in self.vs.variables() {
             if !is_head(&name) {
                 let _ = t.set_requires_grad(false);
             }
         }
-        llama.add_lora(&self.vs.root(), config);
+        let root = self.vs.root();
+        match &mut self.net {
+            Network::Gpt(gpt) => gpt.add_lora(&root, &resolved),
+            Network::Llama(llama) => llama.add_lora(&root, &resolved),
+        }
         self.lora = Some(LoraState {
-            config: config.clone(),
+            config: resolved,
             // Resolved (no `..`): adapters saved elsewhere name it relatively.
             base: std::fs::canonicalize(base).map_err(|source| CheckpointError::Io {
                 path: base.to_owned(),
@@ -71,6 +78,7 @@ impl Model {
             return vars.iter().map(|(k, t)| (k.clone(), cpu(t))).collect();
         };
         let scale = lora.config.scale();
+        let fan_in_fan_out = self.fan_in_fan_out();
         vars.iter()
             .filter(|(k, _)| !is_adapter(k))
             .map(|(k, w)| {
@@ -80,12 +88,27 @@ impl Model {
                     vars.get(&format!("{stem}.lora_B.weight")),
                 );
                 let t = match (a, b) {
-                    (Some(a), Some(b)) => tch::no_grad(|| merge(w, a, b, scale)),
+                    (Some(a), Some(b)) => tch::no_grad(|| merge(w, a, b, scale, fan_in_fan_out)),
                     _ => w.shallow_clone(),
                 };
                 (k.clone(), cpu(&t))
             })
             .collect()
+    }
+
+    /// GPT-2's Conv1D weights are stored `(in, out)`: PEFT's
+    /// `fan_in_fan_out`.
+    fn fan_in_fan_out(&self) -> bool {
+        matches!(self.net, Network::Gpt(_))
+    }
+
+    /// HF's key of our variable `name` (GPT-2's trunk sits under
+    /// `transformer.`, the scalar head beside it).
+    fn hf_key(&self, name: &str) -> String {
+        match self.net {
+            Network::Gpt(_) if !is_head(name) => format!("{HF_TRUNK_PREFIX}{name}"),
+            _ => name.to_owned(),
+        }
     }
 
     /// Writes `dir/adapter/` (PEFT's two files and a checksum list) when
@@ -103,7 +126,9 @@ impl Model {
         std::fs::create_dir_all(&out).map_err(io(&out))?;
         let here = std::fs::canonicalize(&out).map_err(io(&out))?;
         let base = relative_path(&here, &lora.base);
-        let config = lora.config.to_peft(&base.to_string_lossy());
+        let config = lora
+            .config
+            .to_peft(&base.to_string_lossy(), self.fan_in_fan_out());
         let text = serde_json::to_string_pretty(&config).expect("config serialises");
         rlhf_datasets::atomic::write_file(&out.join(ADAPTER_CONFIG_FILE), text.as_bytes())?;
         let named: Vec<(String, Tensor)> = self
@@ -113,7 +138,7 @@ impl Model {
             .filter(|(k, _)| is_adapter(k) || is_head(k))
             .map(|(k, t)| {
                 (
-                    format!("{PEFT_PREFIX}{k}"),
+                    format!("{PEFT_PREFIX}{}", self.hf_key(&k)),
                     t.detach().to_device(Device::Cpu).contiguous(),
                 )
             })
@@ -189,6 +214,10 @@ impl Model {
         let mut found = 0;
         for (key, t) in tensors {
             let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
+            let name = match self.net {
+                Network::Gpt(_) => name.strip_prefix(HF_TRUNK_PREFIX).unwrap_or(name),
+                Network::Llama(_) => name,
+            };
             // PEFT names the default adapter in memory, not on disk.
             let name = name.replace(".default.", ".");
             let Some(var) = vars.get(&name) else {
@@ -276,13 +305,55 @@ mod tests {
     }
 
     #[test]
-    fn gpt2_models_refuse_adapters_by_name() {
+    fn gpt2_models_take_adapters_on_their_conv1d_projections() {
         let _rng = crate::rng_lock();
-        let mut model = model(crate::tiny_gpt(1, 40, 16, 1, Head::Lm));
+        let mut model = model(crate::tiny_gpt(1, 40, 16, 2, Head::Lm));
+        let llama_names = LoraConfig {
+            target_modules: Some(vec!["q_proj".into()]),
+            ..LoraConfig::default()
+        };
         let e = model
-            .add_lora(&LoraConfig::default(), Path::new("."))
+            .add_lora(&llama_names, Path::new("."))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("Llama-layout"), "{e}");
+        assert!(e.contains("GPT-2") && e.contains("q_proj"), "{e}");
+        model
+            .add_lora(&LoraConfig::default(), Path::new("."))
+            .unwrap();
+        let adapters: Vec<String> = model
+            .vs
+            .variables()
+            .into_keys()
+            .filter(|k| is_adapter(k))
+            .collect();
+        // c_attn, both c_proj and c_fc in each of 2 blocks, A and B each.
+        assert_eq!(adapters.len(), 4 * 2 * 2);
+        assert!(adapters.contains(&"h.1.mlp.c_proj.lora_B.weight".to_string()));
+        // B starts at zero: the adapted model is its base until trained.
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 3]).view([1, 4]);
+        let on = tch::no_grad(|| model.net.forward_logits(&ids, None, false));
+        tch::no_grad(|| {
+            for (k, mut t) in model.vs.variables() {
+                if k.contains("lora_B") {
+                    let _ = t.normal_(0.0, 0.1);
+                }
+            }
+        });
+        let moved = tch::no_grad(|| model.net.forward_logits(&ids, None, false));
+        let off = model
+            .net
+            .without_adapters(|| tch::no_grad(|| model.net.forward_logits(&ids, None, false)));
+        assert!(off.allclose(&on, 1e-6, 1e-6, false));
+        assert!(!moved.allclose(&on, 1e-3, 1e-3, false));
+        // The merged weights compute what base + adapters compute.
+        let merged = model.tensors_to_save();
+        let (vs, plain) = crate::tiny_gpt(1, 40, 16, 2, Head::Lm);
+        tch::no_grad(|| {
+            for (k, mut t) in vs.variables() {
+                t.copy_(&merged[&k]);
+            }
+        });
+        let again = tch::no_grad(|| plain.forward_logits(&ids, None, false));
+        assert!(again.allclose(&moved, 1e-5, 1e-5, false));
     }
 }

@@ -26,7 +26,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// HF nests the trunk under this prefix in `GPT2LMHeadModel` files.
-const HF_TRUNK_PREFIX: &str = "transformer.";
+pub(crate) const HF_TRUNK_PREFIX: &str = "transformer.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

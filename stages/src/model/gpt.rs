@@ -5,14 +5,19 @@
 //! ...), linear layers included: they are kept in HF's Conv1D layout
 //! `(in, out)`, so loading or saving an HF folder is a plain key copy. The LM
 //! head is tied to `wte`. An optional scalar head (`score`) gives one value per
-//! position, for the reward model and the critic.
+//! position, for the reward model and the critic. LoRA adapters may sit on
+//! `c_attn`, `c_proj` and `c_fc` ([`Gpt::add_lora`]).
 //!
 //! The KV cache lives outside the model ([`KvCache`]): the model is `&self`
 //! and one instance serves training and generation.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
+
+use crate::model::lora::{Adapter, LoraConfig};
 
 /// The shapes of a GPT. Field names and defaults are HF `GPT2Config`'s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,11 +177,31 @@ pub enum Head {
     Scalar,
 }
 
-/// HF's Conv1D: a linear layer stored `(in, out)`, computing `x @ W + b`.
+/// What one forward call does beside the arithmetic: dropout (training)
+/// and whether LoRA adapters apply.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    train: bool,
+    adapters: bool,
+}
+
+impl Mode {
+    /// Decoding: never dropout.
+    fn decode(self) -> Self {
+        Self {
+            train: false,
+            ..self
+        }
+    }
+}
+
+/// HF's Conv1D: a linear layer stored `(in, out)`, computing `x @ W + b`,
+/// with a LoRA adapter once one is added.
 #[derive(Debug)]
 struct Conv1D {
     weight: Tensor,
     bias: Tensor,
+    adapter: Option<Adapter>,
 }
 
 impl Conv1D {
@@ -191,20 +216,31 @@ impl Conv1D {
                 },
             ),
             bias: p.var("bias", &[n_out], Init::Const(0.)),
+            adapter: None,
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
         let mut out_shape = x.size();
         let n_in = *out_shape.last().expect("input has a feature dim");
         *out_shape.last_mut().expect("input has a feature dim") = self.weight.size()[1];
-        self.forward_2d(&x.reshape([-1, n_in]))
+        self.forward_2d(&x.reshape([-1, n_in]), mode)
             .view(out_shape.as_slice())
     }
 
-    /// `(N, in) -> (N, out)` in one libtorch call.
-    fn forward_2d(&self, x: &Tensor) -> Tensor {
-        self.bias.addmm(x, &self.weight)
+    /// `(N, in) -> (N, out)`: one libtorch call without an adapter.
+    fn forward_2d(&self, x: &Tensor, mode: Mode) -> Tensor {
+        let y = self.bias.addmm(x, &self.weight);
+        match &self.adapter {
+            Some(a) if mode.adapters => y + a.delta(x, mode.train),
+            _ => y,
+        }
+    }
+
+    /// Adds an adapter under `p` (PEFT's names below the module's).
+    fn add_adapter(&mut self, p: &nn::Path, config: &LoraConfig) {
+        let (n_in, n_out) = self.weight.size2().expect("Conv1D weight is (in, out)");
+        self.adapter = Some(Adapter::new(p, n_in, n_out, config));
     }
 }
 
@@ -267,34 +303,34 @@ impl CausalSelfAttention {
         x: &Tensor,
         at: &Attend,
         cache: Option<&mut LayerCache>,
-        train: bool,
+        mode: Mode,
     ) -> Tensor {
         let (b, t, c) = x.size3().expect("attention input is (B, T, C)");
         let hs = c / self.n_head;
-        let qkv = self.c_attn.forward(x).split(c, 2);
+        let qkv = self.c_attn.forward(x, mode).split(c, 2);
         let heads = |z: &Tensor| z.view([b, t, self.n_head, hs]).transpose(1, 2); // (B, nh, T, hs)
         let (q, mut k, mut v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
         if let Some(layer) = cache {
             (k, v) = layer.append(&k, &v, at.past); // (B, nh, past + T, hs)
         }
-        let attn_dropout = if train { self.attn_pdrop } else { 0.0 };
+        let attn_dropout = if mode.train { self.attn_pdrop } else { 0.0 };
         let y = attention(&q, &k, &v, &at.mask, attn_dropout); // (B, nh, T, hs)
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
-        dropout(self.c_proj.forward(&y), self.resid_pdrop, train)
+        dropout(self.c_proj.forward(&y, mode), self.resid_pdrop, mode.train)
     }
 
     /// One new token per row against the cache, `x` `(B, C)`: the arithmetic
     /// of `forward` in about half the libtorch calls (a decode step makes
     /// them once per layer per token, and they cost more than the math on
     /// small models).
-    fn decode(&self, x: &Tensor, at: &Attend, layer: &mut LayerCache) -> Tensor {
+    fn decode(&self, x: &Tensor, at: &Attend, layer: &mut LayerCache, mode: Mode) -> Tensor {
         let (b, c) = x.size2().expect("decode input is (B, C)");
         let (nh, hs) = (self.n_head, c / self.n_head);
-        let qkv = self.c_attn.forward_2d(x); // (B, 3C): q | k | v, heads side by side
+        let qkv = self.c_attn.forward_2d(x, mode); // (B, 3C): q | k | v, heads side by side
         let q = qkv.narrow(1, 0, c).view([b, nh, 1, hs]);
         let (k, v) = layer.append_one(&qkv.narrow(1, c, 2 * c).view([b, 2, nh, 1, hs]), at.past);
         let y = attention(&q, &k, &v, &at.mask, 0.0); // (B, nh, 1, hs): (B, C) in memory
-        self.c_proj.forward_2d(&y.reshape([b, c]))
+        self.c_proj.forward_2d(&y.reshape([b, c]), mode)
     }
 }
 
@@ -325,16 +361,16 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
         // GPT-2's "gelu_new" is the tanh approximation.
-        let h = self.c_fc.forward(x).gelu("tanh");
-        dropout(self.c_proj.forward(&h), self.resid_pdrop, train)
+        let h = self.c_fc.forward(x, mode).gelu("tanh");
+        dropout(self.c_proj.forward(&h, mode), self.resid_pdrop, mode.train)
     }
 
     /// `forward` of `(B, C)` rows, without dropout.
-    fn decode(&self, x: &Tensor) -> Tensor {
-        let h = self.c_fc.forward_2d(x).gelu("tanh");
-        self.c_proj.forward_2d(&h)
+    fn decode(&self, x: &Tensor, mode: Mode) -> Tensor {
+        let h = self.c_fc.forward_2d(x, mode).gelu("tanh");
+        self.c_proj.forward_2d(&h, mode)
     }
 }
 
@@ -362,16 +398,28 @@ impl Block {
         x: &Tensor,
         at: &Attend,
         cache: Option<&mut LayerCache>,
-        train: bool,
+        mode: Mode,
     ) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), at, cache, train);
-        &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+        let x = x + self.attn.forward(&self.ln_1.forward(x), at, cache, mode);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), mode)
     }
 
     /// `forward` of one token per row, `x` `(B, C)`, without dropout.
-    fn decode(&self, x: &Tensor, at: &Attend, layer: &mut LayerCache) -> Tensor {
-        let x = x + self.attn.decode(&self.ln_1.forward(x), at, layer);
-        &x + self.mlp.decode(&self.ln_2.forward(&x))
+    fn decode(&self, x: &Tensor, at: &Attend, layer: &mut LayerCache, mode: Mode) -> Tensor {
+        let mode = mode.decode();
+        let x = x + self.attn.decode(&self.ln_1.forward(x), at, layer, mode);
+        &x + self.mlp.decode(&self.ln_2.forward(&x), mode)
+    }
+
+    /// The block's projections that can carry adapters, by PEFT's path
+    /// below the block and module name.
+    fn projections(&mut self) -> [(&'static str, &'static str, &mut Conv1D); 4] {
+        [
+            ("attn", "c_attn", &mut self.attn.c_attn),
+            ("attn", "c_proj", &mut self.attn.c_proj),
+            ("mlp", "c_fc", &mut self.mlp.c_fc),
+            ("mlp", "c_proj", &mut self.mlp.c_proj),
+        ]
     }
 }
 
@@ -440,6 +488,9 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     score: Option<ScalarHead>,
+    /// Off: the LoRA adapters are skipped (the base model, PPO's
+    /// reference).
+    adapters_on: AtomicBool,
 }
 
 impl Gpt {
@@ -473,7 +524,30 @@ impl Gpt {
             blocks,
             ln_f,
             score,
+            adapters_on: true.into(),
         }
+    }
+
+    /// Adds LoRA adapters to the `config.target_modules` projections of
+    /// every block, their variables under `root` with our names
+    /// (`h.0.attn.c_attn.lora_A.weight`; PEFT's add `transformer.`).
+    pub fn add_lora(&mut self, root: &nn::Path, config: &LoraConfig) {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let h = root / "h" / i;
+            for (part, name, proj) in block.projections() {
+                if config.targets(name) {
+                    proj.add_adapter(&(&h / part / name), config);
+                }
+            }
+        }
+    }
+
+    /// Runs `f` with the adapters skipped: the base model.
+    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.adapters_on.swap(false, Ordering::SeqCst);
+        let out = f();
+        self.adapters_on.store(was, Ordering::SeqCst);
+        out
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -517,13 +591,17 @@ impl Gpt {
             self.config.n_positions
         );
         let (positions, at) = positions_and_mask(attention_mask, past, t, input_ids.device());
+        let mode = Mode {
+            train,
+            adapters: self.adapters_on.load(Ordering::SeqCst),
+        };
         let tok = Tensor::embedding(&self.wte, input_ids, -1, false, false);
         let pos = Tensor::embedding(&self.wpe, &positions, -1, false, false);
         if let (Some(c), 1, false) = (cache.as_deref_mut(), t, train) {
             // One token per row after a prefill: the decode path, in (B, C).
             let mut x = (tok + pos).view([b, self.config.n_embd]);
             for (block, layer) in self.blocks.iter().zip(&mut c.layers) {
-                x = block.decode(&x, &at, layer);
+                x = block.decode(&x, &at, layer, mode);
             }
             c.len += 1;
             return self.ln_f.forward(&x).unsqueeze(1);
@@ -531,7 +609,7 @@ impl Gpt {
         let mut x = dropout(tok + pos, self.config.embd_pdrop, train);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, &at, layer, train);
+            x = block.forward(&x, &at, layer, mode);
         }
         if let Some(c) = cache {
             c.len += t;

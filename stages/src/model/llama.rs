@@ -527,7 +527,7 @@ impl Llama {
                 ("mlp", "down_proj", &mut layer.mlp.down),
             ];
             for (block, name, proj) in projections {
-                if config.target_modules.iter().any(|m| m == name) {
+                if config.targets(name) {
                     let (input, output) = proj.shape;
                     let p = &l / block / name;
                     proj.adapter = Some(Adapter::new(&p, input, output, config));

@@ -4,7 +4,9 @@
 //!
 //! Adapters are saved in PEFT's format (`adapter_config.json` and
 //! `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`),
-//! so `PeftModel.from_pretrained` loads them on the HF model.
+//! so `PeftModel.from_pretrained` loads them on the HF model. GPT-2's
+//! Conv1D projections store `W` as `(in, out)`: their update is merged
+//! transposed (PEFT's `fan_in_fan_out: true`), `A` and `B` are as above.
 
 use std::path::{Path, PathBuf};
 
@@ -24,9 +26,12 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout on the adapter's input while training.
     pub dropout: f64,
-    /// Which projections get adapters, by HF module name (`q_proj`,
-    /// `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
-    pub target_modules: Vec<String>,
+    /// Which projections get adapters, by HF module name: on the Llama
+    /// layout `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
+    /// `up_proj`, `down_proj`; on GPT-2 `c_attn`, `c_proj` (attention's and
+    /// the MLP's, as PEFT matches names), `c_fc`. Unset: every one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<Vec<String>>,
 }
 
 impl Default for LoraConfig {
@@ -37,7 +42,7 @@ impl Default for LoraConfig {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            target_modules: LLAMA_MODULES.iter().map(|m| m.to_string()).collect(),
+            target_modules: None,
         }
     }
 }
@@ -52,6 +57,10 @@ pub const LLAMA_MODULES: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// The projections of a GPT-2 layer that can carry adapters (`c_proj` is
+/// both attention's output and the MLP's down projection).
+pub const GPT2_MODULES: [&str; 3] = ["c_attn", "c_proj", "c_fc"];
 
 /// PEFT's files and key prefix.
 pub const ADAPTER_DIR: &str = "adapter";
@@ -140,23 +149,52 @@ impl LoraConfig {
                 format!("must lie in [0, 1), got {}", self.dropout),
             ));
         }
-        if self.target_modules.is_empty() {
+        let Some(modules) = &self.target_modules else {
+            return Ok(());
+        };
+        if modules.is_empty() {
             return Err(SettingError::new(
                 field("target_modules"),
-                format!("is empty; name some of {LLAMA_MODULES:?}"),
+                format!("is empty; name some of {LLAMA_MODULES:?} (Llama layout) or {GPT2_MODULES:?} (GPT-2), or leave it out for every one"),
             ));
         }
-        if let Some(m) = self
-            .target_modules
-            .iter()
-            .find(|m| !LLAMA_MODULES.contains(&m.as_str()))
-        {
+        let known =
+            |m: &String| LLAMA_MODULES.contains(&m.as_str()) || GPT2_MODULES.contains(&m.as_str());
+        if let Some(m) = modules.iter().find(|m| !known(m)) {
             return Err(SettingError::new(
                 field("target_modules"),
-                format!("\"{m}\" is not a projection of a Llama-layout model; choose from {LLAMA_MODULES:?}"),
+                format!("\"{m}\" is no projection rlhf adapts; choose from {LLAMA_MODULES:?} (Llama layout) or {GPT2_MODULES:?} (GPT-2)"),
             ));
         }
         Ok(())
+    }
+
+    /// This config with its modules named for a model whose projections
+    /// are `layout_modules` (`layout` names it in errors): every one when
+    /// unset; an error naming a module the layout lacks.
+    pub fn for_layout(&self, layout: &str, layout_modules: &[&str]) -> Result<Self, String> {
+        let modules = match &self.target_modules {
+            None => layout_modules.iter().map(|m| m.to_string()).collect(),
+            Some(named) => {
+                if let Some(m) = named.iter().find(|m| !layout_modules.contains(&m.as_str())) {
+                    return Err(format!(
+                        "lora.target_modules: \"{m}\" is not a projection of a {layout}-layout model; choose from {layout_modules:?}"
+                    ));
+                }
+                named.clone()
+            }
+        };
+        Ok(Self {
+            target_modules: Some(modules),
+            ..self.clone()
+        })
+    }
+
+    /// Whether the projection `name` gets an adapter.
+    pub fn targets(&self, name: &str) -> bool {
+        self.target_modules
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|m| m == name))
     }
 
     pub fn scale(&self) -> f64 {
@@ -164,8 +202,9 @@ impl LoraConfig {
     }
 
     /// PEFT's `adapter_config.json`; `base` is the base model's folder as
-    /// seen from the adapter's folder.
-    pub fn to_peft(&self, base: &str) -> Value {
+    /// seen from the adapter's folder; `fan_in_fan_out` for GPT-2's
+    /// Conv1D weights.
+    pub fn to_peft(&self, base: &str, fan_in_fan_out: bool) -> Value {
         json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -175,7 +214,7 @@ impl LoraConfig {
             "lora_dropout": self.dropout,
             "target_modules": self.target_modules,
             "bias": "none",
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": true,
             "init_lora_weights": true,
             "use_rslora": false,
@@ -192,7 +231,10 @@ impl LoraConfig {
                 v["peft_type"]
             ));
         }
-        for flag in ["use_rslora", "use_dora", "fan_in_fan_out"] {
+        // `fan_in_fan_out` follows the layer (PEFT sets it true for GPT-2's
+        // Conv1D and false for Linear whatever the file says): the layout
+        // decides it here too.
+        for flag in ["use_rslora", "use_dora"] {
             if v[flag].as_bool() == Some(true) {
                 return Err(format!("`{flag}: true` is not supported"));
             }
@@ -213,7 +255,7 @@ impl LoraConfig {
                 .as_f64()
                 .ok_or("`lora_alpha` must be a number")?,
             dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-            target_modules: targets,
+            target_modules: Some(targets),
         };
         config.validate("adapter").map_err(|e| e.to_string())?;
         Ok(config)
@@ -267,10 +309,14 @@ impl Adapter {
     }
 }
 
-/// `W + scale * B @ A` for a weight stored `(out, in)`, computed in fp32
-/// and returned in the weight's kind.
-pub fn merge(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
-    let update = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float));
+/// `W + scale * B @ A` for a weight stored `(out, in)`, or its transpose
+/// for one stored `(in, out)` (`fan_in_fan_out`, GPT-2's Conv1D), computed
+/// in fp32 and returned in the weight's kind.
+pub fn merge(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64, fan_in_fan_out: bool) -> Tensor {
+    let mut update = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float));
+    if fan_in_fan_out {
+        update = update.tr();
+    }
     (weight.to_kind(Kind::Float) + update * scale).to_kind(weight.kind())
 }
 
@@ -319,25 +365,48 @@ mod tests {
     }
 
     #[test]
+    fn conv1d_weights_merge_the_transposed_update() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2]); // (in 3, out 2)
+        let a = Tensor::from_slice(&[1.0f32, 0.0, 2.0]).view([1, 3]); // (r, in)
+        let b = Tensor::from_slice(&[1.0f32, -1.0]).view([2, 1]); // (out, r)
+        let merged = merge(&w, &a, &b, 0.5, true);
+        // W[i][o] + 0.5 * B[o] * A[i].
+        let want = [1.5f32, 1.5, 3.0, 4.0, 6.0, 5.0];
+        assert_eq!(Vec::<f32>::try_from(merged.view([-1])).unwrap(), want);
+    }
+
+    #[test]
     fn peft_config_round_trips_and_names_bad_fields() {
         let c = LoraConfig {
             r: 4,
             alpha: 8.0,
             dropout: 0.05,
-            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            target_modules: Some(vec!["q_proj".into(), "v_proj".into()]),
         };
-        assert_eq!(LoraConfig::from_peft(&c.to_peft("..")).unwrap(), c);
-        let mut v = c.to_peft("..");
+        assert_eq!(LoraConfig::from_peft(&c.to_peft("..", false)).unwrap(), c);
+        let mut v = c.to_peft("..", false);
         v["use_dora"] = json!(true);
         assert!(LoraConfig::from_peft(&v).unwrap_err().contains("use_dora"));
         let bad = LoraConfig {
-            target_modules: vec!["c_attn".into()],
-            ..c
+            target_modules: Some(vec!["attn".into()]),
+            ..c.clone()
         };
         let e = bad.validate("lora").unwrap_err().to_string();
         assert!(
-            e.contains("lora.target_modules") && e.contains("c_attn"),
+            e.contains("lora.target_modules") && e.contains("\"attn\""),
             "{e}"
         );
+        // Modules are checked against the model's layout once it is known.
+        let gpt2 = LoraConfig {
+            target_modules: Some(vec!["c_attn".into()]),
+            ..c.clone()
+        };
+        assert!(gpt2.validate("lora").is_ok());
+        let e = gpt2.for_layout("Llama", &LLAMA_MODULES).unwrap_err();
+        assert!(e.contains("c_attn") && e.contains("Llama"), "{e}");
+        let all = LoraConfig::default()
+            .for_layout("GPT-2", &GPT2_MODULES)
+            .unwrap();
+        assert_eq!(all.target_modules.unwrap(), GPT2_MODULES);
     }
 }

@@ -284,7 +284,7 @@ impl Network {
     /// Runs `f` with any LoRA adapters skipped: the base model.
     pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
         match self {
-            Self::Gpt(_) => f(),
+            Self::Gpt(g) => g.without_adapters(f),
             Self::Llama(l) => l.without_adapters(f),
         }
     }

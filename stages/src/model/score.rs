@@ -23,29 +23,84 @@ pub fn sequence_logprobs(
     batch_size: usize,
     device: Device,
 ) -> Vec<Vec<f64>> {
+    let from = vec![1; seqs.len()];
+    sequence_logprobs_from(model, seqs, &from, batch_size, device)
+}
+
+/// Positions whose logits are computed at once: the vocabulary projection
+/// of a whole batch (a 49k vocabulary, 64 sequences of 300 tokens) would
+/// take gigabytes, and only the scored positions need it.
+const LOGIT_ROWS: i64 = 512;
+
+/// For each sequence `i`, `log p(ids[t] | ids[..t])` for t = `from[i]`..n
+/// (`from` below 1 counts as 1): the log-probabilities of an answer that
+/// starts at `from[i]`. Logits are computed only at those positions.
+pub fn sequence_logprobs_from(
+    model: &Network,
+    seqs: &[Vec<i64>],
+    from: &[usize],
+    batch_size: usize,
+    device: Device,
+) -> Vec<Vec<f64>> {
+    assert_eq!(seqs.len(), from.len(), "one start per sequence");
     let mut out = Vec::with_capacity(seqs.len());
     tch::no_grad(|| {
-        for chunk in seqs.chunks(batch_size.max(1)) {
-            let (flat, width) = rlhf_datasets::batch::right_pad(chunk, 0);
-            if width < 2 {
-                out.extend(chunk.iter().map(|_| Vec::new()));
-                continue;
-            }
-            let ids = Tensor::from_slice(&flat)
-                .view([chunk.len() as i64, width as i64])
-                .to_device(device);
-            let logits = model.forward_logits(&ids.narrow(1, 0, width as i64 - 1), None, false);
-            let lp = gather_logprobs(&logits, &ids.narrow(1, 1, width as i64 - 1))
-                .to_kind(Kind::Double)
-                .to_device(Device::Cpu);
-            let lp: Vec<f64> = Vec::try_from(lp.reshape([-1])).expect("f64 logprobs");
-            for (row, s) in chunk.iter().enumerate() {
-                let start = row * (width - 1);
-                out.push(lp[start..start + s.len().saturating_sub(1)].to_vec());
-            }
+        for (chunk, starts) in seqs
+            .chunks(batch_size.max(1))
+            .zip(from.chunks(batch_size.max(1)))
+        {
+            out.extend(chunk_logprobs(model, chunk, starts, device));
         }
     });
     out
+}
+
+/// [`sequence_logprobs_from`] for one padded batch.
+fn chunk_logprobs(
+    model: &Network,
+    chunk: &[Vec<i64>],
+    starts: &[usize],
+    device: Device,
+) -> Vec<Vec<f64>> {
+    let (flat, width) = rlhf_datasets::batch::right_pad(chunk, 0);
+    // Row r's value at t comes from the hidden state at t - 1.
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut counts = Vec::with_capacity(chunk.len());
+    for (r, (s, &start)) in chunk.iter().zip(starts).enumerate() {
+        let range = start.max(1)..s.len();
+        counts.push(range.len());
+        for t in range {
+            rows.push((r * (width - 1) + t - 1) as i64);
+            targets.push(s[t]);
+        }
+    }
+    if rows.is_empty() {
+        return counts.iter().map(|_| Vec::new()).collect();
+    }
+    let ids = Tensor::from_slice(&flat)
+        .view([chunk.len() as i64, width as i64])
+        .to_device(device);
+    let hidden = model.hidden(&ids.narrow(1, 0, width as i64 - 1), None, None, false);
+    let hidden = hidden.reshape([-1, hidden.size()[2]]);
+    let rows = Tensor::from_slice(&rows).to_device(device);
+    let targets = Tensor::from_slice(&targets).to_device(device);
+    let n = rows.size()[0];
+    let mut values = Vec::with_capacity(n as usize);
+    for begin in (0..n).step_by(LOGIT_ROWS as usize) {
+        let len = LOGIT_ROWS.min(n - begin);
+        let h = hidden.index_select(0, &rows.narrow(0, begin, len));
+        let lp = gather_logprobs(&model.logits(&h), &targets.narrow(0, begin, len));
+        values.extend(
+            Vec::<f64>::try_from(lp.to_kind(Kind::Double).to_device(Device::Cpu))
+                .expect("f64 logprobs"),
+        );
+    }
+    let mut values = values.into_iter();
+    counts
+        .iter()
+        .map(|&c| values.by_ref().take(c).collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -74,5 +129,13 @@ mod tests {
         let probs = Vec::<f64>::try_from(logits.view([-1]).softmax(-1, Kind::Double)).unwrap();
         assert!((batched[0][0] - probs[2].ln()).abs() < 1e-5);
         assert!(batched[0].iter().all(|&x| x < 0.0));
+        // Answers only: the tail of the full values, whatever the start.
+        let tails = sequence_logprobs_from(&gpt, &seqs, &[4, 0, 1], 2, Device::Cpu);
+        let close = |a: &[f64], b: &[f64]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+        };
+        assert!(close(&tails[0], &batched[0][3..]));
+        assert!(close(&tails[1], &batched[1]));
+        assert!(tails[2].is_empty());
     }
 }

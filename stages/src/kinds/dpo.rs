@@ -208,6 +208,9 @@ pub fn answer_logps(
     let ids = Tensor::from_slice(&batch.input_ids)
         .view([rows, width])
         .to_device(device);
+    if model.vocab_size() >= crate::model::score::SPARSE_LOGITS_VOCAB {
+        return answer_logps_sparse(model, batch, &ids, device, train);
+    }
     let logits = model.forward_logits(&ids, None, train);
     let next = width - 1;
     let lp =
@@ -223,6 +226,44 @@ pub fn answer_logps(
         .to_kind(Kind::Float);
     let sum = (lp * &mask).sum_dim_intlist(1, false, Kind::Float);
     (sum, mask.sum_dim_intlist(1, false, Kind::Float))
+}
+
+/// [`answer_logps`] with logits at the answers' positions only.
+fn answer_logps_sparse(
+    model: &Network,
+    batch: &GroupBatch,
+    ids: &Tensor,
+    device: Device,
+    train: bool,
+) -> (Tensor, Tensor) {
+    let width = batch.width;
+    // Hidden state p predicts token p + 1.
+    let (mut rows, mut owner, mut targets, mut counts) = (vec![], vec![], vec![], vec![]);
+    for r in 0..batch.rows {
+        // A first token has no context: an answer starting there loses it,
+        // as in the dense path.
+        let start = (batch.answer_start[r] as usize).max(1);
+        let last = batch.last_index[r] as usize;
+        counts.push((last + 1).saturating_sub(start) as f32);
+        for t in start..=last {
+            rows.push((r * width + t - 1) as i64);
+            owner.push(r as i64);
+            targets.push(batch.input_ids[r * width + t]);
+        }
+    }
+    let hidden = model.hidden(ids, None, None, train);
+    let lp = crate::model::score::logprobs_at(
+        model,
+        &hidden,
+        &Tensor::from_slice(&rows).to_device(device),
+        &Tensor::from_slice(&targets).to_device(device),
+    );
+    let sum = Tensor::zeros([batch.rows as i64], (Kind::Float, device)).index_add(
+        0,
+        &Tensor::from_slice(&owner).to_device(device),
+        &lp,
+    );
+    (sum, Tensor::from_slice(&counts).to_device(device))
 }
 
 /// A prompt's ranked answers and the reference's log-probability of each.
@@ -640,7 +681,15 @@ mod tests {
     #[test]
     fn answer_logps_sum_the_answer_tokens_only() {
         let _rng = crate::rng_lock();
-        let (_vs, net) = crate::tiny_gpt(5, 20, 16, 1, Head::Lm);
+        // A small vocabulary, and one large enough for logits at the
+        // answers only.
+        for vocab in [20, crate::model::score::SPARSE_LOGITS_VOCAB + 8] {
+            answer_logps_by_hand(vocab);
+        }
+    }
+
+    fn answer_logps_by_hand(vocab: i64) {
+        let (_vs, net) = crate::tiny_gpt(5, vocab, 16, 1, Head::Lm);
         // Prompt [1, 2], answers [3, 4] and [5]; padded with 0.
         let group = TokenizedGroup {
             prompt: vec![1, 2],

@@ -12,6 +12,21 @@ pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
         .squeeze_dim(-1)
 }
 
+/// Vocabularies from this size on get logits only at the positions a loss
+/// reads ([`logprobs_at`]): a 49k-token projection of every prompt
+/// position costs more time and memory than the rest of a small model's
+/// step. Smaller ones (the byte tokenizer's 264) project every position,
+/// in one matmul, which keeps their runs bit-identical to earlier ones.
+pub const SPARSE_LOGITS_VOCAB: i64 = 4096;
+
+/// `log p(targets[i])` from the hidden states `(B, T, C)` at the flattened
+/// positions `rows` (`b * T + t`): the vocabulary projection runs at those
+/// positions only. Differentiable.
+pub fn logprobs_at(model: &Network, hidden: &Tensor, rows: &Tensor, targets: &Tensor) -> Tensor {
+    let h = hidden.reshape([-1, hidden.size()[2]]).index_select(0, rows);
+    gather_logprobs(&model.logits(&h), targets)
+}
+
 /// For each sequence, `log p(ids[t] | ids[..t])` for t = 1..n (the first
 /// token has no context, so a sequence of n tokens gets n - 1 values).
 ///

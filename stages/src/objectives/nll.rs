@@ -5,6 +5,7 @@ use rlhf_datasets::batch::LmBatch;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::network::Network;
+use crate::model::score::{logprobs_at, SPARSE_LOGITS_VOCAB};
 
 /// The SFT loss of a batch: mean NLL over answer tokens, as
 /// `(sum of masked NLL, number of answer tokens)` tensors.
@@ -24,9 +25,29 @@ pub fn masked_nll_sum(
     let mask = Tensor::from_slice(&batch.loss_mask)
         .view(shape)
         .to_device(device);
-    let logits = model.forward_logits(&inputs, None, train);
-    let nll = token_nll(&logits, &targets);
-    ((nll * mask).sum(Kind::Float), batch.target_tokens as f64)
+    if model.vocab_size() < SPARSE_LOGITS_VOCAB {
+        let logits = model.forward_logits(&inputs, None, train);
+        let nll = token_nll(&logits, &targets);
+        return ((nll * mask).sum(Kind::Float), batch.target_tokens as f64);
+    }
+    // Logits at the answer tokens only.
+    let (rows, weights): (Vec<i64>, Vec<f32>) = batch
+        .loss_mask
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m != 0.0)
+        .map(|(i, &m)| (i as i64, m))
+        .unzip();
+    let rows = Tensor::from_slice(&rows).to_device(device);
+    let hidden = model.hidden(&inputs, None, None, train);
+    let lp = logprobs_at(
+        model,
+        &hidden,
+        &rows,
+        &targets.view([-1]).index_select(0, &rows),
+    );
+    let weights = Tensor::from_slice(&weights).to_device(device);
+    ((-lp * weights).sum(Kind::Float), batch.target_tokens as f64)
 }
 
 /// Per-position NLL `(B, T)` of `targets` under `logits` `(B, T, V)`.
@@ -43,7 +64,15 @@ mod tests {
     #[test]
     fn prompt_targets_contribute_nothing_to_the_loss() {
         let _rng = crate::rng_lock();
-        let (_vs, gpt) = crate::tiny_gpt(9, 40, 16, 1, Head::Lm);
+        // A small vocabulary, and one large enough for logits at the
+        // answer tokens only.
+        for vocab in [40, crate::model::score::SPARSE_LOGITS_VOCAB + 8] {
+            answer_tokens_only(vocab);
+        }
+    }
+
+    fn answer_tokens_only(vocab: i64) {
+        let (_vs, gpt) = crate::tiny_gpt(9, vocab, 16, 1, Head::Lm);
         let pair = TokenizedPair {
             prompt: vec![1, 2, 3, 4],
             completion: vec![5, 6, 0],

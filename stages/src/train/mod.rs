@@ -613,7 +613,7 @@ fn log_eval<E: Evaluation>(
 /// memory, before its state is allocated: weights, gradients and AdamW's
 /// two moments (16 bytes per trained parameter, 4 per frozen one), and one
 /// micro-batch of `rows` sequences of `len` tokens (fp32 activations, and
-/// the logits with their softmax and gradient). A rough lower bound: a
+/// a policy's logits with their softmax and gradient). A rough lower bound: a
 /// step refused here could not have run. `rows` is one rank's share.
 /// Not checked on CUDA (the device's memory is what counts there).
 pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), StageError> {
@@ -630,10 +630,15 @@ pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), S
     let state = 16.0 * trained + 4.0 * frozen;
     let (layers, width, heads) = config.shape();
     let tokens = rows as f64 * len as f64;
-    // Per token: the logits three times over; per layer about 17 values of
-    // the width and the attention scores (Korthikanti et al., 2022).
-    let per_token = 3.0 * config.vocab_size() as f64
-        + layers as f64 * (17.0 * width as f64 + 2.5 * heads as f64 * len as f64);
+    // Per token: the logits three times over (a scalar head has none); per
+    // layer about 17 values of the width and the attention scores
+    // (Korthikanti et al., 2022).
+    let logits = match model.net.head() {
+        Head::Lm => 3.0 * config.vocab_size() as f64,
+        Head::Scalar => 0.0,
+    };
+    let per_token =
+        logits + layers as f64 * (17.0 * width as f64 + 2.5 * heads as f64 * len as f64);
     let batch = 4.0 * tokens * per_token;
     if state + batch <= have as f64 {
         return Ok(());
@@ -920,5 +925,23 @@ mod tests {
                 && e.contains("lower batch_size or max_len"),
             "{e}"
         );
+        // A reward model computes no logits: a batch a policy could not fit
+        // may fit it (about 3 x 50k logits per token against 17 x 16 + 2.5 x
+        // 2 x 4096 activations).
+        let big = ModelConfig::Gpt2(GptConfig {
+            vocab_size: 50_000,
+            ..match config {
+                ModelConfig::Gpt2(c) => c,
+                _ => unreachable!(),
+            }
+        });
+        let tokenizer = rlhf_datasets::Tokenizer::bytes();
+        let policy = Model::init(&big, Head::Lm, tokenizer.clone(), tch::Device::Cpu).unwrap();
+        let reward = Model::init(&big, Head::Scalar, tokenizer, tch::Device::Cpu).unwrap();
+        let have = rlhf_datasets::files::memory_bytes().unwrap() as f64;
+        // Rows whose logits alone take the machine's memory twice over.
+        let rows = (2.0 * have / (4.0 * 4096.0 * 3.0 * 50_000.0)).ceil() as usize;
+        assert!(check_step_memory(&policy, rows, 4096).is_err());
+        assert!(check_step_memory(&reward, rows, 4096).is_ok());
     }
 }

@@ -120,37 +120,15 @@ pub fn generate(
     device: Device,
 ) -> Result<Generation, SamplingError> {
     config.validate()?;
+    check_prompts(prompts, config.max_new_tokens, model.n_positions())?;
     let TokenSpec {
         eos,
         pad,
         vocab_size,
     } = spec;
-    let limit = model.n_positions();
-    for (index, p) in prompts.iter().enumerate() {
-        if p.is_empty() {
-            return Err(SamplingError::EmptyPrompt { index });
-        }
-        if p.len() as i64 + config.max_new_tokens > limit {
-            return Err(SamplingError::TooLong {
-                index,
-                prompt: p.len(),
-                new: config.max_new_tokens,
-                limit,
-            });
-        }
-    }
     let b = prompts.len() as i64;
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let (prompt_ids, prompt_mask, width) = left_pad(prompts, pad, device);
     let total = width + config.max_new_tokens;
-    let mut ids = Vec::with_capacity((b * width) as usize);
-    let mut mask = Vec::with_capacity((b * width) as usize);
-    for p in prompts {
-        let padding = width as usize - p.len();
-        ids.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, padding).chain(std::iter::repeat_n(1, p.len())));
-    }
-    let prompt_ids = Tensor::from_slice(&ids).view([b, width]).to_device(device);
-    let prompt_mask = Tensor::from_slice(&mask).view([b, width]).to_device(device);
     let any_padding = prompts.iter().any(|p| p.len() as i64 != width);
 
     tch::no_grad(|| {
@@ -213,6 +191,41 @@ pub fn generate(
         }
         Ok(collect(tokens, attention, width, width + steps, eos))
     })
+}
+
+/// Every prompt has a token, and room for `new` more within `limit`.
+fn check_prompts(prompts: &[Vec<i64>], new: i64, limit: i64) -> Result<(), SamplingError> {
+    for (index, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(SamplingError::EmptyPrompt { index });
+        }
+        if p.len() as i64 + new > limit {
+            return Err(SamplingError::TooLong {
+                index,
+                prompt: p.len(),
+                new,
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The prompts left-padded with `pad` to the longest: ids and attention
+/// mask `(B, width)` on `device`, and the width.
+fn left_pad(prompts: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor, i64) {
+    let b = prompts.len() as i64;
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let mut ids = Vec::with_capacity((b * width) as usize);
+    let mut mask = Vec::with_capacity((b * width) as usize);
+    for p in prompts {
+        let padding = width as usize - p.len();
+        ids.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, padding).chain(std::iter::repeat_n(1, p.len())));
+    }
+    let ids = Tensor::from_slice(&ids).view([b, width]).to_device(device);
+    let mask = Tensor::from_slice(&mask).view([b, width]).to_device(device);
+    (ids, mask, width)
 }
 
 fn collect(tokens: Tensor, attention: Tensor, width: i64, filled: i64, eos: i64) -> Generation {

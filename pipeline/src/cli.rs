@@ -243,8 +243,8 @@ pub struct EvalArgs {
     pub judge_timeout: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: i64,
-    /// fp32, or bf16 autocast as a stage's `precision: bf16` (about twice
-    /// as fast on CPUs with bf16 units; scores move in the third digit).
+    /// fp32, or bf16 autocast as a stage's `precision: bf16` (faster on
+    /// CPUs and GPUs with bf16 units; scores move slightly).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
     pub precision: PrecisionArg,
     #[command(flatten)]

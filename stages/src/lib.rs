@@ -30,6 +30,7 @@ pub mod eval;
 mod ffi;
 pub mod kind;
 pub mod kinds;
+pub mod memory;
 pub mod model;
 pub mod objectives;
 pub mod optim;

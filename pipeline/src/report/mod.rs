@@ -400,6 +400,8 @@ fn answer_all(
             )?),
         });
         all_answers.push((stage.label.clone(), answers));
+        drop(model);
+        rlhf_stages::memory::release_free_memory();
     }
     Ok((all_answers, kls))
 }

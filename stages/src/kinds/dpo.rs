@@ -238,7 +238,7 @@ fn answer_logps_sparse(
 ) -> (Tensor, Tensor) {
     let width = batch.width;
     // Hidden state p predicts token p + 1.
-    let (mut rows, mut owner, mut targets, mut counts) = (vec![], vec![], vec![], vec![]);
+    let (mut rows, mut targets, mut counts) = (vec![], vec![], vec![]);
     for r in 0..batch.rows {
         // A first token has no context: an answer starting there loses it,
         // as in the dense path.
@@ -247,7 +247,6 @@ fn answer_logps_sparse(
         counts.push((last + 1).saturating_sub(start) as f32);
         for t in start..=last {
             rows.push((r * width + t - 1) as i64);
-            owner.push(r as i64);
             targets.push(batch.input_ids[r * width + t]);
         }
     }
@@ -258,11 +257,13 @@ fn answer_logps_sparse(
         &Tensor::from_slice(&rows).to_device(device),
         &Tensor::from_slice(&targets).to_device(device),
     );
-    let sum = Tensor::zeros([batch.rows as i64], (Kind::Float, device)).index_add(
-        0,
-        &Tensor::from_slice(&owner).to_device(device),
-        &lp,
-    );
+    // Each value into its own slot, then ordered row sums: index_add's
+    // atomic adds on CUDA would sum in no fixed order (no exact resume).
+    let rows_t = Tensor::from_slice(&rows).to_device(device);
+    let slots = Tensor::zeros([(batch.rows * width) as i64], (Kind::Float, device))
+        .index_copy(0, &rows_t, &lp)
+        .view([batch.rows as i64, width as i64]);
+    let sum = slots.sum_dim_intlist(1, false, Kind::Float);
     (sum, Tensor::from_slice(&counts).to_device(device))
 }
 

@@ -544,10 +544,7 @@ impl Gpt {
 
     /// Runs `f` with the adapters skipped: the base model.
     pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
-        let was = self.adapters_on.swap(false, Ordering::SeqCst);
-        let out = f();
-        self.adapters_on.store(was, Ordering::SeqCst);
-        out
+        crate::model::lora::with_adapters_off(&self.adapters_on, f)
     }
 
     pub fn config(&self) -> &GptConfig {

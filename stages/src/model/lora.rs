@@ -9,6 +9,7 @@
 //! transposed (PEFT's `fan_in_fan_out: true`), `A` and `B` are as above.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -318,6 +319,19 @@ pub fn merge(weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64, fan_in_fan_out
         update = update.tr();
     }
     (weight.to_kind(Kind::Float) + update * scale).to_kind(weight.kind())
+}
+
+/// Runs `f` with the adapters switched off (`on` false), and switches them
+/// back as they were afterwards, even if `f` panics.
+pub(crate) fn with_adapters_off<T>(on: &AtomicBool, f: impl FnOnce() -> T) -> T {
+    struct Restore<'a>(&'a AtomicBool, bool);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            self.0.store(self.1, Ordering::SeqCst);
+        }
+    }
+    let _restore = Restore(on, on.swap(false, Ordering::SeqCst));
+    f()
 }
 
 /// The base folder an adapter folder names, resolved from `adapter_dir`.

@@ -179,6 +179,7 @@ pub fn run<L: Learner>(
     };
     for iteration in from..s.iterations {
         run.one(&mut learner, &mut tallies, iteration)?;
+        crate::memory::release_free_memory();
     }
     run.bar.finish_and_clear();
     let state = tallies.state(s, s.iterations, learner.own_state());

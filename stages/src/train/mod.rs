@@ -452,6 +452,7 @@ pub fn fit<O: Objective>(
             objective, &model, &mut opt, &trainable, &share, cfg, step, ranks,
         )?;
         opt.step(lr);
+        crate::memory::release_free_memory();
         last_loss = done_step.loss;
         let dt = t0.elapsed().as_secs_f64();
         let step_tokens: usize = match share.stand_in {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{Device, Tensor};
 
-use crate::model::checkpoint::HF_TRUNK_PREFIX;
+use crate::model::checkpoint::{hf_name, HF_TRUNK_PREFIX};
 use crate::model::checkpoint::{CheckpointError, HeadChoice, Model};
 use crate::model::lora::{
     base_of, merge, relative_path, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_DIR,
@@ -106,8 +106,8 @@ impl Model {
     /// `transformer.`, the scalar head beside it).
     fn hf_key(&self, name: &str) -> String {
         match self.net {
-            Network::Gpt(_) if !is_head(name) => format!("{HF_TRUNK_PREFIX}{name}"),
-            _ => name.to_owned(),
+            Network::Gpt(_) => hf_name(name),
+            Network::Llama(_) => name.to_owned(),
         }
     }
 

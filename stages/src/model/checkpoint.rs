@@ -323,7 +323,7 @@ impl Model {
 }
 
 /// Our variable name -> HF key: the trunk goes under `transformer.`.
-fn hf_name(name: &str) -> String {
+pub(crate) fn hf_name(name: &str) -> String {
     if name.starts_with("score.") {
         name.to_owned()
     } else {

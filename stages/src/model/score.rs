@@ -97,15 +97,14 @@ fn chunk_logprobs(
         .view([chunk.len() as i64, width as i64])
         .to_device(device);
     let hidden = model.hidden(&ids.narrow(1, 0, width as i64 - 1), None, None, false);
-    let hidden = hidden.reshape([-1, hidden.size()[2]]);
     let rows = Tensor::from_slice(&rows).to_device(device);
     let targets = Tensor::from_slice(&targets).to_device(device);
     let n = rows.size()[0];
     let mut values = Vec::with_capacity(n as usize);
     for begin in (0..n).step_by(LOGIT_ROWS as usize) {
         let len = LOGIT_ROWS.min(n - begin);
-        let h = hidden.index_select(0, &rows.narrow(0, begin, len));
-        let lp = gather_logprobs(&model.logits(&h), &targets.narrow(0, begin, len));
+        let (rows, targets) = (rows.narrow(0, begin, len), targets.narrow(0, begin, len));
+        let lp = logprobs_at(model, &hidden, &rows, &targets);
         values.extend(
             Vec::<f64>::try_from(lp.to_kind(Kind::Double).to_device(Device::Cpu))
                 .expect("f64 logprobs"),

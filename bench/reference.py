@@ -72,27 +72,57 @@ def train(a):
 
 
 def generate(a):
-    from transformers import GPT2LMHeadModel
+    """HF generate: random prompts without early stop, or the prompts of
+    --prompts (token ids, as `rlhf bench generate --prompts` reads them)
+    left-padded in batches of --batch until EOS. Tokens/s of generated
+    (real) tokens."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(a.seed)
-    model = GPT2LMHeadModel.from_pretrained(a.model, attn_implementation="sdpa").eval()
-    ids = torch.randint(0, 256, (a.batch, a.prompt_len))
-    mask = torch.ones_like(ids)
-    times = []
+    model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa").eval()
+    if a.lora_r:
+        # As TRL samples a PEFT policy: adapters unmerged on every projection.
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r,
+                                                 target_modules=targets)).eval()
+    if a.prompts:
+        spec = json.load(open(a.prompts))
+        prompts, eos, pad = spec["prompts"], spec["eos"], spec["pad"]
+    else:
+        prompts = torch.randint(0, 256, (a.batch, a.prompt_len)).tolist()
+        eos, pad = None, 0
+    rates, lengths, times = [], [], []
     for rep in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        with torch.no_grad(), precision(a):
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                top_p=1.0, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                pad_token_id=0, use_cache=True,
-            )
-        assert out.shape[1] == a.prompt_len + a.new_tokens
+        generated = 0
+        for i in range(0, len(prompts), a.batch):
+            batch = prompts[i:i + a.batch]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            stop = {} if eos is None else {"eos_token_id": eos}
+            fixed = {} if eos is not None else {"min_new_tokens": a.new_tokens}
+            with torch.no_grad(), precision(a):
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, max_new_tokens=a.new_tokens, pad_token_id=pad, use_cache=True,
+                    **stop, **fixed,
+                )
+            for row in out[:, width:].tolist():
+                generated += row.index(eos) + 1 if eos is not None and eos in row else len(row)
+        if eos is None:
+            assert generated == len(prompts) * a.new_tokens
         if rep >= a.warmup:
-            times.append(time.perf_counter() - t0)
-    s = statistics.median(times)
-    return {"mode": "generate", "batch": a.batch, "prompt_len": a.prompt_len,
-            "new_tokens": a.new_tokens, "seconds": s, "tokens_per_s": a.batch * a.new_tokens / s}
+            seconds = time.perf_counter() - t0
+            rates.append(generated / seconds)
+            lengths.append(generated / len(prompts))
+            times.append(seconds)
+    return {"mode": "generate", "batch": a.batch, "prompts": len(prompts), "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens, "stop_at_eos": eos is not None,
+            "mean_length": sum(lengths) / len(lengths), "seconds": statistics.median(times),
+            "tokens_per_s": statistics.median(rates)}
 
 
 def ppo(a):
@@ -168,6 +198,8 @@ def main():
                           ("new-tokens", 32), ("minibatch", 8), ("warmup", 2), ("steps", 5), ("seed", 0)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--autocast", action="store_true", help="bf16 autocast")
+    p.add_argument("--prompts", help="generate: a JSON file of prompt ids, eos and pad")
+    p.add_argument("--lora-r", type=int, default=0, help="generate: PEFT LoRA adapters of this rank")
     a = p.parse_args()
     print(json.dumps({"train": train, "generate": generate, "ppo": ppo, "make-model": make_model}[a.mode](a)))
 

@@ -341,6 +341,29 @@ fn resumed_equals_whole(d: &Path, exp: &Path, name: &str, stop_after: &str) {
     }
 }
 
+/// Every iteration's log-probabilities recorded while sampling equal those
+/// of the update's forward to float rounding: under 1e-4 in fp32, under
+/// bf16's rounding (a few 1e-2) in bf16.
+fn sampling_matches_training(stage_dir: &Path, bf16: bool) {
+    let metrics = std::fs::read_to_string(stage_dir.join("metrics.jsonl")).unwrap();
+    let bound = if bf16 { 0.25 } else { 1e-4 };
+    let mut iterations = 0;
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let Some(max) = m["rollout_logprob_diff_max"].as_f64() else {
+            continue;
+        };
+        let mean = m["rollout_logprob_diff_mean"].as_f64().unwrap();
+        assert!(max < bound && mean <= max, "{}: {m}", stage_dir.display());
+        iterations += 1;
+    }
+    assert!(
+        iterations > 0,
+        "{}: no rollout_logprob_diff",
+        stage_dir.display()
+    );
+}
+
 /// PPO, GRPO (in bf16) and DPO with LoRA: the policy's base stays the SFT
 /// policy bit for bit, the adapters move, and the reference is that base
 /// (no second copy is loaded).
@@ -400,6 +423,9 @@ fn lora_kinds_keep_one_base(layout: Layout) {
             }
         }
         assert!(moved > 0, "{stage}: no adapter was trained");
+        if stage != "dpo" {
+            sampling_matches_training(&run.join(stage), stage == "grpo");
+        }
     }
     // DPO's adapters on the SFT policy load in PEFT with our logits.
     peft_reference(

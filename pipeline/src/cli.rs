@@ -289,6 +289,14 @@ pub struct BenchArgs {
     /// random model of the shape below.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// generate: a JSON file {"prompts": [[ids]], "eos": id, "pad": id},
+    /// answered in batches until EOS; default: random prompts, no early stop.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// generate: LoRA adapters of this rank on every projection of --model
+    /// (its base frozen); 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub lora_r: i64,
     #[arg(long, default_value_t = 4)]
     pub n_layer: i64,
     #[arg(long, default_value_t = 4)]

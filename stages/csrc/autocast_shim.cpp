@@ -39,4 +39,27 @@ void rlhf_autocast_exit(int cuda, int was) {
   }
 }
 
+// 1 if bfloat16 autocast is on for the device type (this thread).
+int rlhf_autocast_enabled(int cuda) {
+  try {
+    return at::autocast::is_autocast_enabled(device_type(cuda)) ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// While on, autocast keeps the bfloat16 copy it makes of each trainable
+// fp32 weight (sampling: the weights do not change between decode steps, and
+// casting all of them for every token costs more than the token's matmuls).
+// Off drops the copies, so that no later step reads a stale one.
+void rlhf_autocast_weight_cache(int on) {
+  try {
+    at::autocast::set_autocast_cache_enabled(on != 0);
+    if (!on) {
+      at::autocast::clear_cache();
+    }
+  } catch (...) {
+  }
+}
+
 }  // extern "C"

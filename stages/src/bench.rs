@@ -23,6 +23,13 @@ pub struct BenchSpec {
     /// A model folder for generation and PPO; unset: a random model of the
     /// shape below.
     pub model: Option<PathBuf>,
+    /// Generation: a JSON file `{"prompts": [[ids]], "eos": id, "pad": id}`
+    /// of real prompts, answered in batches of `batch` until EOS or
+    /// `new_tokens`; unset: random prompts of `prompt_len`, no early stop.
+    pub prompts: Option<PathBuf>,
+    /// Generation: LoRA adapters of this rank on every projection (the
+    /// base frozen, as PPO and GRPO with `lora:` sample); 0: none.
+    pub lora_r: i64,
     pub n_layer: i64,
     pub n_head: i64,
     pub n_embd: i64,
@@ -120,11 +127,12 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
     }))
 }
 
-/// Sampled answers (temperature 1, no early stop) to random prompts with
-/// the KV cache. Tokens/s of new tokens.
+/// Sampled answers (temperature 1) with the KV cache: to random prompts
+/// without early stop, or to the prompts of `spec.prompts` until EOS.
+/// Tokens/s of generated (real) tokens.
 pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
     tch::manual_seed(spec.seed);
-    let model = match &spec.model {
+    let mut model = match &spec.model {
         Some(dir) => Model::load(dir, HeadChoice::Want(Head::Lm), device)?,
         None => Model::init(
             &model_config(spec),
@@ -133,47 +141,95 @@ pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value,
             device,
         )?,
     };
+    if let (r @ 1.., Some(dir)) = (spec.lora_r, &spec.model) {
+        let config = crate::model::lora::LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            ..Default::default()
+        };
+        model.add_lora(&config, dir)?;
+    }
     let vocab = model.net.vocab_size();
+    let (prompts, tokens, stop_at_eos) = match &spec.prompts {
+        Some(path) => prompt_file(path, vocab)?,
+        None => (
+            random_prompts(spec, vocab),
+            TokenSpec {
+                eos: vocab - 1,
+                pad: 0,
+                vocab_size: vocab,
+            },
+            false,
+        ),
+    };
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        max_new_tokens: spec.new_tokens,
+        stop_at_eos,
+        ..SamplingConfig::default()
+    };
+    let (mut rates, mut lengths, mut times) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..spec.warmup + spec.steps {
+        sync(device);
+        let t0 = Instant::now();
+        let mut generated = 0;
+        for batch in prompts.chunks(spec.batch as usize) {
+            let g = generate(&model.net, batch, &sampling, tokens, device)?;
+            generated += g.answers.iter().map(Vec::len).sum::<usize>();
+        }
+        sync(device);
+        if !stop_at_eos && generated as i64 != prompts.len() as i64 * spec.new_tokens {
+            return Err(StageError::Config("bench: an answer stopped early".into()));
+        }
+        if rep >= spec.warmup {
+            let seconds = t0.elapsed().as_secs_f64();
+            rates.push(generated as f64 / seconds);
+            times.push(seconds);
+            lengths.push(generated as f64 / prompts.len() as f64);
+        }
+    }
+    let tokens_per_s = median(rates);
+    Ok(json!({
+        "mode": "generate", "batch": spec.batch, "prompts": prompts.len(), "lora_r": spec.lora_r,
+        "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "stop_at_eos": stop_at_eos,
+        "mean_length": lengths.iter().sum::<f64>() / lengths.len() as f64,
+        "seconds": median(times), "tokens_per_s": tokens_per_s,
+    }))
+}
+
+/// `batch` random prompts of `prompt_len` byte-range ids.
+fn random_prompts(spec: &BenchSpec, vocab: i64) -> Vec<Vec<i64>> {
     let ids = Tensor::randint(
         vocab.min(256),
         [spec.batch, spec.prompt_len],
         (Kind::Int64, Device::Cpu),
     );
     let flat: Vec<i64> = Vec::try_from(ids.reshape([-1])).expect("int64 ids");
-    let prompts: Vec<Vec<i64>> = flat
-        .chunks(spec.prompt_len as usize)
+    flat.chunks(spec.prompt_len as usize)
         .map(<[i64]>::to_vec)
-        .collect();
-    let sampling = SamplingConfig {
-        temperature: 1.0,
-        max_new_tokens: spec.new_tokens,
-        stop_at_eos: false,
-        ..SamplingConfig::default()
-    };
-    let tokens = TokenSpec {
-        eos: vocab - 1,
-        pad: 0,
+        .collect()
+}
+
+/// The prompts, EOS and padding ids of a bench prompt file.
+fn prompt_file(
+    path: &std::path::Path,
+    vocab: i64,
+) -> Result<(Vec<Vec<i64>>, TokenSpec, bool), StageError> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        prompts: Vec<Vec<i64>>,
+        eos: i64,
+        pad: i64,
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let f: File = serde_json::from_str(&text)
+        .map_err(|e| StageError::Config(format!("{}: {e}", path.display())))?;
+    let spec = TokenSpec {
+        eos: f.eos,
+        pad: f.pad,
         vocab_size: vocab,
     };
-    let mut times = Vec::new();
-    for rep in 0..spec.warmup + spec.steps {
-        sync(device);
-        let t0 = Instant::now();
-        let g = generate(&model.net, &prompts, &sampling, tokens, device)?;
-        sync(device);
-        if !g.answers.iter().all(|a| a.len() as i64 == spec.new_tokens) {
-            return Err(StageError::Config("bench: an answer stopped early".into()));
-        }
-        if rep >= spec.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    let s = median(times);
-    Ok(json!({
-        "mode": "generate", "batch": spec.batch, "prompt_len": spec.prompt_len,
-        "new_tokens": spec.new_tokens, "seconds": s,
-        "tokens_per_s": (spec.batch * spec.new_tokens) as f64 / s,
-    }))
+    Ok((f.prompts, spec, true))
 }
 
 /// PPO iterations (rollout, reference and reward scoring, GAE, update) with

@@ -24,12 +24,41 @@ pub fn with_bf16_autocast<T>(cuda: bool, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// The kind matmuls compute in on `device`: bfloat16 under bf16 autocast,
+/// else `weights`.
+pub fn compute_kind(device: tch::Device, weights: tch::Kind) -> tch::Kind {
+    // SAFETY: a plain query of this thread's autocast state.
+    match unsafe { rlhf_autocast_enabled(c_int::from(device.is_cuda())) } {
+        1 => tch::Kind::BFloat16,
+        _ => weights,
+    }
+}
+
+/// Runs `f` (sampling, under `no_grad`) with autocast's cache of bfloat16
+/// weight copies on; the copies are dropped when it returns, before any
+/// optimiser step changes the weights. No effect without autocast.
+pub fn with_autocast_weight_cache<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain calls on this thread's autocast state; no pointers.
+    unsafe { rlhf_autocast_weight_cache(1) };
+    struct Off;
+    impl Drop for Off {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { rlhf_autocast_weight_cache(0) }
+        }
+    }
+    let _off = Off;
+    f()
+}
+
 /// Opaque `torch::Tensor`, as tch's C layer passes it.
 type CTensor = torch_sys::C_tensor;
 
 extern "C" {
     fn rlhf_autocast_enter(cuda: c_int) -> c_int;
     fn rlhf_autocast_exit(cuda: c_int, was: c_int);
+    fn rlhf_autocast_weight_cache(on: c_int);
+    fn rlhf_autocast_enabled(cuda: c_int) -> c_int;
     fn rlhf_c10d_backends() -> c_int;
     fn rlhf_c10d_new(
         backend: *const c_char,

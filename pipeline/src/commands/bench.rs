@@ -10,6 +10,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
     let spec = BenchSpec {
         model: args.model.clone(),
+        prompts: args.prompts.clone(),
+        lora_r: args.lora_r,
         n_layer: args.n_layer,
         n_head: args.n_head,
         n_embd: args.n_embd,

@@ -616,7 +616,7 @@ impl Gpt {
 
     /// Next-token logits from hidden states: `(.., C) -> (.., V)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.wte.tr())
+        hidden.linear(&self.wte, None::<Tensor>)
     }
 
     /// Scalar head values from hidden states: `(B, T, C) -> (B, T)`.
@@ -710,19 +710,29 @@ fn explicit_mask(key_valid: &Tensor, past: i64, t: i64) -> Tensor {
 }
 
 /// One layer's preallocated keys and values in one buffer,
-/// `(B, 2, nh, capacity, hs)`: a decode step writes both in one copy.
+/// `(B, 2, nh, capacity, hs)`: a decode step writes both in one copy. The
+/// buffer is made at the first write, in the keys' kind (bfloat16 under
+/// bf16 autocast, so that decoding never casts the cache).
 #[derive(Debug)]
 struct LayerCache {
-    keys_values: Tensor,
+    keys_values: Option<Tensor>,
+    shape: [i64; 5],
 }
 
 impl LayerCache {
+    fn buffer(&mut self, like: &Tensor) -> &Tensor {
+        let shape = self.shape;
+        self.keys_values
+            .get_or_insert_with(|| Tensor::zeros(shape, (like.kind(), like.device())))
+    }
+
     /// Writes the new keys/values `(B, nh, T, hs)` at `past..past+T` and
     /// returns views of everything so far. No reallocation: the buffer is
     /// sized once.
     fn append(&mut self, k: &Tensor, v: &Tensor, past: i64) -> (Tensor, Tensor) {
         let t = k.size()[2];
-        let (keys, values) = (self.keys_values.select(1, 0), self.keys_values.select(1, 1));
+        let buffer = self.buffer(k);
+        let (keys, values) = (buffer.select(1, 0), buffer.select(1, 1));
         keys.narrow(2, past, t).copy_(k);
         values.narrow(2, past, t).copy_(v);
         (keys.narrow(2, 0, past + t), values.narrow(2, 0, past + t))
@@ -731,8 +741,9 @@ impl LayerCache {
     /// `append` of one token whose keys and values come together,
     /// `(B, 2, nh, 1, hs)`.
     fn append_one(&mut self, kv: &Tensor, past: i64) -> (Tensor, Tensor) {
-        self.keys_values.narrow(3, past, 1).copy_(kv);
-        let so_far = self.keys_values.narrow(3, 0, past + 1);
+        let buffer = self.buffer(kv);
+        buffer.narrow(3, past, 1).copy_(kv);
+        let so_far = buffer.narrow(3, 0, past + 1);
         (so_far.select(1, 0), so_far.select(1, 1))
     }
 }
@@ -747,12 +758,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Room for `capacity` tokens of `batch` sequences.
-    pub fn new(config: &GptConfig, batch: i64, capacity: i64, device: Device, kind: Kind) -> Self {
+    /// Room for `capacity` tokens of `batch` sequences (allocated with
+    /// the first tokens, on their device).
+    pub fn new(config: &GptConfig, batch: i64, capacity: i64) -> Self {
         let shape = [batch, 2, config.n_head, capacity, config.head_dim()];
         let layers = (0..config.n_layer)
             .map(|_| LayerCache {
-                keys_values: Tensor::zeros(shape, (kind, device)),
+                keys_values: None,
+                shape,
             })
             .collect();
         Self {
@@ -773,6 +786,16 @@ impl KvCache {
 
     pub fn capacity(&self) -> i64 {
         self.capacity
+    }
+
+    /// Keeps only the batch rows `rows` (int64 indices).
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        for layer in &mut self.layers {
+            layer.shape[0] = rows.size()[0];
+            if let Some(buffer) = &mut layer.keys_values {
+                *buffer = buffer.index_select(0, rows);
+            }
+        }
     }
 }
 
@@ -829,7 +852,7 @@ mod tests {
         let ids = Tensor::randint(50, [3, 12], (Kind::Int64, Device::Cpu));
         tch::no_grad(|| {
             let full = gpt.forward_logits(&ids, None, false); // (3, 12, V)
-            let mut cache = KvCache::new(gpt.config(), 3, 12, Device::Cpu, Kind::Float);
+            let mut cache = KvCache::new(gpt.config(), 3, 12);
             // A 5-token prefill, then one token at a time.
             let pre = gpt.logits(&gpt.hidden(&ids.narrow(1, 0, 5), None, Some(&mut cache), false));
             assert!(max_abs_diff(&pre, &full.narrow(1, 0, 5)) < 1e-5);
@@ -860,7 +883,7 @@ mod tests {
             assert!(max_abs_diff(&padded.narrow(0, 0, 1), &la) < 1e-5);
             assert!(max_abs_diff(&padded.narrow(0, 1, 1).narrow(1, 3, 3), &lb) < 1e-5);
             // Incremental decoding on the padded batch, mask growing by one column a step.
-            let mut cache = KvCache::new(gpt.config(), 2, 8, Device::Cpu, Kind::Float);
+            let mut cache = KvCache::new(gpt.config(), 2, 8);
             let _ = gpt.hidden(&batch, Some(&mask), Some(&mut cache), false);
             let next = Tensor::from_slice(&[20i64, 21]).view([2, 1]);
             let mask2 = Tensor::cat(

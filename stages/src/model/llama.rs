@@ -367,6 +367,7 @@ fn linear(p: nn::Path, input: i64, output: i64, bias: bool) -> Proj {
         linear,
         adapter: None,
         shape: (input, output),
+        sampling: Default::default(),
     }
 }
 
@@ -377,15 +378,51 @@ struct Proj {
     adapter: Option<Adapter>,
     /// (in, out).
     shape: (i64, i64),
+    /// While sampling ([`Llama::sampling_weights`]): the weight to use
+    /// instead, the adapter merged in and in the compute kind.
+    sampling: SamplingWeight,
 }
 
 impl Proj {
     fn forward(&self, x: &Tensor, pass: &Pass) -> Tensor {
+        if pass.adapters {
+            if let Some(w) = self.sampling.get() {
+                return x.linear(&w, self.linear.bs.as_ref());
+            }
+        }
         let y = self.linear.forward(x);
         match &self.adapter {
             Some(a) if pass.adapters => y + a.delta(x, pass.train),
             _ => y,
         }
+    }
+
+    /// Sets or clears the sampling weight: the merged weight where an
+    /// adapter is on, else a `kind` copy of a frozen weight that autocast
+    /// would cast again for every token (it caches trainable weights only).
+    fn prepare_sampling(&self, kind: Option<Kind>) {
+        let w = &self.linear.ws;
+        let weight = kind.and_then(|kind| match &self.adapter {
+            Some(a) => Some(a.merged(w, kind)),
+            None if kind != w.kind() && !w.requires_grad() => Some(w.to_kind(kind)),
+            None => None,
+        });
+        self.sampling.set(weight);
+    }
+}
+
+/// A weight that sampling swaps in, shared by `&self` forwards.
+#[derive(Debug, Default)]
+struct SamplingWeight(std::sync::Mutex<Option<Tensor>>);
+
+impl SamplingWeight {
+    fn get(&self) -> Option<Tensor> {
+        let w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        w.as_ref().map(Tensor::shallow_clone)
+    }
+
+    fn set(&self, weight: Option<Tensor>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = weight;
     }
 }
 
@@ -453,6 +490,11 @@ pub struct Llama {
     /// Off: the LoRA adapters are skipped (the base model, PPO's
     /// reference).
     adapters_on: std::sync::atomic::AtomicBool,
+    /// Rotary inverse frequencies `(D/2,)`, fp32.
+    inv_freq: Tensor,
+    /// While sampling: the LM head's weight in the compute kind, where
+    /// it is frozen and autocast would cast it for every token.
+    sampling_head: SamplingWeight,
 }
 
 impl Llama {
@@ -508,6 +550,12 @@ impl Llama {
                 .then(|| linear(root / "lm_head", hidden, c.vocab_size, false).linear),
             score: (head == Head::Scalar).then(|| ScalarHead::new(root, hidden)),
             adapters_on: true.into(),
+            sampling_head: Default::default(),
+            inv_freq: {
+                let exponents =
+                    Tensor::arange_start_step(0, d, 2, (Kind::Float, root.device())) / d as f64;
+                Tensor::pow_scalar(c.rope_theta, &exponents).reciprocal()
+            },
         }
     }
 
@@ -534,6 +582,38 @@ impl Llama {
                 }
             }
         }
+    }
+
+    /// Runs `f` (sampling, under `no_grad`) with each adapted projection's
+    /// weight merged once, and frozen weights cast once to `kind` (the
+    /// compute kind: bfloat16 under autocast), rather than for every
+    /// token; the copies are dropped when `f` returns. Costs one copy of
+    /// the adapted (or, under bf16, frozen) weights while it runs.
+    pub fn with_sampling_weights<T>(&self, kind: Kind, f: impl FnOnce() -> T) -> T {
+        let projections = || {
+            self.layers.iter().flat_map(|l| {
+                let (a, m) = (&l.attn, &l.mlp);
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+            })
+        };
+        let head = self.lm_head.as_ref().map_or(&self.embed.ws, |h| &h.ws);
+        if kind != head.kind() && !head.requires_grad() {
+            self.sampling_head.set(Some(head.to_kind(kind)));
+        }
+        projections().for_each(|p| p.prepare_sampling(Some(kind)));
+        struct Clear<'a, I: Iterator<Item = &'a Proj>>(Option<I>, &'a SamplingWeight);
+        impl<'a, I: Iterator<Item = &'a Proj>> Drop for Clear<'a, I> {
+            fn drop(&mut self) {
+                self.0
+                    .take()
+                    .into_iter()
+                    .flatten()
+                    .for_each(|p| p.prepare_sampling(None));
+                self.1.set(None);
+            }
+        }
+        let _clear = Clear(Some(projections()), &self.sampling_head);
+        f()
     }
 
     /// Runs `f` with the adapters skipped: the base model.
@@ -589,9 +669,12 @@ impl Llama {
 
     /// Next-token logits from hidden states: `(.., C) -> (.., V)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        if let Some(w) = self.sampling_head.get() {
+            return hidden.linear(&w, None::<Tensor>);
+        }
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(&self.embed.ws.tr()),
+            None => hidden.linear(&self.embed.ws, None::<Tensor>),
         }
     }
 
@@ -618,6 +701,8 @@ impl Llama {
         let device = ids.device();
         let past = cache.len;
         let positions = match attention_mask {
+            // Decoding: the new token's position is the real tokens before it.
+            Some(m) if t == 1 => (m.sum_dim_intlist(1, true, Kind::Int64) - 1).clamp_min(0),
             Some(m) => (m.cumsum(1, Kind::Int64) - 1)
                 .clamp_min(0)
                 .narrow(1, past, t),
@@ -625,12 +710,13 @@ impl Llama {
                 Tensor::arange_start(past, past + t, (Kind::Int64, device)).expand([b, t], false)
             }
         };
-        let (cos, sin) = rotary(&positions, self.config.head_dim, self.config.rope_theta);
+        let (cos, sin) = self.rotary(&positions);
         let pass = Pass {
             cos,
             sin,
-            mask: causal_mask(t, past, attention_mask, device),
-            keep: cache.keep,
+            mask: AttentionMask::new(t, past, attention_mask, device),
+            past,
+            capacity: cache.capacity,
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::SeqCst),
             train,
         };
@@ -638,38 +724,86 @@ impl Llama {
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &pass, kv);
         }
-        cache.len += t;
+        if cache.keep {
+            cache.len += t;
+        }
         self.norm.forward(&x)
+    }
+
+    /// cos and sin `(B, 1, T, D)` of HF's rotary embedding at `positions`
+    /// `(B, T)`.
+    fn rotary(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let inv_freq = self.inv_freq.to_device(positions.device());
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (B, T, D/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // (B, 1, T, D)
+        (emb.cos(), emb.sin())
     }
 }
 
 /// What every layer of one forward pass shares: the rotary tables at the
-/// tokens' positions, the attention mask, and whether to keep keys and
-/// values in the cache.
+/// tokens' positions, how queries attend, and where new keys go in the
+/// cache.
 struct Pass {
     cos: Tensor,
     sin: Tensor,
-    mask: Tensor,
-    keep: bool,
+    mask: AttentionMask,
+    /// Tokens already in the cache.
+    past: i64,
+    /// The cache's room per row; 0: keys and values are not kept.
+    capacity: i64,
     /// Whether LoRA adapters apply, and whether their dropout does.
     adapters: bool,
     train: bool,
 }
 
-/// Each layer's keys and values so far (before grouped-query repetition),
-/// for decoding one token at a time.
+/// How `t` new queries after `past` cached tokens attend.
+enum AttentionMask {
+    /// Causal over the new tokens, no cache and no padding: SDPA's own
+    /// causal kernels, no mask in memory.
+    Causal,
+    /// One query that sees every key (decoding without padding).
+    All,
+    /// A boolean `(B, 1, t, past + t)` mask.
+    Explicit(Tensor),
+}
+
+impl AttentionMask {
+    fn new(t: i64, past: i64, attention_mask: Option<&Tensor>, device: Device) -> Self {
+        match (attention_mask, past, t) {
+            (None, 0, _) => Self::Causal,
+            (None, _, 1) => Self::All,
+            // One query: every real key, and itself (a padded query row
+            // would otherwise see nothing).
+            (Some(m), _, 1) => {
+                let valid = m.ne(0);
+                let _ = valid.narrow(1, past, 1).fill_(1);
+                Self::Explicit(valid.view([-1, 1, 1, past + 1]))
+            }
+            (m, _, _) => Self::Explicit(causal_mask(t, past, m, device)),
+        }
+    }
+}
+
+/// Each layer's keys and values so far (before grouped-query
+/// repetition), for decoding one token at a time: one buffer per layer,
+/// `(B, 2, kv_heads, capacity, D)`, allocated at the first tokens in their
+/// kind (bfloat16 under bf16 autocast) and written in place, so that a
+/// decode step copies only its new keys and values.
 #[derive(Debug)]
 pub struct LlamaCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<Tensor>>,
     len: i64,
+    capacity: i64,
     /// Whether the keys and values are kept (a plain forward keeps none).
     keep: bool,
 }
 
 impl LlamaCache {
-    pub fn new(model: &Llama) -> Self {
+    /// Room for `capacity` tokens per row.
+    pub fn new(model: &Llama, capacity: i64) -> Self {
         Self {
             keep: true,
+            capacity,
             ..Self::none(model.layers.len())
         }
     }
@@ -678,6 +812,7 @@ impl LlamaCache {
         Self {
             layers: (0..layers).map(|_| None).collect(),
             len: 0,
+            capacity: 0,
             keep: false,
         }
     }
@@ -690,12 +825,49 @@ impl LlamaCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Keeps only the batch rows `rows` (int64 indices).
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        for buffer in self.layers.iter_mut().flatten() {
+            *buffer = buffer.index_select(0, rows);
+        }
+    }
+}
+
+/// Writes `k`, `v` `(B, kv_heads, t, D)` at `past..past + t` of one
+/// layer's buffer (made on first use) and returns views of every cached
+/// key and value.
+fn append(
+    buffer: &mut Option<Tensor>,
+    capacity: i64,
+    k: &Tensor,
+    v: &Tensor,
+    past: i64,
+) -> (Tensor, Tensor) {
+    let [b, heads, t, d] = k.size()[..] else {
+        panic!("keys are (B, H, T, D)")
+    };
+    assert!(
+        past + t <= capacity,
+        "the KV cache holds {capacity} tokens; {past} + {t} do not fit"
+    );
+    let buffer = buffer
+        .get_or_insert_with(|| Tensor::zeros([b, 2, heads, capacity, d], (k.kind(), k.device())));
+    let new = buffer.narrow(3, past, t);
+    new.select(1, 0).copy_(k);
+    new.select(1, 1).copy_(v);
+    let so_far = buffer.narrow(3, 0, past + t);
+    (so_far.select(1, 0), so_far.select(1, 1))
 }
 
 impl Layer {
     /// Pre-norm residual block; out of place, so that autograd keeps what
     /// the norms saved.
-    fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
+    fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<Tensor>) -> Tensor {
         let attn = self.attn.forward(&self.input_norm.forward(x), pass, kv);
         let x = x + attn;
         let normed = self.post_norm.forward(&x);
@@ -706,58 +878,54 @@ impl Layer {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
+    fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<Tensor>) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, C)");
         let (cos, sin) = (&pass.cos, &pass.sin);
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&split(self.q.forward(x, pass), self.heads), cos, sin);
         let mut k = apply_rotary(&split(self.k.forward(x, pass), self.kv_heads), cos, sin);
         let mut v = split(self.v.forward(x, pass), self.kv_heads);
-        if let Some((past_k, past_v)) = kv.as_ref() {
-            k = Tensor::cat(&[past_k, &k], 2);
-            v = Tensor::cat(&[past_v, &v], 2);
+        if pass.capacity > 0 {
+            (k, v) = append(kv, pass.capacity, &k, &v, pass.past);
         }
-        if pass.keep {
-            *kv = Some((k.shallow_clone(), v.shallow_clone()));
+        let y = self.attend(&q, &k, &v, &pass.mask);
+        self.o.forward(&y, pass)
+    }
+
+    /// Grouped-query attention of `q` `(B, H, t, D)` over `k`, `v`
+    /// `(B, kv_heads, S, D)`: `(B, t, H D)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
+        let [b, heads, t, d] = q.size()[..] else {
+            panic!("queries are (B, H, T, D)")
+        };
+        let groups = heads / self.kv_heads;
+        if t == 1 {
+            // One query per head: a group's queries are rows of one
+            // attention against their shared key/value head, so the cache
+            // is read as it is, never repeated.
+            let q = q.reshape([b, self.kv_heads, groups, d]);
+            let m = match mask {
+                AttentionMask::Explicit(m) => Some(m),
+                _ => None,
+            };
+            let y = Tensor::scaled_dot_product_attention(&q, k, v, m, 0.0, false, None, false);
+            return y.reshape([b, 1, heads * d]);
         }
-        // Grouped-query attention: each key/value head serves a group of
-        // query heads.
-        let groups = self.heads / self.kv_heads;
         let (k, v) = match groups {
-            1 => (k, v),
+            1 => (k.shallow_clone(), v.shallow_clone()),
             g => (
                 k.repeat_interleave_self_int(g, 1, None),
                 v.repeat_interleave_self_int(g, 1, None),
             ),
         };
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(&pass.mask),
-            0.0,
-            false,
-            None::<f64>,
-            false,
-        );
-        self.o.forward(
-            &y.transpose(1, 2)
-                .contiguous()
-                .view([b, t, self.heads * self.head_dim]),
-            pass,
-        )
+        let (m, causal) = match mask {
+            AttentionMask::Causal => (None, true),
+            AttentionMask::All => (None, false),
+            AttentionMask::Explicit(m) => (Some(m), false),
+        };
+        let y = Tensor::scaled_dot_product_attention(q, &k, &v, m, 0.0, causal, None, false);
+        y.transpose(1, 2).contiguous().view([b, t, heads * d])
     }
-}
-
-/// cos and sin `(B, 1, T, D)` of HF's rotary embedding at `positions`.
-fn rotary(positions: &Tensor, head_dim: i64, theta: f64) -> (Tensor, Tensor) {
-    let device = positions.device();
-    let exponents =
-        Tensor::arange_start_step(0, head_dim, 2, (Kind::Float, device)) / head_dim as f64;
-    let inv_freq = Tensor::pow_scalar(theta, &exponents).reciprocal();
-    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (B, T, D/2)
-    let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // (B, 1, T, D)
-    (emb.cos(), emb.sin())
 }
 
 /// `x * cos + rotate_half(x) * sin`, rotate_half(x) = [-x2, x1].
@@ -835,7 +1003,7 @@ mod tests {
         let ids = Tensor::from_slice(&[0i64, 0, 5, 9, 2, 7, 1, 3, 4, 6, 8, 3]).view([2, 6]);
         let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 6]);
         let full = tch::no_grad(|| model.forward_logits(&ids, Some(&mask)));
-        let mut cache = LlamaCache::new(&model);
+        let mut cache = LlamaCache::new(&model, 6);
         let mut parts = vec![tch::no_grad(|| {
             model.logits(&model.hidden(
                 &ids.narrow(1, 0, 3),
@@ -861,6 +1029,41 @@ mod tests {
         let real = |t: &Tensor| Tensor::cat(&[t.get(0).narrow(0, 2, 4), t.get(1)], 0);
         let diff = (real(&full) - real(&decoded)).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// Prefill then one token at a time, without padding (SDPA's causal
+    /// kernel, then grouped queries against the cache as it is).
+    fn decode_unpadded(model: &Llama, ids: &Tensor, prefill: i64) -> (Tensor, LlamaCache) {
+        let (_, t) = ids.size2().unwrap();
+        let mut cache = LlamaCache::new(model, t);
+        let mut parts = Vec::new();
+        for (start, len) in std::iter::once((0, prefill)).chain((prefill..t).map(|c| (c, 1))) {
+            let h = model.hidden(&ids.narrow(1, start, len), None, Some(&mut cache), false);
+            parts.push(model.logits(&h));
+        }
+        (Tensor::cat(&parts, 1), cache)
+    }
+
+    #[test]
+    fn unpadded_decoding_equals_the_full_forward_and_keeps_bf16_keys_in_bf16() {
+        let (_vs, model) = tiny(false);
+        let ids = Tensor::from_slice(&[5i64, 9, 2, 7, 1, 3, 4, 6, 8, 3, 2, 2]).view([2, 6]);
+        let full = tch::no_grad(|| model.forward_logits(&ids, None));
+        let (decoded, cache) = tch::no_grad(|| decode_unpadded(&model, &ids, 2));
+        let diff = (&full - decoded).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+        assert_eq!(cache.layers[0].as_ref().unwrap().kind(), Kind::Float);
+        // Under bf16 autocast the cache is made in bfloat16: no casts per step.
+        let bf16 = crate::model::precision::Precision::Bf16;
+        let (decoded, cache) = bf16.run(Device::Cpu, || {
+            tch::no_grad(|| decode_unpadded(&model, &ids, 2))
+        });
+        assert_eq!(cache.layers[0].as_ref().unwrap().kind(), Kind::BFloat16);
+        let diff = (full - decoded.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 0.1, "{diff}");
     }
 
     #[test]

@@ -188,6 +188,17 @@ pub enum Cache {
     Llama(LlamaCache),
 }
 
+impl Cache {
+    /// Keeps only the batch rows `rows` (int64 indices, in that order):
+    /// rows that finished stop costing work.
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        match self {
+            Self::Gpt(c) => c.keep_rows(rows),
+            Self::Llama(c) => c.keep_rows(rows),
+        }
+    }
+}
+
 impl Network {
     pub fn config(&self) -> ModelConfig {
         match self {
@@ -289,11 +300,23 @@ impl Network {
         }
     }
 
-    /// An empty cache for `batch` sequences of up to `capacity` tokens.
-    pub fn cache(&self, batch: i64, capacity: i64, device: Device) -> Cache {
+    /// Runs `f` (sampling) with weights prepared once for many one-token
+    /// forwards: on the Llama layout, LoRA adapters merged and frozen
+    /// weights in the compute kind ([`Llama::with_sampling_weights`]).
+    pub fn with_sampling_weights<T>(&self, device: Device, f: impl FnOnce() -> T) -> T {
         match self {
-            Self::Gpt(g) => Cache::Gpt(KvCache::new(g.config(), batch, capacity, device, g.kind())),
-            Self::Llama(l) => Cache::Llama(LlamaCache::new(l)),
+            Self::Gpt(_) => f(),
+            Self::Llama(l) => {
+                l.with_sampling_weights(crate::ffi::compute_kind(device, l.kind()), f)
+            }
+        }
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` tokens.
+    pub fn cache(&self, batch: i64, capacity: i64) -> Cache {
+        match self {
+            Self::Gpt(g) => Cache::Gpt(KvCache::new(g.config(), batch, capacity)),
+            Self::Llama(l) => Cache::Llama(LlamaCache::new(l, capacity)),
         }
     }
 }

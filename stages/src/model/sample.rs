@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::network::Network;
+use crate::model::network::{Cache, Network};
 
 /// How answers are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,9 +107,19 @@ pub struct Generation {
     pub answers: Vec<Vec<i64>>,
     /// Whether each answer ended with EOS (else it hit max_new_tokens).
     pub finished: Vec<bool>,
+    /// `(B, N)` float: each answer token's log-probability under the
+    /// model (before temperature and top-k/top-p) as computed while
+    /// sampling, 0 after a row stopped. PPO and GRPO compare it with their
+    /// own forward pass (`rollout_logprob_diff`).
+    pub logprobs: Tensor,
 }
 
 /// Samples answers to `prompts` (token ids) in one batch.
+///
+/// Rows that stopped at EOS leave the batch (their keys and values are
+/// dropped from the cache) once a quarter of the rows still decoding have
+/// stopped; the random draws stay those of the whole batch, so that the
+/// answers are the same as if every row had run on.
 ///
 /// Deterministic for a given `tch::manual_seed`.
 pub fn generate(
@@ -121,76 +131,181 @@ pub fn generate(
 ) -> Result<Generation, SamplingError> {
     config.validate()?;
     check_prompts(prompts, config.max_new_tokens, model.n_positions())?;
-    let TokenSpec {
-        eos,
-        pad,
-        vocab_size,
-    } = spec;
-    let b = prompts.len() as i64;
-    let (prompt_ids, prompt_mask, width) = left_pad(prompts, pad, device);
-    let total = width + config.max_new_tokens;
+    let (prompt_ids, prompt_mask, width) = left_pad(prompts, spec.pad, device);
     let any_padding = prompts.iter().any(|p| p.len() as i64 != width);
-
-    tch::no_grad(|| {
-        let mut cache = model.cache(b, total, device);
-        // Full-width buffers, written column by column: no reallocation.
-        let tokens = Tensor::full([b, total], pad, (Kind::Int64, device));
-        let attention = Tensor::zeros([b, total], (Kind::Int64, device));
-        tokens.narrow(1, 0, width).copy_(&prompt_ids);
-        attention.narrow(1, 0, width).copy_(&prompt_mask);
-        let mut finished = Tensor::zeros([b], (Kind::Bool, device));
-        if !config.stop_at_eos {
-            // Every row runs to max_new_tokens: all answer tokens are real.
-            let _ = attention.narrow(1, width, config.max_new_tokens).fill_(1);
-        }
+    let sample = || {
+        let mut d = Decoding::new(prompts.len() as i64, width, config, spec, device);
+        d.tokens.narrow(1, 0, width).copy_(&prompt_ids);
+        d.attention.narrow(1, 0, width).copy_(&prompt_mask);
+        let mut cache = model.cache(d.batch, width + config.max_new_tokens);
         let mut hidden = model.hidden(
             &prompt_ids,
             any_padding.then_some(&prompt_mask),
             Some(&mut cache),
             false,
         );
-        let mut steps = 0;
-        let pad_token = Tensor::from(pad).to_device(device);
         let model_vocab = model.vocab_size();
-        // Calls per decoded token are kept few: on small models each
-        // libtorch call costs more than its arithmetic.
-        for step in 0..config.max_new_tokens {
-            let mut logits = model.logits(&hidden.select(1, -1)); // (B, V)
-            if vocab_size < model_vocab {
-                logits = logits.narrow(1, 0, vocab_size);
+        let mut steps = 0;
+        while steps < config.max_new_tokens {
+            let mut logits = model.logits(&hidden.select(1, -1)); // (b, V)
+            if spec.vocab_size < model_vocab {
+                logits = logits.narrow(1, 0, spec.vocab_size);
             }
-            let mut next = pick_next(&logits, config); // (B,)
-            let col = width + step;
-            steps = step + 1;
-            if config.stop_at_eos {
-                let alive = finished.logical_not();
-                next = next.where_self(&alive, &pad_token);
-                attention.select(1, col).copy_(&alive);
-                finished = finished.logical_or(&next.eq(eos));
-            }
-            tokens.select(1, col).copy_(&next);
-            if config.stop_at_eos {
-                // One host sync per step; cheap next to a forward pass.
-                if bool::try_from(finished.all()).unwrap_or(false) {
-                    break;
-                }
-            }
-            if steps == config.max_new_tokens {
+            let next = d.step(&logits, steps, config);
+            steps += 1;
+            if steps == config.max_new_tokens || d.all_stopped() {
                 break;
             }
-            // A sequence that stopped keeps being fed padding: its own later
-            // outputs are discarded and rows never attend to each other, so
-            // only left padding of the prompts needs a mask.
-            let mask_so_far = any_padding.then(|| attention.narrow(1, 0, col + 1));
-            hidden = model.hidden(
-                &next.unsqueeze(1),
-                mask_so_far.as_ref(),
-                Some(&mut cache),
-                false,
-            );
+            let next = d.drop_stopped(next, &mut cache);
+            // A row that stopped but is still in the batch is fed padding:
+            // its later outputs are discarded and rows never attend to each
+            // other, so only left padding of the prompts needs a mask.
+            let mask = any_padding.then(|| d.mask_so_far(width + steps));
+            hidden = model.hidden(&next.unsqueeze(1), mask.as_ref(), Some(&mut cache), false);
         }
-        Ok(collect(tokens, attention, width, width + steps, eos))
-    })
+        Ok(d.finish(steps))
+    };
+    let sample = || model.with_sampling_weights(device, sample);
+    crate::ffi::with_autocast_weight_cache(|| tch::no_grad(sample))
+}
+
+/// The state of one batch's decoding: the full-width output buffers and
+/// which of their rows are still in the cache.
+struct Decoding {
+    /// `(B, P + N)` ids and attention, written column by column.
+    tokens: Tensor,
+    attention: Tensor,
+    /// `(B, N)` log-probabilities of the sampled tokens.
+    logprobs: Tensor,
+    /// The original row of each row in the cache, `(b,)`.
+    rows: Tensor,
+    /// Of the rows in the cache, those that produced EOS, `(b,)`.
+    stopped: Tensor,
+    batch: i64,
+    width: i64,
+    stop_at_eos: bool,
+    spec: TokenSpec,
+}
+
+impl Decoding {
+    fn new(b: i64, width: i64, config: &SamplingConfig, spec: TokenSpec, device: Device) -> Self {
+        let n = config.max_new_tokens;
+        let attention = Tensor::zeros([b, width + n], (Kind::Int64, device));
+        if !config.stop_at_eos {
+            // Every row runs to max_new_tokens: all answer tokens are real.
+            let _ = attention.narrow(1, width, n).fill_(1);
+        }
+        Self {
+            tokens: Tensor::full([b, width + n], spec.pad, (Kind::Int64, device)),
+            attention,
+            logprobs: Tensor::zeros([b, n], (Kind::Float, device)),
+            rows: Tensor::arange(b, (Kind::Int64, device)),
+            stopped: Tensor::zeros([b], (Kind::Bool, device)),
+            batch: b,
+            width,
+            stop_at_eos: config.stop_at_eos,
+            spec,
+        }
+    }
+
+    /// Whether rows have left the cache.
+    fn compacted(&self) -> bool {
+        self.rows.size()[0] < self.batch
+    }
+
+    /// Samples answer token `step` of the rows in the cache from their
+    /// logits `(b, V)` and writes it; returns the tokens fed next, `(b,)`.
+    fn step(&mut self, logits: &Tensor, step: i64, config: &SamplingConfig) -> Tensor {
+        let mut next = if self.compacted() {
+            // The draws of the whole batch, as if no row had left: each row
+            // consumes the same random numbers as it always would.
+            let full = Tensor::zeros(
+                [self.batch, logits.size()[1]],
+                (logits.kind(), logits.device()),
+            );
+            let full = full.index_copy(0, &self.rows, logits);
+            pick_next(&full, config).index_select(0, &self.rows)
+        } else {
+            pick_next(logits, config)
+        };
+        let lp = logits.to_kind(Kind::Float);
+        let lp = lp.gather(1, &next.unsqueeze(1), false).squeeze_dim(1)
+            - lp.logsumexp([1i64].as_slice(), false);
+        let col = self.width + step;
+        if self.stop_at_eos {
+            let alive = self.stopped.logical_not();
+            next = next.where_self(
+                &alive,
+                &Tensor::from(self.spec.pad).to_device(next.device()),
+            );
+            let _ = self.attention.select(1, col).index_copy_(
+                0,
+                &self.rows,
+                &alive.to_kind(Kind::Int64),
+            );
+            let _ = self.logprobs.select(1, step).index_copy_(
+                0,
+                &self.rows,
+                &lp.where_self(&alive, &lp.zeros_like()),
+            );
+            self.stopped = self.stopped.logical_or(&next.eq(self.spec.eos));
+        } else {
+            let _ = self
+                .logprobs
+                .select(1, step)
+                .index_copy_(0, &self.rows, &lp);
+        }
+        let _ = self.tokens.select(1, col).index_copy_(0, &self.rows, &next);
+        next
+    }
+
+    /// Every row produced EOS (one host sync per step; cheap next to a
+    /// forward pass).
+    fn all_stopped(&self) -> bool {
+        self.stop_at_eos && bool::try_from(self.stopped.all()).unwrap_or(false)
+    }
+
+    /// Drops the rows that stopped from the cache once they are a quarter
+    /// of it (each drop copies the cache); returns `next` of the rows kept.
+    fn drop_stopped(&mut self, next: Tensor, cache: &mut Cache) -> Tensor {
+        if !self.stop_at_eos {
+            return next;
+        }
+        let live = self.rows.size()[0];
+        let stopped = self.stopped.sum(Kind::Int64).int64_value(&[]);
+        if stopped == 0 || stopped * 4 < live {
+            return next;
+        }
+        let keep = self.stopped.logical_not().nonzero().squeeze_dim(1);
+        cache.keep_rows(&keep);
+        self.rows = self.rows.index_select(0, &keep);
+        self.stopped = self.stopped.index_select(0, &keep);
+        next.index_select(0, &keep)
+    }
+
+    /// The attention mask of the rows in the cache over the first `cols`
+    /// columns.
+    fn mask_so_far(&self, cols: i64) -> Tensor {
+        let mask = self.attention.narrow(1, 0, cols);
+        if self.compacted() {
+            mask.index_select(0, &self.rows)
+        } else {
+            mask
+        }
+    }
+
+    fn finish(self, steps: i64) -> Generation {
+        let logprobs = self.logprobs.narrow(1, 0, steps);
+        let (tokens, attention) = (self.tokens, self.attention);
+        collect(
+            tokens,
+            attention,
+            logprobs,
+            self.width,
+            self.width + steps,
+            self.spec.eos,
+        )
+    }
 }
 
 /// Every prompt has a token, and room for `new` more within `limit`.
@@ -228,7 +343,14 @@ fn left_pad(prompts: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor, 
     (ids, mask, width)
 }
 
-fn collect(tokens: Tensor, attention: Tensor, width: i64, filled: i64, eos: i64) -> Generation {
+fn collect(
+    tokens: Tensor,
+    attention: Tensor,
+    logprobs: Tensor,
+    width: i64,
+    filled: i64,
+    eos: i64,
+) -> Generation {
     let tokens = tokens.narrow(1, 0, filled);
     let attention = attention.narrow(1, 0, filled);
     let b = tokens.size()[0];
@@ -257,6 +379,7 @@ fn collect(tokens: Tensor, attention: Tensor, width: i64, filled: i64, eos: i64)
         prompt_width: width,
         answers,
         finished,
+        logprobs,
     }
 }
 
@@ -419,6 +542,85 @@ mod tests {
             .position(|&t| t == eos)
             .map_or(other.len(), |i| i + 1);
         assert_eq!(out.answers[1], other[..cut].to_vec());
+    }
+
+    /// Sampling without a cache or dropped rows: the whole left-padded
+    /// batch through the full forward for every token, stopped rows fed
+    /// padding; each token's log-probability from the same forward.
+    fn sample_by_full_forwards(
+        net: &Network,
+        prompts: &[Vec<i64>],
+        cfg: &SamplingConfig,
+        spec: TokenSpec,
+    ) -> (Vec<Vec<i64>>, Vec<Vec<f64>>) {
+        let (mut ids, mut mask, _) = left_pad(prompts, spec.pad, Device::Cpu);
+        let b = prompts.len();
+        let (mut answers, mut lps) = (vec![Vec::new(); b], vec![Vec::new(); b]);
+        let mut stopped = vec![false; b];
+        for _ in 0..cfg.max_new_tokens {
+            let logits = tch::no_grad(|| net.forward_logits(&ids, Some(&mask), false))
+                .select(1, -1)
+                .narrow(1, 0, spec.vocab_size);
+            let next: Vec<i64> = Vec::try_from(pick_next(&logits, cfg)).unwrap();
+            let lp = logits.log_softmax(-1, Kind::Float);
+            let mut fed = Vec::new();
+            for row in 0..b {
+                let token = if stopped[row] { spec.pad } else { next[row] };
+                if !stopped[row] {
+                    answers[row].push(token);
+                    lps[row].push(lp.double_value(&[row as i64, token]));
+                    stopped[row] = token == spec.eos;
+                }
+                fed.push((token, i64::from(!stopped[row] || token == spec.eos)));
+            }
+            let col = |f: fn(&(i64, i64)) -> i64| {
+                Tensor::from_slice(&fed.iter().map(f).collect::<Vec<_>>()).view([-1, 1])
+            };
+            ids = Tensor::cat(&[ids, col(|f| f.0)], 1);
+            mask = Tensor::cat(&[mask, col(|f| f.1)], 1);
+            if stopped.iter().all(|&s| s) {
+                break;
+            }
+        }
+        (answers, lps)
+    }
+
+    #[test]
+    fn rows_that_stop_leave_the_batch_without_changing_any_answer() {
+        let _rng = crate::rng_lock();
+        // Near-uniform draws over 40 tokens: most of the 16 rows meet EOS
+        // within 36 tokens, at different steps, so rows leave the cache
+        // several times.
+        let cfg = SamplingConfig {
+            temperature: 4.0,
+            max_new_tokens: 36,
+            ..SamplingConfig::default()
+        };
+        let prompts: Vec<Vec<i64>> = (0..16).map(|i| (1..2 + i % 3).collect()).collect();
+        for (_vs, net) in both() {
+            tch::manual_seed(11);
+            let g = generate(&net, &prompts, &cfg, spec(7), Device::Cpu).unwrap();
+            tch::manual_seed(11);
+            let (answers, lps) = sample_by_full_forwards(&net, &prompts, &cfg, spec(7));
+            assert_eq!(g.answers, answers);
+            let stopped_early = g.answers.iter().filter(|a| a.len() < 30).count();
+            assert!(stopped_early >= 6, "{:?}", g.answers);
+            // The log-probabilities recorded while sampling are the full
+            // forward's to float rounding, and 0 after a row stopped.
+            for (row, lp) in lps.iter().enumerate() {
+                let recorded = g.logprobs.get(row as i64);
+                for (j, want) in lp.iter().enumerate() {
+                    let got = recorded.double_value(&[j as i64]);
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "row {row} token {j}: {got} {want}"
+                    );
+                }
+                let rest =
+                    recorded.narrow(0, lp.len() as i64, g.logprobs.size()[1] - lp.len() as i64);
+                assert_eq!(rest.abs().sum(Kind::Float).double_value(&[]), 0.0);
+            }
+        }
     }
 
     #[test]

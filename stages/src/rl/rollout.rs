@@ -308,6 +308,21 @@ impl RolloutInputs<'_> {
     }
 }
 
+/// How far the log-probabilities recorded while sampling lie from those
+/// the update's forward computes for the same tokens (`old_lp`), over the
+/// answers' real tokens: `rollout_logprob_diff_max` and `_mean` of
+/// `metrics.jsonl`. rlhf samples and trains with one model, so this is
+/// float rounding (the KV cache's decode against the full forward, bf16
+/// more than fp32), not a mismatch of engines to correct for.
+pub fn rollout_logprob_diff(r: &Sampled) -> [f64; 2] {
+    let diff = (&r.generation.logprobs - &r.old_lp).abs() * &r.answer_mask;
+    let tokens = r.answer_mask.sum(Kind::Double).double_value(&[]).max(1.0);
+    [
+        diff.max().double_value(&[]),
+        diff.sum(Kind::Double).double_value(&[]) / tokens,
+    ]
+}
+
 /// A `(B, N)` tensor as B rows, in `T`'s kind, on the CPU.
 pub fn to_rows<T>(t: &Tensor) -> Vec<Vec<T>>
 where

@@ -24,6 +24,7 @@ struct Row {
     text: String,
     score: f64,
     /// Per answer token.
+    sampled_lp: Vec<f64>,
     old_lp: Vec<f64>,
     ref_lp: Vec<f64>,
     values: Vec<f64>,
@@ -51,6 +52,7 @@ fn rows_of(r: &Sampled) -> Vec<Row> {
     let g = &r.generation;
     let floats = |t: &Tensor| -> Vec<Vec<f64>> { to_rows(t) };
     let (lp, rlp) = (floats(&r.old_lp), floats(&r.ref_lp));
+    let sampled = floats(&g.logprobs);
     let v = r.values.as_ref().map(floats);
     let prompt_ids: Vec<Vec<i64>> = to_rows(&g.tokens.narrow(1, 0, g.prompt_width));
     let prompt_mask: Vec<Vec<i64>> = to_rows(&g.attention_mask.narrow(1, 0, g.prompt_width));
@@ -69,6 +71,7 @@ fn rows_of(r: &Sampled) -> Vec<Row> {
                 finished: g.finished[i],
                 text: r.answers[i].clone(),
                 score: r.scores[i],
+                sampled_lp: sampled[i][..len].to_vec(),
                 old_lp: lp[i][..len].to_vec(),
                 ref_lp: rlp[i][..len].to_vec(),
                 values: v.as_ref().map_or(vec![], |v| v[i][..len].to_vec()),
@@ -115,6 +118,7 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device, with_values: bool) ->
             prompt_width: p as i64,
             answers: rows.iter().map(|r| r.answer.clone()).collect(),
             finished: rows.iter().map(|r| r.finished).collect(),
+            logprobs: table(|r| &r.sampled_lp),
         },
     }
 }

@@ -20,7 +20,8 @@ use crate::model::gpt::Head;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, to_rows, Prompts, Reference, RolloutInputs, Sampled, Scorer,
+    answer_logprobs, rollout_logprob_diff, to_rows, Prompts, Reference, RolloutInputs, Sampled,
+    Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -282,6 +283,7 @@ impl Learner for GrpoLearner<'_> {
         self.own.groups += prompts;
         self.own.zero_spread += zero_spread;
         let lengths = r.generation.answers.iter().map(Vec::len).sum::<usize>() as f64;
+        let [diff_max, diff_mean] = rollout_logprob_diff(&r);
         Ok(Outcome {
             mean_score: r.scores.iter().sum::<f64>() / b,
             mean_kl: kl,
@@ -289,6 +291,7 @@ impl Learner for GrpoLearner<'_> {
                 "policy_loss": loss, "clip_fraction": clip_fraction,
                 "zero_spread": zero_spread as f64 / prompts as f64,
                 "answer_length": lengths / b,
+                "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
             }),
             rows: match rows {
                 true => self.rollout_rows(iteration + 1, &r, &adv),

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::network::{Cache, Network};
+use crate::model::score::SPARSE_LOGITS_VOCAB;
 
 /// How answers are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,10 +117,14 @@ pub struct Generation {
 
 /// Samples answers to `prompts` (token ids) in one batch.
 ///
-/// Rows that stopped at EOS leave the batch (their keys and values are
-/// dropped from the cache) once a quarter of the rows still decoding have
-/// stopped; the random draws stay those of the whole batch, so that the
-/// answers are the same as if every row had run on.
+/// On models with a real vocabulary (>= [`SPARSE_LOGITS_VOCAB`] ids), rows
+/// that stopped at EOS leave the batch (their keys and values are dropped
+/// from the cache) once a quarter of the rows still decoding have stopped;
+/// the random draws stay those of the whole batch, so that the answers are
+/// those every row running on would give, to float rounding (a batch of
+/// another size may round a matmul differently). Byte-level models keep
+/// every row, which keeps their runs bit-identical to earlier ones; their
+/// steps cost little per row anyway.
 ///
 /// Deterministic for a given `tch::manual_seed`.
 pub fn generate(
@@ -129,12 +134,26 @@ pub fn generate(
     spec: TokenSpec,
     device: Device,
 ) -> Result<Generation, SamplingError> {
+    let drop_stopped = model.vocab_size() >= SPARSE_LOGITS_VOCAB;
+    generate_with(model, prompts, config, spec, device, drop_stopped)
+}
+
+/// [`generate`], rows that stop leaving the batch or not.
+fn generate_with(
+    model: &Network,
+    prompts: &[Vec<i64>],
+    config: &SamplingConfig,
+    spec: TokenSpec,
+    device: Device,
+    drop_stopped: bool,
+) -> Result<Generation, SamplingError> {
     config.validate()?;
     check_prompts(prompts, config.max_new_tokens, model.n_positions())?;
     let (prompt_ids, prompt_mask, width) = left_pad(prompts, spec.pad, device);
     let any_padding = prompts.iter().any(|p| p.len() as i64 != width);
     let sample = || {
         let mut d = Decoding::new(prompts.len() as i64, width, config, spec, device);
+        d.drop_stopped = drop_stopped && config.stop_at_eos;
         d.tokens.narrow(1, 0, width).copy_(&prompt_ids);
         d.attention.narrow(1, 0, width).copy_(&prompt_mask);
         let mut cache = model.cache(d.batch, width + config.max_new_tokens);
@@ -184,6 +203,8 @@ struct Decoding {
     batch: i64,
     width: i64,
     stop_at_eos: bool,
+    /// Whether rows that stopped leave the cache.
+    drop_stopped: bool,
     spec: TokenSpec,
 }
 
@@ -204,6 +225,7 @@ impl Decoding {
             batch: b,
             width,
             stop_at_eos: config.stop_at_eos,
+            drop_stopped: false,
             spec,
         }
     }
@@ -268,7 +290,7 @@ impl Decoding {
     /// Drops the rows that stopped from the cache once they are a quarter
     /// of it (each drop copies the cache); returns `next` of the rows kept.
     fn drop_stopped(&mut self, next: Tensor, cache: &mut Cache) -> Tensor {
-        if !self.stop_at_eos {
+        if !self.drop_stopped {
             return next;
         }
         let live = self.rows.size()[0];
@@ -599,7 +621,7 @@ mod tests {
         let prompts: Vec<Vec<i64>> = (0..16).map(|i| (1..2 + i % 3).collect()).collect();
         for (_vs, net) in both() {
             tch::manual_seed(11);
-            let g = generate(&net, &prompts, &cfg, spec(7), Device::Cpu).unwrap();
+            let g = generate_with(&net, &prompts, &cfg, spec(7), Device::Cpu, true).unwrap();
             tch::manual_seed(11);
             let (answers, lps) = sample_by_full_forwards(&net, &prompts, &cfg, spec(7));
             assert_eq!(g.answers, answers);

@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "real"],
+    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "real", "real_sft"],
                     help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -169,6 +169,7 @@ def main():
     results["side_by_side"] = side_by_side(reps)
     results["label_queue"] = label_queue(reps)
     results["real"] = real(reps)
+    results["real_sft"] = real_sft(reps)
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -181,7 +182,7 @@ def rerun_section(name, reps, out):
     path = out / "results.json"
     results = json.loads(path.read_text())
     sections = {"data_parallel": data_parallel, "side_by_side": side_by_side, "label_queue": label_queue,
-                "real": real}
+                "real": real, "real_sft": real_sft}
     results[name] = sections[name](reps)
     results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
     path.write_text(json.dumps(results, indent=2))
@@ -272,7 +273,26 @@ def real(reps):
     return out
 
 
-def markdown_real(r):
+def real_sft(reps):
+    """SFT steps on SmolLM2 (random tokens, batch 4 x 128, AdamW, clip 1):
+    `rlhf bench train` against TRL's SFTTrainer, every weight and LoRA r=16
+    on every projection, fp32 and bf16."""
+    rows = []
+    for lora in [0, 16]:
+        for prec in ["fp32", "bf16"]:
+            common = ["--model", str(SMOLLM2), "--batch", "4", "--seq", "128", "--warmup", "1", "--steps", "2",
+                      "--lora-r", str(lora)]
+            ours = [RLHF, "bench", "train", "--precision", prec] + common
+            theirs = [PY, REF, "sft"] + (["--autocast"] if prec == "bf16" else []) + common
+            print(f"SmolLM2 SFT, LoRA r={lora}, {prec} ...", file=sys.stderr, flush=True)
+            r = pair(ours, theirs, reps, "tokens_per_s")
+            r.update(precision=prec, lora_r=lora,
+                     trained=[r["runs"][s][0]["trained_params"] for s in ["rlhf", "reference"]])
+            rows.append(r)
+    return {"rows": rows}
+
+
+def markdown_real(r, sft=None):
     lines = [
         "",
         f"## A real model: {r['model']} (135M, Llama layout)",
@@ -303,6 +323,27 @@ def markdown_real(r):
     own = [f"{g['rlhf'] / fp32[g['stop_at_eos']]:.2f}x" for g in r["generate"]
            if g["precision"] == "bf16" and not g.get("lora_r")]
     lines += ["", f"rlhf's bf16 over its own fp32: {own[0]} (fixed length), {own[1]} (HH prompts)."]
+    if sft:
+        lines += [
+            "",
+            "SFT steps (random tokens, batch 4 x 128, the loss on every token, AdamW at 1e-4, clip 1.0) by "
+            "`rlhf bench train` against TRL's `SFTTrainer` (its own data collator and logging, as a user "
+            "runs it; LoRA through PEFT).",
+            "",
+        ]
+        if sft.get("rerun"):
+            lines += [f"Measured on {sft['rerun']['date']} (`just bench --section real_sft`, "
+                      f"{sft['rerun']['reps']} repetitions).", ""]
+        lines += [
+            "| SFT | precision | trained parameters (rlhf / TRL) | rlhf tokens/s | TRL tokens/s | ratio | rlhf RSS | TRL RSS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in sft["rows"]:
+            what = f"LoRA r={s['lora_r']}" if s["lora_r"] else "every weight"
+            lines.append(
+                f"| {what} | {s['precision']} | {s['trained'][0] / 1e6:.2f}M / {s['trained'][1] / 1e6:.2f}M "
+                f"| {s['rlhf']:,.0f} | {s['reference']:,.0f} | **{s['ratio']:.2f}x** "
+                f"| {s['rlhf_rss_mib']:.0f} MiB | {s['reference_rss_mib']:.0f} MiB |")
     if "notes" in r:
         lines += [""] + r["notes"]
     return "\n".join(lines) + "\n"
@@ -674,7 +715,7 @@ def markdown(r):
     lines += markdown_label_queue(r)
     text = "\n".join(lines)
     if r.get("real"):
-        text += markdown_real(r["real"])
+        text += markdown_real(r["real"], r.get("real_sft"))
     return text
 
 

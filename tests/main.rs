@@ -21,6 +21,7 @@ mod label_browser;
 mod label_http;
 mod llama_reference;
 mod lora;
+mod memory;
 mod pipeline_run;
 mod sft_data_errors;
 mod sigkill;

@@ -191,6 +191,8 @@ pub struct LmBatch {
     pub loss_mask: Vec<f32>,
     /// Targets that count: `sum(loss_mask)`.
     pub target_tokens: usize,
+    /// Input positions that hold a token rather than padding.
+    pub real_tokens: usize,
 }
 
 /// Collates pairs into one right-padded batch; the mask lets the loss see
@@ -200,10 +202,11 @@ pub fn collate(pairs: &[&TokenizedPair], pad: i64) -> LmBatch {
     let mut input_ids = Vec::with_capacity(pairs.len() * width);
     let mut targets = Vec::with_capacity(pairs.len() * width);
     let mut loss_mask = Vec::with_capacity(pairs.len() * width);
-    let mut target_tokens = 0;
+    let (mut target_tokens, mut real_tokens) = (0, 0);
     for p in pairs {
         let seq: Vec<i64> = p.prompt.iter().chain(&p.completion).copied().collect();
         let n = seq.len() - 1;
+        real_tokens += n;
         input_ids.extend_from_slice(&seq[..n]);
         input_ids.extend(std::iter::repeat_n(pad, width - n));
         // Target j is seq[j + 1]; answer tokens start at seq[prompt.len()].
@@ -230,6 +233,7 @@ pub fn collate(pairs: &[&TokenizedPair], pad: i64) -> LmBatch {
         targets,
         loss_mask,
         target_tokens,
+        real_tokens,
     }
 }
 
@@ -379,12 +383,14 @@ pub struct GroupBatch {
     pub groups: usize,
 }
 
+/// The widest row a group makes: its prompt and longest answer.
+pub fn group_width(group: &TokenizedGroup) -> usize {
+    let longest = group.responses.iter().map(Vec::len).max().unwrap_or(0);
+    group.prompt.len() + longest
+}
+
 pub fn collate_groups(groups: &[&TokenizedGroup], pad: i64) -> GroupBatch {
-    let width = groups
-        .iter()
-        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()))
-        .max()
-        .unwrap_or(0);
+    let width = groups.iter().map(|g| group_width(g)).max().unwrap_or(0);
     let mut b = GroupBatch {
         rows: 0,
         width,

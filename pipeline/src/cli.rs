@@ -297,6 +297,10 @@ pub struct BenchArgs {
     /// (its base frozen); 0: none.
     #[arg(long, default_value_t = 0)]
     pub lora_r: i64,
+    /// train: activation checkpointing (the stage setting
+    /// `gradient_checkpointing: true`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     #[arg(long, default_value_t = 4)]
     pub n_layer: i64,
     #[arg(long, default_value_t = 4)]

@@ -27,6 +27,8 @@ pub struct BenchSpec {
     /// of real prompts, answered in batches of `batch` until EOS or
     /// `new_tokens`; unset: random prompts of `prompt_len`, no early stop.
     pub prompts: Option<PathBuf>,
+    /// Training: activation checkpointing (`gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
     /// Generation: LoRA adapters of this rank on every projection (the
     /// base frozen, as PPO and GRPO with `lora:` sample); 0: none.
     pub lora_r: i64,
@@ -75,12 +77,42 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The model to time: `spec.model` (with LoRA adapters of rank
+/// `spec.lora_r` when set), else a random one of the spec's shape.
+fn bench_model(spec: &BenchSpec, device: Device) -> Result<Model, StageError> {
+    let Some(dir) = &spec.model else {
+        let tokenizer = rlhf_datasets::Tokenizer::bytes();
+        return Ok(Model::init(
+            &model_config(spec),
+            Head::Lm,
+            tokenizer,
+            device,
+        )?);
+    };
+    let mut model = Model::load(dir, HeadChoice::Want(Head::Lm), device)?;
+    if spec.lora_r > 0 {
+        let config = crate::model::lora::LoraConfig {
+            r: spec.lora_r,
+            alpha: 2.0 * spec.lora_r as f64,
+            ..Default::default()
+        };
+        model.add_lora(&config, dir)?;
+    }
+    Ok(model)
+}
+
 /// SFT training steps on random tokens: forward, mean NLL over every
 /// token, backward, clip to norm 1, AdamW. Tokens/s of the timed steps.
 pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
     tch::manual_seed(spec.seed);
-    let cfg = model_config(spec);
-    let model = Model::init(&cfg, Head::Lm, rlhf_datasets::Tokenizer::bytes(), device)?;
+    let model = bench_model(spec, device)?;
+    let cfg = model.net.config();
+    if spec.gradient_checkpointing {
+        model
+            .net
+            .set_gradient_checkpointing(true)
+            .map_err(StageError::Config)?;
+    }
     let mut opt = AdamW::new(
         &model.vs,
         AdamWConfig {
@@ -104,6 +136,7 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
         targets,
         loss_mask: vec![1.0; n],
         target_tokens: n,
+        real_tokens: n,
     };
     let mut times = Vec::new();
     for step in 0..spec.warmup + spec.steps {
@@ -113,6 +146,7 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
         let (nll, count) = masked_nll_sum(&model.net, &batch, device, true);
         let loss = nll / count;
         loss.backward();
+        model.net.backward_checkpointed();
         opt.clip_grad_norm(1.0);
         opt.step(1e-4);
         sync(device);
@@ -122,8 +156,11 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
     }
     let step_s = median(times);
     Ok(json!({
-        "mode": "train", "params": cfg.n_params(), "batch": b, "seq": t,
+        "mode": "train", "params": cfg.n_params(), "batch": b, "seq": t, "lora_r": spec.lora_r,
+        "trained_params": crate::train::trainable_by_name(&model).iter().map(Tensor::numel).sum::<usize>(),
         "step_seconds": step_s, "tokens_per_s": (b * t) as f64 / step_s,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "peak_rss_mib": crate::memory::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
     }))
 }
 
@@ -132,23 +169,7 @@ pub fn train(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, Stag
 /// Tokens/s of generated (real) tokens.
 pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
     tch::manual_seed(spec.seed);
-    let mut model = match &spec.model {
-        Some(dir) => Model::load(dir, HeadChoice::Want(Head::Lm), device)?,
-        None => Model::init(
-            &model_config(spec),
-            Head::Lm,
-            rlhf_datasets::Tokenizer::bytes(),
-            device,
-        )?,
-    };
-    if let (r @ 1.., Some(dir)) = (spec.lora_r, &spec.model) {
-        let config = crate::model::lora::LoraConfig {
-            r,
-            alpha: 2.0 * r as f64,
-            ..Default::default()
-        };
-        model.add_lora(&config, dir)?;
-    }
+    let model = bench_model(spec, device)?;
     let vocab = model.net.vocab_size();
     let (prompts, tokens, stop_at_eos) = match &spec.prompts {
         Some(path) => prompt_file(path, vocab)?,

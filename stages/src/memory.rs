@@ -15,3 +15,12 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// This process's peak resident memory so far (`VmHWM` of
+/// `/proc/self/status`); `None` where there is no such file.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

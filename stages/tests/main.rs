@@ -12,5 +12,6 @@ mod overfit;
 mod ppo_learns;
 mod reward_learns;
 mod reward_resume;
+mod same_steps;
 mod sft_learns;
 mod sft_resume;

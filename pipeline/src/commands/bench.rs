@@ -12,6 +12,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
         prompts: args.prompts.clone(),
         lora_r: args.lora_r,
+        gradient_checkpointing: args.gradient_checkpointing,
         n_layer: args.n_layer,
         n_head: args.n_head,
         n_embd: args.n_embd,

@@ -283,7 +283,11 @@ pub struct DpoBatch {
 
 impl Tokens for DpoBatch {
     fn tokens(&self) -> usize {
-        self.groups.rows * self.groups.width
+        self.groups.tokens()
+    }
+
+    fn real_tokens(&self) -> usize {
+        self.groups.real_tokens()
     }
 }
 
@@ -395,6 +399,10 @@ impl Objective for Preferences<'_> {
 
     fn collate(&self, examples: &[&DpoExample]) -> DpoBatch {
         collate(examples, self.pad)
+    }
+
+    fn length(&self, example: &DpoExample) -> usize {
+        rlhf_datasets::batch::group_width(&example.group)
     }
 
     fn weight(&self, batch: &DpoBatch) -> f64 {

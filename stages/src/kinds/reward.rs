@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rlhf_datasets::batch::{
-    collate_groups, tokenize_pairs, train_eval_split, GroupBatch, TokenizedGroup,
+    collate_groups, group_width, tokenize_pairs, train_eval_split, GroupBatch, TokenizedGroup,
 };
 use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{sft_records, ChatTemplate};
@@ -296,6 +296,10 @@ impl Objective for Rankings<'_> {
 
     fn chance_loss(&self) -> Option<f64> {
         Some(std::f64::consts::LN_2)
+    }
+
+    fn length(&self, group: &TokenizedGroup) -> usize {
+        group_width(group)
     }
 
     fn evaluate(&self, model: &Network) -> Option<RewardEval> {

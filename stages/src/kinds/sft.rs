@@ -179,6 +179,10 @@ impl Objective for Demonstrations<'_> {
     fn evaluate(&self, model: &Network) -> Option<EvalLoss> {
         eval_loss(model, &self.eval, self.eval_batch, self.pad, self.device).map(EvalLoss)
     }
+
+    fn length(&self, pair: &TokenizedPair) -> usize {
+        pair.len()
+    }
 }
 
 /// Runs (or resumes, or finds already done) an SFT run.

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
+use crate::model::checkpointing::Checkpointing;
 use crate::model::lora::{Adapter, LoraConfig};
 
 /// The shapes of a GPT. Field names and defaults are HF `GPT2Config`'s.
@@ -491,6 +492,9 @@ pub struct Gpt {
     /// Off: the LoRA adapters are skipped (the base model, PPO's
     /// reference).
     adapters_on: AtomicBool,
+    /// Activation checkpointing of training forwards: what the blocks
+    /// share (attention, mode) and the tokens' positions.
+    checkpointing: Checkpointing<(Attend, Mode, Tensor)>,
 }
 
 impl Gpt {
@@ -525,7 +529,39 @@ impl Gpt {
             ln_f,
             score,
             adapters_on: true.into(),
+            checkpointing: Default::default(),
         }
+    }
+
+    /// Training forwards keep only each block's input; the backward
+    /// recomputes the blocks ([`crate::model::checkpointing`]), run by
+    /// [`Gpt::backward_checkpointed`] after the loss's backward. Refused
+    /// with dropout on: the recompute would draw other masks.
+    pub fn set_gradient_checkpointing(&self, on: bool) -> Result<(), String> {
+        let c = &self.config;
+        if on
+            && [c.embd_pdrop, c.attn_pdrop, c.resid_pdrop]
+                .iter()
+                .any(|&p| p > 0.0)
+        {
+            return Err("needs the model's dropout off (embd_pdrop, attn_pdrop, resid_pdrop 0): the recomputed blocks would draw other dropout masks".into());
+        }
+        self.checkpointing.set(on);
+        Ok(())
+    }
+
+    /// The blocks' part of the backward of checkpointed forwards.
+    pub fn backward_checkpointed(&self) {
+        self.checkpointing.backward(
+            |i, x, (at, mode, _)| self.blocks[i].forward(x, at, None, *mode),
+            |ids, (_, _, positions)| self.embed(ids, positions),
+        );
+    }
+
+    /// Token plus position embeddings.
+    fn embed(&self, ids: &Tensor, positions: &Tensor) -> Tensor {
+        let tok = Tensor::embedding(&self.wte, ids, -1, false, false);
+        tok + Tensor::embedding(&self.wpe, positions, -1, false, false)
     }
 
     /// Adds LoRA adapters to the `config.target_modules` projections of
@@ -602,6 +638,17 @@ impl Gpt {
             }
             c.len += 1;
             return self.ln_f.forward(&x).unsqueeze(1);
+        }
+        if cache.is_none() && self.checkpointing.applies() {
+            let x = tch::no_grad(|| tok + pos);
+            let (n, blocks) = (self.blocks.len(), &self.blocks);
+            let pass = (at, mode, positions);
+            let out = self
+                .checkpointing
+                .forward(x, input_ids, pass, n, |i, x, (at, mode, _)| {
+                    blocks[i].forward(x, at, None, *mode)
+                });
+            return self.ln_f.forward(&out);
         }
         let mut x = dropout(tok + pos, self.config.embd_pdrop, train);
         for (i, block) in self.blocks.iter().enumerate() {

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::model::checkpointing::Checkpointing;
 use crate::model::gpt::{Head, ScalarHead};
 use crate::model::lora::{Adapter, LoraConfig};
 
@@ -495,6 +496,8 @@ pub struct Llama {
     /// While sampling: the LM head's weight in the compute kind, where
     /// it is frozen and autocast would cast it for every token.
     sampling_head: SamplingWeight,
+    /// Activation checkpointing of training forwards.
+    checkpointing: Checkpointing<Pass>,
 }
 
 impl Llama {
@@ -551,6 +554,7 @@ impl Llama {
             score: (head == Head::Scalar).then(|| ScalarHead::new(root, hidden)),
             adapters_on: true.into(),
             sampling_head: Default::default(),
+            checkpointing: Default::default(),
             inv_freq: {
                 let exponents =
                     Tensor::arange_start_step(0, d, 2, (Kind::Float, root.device())) / d as f64;
@@ -614,6 +618,21 @@ impl Llama {
         }
         let _clear = Clear(Some(projections()), &self.sampling_head);
         f()
+    }
+
+    /// Training forwards keep only each layer's input; the backward
+    /// recomputes the layers ([`crate::model::checkpointing`]), run by
+    /// [`Llama::backward_checkpointed`] after the loss's backward.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.set(on);
+    }
+
+    /// The layers' part of the backward of checkpointed forwards.
+    pub fn backward_checkpointed(&self) {
+        self.checkpointing.backward(
+            |i, x, pass| self.layers[i].forward(x, pass, &mut None),
+            |ids, _| self.embed.forward(ids),
+        );
     }
 
     /// Runs `f` with the adapters skipped: the base model.
@@ -720,6 +739,14 @@ impl Llama {
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::SeqCst),
             train,
         };
+        if cache.capacity == 0 && self.checkpointing.applies() {
+            let x = tch::no_grad(|| self.embed.forward(ids));
+            let n = self.layers.len();
+            let out = self.checkpointing.forward(x, ids, pass, n, |i, x, pass| {
+                self.layers[i].forward(x, pass, &mut None)
+            });
+            return self.norm.forward(&out);
+        }
         let mut x = self.embed.forward(ids);
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &pass, kv);

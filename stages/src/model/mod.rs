@@ -6,6 +6,7 @@
 
 pub mod adapters;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod device;
 pub mod gpt;
 pub mod llama;

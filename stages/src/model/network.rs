@@ -312,6 +312,28 @@ impl Network {
         }
     }
 
+    /// Activation checkpointing of training forwards
+    /// ([`crate::model::checkpointing`]); refused where the model draws
+    /// dropout masks.
+    pub fn set_gradient_checkpointing(&self, on: bool) -> Result<(), String> {
+        match self {
+            Self::Gpt(g) => g.set_gradient_checkpointing(on),
+            Self::Llama(l) => {
+                l.set_gradient_checkpointing(on);
+                Ok(())
+            }
+        }
+    }
+
+    /// The layers' part of the backward of checkpointed training forwards,
+    /// after the loss's `backward()`; nothing without checkpointing.
+    pub fn backward_checkpointed(&self) {
+        match self {
+            Self::Gpt(g) => g.backward_checkpointed(),
+            Self::Llama(l) => l.backward_checkpointed(),
+        }
+    }
+
     /// An empty cache for `batch` sequences of up to `capacity` tokens.
     pub fn cache(&self, batch: i64, capacity: i64) -> Cache {
         match self {

@@ -323,6 +323,15 @@ pub fn rollout_logprob_diff(r: &Sampled) -> [f64; 2] {
     ]
 }
 
+/// The share of the rollout's `(B, P + N)` positions that are padding
+/// (left of short prompts, right of short answers): what every forward
+/// over the whole rollout (reference, reward, update) computes for nothing.
+pub fn rollout_padding_waste(r: &Sampled) -> f64 {
+    let mask = &r.generation.attention_mask;
+    let real = mask.sum(Kind::Int64).int64_value(&[]) as usize;
+    crate::train::padding_waste(real, mask.numel())
+}
+
 /// A `(B, N)` tensor as B rows, in `T`'s kind, on the CPU.
 pub fn to_rows<T>(t: &Tensor) -> Vec<Vec<T>>
 where

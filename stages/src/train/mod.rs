@@ -72,6 +72,19 @@ pub struct TrainSettings {
     /// `bf16`: matmuls in bfloat16 on fp32 master weights (autocast).
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
+    /// Pool each step's micro-batches, sort their examples by length and
+    /// deal them back into micro-batches of the same sizes, so that rows
+    /// of similar length share a forward and less of it is padding. A step
+    /// sees the same examples: SFT's gradient is the same, the reward
+    /// model's and DPO's (a mean over micro-batches of their means) the
+    /// same when the micro-batches are full, and in expectation always.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_by_length: bool,
+    /// Keep only each layer's input in a training forward and recompute
+    /// the layers in the backward: activation memory of one layer instead
+    /// of all, for about a third more time. Needs dropout off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 /// The share of its start an eval loss must fall by for a stage to count
@@ -95,7 +108,12 @@ pub fn not_learning(label: &str, start: Option<f64>, end: Option<f64>) -> Option
 
 impl TrainSettings {
     /// Keys left out when unset: the experiment file may still set them.
-    pub const OPTIONAL_KEYS: [&'static str; 2] = ["lora", "precision"];
+    pub const OPTIONAL_KEYS: [&'static str; 4] = [
+        "lora",
+        "precision",
+        "group_by_length",
+        "gradient_checkpointing",
+    ];
 
     /// Settings with the common defaults: no accumulation, no step limit,
     /// clipping at norm 1, eval every 50 steps, a checkpoint every 100.
@@ -119,6 +137,8 @@ impl TrainSettings {
             fail_if_not_learning: false,
             lora: None,
             precision: Precision::Fp32,
+            group_by_length: false,
+            gradient_checkpointing: false,
         }
     }
 
@@ -233,6 +253,18 @@ pub fn start_or_resume(
             (m, None, None)
         }
     };
+    if settings.gradient_checkpointing {
+        if settings.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            return Err(StageError::setting(
+                "gradient_checkpointing",
+                "needs lora.dropout 0: the recomputed layers would draw other dropout masks",
+            ));
+        }
+        model
+            .net
+            .set_gradient_checkpointing(true)
+            .map_err(|e| StageError::setting("gradient_checkpointing", e))?;
+    }
     let mut opt = AdamW::new(&model.vs, optimizer.clone());
     if let Some(m) = &moments {
         opt.load_state_tensors(m)?;
@@ -270,20 +302,30 @@ pub trait Evaluation {
     fn record(&self, record: &mut serde_json::Value);
 }
 
-/// A collated batch: how many tokens it feeds the model, for tokens/s.
+/// A collated batch: how many tokens it feeds the model (for tokens/s),
+/// and how many of them are not padding (for `padding_waste`).
 pub trait Tokens {
     fn tokens(&self) -> usize;
+    fn real_tokens(&self) -> usize;
 }
 
 impl Tokens for rlhf_datasets::batch::LmBatch {
     fn tokens(&self) -> usize {
         self.rows * self.width
     }
+
+    fn real_tokens(&self) -> usize {
+        self.real_tokens
+    }
 }
 
 impl Tokens for rlhf_datasets::batch::GroupBatch {
     fn tokens(&self) -> usize {
         self.rows * self.width
+    }
+
+    fn real_tokens(&self) -> usize {
+        self.last_index.iter().map(|&i| i as usize + 1).sum()
     }
 }
 
@@ -305,6 +347,9 @@ pub trait Objective {
     fn loss(&self, model: &Network, batch: &Self::Batch, share: &Share) -> (Tensor, Vec<Ratio>);
     /// Held-out quality; `None` without held-out data.
     fn evaluate(&self, model: &Network) -> Option<Self::Eval>;
+    /// The width one example needs in a batch (`group_by_length` sorts
+    /// by it).
+    fn length(&self, example: &Self::Example) -> usize;
     /// The eval loss of a model that knows nothing, where the loss has one
     /// (Bradley-Terry: ln 2). Learning is then measured from it rather than
     /// from the start's eval loss: a fresh head can start above chance and
@@ -455,10 +500,11 @@ pub fn fit<O: Objective>(
         crate::memory::release_free_memory();
         last_loss = done_step.loss;
         let dt = t0.elapsed().as_secs_f64();
-        let step_tokens: usize = match share.stand_in {
+        let count = |f: fn(&O::Batch) -> usize| match share.stand_in {
             true => 0,
-            false => share.batches.iter().flatten().map(Tokens::tokens).sum(),
+            false => share.batches.iter().flatten().map(f).sum::<usize>(),
         };
+        let (step_tokens, real_tokens) = (count(Tokens::tokens), count(Tokens::real_tokens));
         (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
         let done = step + 1;
         let epoch = (done * cfg.grad_accum as i64) as f64 / micro_batches.per_epoch().max(1) as f64;
@@ -466,6 +512,7 @@ pub fn fit<O: Objective>(
             lr,
             seconds: dt,
             tokens: step_tokens,
+            real_tokens,
             epoch,
             world: ranks.world(),
         };
@@ -546,8 +593,9 @@ fn eval_at_start<O: Objective>(
 struct StepTimes {
     lr: f64,
     seconds: f64,
-    /// This rank's tokens.
+    /// This rank's tokens, and those of them that are not padding.
     tokens: usize,
+    real_tokens: usize,
     epoch: f64,
     world: usize,
 }
@@ -558,6 +606,7 @@ fn step_record(done: i64, step: &StepDone, t: &StepTimes) -> serde_json::Value {
         "step": done, "loss": step.loss, "lr": t.lr, "grad_norm": step.grad_norm,
         "tokens_per_s": t.tokens as f64 * t.world as f64 / t.seconds.max(1e-9),
         "epoch": t.epoch,
+        "padding_waste": padding_waste(t.real_tokens, t.tokens),
     });
     for r in &step.ratios {
         record[r.name] = json!(r.num / r.den.max(1.0));
@@ -567,6 +616,14 @@ fn step_record(done: i64, step: &StepDone, t: &StepTimes) -> serde_json::Value {
         record["allreduce_s"] = json!(step.comm_seconds);
     }
     record
+}
+
+/// The share of the positions a step computed that were padding.
+pub fn padding_waste(real: usize, computed: usize) -> f64 {
+    match computed {
+        0 => 0.0,
+        n => 1.0 - real as f64 / n as f64,
+    }
 }
 
 /// The did-not-learn warning, logged by rank 0; an error when the stage
@@ -688,9 +745,12 @@ fn step_batches<O: Objective>(
     cfg: &TrainSettings,
     ranks: &Ranks,
 ) -> StepBatches<O::Batch> {
-    let all: Vec<Vec<usize>> = (0..cfg.grad_accum as i64)
+    let mut all: Vec<Vec<usize>> = (0..cfg.grad_accum as i64)
         .map(|k| micro_batches.rows(step * cfg.grad_accum as i64 + k))
         .collect();
+    if cfg.group_by_length {
+        all = by_length(&all, |i| objective.length(train[i]));
+    }
     let collate = |rows: &[usize]| {
         let examples: Vec<&O::Example> = rows.iter().map(|&i| train[i]).collect();
         (!examples.is_empty()).then(|| objective.collate(&examples))
@@ -706,6 +766,23 @@ fn step_batches<O: Objective>(
         }
     }
     StepBatches { batches, stand_in }
+}
+
+/// The step's examples sorted by `length` (longest first, ties in their
+/// order) and dealt back into micro-batches of the same sizes: rows of
+/// similar length share a forward.
+fn by_length(micro: &[Vec<usize>], length: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut pooled: Vec<usize> = micro.iter().flatten().copied().collect();
+    pooled.sort_by_key(|&i| std::cmp::Reverse(length(i)));
+    let mut rest = pooled.as_slice();
+    micro
+        .iter()
+        .map(|m| {
+            let (head, tail) = rest.split_at(m.len());
+            rest = tail;
+            head.to_vec()
+        })
+        .collect()
 }
 
 /// What one step did, agreed on by every rank.
@@ -766,6 +843,7 @@ fn accumulate<O: Objective>(
             rs.iter_mut().for_each(|r| (r.num, r.den) = (0.0, 0.0));
         }
         loss.backward();
+        model.net.backward_checkpointed();
         loss_sum += loss.double_value(&[]);
         for r in rs {
             match ratios.iter_mut().find(|x| x.name == r.name) {

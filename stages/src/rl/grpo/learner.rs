@@ -20,8 +20,8 @@ use crate::model::gpt::Head;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, rollout_logprob_diff, to_rows, Prompts, Reference, RolloutInputs, Sampled,
-    Scorer,
+    answer_logprobs, rollout_logprob_diff, rollout_padding_waste, to_rows, Prompts, Reference,
+    RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -292,6 +292,7 @@ impl Learner for GrpoLearner<'_> {
                 "zero_spread": zero_spread as f64 / prompts as f64,
                 "answer_length": lengths / b,
                 "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
+                "padding_waste": rollout_padding_waste(&r),
             }),
             rows: match rows {
                 true => self.rollout_rows(iteration + 1, &r, &adv),

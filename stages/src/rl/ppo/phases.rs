@@ -31,8 +31,8 @@ use crate::objectives::nll::masked_nll_sum;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, from_rows, rollout_logprob_diff, to_rows, Prompts, Reference, RolloutInputs,
-    Sampled, Scorer,
+    answer_logprobs, from_rows, rollout_logprob_diff, rollout_padding_waste, to_rows, Prompts,
+    Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -511,6 +511,7 @@ impl PpoLearner<'_> {
         let [diff_max, diff_mean] = rollout_logprob_diff(r);
         json!({
             "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
+            "padding_waste": rollout_padding_waste(r),
             "beta": beta, "policy_loss": s.policy_loss / s.updates,
             "value_loss": s.value_loss / s.updates, "entropy": s.entropy / s.updates,
             "clip_fraction": s.clip_fraction / s.updates, "approx_kl": s.approx_kl / s.updates,

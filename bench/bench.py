@@ -323,6 +323,14 @@ def markdown_real(r, sft=None):
     own = [f"{g['rlhf'] / fp32[g['stop_at_eos']]:.2f}x" for g in r["generate"]
            if g["precision"] == "bf16" and not g.get("lora_r")]
     lines += ["", f"rlhf's bf16 over its own fp32: {own[0]} (fixed length), {own[1]} (HH prompts)."]
+    gaps = [(g["precision"], g["runs"]["rlhf"][-1]) for g in r["generate"]
+            if not g.get("lora_r") and not g["stop_at_eos"] and "logprob_diff_max" in g["runs"]["rlhf"][-1]]
+    if gaps:
+        lines += ["", "Sampling against training (`rollout_logprob_diff` of PPO and GRPO): the log-probabilities "
+                  "recorded while sampling (the KV cache's one-token steps) against a full forward over the same "
+                  "tokens, over the last batch's answer tokens: " + "; ".join(
+                      f"{p} max {x['logprob_diff_max']:.1e}, mean {x['logprob_diff_mean']:.1e}" for p, x in gaps)
+                  + ". One model samples and trains, so the gap is float rounding."]
     if sft:
         lines += [
             "",

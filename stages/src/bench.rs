@@ -190,6 +190,7 @@ pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value,
         ..SamplingConfig::default()
     };
     let (mut rates, mut lengths, mut times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last = None;
     for rep in 0..spec.warmup + spec.steps {
         sync(device);
         let t0 = Instant::now();
@@ -197,6 +198,7 @@ pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value,
         for batch in prompts.chunks(spec.batch as usize) {
             let g = generate(&model.net, batch, &sampling, tokens, device)?;
             generated += g.answers.iter().map(Vec::len).sum::<usize>();
+            last = Some(g);
         }
         sync(device);
         if !stop_at_eos && generated as i64 != prompts.len() as i64 * spec.new_tokens {
@@ -210,12 +212,49 @@ pub fn generation(spec: &BenchSpec, device: Device) -> Result<serde_json::Value,
         }
     }
     let tokens_per_s = median(rates);
+    let [diff_max, diff_mean] = match &last {
+        Some(g) => sampling_against_forward(&model, g),
+        None => [f64::NAN; 2],
+    };
     Ok(json!({
+        "logprob_diff_max": diff_max, "logprob_diff_mean": diff_mean,
         "mode": "generate", "batch": spec.batch, "prompts": prompts.len(), "lora_r": spec.lora_r,
         "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "stop_at_eos": stop_at_eos,
         "mean_length": lengths.iter().sum::<f64>() / lengths.len() as f64,
         "seconds": median(times), "tokens_per_s": tokens_per_s,
     }))
+}
+
+/// How far the log-probabilities recorded while sampling `g` lie from a
+/// full forward's over the same tokens (what PPO's and GRPO's
+/// `rollout_logprob_diff` measures): max and mean over answer tokens.
+fn sampling_against_forward(model: &Model, g: &crate::model::sample::Generation) -> [f64; 2] {
+    // Over every id of the model, as the bench samples; one row at a time,
+    // so that the check's logits do not count in the rollout's peak RSS.
+    let vocab = model.net.vocab_size();
+    let rows: Vec<Tensor> = (0..g.tokens.size()[0])
+        .map(|i| {
+            let row = |t: &Tensor| t.narrow(0, i, 1);
+            let (tokens, mask) = (row(&g.tokens), row(&g.attention_mask));
+            let net = &model.net;
+            let width = g.prompt_width;
+            tch::no_grad(|| {
+                crate::rl::rollout::answer_logprobs(net, &tokens, &mask, width, vocab).0
+            })
+        })
+        .collect();
+    let lp = Tensor::cat(&rows, 0);
+    let n = g.tokens.size()[1] - g.prompt_width;
+    let mask = g
+        .attention_mask
+        .narrow(1, g.prompt_width, n)
+        .to_kind(Kind::Float);
+    let diff = (lp - &g.logprobs).abs() * &mask;
+    let tokens = mask.sum(Kind::Double).double_value(&[]).max(1.0);
+    [
+        diff.max().double_value(&[]),
+        diff.sum(Kind::Double).double_value(&[]) / tokens,
+    ]
 }
 
 /// `batch` random prompts of `prompt_len` byte-range ids.

@@ -175,14 +175,19 @@ mod tests {
             for (_, mut t) in vs.variables() {
                 t.zero_grad();
             }
-            net.forward_logits(&ids, None, true).sum(Kind::Float).backward();
+            net.forward_logits(&ids, None, true)
+                .sum(Kind::Float)
+                .backward();
             let (layer, g) = vs
                 .variables()
                 .into_iter()
                 .find(|(k, _)| k.contains(".0."))
                 .unwrap();
             let g = g.grad();
-            assert!(!g.defined() || g.abs().sum(Kind::Float).double_value(&[]) == 0.0, "{layer}");
+            assert!(
+                !g.defined() || g.abs().sum(Kind::Float).double_value(&[]) == 0.0,
+                "{layer}"
+            );
             net.backward_checkpointed();
             let checkpointed = gradients(&vs, &net);
             for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
@@ -209,5 +214,21 @@ mod tests {
         let net = Network::Gpt(crate::model::gpt::Gpt::new(&vs.root(), &cfg, Head::Lm));
         let err = net.set_gradient_checkpointing(true).unwrap_err();
         assert!(err.contains("resid_pdrop"), "{err}");
+        // LoRA dropout too, on either layout.
+        for (vs, mut net) in [
+            crate::tiny_gpt(3, 40, 16, 2, Head::Lm),
+            crate::tiny_llama(3, 40, 16, 2, Head::Lm),
+        ] {
+            let lora = crate::model::lora::LoraConfig {
+                dropout: 0.1,
+                ..Default::default()
+            };
+            match &mut net {
+                Network::Gpt(g) => g.add_lora(&vs.root(), &lora),
+                Network::Llama(l) => l.add_lora(&vs.root(), &lora),
+            }
+            let err = net.set_gradient_checkpointing(true).unwrap_err();
+            assert!(err.contains("lora.dropout"), "{err}");
+        }
     }
 }

@@ -546,6 +546,14 @@ impl Gpt {
         {
             return Err("needs the model's dropout off (embd_pdrop, attn_pdrop, resid_pdrop 0): the recomputed blocks would draw other dropout masks".into());
         }
+        let lora_dropout = self.blocks.iter().any(|b| {
+            [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]
+                .iter()
+                .any(|p| p.adapter.as_ref().is_some_and(|a| a.dropout() > 0.0))
+        });
+        if on && lora_dropout {
+            return Err(crate::model::llama::LORA_DROPOUT.into());
+        }
         self.checkpointing.set(on);
         Ok(())
     }

@@ -17,6 +17,10 @@ use crate::model::checkpointing::Checkpointing;
 use crate::model::gpt::{Head, ScalarHead};
 use crate::model::lora::{Adapter, LoraConfig};
 
+/// Why checkpointing is refused with LoRA dropout.
+pub(crate) const LORA_DROPOUT: &str =
+    "needs lora.dropout 0: the recomputed layers would draw other dropout masks";
+
 /// What `config.json` says of a Llama-layout model (HF's field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -600,11 +604,6 @@ impl Llama {
                 [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
             })
         };
-        let head = self.lm_head.as_ref().map_or(&self.embed.ws, |h| &h.ws);
-        if kind != head.kind() && !head.requires_grad() {
-            self.sampling_head.set(Some(head.to_kind(kind)));
-        }
-        projections().for_each(|p| p.prepare_sampling(Some(kind)));
         struct Clear<'a, I: Iterator<Item = &'a Proj>>(Option<I>, &'a SamplingWeight);
         impl<'a, I: Iterator<Item = &'a Proj>> Drop for Clear<'a, I> {
             fn drop(&mut self) {
@@ -616,15 +615,33 @@ impl Llama {
                 self.1.set(None);
             }
         }
+        // Cleared on the way out even if preparing them fails part-way.
         let _clear = Clear(Some(projections()), &self.sampling_head);
+        let head = self.lm_head.as_ref().map_or(&self.embed.ws, |h| &h.ws);
+        if kind != head.kind() && !head.requires_grad() {
+            self.sampling_head.set(Some(head.to_kind(kind)));
+        }
+        projections().for_each(|p| p.prepare_sampling(Some(kind)));
         f()
     }
 
     /// Training forwards keep only each layer's input; the backward
     /// recomputes the layers ([`crate::model::checkpointing`]), run by
     /// [`Llama::backward_checkpointed`] after the loss's backward.
-    pub fn set_gradient_checkpointing(&self, on: bool) {
+    /// Refused with adapter dropout on: the recomputed layers would draw
+    /// other dropout masks.
+    pub fn set_gradient_checkpointing(&self, on: bool) -> Result<(), String> {
+        let dropout = self.layers.iter().any(|l| {
+            let (a, m) = (&l.attn, &l.mlp);
+            [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                .iter()
+                .any(|p| p.adapter.as_ref().is_some_and(|a| a.dropout() > 0.0))
+        });
+        if on && dropout {
+            return Err(LORA_DROPOUT.into());
+        }
         self.checkpointing.set(on);
+        Ok(())
     }
 
     /// The layers' part of the backward of checkpointed forwards.

@@ -297,10 +297,19 @@ impl Adapter {
         }
     }
 
-    /// `weight` `(out, in)` with this update merged, in fp32, then in
-    /// `kind`: one matmul per projection while sampling instead of three.
+    /// `weight` `(out, in)` with this update merged, then in `kind`: one
+    /// matmul per projection while sampling instead of three. Computed in
+    /// float64, which autocast leaves alone (it would round an fp32
+    /// `B @ A` to bfloat16).
     pub fn merged(&self, weight: &Tensor, kind: Kind) -> Tensor {
-        merge(weight, &self.a, &self.b, self.scale, false).to_kind(kind)
+        let f64 = |t: &Tensor| t.to_kind(Kind::Double);
+        let update = f64(&self.b).matmul(&f64(&self.a)) * self.scale;
+        (f64(weight) + update).to_kind(kind)
+    }
+
+    /// Dropout on the adapter's input while training.
+    pub fn dropout(&self) -> f64 {
+        self.dropout
     }
 
     /// The update to add to the projection's output for input `x`.

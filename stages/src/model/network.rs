@@ -318,10 +318,7 @@ impl Network {
     pub fn set_gradient_checkpointing(&self, on: bool) -> Result<(), String> {
         match self {
             Self::Gpt(g) => g.set_gradient_checkpointing(on),
-            Self::Llama(l) => {
-                l.set_gradient_checkpointing(on);
-                Ok(())
-            }
+            Self::Llama(l) => l.set_gradient_checkpointing(on),
         }
     }
 

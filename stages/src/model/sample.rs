@@ -172,10 +172,11 @@ fn generate_with(
             }
             let next = d.step(&logits, steps, config);
             steps += 1;
-            if steps == config.max_new_tokens || d.all_stopped() {
+            let stopped = d.stopped_rows();
+            if steps == config.max_new_tokens || d.all_stopped(stopped) {
                 break;
             }
-            let next = d.drop_stopped(next, &mut cache);
+            let next = d.drop_stopped(next, stopped, &mut cache);
             // A row that stopped but is still in the batch is fed padding:
             // its later outputs are discarded and rows never attend to each
             // other, so only left padding of the prompts needs a mask.
@@ -281,21 +282,24 @@ impl Decoding {
         next
     }
 
-    /// Every row produced EOS (one host sync per step; cheap next to a
-    /// forward pass).
-    fn all_stopped(&self) -> bool {
-        self.stop_at_eos && bool::try_from(self.stopped.all()).unwrap_or(false)
+    /// How many rows in the cache produced EOS (one host sync per step;
+    /// cheap next to a forward pass); 0 when answers do not stop.
+    fn stopped_rows(&self) -> i64 {
+        match self.stop_at_eos {
+            true => self.stopped.sum(Kind::Int64).int64_value(&[]),
+            false => 0,
+        }
     }
 
-    /// Drops the rows that stopped from the cache once they are a quarter
-    /// of it (each drop copies the cache); returns `next` of the rows kept.
-    fn drop_stopped(&mut self, next: Tensor, cache: &mut Cache) -> Tensor {
-        if !self.drop_stopped {
-            return next;
-        }
-        let live = self.rows.size()[0];
-        let stopped = self.stopped.sum(Kind::Int64).int64_value(&[]);
-        if stopped == 0 || stopped * 4 < live {
+    /// Every row in the cache produced EOS.
+    fn all_stopped(&self, stopped: i64) -> bool {
+        self.stop_at_eos && stopped == self.rows.size()[0]
+    }
+
+    /// Drops the `stopped` rows from the cache once they are a quarter of
+    /// it (each drop copies the cache); returns `next` of the rows kept.
+    fn drop_stopped(&mut self, next: Tensor, stopped: i64, cache: &mut Cache) -> Tensor {
+        if !self.drop_stopped || stopped == 0 || stopped * 4 < self.rows.size()[0] {
             return next;
         }
         let keep = self.stopped.logical_not().nonzero().squeeze_dim(1);

@@ -254,12 +254,6 @@ pub fn start_or_resume(
         }
     };
     if settings.gradient_checkpointing {
-        if settings.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
-            return Err(StageError::setting(
-                "gradient_checkpointing",
-                "needs lora.dropout 0: the recomputed layers would draw other dropout masks",
-            ));
-        }
         model
             .net
             .set_gradient_checkpointing(true)
@@ -749,7 +743,7 @@ fn step_batches<O: Objective>(
         .map(|k| micro_batches.rows(step * cfg.grad_accum as i64 + k))
         .collect();
     if cfg.group_by_length {
-        all = by_length(&all, |i| objective.length(train[i]));
+        all = by_length(&all, ranks.world(), |i| objective.length(train[i]));
     }
     let collate = |rows: &[usize]| {
         let examples: Vec<&O::Example> = rows.iter().map(|&i| train[i]).collect();
@@ -770,8 +764,14 @@ fn step_batches<O: Objective>(
 
 /// The step's examples sorted by `length` (longest first, ties in their
 /// order) and dealt back into micro-batches of the same sizes: rows of
-/// similar length share a forward.
-fn by_length(micro: &[Vec<usize>], length: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+/// similar length share a forward. Within a micro-batch the rows are
+/// dealt to the `world` ranks in turn, so that no rank always takes the
+/// longest.
+fn by_length(
+    micro: &[Vec<usize>],
+    world: usize,
+    length: impl Fn(usize) -> usize,
+) -> Vec<Vec<usize>> {
     let mut pooled: Vec<usize> = micro.iter().flatten().copied().collect();
     pooled.sort_by_key(|&i| std::cmp::Reverse(length(i)));
     let mut rest = pooled.as_slice();
@@ -780,9 +780,28 @@ fn by_length(micro: &[Vec<usize>], length: impl Fn(usize) -> usize) -> Vec<Vec<u
         .map(|m| {
             let (head, tail) = rest.split_at(m.len());
             rest = tail;
-            head.to_vec()
+            deal(head, world)
         })
         .collect()
+}
+
+/// `rows` in the order whose contiguous rank shares ([`Ranks::share`])
+/// take every `world`-th row: rank 0 the 1st, (world+1)th, ...
+fn deal(rows: &[usize], world: usize) -> Vec<usize> {
+    let n = rows.len();
+    let sizes: Vec<usize> = (0..world)
+        .map(|w| n * (w + 1) / world - n * w / world)
+        .collect();
+    let mut parts: Vec<Vec<usize>> = vec![Vec::new(); world];
+    let mut w = 0;
+    for &row in rows {
+        while parts[w].len() == sizes[w] {
+            w = (w + 1) % world;
+        }
+        parts[w].push(row);
+        w = (w + 1) % world;
+    }
+    parts.concat()
 }
 
 /// What one step did, agreed on by every rank.
@@ -1022,5 +1041,20 @@ mod tests {
         let rows = (2.0 * have / (4.0 * 4096.0 * 3.0 * 50_000.0)).ceil() as usize;
         assert!(check_step_memory(&policy, rows, 4096).is_err());
         assert!(check_step_memory(&reward, rows, 4096).is_ok());
+    }
+
+    #[test]
+    fn rows_grouped_by_length_keep_the_steps_examples_and_spread_over_ranks() {
+        let lengths = [5usize, 9, 1, 7, 3, 8, 2, 6];
+        let micro = vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]];
+        let one = by_length(&micro, 1, |i| lengths[i]);
+        // Longest first, the micro-batches' sizes kept.
+        assert_eq!(one, vec![vec![1, 5, 3, 7], vec![0, 4, 6, 2]]);
+        // Two ranks: each contiguous half holds every other row, so rank 0
+        // does not take the longest rows of every micro-batch.
+        let two = by_length(&micro, 2, |i| lengths[i]);
+        assert_eq!(two, vec![vec![1, 3, 5, 7], vec![0, 6, 4, 2]]);
+        // Uneven shares fill as `Ranks::share` cuts them (2 then 3 of 5).
+        assert_eq!(deal(&[10, 11, 12, 13, 14], 2), vec![10, 12, 11, 13, 14]);
     }
 }

@@ -494,11 +494,7 @@ pub fn fit<O: Objective>(
         crate::memory::release_free_memory();
         last_loss = done_step.loss;
         let dt = t0.elapsed().as_secs_f64();
-        let count = |f: fn(&O::Batch) -> usize| match share.stand_in {
-            true => 0,
-            false => share.batches.iter().flatten().map(f).sum::<usize>(),
-        };
-        let (step_tokens, real_tokens) = (count(Tokens::tokens), count(Tokens::real_tokens));
+        let (step_tokens, real_tokens) = share.tokens();
         (tokens_seen, train_time) = (tokens_seen + step_tokens, train_time + dt);
         let done = step + 1;
         let epoch = (done * cfg.grad_accum as i64) as f64 / micro_batches.per_epoch().max(1) as f64;
@@ -729,6 +725,18 @@ struct StepBatches<B> {
     /// another rank's, to be weighted zero, so that this rank's backward
     /// reaches the same weights as the others' and their gradients sum.
     stand_in: bool,
+}
+
+impl<B: Tokens> StepBatches<B> {
+    /// The positions this rank's forwards compute, and those of them that
+    /// are tokens rather than padding (a stand-in counts none).
+    fn tokens(&self) -> (usize, usize) {
+        let count = |f: fn(&B) -> usize| match self.stand_in {
+            true => 0,
+            false => self.batches.iter().flatten().map(f).sum::<usize>(),
+        };
+        (count(B::tokens), count(B::real_tokens))
+    }
 }
 
 fn step_batches<O: Objective>(

@@ -393,6 +393,33 @@ pub fn prompts_with_room(
     Ok((prompts, ids))
 }
 
+/// The columns a minibatch of rollout rows needs: its prompts are
+/// left-padded to the rollout's `width` and its answers right-padded to
+/// the rollout's longest, so a minibatch of shorter rows computes padding
+/// on both sides. Returns `(start, prompt, answer)`: its rows' tokens lie
+/// in columns `start..width + answer` of `attention` `(b, P + N)`, their
+/// prompts in the last `prompt` of the first `width`; `answer_mask`
+/// `(b, N)`. Cutting there changes no real token's log-probability or
+/// value (positions count real tokens; padding is never attended).
+pub fn minibatch_span(attention: &Tensor, answer_mask: &Tensor, width: i64) -> (i64, i64, i64) {
+    let longest = |t: &Tensor| {
+        t.sum_dim_intlist(1, false, Kind::Int64)
+            .max()
+            .int64_value(&[])
+    };
+    let prompt = longest(&attention.narrow(1, 0, width)).max(1);
+    let answer = longest(answer_mask).max(1);
+    (width - prompt, prompt, answer)
+}
+
+/// Whether RL updates cut each minibatch to its own rows' span
+/// ([`minibatch_span`]): on models with a real vocabulary, where a padded
+/// position costs a 49k-wide projection; byte-level runs keep the
+/// rollout's width, and so stay bit-identical to earlier ones.
+pub fn trims_minibatches(model: &Network) -> bool {
+    model.vocab_size() >= crate::model::score::SPARSE_LOGITS_VOCAB
+}
+
 /// Log-probabilities `(B, N)` of the answer tokens in `tokens` (answers
 /// start at column `width`), and the logits they came from, over the
 /// tokenizer's `vocab` ids only (the ids sampling can produce).
@@ -409,4 +436,43 @@ pub fn answer_logprobs(
     let logits = logits.narrow(2, 0, vocab.min(logits.size()[2]));
     let lp = gather_logprobs(&logits, &tokens.narrow(1, width, n));
     (lp, logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two rows of a rollout padded for longer ones (prompts to 5 columns,
+    /// answers to 6): cut to their span, their answers' log-probabilities
+    /// are the same on both layouts.
+    #[test]
+    fn a_minibatch_cut_to_its_span_keeps_every_answer_log_probability() {
+        let _rng = crate::rng_lock();
+        // Prompts [7, 8] and [9]; answers [3, 4, 5] and [6].
+        let tokens = Tensor::from_slice(&[
+            0i64, 0, 0, 7, 8, 3, 4, 5, 0, 0, 0, //
+            0, 0, 0, 0, 9, 6, 0, 0, 0, 0, 0,
+        ])
+        .view([2, 11]);
+        let attention = Tensor::from_slice(&[
+            0i64, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, //
+            0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0,
+        ])
+        .view([2, 11]);
+        let answer_mask = attention.narrow(1, 5, 6);
+        let (start, prompt, answer) = minibatch_span(&attention, &answer_mask, 5);
+        assert_eq!((start, prompt, answer), (3, 2, 3));
+        for (_vs, net) in [
+            crate::tiny_gpt(2, 20, 16, 2, Head::Lm),
+            crate::tiny_llama(2, 20, 16, 2, Head::Lm),
+        ] {
+            let (full, _) = tch::no_grad(|| answer_logprobs(&net, &tokens, &attention, 5, 20));
+            let cut = |t: &Tensor| t.narrow(1, start, prompt + answer);
+            let (part, _) =
+                tch::no_grad(|| answer_logprobs(&net, &cut(&tokens), &cut(&attention), prompt, 20));
+            let real = answer_mask.narrow(1, 0, answer).to_kind(Kind::Float);
+            let diff = ((full.narrow(1, 0, answer) - part) * real).abs().max();
+            assert!(diff.double_value(&[]) < 1e-6, "{diff}");
+        }
+    }
 }

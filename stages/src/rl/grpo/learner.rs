@@ -20,8 +20,8 @@ use crate::model::gpt::Head;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, rollout_logprob_diff, rollout_padding_waste, to_rows, Prompts, Reference,
-    RolloutInputs, Sampled, Scorer,
+    answer_logprobs, minibatch_span, rollout_logprob_diff, rollout_padding_waste, to_rows,
+    trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -157,21 +157,37 @@ impl<'a> GrpoLearner<'a> {
                     (chunk.len() as f64, tokens.double_value(&[]))
                 });
                 let idx = rows(&chunk[step.ranks.share(chunk.len())]);
-                let sel = |t: &Tensor| t.index_select(0, &idx);
                 let g = &r.generation;
+                // This rank's rows, cut to their own span where it pays.
+                let (mut start, mut prompt, mut answer) =
+                    (0, g.prompt_width, r.answer_mask.size()[1]);
+                let (attention, mask) = (
+                    g.attention_mask.index_select(0, &idx),
+                    r.answer_mask.index_select(0, &idx),
+                );
+                if trims_minibatches(&self.policy.net) {
+                    // The whole minibatch's span, over every rank's rows:
+                    // each rank computes on the columns one process would.
+                    let whole = rows(chunk);
+                    let pick = |t: &Tensor| t.index_select(0, &whole);
+                    let (a, m) = (pick(&g.attention_mask), pick(&r.answer_mask));
+                    (start, prompt, answer) = minibatch_span(&a, &m, prompt);
+                }
+                let cols = |t: &Tensor| t.narrow(1, start, prompt + answer);
+                let sel = |t: &Tensor| t.index_select(0, &idx).narrow(1, 0, answer);
                 let (lp, _) = answer_logprobs(
                     &self.policy.net,
-                    &sel(&g.tokens),
-                    &sel(&g.attention_mask),
-                    g.prompt_width,
+                    &cols(&g.tokens.index_select(0, &idx)),
+                    &cols(&attention),
+                    prompt,
                     vocab,
                 );
                 let out = grpo_loss_over(
                     &lp,
                     &sel(&r.old_lp),
                     &sel(&r.ref_lp),
-                    &sel(advantages),
-                    &sel(&r.answer_mask),
+                    &advantages.index_select(0, &idx),
+                    &mask.narrow(1, 0, answer),
                     cfg.clip_range,
                     beta,
                     whole,

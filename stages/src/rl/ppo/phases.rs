@@ -31,8 +31,8 @@ use crate::objectives::nll::masked_nll_sum;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, from_rows, rollout_logprob_diff, rollout_padding_waste, to_rows, Prompts,
-    Reference, RolloutInputs, Sampled, Scorer,
+    answer_logprobs, from_rows, minibatch_span, rollout_logprob_diff, rollout_padding_waste,
+    to_rows, trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -355,6 +355,25 @@ struct Minibatch {
     returns: Tensor,
 }
 
+impl Minibatch {
+    /// Cut to `(start, prompt, answer)`, a span of [`minibatch_span`].
+    fn trimmed(self, (start, prompt, answer): (i64, i64, i64)) -> Self {
+        let cols = |t: &Tensor| t.narrow(1, start, prompt + answer);
+        let answers = |t: &Tensor| t.narrow(1, 0, answer);
+        Self {
+            tokens: cols(&self.tokens),
+            attention: cols(&self.attention),
+            mask: answers(&self.mask),
+            width: prompt,
+            count: self.count,
+            old_lp: answers(&self.old_lp),
+            old_values: answers(&self.old_values),
+            advantages: answers(&self.advantages),
+            returns: answers(&self.returns),
+        }
+    }
+}
+
 impl PpoLearner<'_> {
     /// Phase 3: `ppo_epochs` passes over the rollout in shuffled
     /// minibatches, each a clipped policy step (plus PPO-ptx) and a
@@ -389,7 +408,7 @@ impl PpoLearner<'_> {
                 // of each minibatch.
                 let idx = rows(&chunk[step.ranks.share(chunk.len())]);
                 let sel = |t: &Tensor| t.index_select(0, &idx);
-                let mb = Minibatch {
+                let mut mb = Minibatch {
                     tokens: sel(&r.generation.tokens),
                     attention: sel(&r.generation.attention_mask),
                     mask: sel(&r.answer_mask),
@@ -400,6 +419,15 @@ impl PpoLearner<'_> {
                     advantages: sel(&adv_t),
                     returns: sel(&ret_t),
                 };
+                if trims_minibatches(&self.models.policy.net) {
+                    // The whole minibatch's span, over every rank's rows:
+                    // each rank computes on the columns one process would.
+                    let whole = rows(chunk);
+                    let pick = |t: &Tensor| t.index_select(0, &whole);
+                    let attention = pick(&r.generation.attention_mask);
+                    let span = minibatch_span(&attention, &pick(&r.answer_mask), mb.width);
+                    mb = mb.trimmed(span);
+                }
                 self.policy_step(&mb, &mut ptx_cursor, &mut stats, step)?;
                 self.critic_step(&mb, &mut stats, step)?;
                 stats.updates += 1.0;

@@ -6,14 +6,14 @@
 
 use crate::common;
 
-/// Peak RSS (MiB) of two SFT steps of an 8-layer, 256-wide model on 8
+/// Peak RSS (MiB) of two SFT steps of a 16-layer, 256-wide model on 8
 /// rows of 256 tokens.
 fn peak_rss_mib(checkpointing: bool) -> f64 {
     let mut args = vec![
         "bench",
         "train",
         "--n-layer",
-        "8",
+        "16",
         "--n-head",
         "4",
         "--n-embd",

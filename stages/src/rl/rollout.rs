@@ -412,6 +412,23 @@ pub fn minibatch_span(attention: &Tensor, answer_mask: &Tensor, width: i64) -> (
     (width - prompt, prompt, answer)
 }
 
+/// The columns the minibatch of rollout rows `rows` (all ranks' rows)
+/// computes on, `(start, prompt, answer)`: its span ([`minibatch_span`])
+/// where `trim`, else the rollout's whole width. Every rank takes the same
+/// columns for its part of the minibatch, as one process would.
+pub fn columns_of(r: &Sampled, rows: &Tensor, trim: bool) -> (i64, i64, i64) {
+    let (width, answer) = (r.generation.prompt_width, r.answer_mask.size()[1]);
+    if !trim {
+        return (0, width, answer);
+    }
+    let pick = |t: &Tensor| t.index_select(0, rows);
+    minibatch_span(
+        &pick(&r.generation.attention_mask),
+        &pick(&r.answer_mask),
+        width,
+    )
+}
+
 /// Whether RL updates cut each minibatch to its own rows' span
 /// ([`minibatch_span`]): on models with a real vocabulary, where a padded
 /// position costs a 49k-wide projection; byte-level runs keep the

@@ -20,7 +20,7 @@ use crate::model::gpt::Head;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, minibatch_span, rollout_logprob_diff, rollout_padding_waste, to_rows,
+    answer_logprobs, columns_of, rollout_logprob_diff, rollout_padding_waste, to_rows,
     trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
@@ -158,27 +158,14 @@ impl<'a> GrpoLearner<'a> {
                 });
                 let idx = rows(&chunk[step.ranks.share(chunk.len())]);
                 let g = &r.generation;
-                // This rank's rows, cut to their own span where it pays.
-                let (mut start, mut prompt, mut answer) =
-                    (0, g.prompt_width, r.answer_mask.size()[1]);
-                let (attention, mask) = (
-                    g.attention_mask.index_select(0, &idx),
-                    r.answer_mask.index_select(0, &idx),
-                );
-                if trims_minibatches(&self.policy.net) {
-                    // The whole minibatch's span, over every rank's rows:
-                    // each rank computes on the columns one process would.
-                    let whole = rows(chunk);
-                    let pick = |t: &Tensor| t.index_select(0, &whole);
-                    let (a, m) = (pick(&g.attention_mask), pick(&r.answer_mask));
-                    (start, prompt, answer) = minibatch_span(&a, &m, prompt);
-                }
-                let cols = |t: &Tensor| t.narrow(1, start, prompt + answer);
+                let trim = trims_minibatches(&self.policy.net);
+                let (start, prompt, answer) = columns_of(r, &rows(chunk), trim);
+                let cols = |t: &Tensor| t.index_select(0, &idx).narrow(1, start, prompt + answer);
                 let sel = |t: &Tensor| t.index_select(0, &idx).narrow(1, 0, answer);
                 let (lp, _) = answer_logprobs(
                     &self.policy.net,
-                    &cols(&g.tokens.index_select(0, &idx)),
-                    &cols(&attention),
+                    &cols(&g.tokens),
+                    &cols(&g.attention_mask),
                     prompt,
                     vocab,
                 );
@@ -187,7 +174,7 @@ impl<'a> GrpoLearner<'a> {
                     &sel(&r.old_lp),
                     &sel(&r.ref_lp),
                     &advantages.index_select(0, &idx),
-                    &mask.narrow(1, 0, answer),
+                    &sel(&r.answer_mask),
                     cfg.clip_range,
                     beta,
                     whole,

@@ -31,8 +31,8 @@ use crate::objectives::nll::masked_nll_sum;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, from_rows, minibatch_span, rollout_logprob_diff, rollout_padding_waste,
-    to_rows, trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
+    answer_logprobs, columns_of, from_rows, rollout_logprob_diff, rollout_padding_waste, to_rows,
+    trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -356,7 +356,7 @@ struct Minibatch {
 }
 
 impl Minibatch {
-    /// Cut to `(start, prompt, answer)`, a span of [`minibatch_span`].
+    /// Cut to `(start, prompt, answer)`, a span of [`columns_of`].
     fn trimmed(self, (start, prompt, answer): (i64, i64, i64)) -> Self {
         let cols = |t: &Tensor| t.narrow(1, start, prompt + answer);
         let answers = |t: &Tensor| t.narrow(1, 0, answer);
@@ -419,14 +419,9 @@ impl PpoLearner<'_> {
                     advantages: sel(&adv_t),
                     returns: sel(&ret_t),
                 };
-                if trims_minibatches(&self.models.policy.net) {
-                    // The whole minibatch's span, over every rank's rows:
-                    // each rank computes on the columns one process would.
-                    let whole = rows(chunk);
-                    let pick = |t: &Tensor| t.index_select(0, &whole);
-                    let attention = pick(&r.generation.attention_mask);
-                    let span = minibatch_span(&attention, &pick(&r.answer_mask), mb.width);
-                    mb = mb.trimmed(span);
+                let trim = trims_minibatches(&self.models.policy.net);
+                if trim {
+                    mb = mb.trimmed(columns_of(r, &rows(chunk), trim));
                 }
                 self.policy_step(&mb, &mut ptx_cursor, &mut stats, step)?;
                 self.critic_step(&mb, &mut stats, step)?;

@@ -249,12 +249,7 @@ fn sampling_against_forward(model: &Model, g: &crate::model::sample::Generation)
         .attention_mask
         .narrow(1, g.prompt_width, n)
         .to_kind(Kind::Float);
-    let diff = (lp - &g.logprobs).abs() * &mask;
-    let tokens = mask.sum(Kind::Double).double_value(&[]).max(1.0);
-    [
-        diff.max().double_value(&[]),
-        diff.sum(Kind::Double).double_value(&[]) / tokens,
-    ]
+    crate::rl::rollout::masked_abs_diff(&lp, &g.logprobs, &mask)
 }
 
 /// `batch` random prompts of `prompt_len` byte-range ids.

@@ -598,12 +598,7 @@ impl Llama {
     /// token; the copies are dropped when `f` returns. Costs one copy of
     /// the adapted (or, under bf16, frozen) weights while it runs.
     pub fn with_sampling_weights<T>(&self, kind: Kind, f: impl FnOnce() -> T) -> T {
-        let projections = || {
-            self.layers.iter().flat_map(|l| {
-                let (a, m) = (&l.attn, &l.mlp);
-                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
-            })
-        };
+        let projections = || self.layers.iter().flat_map(Layer::projections);
         struct Clear<'a, I: Iterator<Item = &'a Proj>>(Option<I>, &'a SamplingWeight);
         impl<'a, I: Iterator<Item = &'a Proj>> Drop for Clear<'a, I> {
             fn drop(&mut self) {
@@ -631,12 +626,11 @@ impl Llama {
     /// Refused with adapter dropout on: the recomputed layers would draw
     /// other dropout masks.
     pub fn set_gradient_checkpointing(&self, on: bool) -> Result<(), String> {
-        let dropout = self.layers.iter().any(|l| {
-            let (a, m) = (&l.attn, &l.mlp);
-            [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
-                .iter()
-                .any(|p| p.adapter.as_ref().is_some_and(|a| a.dropout() > 0.0))
-        });
+        let dropout = self
+            .layers
+            .iter()
+            .flat_map(Layer::projections)
+            .any(|p| p.adapter.as_ref().is_some_and(|a| a.dropout() > 0.0));
         if on && dropout {
             return Err(LORA_DROPOUT.into());
         }
@@ -909,6 +903,12 @@ fn append(
 }
 
 impl Layer {
+    /// The seven projections, in PEFT's module order.
+    fn projections(&self) -> [&Proj; 7] {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+    }
+
     /// Pre-norm residual block; out of place, so that autograd keeps what
     /// the norms saved.
     fn forward(&self, x: &Tensor, pass: &Pass, kv: &mut Option<Tensor>) -> Tensor {

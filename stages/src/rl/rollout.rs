@@ -315,8 +315,14 @@ impl RolloutInputs<'_> {
 /// float rounding (the KV cache's decode against the full forward, bf16
 /// more than fp32), not a mismatch of engines to correct for.
 pub fn rollout_logprob_diff(r: &Sampled) -> [f64; 2] {
-    let diff = (&r.generation.logprobs - &r.old_lp).abs() * &r.answer_mask;
-    let tokens = r.answer_mask.sum(Kind::Double).double_value(&[]).max(1.0);
+    masked_abs_diff(&r.generation.logprobs, &r.old_lp, &r.answer_mask)
+}
+
+/// The largest and the mean `|a - b|` where `mask` (`(B, N)`, 1 or 0) is
+/// set. Padding is left out by selection: a -inf there times 0 is NaN.
+pub fn masked_abs_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> [f64; 2] {
+    let diff = (a - b).abs().where_self(&mask.gt(0.0), &a.zeros_like());
+    let tokens = mask.sum(Kind::Double).double_value(&[]).max(1.0);
     [
         diff.max().double_value(&[]),
         diff.sum(Kind::Double).double_value(&[]) / tokens,

@@ -149,8 +149,8 @@ real: build smollm2
 eval run="runs/default" *args: build
     {{rlhf}} eval {{run}} {{args}}
 
-# Speed and memory against PyTorch eager, HF generate and TRL's PPO, into bench/results.md (--quick: short).
-bench *args: build trl
+# Speed and memory against PyTorch eager, HF generate and TRL (PPO; on SmolLM2: SFT, DPO, GRPO), into bench/results.md (--quick: short).
+bench *args: build trl smollm2
     RLHF_BIN={{rlhf}} python bench/bench.py {{args}}
 
 # Stage 1 alone: supervised fine-tuning on the bundled demonstrations.

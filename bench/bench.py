@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "real", "real_sft"],
+    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "real", "real_sft", "real_rl"],
                     help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -170,6 +170,7 @@ def main():
     results["label_queue"] = label_queue(reps)
     results["real"] = real(reps)
     results["real_sft"] = real_sft(reps)
+    results["real_rl"] = real_rl(reps)
 
     out = Path(a.out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -182,7 +183,7 @@ def rerun_section(name, reps, out):
     path = out / "results.json"
     results = json.loads(path.read_text())
     sections = {"data_parallel": data_parallel, "side_by_side": side_by_side, "label_queue": label_queue,
-                "real": real, "real_sft": real_sft}
+                "real": real, "real_sft": real_sft, "real_rl": real_rl}
     results[name] = sections[name](reps)
     results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
     path.write_text(json.dumps(results, indent=2))
@@ -224,6 +225,7 @@ def bf16(sizes, results, model_dir, reps):
 
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
 HH_EVAL = ROOT / "datasets" / "hh-rlhf" / "eval.jsonl.gz"
+HH_DPO = ROOT / "datasets" / "hh-rlhf" / "dpo.jsonl.gz"
 
 
 def hh_prompt_file(n, path):
@@ -244,6 +246,77 @@ def hh_prompt_file(n, path):
             break
     path.write_text(json.dumps({"prompts": prompts, "eos": tok.eos_token_id, "pad": tok.pad_token_id}))
     return path
+
+
+def single_turn(dialogue):
+    """(human, assistant) of a one-exchange HH-RLHF dialogue, else None."""
+    parts = dialogue.split("\n\nHuman: ")
+    if len(parts) != 2 or parts[0] or parts[1].count("\n\nAssistant: ") != 1:
+        return None
+    human, answer = parts[1].split("\n\nAssistant: ")
+    return (human, answer) if human.strip() and answer.strip() else None
+
+
+def hh_dpo_pairs(n, folder):
+    """n one-exchange HH-RLHF pairs whose answers differ and fit 320 tokens
+    in SmolLM2's chat template: as rlhf's dpo stage reads them (the HH rows
+    themselves) and in TRL's conversational form."""
+    import gzip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    ours, theirs = [], []
+    for line in gzip.open(HH_DPO, "rt"):
+        row = json.loads(line)
+        chosen, rejected = single_turn(row["chosen"]), single_turn(row["rejected"])
+        if not chosen or not rejected or chosen[0] != rejected[0] or chosen[1] == rejected[1]:
+            continue
+        prompt = [{"role": "user", "content": chosen[0]}]
+        answer = lambda text: [{"role": "assistant", "content": text}]
+        if max(len(tok.apply_chat_template(prompt + answer(x[1]), tokenize=True, return_dict=False))
+               for x in (chosen, rejected)) > 300:
+            continue
+        ours.append({"chosen": row["chosen"], "rejected": row["rejected"]})
+        theirs.append({"prompt": prompt, "chosen": answer(chosen[1]), "rejected": answer(rejected[1])})
+        if len(ours) == n:
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in [("rlhf.jsonl", ours), ("trl.jsonl", theirs)]:
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "rlhf.jsonl", folder / "trl.jsonl"
+
+
+def hh_grpo_prompts(n, folder):
+    """The first human turns of n HH-RLHF eval conversations: rlhf's
+    {messages} rows and TRL's conversational {prompt} rows."""
+    import gzip
+
+    ours, theirs = [], []
+    for line in gzip.open(HH_EVAL, "rt"):
+        text = json.loads(line)["chosen"].split("\n\nHuman: ", 1)[1].split("\n\nAssistant:", 1)[0]
+        if len(text) > 300:
+            continue
+        messages = [{"role": "user", "content": text}]
+        ours.append({"messages": messages})
+        theirs.append({"prompt": messages})
+        if len(ours) == n:
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in [("rlhf.jsonl", ours), ("trl.jsonl", theirs)]:
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "rlhf.jsonl", folder / "trl.jsonl"
+
+
+def smollm2_reward_model(folder):
+    """SmolLM2 with a new scalar head (seeded), as HF's
+    LlamaForSequenceClassification: the reward model both sides load."""
+    subprocess.run([PY, "-c", (
+        "import sys, torch; from transformers import AutoModelForSequenceClassification as M, AutoTokenizer as T;"
+        "torch.manual_seed(0); src, out = sys.argv[1:3];"
+        "m = M.from_pretrained(src, num_labels=1); t = T.from_pretrained(src);"
+        "m.config.pad_token_id = t.pad_token_id; m.save_pretrained(out); t.save_pretrained(out)"
+    ), str(SMOLLM2), str(folder)], check=True, capture_output=True)
+    return folder
 
 
 def real(reps):
@@ -292,7 +365,82 @@ def real_sft(reps):
     return {"rows": rows}
 
 
-def markdown_real(r, sft=None):
+def real_rl(reps):
+    """DPO and GRPO on SmolLM2 with LoRA r=16 on every projection, as
+    users run them on a CPU: rlhf's dpo and grpo stages (`rlhf bench dpo`,
+    `rlhf bench grpo`) against TRL's DPOTrainer and GRPOTrainer (PEFT, HF
+    generate), on HH-RLHF pairs and prompts in the model's chat template."""
+    if not (SMOLLM2 / "model.safetensors").exists():
+        sys.exit(f"{SMOLLM2} is missing: run `just smollm2` first")
+    tmp = Path(tempfile.mkdtemp())
+    pairs = hh_dpo_pairs(16, tmp / "dpo")
+    prompts = hh_grpo_prompts(16, tmp / "grpo")
+    rm = smollm2_reward_model(tmp / "rm")
+    rows = []
+    for prec in ["fp32", "bf16"]:
+        ours_prec = ["--precision", prec]
+        theirs_prec = ["--autocast"] if prec == "bf16" else []
+        common = ["--model", str(SMOLLM2), "--batch", "4", "--seq", "320", "--lora-r", "16"]
+        print(f"SmolLM2 DPO, LoRA r=16, {prec} ...", file=sys.stderr, flush=True)
+        r = pair([RLHF, "bench", "dpo", "--data", str(pairs[0])] + ours_prec + common,
+                 [PY, REF, "dpo", "--data", str(pairs[1])] + theirs_prec + common, reps, "epoch_seconds",
+                 higher_is_better=False)
+        r.update(kind="dpo", precision=prec)
+        rows.append(r)
+        # One iteration after loading: 8 prompts x 8 answers, minibatches of 8.
+        common = ["--model", str(SMOLLM2), "--reward-model", str(rm), "--batch", "8", "--group-size", "8",
+                  "--minibatch", "8", "--new-tokens", "128", "--lora-r", "16", "--warmup", "0", "--steps", "1"]
+        print(f"SmolLM2 GRPO, LoRA r=16, {prec} ...", file=sys.stderr, flush=True)
+        r = pair([RLHF, "bench", "grpo", "--data", str(prompts[0])] + ours_prec + common,
+                 [PY, REF, "grpo", "--data", str(prompts[1])] + theirs_prec + common, reps, "iteration_seconds",
+                 higher_is_better=False)
+        r.update(kind="grpo", precision=prec)
+        rows.append(r)
+    return {"rows": rows}
+
+
+def markdown_real_rl(rl):
+    med = lambda row, side, key: statistics.median(x[key] for x in row["runs"][side])
+    lines = [
+        "",
+        "DPO and GRPO with LoRA r=16 on every projection (the base frozen; the reference is the base with the "
+        "adapters off), by rlhf's stages (`rlhf bench dpo`, `rlhf bench grpo`) against TRL's `DPOTrainer` and "
+        "`GRPOTrainer` (PEFT; HF `generate`, no vLLM). DPO: 16 one-exchange HH-RLHF pairs in the chat "
+        "template, 4 a step, two epochs, the second timed (every pair once); the reference's log-probabilities "
+        "computed once before the first step on both sides (TRL: `precompute_ref_log_probs`). GRPO: one "
+        "iteration of 8 HH prompts x 8 answers (at most 128 tokens, until EOS) scored by SmolLM2 with a "
+        "new scalar head, 8 optimizer steps of 8 answers, beta 0.04.",
+        "",
+    ]
+    if rl.get("rerun"):
+        lines += [f"Measured on {rl['rerun']['date']} (`just bench --section real_rl`, "
+                  f"{rl['rerun']['reps']} repetitions).", ""]
+    lines += [
+        "| stage | precision | rlhf seconds | TRL seconds | ratio | work (rlhf / TRL) | rlhf phases | rlhf RSS | TRL RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rl["rows"]:
+        if r["kind"] == "dpo":
+            what = "DPO epoch (4 steps)"
+            work = (f"{med(r, 'rlhf', 'real_tokens'):,.0f} / {med(r, 'reference', 'real_tokens'):,.0f} tokens")
+            phases = f"reference pass {med(r, 'rlhf', 'reference_seconds'):.1f} s (untimed)"
+        else:
+            what = "GRPO iteration"
+            work = (f"{med(r, 'rlhf', 'mean_length'):.0f} / {med(r, 'reference', 'mean_length'):.0f} "
+                    "tokens an answer")
+            parts = [f"{name} {med(r, 'rlhf', key + '_seconds'):.0f} s"
+                     for name, key in [("sampling", "sampling"), ("log-probs", "logprobs"), ("scoring", "scoring")]
+                     if key + "_seconds" in r["runs"]["rlhf"][0]]
+            phases = (f"rollout {med(r, 'rlhf', 'rollout_seconds'):.0f} s"
+                      + (f" ({', '.join(parts)})" if parts else "")
+                      + f", update {med(r, 'rlhf', 'update_seconds'):.0f} s")
+        lines.append(
+            f"| {what} | {r['precision']} | {r['rlhf']:.1f} | {r['reference']:.1f} | **{r['ratio']:.2f}x** "
+            f"| {work} | {phases} | {r['rlhf_rss_mib']:.0f} MiB | {r['reference_rss_mib']:.0f} MiB |")
+    return lines
+
+
+def markdown_real(r, sft=None, rl=None):
     lines = [
         "",
         f"## A real model: {r['model']} (135M, Llama layout)",
@@ -352,6 +500,8 @@ def markdown_real(r, sft=None):
                 f"| {what} | {s['precision']} | {s['trained'][0] / 1e6:.2f}M / {s['trained'][1] / 1e6:.2f}M "
                 f"| {s['rlhf']:,.0f} | {s['reference']:,.0f} | **{s['ratio']:.2f}x** "
                 f"| {s['rlhf_rss_mib']:.0f} MiB | {s['reference_rss_mib']:.0f} MiB |")
+    if rl:
+        lines += markdown_real_rl(rl)
     if "notes" in r:
         lines += [""] + r["notes"]
     return "\n".join(lines) + "\n"
@@ -723,7 +873,7 @@ def markdown(r):
     lines += markdown_label_queue(r)
     text = "\n".join(lines)
     if r.get("real"):
-        text += markdown_real(r["real"], r.get("real_sft"))
+        text += markdown_real(r["real"], r.get("real_sft"), r.get("real_rl"))
     return text
 
 

@@ -8,6 +8,11 @@
            stop) of a GPT-2 folder, the one `rlhf bench generate` loads.
   ppo      TRL's PPOTrainer (trl.experimental.ppo, pinned in the justfile):
            one rollout + update per iteration, median iteration time.
+  sft      TRL's SFTTrainer (PEFT LoRA with --lora-r).
+  dpo      TRL's DPOTrainer (PEFT LoRA with --lora-r) on --data, two epochs,
+           the second timed.
+  grpo     TRL's GRPOTrainer without vLLM (HF generate), --reward-model
+           scoring the answers to the prompts of --data.
   make-model DIR  writes a random GPT2LMHeadModel folder both sides load.
 
 --autocast: train and generate under torch.autocast(dtype=torch.bfloat16),
@@ -84,9 +89,8 @@ def generate(a):
         # As TRL samples a PEFT policy: adapters unmerged on every projection.
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r,
-                                                 target_modules=targets)).eval()
+                                                 target_modules=LORA_TARGETS)).eval()
     if a.prompts:
         spec = json.load(open(a.prompts))
         prompts, eos, pad = spec["prompts"], spec["eos"], spec["pad"]
@@ -197,13 +201,7 @@ def sft(a):
     steps = a.warmup + a.steps
     ids = torch.randint(0, min(tok.vocab_size, model.config.vocab_size), (a.batch * steps, a.seq + 1))
     ds = Dataset.from_dict({"input_ids": ids.tolist()})
-    peft = None
-    if a.lora_r:
-        from peft import LoraConfig
-
-        peft = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"])
+    peft = peft_lora(a.lora_r)
     times = []
 
     class Timer(TrainerCallback):
@@ -228,6 +226,113 @@ def sft(a):
             "step_seconds": s, "tokens_per_s": a.batch * a.seq / s}
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_lora(r):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, task_type="CAUSAL_LM", target_modules=LORA_TARGETS) if r else None
+
+
+class StepClock:
+    """Trainer callback: the end time of every optimizer step (from the
+    start of training), so that phases spanning steps are timed whole."""
+
+    def __init__(self):
+        self.ends = []
+
+    def hooks(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Hooks(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                clock.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                clock.ends.append(time.perf_counter())
+
+        return Hooks()
+
+    def spans(self, every):
+        """Seconds of each run of `every` consecutive steps."""
+        marks = [self.start] + self.ends
+        return [marks[i + every] - marks[i] for i in range(0, len(self.ends) - every + 1, every)]
+
+
+def dpo(a):
+    """--data: JSON lines {prompt, chosen, rejected} in TRL's conversational
+    form. Two epochs of --batch pairs a step; the reference's
+    log-probabilities computed once before the first step, as rlhf's dpo
+    stage does (precompute_ref_log_probs). The second epoch timed: its
+    seconds and real tokens (each pair's prompt twice, both answers)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(a.model)
+    rows = [json.loads(line) for line in open(a.data)]
+    assert len(rows) % a.batch == 0, "whole steps"
+    clock = StepClock()
+    cfg = DPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=2,
+        learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, beta=0.1, max_length=a.seq,
+        precompute_ref_log_probs=True, report_to=[], save_strategy="no", logging_steps=10_000,
+        use_cpu=not torch.cuda.is_available(), bf16=a.autocast, seed=a.seed, dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=peft_lora(a.lora_r), callbacks=[clock.hooks()])
+    trainer.train()
+    steps = len(rows) // a.batch
+    seconds = clock.spans(steps)[1]
+    ds = trainer.train_dataset
+    real = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
+    return {"mode": "dpo", "pairs": len(rows), "batch": a.batch, "lora_r": a.lora_r, "steps": steps,
+            "epoch_seconds": seconds, "real_tokens": real, "tokens_per_s": real / seconds}
+
+
+def grpo(a):
+    """--data: JSON lines {prompt: [messages]}; --batch prompts an iteration,
+    --group-size answers each (sampling at temperature 1 until EOS or
+    --new-tokens), scored by --reward-model, updated in minibatches of
+    --minibatch answers (one optimizer step each) with the KL to the
+    reference in the loss (beta 0.04), as `rlhf bench grpo`. HF generate,
+    no vLLM. The median iteration's seconds."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(a.model, padding_side="left")
+    rows = [json.loads(line) for line in open(a.data)]
+    answers = a.batch * a.group_size
+    per_iteration = answers // a.minibatch
+    iterations = a.warmup + a.steps
+    clock = StepClock()
+    cfg = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.minibatch, gradient_accumulation_steps=1,
+        steps_per_generation=per_iteration, num_generations=a.group_size, max_completion_length=a.new_tokens,
+        max_steps=per_iteration * iterations, learning_rate=1e-5, lr_scheduler_type="constant",
+        max_grad_norm=1.0, beta=0.04, temperature=1.0, report_to=[], save_strategy="no",
+        logging_steps=per_iteration,
+        use_cpu=not torch.cuda.is_available(), bf16=a.autocast, seed=a.seed, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=a.reward_model, args=cfg,
+                          train_dataset=Dataset.from_list(rows[:a.batch * iterations]), processing_class=tok,
+                          peft_config=peft_lora(a.lora_r), callbacks=[clock.hooks()])
+    trainer.train()
+    spans = clock.spans(per_iteration)
+    lengths = [x["completions/mean_length"] for x in trainer.state.log_history if "completions/mean_length" in x]
+    return {"mode": "grpo", "prompts": a.batch, "group_size": a.group_size, "new_tokens": a.new_tokens,
+            "lora_r": a.lora_r, "iteration_seconds": statistics.median(spans[a.warmup:]),
+            "iterations": len(spans), "mean_length": statistics.median(lengths[a.warmup:] or lengths)}
+
+
 def make_model(a):
     torch.manual_seed(a.seed)
     gpt2(a).save_pretrained(a.model)
@@ -236,17 +341,21 @@ def make_model(a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "generate", "ppo", "sft", "make-model"])
+    p.add_argument("mode", choices=["train", "generate", "ppo", "sft", "dpo", "grpo", "make-model"])
     p.add_argument("--model")
     for name, default in [("n-layer", 4), ("n-head", 4), ("n-embd", 128), ("n-positions", 256),
                           ("vocab-size", 264), ("batch", 16), ("seq", 128), ("prompt-len", 16),
-                          ("new-tokens", 32), ("minibatch", 8), ("warmup", 2), ("steps", 5), ("seed", 0)]:
+                          ("new-tokens", 32), ("minibatch", 8), ("warmup", 2), ("steps", 5), ("seed", 0),
+                          ("group-size", 8)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--autocast", action="store_true", help="bf16 autocast")
     p.add_argument("--prompts", help="generate: a JSON file of prompt ids, eos and pad")
-    p.add_argument("--lora-r", type=int, default=0, help="generate: PEFT LoRA adapters of this rank")
+    p.add_argument("--lora-r", type=int, default=0, help="PEFT LoRA adapters of this rank")
+    p.add_argument("--data", help="dpo: conversational pairs; grpo: conversational prompts (JSON lines)")
+    p.add_argument("--reward-model", help="grpo: a sequence-classification model folder")
     a = p.parse_args()
-    modes = {"train": train, "generate": generate, "ppo": ppo, "sft": sft, "make-model": make_model}
+    modes = {"train": train, "generate": generate, "ppo": ppo, "sft": sft, "dpo": dpo, "grpo": grpo,
+             "make-model": make_model}
     print(json.dumps(modes[a.mode](a)))
 
 

@@ -278,6 +278,8 @@ pub enum BenchMode {
     Train,
     Generate,
     Ppo,
+    Dpo,
+    Grpo,
     Matmul,
 }
 
@@ -293,8 +295,18 @@ pub struct BenchArgs {
     /// answered in batches until EOS; default: random prompts, no early stop.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// generate: LoRA adapters of this rank on every projection of --model
-    /// (its base frozen); 0: none.
+    /// dpo: rankings as the dpo stage reads them; grpo: prompt rows
+    /// (`{prompt}` or `{messages}`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// grpo: the reward model folder that scores answers.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// grpo: answers per prompt.
+    #[arg(long, default_value_t = 8)]
+    pub group_size: i64,
+    /// generate, train, dpo, grpo: LoRA adapters of this rank on every
+    /// projection of --model (its base frozen); 0: none.
     #[arg(long, default_value_t = 0)]
     pub lora_r: i64,
     /// train: activation checkpointing (the stage setting

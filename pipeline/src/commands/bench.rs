@@ -11,6 +11,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let spec = BenchSpec {
         model: args.model.clone(),
         prompts: args.prompts.clone(),
+        data: args.data.clone(),
+        reward_model: args.reward_model.clone(),
+        group_size: args.group_size,
         lora_r: args.lora_r,
         gradient_checkpointing: args.gradient_checkpointing,
         n_layer: args.n_layer,
@@ -34,6 +37,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         mode => spec.precision.run(device, || match mode {
             BenchMode::Train => bench::train(&spec, device),
             BenchMode::Generate => bench::generation(&spec, device),
+            BenchMode::Dpo => bench::dpo_epochs(&spec, device),
+            BenchMode::Grpo => bench::grpo_iterations(&spec, device),
             _ => bench::ppo_iterations(&spec, device),
         })?,
     };

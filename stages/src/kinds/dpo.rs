@@ -376,6 +376,10 @@ pub struct DpoSummary {
     pub eval: Option<DpoEval>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
+    /// Of `wall_seconds`, the reference's pass before the first step (0
+    /// when read back on resume).
+    #[serde(default)]
+    pub reference_seconds: f64,
     /// Set when the eval loss hardly moved: the stage may not be learning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
@@ -581,8 +585,10 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
     let rows = (train.batch_size / run.ranks.world()).max(1).min(all.len()) * answers;
     crate::train::check_step_memory(&start.model, rows, longest)?;
     let fresh = start.state.is_none();
+    let reference_started = Instant::now();
     let [reference, held_out_reference] =
         reference_of(cfg, ctx, &start.model, fresh, [&all, &held_out])?;
+    let reference_seconds = reference_started.elapsed().as_secs_f64();
     let with_reference =
         |groups: Vec<TokenizedGroup>, reference: Vec<Vec<f64>>| -> Vec<DpoExample> {
             groups
@@ -629,6 +635,7 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         eval: final_eval,
         tokens_per_second: fitted.tokens_per_second,
         wall_seconds: started.elapsed().as_secs_f64(),
+        reference_seconds,
         warning: fitted.warning.clone(),
     };
     if run.ranks.is_main() {

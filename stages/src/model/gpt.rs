@@ -776,7 +776,10 @@ struct LayerCache {
 
 impl LayerCache {
     fn buffer(&mut self, like: &Tensor) -> &Tensor {
-        let shape = self.shape;
+        // As many rows as the first keys (a prefill of distinct prompts
+        // may have fewer than the batch).
+        let mut shape = self.shape;
+        shape[0] = like.size()[0];
         self.keys_values
             .get_or_insert_with(|| Tensor::zeros(shape, (like.kind(), like.device())))
     }

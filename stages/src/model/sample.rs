@@ -117,7 +117,9 @@ pub struct Generation {
 
 /// Samples answers to `prompts` (token ids) in one batch.
 ///
-/// On models with a real vocabulary (>= [`SPARSE_LOGITS_VOCAB`] ids), rows
+/// On models with a real vocabulary (>= [`SPARSE_LOGITS_VOCAB`] ids), a
+/// prompt that several rows answer (GRPO's groups) is prefilled once and
+/// its keys and values copied to its rows; and rows
 /// that stopped at EOS leave the batch (their keys and values are dropped
 /// from the cache) once a quarter of the rows still decoding have stopped;
 /// the random draws stay those of the whole batch, so that the answers are
@@ -134,18 +136,19 @@ pub fn generate(
     spec: TokenSpec,
     device: Device,
 ) -> Result<Generation, SamplingError> {
-    let drop_stopped = model.vocab_size() >= SPARSE_LOGITS_VOCAB;
-    generate_with(model, prompts, config, spec, device, drop_stopped)
+    let economise = model.vocab_size() >= SPARSE_LOGITS_VOCAB;
+    generate_with(model, prompts, config, spec, device, economise)
 }
 
-/// [`generate`], rows that stop leaving the batch or not.
+/// [`generate`], with equal prompts prefilled once and rows that stop
+/// leaving the batch (`economise`), or every row computed to the end.
 fn generate_with(
     model: &Network,
     prompts: &[Vec<i64>],
     config: &SamplingConfig,
     spec: TokenSpec,
     device: Device,
-    drop_stopped: bool,
+    economise: bool,
 ) -> Result<Generation, SamplingError> {
     config.validate()?;
     check_prompts(prompts, config.max_new_tokens, model.n_positions())?;
@@ -153,16 +156,18 @@ fn generate_with(
     let any_padding = prompts.iter().any(|p| p.len() as i64 != width);
     let sample = || {
         let mut d = Decoding::new(prompts.len() as i64, width, config, spec, device);
-        d.drop_stopped = drop_stopped && config.stop_at_eos;
+        d.drop_stopped = economise && config.stop_at_eos;
         d.tokens.narrow(1, 0, width).copy_(&prompt_ids);
         d.attention.narrow(1, 0, width).copy_(&prompt_mask);
+        let shared = economise
+            .then(|| SharedPrompts::of(prompts, device))
+            .flatten();
         let mut cache = model.cache(d.batch, width + config.max_new_tokens);
-        let mut hidden = model.hidden(
-            &prompt_ids,
-            any_padding.then_some(&prompt_mask),
-            Some(&mut cache),
-            false,
-        );
+        let mask = any_padding.then_some(&prompt_mask);
+        let mut hidden = match &shared {
+            Some(s) => s.prefill(model, &prompt_ids, mask, &mut cache),
+            None => model.hidden(&prompt_ids, mask, Some(&mut cache), false),
+        };
         let model_vocab = model.vocab_size();
         let mut steps = 0;
         while steps < config.max_new_tokens {
@@ -350,6 +355,54 @@ fn check_prompts(prompts: &[Vec<i64>], new: i64, limit: i64) -> Result<(), Sampl
         }
     }
     Ok(())
+}
+
+/// Rows that answer the same prompt: each distinct prompt is prefilled
+/// once and its keys and values copied to its rows.
+pub struct SharedPrompts {
+    /// The first row of each distinct prompt, `(U,)`.
+    distinct: Tensor,
+    /// Each row's distinct prompt, `(B,)`.
+    rows: Tensor,
+}
+
+impl SharedPrompts {
+    /// `None` when every prompt is distinct.
+    pub fn of<P: AsRef<[i64]>>(prompts: &[P], device: Device) -> Option<Self> {
+        let mut first = std::collections::HashMap::new();
+        let mut distinct = vec![];
+        let rows: Vec<i64> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                *first.entry(p.as_ref()).or_insert_with(|| {
+                    distinct.push(i as i64);
+                    distinct.len() as i64 - 1
+                })
+            })
+            .collect();
+        (distinct.len() < prompts.len()).then(|| Self {
+            distinct: Tensor::from_slice(&distinct).to_device(device),
+            rows: Tensor::from_slice(&rows).to_device(device),
+        })
+    }
+
+    /// The hidden states of `ids` `(B, P)` (with `mask` over them),
+    /// computed for the distinct prompts, their keys and values in `cache`
+    /// then copied to every row.
+    pub fn prefill(
+        &self,
+        model: &Network,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+    ) -> Tensor {
+        let pick = |t: &Tensor| t.index_select(0, &self.distinct);
+        let mask = mask.map(pick);
+        let hidden = model.hidden(&pick(ids), mask.as_ref(), Some(cache), false);
+        cache.keep_rows(&self.rows);
+        hidden.index_select(0, &self.rows)
+    }
 }
 
 /// The prompts left-padded with `pad` to the longest: ids and attention

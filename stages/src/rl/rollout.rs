@@ -16,7 +16,7 @@ use crate::eval::answer::Judge;
 use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::model::network::Network;
-use crate::model::sample::{generate, Generation, SamplingConfig, TokenSpec};
+use crate::model::sample::{generate, Generation, SamplingConfig, SharedPrompts, TokenSpec};
 use crate::model::score::gather_logprobs;
 use crate::objectives::rankings::{sequence_rewards, RewardInput, SCORE_BATCH};
 use crate::train::{check_finite, StageContext, StageError};
@@ -230,6 +230,28 @@ pub struct Sampled {
     pub values: Option<Tensor>,
     pub answers: Vec<String>,
     pub scores: Vec<f64>,
+    /// This rank's time in the rollout's parts.
+    pub seconds: RolloutSeconds,
+}
+
+/// Where a rollout's time went (this rank's), written to each iteration's
+/// metrics as `sampling_s`, `logprobs_s` and `scoring_s`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RolloutSeconds {
+    /// Generating the answers (prefill and decode).
+    pub sampling: f64,
+    /// The policy's and the reference's forwards over the answers.
+    pub logprobs: f64,
+    /// Decoding the answers and scoring them.
+    pub scoring: f64,
+}
+
+impl RolloutSeconds {
+    pub fn record(&self, record: &mut serde_json::Value) {
+        record["sampling_s"] = self.sampling.into();
+        record["logprobs_s"] = self.logprobs.into();
+        record["scoring_s"] = self.scoring.into();
+    }
 }
 
 /// What a rollout reads: the models, the prompts and how to sample.
@@ -255,6 +277,7 @@ impl RolloutInputs<'_> {
             .collect();
         let prompt_ids: Vec<Vec<i64>> = rows.iter().map(|&i| self.prompts.ids[i].clone()).collect();
         let tok = &self.policy.tokenizer;
+        let clock = std::time::Instant::now();
         let g = generate(
             &self.policy.net,
             &prompt_ids,
@@ -265,14 +288,16 @@ impl RolloutInputs<'_> {
         let (width, vocab) = (g.prompt_width, tok.vocab_size() as i64);
         let n = g.tokens.size()[1] - width;
         let answer_mask = g.attention_mask.narrow(1, width, n).to_kind(Kind::Float);
+        let sampling = clock.elapsed().as_secs_f64();
         let (old_lp, ref_lp) = tch::no_grad(|| {
-            let (lp, _) =
-                answer_logprobs(&self.policy.net, &g.tokens, &g.attention_mask, width, vocab);
-            let (rlp, _) = self.reference.with(self.policy, |r| {
-                answer_logprobs(&r.net, &g.tokens, &g.attention_mask, width, vocab)
-            });
+            let of = |net: &Network| {
+                rollout_logprobs(net, &g.tokens, &g.attention_mask, width, vocab, &prompt_ids)
+            };
+            let lp = of(&self.policy.net);
+            let rlp = self.reference.with(self.policy, |r| of(&r.net));
             (lp, rlp)
         });
+        let logprobs = clock.elapsed().as_secs_f64() - sampling;
         let answers: Vec<String> = g
             .answers
             .iter()
@@ -304,6 +329,11 @@ impl RolloutInputs<'_> {
             values: None,
             answers,
             scores,
+            seconds: RolloutSeconds {
+                sampling,
+                logprobs,
+                scoring: clock.elapsed().as_secs_f64() - sampling - logprobs,
+            },
         })
     }
 }
@@ -461,6 +491,102 @@ pub fn answer_logprobs(
     (lp, logits)
 }
 
+/// Answer positions whose logits a rollout computes at once on a real
+/// vocabulary: 64 answers of 128 tokens over 49k ids would be 1.6 GB of
+/// logits, and as much again for their log-softmax.
+const ROLLOUT_LOGIT_POSITIONS: i64 = 2048;
+
+/// [`answer_logprobs`] without gradients and without the logits, of
+/// answers to `prompts` (the rows' prompts, unpadded). On real
+/// vocabularies, a prompt that several rows answer (GRPO's groups) is
+/// computed once and its keys and values shared by its rows, and the
+/// vocabulary projection is taken a few rows at a time; byte-level models
+/// take one plain pass.
+pub fn rollout_logprobs(
+    model: &Network,
+    tokens: &Tensor,
+    attention: &Tensor,
+    width: i64,
+    vocab: i64,
+    prompts: &[Vec<i64>],
+) -> Tensor {
+    if !trims_minibatches(model) {
+        return answer_logprobs(model, tokens, attention, width, vocab).0;
+    }
+    let shared = SharedPrompts::of(prompts, tokens.device());
+    let hidden = answer_hidden(model, tokens, attention, width, shared.as_ref());
+    logprobs_in_chunks(
+        model,
+        &hidden,
+        tokens,
+        width,
+        vocab,
+        ROLLOUT_LOGIT_POSITIONS,
+    )
+}
+
+/// The hidden states that predict the answers' tokens (columns `width - 1`
+/// to the second last), `(B, N, C)`; with `shared`, each distinct prompt
+/// computed once and the answers run after its cached keys and values.
+fn answer_hidden(
+    model: &Network,
+    tokens: &Tensor,
+    attention: &Tensor,
+    width: i64,
+    shared: Option<&SharedPrompts>,
+) -> Tensor {
+    let n = tokens.size()[1] - width;
+    let Some(shared) = shared else {
+        let hidden = model.hidden(tokens, Some(attention), None, false);
+        return hidden.narrow(1, width - 1, n);
+    };
+    let mut cache = model.cache(tokens.size()[0], width + n - 1);
+    let prompt_mask = attention.narrow(1, 0, width);
+    let prompts = shared.prefill(
+        model,
+        &tokens.narrow(1, 0, width),
+        Some(&prompt_mask),
+        &mut cache,
+    );
+    let last = prompts.narrow(1, width - 1, 1);
+    if n == 1 {
+        return last;
+    }
+    let mask = attention.narrow(1, 0, width + n - 1);
+    let answers = model.hidden(
+        &tokens.narrow(1, width, n - 1),
+        Some(&mask),
+        Some(&mut cache),
+        false,
+    );
+    Tensor::cat(&[last, answers], 1)
+}
+
+/// Log-probabilities of the answer tokens from their `hidden` states,
+/// the logits of about `positions` answer positions at a time.
+fn logprobs_in_chunks(
+    model: &Network,
+    hidden: &Tensor,
+    tokens: &Tensor,
+    width: i64,
+    vocab: i64,
+    positions: i64,
+) -> Tensor {
+    let n = tokens.size()[1] - width;
+    let targets = tokens.narrow(1, width, n);
+    let rows = (positions / n.max(1)).max(1);
+    let parts: Vec<Tensor> = (0..tokens.size()[0])
+        .step_by(rows as usize)
+        .map(|start| {
+            let take = rows.min(tokens.size()[0] - start);
+            let logits = model.logits(&hidden.narrow(0, start, take));
+            let logits = logits.narrow(2, 0, vocab.min(logits.size()[2]));
+            gather_logprobs(&logits, &targets.narrow(0, start, take))
+        })
+        .collect();
+    Tensor::cat(&parts, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +622,70 @@ mod tests {
             let real = answer_mask.narrow(1, 0, answer).to_kind(Kind::Float);
             let diff = ((full.narrow(1, 0, answer) - part) * real).abs().max();
             assert!(diff.double_value(&[]) < 1e-6, "{diff}");
+        }
+    }
+
+    /// A rollout's log-probabilities taken a few rows at a time equal one
+    /// pass's, on a vocabulary large enough to be chunked.
+    #[test]
+    fn rollout_log_probabilities_in_chunks_equal_one_pass() {
+        let _rng = crate::rng_lock();
+        let vocab = crate::model::score::SPARSE_LOGITS_VOCAB;
+        let (_vs, net) = crate::tiny_llama(2, vocab, 16, 2, Head::Lm);
+        let tokens = Tensor::randint(vocab, [5, 9], (Kind::Int64, Device::Cpu));
+        let attention = Tensor::ones([5, 9], (Kind::Int64, Device::Cpu));
+        let (whole, _) = tch::no_grad(|| answer_logprobs(&net, &tokens, &attention, 4, vocab));
+        let hidden = tch::no_grad(|| answer_hidden(&net, &tokens, &attention, 4, None));
+        for positions in [1, 10, 5000] {
+            let parts =
+                tch::no_grad(|| logprobs_in_chunks(&net, &hidden, &tokens, 4, vocab, positions));
+            assert_eq!(parts.size(), vec![5, 5]);
+            let diff = (&whole - parts).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{positions} positions at a time: {diff}");
+        }
+    }
+
+    /// Groups of rows answering one prompt (left-padded prompts, answers
+    /// padded after EOS): each prompt computed once, its keys and values
+    /// shared, gives every answer token's log-probability of one full
+    /// pass, on both layouts.
+    #[test]
+    fn answers_after_a_shared_prompt_have_the_full_passes_log_probabilities() {
+        let _rng = crate::rng_lock();
+        let vocab = crate::model::score::SPARSE_LOGITS_VOCAB;
+        // Prompts [5, 6, 7] (rows 0-2) and [8] (rows 3-5), width 3;
+        // answers of 4, 2, 3, 1, 4 and 2 tokens in 4 columns.
+        let prompts: Vec<Vec<i64>> = [vec![5, 6, 7], vec![8]]
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), 3))
+            .collect();
+        let lengths = [4, 2, 3, 1, 4, 2];
+        let (mut ids, mut mask) = (vec![], vec![]);
+        for (row, p) in prompts.iter().enumerate() {
+            let pad = 3 - p.len();
+            ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+            mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
+            for j in 0..4 {
+                let real = j < lengths[row];
+                ids.push(if real {
+                    100 + (row * 4 + j) as i64 * 37
+                } else {
+                    0
+                });
+                mask.push(i64::from(real));
+            }
+        }
+        let tokens = Tensor::from_slice(&ids).view([6, 7]);
+        let attention = Tensor::from_slice(&mask).view([6, 7]);
+        let real = attention.narrow(1, 3, 4).to_kind(Kind::Float);
+        for (_vs, net) in [
+            crate::tiny_gpt(3, vocab, 16, 2, Head::Lm),
+            crate::tiny_llama(3, vocab, 16, 2, Head::Lm),
+        ] {
+            let (whole, _) = tch::no_grad(|| answer_logprobs(&net, &tokens, &attention, 3, vocab));
+            let shared = rollout_logprobs(&net, &tokens, &attention, 3, vocab, &prompts);
+            let diff = ((whole - shared) * &real).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{diff}");
         }
     }
 }

@@ -45,7 +45,9 @@ pub fn gather(local: Sampled, ranks: &Ranks, pad: i64) -> Result<Sampled, StageE
         rows.extend(part);
     }
     let device = local.generation.tokens.device();
-    Ok(assemble(rows, pad, device, with_values))
+    let mut all = assemble(rows, pad, device, with_values);
+    all.seconds = local.seconds;
+    Ok(all)
 }
 
 fn rows_of(r: &Sampled) -> Vec<Row> {
@@ -120,5 +122,6 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device, with_values: bool) ->
             finished: rows.iter().map(|r| r.finished).collect(),
             logprobs: table(|r| &r.sampled_lp),
         },
+        seconds: Default::default(),
     }
 }

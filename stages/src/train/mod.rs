@@ -601,8 +601,8 @@ fn step_record(done: i64, step: &StepDone, t: &StepTimes) -> serde_json::Value {
     for r in &step.ratios {
         record[r.name] = json!(r.num / r.den.max(1.0));
     }
+    record["step_s"] = json!(t.seconds);
     if t.world > 1 {
-        record["step_s"] = json!(t.seconds);
         record["allreduce_s"] = json!(step.comm_seconds);
     }
     record

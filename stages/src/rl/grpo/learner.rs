@@ -287,16 +287,18 @@ impl Learner for GrpoLearner<'_> {
         self.own.zero_spread += zero_spread;
         let lengths = r.generation.answers.iter().map(Vec::len).sum::<usize>() as f64;
         let [diff_max, diff_mean] = rollout_logprob_diff(&r);
+        let mut record = json!({
+            "policy_loss": loss, "clip_fraction": clip_fraction,
+            "zero_spread": zero_spread as f64 / prompts as f64,
+            "answer_length": lengths / b,
+            "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
+            "padding_waste": rollout_padding_waste(&r),
+        });
+        r.seconds.record(&mut record);
         Ok(Outcome {
             mean_score: r.scores.iter().sum::<f64>() / b,
             mean_kl: kl,
-            record: json!({
-                "policy_loss": loss, "clip_fraction": clip_fraction,
-                "zero_spread": zero_spread as f64 / prompts as f64,
-                "answer_length": lengths / b,
-                "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
-                "padding_waste": rollout_padding_waste(&r),
-            }),
+            record,
             rows: match rows {
                 true => self.rollout_rows(iteration + 1, &r, &adv),
                 false => vec![],

@@ -532,7 +532,7 @@ impl PpoLearner<'_> {
         let finished = r.generation.finished.iter().filter(|&&f| f).count();
         let ptx = self.cfg.ptx.is_some();
         let [diff_max, diff_mean] = rollout_logprob_diff(r);
-        json!({
+        let mut record = json!({
             "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
             "padding_waste": rollout_padding_waste(r),
             "beta": beta, "policy_loss": s.policy_loss / s.updates,
@@ -542,7 +542,9 @@ impl PpoLearner<'_> {
             "answer_length": e.lens.iter().sum::<usize>() as f64 / b,
             "finished_fraction": finished as f64 / b,
             "ptx_loss": if ptx { json!(s.ptx_loss / s.updates) } else { json!(null) },
-        })
+        });
+        r.seconds.record(&mut record);
+        record
     }
 
     /// Every answer of the iteration with its per-token numbers.

@@ -13,9 +13,10 @@ use crate::error::{io_err, StageError};
 use crate::model::sample::{generate, SamplingConfig, TokenSpec};
 use crate::objectives::nll::masked_nll_sum;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::rl::ppo::{self, PpoConfig};
-use crate::train::{ScratchModel, StageContext, METRICS_FILE};
 use crate::{GptConfig, Head, HeadChoice, Model, ModelConfig};
+
+mod stage_runs;
+pub use stage_runs::{dpo_epochs, grpo_iterations, ppo_iterations};
 
 /// The shape of the work to time.
 #[derive(Debug, Clone)]
@@ -27,6 +28,12 @@ pub struct BenchSpec {
     /// of real prompts, answered in batches of `batch` until EOS or
     /// `new_tokens`; unset: random prompts of `prompt_len`, no early stop.
     pub prompts: Option<PathBuf>,
+    /// DPO: rankings (as the dpo stage reads them); GRPO: prompt rows.
+    pub data: Option<PathBuf>,
+    /// GRPO: the reward model that scores answers.
+    pub reward_model: Option<PathBuf>,
+    /// GRPO: answers per prompt.
+    pub group_size: i64,
     /// Training: activation checkpointing (`gradient_checkpointing`).
     pub gradient_checkpointing: bool,
     /// Generation: LoRA adapters of this rank on every projection (the
@@ -285,94 +292,6 @@ fn prompt_file(
         vocab_size: vocab,
     };
     Ok((f.prompts, spec, true))
-}
-
-/// PPO iterations (rollout, reference and reward scoring, GAE, update) with
-/// a policy and a reward model; the median iteration's wall time.
-pub fn ppo_iterations(spec: &BenchSpec, device: Device) -> Result<serde_json::Value, StageError> {
-    tch::manual_seed(spec.seed);
-    let dir = tempfile::tempdir().map_err(io_err(&std::env::temp_dir()))?;
-    let policy_dir = match &spec.model {
-        Some(d) => d.clone(),
-        None => {
-            let p = dir.path().join("policy");
-            Model::init(
-                &model_config(spec),
-                Head::Lm,
-                rlhf_datasets::Tokenizer::bytes(),
-                device,
-            )?
-            .save(&p)?;
-            p
-        }
-    };
-    let policy = Model::load(&policy_dir, HeadChoice::AsSaved, device)?;
-    let rm_dir = dir.path().join("rm");
-    Model::init(
-        &policy.net.config(),
-        Head::Scalar,
-        policy.tokenizer.clone(),
-        device,
-    )?
-    .save(&rm_dir)?;
-    // Prompts of `prompt_len` random bytes; answers of exactly `new_tokens`.
-    let mut lines = String::new();
-    for i in 0..spec.batch * 4 {
-        let p: String = (0..spec.prompt_len)
-            .map(|j| char::from(b'a' + ((i * 7 + j * 13) % 26) as u8))
-            .collect();
-        lines.push_str(&json!({ "prompt": p }).to_string());
-        lines.push('\n');
-    }
-    let prompts = dir.path().join("prompts.jsonl");
-    std::fs::write(&prompts, lines).map_err(io_err(&prompts))?;
-    let config = PpoConfig {
-        prompts,
-        policy: policy_dir,
-        reward_model: Some(rm_dir),
-        iterations: spec.warmup + spec.steps,
-        rollout_batch: spec.batch as usize,
-        minibatch_size: spec.minibatch as usize,
-        ppo_epochs: 1,
-        sampling: SamplingConfig {
-            temperature: 1.0,
-            max_new_tokens: spec.new_tokens,
-            stop_at_eos: false,
-            ..SamplingConfig::default()
-        },
-        save_rollouts: false,
-        checkpoint_every: 1_000_000,
-        ..PpoConfig::default()
-    };
-    let out = dir.path().join("ppo");
-    let ctx = StageContext {
-        out_dir: out.clone(),
-        device,
-        scratch: ScratchModel {
-            config: policy.net.config(),
-            tokenizer: policy.tokenizer.clone(),
-        },
-        judge: None,
-        ranker: None,
-        stop_after: None,
-        ranks: std::sync::Arc::new(crate::dist::Ranks::single()),
-    };
-    ppo::run(&config, &ctx)?;
-    let metrics_path = out.join(METRICS_FILE);
-    let metrics = std::fs::read_to_string(&metrics_path).map_err(io_err(&metrics_path))?;
-    let times: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|r| r["iteration"].as_i64().is_some_and(|i| i > spec.warmup))
-        .filter_map(|r| r["iteration_seconds"].as_f64())
-        .collect();
-    if times.is_empty() {
-        return Err(StageError::Config("bench: no timed PPO iterations".into()));
-    }
-    Ok(json!({
-        "mode": "ppo", "batch": spec.batch, "new_tokens": spec.new_tokens,
-        "iteration_seconds": median(times),
-    }))
 }
 
 /// The matmul peak of this machine through libtorch: FLOP/s of square

@@ -24,7 +24,9 @@ PY = sys.executable
 REF = str(ROOT / "bench/reference.py")
 
 
-def run_with_rss(cmd):
+def run_with_rss(cmd, result_file=None):
+    """Runs `cmd`; its last JSON line on stdout (or `result_file`, which a
+    stage writes as summary.json) with the peak RSS added."""
     env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out = p.stdout.read()
@@ -32,8 +34,10 @@ def run_with_rss(cmd):
     _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{err.decode()[-3000:]}")
-    line = [l for l in out.decode().splitlines() if l.startswith("{")][-1]
-    result = json.loads(line)
+    if result_file:
+        result = json.loads(Path(result_file).read_text())
+    else:
+        result = json.loads([l for l in out.decode().splitlines() if l.startswith("{")][-1])
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     return result
 
@@ -527,7 +531,8 @@ def lora_memory(quick):
     rows = {}
     for stage in ["full", "lora"]:
         print(f"ppo memory, {stage} ...", file=sys.stderr, flush=True)
-        r = run_with_rss([RLHF, "stage", "-c", str(exp), stage, "--out", str(tmp / "out" / stage)])
+        out = tmp / "out" / stage
+        r = run_with_rss([RLHF, "stage", "-c", str(exp), stage, "--out", str(out)], out / "summary.json")
         rows[stage] = {"peak_rss_mib": r["peak_rss_mib"], "seconds_per_iteration": r["wall_seconds"] / r["iterations"]}
     log = subprocess.run([RLHF, "init", "--out", str(tmp / "count")] + shape, capture_output=True, text=True)
     params = int(re.search(r"(\d+) parameters", log.stderr).group(1))

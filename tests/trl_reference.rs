@@ -8,11 +8,21 @@
 //! - GRPO: group advantages (scaled by the group's std, and not: Dr.
 //!   GRPO), the count of groups without spread, and the clipped loss with
 //!   its k3 KL and clip ratio, with the KL in the loss and without.
+//! - The critic-free family (`loss_type`): dr_grpo, dapo and bnpo with
+//!   clip-higher (`epsilon_high`), cispo, GSPO's sequence-level ratio
+//!   (TRL's `importance_sampling_level: sequence`), and TRL's RLOO: its
+//!   leave-one-out advantages with the KL in the reward and its loss
+//!   (`RLOOTrainer._compute_loss`).
+//! - SimPO (`CPOTrainer.cpo_loss`, `loss_type: simpo`) and ORPO's
+//!   odds-ratio term (`ORPOTrainer.odds_ratio_loss`; rlhf adds the chosen
+//!   answer's mean NLL, here `-chosen`).
 
 use crate::common;
 
-use rlhf_stages::kinds::dpo::{pair_losses, per_token, DpoLoss, PairLogps};
-use rlhf_stages::rl::grpo::math::{group_advantages, grpo_loss};
+use rlhf_stages::kinds::dpo::{pair_losses, per_token, reference_free_losses, DpoLoss, PairLogps};
+use rlhf_stages::rl::grpo::math::{
+    group_advantages, grpo_loss, leave_one_out, policy_loss, LossSpec, LossType,
+};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -169,6 +179,124 @@ fn check_grpo(case: &Value) {
     }
 }
 
+/// A `loss_type` case: TRL's GRPO loss, clip ratio and KL on the case's
+/// log-probabilities, with its scaled group advantages.
+fn check_loss_type(case: &Value) {
+    let loss_type: LossType =
+        serde_json::from_value(case["loss_type"].clone()).expect("a loss type rlhf knows");
+    let group = case["group"].as_u64().unwrap() as usize;
+    let (advantages, _) = group_advantages(&floats(&case["rewards"]), group, true);
+    let spec = LossSpec {
+        loss_type,
+        clip_low: case["epsilon"].as_f64().unwrap(),
+        clip_high: case["epsilon_high"].as_f64().unwrap(),
+        beta: case["beta"].as_f64().unwrap(),
+        max_new_tokens: case["max_completion_length"].as_f64().unwrap(),
+    };
+    check_policy_loss(case, &Tensor::from_slice(&advantages), &spec);
+}
+
+fn check_policy_loss(case: &Value, advantages: &Tensor, spec: &LossSpec) {
+    let out = policy_loss(
+        &tensor(&case["logps"]),
+        &tensor(&case["old_logps"]),
+        &tensor(&case["ref_logps"]),
+        advantages,
+        &tensor(&case["mask"]).to_kind(Kind::Double),
+        spec,
+        None,
+    );
+    let name = format!("{:?} beta {}", spec.loss_type, spec.beta);
+    let loss = out.loss.double_value(&[]);
+    close(
+        &format!("{name}: loss"),
+        loss,
+        case["loss"].as_f64().unwrap(),
+        1e-9,
+    );
+    let clip = case["clip_ratio"].as_f64().unwrap();
+    close(
+        &format!("{name}: clip ratio"),
+        out.clip_fraction,
+        clip,
+        1e-6,
+    );
+    if let Some(kl) = case["kl"].as_f64() {
+        close(&format!("{name}: kl"), out.kl, kl, 1e-9);
+    }
+}
+
+/// TRL's RLOO: leave-one-out advantages of rewards less beta times the
+/// summed KL (old - reference), and its per-answer ratio loss.
+fn check_rloo(case: &Value) {
+    let (group, beta) = (
+        case["group"].as_u64().unwrap() as usize,
+        case["beta"].as_f64().unwrap(),
+    );
+    let mask = tensor(&case["mask"]);
+    let kl = ((tensor(&case["old_logps"]) - tensor(&case["ref_logps"])) * &mask).sum_dim_intlist(
+        1,
+        false,
+        Kind::Double,
+    );
+    let kl: Vec<f64> = Vec::try_from(kl).unwrap();
+    let shaped: Vec<f64> = floats(&case["rewards"])
+        .iter()
+        .zip(kl)
+        .map(|(r, k)| r - beta * k)
+        .collect();
+    let advantages = leave_one_out(&shaped, group);
+    for (ours, trl) in advantages.iter().zip(floats(&case["advantages"])) {
+        close("rloo advantage", *ours, trl, 1e-12);
+    }
+    let epsilon = case["epsilon"].as_f64().unwrap();
+    let spec = LossSpec {
+        loss_type: LossType::Rloo,
+        clip_low: epsilon,
+        clip_high: epsilon,
+        // The KL is in the reward: none in the loss.
+        beta: 0.0,
+        max_new_tokens: 1.0,
+    };
+    check_policy_loss(case, &Tensor::from_slice(&advantages), &spec);
+}
+
+fn check_reference_free(case: &Value) {
+    let loss = match case["loss_type"].as_str().unwrap() {
+        "simpo" => DpoLoss::Simpo,
+        "orpo" => DpoLoss::Orpo,
+        other => panic!("loss {other}"),
+    };
+    let f = |k: &str| case[k].as_f64().unwrap();
+    let (chosen, rejected) = (tensor(&case["chosen"]), tensor(&case["rejected"]));
+    let (losses, c, r) = reference_free_losses(
+        loss,
+        f("beta"),
+        f("gamma"),
+        f("label_smoothing"),
+        &chosen,
+        &rejected,
+    );
+    // ORPO: TRL's odds-ratio term; rlhf's per-pair loss adds the NLL.
+    let losses = match loss {
+        DpoLoss::Orpo => losses + &chosen,
+        _ => losses,
+    };
+    // TRL's ORPO computes in float32 (`.float()`); SimPO stays in f64.
+    let tol = if loss == DpoLoss::Orpo { 1e-6 } else { 1e-9 };
+    let pairs = [
+        (losses, "losses"),
+        (c, "chosen_rewards"),
+        (r, "rejected_rewards"),
+    ];
+    for (ours, key) in pairs {
+        let ours: Vec<f64> = Vec::try_from(ours).unwrap();
+        for (o, t) in ours.iter().zip(floats(&case[key])) {
+            close(&format!("{loss:?} {key}"), *o, t, tol);
+        }
+    }
+}
+
 #[test]
 fn dpo_and_grpo_losses_match_trl() {
     let cases = trl_cases();
@@ -177,4 +305,12 @@ fn dpo_and_grpo_losses_match_trl() {
     assert_eq!((dpo.len(), grpo.len()), (3, 2), "{cases}");
     dpo.iter().for_each(check_dpo);
     grpo.iter().for_each(check_grpo);
+    let losses = cases["losses"].as_array().unwrap();
+    let rloo = cases["rloo"].as_array().unwrap();
+    assert_eq!((losses.len(), rloo.len()), (5, 2));
+    losses.iter().for_each(check_loss_type);
+    rloo.iter().for_each(check_rloo);
+    let free = cases["reference_free"].as_array().unwrap();
+    assert_eq!(free.len(), 3);
+    free.iter().for_each(check_reference_free);
 }

@@ -116,3 +116,36 @@ fn resumed_dpo_equals_uninterrupted_bit_for_bit() {
         }
     }
 }
+
+/// SimPO and ORPO (no reference model, no reference pass) learn the same
+/// rule: held-out accuracy of their implicit rewards (beta times the mean
+/// token log-probability) at least 0.9.
+#[test]
+fn simpo_and_orpo_learn_the_rule_without_a_reference() {
+    let _serial = common::serial();
+    let d = tempfile::tempdir().unwrap();
+    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
+    rankings(&train, 400, 1);
+    rankings(&eval, 60, 2);
+    // SimPO's beta as its paper's; ORPO's lambda at 2 (at 0.5 the SFT
+    // term held the held-out accuracy at 0.86 after 3 epochs here).
+    for (loss, beta) in [(DpoLoss::Simpo, 2.0), (DpoLoss::Orpo, 2.0)] {
+        let cfg = DpoConfig {
+            loss,
+            beta,
+            ..config(train.clone(), Some(eval.clone()), 3)
+        };
+        let out = d.path().join(format!("{loss:?}"));
+        let summary = run(&cfg, &common::ctx(out.clone())).unwrap();
+        let eval = summary.eval.unwrap();
+        assert!(
+            eval.accuracy >= 0.9,
+            "{loss:?}: held-out accuracy {:.3}",
+            eval.accuracy
+        );
+        assert!(
+            !out.join(REFERENCE_FILE).exists(),
+            "{loss:?}: no reference pass"
+        );
+    }
+}

@@ -18,6 +18,26 @@ fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     common::rule_policy_and_prompts(dir)
 }
 
+/// Each iteration's score in a run folder's metrics, and the means of the
+/// first two and of the last two.
+fn scores(out: &std::path::Path) -> (Vec<f64>, f64, f64) {
+    let scores: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let n = scores.len();
+    let (early, late) = (
+        (scores[0] + scores[1]) / 2.0,
+        (scores[n - 2] + scores[n - 1]) / 2.0,
+    );
+    (scores, early, late)
+}
+
 fn ctx(out: std::path::PathBuf, stop_after: Option<i64>) -> StageContext {
     StageContext {
         judge: Some(Arc::new(|p: &str, a: &str| {
@@ -138,15 +158,7 @@ fn grpo_in_bf16_raises_the_reward_too() {
     };
     let scores_of = |cfg: &GrpoConfig, out: &str| -> Vec<f64> {
         StageConfig::run(cfg, &ctx(d.path().join(out), None)).unwrap();
-        std::fs::read_to_string(d.path().join(out).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
+        scores(&d.path().join(out)).0
     };
     let scores = scores_of(&cfg, "run");
     assert_ne!(
@@ -168,4 +180,130 @@ fn grpo_in_bf16_raises_the_reward_too() {
     )
     .unwrap();
     assert_eq!(rows.len(), 32);
+}
+
+/// The critic-free family on the same rule: each objective and advantage
+/// estimator raises the score by the bar of the GRPO test, under a KL
+/// bound (a wrong sign or a broken normalisation cannot pass).
+#[test]
+fn the_critic_free_family_raises_the_reward_too() {
+    let _serial = common::serial();
+    use rlhf_stages::rl::grpo::math::{AdvantageEstimator, LossType};
+    use rlhf_stages::rl::grpo::KlPlacement;
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = setup(d.path());
+    let base = config(policy, prompts, 15);
+    // Leave-one-out advantages are the score differences themselves, a
+    // few times smaller than GRPO's (divided by the group's spread): a
+    // larger step for them.
+    let faster = rlhf_stages::optim::AdamWConfig {
+        lr: 6e-3,
+        ..base.optimizer.clone()
+    };
+    let variants = [
+        (
+            "dapo, clip-higher, rloo",
+            GrpoConfig {
+                loss_type: LossType::Dapo,
+                epsilon_high: Some(0.28),
+                advantage: AdvantageEstimator::Rloo,
+                optimizer: faster.clone(),
+                ..base.clone()
+            },
+        ),
+        (
+            "gspo",
+            GrpoConfig {
+                loss_type: LossType::Gspo,
+                ..base.clone()
+            },
+        ),
+        (
+            "cispo",
+            GrpoConfig {
+                loss_type: LossType::Cispo,
+                ..base.clone()
+            },
+        ),
+        (
+            "rloo loss, KL in the reward",
+            GrpoConfig {
+                loss_type: LossType::Rloo,
+                advantage: AdvantageEstimator::Rloo,
+                kl_in: KlPlacement::Reward,
+                optimizer: faster.clone(),
+                beta: 0.01,
+                ..base.clone()
+            },
+        ),
+        (
+            "REINFORCE++, dr_grpo, overlong shaping",
+            GrpoConfig {
+                loss_type: LossType::DrGrpo,
+                advantage: AdvantageEstimator::ReinforcePp,
+                kl_in: KlPlacement::Reward,
+                // OpenRLHF's KL coefficient: summed over the tokens to
+                // come, 0.1 would outweigh the score.
+                beta: 0.01,
+                overlong_buffer: 2,
+                ..base.clone()
+            },
+        ),
+        (
+            "REINFORCE++-baseline, bnpo",
+            GrpoConfig {
+                loss_type: LossType::Bnpo,
+                advantage: AdvantageEstimator::ReinforcePpBaseline,
+                ..base.clone()
+            },
+        ),
+    ];
+    let mut failed = vec![];
+    for (name, cfg) in variants {
+        let out = d.path().join(name.replace([' ', ',', '+'], "_"));
+        let summary = run(&cfg, &ctx(out.clone(), None)).unwrap();
+        let (_, early, late) = scores(&out);
+        eprintln!(
+            "{name}: score {early:.3} -> {late:.3}, KL {:.3}",
+            summary.last_kl
+        );
+        // Collapsed onto one letter would be ln 264 = 5.6 nats a token.
+        if late <= early + 0.25 || summary.last_kl >= 4.0 {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "did not learn under the bar: {failed:?}");
+}
+
+/// DAPO's dynamic sampling: under a reward that few answers earn (a "q"
+/// anywhere), most groups score alike; extra rounds replace them, so the
+/// first iteration (whose first round is the same with and without) keeps
+/// fewer groups without spread, and says how many rounds it took.
+#[test]
+fn dynamic_sampling_replaces_groups_without_spread() {
+    let _serial = common::serial();
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = setup(d.path());
+    let rare = |out: std::path::PathBuf| StageContext {
+        judge: Some(Arc::new(|_: &str, a: &str| {
+            Some(f64::from(u8::from(a.contains('q'))))
+        })),
+        ..common::ctx(out)
+    };
+    let plain = config(policy, prompts, 1);
+    let dynamic = GrpoConfig {
+        dynamic_sampling_rounds: 3,
+        ..plain.clone()
+    };
+    let first = |cfg: &GrpoConfig, name: &str| -> serde_json::Value {
+        run(cfg, &rare(d.path().join(name))).unwrap();
+        let text = std::fs::read_to_string(d.path().join(name).join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    let (a, b) = (first(&plain, "plain"), first(&dynamic, "dynamic"));
+    let zero = |m: &serde_json::Value| m["zero_spread"].as_f64().unwrap();
+    assert!(zero(&a) >= 0.5, "the reward is rare enough: {a}");
+    assert!(zero(&b) < zero(&a), "{} -> {}", zero(&a), zero(&b));
+    assert!(b["extra_rounds"].as_u64().unwrap() >= 1, "{b}");
+    assert!(a.get("extra_rounds").is_none());
 }

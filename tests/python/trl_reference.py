@@ -22,6 +22,9 @@ import torch
 import trl
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.grpo_trainer import GRPOTrainer
+from trl.trainer.rloo_trainer import RLOOTrainer
+from trl.experimental.cpo.cpo_trainer import CPOTrainer
+from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
 TRL_VERSION = "0.29.1"
 
@@ -136,7 +139,22 @@ def grpo_advantages(rewards, group, scale):
     return advantages, int(zero_std.view(-1, group)[:, 0].sum())
 
 
-def grpo_case(gen, beta, epsilon):
+def completion_inputs(mask, **extra):
+    """The batch fields a trainer's `_compute_loss` reads besides the
+    log-probabilities its stand-in model returns: two prompt tokens, the
+    completions' mask, and `extra`."""
+    answers, width = mask.shape
+    return {
+        "prompt_ids": torch.zeros(answers, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(answers, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(answers, width, dtype=torch.long),
+        "completion_mask": mask,
+        **extra,
+    }
+
+
+def grpo_case(gen, beta, epsilon, loss_type="grpo", epsilon_high=None, level="token"):
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
     answers, width, group = 6, 5, 3
     rewards = torch.tensor([1.0, 2.0, 3.5, 0.5, 0.5, 0.5], dtype=torch.float64)
     scaled, zero = grpo_advantages(rewards, group, scale=True)
@@ -151,33 +169,31 @@ def grpo_case(gen, beta, epsilon):
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp)),
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=level,
         beta=beta,
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
-        loss_type="grpo",
+        loss_type=loss_type,
         epsilon_low=epsilon,
-        epsilon_high=epsilon,
+        epsilon_high=epsilon_high,
+        max_completion_length=width,
         use_vllm=False,
         model=torch.nn.Module().train(),
         current_gradient_accumulation_steps=1,
         accelerator=accelerator(),
         _metrics=defaultdict(lambda: defaultdict(list)),
     )
-    inputs = {
-        "prompt_ids": torch.zeros(answers, 2, dtype=torch.long),
-        "prompt_mask": torch.ones(answers, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(answers, width, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": scaled,
-        "old_per_token_logps": old,
-        "ref_per_token_logps": ref,
-    }
+    inputs = completion_inputs(mask, advantages=scaled, old_per_token_logps=old, ref_per_token_logps=ref,
+                               num_items_in_batch=mask.sum())
     loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     metrics = trainer._metrics["train"]
+    clip = metrics["cispo_clip_ratio"] if loss_type == "cispo" else metrics["clip_ratio/region_mean"]
     return {
+        "loss_type": "gspo" if level == "sequence" else loss_type,
         "group": group,
         "beta": beta,
         "epsilon": epsilon,
+        "epsilon_high": epsilon_high,
+        "max_completion_length": width,
         "rewards": rewards.tolist(),
         "advantages": scaled.tolist(),
         "advantages_unscaled": plain.tolist(),
@@ -189,7 +205,81 @@ def grpo_case(gen, beta, epsilon):
         "loss": loss.item(),
         # TRL logs the KL only when it is in the loss.
         "kl": metrics["kl"][0] if metrics["kl"] else None,
-        "clip_ratio": metrics["clip_ratio/region_mean"][0],
+        "clip_ratio": clip[0],
+    }
+
+
+def rloo_advantages(rewards, kl, group, beta):
+    """TRL 0.29.1 RLOOTrainer._generate_and_score_completions, the lines that
+    turn rewards into advantages: the summed KL to the reference in the
+    reward, then each reward against the mean of its group's others
+    (normalize_advantages off, TRL's default)."""
+    rewards = rewards - beta * kl
+    grouped = rewards.view(-1, group)
+    baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (group - 1)
+    return rewards - baselines.view(-1)
+
+
+def rloo_case(gen, beta, epsilon):
+    """RLOOTrainer._compute_loss: one ratio per answer from summed
+    log-probabilities, clipped, the mean over answers."""
+    answers, width, group = 6, 5, 3
+    rewards = torch.tensor([1.0, 2.0, 3.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    lp = -torch.rand(answers, width, generator=gen, dtype=torch.float64) * 3
+    old = lp + (torch.rand(answers, width, generator=gen, dtype=torch.float64) - 0.5) * 0.4
+    ref = lp + (torch.rand(answers, width, generator=gen, dtype=torch.float64) - 0.5) * 0.6
+    mask = torch.ones(answers, width, dtype=torch.long)
+    for row, length in enumerate([5, 3, 1, 4, 5, 2]):
+        mask[row, length:] = 0
+    kl = ((old - ref) * mask).sum(-1)
+    advantages = rloo_advantages(rewards, kl, group, beta)
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp)),
+        epsilon_low=epsilon,
+        epsilon_high=epsilon,
+        model=torch.nn.Module().train(),
+        accelerator=accelerator(),
+        _metrics=defaultdict(lambda: defaultdict(list)),
+    )
+    inputs = completion_inputs(mask, old_logps=(old * mask).sum(1), advantages=advantages)
+    loss = RLOOTrainer._compute_loss(trainer, trainer.model, inputs)
+    return {
+        "group": group,
+        "beta": beta,
+        "epsilon": epsilon,
+        "rewards": rewards.tolist(),
+        "advantages": advantages.tolist(),
+        "logps": lp.tolist(),
+        "old_logps": old.tolist(),
+        "ref_logps": ref.tolist(),
+        "mask": mask.tolist(),
+        "loss": loss.item(),
+        "clip_ratio": trainer._metrics["train"]["clip_ratio/region_mean"][0],
+    }
+
+
+def reference_free_case(gen, loss_type, beta, gamma, smoothing):
+    """SimPO (CPOTrainer.cpo_loss, loss_type simpo) and ORPO's odds-ratio
+    term (ORPOTrainer.odds_ratio_loss) on mean token log-probabilities."""
+    chosen = -torch.rand(4, generator=gen, dtype=torch.float64) * 2 - 0.05
+    rejected = -torch.rand(4, generator=gen, dtype=torch.float64) * 2 - 0.05
+    trainer = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=smoothing,
+                              loss_type="simpo", accelerator=accelerator())
+    if loss_type == "simpo":
+        losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    else:
+        terms, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected)
+        losses = -terms  # TRL's loss is the NLL minus these terms' mean
+    return {
+        "loss_type": loss_type,
+        "beta": beta,
+        "gamma": gamma,
+        "label_smoothing": smoothing,
+        "chosen": chosen.tolist(),
+        "rejected": rejected.tolist(),
+        "losses": losses.tolist(),
+        "chosen_rewards": chosen_rewards.tolist(),
+        "rejected_rewards": rejected_rewards.tolist(),
     }
 
 
@@ -203,6 +293,19 @@ def main(out):
             dpo_case(gen, "ipo", 0.1, 0.0),
         ],
         "grpo": [grpo_case(gen, 0.04, 0.2), grpo_case(gen, 0.0, 0.1)],
+        "losses": [
+            grpo_case(gen, 0.04, 0.2, "dr_grpo"),
+            grpo_case(gen, 0.0, 0.2, "dapo", epsilon_high=0.28),
+            grpo_case(gen, 0.04, 0.2, "bnpo", epsilon_high=0.28),
+            grpo_case(gen, 0.04, 0.2, "cispo", epsilon_high=1.1),
+            grpo_case(gen, 0.04, 0.1, "grpo", level="sequence"),
+        ],
+        "rloo": [rloo_case(gen, 0.05, 0.2), rloo_case(gen, 0.0, 0.1)],
+        "reference_free": [
+            reference_free_case(gen, "simpo", 2.0, 0.5, 0.0),
+            reference_free_case(gen, "simpo", 2.5, 1.0, 0.1),
+            reference_free_case(gen, "orpo", 0.1, 0.0, 0.0),
+        ],
     }
     with open(out, "w") as f:
         json.dump(cases, f)

@@ -10,6 +10,14 @@
 //! - `ipo` (Azar et al., 2023): `(h - 1 / (2 beta))^2`, on log-probabilities
 //!   averaged over each answer's tokens, as TRL computes it.
 //!
+//! Two losses need no reference (no reference pass), on log-probabilities
+//! averaged over each answer's tokens, `w` and `l`:
+//! - `simpo` (Meng et al., 2024): `-log s(beta (w - l) - gamma)` (with
+//!   cDPO's smoothing), as TRL's `CPOTrainer` with `loss_type: simpo`;
+//! - `orpo` (Hong et al., 2024): the chosen answer's NLL (its mean token
+//!   loss) `- beta log s(log odds(w) - log odds(l))`, `odds(x) = e^x /
+//!   (1 - e^x)`, the odds-ratio term as TRL's `ORPOTrainer`.
+//!
 //! The implicit rewards are `beta (log pi(y) - log ref(y))`; metrics use
 //! TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/margins`,
 //! `rewards/accuracies`). Rankings are read as the reward model reads them
@@ -61,8 +69,17 @@ pub struct DpoConfig {
     /// How far the policy may move from the reference (DPO's beta).
     pub beta: f64,
     pub loss: DpoLoss,
-    /// cDPO's share of labels assumed flipped (sigmoid loss only).
+    /// cDPO's share of labels assumed flipped (sigmoid and simpo).
     pub label_smoothing: f64,
+    /// SimPO's target reward margin (gamma).
+    #[serde(skip_serializing_if = "is_default_gamma")]
+    pub simpo_gamma: f64,
+}
+
+const DEFAULT_SIMPO_GAMMA: f64 = 0.5;
+
+fn is_default_gamma(gamma: &f64) -> bool {
+    *gamma == DEFAULT_SIMPO_GAMMA
 }
 
 /// The preference loss.
@@ -72,6 +89,18 @@ pub enum DpoLoss {
     #[default]
     Sigmoid,
     Ipo,
+    /// Reference-free, length-normalised, with a margin (SimPO).
+    Simpo,
+    /// Reference-free: an odds-ratio term plus the chosen answer's NLL.
+    Orpo,
+}
+
+impl DpoLoss {
+    /// Whether the loss compares with a frozen reference (SimPO and ORPO
+    /// do not: no reference pass).
+    pub fn needs_reference(self) -> bool {
+        matches!(self, Self::Sigmoid | Self::Ipo)
+    }
 }
 
 impl Default for DpoConfig {
@@ -99,6 +128,7 @@ impl Default for DpoConfig {
             beta: 0.1,
             loss: DpoLoss::Sigmoid,
             label_smoothing: 0.0,
+            simpo_gamma: DEFAULT_SIMPO_GAMMA,
         }
     }
 }
@@ -128,10 +158,23 @@ impl KindConfig for DpoConfig {
             "in [0, 0.5)",
             self.label_smoothing,
         )?;
-        if self.loss == DpoLoss::Ipo && self.label_smoothing > 0.0 {
+        if matches!(self.loss, DpoLoss::Ipo | DpoLoss::Orpo) && self.label_smoothing > 0.0 {
             return Err(StageError::setting(
                 "label_smoothing",
-                "applies to `loss: sigmoid` only (cDPO); IPO has none",
+                "applies to `loss: sigmoid` (cDPO) and `loss: simpo` only",
+            ));
+        }
+        let gamma = self.simpo_gamma;
+        check::require(
+            "simpo_gamma",
+            gamma.is_finite() && (0.0..=100.0).contains(&gamma),
+            "in [0, 100]",
+            gamma,
+        )?;
+        if !self.loss.needs_reference() && self.reference.is_some() {
+            return Err(StageError::setting(
+                "reference",
+                "SimPO and ORPO use no reference model: remove `reference`",
             ));
         }
         Ok(())
@@ -186,6 +229,45 @@ pub fn pair_losses(
                 - (&h * -beta).log_sigmoid() * label_smoothing
         }
         DpoLoss::Ipo => (h - 1.0 / (2.0 * beta)).square(),
+        DpoLoss::Simpo | DpoLoss::Orpo => {
+            panic!("{loss:?} takes no reference: reference_free_losses")
+        }
+    };
+    (losses, chosen * beta, rejected * beta)
+}
+
+/// `log(1 - e^x)` for `x < 0`, without cancellation near 0 (TRL's
+/// `log1mexp`).
+fn log1mexp(x: &Tensor) -> Tensor {
+    let near = (-x.expm1()).log();
+    let far = (-x.exp()).log1p();
+    far.where_self(&x.lt(-std::f64::consts::LN_2), &near)
+}
+
+/// Per pair of answers with mean token log-probabilities `chosen` and
+/// `rejected`: the SimPO or ORPO loss and the implicit rewards `beta x`
+/// TRL logs.
+pub fn reference_free_losses(
+    loss: DpoLoss,
+    beta: f64,
+    gamma: f64,
+    label_smoothing: f64,
+    chosen: &Tensor,
+    rejected: &Tensor,
+) -> (Tensor, Tensor, Tensor) {
+    let losses = match loss {
+        DpoLoss::Simpo => {
+            let logits = (chosen - rejected - gamma / beta) * beta;
+            -logits.log_sigmoid() * (1.0 - label_smoothing)
+                - (-logits).log_sigmoid() * label_smoothing
+        }
+        DpoLoss::Orpo => {
+            let log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected));
+            -chosen - log_odds.log_sigmoid() * beta
+        }
+        DpoLoss::Sigmoid | DpoLoss::Ipo => {
+            panic!("{loss:?} compares with a reference: pair_losses")
+        }
     };
     (losses, chosen * beta, rejected * beta)
 }
@@ -314,12 +396,33 @@ struct Forward {
 fn forward(cfg: &DpoConfig, model: &Network, b: &DpoBatch, device: Device, train: bool) -> Forward {
     let (mut policy, count) = answer_logps(model, &b.groups, device, train);
     let mut reference = Tensor::from_slice(&b.reference).to_device(device);
-    if cfg.loss == DpoLoss::Ipo {
+    if cfg.loss != DpoLoss::Sigmoid {
         policy = per_token(&policy, &count);
         reference = per_token(&reference, &count);
     }
     let pick =
         |t: &Tensor, rows: &[i64]| t.index_select(0, &Tensor::from_slice(rows).to_device(device));
+    let weight = Tensor::from_slice(&b.groups.pair_weight).to_device(device);
+    if !cfg.loss.needs_reference() {
+        let (chosen, rejected) = (
+            pick(&policy, &b.groups.better),
+            pick(&policy, &b.groups.worse),
+        );
+        let (losses, chosen, rejected) = reference_free_losses(
+            cfg.loss,
+            cfg.beta,
+            cfg.simpo_gamma,
+            cfg.label_smoothing,
+            &chosen,
+            &rejected,
+        );
+        return Forward {
+            losses,
+            chosen,
+            rejected,
+            weight,
+        };
+    }
     let logps = PairLogps {
         policy_chosen: pick(&policy, &b.groups.better),
         policy_rejected: pick(&policy, &b.groups.worse),
@@ -327,7 +430,6 @@ fn forward(cfg: &DpoConfig, model: &Network, b: &DpoBatch, device: Device, train
         reference_rejected: pick(&reference, &b.groups.worse),
     };
     let (losses, chosen, rejected) = pair_losses(cfg.loss, cfg.beta, cfg.label_smoothing, &logps);
-    let weight = Tensor::from_slice(&b.groups.pair_weight).to_device(device);
     Forward {
         losses,
         chosen,
@@ -440,6 +542,8 @@ impl Objective for Preferences<'_> {
         Some(match self.cfg.loss {
             DpoLoss::Sigmoid => std::f64::consts::LN_2,
             DpoLoss::Ipo => (0.5 / self.cfg.beta).powi(2),
+            // Their loss at the start depends on the policy's answers.
+            DpoLoss::Simpo | DpoLoss::Orpo => return None,
         })
     }
 
@@ -586,8 +690,12 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
     crate::train::check_step_memory(&start.model, rows, longest)?;
     let fresh = start.state.is_none();
     let reference_started = Instant::now();
-    let [reference, held_out_reference] =
-        reference_of(cfg, ctx, &start.model, fresh, [&all, &held_out])?;
+    let [reference, held_out_reference] = match cfg.loss.needs_reference() {
+        true => reference_of(cfg, ctx, &start.model, fresh, [&all, &held_out])?,
+        false => {
+            [&all, &held_out].map(|d| d.iter().map(|g| vec![0.0; g.responses.len()]).collect())
+        }
+    };
     let reference_seconds = reference_started.elapsed().as_secs_f64();
     let with_reference =
         |groups: Vec<TokenizedGroup>, reference: Vec<Vec<f64>>| -> Vec<DpoExample> {
@@ -692,6 +800,33 @@ mod tests {
         );
         // By the numbers: nls(0.3) = 0.554355, nls(-0.2) = 0.798139.
         assert!((nls(0.3) - 0.554355).abs() < 1e-6 && (nls(-0.2) - 0.798139).abs() < 1e-6);
+    }
+
+    #[test]
+    fn simpo_and_orpo_losses_match_hand_computed_values() {
+        // Mean token log-probabilities: chosen -0.5, rejected -1.5.
+        let (w, l) = (
+            Tensor::from_slice(&[-0.5f64]),
+            Tensor::from_slice(&[-1.5f64]),
+        );
+        // SimPO, beta 2, gamma 0.5: nls(2 (1 - 0.25)) = nls(1.5).
+        let (loss, chosen, _) = reference_free_losses(DpoLoss::Simpo, 2.0, 0.5, 0.0, &w, &l);
+        assert!((to_vec(&loss)[0] - nls(1.5)).abs() < 1e-12);
+        assert_eq!(to_vec(&chosen), [-1.0]);
+        // ORPO, beta 0.1: log odds(x) = x - ln(1 - e^x); NLL 0.5.
+        let odds = |x: f64| x - (1.0 - x.exp()).ln();
+        let want = 0.5 + 0.1 * nls(odds(-0.5) - odds(-1.5));
+        let (loss, _, _) = reference_free_losses(DpoLoss::Orpo, 0.1, 0.0, 0.0, &w, &l);
+        assert!(
+            (to_vec(&loss)[0] - want).abs() < 1e-12,
+            "{:?} vs {want}",
+            to_vec(&loss)
+        );
+        // log(1 - e^x) on both sides of -ln 2, and near 0.
+        for x in [-3.0f64, -0.7, -0.69, -1e-6] {
+            let got = log1mexp(&Tensor::from_slice(&[x])).double_value(&[0]);
+            assert!((got - (-x.exp_m1()).ln()).abs() < 1e-9, "{x}: {got}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::model::sample::Generation;
 use crate::train::StageError;
 
 /// One answered prompt, as it travels between ranks.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Row {
     index: usize,
     prompt: Vec<i64>,
@@ -48,6 +48,33 @@ pub fn gather(local: Sampled, ranks: &Ranks, pad: i64) -> Result<Sampled, StageE
     let mut all = assemble(rows, pad, device, with_values);
     all.seconds = local.seconds;
     Ok(all)
+}
+
+/// The groups `keep` (`(rollout, group)` pairs, each group `group`
+/// consecutive rows) of several gathered rollouts, as one rollout in that
+/// order: DAPO's dynamic sampling keeps the groups with spread of several
+/// rounds. Each round's time adds up.
+pub fn select_groups(
+    parts: &[Sampled],
+    keep: &[(usize, usize)],
+    group: usize,
+    pad: i64,
+) -> Sampled {
+    let rows: Vec<Vec<Row>> = parts.iter().map(rows_of).collect();
+    let mut chosen = Vec::with_capacity(keep.len() * group);
+    for &(part, g) in keep {
+        for row in &rows[part][g * group..(g + 1) * group] {
+            chosen.push(row.clone());
+        }
+    }
+    let device = parts[0].generation.tokens.device();
+    let mut all = assemble(chosen, pad, device, parts[0].values.is_some());
+    for p in parts {
+        all.seconds.sampling += p.seconds.sampling;
+        all.seconds.logprobs += p.seconds.logprobs;
+        all.seconds.scoring += p.seconds.scoring;
+    }
+    all
 }
 
 fn rows_of(r: &Sampled) -> Vec<Row> {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use super::math::{group_advantages, grpo_loss_over};
+use super::math::{group_advantages, leave_one_out, policy_loss, reinforce_pp, AdvantageEstimator};
 use super::{GrpoConfig, KlPlacement};
 use crate::dist::Ranks;
 use crate::model::checkpoint::{HeadChoice, Model};
@@ -99,11 +99,61 @@ impl<'a> GrpoLearner<'a> {
         Ok((learner, state))
     }
 
-    /// This rank's share of the iteration's prompts, each answered
-    /// `group_size` times and scored; then every rank's shares gathered.
-    fn rollout(&self, iteration: i64, ranks: &Ranks) -> Result<Sampled, StageError> {
+    /// The iteration's groups: one round of [`Self::round`], or under
+    /// `dynamic_sampling_rounds` the groups with spread of up to that many
+    /// more rounds (made up with groups without spread where still
+    /// short). Also the extra rounds sampled, and the first round's mean
+    /// score (the policy's own, unselected).
+    fn rollout(&self, iteration: i64, ranks: &Ranks) -> Result<(Sampled, usize, f64), StageError> {
         let cfg = self.cfg;
-        let seed = cfg.seed.unwrap_or(0);
+        let first = self.round(iteration, 0, ranks)?;
+        let score = first.scores.iter().sum::<f64>() / first.scores.len().max(1) as f64;
+        if cfg.dynamic_sampling_rounds == 0 {
+            return Ok((first, 0, score));
+        }
+        let (g, want) = (cfg.group_size, cfg.prompts_per_iteration);
+        let spread = |r: &Sampled, k: usize| {
+            let s = &r.scores[k * g..(k + 1) * g];
+            s.iter().any(|&x| x != s[0])
+        };
+        let mut parts = vec![first];
+        let mut keep: Vec<(usize, usize)> = vec![];
+        loop {
+            let last = parts.len() - 1;
+            keep.extend(
+                (0..want)
+                    .filter(|&k| spread(&parts[last], k))
+                    .map(|k| (last, k)),
+            );
+            if keep.len() >= want || last == cfg.dynamic_sampling_rounds {
+                break;
+            }
+            parts.push(self.round(iteration, last as u64 + 1, ranks)?);
+        }
+        keep.truncate(want);
+        // Still short: groups without spread, earliest first.
+        let flat = (0..parts.len()).flat_map(|p| (0..want).map(move |k| (p, k)));
+        let missing: Vec<(usize, usize)> = flat
+            .filter(|&(p, k)| !spread(&parts[p], k))
+            .take(want - keep.len())
+            .collect();
+        keep.extend(missing);
+        let pad = self.policy.tokenizer.pad_id();
+        let extra = parts.len() - 1;
+        let kept = crate::rl::shard::select_groups(&parts, &keep, g, pad);
+        Ok((kept, extra, score))
+    }
+
+    /// This rank's share of a round of prompts, each answered `group_size`
+    /// times and scored; then every rank's shares gathered. Round 0 takes
+    /// the iteration's prompts; later rounds (dynamic sampling) prompts in
+    /// an order of their own.
+    fn round(&self, iteration: i64, round: u64, ranks: &Ranks) -> Result<Sampled, StageError> {
+        let cfg = self.cfg;
+        let seed = cfg
+            .seed
+            .unwrap_or(0)
+            .wrapping_add(round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let chosen = self
             .prompts
             .of_iteration(cfg.prompts_per_iteration, seed, iteration);
@@ -126,7 +176,7 @@ impl<'a> GrpoLearner<'a> {
     fn update(
         &mut self,
         r: &Sampled,
-        advantages: &Tensor,
+        u: &UpdateInputs,
         step: Step,
     ) -> Result<[f64; 3], StageError> {
         let cfg = self.cfg;
@@ -153,7 +203,7 @@ impl<'a> GrpoLearner<'a> {
                 // One process: the whole minibatch, as the loss defines
                 // it; several: this rank's positions, as parts of it.
                 let whole = (world > 1).then(|| {
-                    let tokens = r.answer_mask.index_select(0, &rows(chunk)).sum(Kind::Float);
+                    let tokens = u.mask.index_select(0, &rows(chunk)).sum(Kind::Float);
                     (chunk.len() as f64, tokens.double_value(&[]))
                 });
                 let idx = rows(&chunk[step.ranks.share(chunk.len())]);
@@ -169,14 +219,13 @@ impl<'a> GrpoLearner<'a> {
                     prompt,
                     vocab,
                 );
-                let out = grpo_loss_over(
+                let out = policy_loss(
                     &lp,
                     &sel(&r.old_lp),
                     &sel(&r.ref_lp),
-                    &advantages.index_select(0, &idx),
-                    &sel(&r.answer_mask),
-                    cfg.clip_range,
-                    beta,
+                    &sel(&u.advantages),
+                    &sel(&u.mask),
+                    &cfg.loss_spec(beta),
                     whole,
                 );
                 let clip = (cfg.max_grad_norm, "policy gradient norm");
@@ -203,8 +252,9 @@ impl<'a> GrpoLearner<'a> {
     }
 
     /// Every answer of the iteration, its advantage on each of its tokens.
-    fn rollout_rows(&self, it: i64, r: &Sampled, advantages: &[f64]) -> Vec<RolloutRow> {
+    fn rollout_rows(&self, it: i64, r: &Sampled, advantages: &Tensor) -> Vec<RolloutRow> {
         let (lp, rlp): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (to_rows(&r.old_lp), to_rows(&r.ref_lp));
+        let adv: Vec<Vec<f64>> = to_rows(advantages);
         (0..r.rows.len())
             .map(|row| {
                 let len = r.generation.answers[row].len();
@@ -217,7 +267,7 @@ impl<'a> GrpoLearner<'a> {
                     ref_logprobs: rlp[row][..len].to_vec(),
                     values: vec![],
                     rewards: vec![],
-                    advantages: vec![advantages[row]; len],
+                    advantages: adv[row][..len].to_vec(),
                     returns: vec![],
                     score: r.scores[row],
                     finished: r.generation.finished[row],
@@ -227,14 +277,55 @@ impl<'a> GrpoLearner<'a> {
     }
 }
 
-/// Each answer's advantage: its score (less `beta` times its KL where the
-/// KL goes in the reward) against its group's; zero in groups whose
-/// answers all scored alike, whatever their KL. Also how many such groups.
-fn advantages(cfg: &GrpoConfig, r: &Sampled) -> (Vec<f64>, usize) {
+/// What the policy steps read besides the rollout: every answer token's
+/// advantage and which tokens count in the loss, `(B, N)` on the device.
+struct UpdateInputs {
+    advantages: Tensor,
+    mask: Tensor,
+}
+
+/// The scores after DAPO's soft overlong punishment: an answer longer than
+/// `max_new_tokens - buffer` tokens loses `(length - (max - buffer)) /
+/// buffer`, at most 1.
+fn overlong_scores(
+    scores: &[f64],
+    lengths: &[usize],
+    max_new_tokens: i64,
+    buffer: usize,
+) -> Vec<f64> {
+    if buffer == 0 {
+        return scores.to_vec();
+    }
+    let free = max_new_tokens as f64 - buffer as f64;
+    scores
+        .iter()
+        .zip(lengths)
+        .map(|(s, &len)| s - ((len as f64 - free) / buffer as f64).clamp(0.0, 1.0))
+        .collect()
+}
+
+/// Every answer token's advantage `(B, N)` by `cfg.advantage`, on the CPU
+/// in f64, and how many groups had no spread (all scores alike). GRPO's
+/// advantage is zero in a group without spread, whatever its KL; the
+/// KL goes into the score (`kl_in: reward`) as its sum over the answer
+/// (k1, as TRL's RLOO), or per token for REINFORCE++.
+fn advantages(cfg: &GrpoConfig, r: &Sampled, loss_mask: &Tensor) -> (Tensor, usize) {
     let group = cfg.group_size;
+    let lengths: Vec<usize> = r.generation.answers.iter().map(Vec::len).collect();
+    let scores = overlong_scores(
+        &r.scores,
+        &lengths,
+        cfg.sampling.max_new_tokens,
+        cfg.overlong_buffer,
+    );
+    // Spread is judged on the scorer's scores (as dynamic sampling does).
     let (_, zero_spread) = group_advantages(&r.scores, group, cfg.scale_rewards);
-    let mut shaped = r.scores.clone();
-    if cfg.kl_in == KlPlacement::Reward {
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    // REINFORCE++ whitens over the tokens that count in the loss.
+    let mask = cpu(loss_mask);
+    let in_reward = cfg.kl_in == KlPlacement::Reward;
+    let mut shaped = scores.clone();
+    if in_reward {
         let kl = ((&r.old_lp - &r.ref_lp) * &r.answer_mask).sum_dim_intlist(1, false, Kind::Double);
         let kl = Vec::<f64>::try_from(kl.to_device(Device::Cpu)).unwrap_or_default();
         shaped
@@ -242,13 +333,52 @@ fn advantages(cfg: &GrpoConfig, r: &Sampled) -> (Vec<f64>, usize) {
             .zip(kl)
             .for_each(|(s, k)| *s -= cfg.beta * k);
     }
-    let (mut adv, _) = group_advantages(&shaped, group, cfg.scale_rewards);
-    for (a, s) in adv.chunks_mut(group).zip(r.scores.chunks(group)) {
-        if s.iter().all(|&x| x == s[0]) {
-            a.fill(0.0);
+    let per_answer = |a: Vec<f64>| Tensor::from_slice(&a).unsqueeze(1) * &mask;
+    let adv = match cfg.advantage {
+        AdvantageEstimator::Grpo => {
+            let (mut adv, _) = group_advantages(&shaped, group, cfg.scale_rewards);
+            for (a, s) in adv.chunks_mut(group).zip(r.scores.chunks(group)) {
+                if s.iter().all(|&x| x == s[0]) {
+                    a.fill(0.0);
+                }
+            }
+            per_answer(adv)
         }
-    }
+        AdvantageEstimator::Rloo => per_answer(leave_one_out(&shaped, group)),
+        AdvantageEstimator::ReinforcePp | AdvantageEstimator::ReinforcePpBaseline => {
+            let mut base = scores.clone();
+            if cfg.advantage == AdvantageEstimator::ReinforcePpBaseline {
+                for g in base.chunks_mut(group) {
+                    let mean = g.iter().sum::<f64>() / g.len() as f64;
+                    g.iter_mut().for_each(|x| *x -= mean);
+                }
+            }
+            let kl = match in_reward {
+                true => (cpu(&r.old_lp) - cpu(&r.ref_lp)) * cfg.beta,
+                false => mask.zeros_like(),
+            };
+            reinforce_pp(&Tensor::from_slice(&base), &kl, &mask)
+        }
+    };
     (adv, zero_spread)
+}
+
+/// The tokens that count in the loss: every answer token, less answers
+/// cut off at `max_new_tokens` under `mask_truncated`.
+fn loss_mask(cfg: &GrpoConfig, r: &Sampled) -> Tensor {
+    if !cfg.mask_truncated {
+        return r.answer_mask.shallow_clone();
+    }
+    let keep: Vec<f32> = r
+        .generation
+        .finished
+        .iter()
+        .map(|&f| f32::from(u8::from(f)))
+        .collect();
+    &r.answer_mask
+        * Tensor::from_slice(&keep)
+            .to_device(r.answer_mask.device())
+            .unsqueeze(1)
 }
 
 impl Learner for GrpoLearner<'_> {
@@ -269,18 +399,20 @@ impl Learner for GrpoLearner<'_> {
         rows: bool,
     ) -> Result<Outcome, StageError> {
         let started = Instant::now();
-        let r = self.rollout(iteration, ranks)?;
-        let (adv, zero_spread) = advantages(self.cfg, &r);
-        let adv_t = Tensor::from_slice(&adv)
-            .to_kind(Kind::Float)
-            .to_device(self.device);
+        let (r, extra_rounds, sampled_score) = self.rollout(iteration, ranks)?;
+        let mask = loss_mask(self.cfg, &r);
+        let (adv, zero_spread) = advantages(self.cfg, &r, &mask);
+        let inputs = UpdateInputs {
+            advantages: adv.to_kind(Kind::Float).to_device(self.device),
+            mask,
+        };
         let generation_seconds = started.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let step = Step {
             it: iteration + 1,
             ranks,
         };
-        let [loss, clip_fraction, kl] = self.update(&r, &adv_t, step)?;
+        let [loss, clip_fraction, kl] = self.update(&r, &inputs, step)?;
         let b = r.scores.len() as f64;
         let prompts = self.cfg.prompts_per_iteration;
         self.own.groups += prompts;
@@ -294,9 +426,15 @@ impl Learner for GrpoLearner<'_> {
             "rollout_logprob_diff_max": diff_max, "rollout_logprob_diff_mean": diff_mean,
             "padding_waste": rollout_padding_waste(&r),
         });
+        if self.cfg.dynamic_sampling_rounds > 0 {
+            // `score` is the first round's (the policy's own); the kept
+            // groups' is higher by construction.
+            record["extra_rounds"] = extra_rounds.into();
+            record["kept_score"] = (r.scores.iter().sum::<f64>() / b).into();
+        }
         r.seconds.record(&mut record);
         Ok(Outcome {
-            mean_score: r.scores.iter().sum::<f64>() / b,
+            mean_score: sampled_score,
             mean_kl: kl,
             record,
             rows: match rows {
@@ -324,5 +462,50 @@ impl Learner for GrpoLearner<'_> {
     fn summary_fields(&self) -> BTreeMap<String, serde_json::Value> {
         let share = self.own.zero_spread as f64 / self.own.groups.max(1) as f64;
         BTreeMap::from([("zero_spread_share".to_owned(), json!(share))])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlong_answers_lose_up_to_a_point() {
+        // At most 10 tokens, a buffer of 4: free up to 6, then -1/4 a token.
+        let got = overlong_scores(&[1.0, 1.0, 1.0, 0.5], &[5, 6, 8, 10], 10, 4);
+        assert_eq!(got, [1.0, 1.0, 0.5, -0.5]);
+        assert_eq!(overlong_scores(&[1.0], &[10], 10, 0), [1.0]);
+    }
+
+    /// Under `mask_truncated`, an answer without EOS leaves the loss.
+    #[test]
+    fn truncated_answers_leave_the_loss_when_asked() {
+        let ones = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let r = Sampled {
+            rows: vec![0, 0],
+            generation: crate::model::sample::Generation {
+                tokens: Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu)),
+                attention_mask: Tensor::ones([2, 4], (Kind::Int64, Device::Cpu)),
+                prompt_width: 1,
+                answers: vec![vec![1, 2], vec![1, 2, 3]],
+                finished: vec![true, false],
+                logprobs: ones.zeros_like(),
+            },
+            answer_mask: ones.shallow_clone(),
+            old_lp: ones.zeros_like(),
+            ref_lp: ones.zeros_like(),
+            values: None,
+            answers: vec![String::new(); 2],
+            scores: vec![0.0, 1.0],
+            seconds: Default::default(),
+        };
+        let cfg = GrpoConfig::default();
+        assert!(loss_mask(&cfg, &r).equal(&ones));
+        let cfg = GrpoConfig {
+            mask_truncated: true,
+            ..cfg
+        };
+        let want = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 0.0, 0.0, 0.0]).view([2, 3]);
+        assert!(loss_mask(&cfg, &r).equal(&want));
     }
 }

@@ -25,6 +25,7 @@ use crate::optim::AdamWConfig;
 use crate::rl::driver::{RlSummary, Schedule};
 use crate::train::{StageContext, StageError};
 use learner::GrpoLearner;
+use math::{AdvantageEstimator, LossSpec, LossType};
 
 /// Where the KL to the reference goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -65,7 +66,37 @@ pub struct GrpoConfig {
     pub minibatch_size: usize,
     /// Passes over each iteration's answers.
     pub epochs: usize,
+    /// Ratios are clipped to `1 - clip_range` below (and above, unless
+    /// `epsilon_high` is set).
     pub clip_range: f64,
+    /// Clip-higher (DAPO): ratios are clipped to `1 + epsilon_high` above;
+    /// for `loss_type: cispo`, the largest importance weight itself (e.g.
+    /// 5). Unset: `clip_range` (cispo: 5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// The objective and its normalisation: grpo, dr_grpo, dapo, bnpo,
+    /// gspo, cispo or rloo (see `math::LossType`).
+    #[serde(skip_serializing_if = "is_default")]
+    pub loss_type: LossType,
+    /// How scores become advantages: grpo, rloo, reinforce_pp or
+    /// reinforce_pp_baseline.
+    #[serde(skip_serializing_if = "is_default")]
+    pub advantage: AdvantageEstimator,
+    /// Answers cut off at `max_new_tokens` (no EOS) take no part in the
+    /// loss (DAPO's overlong filtering).
+    #[serde(skip_serializing_if = "is_default")]
+    pub mask_truncated: bool,
+    /// DAPO's dynamic sampling: groups whose answers all scored alike are
+    /// replaced by groups of further prompts, sampled in up to this many
+    /// extra rounds (each the size of an iteration); what is still short
+    /// is made up with such groups. 0: off.
+    #[serde(skip_serializing_if = "is_default")]
+    pub dynamic_sampling_rounds: usize,
+    /// DAPO's soft overlong punishment: an answer longer than
+    /// `max_new_tokens - overlong_buffer` tokens loses up to 1 point,
+    /// linearly, reaching -1 at `max_new_tokens`. 0: off.
+    #[serde(skip_serializing_if = "is_default")]
+    pub overlong_buffer: usize,
     /// The KL penalty's weight.
     pub beta: f64,
     pub kl_in: KlPlacement,
@@ -111,6 +142,12 @@ impl Default for GrpoConfig {
             minibatch_size: 32,
             epochs: 1,
             clip_range: 0.2,
+            epsilon_high: None,
+            loss_type: LossType::Grpo,
+            advantage: AdvantageEstimator::Grpo,
+            mask_truncated: false,
+            dynamic_sampling_rounds: 0,
+            overlong_buffer: 0,
             beta: 0.04,
             kl_in: KlPlacement::Loss,
             scale_rewards: true,
@@ -204,6 +241,7 @@ impl KindConfig for GrpoConfig {
         check::count("epochs", self.epochs as u64, 1, 64)?;
         let eps = self.clip_range;
         check::require("clip_range", eps > 0.0 && eps < 1.0, "in (0, 1)", eps)?;
+        self.check_family()?;
         check::non_negative("beta", self.beta)?;
         self.optimizer.validate("optimizer")?;
         check::non_negative("max_grad_norm", self.max_grad_norm)?;
@@ -247,6 +285,75 @@ impl KindConfig for GrpoConfig {
 
     fn run(&self, ctx: &StageContext) -> Result<RlSummary, StageError> {
         run(self, ctx)
+    }
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+impl GrpoConfig {
+    /// The upper clip: `epsilon_high`, else `clip_range` (cispo: 5).
+    pub fn clip_high(&self) -> f64 {
+        match (self.epsilon_high, self.loss_type) {
+            (Some(e), _) => e,
+            (None, LossType::Cispo) => 5.0,
+            (None, _) => self.clip_range,
+        }
+    }
+
+    /// The settings of the critic-free family agree with each other.
+    fn check_family(&self) -> Result<(), StageError> {
+        let high = self.clip_high();
+        match self.loss_type {
+            LossType::Cispo => check::require(
+                "epsilon_high",
+                high > 1.0 && high <= 1e6,
+                "the largest importance weight for cispo: in (1, 1e6]",
+                high,
+            )?,
+            _ => check::require(
+                "epsilon_high",
+                high > 0.0 && high <= 10.0,
+                "in (0, 10]",
+                high,
+            )?,
+        }
+        let per_token = matches!(
+            self.advantage,
+            AdvantageEstimator::ReinforcePp | AdvantageEstimator::ReinforcePpBaseline
+        ) && self.kl_in == KlPlacement::Reward;
+        if per_token && self.loss_type.per_answer_ratio() {
+            return Err(StageError::setting(
+                "loss_type",
+                "gspo and rloo take one ratio per answer; REINFORCE++ with `kl_in: reward` gives each token its own advantage: use a token-level loss_type (grpo, dapo, ...) or `kl_in: loss`",
+            ));
+        }
+        check::count(
+            "dynamic_sampling_rounds",
+            self.dynamic_sampling_rounds as u64,
+            0,
+            64,
+        )?;
+        let most = self.sampling.max_new_tokens.max(0) as usize;
+        check::require(
+            "overlong_buffer",
+            self.overlong_buffer <= most,
+            "at most sampling.max_new_tokens",
+            self.overlong_buffer,
+        )?;
+        Ok(())
+    }
+
+    /// What the policy loss reads.
+    pub fn loss_spec(&self, beta: f64) -> LossSpec {
+        LossSpec {
+            loss_type: self.loss_type,
+            clip_low: self.clip_range,
+            clip_high: self.clip_high(),
+            beta,
+            max_new_tokens: self.sampling.max_new_tokens as f64,
+        }
     }
 }
 

@@ -186,6 +186,39 @@ pub fn grpo_loss_over(
     policy_loss(lp, old_lp, ref_lp, advantages, mask, &spec, whole)
 }
 
+/// The importance ratios (per token, or per answer for gspo and rloo)
+/// and the clipped objective per token (to be minimised) of `spec`, with
+/// where the clip binds.
+fn surrogate(
+    spec: &LossSpec,
+    lp: &Tensor,
+    old_lp: &Tensor,
+    a: &Tensor,
+    mask: &Tensor,
+) -> (Tensor, Tensor) {
+    let kind = lp.kind();
+    let log_ratio = lp - old_lp;
+    let summed = || (&log_ratio * mask).sum_dim_intlist(1, true, kind);
+    let ratio = match spec.loss_type {
+        LossType::Gspo => (summed() / mask.sum_dim_intlist(1, true, kind).clamp_min(1.0)).exp(),
+        LossType::Rloo => summed().exp(),
+        _ => log_ratio.exp(),
+    };
+    if spec.loss_type == LossType::Cispo {
+        let weight = ratio.clamp_max(spec.clip_high).detach();
+        let clipped = ratio.gt(spec.clip_high).logical_and(&a.gt(0.0));
+        return (-(weight * a * lp), clipped);
+    }
+    let (low, high) = (1.0 - spec.clip_low, 1.0 + spec.clip_high);
+    let unclipped = &ratio * a;
+    let clipped = ratio.clamp(low, high) * a;
+    // Where the clip binds (TRL): below 1 - e with A < 0, above 1 + e
+    // with A > 0.
+    let binds =
+        (ratio.lt(low).logical_and(&a.lt(0.0))).logical_or(&ratio.gt(high).logical_and(&a.gt(0.0)));
+    (-unclipped.minimum(&clipped), binds)
+}
+
 /// The critic-free policy loss of `spec.loss_type` on answers `(B, N)`
 /// with advantages per answer `(B,)` or per token `(B, N)`, plus `beta`
 /// times the k3 KL per token. On one rank's rows of a minibatch whose
@@ -206,31 +239,7 @@ pub fn policy_loss(
         _ => advantages.shallow_clone(),
     };
     let tokens = mask.sum_dim_intlist(1, true, kind);
-    let log_ratio = lp - old_lp;
-    let ratio = match spec.loss_type {
-        LossType::Gspo => {
-            ((&log_ratio * mask).sum_dim_intlist(1, true, kind) / tokens.clamp_min(1.0)).exp()
-        }
-        LossType::Rloo => (&log_ratio * mask).sum_dim_intlist(1, true, kind).exp(),
-        _ => log_ratio.exp(),
-    };
-    let (low, high) = (1.0 - spec.clip_low, 1.0 + spec.clip_high);
-    let (surrogate, was_clipped) = match spec.loss_type {
-        LossType::Cispo => {
-            let weight = ratio.clamp_max(spec.clip_high).detach();
-            let clipped = ratio.gt(spec.clip_high).logical_and(&a.gt(0.0));
-            (-(weight * &a * lp), clipped)
-        }
-        _ => {
-            let unclipped = &ratio * &a;
-            let clipped = ratio.clamp(low, high) * &a;
-            // Where the clip binds (TRL): below 1 - e with A < 0, above
-            // 1 + e with A > 0.
-            let binds = (ratio.lt(low).logical_and(&a.lt(0.0)))
-                .logical_or(&ratio.gt(high).logical_and(&a.gt(0.0)));
-            (-unclipped.minimum(&clipped), binds)
-        }
-    };
+    let (surrogate, was_clipped) = surrogate(spec, lp, old_lp, &a, mask);
     let kl = k3(lp, ref_lp);
     let per_token = surrogate + &kl * spec.beta;
     let masked = (per_token * mask).sum_dim_intlist(1, false, kind);

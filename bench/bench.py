@@ -57,6 +57,15 @@ def pair(rlhf_cmd, ref_cmd, reps, key, higher_is_better=True):
     }
 
 
+def rerun_note(r, section, tail=", the other sections being as above.", verb="Measured on"):
+    """The line saying when a section was measured on its own
+    (`--section`), or none."""
+    if not r.get("rerun"):
+        return []
+    when, reps = r["rerun"]["date"], r["rerun"]["reps"]
+    return [f"{verb} {when} (`just bench --section {section}`, {reps} repetitions){tail}", ""]
+
+
 def shape_args(s):
     return ["--n-layer", str(s["n_layer"]), "--n-head", str(s["n_head"]), "--n-embd", str(s["n_embd"]),
             "--n-positions", str(s["n_positions"])]
@@ -416,9 +425,7 @@ def markdown_real_rl(rl):
         "new scalar head, 8 optimizer steps of 8 answers, beta 0.04.",
         "",
     ]
-    if rl.get("rerun"):
-        lines += [f"Measured on {rl['rerun']['date']} (`just bench --section real_rl`, "
-                  f"{rl['rerun']['reps']} repetitions).", ""]
+    lines += rerun_note(rl, "real_rl", tail=".")
     lines += [
         "| stage | precision | rlhf seconds | TRL seconds | ratio | work (rlhf / TRL) | rlhf phases | rlhf RSS | TRL RSS |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -456,8 +463,7 @@ def markdown_real(r, sft=None, rl=None):
         "until EOS; tokens/s counts generated tokens (rlhf drops finished rows from the batch, HF "
         "generate keeps computing them).",
         "",
-        *([f"Measured on {r['rerun']['date']} (`just bench --section real`, {r['rerun']['reps']} "
-           "repetitions), the other sections being as above.", ""] if r.get("rerun") else []),
+        *rerun_note(r, "real"),
         "| rollouts | precision | rlhf tokens/s | HF generate tokens/s | ratio | mean generated length (rlhf / HF) | rlhf RSS | HF RSS |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -491,9 +497,7 @@ def markdown_real(r, sft=None, rl=None):
             "runs it; LoRA through PEFT).",
             "",
         ]
-        if sft.get("rerun"):
-            lines += [f"Measured on {sft['rerun']['date']} (`just bench --section real_sft`, "
-                      f"{sft['rerun']['reps']} repetitions).", ""]
+        lines += rerun_note(sft, "real_sft", tail=".")
         lines += [
             "| SFT | precision | trained parameters (rlhf / TRL) | rlhf tokens/s | TRL tokens/s | ratio | rlhf RSS | TRL RSS |",
             "|---|---|---|---|---|---|---|---|",
@@ -739,9 +743,7 @@ def markdown_label_queue(r):
     return [
         "## The labelling server at 100,000 labels",
         "",
-        *([f"Measured on {p['rerun']['date']} (`just bench --section label_queue`, "
-           f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
-          if p.get("rerun") else []),
+        *rerun_note(p, "label_queue"),
         f"`rlhf label serve` on a queue holding 100,000 labels (two per group from 100 people) against the "
         f"same queue with 1,000, the reference: {p['requests']} `next` and `submit` requests each, one labeller "
         "over a kept-alive connection; each submission is on disk (fsync) before it is answered. Medians and "
@@ -765,9 +767,7 @@ def markdown_side_by_side(r):
     return [
         "## Two independent stages: side by side against one after the other",
         "",
-        *([f"Measured on {p['rerun']['date']} (`just bench --section side_by_side`, "
-           f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
-          if p.get("rerun") else []),
+        *rerun_note(p, "side_by_side"),
         f"Two SFT stages that read nothing of each other (the small model, two seeds, 150 steps of 16 on the "
         f"bundled demonstrations) in one experiment: `max_parallel: 1` runs them one after the other, each "
         f"with the {p['cores']} cores' threads; `max_parallel: 2` runs them at once, each with half. "
@@ -856,9 +856,7 @@ def markdown(r):
         lines += [
             "## Data-parallel SFT and PPO (Gloo through libtorch's c10d, same global batches)",
             "",
-            *([f"Measured again on {p['rerun']['date']} (`just bench --section data_parallel`, "
-               f"{p['rerun']['reps']} repetitions), the other sections being as above.", ""]
-              if p.get("rerun") else []),
+            *rerun_note(p, "data_parallel", verb="Measured again on"),
             f"The small model on the bundled demonstrations, 40 steps of 16: one process with {p['cores']} "
             f"threads against two ranks with {max(1, p['cores'] // 2)} each (`distributed: {{nproc_per_node: 2}}`). "
             "All-reduce share: rank 0's time in the step's collectives (gradients, then the loss) over the "

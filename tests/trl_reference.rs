@@ -13,13 +13,17 @@
 //!   (TRL's `importance_sampling_level: sequence`), and TRL's RLOO: its
 //!   leave-one-out advantages with the KL in the reward and its loss
 //!   (`RLOOTrainer._compute_loss`).
+//! - KTO's loss (`KTOTrainer.kto_loss`): good and bad answers, the KL
+//!   estimate from mismatched ones, the two weights.
 //! - SimPO (`CPOTrainer.cpo_loss`, `loss_type: simpo`) and ORPO's
 //!   odds-ratio term (`ORPOTrainer.odds_ratio_loss`; rlhf adds the chosen
 //!   answer's mean NLL, here `-chosen`).
 
 use crate::common;
 
-use rlhf_stages::kinds::dpo::{pair_losses, per_token, reference_free_losses, DpoLoss, PairLogps};
+use rlhf_stages::kinds::dpo::{
+    kto_losses, pair_losses, per_token, reference_free_losses, DpoLoss, PairLogps,
+};
 use rlhf_stages::rl::grpo::math::{
     group_advantages, grpo_loss, leave_one_out, policy_loss, LossSpec, LossType,
 };
@@ -297,6 +301,51 @@ fn check_reference_free(case: &Value) {
     }
 }
 
+fn check_kto(case: &Value) {
+    let f = |k: &str| case[k].as_f64().unwrap();
+    let flags: Vec<bool> = case["desirable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_bool().unwrap())
+        .collect();
+    let (losses, rewards, kl) = kto_losses(
+        &tensor(&case["policy"]),
+        &tensor(&case["reference"]),
+        &Tensor::from_slice(&flags),
+        &tensor(&case["policy_kl"]),
+        &tensor(&case["reference_kl"]),
+        f("beta"),
+        f("desirable_weight"),
+        f("undesirable_weight"),
+    );
+    close("kto kl", kl.double_value(&[]), f("kl"), 1e-12);
+    let (losses, rewards): (Vec<f64>, Vec<f64>) = (
+        Vec::try_from(losses).unwrap(),
+        Vec::try_from(rewards).unwrap(),
+    );
+    // TRL's order: the good answers, then the bad ones.
+    let order = |good: bool| {
+        flags
+            .iter()
+            .enumerate()
+            .filter(move |(_, &d)| d == good)
+            .map(|(i, _)| i)
+    };
+    let ours: Vec<usize> = order(true).chain(order(false)).collect();
+    for (i, trl) in ours.iter().zip(floats(&case["losses"])) {
+        close("kto loss", losses[*i], trl, 1e-12);
+    }
+    let trl_rewards = [
+        floats(&case["chosen_rewards"]),
+        floats(&case["rejected_rewards"]),
+    ]
+    .concat();
+    for (i, trl) in ours.iter().zip(trl_rewards) {
+        close("kto implicit reward", rewards[*i], trl, 1e-12);
+    }
+}
+
 #[test]
 fn dpo_and_grpo_losses_match_trl() {
     let cases = trl_cases();
@@ -313,4 +362,7 @@ fn dpo_and_grpo_losses_match_trl() {
     let free = cases["reference_free"].as_array().unwrap();
     assert_eq!(free.len(), 3);
     free.iter().for_each(check_reference_free);
+    let kto = cases["kto"].as_array().unwrap();
+    assert_eq!(kto.len(), 2);
+    kto.iter().for_each(check_kto);
 }

@@ -25,6 +25,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.rloo_trainer import RLOOTrainer
 from trl.experimental.cpo.cpo_trainer import CPOTrainer
 from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+from trl.experimental.kto.kto_trainer import KTOTrainer
 
 TRL_VERSION = "0.29.1"
 
@@ -283,6 +284,29 @@ def reference_free_case(gen, loss_type, beta, gamma, smoothing):
     }
 
 
+def kto_case(gen, beta, desirable_weight, undesirable_weight):
+    """KTOTrainer.kto_loss: six answers, three good (TRL takes them apart:
+    chosen then rejected), and six mismatched ones for the KL estimate."""
+    desirable = torch.tensor([True, False, True, True, False, False])
+    policy = -torch.rand(6, generator=gen, dtype=torch.float64) * 20
+    reference = policy + (torch.rand(6, generator=gen, dtype=torch.float64) - 0.5) * 4
+    policy_kl = -torch.rand(6, generator=gen, dtype=torch.float64) * 20
+    reference_kl = policy_kl - torch.rand(6, generator=gen, dtype=torch.float64)
+    trainer = SimpleNamespace(calculate_KL=True, accelerator=accelerator(), loss_type="kto", beta=beta,
+                              desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    losses, chosen_rewards, rejected_rewards, kl = KTOTrainer.kto_loss(
+        trainer, policy[desirable], policy[~desirable], policy_kl, reference[desirable], reference[~desirable],
+        reference_kl)
+    return {
+        "beta": beta, "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight,
+        "desirable": desirable.tolist(), "policy": policy.tolist(), "reference": reference.tolist(),
+        "policy_kl": policy_kl.tolist(), "reference_kl": reference_kl.tolist(),
+        # TRL's order: the good answers' losses, then the bad ones'.
+        "losses": losses.tolist(), "chosen_rewards": chosen_rewards.tolist(),
+        "rejected_rewards": rejected_rewards.tolist(), "kl": kl.item(),
+    }
+
+
 def main(out):
     assert trl.__version__ == TRL_VERSION, f"trl {trl.__version__}; this check was written for {TRL_VERSION}"
     gen = torch.Generator().manual_seed(19)
@@ -301,6 +325,7 @@ def main(out):
             grpo_case(gen, 0.04, 0.1, "grpo", level="sequence"),
         ],
         "rloo": [rloo_case(gen, 0.05, 0.2), rloo_case(gen, 0.0, 0.1)],
+        "kto": [kto_case(gen, 0.1, 1.0, 1.0), kto_case(gen, 0.5, 1.0, 1.33)],
         "reference_free": [
             reference_free_case(gen, "simpo", 2.0, 0.5, 0.0),
             reference_free_case(gen, "simpo", 2.5, 1.0, 0.1),

@@ -244,6 +244,37 @@ fn log1mexp(x: &Tensor) -> Tensor {
     far.where_self(&x.lt(-std::f64::consts::LN_2), &near)
 }
 
+/// KTO's losses (Ethayarajh et al., 2024), as TRL's `KTOTrainer.kto_loss`
+/// computes them: for answers labelled good or bad (`desirable`), each
+/// with its summed log-probability under the policy and the reference,
+/// and a KL estimate from mismatched answers (`policy_kl`, `reference_kl`:
+/// `z = max(0, mean(policy_kl - reference_kl))`, no gradient), a good
+/// answer's loss is `w_d (1 - s(beta (r - z)))` and a bad one's `w_u (1 -
+/// s(beta (z - r)))`, with `r` the answer's log-ratio to the reference.
+/// The losses in the answers' order, their implicit rewards `beta r`, and
+/// `z`. (The stage that feeds it, on unpaired labels, is still to come.)
+#[allow(clippy::too_many_arguments)]
+pub fn kto_losses(
+    policy: &Tensor,
+    reference: &Tensor,
+    desirable: &Tensor,
+    policy_kl: &Tensor,
+    reference_kl: &Tensor,
+    beta: f64,
+    desirable_weight: f64,
+    undesirable_weight: f64,
+) -> (Tensor, Tensor, Tensor) {
+    let kl = (policy_kl - reference_kl)
+        .mean(policy.kind())
+        .detach()
+        .clamp_min(0.0);
+    let ratio = policy - reference;
+    let good = ((&ratio - &kl) * beta).sigmoid().neg() + 1.0;
+    let bad = ((&kl - &ratio) * beta).sigmoid().neg() + 1.0;
+    let losses = (good * desirable_weight).where_self(desirable, &(bad * undesirable_weight));
+    (losses, ratio.detach() * beta, kl)
+}
+
 /// Per pair of answers with mean token log-probabilities `chosen` and
 /// `rejected`: the SimPO or ORPO loss and the implicit rewards `beta x`
 /// TRL logs.
@@ -800,6 +831,34 @@ mod tests {
         );
         // By the numbers: nls(0.3) = 0.554355, nls(-0.2) = 0.798139.
         assert!((nls(0.3) - 0.554355).abs() < 1e-6 && (nls(-0.2) - 0.798139).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kto_losses_match_hand_computed_values() {
+        // Log-ratios 1 (good) and -2 (bad); the KL pairs give z = 0.5.
+        let f = |x: &[f64]| Tensor::from_slice(x);
+        let (losses, rewards, z) = kto_losses(
+            &f(&[-3.0, -6.0]),
+            &f(&[-4.0, -4.0]),
+            &Tensor::from_slice(&[true, false]),
+            &f(&[-1.0, -2.0]),
+            &f(&[-1.5, -2.5]),
+            0.1,
+            1.0,
+            1.5,
+        );
+        let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want = [
+            1.0 - s(0.1 * (1.0 - 0.5)),
+            1.5 * (1.0 - s(0.1 * (0.5 + 2.0))),
+        ];
+        let got = to_vec(&losses);
+        assert!(
+            (got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12,
+            "{got:?}"
+        );
+        assert_eq!(to_vec(&rewards), [0.1, -0.2]);
+        assert_eq!(z.double_value(&[]), 0.5);
     }
 
     #[test]

@@ -321,7 +321,7 @@ pub fn answer_logps(
     let ids = Tensor::from_slice(&batch.input_ids)
         .view([rows, width])
         .to_device(device);
-    if model.vocab_size() >= crate::model::score::SPARSE_LOGITS_VOCAB {
+    if model.has_real_vocabulary() {
         return answer_logps_sparse(model, batch, &ids, device, train);
     }
     let logits = model.forward_logits(&ids, None, train);

@@ -221,6 +221,17 @@ impl Network {
         }
     }
 
+    /// A real tokenizer's vocabulary (>= [`SPARSE_LOGITS_VOCAB`] ids):
+    /// where the economies that reorder float work apply (logits only
+    /// where a loss reads them, shared prompts, rows leaving the batch,
+    /// minibatches cut to their span). Byte-level models skip them, which
+    /// keeps their runs bit-identical to earlier ones.
+    ///
+    /// [`SPARSE_LOGITS_VOCAB`]: crate::model::score::SPARSE_LOGITS_VOCAB
+    pub fn has_real_vocabulary(&self) -> bool {
+        self.vocab_size() >= crate::model::score::SPARSE_LOGITS_VOCAB
+    }
+
     pub fn head(&self) -> Head {
         match self {
             Self::Gpt(g) => g.head(),

@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::network::{Cache, Network};
-use crate::model::score::SPARSE_LOGITS_VOCAB;
 
 /// How answers are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,7 +116,7 @@ pub struct Generation {
 
 /// Samples answers to `prompts` (token ids) in one batch.
 ///
-/// On models with a real vocabulary (>= [`SPARSE_LOGITS_VOCAB`] ids), a
+/// On models with a real vocabulary ([`Network::has_real_vocabulary`]), a
 /// prompt that several rows answer (GRPO's groups) is prefilled once and
 /// its keys and values copied to its rows; and rows
 /// that stopped at EOS leave the batch (their keys and values are dropped
@@ -136,7 +135,7 @@ pub fn generate(
     spec: TokenSpec,
     device: Device,
 ) -> Result<Generation, SamplingError> {
-    let economise = model.vocab_size() >= SPARSE_LOGITS_VOCAB;
+    let economise = model.has_real_vocabulary();
     generate_with(model, prompts, config, spec, device, economise)
 }
 

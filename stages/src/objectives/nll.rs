@@ -5,7 +5,7 @@ use rlhf_datasets::batch::LmBatch;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::network::Network;
-use crate::model::score::{logprobs_at, SPARSE_LOGITS_VOCAB};
+use crate::model::score::logprobs_at;
 
 /// The SFT loss of a batch: mean NLL over answer tokens, as
 /// `(sum of masked NLL, number of answer tokens)` tensors.
@@ -25,7 +25,7 @@ pub fn masked_nll_sum(
     let mask = Tensor::from_slice(&batch.loss_mask)
         .view(shape)
         .to_device(device);
-    if model.vocab_size() < SPARSE_LOGITS_VOCAB {
+    if !model.has_real_vocabulary() {
         let logits = model.forward_logits(&inputs, None, train);
         let nll = token_nll(&logits, &targets);
         return ((nll * mask).sum(Kind::Float), batch.target_tokens as f64);

@@ -290,8 +290,22 @@ impl RolloutInputs<'_> {
         let answer_mask = g.attention_mask.narrow(1, width, n).to_kind(Kind::Float);
         let sampling = clock.elapsed().as_secs_f64();
         let (old_lp, ref_lp) = tch::no_grad(|| {
+            // A group's prompt is computed once (real vocabularies only).
+            let shared = self
+                .policy
+                .net
+                .has_real_vocabulary()
+                .then(|| SharedPrompts::of(&prompt_ids, self.device))
+                .flatten();
             let of = |net: &Network| {
-                rollout_logprobs(net, &g.tokens, &g.attention_mask, width, vocab, &prompt_ids)
+                rollout_logprobs(
+                    net,
+                    &g.tokens,
+                    &g.attention_mask,
+                    width,
+                    vocab,
+                    shared.as_ref(),
+                )
             };
             let lp = of(&self.policy.net);
             let rlp = self.reference.with(self.policy, |r| of(&r.net));
@@ -465,14 +479,6 @@ pub fn columns_of(r: &Sampled, rows: &Tensor, trim: bool) -> (i64, i64, i64) {
     )
 }
 
-/// Whether RL updates cut each minibatch to its own rows' span
-/// ([`minibatch_span`]): on models with a real vocabulary, where a padded
-/// position costs a 49k-wide projection; byte-level runs keep the
-/// rollout's width, and so stay bit-identical to earlier ones.
-pub fn trims_minibatches(model: &Network) -> bool {
-    model.vocab_size() >= crate::model::score::SPARSE_LOGITS_VOCAB
-}
-
 /// Log-probabilities `(B, N)` of the answer tokens in `tokens` (answers
 /// start at column `width`), and the logits they came from, over the
 /// tokenizer's `vocab` ids only (the ids sampling can produce).
@@ -496,25 +502,23 @@ pub fn answer_logprobs(
 /// logits, and as much again for their log-softmax.
 const ROLLOUT_LOGIT_POSITIONS: i64 = 2048;
 
-/// [`answer_logprobs`] without gradients and without the logits, of
-/// answers to `prompts` (the rows' prompts, unpadded). On real
-/// vocabularies, a prompt that several rows answer (GRPO's groups) is
-/// computed once and its keys and values shared by its rows, and the
-/// vocabulary projection is taken a few rows at a time; byte-level models
-/// take one plain pass.
+/// [`answer_logprobs`] without gradients and without the logits. With
+/// `shared` (rows answering the same prompt, GRPO's groups), each prompt
+/// is computed once and its keys and values shared by its rows; on real
+/// vocabularies the vocabulary projection is taken a few rows at a time;
+/// byte-level models take one plain pass.
 pub fn rollout_logprobs(
     model: &Network,
     tokens: &Tensor,
     attention: &Tensor,
     width: i64,
     vocab: i64,
-    prompts: &[Vec<i64>],
+    shared: Option<&SharedPrompts>,
 ) -> Tensor {
-    if !trims_minibatches(model) {
+    if !model.has_real_vocabulary() {
         return answer_logprobs(model, tokens, attention, width, vocab).0;
     }
-    let shared = SharedPrompts::of(prompts, tokens.device());
-    let hidden = answer_hidden(model, tokens, attention, width, shared.as_ref());
+    let hidden = answer_hidden(model, tokens, attention, width, shared);
     logprobs_in_chunks(
         model,
         &hidden,
@@ -683,7 +687,9 @@ mod tests {
             crate::tiny_llama(3, vocab, 16, 2, Head::Lm),
         ] {
             let (whole, _) = tch::no_grad(|| answer_logprobs(&net, &tokens, &attention, 3, vocab));
-            let shared = rollout_logprobs(&net, &tokens, &attention, 3, vocab, &prompts);
+            let groups = SharedPrompts::of(&prompts, Device::Cpu);
+            assert!(groups.is_some(), "two groups of three");
+            let shared = rollout_logprobs(&net, &tokens, &attention, 3, vocab, groups.as_ref());
             let diff = ((whole - shared) * &real).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{diff}");
         }

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use super::math::{group_advantages, leave_one_out, policy_loss, reinforce_pp, AdvantageEstimator};
+use super::math::{
+    group_advantages, has_spread, leave_one_out, policy_loss, reinforce_pp, AdvantageEstimator,
+};
 use super::{GrpoConfig, KlPlacement};
 use crate::dist::Ranks;
 use crate::model::checkpoint::{HeadChoice, Model};
@@ -20,8 +22,8 @@ use crate::model::gpt::Head;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
-    answer_logprobs, columns_of, rollout_logprob_diff, rollout_padding_waste, to_rows,
-    trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
+    answer_logprobs, columns_of, rollout_logprob_diff, rollout_padding_waste, to_rows, Prompts,
+    Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -112,10 +114,7 @@ impl<'a> GrpoLearner<'a> {
             return Ok((first, 0, score));
         }
         let (g, want) = (cfg.group_size, cfg.prompts_per_iteration);
-        let spread = |r: &Sampled, k: usize| {
-            let s = &r.scores[k * g..(k + 1) * g];
-            s.iter().any(|&x| x != s[0])
-        };
+        let spread = |r: &Sampled, k: usize| has_spread(&r.scores[k * g..(k + 1) * g]);
         let mut parts = vec![first];
         let mut keep: Vec<(usize, usize)> = vec![];
         loop {
@@ -208,7 +207,7 @@ impl<'a> GrpoLearner<'a> {
                 });
                 let idx = rows(&chunk[step.ranks.share(chunk.len())]);
                 let g = &r.generation;
-                let trim = trims_minibatches(&self.policy.net);
+                let trim = self.policy.net.has_real_vocabulary();
                 let (start, prompt, answer) = columns_of(r, &rows(chunk), trim);
                 let cols = |t: &Tensor| t.index_select(0, &idx).narrow(1, start, prompt + answer);
                 let sel = |t: &Tensor| t.index_select(0, &idx).narrow(1, 0, answer);
@@ -338,7 +337,7 @@ fn advantages(cfg: &GrpoConfig, r: &Sampled, loss_mask: &Tensor) -> (Tensor, usi
         AdvantageEstimator::Grpo => {
             let (mut adv, _) = group_advantages(&shaped, group, cfg.scale_rewards);
             for (a, s) in adv.chunks_mut(group).zip(r.scores.chunks(group)) {
-                if s.iter().all(|&x| x == s[0]) {
+                if !has_spread(s) {
                     a.fill(0.0);
                 }
             }
@@ -346,13 +345,13 @@ fn advantages(cfg: &GrpoConfig, r: &Sampled, loss_mask: &Tensor) -> (Tensor, usi
         }
         AdvantageEstimator::Rloo => per_answer(leave_one_out(&shaped, group)),
         AdvantageEstimator::ReinforcePp | AdvantageEstimator::ReinforcePpBaseline => {
-            let mut base = scores.clone();
-            if cfg.advantage == AdvantageEstimator::ReinforcePpBaseline {
-                for g in base.chunks_mut(group) {
-                    let mean = g.iter().sum::<f64>() / g.len() as f64;
-                    g.iter_mut().for_each(|x| *x -= mean);
+            let base = match cfg.advantage {
+                // The score less its group's mean.
+                AdvantageEstimator::ReinforcePpBaseline => {
+                    group_advantages(&scores, group, false).0
                 }
-            }
+                _ => scores.clone(),
+            };
             let kl = match in_reward {
                 true => (cpu(&r.old_lp) - cpu(&r.ref_lp)) * cfg.beta,
                 false => mask.zeros_like(),

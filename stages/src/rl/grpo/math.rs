@@ -15,6 +15,12 @@ use tch::Tensor;
 /// Added to a group's standard deviation before dividing by it (TRL).
 pub const STD_EPS: f64 = 1e-4;
 
+/// Whether a group's answers scored differently (a group without spread
+/// teaches nothing).
+pub fn has_spread(scores: &[f64]) -> bool {
+    scores.iter().any(|&s| s != scores[0])
+}
+
 /// Advantages of answers scored in groups of `group` consecutive answers
 /// (one prompt each): `s - mean` of the group, divided by the group's
 /// standard deviation (unbiased, as `torch.std`) plus [`STD_EPS`] when
@@ -29,7 +35,7 @@ pub fn group_advantages(scores: &[f64], group: usize, scale: bool) -> (Vec<f64>,
         let mean = g.iter().sum::<f64>() / n;
         let var = g.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
         let std = var.sqrt();
-        flat += usize::from(g.iter().all(|&s| s == g[0]));
+        flat += usize::from(!has_spread(g));
         let scale = if scale { std + STD_EPS } else { 1.0 };
         out.extend(g.iter().map(|s| (s - mean) / scale));
     }

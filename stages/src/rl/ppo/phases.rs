@@ -32,7 +32,7 @@ use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
 use crate::rl::rollout::{
     answer_logprobs, columns_of, from_rows, rollout_logprob_diff, rollout_padding_waste, to_rows,
-    trims_minibatches, Prompts, Reference, RolloutInputs, Sampled, Scorer,
+    Prompts, Reference, RolloutInputs, Sampled, Scorer,
 };
 use crate::rl::step::{optimizer_step, Step};
 use crate::train::{
@@ -419,7 +419,7 @@ impl PpoLearner<'_> {
                     advantages: sel(&adv_t),
                     returns: sel(&ret_t),
                 };
-                let trim = trims_minibatches(&self.models.policy.net);
+                let trim = self.models.policy.net.has_real_vocabulary();
                 if trim {
                     mb = mb.trimmed(columns_of(r, &rows(chunk), trim));
                 }

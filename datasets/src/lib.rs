@@ -12,6 +12,7 @@
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
 //! - [`render_guard`]: the memory bound on a chat template's rendering.
+//! - [`unpaired`]: answers labelled good or bad on their own (KTO), also from rankings.
 //! - [`labels`]: a loop round's labelling queue: groups, who saw what, submissions (Parquet).
 //! - [`label_exchange`]: a queue to and from Label Studio's and Argilla's JSON.
 
@@ -30,5 +31,6 @@ pub mod rollout;
 pub mod schema;
 pub mod task;
 pub mod tokenizer;
+pub mod unpaired;
 
 pub use tokenizer::Tokenizer;

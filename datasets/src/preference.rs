@@ -130,7 +130,10 @@ pub fn ranked_groups(df: &DataFrame, path: &Path) -> Result<Rankings, DataError>
 
 /// The rows a labeller ranked (all rows of a table without a labelling
 /// queue's `skipped` / `not_rankable` columns), and their row numbers.
-fn labelled_rows(df: &DataFrame, path: &Path) -> Result<(DataFrame, Vec<usize>), DataError> {
+pub(crate) fn labelled_rows(
+    df: &DataFrame,
+    path: &Path,
+) -> Result<(DataFrame, Vec<usize>), DataError> {
     let mut keep = vec![true; df.height()];
     for name in ["skipped", "not_rankable"] {
         let Ok(column) = df.column(name) else {

@@ -1,6 +1,7 @@
 //! DPO learns a noiseless ranking rule from K-wise rankings, with no
-//! reward model; stopped and resumed, it ends bit for bit as an
-//! uninterrupted run.
+//! reward model, and so do SimPO, ORPO and KTO (from the rankings' best
+//! and worst answers, or from answers labelled one by one); stopped and
+//! resumed, it ends bit for bit as an uninterrupted run.
 
 use crate::common;
 
@@ -83,7 +84,7 @@ fn resumed_dpo_equals_uninterrupted_bit_for_bit() {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("train.jsonl");
     rankings(&data, 80, 3);
-    for loss in [DpoLoss::Sigmoid, DpoLoss::Ipo] {
+    for loss in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::Kto] {
         let mut config = config(data.clone(), None, 1);
         config.loss = loss;
         config.train.max_steps = Some(9);
@@ -147,5 +148,72 @@ fn simpo_and_orpo_learn_the_rule_without_a_reference() {
             !out.join(REFERENCE_FILE).exists(),
             "{loss:?}: no reference pass"
         );
+    }
+}
+
+/// The rankings of `from` as TRL's unpaired rows: every answer labelled by
+/// the rule alone (first digit 5 or more is good).
+fn unpaired(from: &std::path::Path, to: &std::path::Path) {
+    let mut out = String::new();
+    for line in std::fs::read_to_string(from).unwrap().lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        for answer in row["responses"].as_array().unwrap() {
+            let answer = answer.as_str().unwrap();
+            let label = answer.as_bytes()[0] >= b'5';
+            let r =
+                serde_json::json!({"prompt": row["prompt"], "completion": answer, "label": label});
+            out.push_str(&format!("{r}\n"));
+        }
+    }
+    std::fs::write(to, out).unwrap();
+}
+
+/// KTO learns the rule from answers labelled one by one (TRL's unpaired
+/// rows) and from the rankings' best and worst answers: on held-out
+/// labelled answers, at least 0.9 fall on their label's side of the KL
+/// estimate, good answers' implicit rewards above bad ones', and the
+/// loss below its start (0.5).
+#[test]
+fn kto_learns_the_rule_from_labelled_answers_and_from_rankings() {
+    let _serial = common::serial();
+    let d = tempfile::tempdir().unwrap();
+    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
+    rankings(&train, 200, 1);
+    rankings(&eval, 40, 2);
+    let (train_u, eval_u) = (
+        d.path().join("train_u.jsonl"),
+        d.path().join("eval_u.jsonl"),
+    );
+    unpaired(&train, &train_u);
+    unpaired(&eval, &eval_u);
+    // The rankings give half the answers (best and worst of four): more
+    // epochs for as many steps.
+    for (name, train, eval, answers, epochs) in [
+        ("unpaired", &train_u, &eval_u, 800, 3),
+        ("rankings", &train, &eval, 400, 6),
+    ] {
+        let mut cfg = DpoConfig {
+            loss: DpoLoss::Kto,
+            ..config(train.clone(), Some(eval.clone()), epochs)
+        };
+        cfg.train.batch_size = 16;
+        let summary = run(&cfg, &common::ctx(d.path().join(name))).unwrap();
+        let labelled = summary.labelled.unwrap();
+        assert_eq!(labelled.desirable + labelled.undesirable, answers, "{name}");
+        let eval = summary.eval.unwrap();
+        assert!(
+            eval.accuracy >= 0.9,
+            "{name}: held-out accuracy {:.3}",
+            eval.accuracy
+        );
+        assert!(
+            eval.rewards_chosen > eval.rewards_rejected,
+            "{name}: {eval:?}"
+        );
+        assert!(eval.loss < 0.5 * 0.8, "{name}: eval loss {}", eval.loss);
+        let metrics = std::fs::read_to_string(d.path().join(name).join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        assert!(last["kl"].is_number(), "{last}");
     }
 }

@@ -18,6 +18,14 @@
 //!   loss) `- beta log s(log odds(w) - log odds(l))`, `odds(x) = e^x /
 //!   (1 - e^x)`, the odds-ratio term as TRL's `ORPOTrainer`.
 //!
+//! `kto` (Ethayarajh et al., 2024) learns from answers labelled good or bad
+//! on their own (TRL's unpaired `{prompt, completion, label}`, a thumbs
+//! queue's labels, or rankings: best good, worst bad), with summed
+//! log-probabilities and a KL estimate from mismatched answers, as TRL's
+//! `KTOTrainer` ([`kto_losses`]). Its estimate is taken over a rank's share
+//! of each micro-batch (TRL gathers it over the ranks), so a KTO run on
+//! several ranks is close to, not equal to, one on one process.
+//!
 //! The implicit rewards are `beta (log pi(y) - log ref(y))`; metrics use
 //! TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/margins`,
 //! `rewards/accuracies`). Rankings are read as the reward model reads them
@@ -74,6 +82,16 @@ pub struct DpoConfig {
     /// SimPO's target reward margin (gamma).
     #[serde(skip_serializing_if = "is_default_gamma")]
     pub simpo_gamma: f64,
+    /// KTO's weight of a good answer's loss (TRL's `desirable_weight`).
+    #[serde(skip_serializing_if = "is_one")]
+    pub desirable_weight: f64,
+    /// KTO's weight of a bad answer's loss.
+    #[serde(skip_serializing_if = "is_one")]
+    pub undesirable_weight: f64,
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 const DEFAULT_SIMPO_GAMMA: f64 = 0.5;
@@ -93,13 +111,21 @@ pub enum DpoLoss {
     Simpo,
     /// Reference-free: an odds-ratio term plus the chosen answer's NLL.
     Orpo,
+    /// Answers labelled good or bad on their own (KTO).
+    Kto,
 }
 
 impl DpoLoss {
     /// Whether the loss compares with a frozen reference (SimPO and ORPO
     /// do not: no reference pass).
     pub fn needs_reference(self) -> bool {
-        matches!(self, Self::Sigmoid | Self::Ipo)
+        matches!(self, Self::Sigmoid | Self::Ipo | Self::Kto)
+    }
+
+    /// Whether answers are compared by their mean token log-probability
+    /// (as TRL's IPO, SimPO and ORPO), not their sum.
+    fn per_token(self) -> bool {
+        matches!(self, Self::Ipo | Self::Simpo | Self::Orpo)
     }
 }
 
@@ -129,6 +155,8 @@ impl Default for DpoConfig {
             loss: DpoLoss::Sigmoid,
             label_smoothing: 0.0,
             simpo_gamma: DEFAULT_SIMPO_GAMMA,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 }
@@ -158,7 +186,7 @@ impl KindConfig for DpoConfig {
             "in [0, 0.5)",
             self.label_smoothing,
         )?;
-        if matches!(self.loss, DpoLoss::Ipo | DpoLoss::Orpo) && self.label_smoothing > 0.0 {
+        if !matches!(self.loss, DpoLoss::Sigmoid | DpoLoss::Simpo) && self.label_smoothing > 0.0 {
             return Err(StageError::setting(
                 "label_smoothing",
                 "applies to `loss: sigmoid` (cDPO) and `loss: simpo` only",
@@ -171,6 +199,26 @@ impl KindConfig for DpoConfig {
             "in [0, 100]",
             gamma,
         )?;
+        for (name, w) in [
+            ("desirable_weight", self.desirable_weight),
+            ("undesirable_weight", self.undesirable_weight),
+        ] {
+            check::require(
+                name,
+                w.is_finite() && w > 0.0 && w <= 100.0,
+                "in (0, 100]",
+                w,
+            )?;
+            if self.loss != DpoLoss::Kto && w != 1.0 {
+                return Err(StageError::setting(name, "applies to `loss: kto` only"));
+            }
+        }
+        if self.loss == DpoLoss::Kto && self.train.batch_size < 2 {
+            return Err(StageError::setting(
+                "batch_size",
+                "KTO estimates its KL term from the other answers of a batch: at least 2",
+            ));
+        }
         if !self.loss.needs_reference() && self.reference.is_some() {
             return Err(StageError::setting(
                 "reference",
@@ -184,7 +232,10 @@ impl KindConfig for DpoConfig {
         vec![
             PathSetting::data(
                 "data",
-                crate::objectives::rankings::RANKINGS_ABOUT,
+                match self.loss {
+                    DpoLoss::Kto => crate::objectives::unpaired::LABELLED_ABOUT,
+                    _ => crate::objectives::rankings::RANKINGS_ABOUT,
+                },
                 &mut self.data,
             ),
             PathSetting::optional_data("eval_data", &mut self.eval_data),
@@ -229,8 +280,8 @@ pub fn pair_losses(
                 - (&h * -beta).log_sigmoid() * label_smoothing
         }
         DpoLoss::Ipo => (h - 1.0 / (2.0 * beta)).square(),
-        DpoLoss::Simpo | DpoLoss::Orpo => {
-            panic!("{loss:?} takes no reference: reference_free_losses")
+        DpoLoss::Simpo | DpoLoss::Orpo | DpoLoss::Kto => {
+            panic!("{loss:?} is not a pair loss with a reference")
         }
     };
     (losses, chosen * beta, rejected * beta)
@@ -252,7 +303,7 @@ fn log1mexp(x: &Tensor) -> Tensor {
 /// answer's loss is `w_d (1 - s(beta (r - z)))` and a bad one's `w_u (1 -
 /// s(beta (z - r)))`, with `r` the answer's log-ratio to the reference.
 /// The losses in the answers' order, their implicit rewards `beta r`, and
-/// `z`. (The stage that feeds it, on unpaired labels, is still to come.)
+/// `z`.
 #[allow(clippy::too_many_arguments)]
 pub fn kto_losses(
     policy: &Tensor,
@@ -296,8 +347,8 @@ pub fn reference_free_losses(
             let log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected));
             -chosen - log_odds.log_sigmoid() * beta
         }
-        DpoLoss::Sigmoid | DpoLoss::Ipo => {
-            panic!("{loss:?} compares with a reference: pair_losses")
+        DpoLoss::Sigmoid | DpoLoss::Ipo | DpoLoss::Kto => {
+            panic!("{loss:?} compares with a reference")
         }
     };
     (losses, chosen * beta, rejected * beta)
@@ -380,11 +431,14 @@ fn answer_logps_sparse(
     (sum, Tensor::from_slice(&counts).to_device(device))
 }
 
-/// A prompt's ranked answers and the reference's log-probability of each.
+/// A prompt's ranked answers and the reference's log-probability of each;
+/// for KTO, one labelled answer and its mismatched answer.
 #[derive(Debug, Clone)]
 pub struct DpoExample {
     pub group: TokenizedGroup,
     pub reference: Vec<f64>,
+    /// KTO's label: whether the answer is good.
+    pub desirable: Option<bool>,
 }
 
 /// A collated batch and the reference's log-probabilities of its rows.
@@ -392,6 +446,8 @@ pub struct DpoExample {
 pub struct DpoBatch {
     pub groups: GroupBatch,
     pub reference: Vec<f32>,
+    /// KTO's labels, one per group.
+    pub desirable: Vec<bool>,
 }
 
 impl Tokens for DpoBatch {
@@ -412,60 +468,120 @@ fn collate(examples: &[&DpoExample], pad: i64) -> DpoBatch {
             .iter()
             .flat_map(|e| e.reference.iter().map(|&x| x as f32))
             .collect(),
+        desirable: examples.iter().filter_map(|e| e.desirable).collect(),
     }
 }
 
-/// What one forward of a batch gives: per pair, the loss and the implicit
-/// rewards, and each pair's weight (each prompt weighs the same).
+/// What one forward of a batch gives: the losses (per pair, or per KTO
+/// answer) and their weights (each prompt, or each answer, weighs the
+/// same), the implicit rewards of the chosen (good) and rejected (bad)
+/// answers, and how many pairs or answers the rewards judge right.
 struct Forward {
     losses: Tensor,
-    chosen: Tensor,
-    rejected: Tensor,
     weight: Tensor,
+    chosen: Vec<f64>,
+    rejected: Vec<f64>,
+    right: usize,
+    judged: usize,
+    /// KTO's KL estimate.
+    kl: Option<f64>,
+}
+
+impl Forward {
+    /// Pairs: right when the chosen answer's reward is the larger.
+    fn of_pairs(losses: Tensor, weight: Tensor, chosen: &Tensor, rejected: &Tensor) -> Self {
+        let (chosen, rejected) = (to_vec(chosen), to_vec(rejected));
+        let right = chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count();
+        Forward {
+            losses,
+            weight,
+            judged: chosen.len(),
+            chosen,
+            rejected,
+            right,
+            kl: None,
+        }
+    }
 }
 
 fn forward(cfg: &DpoConfig, model: &Network, b: &DpoBatch, device: Device, train: bool) -> Forward {
     let (mut policy, count) = answer_logps(model, &b.groups, device, train);
     let mut reference = Tensor::from_slice(&b.reference).to_device(device);
-    if cfg.loss != DpoLoss::Sigmoid {
+    if cfg.loss.per_token() {
         policy = per_token(&policy, &count);
         reference = per_token(&reference, &count);
+    }
+    if cfg.loss == DpoLoss::Kto {
+        return kto_forward(cfg, &policy, &reference, &b.desirable);
     }
     let pick =
         |t: &Tensor, rows: &[i64]| t.index_select(0, &Tensor::from_slice(rows).to_device(device));
     let weight = Tensor::from_slice(&b.groups.pair_weight).to_device(device);
-    if !cfg.loss.needs_reference() {
-        let (chosen, rejected) = (
-            pick(&policy, &b.groups.better),
-            pick(&policy, &b.groups.worse),
-        );
-        let (losses, chosen, rejected) = reference_free_losses(
+    let (losses, chosen, rejected) = match cfg.loss.needs_reference() {
+        false => reference_free_losses(
             cfg.loss,
             cfg.beta,
             cfg.simpo_gamma,
             cfg.label_smoothing,
-            &chosen,
-            &rejected,
-        );
-        return Forward {
-            losses,
-            chosen,
-            rejected,
-            weight,
-        };
-    }
-    let logps = PairLogps {
-        policy_chosen: pick(&policy, &b.groups.better),
-        policy_rejected: pick(&policy, &b.groups.worse),
-        reference_chosen: pick(&reference, &b.groups.better),
-        reference_rejected: pick(&reference, &b.groups.worse),
+            &pick(&policy, &b.groups.better),
+            &pick(&policy, &b.groups.worse),
+        ),
+        true => {
+            let logps = PairLogps {
+                policy_chosen: pick(&policy, &b.groups.better),
+                policy_rejected: pick(&policy, &b.groups.worse),
+                reference_chosen: pick(&reference, &b.groups.better),
+                reference_rejected: pick(&reference, &b.groups.worse),
+            };
+            pair_losses(cfg.loss, cfg.beta, cfg.label_smoothing, &logps)
+        }
     };
-    let (losses, chosen, rejected) = pair_losses(cfg.loss, cfg.beta, cfg.label_smoothing, &logps);
+    Forward::of_pairs(losses, weight, &chosen, &rejected)
+}
+
+/// KTO over rows in pairs (each answer, then its mismatched answer): an
+/// answer is judged right when its log-ratio is on its label's side of the
+/// KL estimate.
+fn kto_forward(
+    cfg: &DpoConfig,
+    policy: &Tensor,
+    reference: &Tensor,
+    desirable: &[bool],
+) -> Forward {
+    let device = policy.device();
+    let n = desirable.len() as i64;
+    let rows = |first: i64| Tensor::arange_start_step(first, 2 * n, 2, (Kind::Int64, device));
+    let (answers, others) = (rows(0), rows(1));
+    let label = Tensor::from_slice(desirable).to_device(device);
+    let (losses, rewards, kl) = kto_losses(
+        &policy.index_select(0, &answers),
+        &reference.index_select(0, &answers),
+        &label,
+        &policy.index_select(0, &others).detach(),
+        &reference.index_select(0, &others),
+        cfg.beta,
+        cfg.desirable_weight,
+        cfg.undesirable_weight,
+    );
+    let kl = kl.double_value(&[]);
+    let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+    let mut right = 0;
+    for (&good, reward) in desirable.iter().zip(to_vec(&rewards)) {
+        let above = reward > cfg.beta * kl;
+        right += usize::from(good == above);
+        match good {
+            true => chosen.push(reward),
+            false => rejected.push(reward),
+        }
+    }
     Forward {
+        weight: Tensor::full([n], 1.0 / n as f64, (Kind::Float, device)),
         losses,
         chosen,
         rejected,
-        weight,
+        right,
+        judged: desirable.len(),
+        kl: Some(kl),
     }
 }
 
@@ -482,6 +598,8 @@ pub struct DpoEval {
     pub rewards_chosen: f64,
     pub rewards_rejected: f64,
     pub margins: f64,
+    /// Pairs judged (KTO: labelled answers, judged against the KL
+    /// estimate).
     pub pairs: usize,
 }
 
@@ -506,6 +624,9 @@ pub struct DpoSummary {
     /// Rows of `data` passed over as saying nothing.
     #[serde(default)]
     pub skipped_rows: usize,
+    /// KTO: the good and the bad answers trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled: Option<Labelled>,
     pub eval: Option<DpoEval>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
@@ -516,6 +637,13 @@ pub struct DpoSummary {
     /// Set when the eval loss hardly moved: the stage may not be learning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+}
+
+/// KTO's training answers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Labelled {
+    pub desirable: usize,
+    pub undesirable: usize,
 }
 
 /// The DPO loss over ranked groups: a step's loss is the mean over its
@@ -550,22 +678,7 @@ impl Objective for Preferences<'_> {
         // Dropout off, as in the reference pass: at the first step h = 0.
         let f = forward(self.cfg, model, batch, self.device, false);
         let loss = (&f.losses * &f.weight).sum(Kind::Float) * (share.local / share.micro);
-        let pairs = batch.groups.better.len() as f64;
-        let (chosen, rejected) = (to_vec(&f.chosen), to_vec(&f.rejected));
-        let sum = |xs: &[f64]| xs.iter().sum::<f64>();
-        let right = chosen.iter().zip(&rejected).filter(|(c, r)| c > r).count();
-        let ratio = |name, num| Ratio {
-            name,
-            num,
-            den: pairs,
-        };
-        let ratios = vec![
-            ratio("rewards/accuracies", right as f64),
-            ratio("rewards/chosen", sum(&chosen)),
-            ratio("rewards/rejected", sum(&rejected)),
-            ratio("rewards/margins", sum(&chosen) - sum(&rejected)),
-        ];
-        (loss / share.micro_batches as f64, ratios)
+        (loss / share.micro_batches as f64, ratios(&f))
     }
 
     /// The loss of a policy equal to its reference: `h = 0`.
@@ -573,6 +686,11 @@ impl Objective for Preferences<'_> {
         Some(match self.cfg.loss {
             DpoLoss::Sigmoid => std::f64::consts::LN_2,
             DpoLoss::Ipo => (0.5 / self.cfg.beta).powi(2),
+            // Every answer's loss is its weight times 1 - s(0).
+            DpoLoss::Kto if self.cfg.desirable_weight == self.cfg.undesirable_weight => {
+                0.5 * self.cfg.desirable_weight
+            }
+            DpoLoss::Kto => return None,
             // Their loss at the start depends on the policy's answers.
             DpoLoss::Simpo | DpoLoss::Orpo => return None,
         })
@@ -583,29 +701,54 @@ impl Objective for Preferences<'_> {
             return None;
         }
         tch::no_grad(|| {
-            let (mut loss, mut right, mut chosen, mut rejected, mut pairs) = (0.0, 0, 0.0, 0.0, 0);
+            let mut loss = 0.0;
+            let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+            let (mut right, mut judged) = (0, 0);
             for chunk in self.eval.chunks(self.eval_batch.max(1)) {
                 let b = collate(chunk, self.pad);
                 let f = forward(self.cfg, model, &b, self.device, false);
                 let l = (&f.losses * &f.weight).sum(Kind::Double).double_value(&[]);
                 loss += l * chunk.len() as f64;
-                let (c, r) = (to_vec(&f.chosen), to_vec(&f.rejected));
-                right += c.iter().zip(&r).filter(|(c, r)| c > r).count();
-                chosen += c.iter().sum::<f64>();
-                rejected += r.iter().sum::<f64>();
-                pairs += c.len();
+                chosen.extend(f.chosen);
+                rejected.extend(f.rejected);
+                (right, judged) = (right + f.right, judged + f.judged);
             }
-            let n = pairs.max(1) as f64;
+            let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
             Some(DpoEval {
                 loss: loss / self.eval.len() as f64,
-                accuracy: right as f64 / n,
-                rewards_chosen: chosen / n,
-                rewards_rejected: rejected / n,
-                margins: (chosen - rejected) / n,
-                pairs,
+                accuracy: right as f64 / judged.max(1) as f64,
+                rewards_chosen: mean(&chosen),
+                rewards_rejected: mean(&rejected),
+                margins: mean(&chosen) - mean(&rejected),
+                pairs: judged,
             })
         })
     }
+}
+
+/// A forward's metrics, under TRL's names: per pair (or per KTO answer)
+/// means, KTO's KL estimate per micro-batch.
+fn ratios(f: &Forward) -> Vec<Ratio> {
+    let sum = |xs: &[f64]| xs.iter().sum::<f64>();
+    let ratio = |name, num, den: usize| Ratio {
+        name,
+        num,
+        den: den as f64,
+    };
+    let mut out = vec![
+        ratio("rewards/accuracies", f.right as f64, f.judged),
+        ratio("rewards/chosen", sum(&f.chosen), f.chosen.len()),
+        ratio("rewards/rejected", sum(&f.rejected), f.rejected.len()),
+    ];
+    match f.kl {
+        Some(kl) => out.push(ratio("kl", kl, 1)),
+        None => out.push(ratio(
+            "rewards/margins",
+            sum(&f.chosen) - sum(&f.rejected),
+            f.judged,
+        )),
+    }
+    out
 }
 
 /// The reference's log-probability of every answer of `groups`.
@@ -694,6 +837,42 @@ fn reference_of(
     Ok(computed)
 }
 
+/// The examples of `path` (ranked groups, or KTO's labelled answers each
+/// with its mismatched answer), their KTO labels, and the rows skipped.
+type Loaded = (Vec<TokenizedGroup>, Vec<Option<bool>>, usize);
+
+fn load_examples(
+    cfg: &DpoConfig,
+    path: &std::path::Path,
+    model: &Model,
+    max_len: usize,
+) -> Result<Loaded, StageError> {
+    if cfg.loss == DpoLoss::Kto {
+        let l = crate::objectives::unpaired::load_labelled(path, model, max_len)?;
+        return Ok((
+            l.groups,
+            l.desirable.into_iter().map(Some).collect(),
+            l.skipped,
+        ));
+    }
+    let (groups, skipped) = crate::objectives::rankings::load_groups(path, model, max_len)?;
+    let labels = vec![None; groups.len()];
+    Ok((groups, labels, skipped))
+}
+
+/// KTO's paper and TRL advise weights with `w_d n_d / (w_u n_u)` in
+/// [1, 4/3]; outside, say so (it still runs).
+fn log_kto_balance(cfg: &DpoConfig, desirable: usize, undesirable: usize) {
+    let ratio = (cfg.desirable_weight * desirable as f64)
+        / (cfg.undesirable_weight * undesirable as f64).max(f64::MIN_POSITIVE);
+    tracing::info!("kto: {desirable} good and {undesirable} bad answers");
+    if !(1.0..=4.0 / 3.0).contains(&ratio) {
+        tracing::warn!(
+            "kto: desirable_weight x good / (undesirable_weight x bad) is {ratio:.2}; KTO's authors advise [1, 1.33]: set desirable_weight or undesirable_weight"
+        );
+    }
+}
+
 /// Runs (or resumes, or finds done) a DPO run.
 pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError> {
     KindConfig::validate(cfg)?;
@@ -705,11 +884,14 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         Err(done) => return Ok(done),
     };
     let max_len = cfg.max_len.min(start.model.net.n_positions() as usize);
-    let (all, skipped_rows) =
-        crate::objectives::rankings::load_groups(&cfg.data, &start.model, max_len)?;
-    let held_out = match &cfg.eval_data {
-        Some(p) => crate::objectives::rankings::load_groups(p, &start.model, max_len)?.0,
-        None => vec![],
+    let load = |path: &std::path::Path| load_examples(cfg, path, &start.model, max_len);
+    let (all, labels, skipped_rows) = load(&cfg.data)?;
+    let (held_out, held_out_labels) = match &cfg.eval_data {
+        Some(p) => {
+            let (groups, labels, _) = load(p)?;
+            (groups, labels)
+        }
+        None => (vec![], vec![]),
     };
     // Checked before the reference pass, the stage's first long step.
     let answers = all.iter().map(|g| g.responses.len()).max().unwrap_or(0);
@@ -728,16 +910,23 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         }
     };
     let reference_seconds = reference_started.elapsed().as_secs_f64();
-    let with_reference =
-        |groups: Vec<TokenizedGroup>, reference: Vec<Vec<f64>>| -> Vec<DpoExample> {
-            groups
-                .into_iter()
-                .zip(reference)
-                .map(|(group, reference)| DpoExample { group, reference })
-                .collect()
-        };
-    let all = with_reference(all, reference);
-    let held_out = with_reference(held_out, held_out_reference);
+    let with_reference = |groups: Vec<TokenizedGroup>,
+                          reference: Vec<Vec<f64>>,
+                          labels: Vec<Option<bool>>|
+     -> Vec<DpoExample> {
+        groups
+            .into_iter()
+            .zip(reference)
+            .zip(labels)
+            .map(|((group, reference), desirable)| DpoExample {
+                group,
+                reference,
+                desirable,
+            })
+            .collect()
+    };
+    let all = with_reference(all, reference, labels);
+    let held_out = with_reference(held_out, held_out_reference, held_out_labels);
     let (train_idx, eval_idx) = match &cfg.eval_data {
         Some(_) => ((0..all.len()).collect(), vec![]),
         None => train_eval_split(all.len(), cfg.eval_fraction, usize::MAX, train.seed()),
@@ -754,6 +943,17 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         device: ctx.device,
     };
     let train_pairs: usize = examples.iter().map(|e| e.group.pairs.len()).sum();
+    let labelled = (cfg.loss == DpoLoss::Kto).then(|| {
+        let desirable = examples
+            .iter()
+            .filter(|e| e.desirable == Some(true))
+            .count();
+        log_kto_balance(cfg, desirable, examples.len() - desirable);
+        Labelled {
+            desirable,
+            undesirable: examples.len() - desirable,
+        }
+    });
     tracing::info!(
         "dpo: {} train prompts ({train_pairs} pairs) / {} eval prompts, {} steps of {} prompts, beta {}, {:?} loss",
         examples.len(),
@@ -771,6 +971,7 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         train_groups: examples.len(),
         train_pairs,
         skipped_rows,
+        labelled,
         eval: final_eval,
         tokens_per_second: fitted.tokens_per_second,
         wall_seconds: started.elapsed().as_secs_f64(),
@@ -859,6 +1060,29 @@ mod tests {
         );
         assert_eq!(to_vec(&rewards), [0.1, -0.2]);
         assert_eq!(z.double_value(&[]), 0.5);
+    }
+
+    #[test]
+    fn a_kto_batch_reads_answers_and_mismatched_answers_in_turn() {
+        // Rows: answer 0, its mismatched answer, answer 1, its mismatched.
+        let policy = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0]);
+        let reference = Tensor::from_slice(&[0.5f64, 1.0, 1.0, 1.0]);
+        let cfg = DpoConfig {
+            loss: DpoLoss::Kto,
+            undesirable_weight: 2.0,
+            ..DpoConfig::default()
+        };
+        let f = kto_forward(&cfg, &policy, &reference, &[true, false]);
+        // z = mean(2 - 1, 4 - 1) = 2; log-ratios 0.5 (good) and 2 (bad).
+        assert_eq!(f.kl, Some(2.0));
+        let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want = [1.0 - s(0.1 * (0.5 - 2.0)), 2.0 * (1.0 - s(0.0))];
+        let got = to_vec(&f.losses);
+        assert!((got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12);
+        assert_eq!((f.chosen, f.rejected), (vec![0.05], vec![0.2]));
+        // The good answer sits below z (wrong), the bad one not above (right).
+        assert_eq!((f.right, f.judged), (1, 2));
+        assert_eq!(to_vec(&f.weight), [0.5, 0.5]);
     }
 
     #[test]

@@ -431,3 +431,123 @@ fn a_labeller_ranks_skips_and_resumes_in_a_real_browser() {
     driver.kill().unwrap();
     driver.wait().unwrap();
 }
+
+/// Groups of one answer are judged thumbs up or down: ann clicks Good,
+/// presses B, types a comment holding both keys (which must not submit)
+/// and clicks Good, then skips one. `labels.parquet` holds exactly those
+/// labels, and a KTO stage (`kind: dpo, loss: kto`) trains on the file.
+#[test]
+fn a_labeller_gives_thumbs_that_a_kto_stage_trains_on_in_a_real_browser() {
+    let d = tempfile::tempdir().unwrap();
+    let queue = d.path().join("queue");
+    std::fs::create_dir(&queue).unwrap();
+    let groups: Vec<(String, Vec<String>)> = (0..4)
+        .map(|g| {
+            (
+                format!("Question {g}: what is {g} + {g}?"),
+                vec![format!("{}", 2 * g + g % 2)],
+            )
+        })
+        .collect();
+    let json: Vec<_> = groups
+        .iter()
+        .map(|(p, r)| serde_json::json!({"prompt": p, "responses": r, "round": 0, "policy": "sft"}))
+        .collect();
+    std::fs::write(
+        queue.join("groups.json"),
+        serde_json::to_string(&json).unwrap(),
+    )
+    .unwrap();
+    let token = common::rlhf_ok(&["label", "token", "ann", "--queue", queue.to_str().unwrap()]);
+    let token = token.trim().to_owned();
+    let (mut server, port) = common::label_serve(&queue);
+    let (mut driver, driver_port) = start_driver(d.path());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let entered = runtime.block_on(async {
+        let c = browser(driver_port, &d.path().join("profile")).await;
+        c.goto(&format!("http://127.0.0.1:{port}/?token={token}"))
+            .await
+            .unwrap();
+        let mut entered: Vec<(i64, Option<bool>, String)> = Vec::new();
+        let g = shown_group(&c, &groups, None).await;
+        let title = js(&c, "return document.getElementById('title').textContent").await;
+        assert_eq!(title, "Is this answer good?");
+        let hidden = "return [document.getElementById('submit').hidden, document.getElementById('thumbs').hidden, document.querySelectorAll('.bucket').length]";
+        assert_eq!(js(&c, hidden).await, serde_json::json!([true, false, 0]));
+        click(&c, "good").await;
+        entered.push((g as i64, Some(true), String::new()));
+        let g = shown_group(&c, &groups, Some(g)).await;
+        c.find(Locator::Id("good")).await.unwrap().send_keys("b").await.unwrap();
+        entered.push((g as i64, Some(false), String::new()));
+        let g = shown_group(&c, &groups, Some(g)).await;
+        type_into(&c, "comment", "a bug, but good").await;
+        click(&c, "good").await;
+        entered.push((g as i64, Some(true), "a bug, but good".into()));
+        let g = shown_group(&c, &groups, Some(g)).await;
+        type_into(&c, "reason", "unsure").await;
+        click(&c, "skip").await;
+        entered.push((g as i64, None, String::new()));
+        for _ in 0..200 {
+            let p = js(&c, "return document.getElementById('progress').textContent").await;
+            if p.as_str().is_some_and(|p| p.starts_with("Nothing left")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.close().await.unwrap();
+        entered
+    });
+    let path = queue.join("labels.parquet");
+    let read = || {
+        let t = rlhf_datasets::load::read_table(&path).unwrap();
+        let labels = t.column("label").unwrap().bool().unwrap().clone();
+        let comments = t.column("comment").unwrap().str().unwrap().clone();
+        let groups = t.column("group").unwrap().i64().unwrap().clone();
+        (0..t.height())
+            .map(|i| {
+                let comment = comments.get(i).unwrap().to_owned();
+                (groups.get(i).unwrap(), labels.get(i), comment)
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (!path.exists() || read().len() != entered.len()) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(read(), entered, "the rows are the thumbs given");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    driver.kill().unwrap();
+    driver.wait().unwrap();
+
+    let exp = d.path().join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: thumbs\ndevice: cpu\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 64}}\nstages:\n  kto: {{kind: dpo, loss: kto, data: \"{}\", batch_size: 2, max_steps: 2, eval_fraction: 0.0}}\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("kto");
+    common::rlhf_ok(&[
+        "stage",
+        "--config",
+        exp.to_str().unwrap(),
+        "kto",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary["labelled"],
+        serde_json::json!({"desirable": 2, "undesirable": 1}),
+        "{summary}"
+    );
+    assert_eq!(summary["skipped_rows"], 1, "the skip, counted");
+}

@@ -63,7 +63,7 @@ impl Unpaired {
 /// Reads labelled answers from a table in any of the three forms; a table
 /// with none is an error.
 pub fn labelled_answers(df: &DataFrame, path: &Path) -> Result<Unpaired, DataError> {
-    let out = if df.column("label").is_ok() {
+    let out = if is_thumbs(df) {
         let (labelled, original) = labelled_rows(df, path)?;
         let mut out = thumbs(&labelled, path)?;
         out.rows = out.rows.iter().map(|&i| original[i]).collect();
@@ -82,6 +82,14 @@ pub fn labelled_answers(df: &DataFrame, path: &Path) -> Result<Unpaired, DataErr
         });
     }
     Ok(out)
+}
+
+/// TRL's unpaired rows, or a queue's rows with a thumbs label given (a
+/// ranked queue's table has the column too, all null).
+fn is_thumbs(df: &DataFrame) -> bool {
+    let labels = df.column("label").map(|c| c.len() - c.null_count());
+    df.column("completion").is_ok()
+        || (labels.is_ok() && (df.column("ranking").is_err() || labels.unwrap_or(0) > 0))
 }
 
 /// Rows with a `label` column: TRL's `completion` or a queue's one-answer

@@ -11,6 +11,10 @@
 //! loses no acknowledged label; `labels.parquet` is rewritten whole, off the
 //! request path, and always when the queue is opened, done or closed.
 //!
+//! A group of one answer is labelled thumbs up or down (`label`: true or
+//! false) instead of ranked: KTO's unpaired labels. Its rows in
+//! `labels.parquet` carry the label and no ranking.
+//!
 //! One process writes a queue at a time: [`Queue::open`] takes the
 //! folder's OS lock (`.lock`), and a second server or an import beside a
 //! running one is refused naming the holder's pid.
@@ -69,13 +73,17 @@ pub struct Served {
 }
 
 /// What a labeller sends back for a group: ranks in the order the answers
-/// were shown, or a skip, or "not rankable".
+/// were shown (for one answer: a thumbs `label`), or a skip, or "not
+/// rankable".
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Submission {
     pub group: usize,
     pub labeller: String,
     #[serde(default)]
     pub ranking: Vec<i64>,
+    /// A group of one answer: good (thumbs up) or bad.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<bool>,
     #[serde(default)]
     pub not_rankable: bool,
     #[serde(default)]
@@ -93,6 +101,9 @@ pub struct LabelRow {
     pub prompt: String,
     pub responses: Vec<String>,
     pub ranking: Vec<i64>,
+    /// A thumbs label (groups of one answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<bool>,
     pub labeller: String,
     pub shown_at: i64,
     pub submitted_at: i64,
@@ -169,12 +180,13 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> LabelError {
 
 impl Queue {
     /// The rankings the reward model learns from: one group per ranked
-    /// label (skips and "not rankable" dropped), and how many were dropped.
+    /// label (skips, "not rankable" and thumbs dropped), and how many were
+    /// dropped.
     pub fn ranked_groups(&self) -> (Vec<RankedGroup>, usize) {
         let mut dropped = 0;
         let mut out = Vec::new();
         for r in self.rows() {
-            if r.skipped || r.not_rankable {
+            if r.skipped || r.not_rankable || r.label.is_some() {
                 dropped += 1;
                 continue;
             }
@@ -189,8 +201,9 @@ impl Queue {
     }
 
     /// Over groups ranked by two or more labellers: the share of answer
-    /// pairs every two labellers order alike (ties count as an order), and
-    /// the mean Kendall's tau-b between two labellers' rankings.
+    /// pairs every two labellers order alike (ties count as an order; for
+    /// thumbs, the share of labels alike), and the mean Kendall's tau-b
+    /// between two labellers' rankings (0 for thumbs alone).
     pub fn agreement(&self) -> Option<(f64, f64)> {
         let mut by_group: BTreeMap<i64, Vec<&LabelRow>> = BTreeMap::new();
         for r in self.rows().iter().filter(|r| !r.skipped && !r.not_rankable) {
@@ -200,6 +213,11 @@ impl Queue {
         for rows in by_group.values().filter(|v| v.len() >= 2) {
             for (i, a) in rows.iter().enumerate() {
                 for b in &rows[i + 1..] {
+                    if let (Some(x), Some(y)) = (a.label, b.label) {
+                        agree += usize::from(x == y);
+                        pairs += 1;
+                        continue;
+                    }
                     let (same, total, tau) = compare(&a.ranking, &b.ranking);
                     agree += same;
                     pairs += total;
@@ -346,7 +364,7 @@ mod tests {
         assert_eq!(bob.group, 1, "bob gets the group ann skipped");
         let table = crate::load::read_table(&d.path().join(LABELS_PARQUET)).unwrap();
         assert_eq!(table.height(), 2);
-        assert_eq!(table.width(), 14);
+        assert_eq!(table.width(), 15);
     }
 
     #[test]
@@ -536,6 +554,92 @@ mod tests {
             .skipped_note()
             .unwrap()
             .contains("2 skipped or not rankable"));
+    }
+
+    /// One answer per group: thumbs up or down, two labellers, read back
+    /// by KTO's loader from `labels.parquet`.
+    #[test]
+    fn one_answer_groups_take_thumbs_labels_that_ktos_loader_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let one: Vec<Group> = groups()
+            .into_iter()
+            .map(|g| Group {
+                responses: vec![g.responses[g.prompt.len() % 3].clone()],
+                ..g
+            })
+            .collect();
+        let mut q = Queue::open(d.path(), &one, 2).unwrap();
+        let mut give = |who: &str, label: Option<bool>, skipped: bool| {
+            let s = q.serve(who).unwrap().unwrap();
+            let thumbs = Submission {
+                group: s.group,
+                labeller: who.into(),
+                label,
+                skipped,
+                ..Default::default()
+            };
+            for bad in [vec![0], vec![0, 1]]
+                .into_iter()
+                .filter(|_| label.is_some() || skipped)
+            {
+                let wrong = Submission {
+                    ranking: bad,
+                    ..thumbs.clone()
+                };
+                let e = q.submit(&wrong).unwrap_err();
+                assert!(e.to_string().contains("carries no ranking"), "{e}");
+            }
+            q.submit(&thumbs).map(|r| (s.group, r.label))
+        };
+        let e = give("ann", None, false).unwrap_err();
+        assert!(e.to_string().contains("takes a thumbs label"), "{e}");
+        assert_eq!(give("ann", Some(true), false).unwrap(), (0, Some(true)));
+        assert_eq!(give("bob", Some(false), false).unwrap(), (0, Some(false)));
+        assert_eq!(give("ann", Some(false), false).unwrap(), (1, Some(false)));
+        assert_eq!(give("bob", Some(false), false).unwrap(), (1, Some(false)));
+        assert_eq!(give("ann", None, true).unwrap(), (2, None));
+        // Labellers agree on one group of two.
+        assert_eq!(q.agreement().map(|a| a.0), Some(0.5));
+        assert_eq!(q.ranked_groups().0.len(), 0, "thumbs are no rankings");
+        q.flush().unwrap();
+        let path = d.path().join(LABELS_PARQUET);
+        let u = crate::unpaired::labelled_answers(&crate::load::read_table(&path).unwrap(), &path)
+            .unwrap();
+        let got: Vec<(&str, bool)> = u
+            .answers
+            .iter()
+            .map(|a| (a.answer.as_str(), a.desirable))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (one[0].responses[0].as_str(), true),
+                (one[0].responses[0].as_str(), false),
+                (one[1].responses[0].as_str(), false),
+                (one[1].responses[0].as_str(), false)
+            ]
+        );
+        assert_eq!(u.unlabelled, 1, "the skip");
+        // A ranked group refuses a thumbs label.
+        let d2 = tempfile::tempdir().unwrap();
+        let mut ranked_queue = Queue::open(d2.path(), &groups(), 1).unwrap();
+        let s = ranked_queue.serve("ann").unwrap().unwrap();
+        let e = ranked_queue
+            .submit(&Submission {
+                group: s.group,
+                labeller: "ann".into(),
+                label: Some(true),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("for groups of one answer"), "{e}");
+        // Its table's all-null label column does not hide its rankings.
+        ranked(&mut ranked_queue, "bob");
+        ranked_queue.flush().unwrap();
+        let path = d2.path().join(LABELS_PARQUET);
+        let u = crate::unpaired::labelled_answers(&crate::load::read_table(&path).unwrap(), &path)
+            .unwrap();
+        assert_eq!(u.answers.len(), 2, "best and worst of the ranking");
     }
 
     fn ranked(q: &mut Queue, who: &str) -> Arc<LabelRow> {

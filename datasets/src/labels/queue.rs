@@ -368,8 +368,8 @@ impl Queue {
             });
         }
         let k = group.responses.len();
-        says_something(s.skipped, s.not_rankable, &s.ranking, k)?;
-        let ranked = !(s.skipped || s.not_rankable);
+        says_something(s.skipped, s.not_rankable, &s.ranking, s.label, k)?;
+        let ranked = !(s.skipped || s.not_rankable) && s.label.is_none();
         // Back from the shown order to the group's own.
         let mut ranking = vec![0; if ranked { k } else { 0 }];
         if ranked {
@@ -383,6 +383,7 @@ impl Queue {
             prompt: group.prompt.clone(),
             responses: group.responses.clone(),
             ranking,
+            label: s.label,
             labeller: s.labeller.clone(),
             shown_at: served.shown_at,
             submitted_at,
@@ -409,6 +410,12 @@ impl Queue {
                 .groups
                 .get(l.group)
                 .ok_or(LabelError::NoSuchGroup(l.group))?;
+            if group.responses.len() == 1 {
+                return Err(LabelError::SaysNothing(format!(
+                    "group {} holds one answer, labelled thumbs up or down on rlhf's own page, not imported",
+                    l.group
+                )));
+            }
             let ranked = !(l.skipped || l.not_rankable);
             check_ranking(ranked, &l.ranking, group.responses.len())?;
         }
@@ -422,7 +429,7 @@ impl Queue {
                 counts.already_there += 1;
                 continue;
             }
-            if says_something(l.skipped, l.not_rankable, &l.ranking, k).is_err() {
+            if says_something(l.skipped, l.not_rankable, &l.ranking, None, k).is_err() {
                 counts.says_nothing += 1;
                 continue;
             }
@@ -481,6 +488,7 @@ fn imported_row(group: &Group, l: &Imported) -> LabelRow {
         prompt: group.prompt.clone(),
         responses: group.responses.clone(),
         ranking: if ranked { l.ranking.clone() } else { vec![] },
+        label: None,
         labeller: l.labeller.clone(),
         shown_at: l.submitted_at - (seconds * 1000.0) as i64,
         submitted_at: l.submitted_at,
@@ -495,19 +503,33 @@ fn imported_row(group: &Group, l: &Imported) -> LabelRow {
 }
 
 /// A label must say something: a ranking that orders at least two answers,
-/// or a skip, or "not rankable" (one of them, with no ranking).
+/// a thumbs label for a group of one answer, or a skip, or "not rankable"
+/// (one of them, with no ranking and no thumbs).
 fn says_something(
     skipped: bool,
     not_rankable: bool,
     ranking: &[i64],
+    label: Option<bool>,
     k: usize,
 ) -> Result<(), LabelError> {
     let refuse = |why: &str| Err(LabelError::SaysNothing(why.to_owned()));
     if skipped && not_rankable {
         return refuse("a label is a skip or \"not rankable\", not both");
     }
-    if (skipped || not_rankable) && !ranking.is_empty() {
-        return refuse("a skip or \"not rankable\" carries no ranking");
+    if (skipped || not_rankable) && (!ranking.is_empty() || label.is_some()) {
+        return refuse("a skip or \"not rankable\" carries no ranking and no thumbs label");
+    }
+    if k == 1 && !(skipped || not_rankable) {
+        return match (label, ranking.is_empty()) {
+            (Some(_), true) => Ok(()),
+            (Some(_), false) => refuse("a thumbs label carries no ranking"),
+            (None, _) => refuse(
+                "a group of one answer takes a thumbs label: `label: true` (good) or `false` (bad), or a skip",
+            ),
+        };
+    }
+    if label.is_some() {
+        return refuse("a thumbs `label` is for groups of one answer; rank this group's answers");
     }
     check_ranking(!(skipped || not_rankable), ranking, k)?;
     if !(skipped || not_rankable) && k >= 2 && ranking.iter().all(|&r| r == ranking[0]) {

@@ -36,6 +36,10 @@ pub(super) fn write(path: &Path, rows: &[Arc<LabelRow>]) -> Result<(), LabelErro
             "ranking",
             list(&|r| Series::new("".into(), r.ranking.clone())),
         ),
+        col(
+            "label",
+            Series::new("".into(), rows.iter().map(|r| r.label).collect::<Vec<_>>()),
+        ),
         col("labeller", strings(|r| &r.labeller)),
         col(
             "shown_at",

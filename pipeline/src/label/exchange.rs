@@ -35,6 +35,12 @@ fn is_queue(dir: &Path) -> anyhow::Result<()> {
 pub fn export(dir: &Path, format: Format, out: &Path) -> anyhow::Result<()> {
     is_queue(dir)?;
     let groups = &read_groups(dir)?;
+    if let Some(i) = groups.iter().position(|g| g.responses.len() < 2) {
+        anyhow::bail!(
+            "{}: group {i} holds one answer, labelled thumbs up or down on rlhf's own page (`rlhf label serve`); the export is for rankings",
+            dir.display()
+        );
+    }
     let json = serde_json::to_vec_pretty(&label_exchange::export(groups, format))?;
     rlhf_datasets::atomic::write_file(out, &json)?;
     println!("{}: {} groups", out.display(), groups.len());

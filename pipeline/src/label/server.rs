@@ -133,6 +133,8 @@ struct SubmitBody {
     #[serde(default)]
     ranking: Vec<i64>,
     #[serde(default)]
+    label: Option<bool>,
+    #[serde(default)]
     not_rankable: bool,
     #[serde(default)]
     skipped: bool,
@@ -166,6 +168,7 @@ async fn submit(
         group: body.group,
         labeller: who,
         ranking: body.ranking,
+        label: body.label,
         not_rankable: body.not_rankable,
         skipped: body.skipped,
         reason: body.reason,

@@ -481,6 +481,38 @@ fn two_ranks_train_grpo_as_one_process_does() {
         assert!(summary[key].is_number(), "{key}: {summary}");
     }
     assert!(two.join("samples_before.jsonl").exists() && two.join("samples.jsonl").exists());
+
+    // DAPO's dynamic sampling: greedy groups never spread, so every
+    // iteration samples its two extra rounds, in step on both ranks, and
+    // keeps the first round's groups.
+    let text = std::fs::read_to_string(&exp).unwrap();
+    let grpo = text.lines().position(|l| l.starts_with("  grpo:")).unwrap();
+    let stage: Vec<&str> = text.lines().skip(grpo).take(4).collect();
+    let stage = stage
+        .join("\n")
+        .replacen("  grpo:", "  grpo_ds:", 1)
+        .replacen(
+            "checkpoint_every: 2,",
+            "checkpoint_every: 2, dynamic_sampling_rounds: 2,",
+            1,
+        );
+    std::fs::write(&exp, format!("{text}{stage}\n")).unwrap();
+    let (one, two) = (d.path().join("ds-1"), d.path().join("ds-2"));
+    run_ranks(&exp, "grpo_ds", &one, 1);
+    run_ranks(&exp, "grpo_ds", &two, 2);
+    let diff = max_abs_difference_of(&one, &two, "checkpoint", &[]);
+    assert!(
+        diff < 1e-5,
+        "grpo with dynamic sampling: weights differ by {diff}"
+    );
+    assert_same_curves(
+        &one,
+        &two,
+        &["score", "kl", "kept_score", "extra_rounds"],
+        3,
+    );
+    assert_eq!(curve(&two, "extra_rounds"), [2.0; 3]);
+    assert_same_rollouts(&one, &two, 3, 16);
 }
 
 /// A loop round as two ranks: each samples answers to its share of the

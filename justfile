@@ -128,7 +128,7 @@ pipeline: build
     {{rlhf}} run configs/default.yaml
     {{rlhf}} eval runs/default
 
-# PPO, DPO and GRPO from one SFT and one reward model, and two loop rounds of each, judged in one report (runs/compare/report/).
+# Every route (PPO; DPO, SimPO, ORPO, KTO; GRPO and its six variants) from one SFT and one reward model, and two loop rounds of PPO, DPO and GRPO, judged in one report (runs/compare/report/).
 compare: build
     {{rlhf}} run configs/compare.yaml
     {{rlhf}} run configs/dpo.yaml

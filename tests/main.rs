@@ -23,6 +23,7 @@ mod llama_reference;
 mod lora;
 mod memory;
 mod pipeline_run;
+mod reward_programs;
 mod sft_data_errors;
 mod sigkill;
 mod slurm;

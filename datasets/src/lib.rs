@@ -12,10 +12,13 @@
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
 //! - [`render_guard`]: the memory bound on a chat template's rendering.
+//! - [`arithmetic`]: a verifiable task (`rlhf task arithmetic`): prompts with exact answers.
+//! - [`math_answer`]: a math answer's final value checked against the known one.
 //! - [`unpaired`]: answers labelled good or bad on their own (KTO), also from rankings.
 //! - [`labels`]: a loop round's labelling queue: groups, who saw what, submissions (Parquet).
 //! - [`label_exchange`]: a queue to and from Label Studio's and Argilla's JSON.
 
+pub mod arithmetic;
 pub mod atomic;
 pub mod batch;
 pub mod checksum;
@@ -25,6 +28,7 @@ pub mod jinja;
 pub mod label_exchange;
 pub mod labels;
 pub mod load;
+pub mod math_answer;
 pub mod preference;
 pub mod render_guard;
 pub mod rollout;

@@ -351,6 +351,32 @@ pub fn string_column(
         .collect()
 }
 
+/// A column of strings or numbers (read as text) that may be absent,
+/// with nulls where a row has no value: e.g. each prompt's reference
+/// answer.
+pub fn optional_text_column(
+    df: &DataFrame,
+    path: &Path,
+    name: &str,
+) -> Result<Option<Vec<Option<String>>>, DataError> {
+    let Ok(column) = df.column(name) else {
+        return Ok(None);
+    };
+    let wrong = || DataError::WrongType {
+        path: path.to_owned(),
+        column: name.into(),
+        expected: "strings or numbers".into(),
+        found: describe(column.dtype()),
+    };
+    let dtype = column.dtype();
+    if !(dtype.is_primitive_numeric() || matches!(dtype, DataType::String | DataType::Null)) {
+        return Err(wrong());
+    }
+    let text = column.cast(&DataType::String).map_err(|_| wrong())?;
+    let text = text.str().map_err(|_| wrong())?;
+    Ok(Some(text.iter().map(|v| v.map(str::to_owned)).collect()))
+}
+
 /// A column that must exist.
 pub fn require<'a>(
     df: &'a DataFrame,

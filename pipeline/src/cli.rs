@@ -397,6 +397,22 @@ pub enum TaskCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Write a verifiable task: arithmetic prompts with exact answers
+    /// (`{prompt, answer}`, for `reward: {checker: math}`) and noisy
+    /// demonstrations to fine-tune on first.
+    Arithmetic {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Prompts for RL (default 2000).
+        #[arg(long)]
+        prompts: Option<usize>,
+        /// Replace the files where they already exist.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

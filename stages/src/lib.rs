@@ -16,8 +16,9 @@
 //! - [`dist`]: data-parallel ranks on libtorch's c10d (Gloo, NCCL).
 //! - [`bench`]: the timed kernels of `rlhf bench`.
 //! - [`error`]: the error every stage returns; [`check`]: setting checks.
+//! - [`programs`]: what the pipeline passes in to run reward programs.
 //!
-//! Imports run one way, each room from those before it: check, model,
+//! Imports run one way, each room from those before it: check, programs, model,
 //! dist, optim, error (the error every stage returns wraps theirs),
 //! objectives, eval, train, rl, kinds (whose registry lists rl's kinds),
 //! bench.
@@ -34,6 +35,7 @@ pub mod memory;
 pub mod model;
 pub mod objectives;
 pub mod optim;
+pub mod programs;
 pub mod rl;
 pub mod train;
 

@@ -97,6 +97,7 @@ fn context(
         None => Tokenizer::bytes(),
     };
     let base = planned.experiment_dir();
+    let reward_base = base.clone();
     Ok(StageContext {
         out_dir: planned.out_dir.clone(),
         device,
@@ -111,6 +112,18 @@ fn context(
             let timeout = std::time::Duration::from_secs_f64(timeout);
             let limit = "ranker_timeout_seconds";
             crate::label::programs::rank_with_command(command, groups, timeout, limit, Some(&base))
+                .map_err(|e| format!("{e:#}"))
+        })),
+        // So does a reward program.
+        reward_runner: Some(Arc::new(move |command, timeout, items| {
+            let program = crate::label::programs::LineProgram {
+                command,
+                role: "reward program",
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                limit: "reward.timeout_seconds",
+                cwd: Some(&reward_base),
+            };
+            crate::label::programs::reward_with_command(&program, items)
                 .map_err(|e| format!("{e:#}"))
         })),
     })

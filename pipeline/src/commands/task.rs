@@ -1,12 +1,47 @@
-//! `rlhf task generate`: the bundled task's files.
+//! `rlhf task generate`: the bundled task's files; `rlhf task
+//! arithmetic`: a verifiable task.
 
 use anyhow::Context;
 use rlhf_datasets::task::generate::{generate, TaskConfig, TASK_FILES};
 
 use crate::cli::TaskCommand;
 
+/// Refuses to overwrite `files` of `out` unless `force`.
+fn check_free(out: &std::path::Path, files: &[&str], force: bool) -> anyhow::Result<()> {
+    let there: Vec<String> = files
+        .iter()
+        .filter(|f| out.join(f).symlink_metadata().is_ok())
+        .map(|f| out.join(f).display().to_string())
+        .collect();
+    anyhow::ensure!(
+        force || there.is_empty(),
+        "{} already exist; give a new --out folder, or --force to replace them",
+        there.join(", ")
+    );
+    Ok(())
+}
+
 pub fn run(cmd: TaskCommand) -> anyhow::Result<()> {
     match cmd {
+        TaskCommand::Arithmetic {
+            out,
+            seed,
+            prompts,
+            force,
+        } => {
+            use rlhf_datasets::arithmetic::{generate, ArithmeticConfig, FILES};
+            check_free(&out, &FILES, force)?;
+            let defaults = ArithmeticConfig::default();
+            let cfg = ArithmeticConfig {
+                seed: seed.unwrap_or(defaults.seed),
+                prompts: prompts.unwrap_or(defaults.prompts),
+                ..defaults
+            };
+            generate(&out, &cfg).with_context(|| format!("writing {}", out.display()))?;
+            for f in FILES {
+                println!("{}", out.join(f).display());
+            }
+        }
         TaskCommand::Generate {
             out,
             seed,
@@ -14,16 +49,7 @@ pub fn run(cmd: TaskCommand) -> anyhow::Result<()> {
             preference_prompts,
             force,
         } => {
-            let there: Vec<String> = TASK_FILES
-                .iter()
-                .filter(|f| out.join(f).symlink_metadata().is_ok())
-                .map(|f| out.join(f).display().to_string())
-                .collect();
-            anyhow::ensure!(
-                force || there.is_empty(),
-                "{} already exist; give a new --out folder, or --force to replace them",
-                there.join(", ")
-            );
+            check_free(&out, &TASK_FILES, force)?;
             let defaults = TaskConfig::default();
             let cfg = TaskConfig {
                 seed: seed.unwrap_or(defaults.seed),

@@ -198,8 +198,15 @@ pub(super) fn check_loop(l: &LoopFile, stages: &BTreeMap<String, StageFile>) -> 
         .repeat
         .get(1)
         .and_then(|n| stages.get(n)?.get::<rlhf_stages::rl::grpo::GrpoConfig>());
-    if grpo.is_some_and(|g| g.gold_reward || g.ranker_command.is_some()) {
-        return Err("repeat: [rm, grpo] scores each round with the round's reward model; drop the grpo stage's `gold_reward` and `ranker_command`".into());
+    if grpo.is_some_and(|g| g.gold_reward || g.ranker_command.is_some() || g.reward.is_some()) {
+        return Err("repeat: [rm, grpo] scores each round with the round's reward model; drop the grpo stage's `gold_reward`, `ranker_command` and `reward`".into());
+    }
+    let ppo = l
+        .repeat
+        .get(1)
+        .and_then(|n| stages.get(n)?.get::<rlhf_stages::rl::ppo::PpoConfig>());
+    if ppo.is_some_and(|p| p.reward.is_some()) {
+        return Err("repeat: [rm, ppo] scores each round with the round's reward model; drop the ppo stage's `reward`".into());
     }
     // A round's folder holds its own `collect/` and `queue/` beside the
     // repeated stages.

@@ -142,6 +142,38 @@ pub(crate) fn score_with_command(
     })
 }
 
+/// Scores from a reward program: one `{"prompt", "response", "answer"}`
+/// line in per answer, one `{"score": x, "components": {name: x}}` line
+/// out (components optional).
+pub(crate) fn reward_with_command(
+    program: &LineProgram,
+    items: &[rlhf_stages::programs::ScoreItem],
+) -> anyhow::Result<Vec<rlhf_stages::programs::Scored>> {
+    let number = |x: &Value| x.as_f64().filter(|s| s.abs() <= MAX_SCORE);
+    let inputs: Vec<Value> = items
+        .iter()
+        .map(|i| json!({"prompt": i.prompt, "response": i.response, "answer": i.answer}))
+        .collect();
+    program.exchange_lines(&inputs, "answers", |_, v| {
+        let score = v
+            .get("score")
+            .ok_or("expected {\"score\": x}")
+            .and_then(|s| number(s).ok_or("the score must be a finite number within ±1e15"))?;
+        let mut components = std::collections::BTreeMap::new();
+        if let Some(c) = v.get("components").filter(|c| !c.is_null()) {
+            let c = c
+                .as_object()
+                .ok_or("components must be an object {name: number}")?;
+            for (name, x) in c {
+                let x = number(x)
+                    .ok_or_else(|| format!("component {name:?} is not a finite number"))?;
+                components.insert(name.clone(), x);
+            }
+        }
+        Ok(rlhf_stages::programs::Scored { score, components })
+    })
+}
+
 /// The largest score magnitude a judge may give: far above any scale in
 /// use, low enough that means and differences of scores stay finite.
 const MAX_SCORE: f64 = 1e15;
@@ -169,29 +201,43 @@ impl LineProgram<'_> {
         groups: &[(String, Vec<String>)],
         parse: impl Fn(&Value, usize) -> Result<T, String>,
     ) -> anyhow::Result<Vec<T>> {
+        let lines: Vec<Value> = groups
+            .iter()
+            .map(|(p, a)| json!({"prompt": p, "responses": a}))
+            .collect();
+        self.exchange_lines(&lines, "groups", |i, v| parse(v, groups[i].1.len()))
+    }
+
+    /// Runs the program on one JSON line per input; `parse(i, line)`
+    /// reads the output line of input `i` (`what` names the inputs).
+    fn exchange_lines<T>(
+        &self,
+        inputs: &[Value],
+        what: &str,
+        parse: impl Fn(usize, &Value) -> Result<T, String>,
+    ) -> anyhow::Result<Vec<T>> {
         let (role, shown) = (self.role, self.command.join(" "));
         let mut input = String::new();
-        for (p, a) in groups {
-            input.push_str(&json!({"prompt": p, "responses": a}).to_string());
+        for v in inputs {
+            input.push_str(&v.to_string());
             input.push('\n');
         }
-        let text = self.run(input, groups.len())?;
+        let text = self.run(input, inputs.len())?;
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.len() != groups.len() {
+        if lines.len() != inputs.len() {
             bail!(
-                "{role} `{shown}` wrote {} lines for {} groups",
+                "{role} `{shown}` wrote {} lines for {} {what}",
                 lines.len(),
-                groups.len()
+                inputs.len()
             );
         }
         lines
             .iter()
-            .zip(groups)
             .enumerate()
-            .map(|(i, (line, (_, answers)))| {
+            .map(|(i, line)| {
                 let bad = |m: &str| anyhow::anyhow!("{role} `{shown}`: output line {}: {m}", i + 1);
                 let v: Value = serde_json::from_str(line).map_err(|_| bad("invalid JSON"))?;
-                parse(&v, answers.len()).map_err(|m| bad(&m))
+                parse(i, &v).map_err(|m| bad(&m))
             })
             .collect()
     }

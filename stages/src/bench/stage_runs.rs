@@ -37,6 +37,7 @@ impl StageRun {
             },
             judge: None,
             ranker: None,
+            reward_runner: None,
             stop_after: None,
             ranks: std::sync::Arc::new(crate::dist::Ranks::single()),
         };

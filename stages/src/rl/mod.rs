@@ -12,7 +12,9 @@
 pub mod driver;
 pub mod grpo;
 pub mod ppo;
+pub mod reward;
 pub mod rollout;
+pub mod scorer;
 mod shard;
 mod step;
 

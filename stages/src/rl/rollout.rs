@@ -12,142 +12,14 @@ use rlhf_datasets::load::read_table;
 use rlhf_datasets::schema::{prompt_texts, ChatTemplate};
 use tch::{Device, Kind, Tensor};
 
-use crate::eval::answer::Judge;
 use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::model::network::Network;
 use crate::model::sample::{generate, Generation, SamplingConfig, SharedPrompts, TokenSpec};
 use crate::model::score::gather_logprobs;
-use crate::objectives::rankings::{sequence_rewards, RewardInput, SCORE_BATCH};
-use crate::train::{check_finite, StageContext, StageError};
+use crate::train::{check_finite, StageError};
 
-/// Where answers get their score: a frozen reward model, the judge, or a
-/// program that ranks each group.
-pub enum Scorer {
-    Model(Box<Model>),
-    Judge(Judge),
-    Ranked(RankedBy),
-}
-
-/// A program that ranks groups (the loop's labeller protocol), and how
-/// long it may take.
-pub struct RankedBy {
-    pub ranker: crate::train::Ranker,
-    pub command: Vec<String>,
-    pub timeout: f64,
-}
-
-impl RankedBy {
-    /// Minus each answer's rank in its group (`group` consecutive answers
-    /// to one prompt): the best scores 0.
-    fn scores(
-        &self,
-        prompts: &[&str],
-        answers: &[String],
-        group: usize,
-    ) -> Result<Vec<f64>, StageError> {
-        let groups: Vec<(String, Vec<String>)> = answers
-            .chunks(group)
-            .zip(prompts.chunks(group))
-            .map(|(a, p)| (p[0].to_owned(), a.to_vec()))
-            .collect();
-        let rankings = (self.ranker)(&self.command, self.timeout, &groups)
-            .map_err(|e| StageError::setting("ranker_command", e))?;
-        Ok(rankings.iter().flatten().map(|&r| -(r as f64)).collect())
-    }
-}
-
-impl Scorer {
-    /// A ranking program (`command`, its timeout in seconds): it needs
-    /// the pipeline's ranker.
-    pub fn ranked(
-        command: &[String],
-        timeout: f64,
-        ctx: &StageContext,
-    ) -> Result<Self, StageError> {
-        let ranker = ctx.ranker.clone().ok_or_else(|| {
-            StageError::setting(
-                "ranker_command",
-                "needs the pipeline's ranker (run the stage with rlhf)",
-            )
-        })?;
-        Ok(Scorer::Ranked(RankedBy {
-            ranker,
-            command: command.to_vec(),
-            timeout,
-        }))
-    }
-
-    /// The judge (`gold_reward`), else the reward model at `reward_model`.
-    pub fn load(
-        reward_model: Option<&Path>,
-        gold_reward: bool,
-        ctx: &StageContext,
-    ) -> Result<Self, StageError> {
-        if gold_reward {
-            return ctx.judge.clone().map(Scorer::Judge).ok_or_else(|| {
-                StageError::setting("gold_reward", "is set but no judge is available")
-            });
-        }
-        let path = reward_model.ok_or_else(|| {
-            StageError::setting(
-                "reward_model",
-                "is required: set `reward_model` (e.g. `reward_model: rm`) or `gold_reward: true`",
-            )
-        })?;
-        let mut m = Model::load(path, HeadChoice::AsSaved, ctx.device)?;
-        if m.net.head() != Head::Scalar {
-            return Err(StageError::setting(
-                "reward_model",
-                format!(
-                    "{} has no scalar head; give a reward stage's checkpoint",
-                    path.display()
-                ),
-            ));
-        }
-        m.vs.freeze();
-        Ok(Scorer::Model(Box::new(m)))
-    }
-
-    /// Scores of answers (`ids` and `texts`) to prompts (`prompt_ids` and
-    /// `prompts`), in groups of `group` answers to one prompt.
-    pub fn score(
-        &self,
-        prompt_ids: &[Vec<i64>],
-        prompts: &[&str],
-        ids: &[Vec<i64>],
-        texts: &[String],
-        group: usize,
-        device: Device,
-    ) -> Result<Vec<f64>, StageError> {
-        Ok(match self {
-            Scorer::Model(rm) => {
-                let eos = rm.tokenizer.eos_id();
-                let inputs: Vec<RewardInput> = prompt_ids
-                    .iter()
-                    .zip(ids)
-                    .map(|(p, a)| {
-                        let mut ids: Vec<i64> = p.iter().chain(a).copied().collect();
-                        if a.last() != Some(&eos) {
-                            ids.push(eos); // scored as the reward model was trained: answer + EOS
-                        }
-                        RewardInput {
-                            ids,
-                            answer_start: p.len(),
-                        }
-                    })
-                    .collect();
-                sequence_rewards(rm, &inputs, SCORE_BATCH, device)
-            }
-            Scorer::Judge(judge) => prompts
-                .iter()
-                .zip(texts)
-                .map(|(p, a)| judge(p, a).unwrap_or(0.0))
-                .collect(),
-            Scorer::Ranked(r) => r.scores(prompts, texts, group)?,
-        })
-    }
-}
+pub use super::scorer::Scorer;
 
 /// The frozen reference: its own model, or the policy with its LoRA
 /// adapters off (one copy of the base in memory, not two).
@@ -186,16 +58,25 @@ impl Reference {
     }
 }
 
-/// The prompts an RL stage rolls out on, as text and tokens.
+/// The prompts an RL stage rolls out on, as text and tokens, and their
+/// reference answers (an `answer` column) where the file has them.
 pub struct Prompts {
     pub texts: Vec<String>,
     pub ids: Vec<Vec<i64>>,
+    pub answers: Vec<Option<String>>,
 }
 
 impl Prompts {
     pub fn load(path: &Path, policy: &Model, max_new_tokens: i64) -> Result<Self, StageError> {
         let (texts, ids) = prompts_with_room(path, policy, max_new_tokens)?;
-        Ok(Self { texts, ids })
+        let table = read_table(path)?;
+        let answers = rlhf_datasets::load::optional_text_column(&table, path, "answer")?;
+        let answers = answers.unwrap_or_else(|| vec![None; texts.len()]);
+        Ok(Self {
+            texts,
+            ids,
+            answers,
+        })
     }
 
     /// The `per_iteration` prompts of iteration `iteration`: each epoch
@@ -230,6 +111,9 @@ pub struct Sampled {
     pub values: Option<Tensor>,
     pub answers: Vec<String>,
     pub scores: Vec<f64>,
+    /// Per answer, a reward program's named parts of its score (empty for
+    /// other scorers).
+    pub components: Vec<std::collections::BTreeMap<String, f64>>,
     /// This rank's time in the rollout's parts.
     pub seconds: RolloutSeconds,
 }
@@ -321,14 +205,21 @@ impl RolloutInputs<'_> {
             .iter()
             .map(|&i| self.prompts.texts[i].as_str())
             .collect();
-        let scores = self.scorer.score(
+        let references: Vec<Option<&str>> = rows
+            .iter()
+            .map(|&i| self.prompts.answers[i].as_deref())
+            .collect();
+        let scored = self.scorer.score(
             &prompt_ids,
             &texts,
+            &references,
             &g.answers,
             &answers,
             self.group,
             self.device,
         )?;
+        let scores: Vec<f64> = scored.iter().map(|s| s.score).collect();
+        let components = scored.into_iter().map(|s| s.components).collect();
         let what = match self.scorer {
             Scorer::Model(_) => "reward-model score",
             _ => "score",
@@ -343,6 +234,7 @@ impl RolloutInputs<'_> {
             values: None,
             answers,
             scores,
+            components,
             seconds: RolloutSeconds {
                 sampling,
                 logprobs,

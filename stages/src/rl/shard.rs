@@ -23,6 +23,7 @@ struct Row {
     finished: bool,
     text: String,
     score: f64,
+    components: std::collections::BTreeMap<String, f64>,
     /// Per answer token.
     sampled_lp: Vec<f64>,
     old_lp: Vec<f64>,
@@ -100,6 +101,7 @@ fn rows_of(r: &Sampled) -> Vec<Row> {
                 finished: g.finished[i],
                 text: r.answers[i].clone(),
                 score: r.scores[i],
+                components: r.components[i].clone(),
                 sampled_lp: sampled[i][..len].to_vec(),
                 old_lp: lp[i][..len].to_vec(),
                 ref_lp: rlp[i][..len].to_vec(),
@@ -141,6 +143,7 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device, with_values: bool) ->
         rows: rows.iter().map(|r| r.index).collect(),
         answers: rows.iter().map(|r| r.text.clone()).collect(),
         scores: rows.iter().map(|r| r.score).collect(),
+        components: rows.iter().map(|r| r.components.clone()).collect(),
         generation: Generation {
             tokens,
             attention_mask: attention,

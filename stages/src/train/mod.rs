@@ -982,6 +982,9 @@ pub struct StageContext {
     /// Runs a user's ranking program (the loop's labeller protocol),
     /// passed in by the pipeline: `(command, timeout_seconds, groups)`.
     pub ranker: Option<Ranker>,
+    /// Runs a user's reward program (`reward.command`), passed in by the
+    /// pipeline.
+    pub reward_runner: Option<crate::programs::ProgramRunner>,
 }
 
 /// Rankings (0 the best) of `(prompt, answers)` groups from a program.

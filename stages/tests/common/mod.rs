@@ -54,6 +54,7 @@ pub fn ctx(out_dir: PathBuf) -> StageContext {
         scratch: tiny_model(),
         judge: None,
         ranker: None,
+        reward_runner: None,
         stop_after: None,
         ranks: std::sync::Arc::new(rlhf_stages::dist::Ranks::single()),
     }

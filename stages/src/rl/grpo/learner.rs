@@ -82,9 +82,10 @@ impl<'a> GrpoLearner<'a> {
             opt.load_state_tensors(m)?;
         }
         let reference = Reference::load(cfg.reference.as_deref(), &cfg.policy, &policy, device)?;
-        let scorer = match &cfg.ranker_command {
-            Some(command) => Scorer::ranked(command, cfg.ranker_timeout_seconds, ctx)?,
-            None => Scorer::load(cfg.reward_model.as_deref(), cfg.gold_reward, ctx)?,
+        let scorer = match (&cfg.ranker_command, &cfg.reward) {
+            (Some(command), _) => Scorer::ranked(command, cfg.ranker_timeout_seconds, ctx)?,
+            (None, Some(reward)) => Scorer::program(reward, ctx)?,
+            (None, None) => Scorer::load(cfg.reward_model.as_deref(), cfg.gold_reward, ctx)?,
         };
         let prompts = Prompts::load(&cfg.prompts, &policy, cfg.sampling.max_new_tokens)?;
         let learner = Self {
@@ -432,6 +433,7 @@ impl Learner for GrpoLearner<'_> {
             record["kept_score"] = (r.scores.iter().sum::<f64>() / b).into();
         }
         r.seconds.record(&mut record);
+        crate::rl::reward::record_components(&r.components, &mut record);
         Ok(Outcome {
             mean_score: sampled_score,
             mean_kl: kl,
@@ -496,6 +498,7 @@ mod tests {
             values: None,
             answers: vec![String::new(); 2],
             scores: vec![0.0, 1.0],
+            components: vec![Default::default(); 2],
             seconds: Default::default(),
         };
         let cfg = GrpoConfig::default();

@@ -56,6 +56,10 @@ pub struct GrpoConfig {
     pub ranker_command: Option<Vec<String>>,
     /// The program is stopped, and the stage fails, after this long.
     pub ranker_timeout_seconds: f64,
+    /// Or a reward program or built-in checker that scores each answer
+    /// (`reward: {checker: math}`, `reward: {command: [python3, r.py]}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward: Option<crate::rl::reward::RewardConfig>,
     /// Prompts to answer: `{prompt}` (or `{messages}`) rows.
     pub prompts: PathBuf,
     pub iterations: i64,
@@ -135,6 +139,7 @@ impl Default for GrpoConfig {
             gold_reward: false,
             ranker_command: None,
             ranker_timeout_seconds: 3600.0,
+            reward: None,
             prompts: PathBuf::new(),
             iterations: 40,
             prompts_per_iteration: 16,
@@ -203,12 +208,16 @@ impl KindConfig for GrpoConfig {
             self.reward_model.is_some(),
             self.gold_reward,
             self.ranker_command.is_some(),
+            self.reward.is_some(),
         ];
         if scorers.iter().filter(|&&s| s).count() > 1 {
             return Err(StageError::setting(
                 "reward_model",
-                "give one scorer: `reward_model`, `gold_reward: true` or `ranker_command`",
+                "give one scorer: `reward_model`, `gold_reward: true`, `ranker_command` or `reward`",
             ));
+        }
+        if let Some(r) = &self.reward {
+            r.validate()?;
         }
         if let Some(c) = &self.ranker_command {
             if c.is_empty() {
@@ -226,7 +235,7 @@ impl KindConfig for GrpoConfig {
             check::shown(t),
         )?;
         crate::rl::check_scorer_and_iterations(
-            self.reward_model.is_some() || self.ranker_command.is_some(),
+            self.reward_model.is_some() || self.ranker_command.is_some() || self.reward.is_some(),
             self.gold_reward,
             self.iterations,
         )?;

@@ -74,6 +74,10 @@ pub struct PpoConfig {
     /// of a model: an oracle run, the upper bound of what a reward model
     /// can give.
     pub gold_reward: bool,
+    /// Or a reward program or built-in checker that scores each answer
+    /// (`reward: {checker: math}`, `reward: {command: [python3, r.py]}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward: Option<crate::rl::reward::RewardConfig>,
     /// The critic's start; unset: the reward model (or the policy's trunk
     /// with a fresh head when the reward is not a model).
     pub critic: Option<PathBuf>,
@@ -131,6 +135,7 @@ impl Default for PpoConfig {
             reference: None,
             reward_model: None,
             gold_reward: false,
+            reward: None,
             critic: None,
             iterations: 40,
             rollout_batch: 64,
@@ -203,8 +208,17 @@ impl KindConfig for PpoConfig {
         if let Some(l) = &self.lora {
             l.validate("lora")?;
         }
+        if let Some(r) = &self.reward {
+            if self.reward_model.is_some() || self.gold_reward {
+                return Err(StageError::setting(
+                    "reward",
+                    "give one scorer: `reward_model`, `gold_reward: true` or `reward`",
+                ));
+            }
+            r.validate()?;
+        }
         check_scorer_and_iterations(
-            self.reward_model.is_some(),
+            self.reward_model.is_some() || self.reward.is_some(),
             self.gold_reward,
             self.iterations,
         )?;

@@ -98,7 +98,10 @@ impl Models {
         // The adapters' base is the starting policy: the reference.
         let reference = Reference::load(cfg.reference.as_deref(), &cfg.policy, &policy, device)?;
         let rm = cfg.reward_model.as_deref();
-        let scorer = Scorer::load(rm, cfg.gold_reward, ctx)?;
+        let scorer = match &cfg.reward {
+            Some(reward) => Scorer::program(reward, ctx)?,
+            None => Scorer::load(rm, cfg.gold_reward, ctx)?,
+        };
         let models = Self {
             policy_vars: trainable_by_name(&policy),
             critic_vars: trainable_by_name(&critic),
@@ -544,6 +547,7 @@ impl PpoLearner<'_> {
             "ptx_loss": if ptx { json!(s.ptx_loss / s.updates) } else { json!(null) },
         });
         r.seconds.record(&mut record);
+        crate::rl::reward::record_components(&r.components, &mut record);
         record
     }
 

@@ -1,0 +1,408 @@
+//! Rewards from programs (`reward:` of PPO and GRPO): a built-in checker
+//! (`checker: math`: the answer's final number against the prompt's
+//! `answer` column), or a user's program speaking JSON lines (`command`),
+//! run `workers` at once on shares of the answers, each call stopped
+//! after `timeout_seconds` and retried up to `retries` times. Every score
+//! is kept in the stage folder (`reward_cache.jsonl`, keyed by a sha256 of
+//! the scorer, prompt, answer and reference), so a resumed or repeated
+//! iteration does not pay for it again.
+//!
+//! A program reads one line per answer, `{"prompt", "response",
+//! "answer"}` (`answer`: the prompt's reference, or null), and writes one
+//! line per answer, `{"score": x}`, optionally with `"components": {name:
+//! value}`, each logged per iteration as `reward/NAME` (its mean).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::check;
+pub use crate::programs::{ProgramRunner, ScoreItem, Scored};
+use crate::train::StageError;
+
+/// Where the scores are kept, in the stage folder.
+pub const CACHE_FILE: &str = "reward_cache.jsonl";
+
+/// A reward computed by a program rather than a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// A built-in checker: `math`.
+    pub checker: Option<Checker>,
+    /// A program (and its arguments), run in the experiment file's folder.
+    pub command: Option<Vec<String>>,
+    /// Each call is stopped (its process group killed) after this long.
+    pub timeout_seconds: f64,
+    /// Calls at once, each on its share of the answers.
+    pub workers: usize,
+    /// Further tries of a call that failed or timed out.
+    pub retries: usize,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            checker: None,
+            command: None,
+            timeout_seconds: 60.0,
+            workers: 1,
+            retries: 1,
+        }
+    }
+}
+
+/// The checkers rlhf has built in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Checker {
+    /// 1 when the answer's final answer (its last `\boxed{}`, else its last
+    /// number) equals the prompt's `answer` as a number, else 0.
+    Math,
+}
+
+impl RewardConfig {
+    pub fn validate(&self) -> Result<(), StageError> {
+        match (&self.checker, &self.command) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(StageError::setting(
+                    "reward",
+                    "give one of `checker` (math) and `command` (a program)",
+                ))
+            }
+            (None, Some(c)) if c.is_empty() || c[0].is_empty() => {
+                return Err(StageError::setting(
+                    "reward.command",
+                    "is empty: give the program and its arguments, e.g. [python3, reward.py]",
+                ))
+            }
+            _ => {}
+        }
+        let t = self.timeout_seconds;
+        check::require(
+            "reward.timeout_seconds",
+            t.is_finite() && t > 0.0 && t <= 86_400.0,
+            "in (0, 86400]",
+            t,
+        )?;
+        check::count("reward.workers", self.workers as u64, 1, 256)?;
+        check::count("reward.retries", self.retries as u64, 0, 100)?;
+        Ok(())
+    }
+
+    /// What the cache keys on besides the answer: the scorer itself.
+    fn identity(&self) -> String {
+        match (&self.checker, &self.command) {
+            (Some(c), _) => format!("checker:{c:?}"),
+            (None, Some(c)) => format!("command:{}", c.join("\u{1f}")),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Scores kept across iterations and restarts.
+struct Cache {
+    path: PathBuf,
+    known: HashMap<String, Scored>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheLine {
+    key: String,
+    #[serde(flatten)]
+    scored: Scored,
+}
+
+impl Cache {
+    /// The cache of `dir`; a torn or unreadable line (a crash mid-write)
+    /// is passed over: that answer is scored again.
+    fn open(dir: &Path) -> Self {
+        let path = dir.join(CACHE_FILE);
+        let known = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<CacheLine>(l).ok())
+            .map(|l| (l.key, l.scored))
+            .collect();
+        Self { path, known }
+    }
+
+    fn add(&mut self, new: Vec<(String, Scored)>) -> Result<(), StageError> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for (key, scored) in &new {
+            let line = CacheLine {
+                key: key.clone(),
+                scored: scored.clone(),
+            };
+            text.push_str(&serde_json::to_string(&line).expect("scores serialise"));
+            text.push('\n');
+        }
+        let io = |e: std::io::Error| StageError::Io {
+            path: self.path.clone(),
+            source: e,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
+        file.write_all(text.as_bytes()).map_err(io)?;
+        self.known.extend(new);
+        Ok(())
+    }
+}
+
+/// A reward program with its cache.
+pub struct ProgramScorer {
+    cfg: RewardConfig,
+    runner: Option<ProgramRunner>,
+    identity: String,
+    cache: Mutex<Cache>,
+}
+
+impl ProgramScorer {
+    /// `cfg`'s scorer, keeping its scores in `out_dir`; a `command` needs
+    /// the pipeline's `runner`.
+    pub fn new(
+        cfg: &RewardConfig,
+        runner: Option<ProgramRunner>,
+        out_dir: &Path,
+    ) -> Result<Self, StageError> {
+        cfg.validate()?;
+        if cfg.command.is_some() && runner.is_none() {
+            return Err(StageError::setting(
+                "reward.command",
+                "needs the pipeline to run programs (run the stage with rlhf)",
+            ));
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            runner,
+            identity: cfg.identity(),
+            cache: Mutex::new(Cache::open(out_dir)),
+        })
+    }
+
+    fn key(&self, item: &ScoreItem) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.identity.as_str(),
+            &item.prompt,
+            &item.response,
+            item.answer.as_deref().unwrap_or("\u{0}none"),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
+
+    /// One score per item, in order: from the cache, else computed.
+    pub fn scores(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
+        let keys: Vec<String> = items.iter().map(|i| self.key(i)).collect();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let missing: Vec<usize> = (0..items.len())
+            .filter(|&i| !cache.known.contains_key(&keys[i]))
+            .collect();
+        let todo: Vec<ScoreItem> = missing.iter().map(|&i| items[i].clone()).collect();
+        let computed = self.compute(&todo)?;
+        let new = missing
+            .iter()
+            .map(|&i| keys[i].clone())
+            .zip(computed)
+            .collect();
+        cache.add(new)?;
+        Ok(keys.iter().map(|k| cache.known[k].clone()).collect())
+    }
+
+    fn compute(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        match self.cfg.checker {
+            Some(Checker::Math) => items.iter().map(math_score).collect(),
+            None => self.run_program(items),
+        }
+    }
+
+    /// The items in `workers` shares, each share one call (retried).
+    fn run_program(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
+        let (cfg, runner) = (&self.cfg, self.runner.as_ref().expect("checked in new"));
+        let command = cfg.command.as_deref().expect("checked in new");
+        let share = items.len().div_ceil(cfg.workers);
+        let call = |part: &[ScoreItem]| -> Result<Vec<Scored>, String> {
+            let mut last = String::new();
+            for attempt in 0..=cfg.retries {
+                match runner(command, cfg.timeout_seconds, part) {
+                    Ok(s) if s.len() == part.len() => return Ok(s),
+                    Ok(s) => last = format!("{} scores for {} answers", s.len(), part.len()),
+                    Err(e) => last = e,
+                }
+                if attempt < cfg.retries {
+                    tracing::warn!(
+                        "reward program: {last}; trying again ({}/{})",
+                        attempt + 1,
+                        cfg.retries
+                    );
+                }
+            }
+            Err(last)
+        };
+        let results: Vec<Result<Vec<Scored>, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .chunks(share)
+                .map(|part| s.spawn(move || call(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+                .collect()
+        });
+        let mut out = Vec::with_capacity(items.len());
+        for r in results {
+            let part = r.map_err(|e| {
+                StageError::setting(
+                    "reward.command",
+                    format!("{e} (after {} tries)", cfg.retries + 1),
+                )
+            })?;
+            out.extend(part);
+        }
+        Ok(out)
+    }
+}
+
+/// The math checker's score of one answer.
+fn math_score(item: &ScoreItem) -> Result<Scored, StageError> {
+    let reference = item.answer.as_deref().ok_or_else(|| {
+        StageError::setting(
+            "reward.checker",
+            format!(
+                "math needs each prompt's reference answer (an `answer` column in `prompts`); the prompt {:?} has none",
+                item.prompt.chars().take(80).collect::<String>()
+            ),
+        )
+    })?;
+    let right = rlhf_datasets::math_answer::is_correct(&item.response, reference);
+    Ok(Scored {
+        score: f64::from(u8::from(right)),
+        components: BTreeMap::new(),
+    })
+}
+
+/// Each component's mean over the answers that have it, as
+/// `reward/NAME` in an iteration's metrics.
+pub fn record_components(components: &[BTreeMap<String, f64>], record: &mut serde_json::Value) {
+    let mut sums: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for c in components {
+        for (name, v) in c {
+            let e = sums.entry(name).or_default();
+            (e.0, e.1) = (e.0 + v, e.1 + 1);
+        }
+    }
+    for (name, (sum, n)) in sums {
+        record[format!("reward/{name}")] = (sum / n as f64).into();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn item(p: &str, r: &str, a: Option<&str>) -> ScoreItem {
+        ScoreItem {
+            prompt: p.into(),
+            response: r.into(),
+            answer: a.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_math_checker_scores_final_answers_and_needs_references() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = RewardConfig {
+            checker: Some(Checker::Math),
+            ..RewardConfig::default()
+        };
+        let s = ProgramScorer::new(&cfg, None, d.path()).unwrap();
+        let got = s
+            .scores(&[
+                item("2+2?", "It is \\boxed{4}.", Some("4")),
+                item("2+2?", "It is 5.", Some("4")),
+            ])
+            .unwrap();
+        assert_eq!((got[0].score, got[1].score), (1.0, 0.0));
+        let e = s.scores(&[item("2+3?", "5", None)]).unwrap_err();
+        assert!(e.to_string().contains("`answer` column"), "{e}");
+    }
+
+    /// Shares run at once, a failing call is retried, and a second
+    /// scorer on the same folder (a resumed stage) calls nothing again.
+    #[test]
+    fn programs_run_in_shares_with_retries_and_their_scores_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let runner: ProgramRunner = Arc::new(move |_, _, items| {
+            // Every third call fails once.
+            if seen.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
+                return Err("crashed".into());
+            }
+            Ok(items
+                .iter()
+                .map(|i| Scored {
+                    score: i.response.len() as f64,
+                    components: BTreeMap::from([("len".into(), i.response.len() as f64)]),
+                })
+                .collect())
+        });
+        let cfg = RewardConfig {
+            command: Some(vec!["reward".into()]),
+            workers: 2,
+            retries: 1,
+            ..RewardConfig::default()
+        };
+        let items: Vec<ScoreItem> = (0..5).map(|i| item("p", &"x".repeat(i), None)).collect();
+        let s = ProgramScorer::new(&cfg, Some(runner.clone()), d.path()).unwrap();
+        let got = s.scores(&items).unwrap();
+        assert_eq!(
+            got.iter().map(|s| s.score).collect::<Vec<_>>(),
+            [0.0, 1.0, 2.0, 3.0, 4.0]
+        );
+        let before = calls.load(Ordering::SeqCst);
+        assert!(before >= 2, "two shares: {before} calls");
+        let again = ProgramScorer::new(&cfg, Some(runner), d.path()).unwrap();
+        assert_eq!(again.scores(&items).unwrap(), got);
+        assert_eq!(calls.load(Ordering::SeqCst), before, "all from the cache");
+        let mut record = serde_json::json!({});
+        let parts: Vec<_> = got.iter().map(|s| s.components.clone()).collect();
+        record_components(&parts, &mut record);
+        assert_eq!(record["reward/len"], 2.0);
+    }
+
+    #[test]
+    fn a_program_that_always_fails_names_its_last_error() {
+        let d = tempfile::tempdir().unwrap();
+        let runner: ProgramRunner = Arc::new(|_, _, _| Err("exit status 3".into()));
+        let cfg = RewardConfig {
+            command: Some(vec!["reward".into()]),
+            retries: 2,
+            ..RewardConfig::default()
+        };
+        let s = ProgramScorer::new(&cfg, Some(runner), d.path()).unwrap();
+        let e = s.scores(&[item("p", "a", None)]).unwrap_err();
+        assert!(
+            e.to_string().contains("exit status 3 (after 3 tries)"),
+            "{e}"
+        );
+        assert!(!d.path().join(CACHE_FILE).exists(), "nothing kept");
+    }
+}

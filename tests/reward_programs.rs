@@ -1,0 +1,108 @@
+//! Reward programs as a GRPO stage's scorer, run by the `rlhf` binary: a
+//! Python program (JSON lines, with named components) run as two workers
+//! scores every answer, its components reach `metrics.jsonl` and its
+//! scores the stage's cache; a program that fails is retried, then stops
+//! the stage naming it; `rlhf task arithmetic` writes a verifiable task
+//! whose `answer` column the math checker reads.
+
+use crate::common;
+
+use std::path::Path;
+
+const REWARD: &str = r#"
+import json, os, sys
+calls = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
+items = [json.loads(l) for l in sys.stdin if l.strip()]
+with open(calls, "a") as f:
+    f.write(f"{len(items)}\n")
+for item in items:
+    text = item["response"]
+    digits = sum(c.isdigit() for c in text) / max(len(text), 1)
+    right = float(item["answer"] is not None and item["answer"] in text)
+    print(json.dumps({"score": digits + right, "components": {"digits": digits, "right": right}}))
+"#;
+
+fn experiment(dir: &Path, reward: &str) -> std::path::PathBuf {
+    common::rlhf_ok(&[
+        "task",
+        "arithmetic",
+        "--out",
+        dir.to_str().unwrap(),
+        "--prompts",
+        "64",
+    ]);
+    std::fs::write(dir.join("reward.py"), REWARD).unwrap();
+    let exp = dir.join("exp.yaml");
+    std::fs::write(
+        &exp,
+        format!(
+            "name: rp\ndevice: cpu\nmodel: {{n_layer: 1, n_head: 2, n_embd: 32, n_positions: 48}}\nstages:\n\
+             \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 8}}\n\
+             \x20 grpo: {{kind: grpo, policy: sft, prompts: prompts.jsonl, iterations: 2, prompts_per_iteration: 4,\n\
+             \x20        group_size: 4, minibatch_size: 8, epochs: 1, sampling: {{max_new_tokens: 6}}, reward: {reward}}}\n"
+        ),
+    )
+    .unwrap();
+    exp
+}
+
+#[test]
+fn a_reward_program_scores_grpo_with_components_and_a_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "{command: [python3, reward.py], workers: 2}");
+    let out = common::rlhf(&["run", exp.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grpo = d.path().join("runs/rp/grpo");
+    let metrics = std::fs::read_to_string(grpo.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        let (digits, right) = (
+            r["reward/digits"].as_f64().unwrap(),
+            r["reward/right"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=1.0).contains(&digits) && (0.0..=1.0).contains(&right),
+            "{r}"
+        );
+        assert!(
+            (r["score"].as_f64().unwrap() - (digits + right)).abs() < 1e-9,
+            "{r}"
+        );
+    }
+    // Two workers a rollout: each call scored a share of the 16 answers.
+    let calls = std::fs::read_to_string(d.path().join("calls.log")).unwrap();
+    let sizes: Vec<usize> = calls.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(
+        sizes.len() >= 2 && sizes.iter().all(|&n| n <= 8),
+        "{sizes:?}"
+    );
+    let cache = std::fs::read_to_string(grpo.join("reward_cache.jsonl")).unwrap();
+    assert_eq!(
+        cache.lines().count(),
+        sizes.iter().sum::<usize>(),
+        "every score kept once"
+    );
+}
+
+#[test]
+fn a_failing_reward_program_is_retried_then_named() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(
+        d.path(),
+        "{command: [python3, -c, 'import sys; sys.exit(3)'], retries: 2}",
+    );
+    let out = common::rlhf(&["run", exp.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reward program `python3 -c"), "{err}");
+    assert!(err.contains("(after 3 tries)"), "{err}");
+    assert!(!d.path().join("runs/rp/grpo/checkpoint").exists());
+}

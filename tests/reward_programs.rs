@@ -2,8 +2,9 @@
 //! Python program (JSON lines, with named components) run as two workers
 //! scores every answer, its components reach `metrics.jsonl` and its
 //! scores the stage's cache; a program that fails is retried, then stops
-//! the stage naming it; `rlhf task arithmetic` writes a verifiable task
-//! whose `answer` column the math checker reads.
+//! the stage naming it; a reward server (Python's http.server) scores
+//! them over HTTP. The prompts are `rlhf task arithmetic`'s, whose
+//! `answer` column reaches the program.
 
 use crate::common;
 
@@ -105,4 +106,70 @@ fn a_failing_reward_program_is_retried_then_named() {
     assert!(err.contains("reward program `python3 -c"), "{err}");
     assert!(err.contains("(after 3 tries)"), "{err}");
     assert!(!d.path().join("runs/rp/grpo/checkpoint").exists());
+}
+
+const SERVER: &str = r#"
+import http.server, json, sys
+class Score(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        items = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        out = [{"score": float(len(i["response"])), "components": {"chars": float(len(i["response"]))}} for i in items]
+        body = json.dumps(out).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        with open("requests.log", "a") as f:
+            f.write(f"{len(items)}\n")
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Score)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+/// A reward server (Python's http.server) scores GRPO's answers through
+/// `reward: {url}`, two requests at once, its components in the metrics.
+#[test]
+fn a_reward_server_scores_grpo_over_http() {
+    use std::io::BufRead;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("server.py"), SERVER).unwrap();
+    let port = common::free_port();
+    let mut server = std::process::Command::new("python3")
+        .args(["server.py", &port.to_string()])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let url = format!("{{url: \"http://127.0.0.1:{port}/score\", workers: 2}}");
+    let exp = experiment(d.path(), &url);
+    let out = common::rlhf(&["run", exp.to_str().unwrap()]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(d.path().join("runs/rp/grpo/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["score"], r["reward/chars"], "{r}");
+    }
+    let sizes: Vec<usize> = std::fs::read_to_string(d.path().join("requests.log"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(
+        sizes.len() >= 2 && sizes.iter().all(|&n| n <= 8),
+        "{sizes:?}"
+    );
 }

@@ -7,6 +7,7 @@ mod experiment;
 mod label;
 mod plan;
 mod report;
+mod reward_server;
 mod run_folder;
 mod threads;
 

@@ -23,8 +23,18 @@ pub struct Scored {
     pub components: BTreeMap<String, f64>,
 }
 
-/// Runs a reward program once on some answers: `(command, timeout
-/// seconds, items)` to one [`Scored`] per item, passed in by the pipeline
-/// (which runs programs in their own process groups).
+/// Where a reward comes from outside the stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    /// A program and its arguments, speaking JSON lines.
+    Command(&'a [String]),
+    /// A reward server: `POST` a JSON array of items, get one back.
+    Url(&'a str),
+}
+
+/// Runs a reward program or asks a reward server once about some
+/// answers: `(endpoint, timeout seconds, items)` to one [`Scored`] per
+/// item, passed in by the pipeline (which runs programs in their own
+/// process groups).
 pub type ProgramRunner =
-    Arc<dyn Fn(&[String], f64, &[ScoreItem]) -> Result<Vec<Scored>, String> + Send + Sync>;
+    Arc<dyn Fn(Endpoint<'_>, f64, &[ScoreItem]) -> Result<Vec<Scored>, String> + Send + Sync>;

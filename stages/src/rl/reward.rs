@@ -1,8 +1,10 @@
 //! Rewards from programs (`reward:` of PPO and GRPO): a built-in checker
 //! (`checker: math`: the answer's final number against the prompt's
-//! `answer` column), or a user's program speaking JSON lines (`command`),
-//! run `workers` at once on shares of the answers, each call stopped
-//! after `timeout_seconds` and retried up to `retries` times. Every score
+//! `answer` column), a user's program speaking JSON lines (`command`), or
+//! a reward server (`url`: `POST` a JSON array of the items below, get the
+//! array of their results), called `workers` at once on shares of the
+//! answers, each call stopped after `timeout_seconds` and retried up to
+//! `retries` times. Every score
 //! is kept in the stage folder (`reward_cache.jsonl`, keyed by a sha256 of
 //! the scorer, prompt, answer and reference), so a resumed or repeated
 //! iteration does not pay for it again.
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::check;
-pub use crate::programs::{ProgramRunner, ScoreItem, Scored};
+pub use crate::programs::{Endpoint, ProgramRunner, ScoreItem, Scored};
 use crate::train::StageError;
 
 /// Where the scores are kept, in the stage folder.
@@ -35,6 +37,8 @@ pub struct RewardConfig {
     pub checker: Option<Checker>,
     /// A program (and its arguments), run in the experiment file's folder.
     pub command: Option<Vec<String>>,
+    /// A reward server's address (`http://HOST:PORT/PATH`).
+    pub url: Option<String>,
     /// Each call is stopped (its process group killed) after this long.
     pub timeout_seconds: f64,
     /// Calls at once, each on its share of the answers.
@@ -48,6 +52,7 @@ impl Default for RewardConfig {
         Self {
             checker: None,
             command: None,
+            url: None,
             timeout_seconds: 60.0,
             workers: 1,
             retries: 1,
@@ -66,20 +71,32 @@ pub enum Checker {
 
 impl RewardConfig {
     pub fn validate(&self) -> Result<(), StageError> {
-        match (&self.checker, &self.command) {
-            (Some(_), Some(_)) | (None, None) => {
-                return Err(StageError::setting(
-                    "reward",
-                    "give one of `checker` (math) and `command` (a program)",
-                ))
-            }
-            (None, Some(c)) if c.is_empty() || c[0].is_empty() => {
+        let given = [
+            self.checker.is_some(),
+            self.command.is_some(),
+            self.url.is_some(),
+        ];
+        if given.iter().filter(|&&g| g).count() != 1 {
+            return Err(StageError::setting(
+                "reward",
+                "give one of `checker` (math), `command` (a program) and `url` (a reward server)",
+            ));
+        }
+        if let Some(c) = &self.command {
+            if c.is_empty() || c[0].is_empty() {
                 return Err(StageError::setting(
                     "reward.command",
                     "is empty: give the program and its arguments, e.g. [python3, reward.py]",
-                ))
+                ));
             }
-            _ => {}
+        }
+        if let Some(u) = &self.url {
+            if !u.starts_with("http://") || u.len() <= "http://".len() {
+                return Err(StageError::setting(
+                    "reward.url",
+                    format!("is {u:?}; expected http://HOST:PORT/PATH (for https, a local proxy in front)"),
+                ));
+            }
         }
         let t = self.timeout_seconds;
         check::require(
@@ -95,10 +112,20 @@ impl RewardConfig {
 
     /// What the cache keys on besides the answer: the scorer itself.
     fn identity(&self) -> String {
-        match (&self.checker, &self.command) {
-            (Some(c), _) => format!("checker:{c:?}"),
-            (None, Some(c)) => format!("command:{}", c.join("\u{1f}")),
-            (None, None) => String::new(),
+        match (&self.checker, &self.command, &self.url) {
+            (Some(c), _, _) => format!("checker:{c:?}"),
+            (None, Some(c), _) => format!("command:{}", c.join("\u{1f}")),
+            (None, None, Some(u)) => format!("url:{u}"),
+            (None, None, None) => String::new(),
+        }
+    }
+
+    /// The program or server to call (none for a built-in checker).
+    fn endpoint(&self) -> Option<(Endpoint<'_>, &'static str)> {
+        match (&self.command, &self.url) {
+            (Some(c), _) => Some((Endpoint::Command(c), "reward.command")),
+            (None, Some(u)) => Some((Endpoint::Url(u), "reward.url")),
+            (None, None) => None,
         }
     }
 }
@@ -175,10 +202,10 @@ impl ProgramScorer {
         out_dir: &Path,
     ) -> Result<Self, StageError> {
         cfg.validate()?;
-        if cfg.command.is_some() && runner.is_none() {
+        if let (Some((_, setting)), None) = (cfg.endpoint(), &runner) {
             return Err(StageError::setting(
-                "reward.command",
-                "needs the pipeline to run programs (run the stage with rlhf)",
+                setting,
+                "needs the pipeline to call programs and servers (run the stage with rlhf)",
             ));
         }
         Ok(Self {
@@ -234,12 +261,12 @@ impl ProgramScorer {
     /// The items in `workers` shares, each share one call (retried).
     fn run_program(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
         let (cfg, runner) = (&self.cfg, self.runner.as_ref().expect("checked in new"));
-        let command = cfg.command.as_deref().expect("checked in new");
+        let (endpoint, setting) = cfg.endpoint().expect("a checker is not a program");
         let share = items.len().div_ceil(cfg.workers);
         let call = |part: &[ScoreItem]| -> Result<Vec<Scored>, String> {
             let mut last = String::new();
             for attempt in 0..=cfg.retries {
-                match runner(command, cfg.timeout_seconds, part) {
+                match runner(endpoint, cfg.timeout_seconds, part) {
                     Ok(s) if s.len() == part.len() => return Ok(s),
                     Ok(s) => last = format!("{} scores for {} answers", s.len(), part.len()),
                     Err(e) => last = e,
@@ -267,10 +294,7 @@ impl ProgramScorer {
         let mut out = Vec::with_capacity(items.len());
         for r in results {
             let part = r.map_err(|e| {
-                StageError::setting(
-                    "reward.command",
-                    format!("{e} (after {} tries)", cfg.retries + 1),
-                )
+                StageError::setting(setting, format!("{e} (after {} tries)", cfg.retries + 1))
             })?;
             out.extend(part);
         }

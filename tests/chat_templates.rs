@@ -265,3 +265,57 @@ fn a_template_that_doubles_a_string_stops_the_run_at_its_memory_cap() {
         t0.elapsed()
     );
 }
+
+/// `rlhf check-template` against TRL's `is_chat_template_prefix_preserving`
+/// on six templates: the four above keep earlier turns, Qwen3's (TRL's
+/// copy) drops the empty `<think>` block of an answer once a question
+/// follows, and TRL's training variant of it keeps it; the command exits
+/// 0 for exactly the templates TRL accepts and names the broken case.
+#[test]
+fn check_template_agrees_with_trl() {
+    let d = tempfile::tempdir().unwrap();
+    let qwen3 = d.path().join("qwen3.json");
+    common::run_python(
+        "chat_template_reference.py",
+        &["qwen3", qwen3.to_str().unwrap()],
+    );
+    let qwen3: Value = serde_json::from_str(&std::fs::read_to_string(&qwen3).unwrap()).unwrap();
+    let templates = [
+        ("qwen2", QWEN2),
+        ("llama3", LLAMA3),
+        ("mistral", MISTRAL),
+        ("zephyr", ZEPHYR),
+        ("qwen3", qwen3["qwen3"].as_str().unwrap()),
+        ("qwen3_training", qwen3["qwen3_training"].as_str().unwrap()),
+    ];
+    let mut dirs = Vec::new();
+    for (name, template) in templates {
+        let dir = d.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        rlhf_datasets::Tokenizer::bytes()
+            .save(&dir.join("tokenizer.json"))
+            .unwrap();
+        let config = json!({"chat_template": template, "bos_token": "<s>", "eos_token": "</s>"});
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        dirs.push(dir.to_str().unwrap().to_owned());
+    }
+    let out = d.path().join("verdicts.json");
+    let mut args = vec!["prefix", out.to_str().unwrap()];
+    args.extend(dirs.iter().map(String::as_str));
+    common::run_python("chat_template_reference.py", &args);
+    let trl: Vec<bool> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(trl, [true, true, true, true, false, true], "TRL's verdicts");
+    for ((name, _), (dir, theirs)) in templates.iter().zip(dirs.iter().zip(trl)) {
+        let out = common::rlhf(&["check-template", dir]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), theirs, "{name}: {text}");
+        if !theirs {
+            assert!(
+                text.contains("answer, then the next question: NOT kept"),
+                "{name}: {text}"
+            );
+            assert!(text.contains("not prefix-preserving"), "{name}: {text}");
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! - [`checksum`]: sha256 lists that let a loader refuse a damaged folder.
 //! - [`files`]: user-named files opened bounded (regular, size-limited).
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
+//! - [`template_check`]: whether a chat template keeps earlier turns a prefix of later ones.
 //! - [`render_guard`]: the memory bound on a chat template's rendering.
 //! - [`arithmetic`]: a verifiable task (`rlhf task arithmetic`): prompts with exact answers.
 //! - [`math_answer`]: a math answer's final value checked against the known one.
@@ -34,6 +35,7 @@ pub mod render_guard;
 pub mod rollout;
 pub mod schema;
 pub mod task;
+pub mod template_check;
 pub mod tokenizer;
 pub mod unpaired;
 

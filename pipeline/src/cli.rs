@@ -45,6 +45,13 @@ pub enum Command {
     Stage(StageArgs),
     /// Score answers with the bundled task's gold judge (JSON lines in and out).
     Judge(JudgeArgs),
+    /// Whether a model folder's chat template keeps earlier turns a prefix
+    /// (text and tokens) of later ones, as multi-turn training needs;
+    /// exits 1 when it does not.
+    CheckTemplate {
+        /// The model folder (tokenizer.json, tokenizer_config.json).
+        model: PathBuf,
+    },
     /// Evaluate a finished run: every policy and reward model on held-out
     /// data; writes <run>/report/ (JSON, Markdown, PNG plots).
     Eval(EvalArgs),

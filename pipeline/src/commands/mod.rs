@@ -3,6 +3,7 @@
 //! other room; no room imports them.
 
 mod bench;
+mod check_template;
 mod eval;
 mod generate;
 mod init;
@@ -30,6 +31,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => plan::run(args),
         Command::Plan(args) => plan::plan(args),
         Command::Judge(args) => judge::run(args),
+        Command::CheckTemplate { model } => check_template::run(&model),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Samples(args) => samples::run(args),

@@ -348,6 +348,9 @@ fn a_labeller_ranks_skips_and_resumes_in_a_real_browser() {
         assert_eq!(bold, "correct", "the guidelines' Markdown is rendered");
         let mut entered = Vec::new();
         let g = shown_group(&c, &groups, None).await;
+        // A ranking page shows no thumbs (the flex rule must not win over `hidden`).
+        let shown = "return getComputedStyle(document.getElementById('thumbs')).display";
+        assert_eq!(js(&c, shown).await, "none");
         entered.push(rank_by_dragging(&c, &groups, g, &[2, 0, 1], Some(&screenshot)).await);
         let g = shown_group(&c, &groups, Some(g)).await;
         entered.push(rank_by_dragging(&c, &groups, g, &[0, 2, 1], None).await);
@@ -475,8 +478,8 @@ fn a_labeller_gives_thumbs_that_a_kto_stage_trains_on_in_a_real_browser() {
         let g = shown_group(&c, &groups, None).await;
         let title = js(&c, "return document.getElementById('title').textContent").await;
         assert_eq!(title, "Is this answer good?");
-        let hidden = "return [document.getElementById('submit').hidden, document.getElementById('thumbs').hidden, document.querySelectorAll('.bucket').length]";
-        assert_eq!(js(&c, hidden).await, serde_json::json!([true, false, 0]));
+        let shown = "const d = id => getComputedStyle(document.getElementById(id)).display; return [d('submit'), d('notrankable'), d('thumbs'), document.querySelectorAll('.bucket').length]";
+        assert_eq!(js(&c, shown).await, serde_json::json!(["none", "none", "flex", 0]));
         click(&c, "good").await;
         entered.push((g as i64, Some(true), String::new()));
         let g = shown_group(&c, &groups, Some(g)).await;

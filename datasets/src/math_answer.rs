@@ -2,9 +2,9 @@
 //! one, as RL from verifiable rewards does: the answer is the content of
 //! the last `\boxed{...}`, else the last number in the text; two answers
 //! agree when both read as the same exact number (integers, decimals,
-//! `a/b`, `\frac{a}{b}`, thousands separators, a sign, a trailing `%` or
-//! `$` dropped), else when their text agrees once spaces and `$` are
-//! removed.
+//! `a/b`, `\frac{a}{b}`, `,` between groups of three digits, a sign, `$`
+//! dropped; `50%` equals both `50` and `0.5`, as math_verify reads it),
+//! else when their text agrees once spaces and `$` are removed.
 
 /// The final answer written in `text`: the last `\boxed{}`'s content, or
 /// the last number; `None` if it has neither.
@@ -19,7 +19,10 @@ pub fn is_correct(answer: &str, reference: &str) -> bool {
     };
     let reference = last_boxed(reference).unwrap_or_else(|| reference.to_owned());
     match (Rational::parse(&given), Rational::parse(&reference)) {
-        (Some(a), Some(b)) => a == b,
+        (Some((a, pa)), Some((b, pb))) => {
+            // A percentage matches its number with or without the /100.
+            a == b || ((pa || pb) && (a.hundredth() == Some(b) || Some(a) == b.hundredth()))
+        }
         _ => squeeze(&given) == squeeze(&reference) && !squeeze(&given).is_empty(),
     }
 }
@@ -48,7 +51,7 @@ fn last_boxed(text: &str) -> Option<String> {
 }
 
 /// The last number in `text` (a sign, digits with `,` separators, a
-/// decimal part, or a fraction `a/b`).
+/// decimal part, or a fraction `a/b`, and a `%` after it).
 fn last_number(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut end = bytes.iter().rposition(u8::is_ascii_digit)? + 1;
@@ -57,20 +60,25 @@ fn last_number(text: &str) -> Option<String> {
     while start > 0 && number_byte(bytes[start - 1]) {
         start -= 1;
     }
-    // Separators at the edges belong to the sentence ("is 3,", "1/2.").
-    while start < end && !bytes[start].is_ascii_digit() {
+    // Separators at the edges belong to the sentence ("is 3,", "1/2."),
+    // but a leading `.` before a digit is a decimal point (".5").
+    while start < end
+        && !bytes[start].is_ascii_digit()
+        && !(bytes[start] == b'.' && bytes[start + 1].is_ascii_digit())
+    {
         start += 1;
     }
     while end > start && !bytes[end - 1].is_ascii_digit() {
         end -= 1;
     }
     let negative = start > 0 && bytes[start - 1] == b'-';
-    let digits = &text[start..end];
-    Some(if negative {
-        format!("-{digits}")
-    } else {
-        digits.to_owned()
-    })
+    let percent = bytes.get(end) == Some(&b'%');
+    Some(format!(
+        "{}{}{}",
+        if negative { "-" } else { "" },
+        &text[start..end],
+        if percent { "%" } else { "" }
+    ))
 }
 
 /// Without spaces, `$` and a trailing period: for answers that are not
@@ -103,22 +111,26 @@ impl Rational {
         })
     }
 
-    /// `-1,234.5`, `3/4`, `\frac{3}{4}`, `\dfrac{-3}{4}`, `50%`, `$12`.
-    fn parse(text: &str) -> Option<Self> {
+    /// `-1,234.5`, `3/4`, `\frac{3}{4}`, `\dfrac{-3}{4}`, `$12`, and
+    /// whether it carried a `%` (`50%` reads as 50).
+    fn parse(text: &str) -> Option<(Self, bool)> {
         let mut s: String = text
             .chars()
-            .filter(|c| !c.is_whitespace() && *c != '$' && *c != ',')
+            .filter(|c| !c.is_whitespace() && *c != '$')
             .collect();
         s = s.trim_end_matches('.').to_owned();
-        let percent = s.ends_with('%') || s.ends_with("\\%");
+        let percent = s.ends_with('%');
         if percent {
             s = s.trim_end_matches('%').trim_end_matches('\\').to_owned();
         }
+        let s = without_thousands_separators(&s)?;
         let value = Self::fraction(&s).or_else(|| Self::decimal(&s))?;
-        match percent {
-            true => Self::new(value.num, value.den.checked_mul(100)?),
-            false => Some(value),
-        }
+        Some((value, percent))
+    }
+
+    /// The number a hundredth of this one.
+    fn hundredth(self) -> Option<Self> {
+        Self::new(self.num, self.den.checked_mul(100)?)
     }
 
     fn fraction(s: &str) -> Option<Self> {
@@ -154,10 +166,33 @@ impl Rational {
             return None;
         }
         let digits = format!("{whole}{frac}");
-        let num: i128 = digits.trim_start_matches('0').parse().unwrap_or(0);
+        let digits = digits.trim_start_matches('0');
+        // Too long for an exact i128: not a number we can compare.
+        let num: i128 = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().ok()?
+        };
         let den = 10i128.checked_pow(frac.len() as u32)?;
         Self::new(if negative { -num } else { num }, den)
     }
+}
+
+/// `s` without `,` where each one separates thousands (`1,234,567`); `None`
+/// where a comma does anything else (`0,5`, `1, 2`).
+fn without_thousands_separators(s: &str) -> Option<String> {
+    if !s.contains(',') {
+        return Some(s.to_owned());
+    }
+    let body = s.trim_start_matches('-');
+    let whole = body.split(['.', '/']).next().unwrap_or("");
+    let groups: Vec<&str> = whole.split(',').collect();
+    let digits = |g: &str| g.bytes().all(|b| b.is_ascii_digit());
+    let ok = (1..=3).contains(&groups[0].len())
+        && groups.iter().all(|g| digits(g))
+        && groups[1..].iter().all(|g| g.len() == 3)
+        && !body[whole.len()..].contains(',');
+    ok.then(|| s.replace(',', ""))
 }
 
 fn gcd(mut a: u128, mut b: u128) -> u128 {
@@ -200,6 +235,10 @@ mod tests {
             ("= 1,000", "1000"),
             ("-3", "-3.0"),
             ("\\boxed{50\\%}", "0.5"),
+            ("The discount is 50%.", "50%"),
+            ("\\boxed{50\\%}", "50"),
+            ("it is .5", "0.5"),
+            ("1,234,567 people", "1234567"),
             ("costs $12", "12"),
             ("\\boxed{x + 1}", "x+1"),
         ] {
@@ -212,6 +251,14 @@ mod tests {
             ("\\boxed{}", ""),
             ("12 then 13", "12"),
             ("1/0", "1"),
+            ("\\boxed{1234567890123456789012345678901234567890}", "0"),
+            (
+                "1234567890123456789012345678901234567890",
+                "1234567890123456789012345678901234567891",
+            ),
+            ("it is .5", "5"),
+            ("0,5", "5"),
+            ("\\boxed{1, 2}", "12"),
         ] {
             assert!(
                 !is_correct(answer, reference),

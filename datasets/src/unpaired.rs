@@ -65,7 +65,7 @@ impl Unpaired {
 pub fn labelled_answers(df: &DataFrame, path: &Path) -> Result<Unpaired, DataError> {
     let out = if is_thumbs(df) {
         let (labelled, original) = labelled_rows(df, path)?;
-        let mut out = thumbs(&labelled, path)?;
+        let mut out = thumbs(&labelled, path, &original)?;
         out.rows = out.rows.iter().map(|&i| original[i]).collect();
         out.unlabelled += df.height() - labelled.height();
         out
@@ -93,11 +93,15 @@ fn is_thumbs(df: &DataFrame) -> bool {
 }
 
 /// Rows with a `label` column: TRL's `completion` or a queue's one-answer
-/// `responses`.
-fn thumbs(df: &DataFrame, path: &Path) -> Result<Unpaired, DataError> {
+/// `responses` (rows of groups of several answers, ranked not labelled,
+/// are passed over); `original` maps the rows to the file's.
+fn thumbs(df: &DataFrame, path: &Path, original: &[usize]) -> Result<Unpaired, DataError> {
     let prompts = string_column(df, path, "prompt", EXPECTED)?;
-    let answers = match df.column("completion") {
-        Ok(_) => string_column(df, path, "completion", EXPECTED)?,
+    let answers: Vec<Option<String>> = match df.column("completion") {
+        Ok(_) => string_column(df, path, "completion", EXPECTED)?
+            .into_iter()
+            .map(Some)
+            .collect(),
         Err(_) => single_answers(df, path)?,
     };
     let column = crate::load::require(df, path, "label", EXPECTED)?;
@@ -123,6 +127,15 @@ fn thumbs(df: &DataFrame, path: &Path) -> Result<Unpaired, DataError> {
             out.unlabelled += 1;
             continue;
         };
+        let Some(answer) = answer else {
+            return Err(DataError::BadValue {
+                path: path.to_owned(),
+                row: original[i] + 1,
+                column: "responses".into(),
+                message: "a label judges one answer; this row holds another number of answers"
+                    .into(),
+            });
+        };
         out.answers.push(LabelledAnswer {
             prompt,
             answer,
@@ -133,8 +146,8 @@ fn thumbs(df: &DataFrame, path: &Path) -> Result<Unpaired, DataError> {
     Ok(out)
 }
 
-/// A thumbs queue's `responses`: one answer per row.
-fn single_answers(df: &DataFrame, path: &Path) -> Result<Vec<String>, DataError> {
+/// A queue's `responses`: the answer of each row that holds one.
+fn single_answers(df: &DataFrame, path: &Path) -> Result<Vec<Option<String>>, DataError> {
     let column = crate::load::require(df, path, "responses", EXPECTED)?;
     let wrong = || DataError::WrongType {
         path: path.to_owned(),
@@ -143,22 +156,16 @@ fn single_answers(df: &DataFrame, path: &Path) -> Result<Vec<String>, DataError>
         found: describe(column.dtype()),
     };
     let lists = column.list().map_err(|_| wrong())?;
-    lists
+    Ok(lists
         .series_iter()
-        .enumerate()
-        .map(|(i, list)| {
+        .map(|list| {
             let strings = list.as_ref().and_then(|s| s.str().ok().cloned());
             match strings.as_ref().map(|s| (s.len(), s.get(0))) {
-                Some((1, Some(answer))) => Ok(answer.to_owned()),
-                _ => Err(DataError::BadValue {
-                    path: path.to_owned(),
-                    row: i + 1,
-                    column: "responses".into(),
-                    message: "must hold exactly one answer (a label judges one answer)".into(),
-                }),
+                Some((1, Some(answer))) => Some(answer.to_owned()),
+                _ => None,
             }
         })
-        .collect()
+        .collect())
 }
 
 /// Each ranking's best answers good and worst bad.
@@ -254,7 +261,21 @@ mod tests {
         assert!(err.to_string().contains("`label`"), "{err}");
         assert!(err.to_string().contains("booleans"), "{err}");
         let err = read(r#"{"prompt": "p", "responses": ["a", "b"], "label": true}"#).unwrap_err();
-        assert!(err.to_string().contains("exactly one answer"), "{err}");
+        assert!(err.to_string().contains("judges one answer"), "{err}");
+        assert!(err.to_string().contains("row 1"), "{err}");
+        // A queue mixing ranked groups and thumbs: the ranked rows (no
+        // label) are passed over.
+        let mixed = read(concat!(
+            r#"{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "label": null}"#,
+            "\n",
+            r#"{"prompt": "q", "responses": ["c"], "ranking": [], "label": true}"#,
+            "\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (mixed.answers.len(), mixed.rows.clone(), mixed.unlabelled),
+            (1, vec![1], 1)
+        );
         let err = read(r#"{"prompt": "p", "completion": "a", "label": null}"#).unwrap_err();
         assert!(err.to_string().contains("no row labels an answer"), "{err}");
     }

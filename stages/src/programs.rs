@@ -23,6 +23,36 @@ pub struct Scored {
     pub components: BTreeMap<String, f64>,
 }
 
+/// The largest score magnitude a program or server may give: far above
+/// any scale in use, low enough that means and differences stay finite.
+pub const MAX_SCORE: f64 = 1e15;
+
+impl Scored {
+    /// A program's or server's result, `{"score": x, "components": {name:
+    /// x}}` (components optional or null), every number finite within
+    /// [`MAX_SCORE`].
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        let number = |x: &serde_json::Value| x.as_f64().filter(|s| s.abs() <= MAX_SCORE);
+        let score = v
+            .get("score")
+            .ok_or("expected {\"score\": x}")
+            .and_then(|s| number(s).ok_or("the score must be a finite number within ±1e15"))?;
+        let mut components = BTreeMap::new();
+        if let Some(c) = v.get("components").filter(|c| !c.is_null()) {
+            let c = c
+                .as_object()
+                .ok_or("components must be an object {name: number}")?;
+            for (name, x) in c {
+                let x = number(x).ok_or_else(|| {
+                    format!("component {name:?} is not a finite number within ±1e15")
+                })?;
+                components.insert(name.clone(), x);
+            }
+        }
+        Ok(Self { score, components })
+    }
+}
+
 /// Where a reward comes from outside the stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint<'a> {

@@ -149,34 +149,17 @@ pub(crate) fn reward_with_command(
     program: &LineProgram,
     items: &[rlhf_stages::programs::ScoreItem],
 ) -> anyhow::Result<Vec<rlhf_stages::programs::Scored>> {
-    let number = |x: &Value| x.as_f64().filter(|s| s.abs() <= MAX_SCORE);
     let inputs: Vec<Value> = items
         .iter()
         .map(|i| json!({"prompt": i.prompt, "response": i.response, "answer": i.answer}))
         .collect();
     program.exchange_lines(&inputs, "answers", |_, v| {
-        let score = v
-            .get("score")
-            .ok_or("expected {\"score\": x}")
-            .and_then(|s| number(s).ok_or("the score must be a finite number within ±1e15"))?;
-        let mut components = std::collections::BTreeMap::new();
-        if let Some(c) = v.get("components").filter(|c| !c.is_null()) {
-            let c = c
-                .as_object()
-                .ok_or("components must be an object {name: number}")?;
-            for (name, x) in c {
-                let x = number(x)
-                    .ok_or_else(|| format!("component {name:?} is not a finite number"))?;
-                components.insert(name.clone(), x);
-            }
-        }
-        Ok(rlhf_stages::programs::Scored { score, components })
+        rlhf_stages::programs::Scored::from_json(v)
     })
 }
 
-/// The largest score magnitude a judge may give: far above any scale in
-/// use, low enough that means and differences of scores stay finite.
-const MAX_SCORE: f64 = 1e15;
+/// The largest score magnitude a judge may give (as a reward program's).
+const MAX_SCORE: f64 = rlhf_stages::programs::MAX_SCORE;
 
 /// A user's program speaking the loop's line protocol: one
 /// `{"prompt", "responses"}` JSON line per group in, one JSON line per

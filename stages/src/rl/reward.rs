@@ -230,7 +230,9 @@ impl ProgramScorer {
         format!("{:x}", h.finalize())
     }
 
-    /// One score per item, in order: from the cache, else computed.
+    /// One score per item, in order: from the cache, else computed. The
+    /// scores computed are kept even when some share failed, so a rerun
+    /// asks only for the rest.
     pub fn scores(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
         let keys: Vec<String> = items.iter().map(|i| self.key(i)).collect();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -238,28 +240,37 @@ impl ProgramScorer {
             .filter(|&i| !cache.known.contains_key(&keys[i]))
             .collect();
         let todo: Vec<ScoreItem> = missing.iter().map(|&i| items[i].clone()).collect();
-        let computed = self.compute(&todo)?;
+        let (computed, failed) = self.compute(&todo);
         let new = missing
             .iter()
-            .map(|&i| keys[i].clone())
             .zip(computed)
+            .filter_map(|(&i, s)| Some((keys[i].clone(), s?)))
             .collect();
         cache.add(new)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         Ok(keys.iter().map(|k| cache.known[k].clone()).collect())
     }
 
-    fn compute(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
+    /// Each item's score where it was computed, and the first failure.
+    fn compute(&self, items: &[ScoreItem]) -> (Vec<Option<Scored>>, Option<StageError>) {
         if items.is_empty() {
-            return Ok(vec![]);
+            return (vec![], None);
         }
         match self.cfg.checker {
-            Some(Checker::Math) => items.iter().map(math_score).collect(),
+            Some(Checker::Math) => {
+                match items.iter().map(math_score).collect::<Result<Vec<_>, _>>() {
+                    Ok(scores) => (scores.into_iter().map(Some).collect(), None),
+                    Err(e) => (vec![None; items.len()], Some(e)),
+                }
+            }
             None => self.run_program(items),
         }
     }
 
     /// The items in `workers` shares, each share one call (retried).
-    fn run_program(&self, items: &[ScoreItem]) -> Result<Vec<Scored>, StageError> {
+    fn run_program(&self, items: &[ScoreItem]) -> (Vec<Option<Scored>>, Option<StageError>) {
         let (cfg, runner) = (&self.cfg, self.runner.as_ref().expect("checked in new"));
         let (endpoint, setting) = cfg.endpoint().expect("a checker is not a program");
         let share = items.len().div_ceil(cfg.workers);
@@ -291,14 +302,20 @@ impl ProgramScorer {
                 .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
                 .collect()
         });
-        let mut out = Vec::with_capacity(items.len());
-        for r in results {
-            let part = r.map_err(|e| {
-                StageError::setting(setting, format!("{e} (after {} tries)", cfg.retries + 1))
-            })?;
-            out.extend(part);
+        let (mut out, mut failed) = (Vec::with_capacity(items.len()), None);
+        for (r, part) in results.into_iter().zip(items.chunks(share)) {
+            match r {
+                Ok(scores) => out.extend(scores.into_iter().map(Some)),
+                Err(e) => {
+                    out.extend(std::iter::repeat_n(None, part.len()));
+                    failed.get_or_insert_with(|| {
+                        let e = format!("{e} (after {} tries)", cfg.retries + 1);
+                        StageError::setting(setting, e)
+                    });
+                }
+            }
         }
-        Ok(out)
+        (out, failed)
     }
 }
 
@@ -428,5 +445,57 @@ mod tests {
             "{e}"
         );
         assert!(!d.path().join(CACHE_FILE).exists(), "nothing kept");
+    }
+
+    /// One of two shares fails: the other's scores are kept, and the
+    /// rerun asks only for the failed share's answers.
+    #[test]
+    fn a_failed_share_leaves_the_others_scores_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let score = |items: &[ScoreItem]| -> Vec<Scored> {
+            items
+                .iter()
+                .map(|i| Scored {
+                    score: i.response.len() as f64,
+                    ..Scored::default()
+                })
+                .collect()
+        };
+        let flaky: ProgramRunner = Arc::new(move |_, _, items: &[ScoreItem]| {
+            match items.iter().any(|i| i.response == "bad") {
+                true => Err("timed out".into()),
+                false => Ok(score(items)),
+            }
+        });
+        let cfg = RewardConfig {
+            command: Some(vec!["reward".into()]),
+            workers: 2,
+            retries: 0,
+            ..RewardConfig::default()
+        };
+        let items = [item("p", "ok", None), item("p", "bad", None)];
+        let s = ProgramScorer::new(&cfg, Some(flaky), d.path()).unwrap();
+        assert!(s.scores(&items).is_err());
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let fixed: ProgramRunner = Arc::new(move |_, _, items: &[ScoreItem]| {
+            seen.lock()
+                .unwrap()
+                .extend(items.iter().map(|i| i.response.clone()));
+            Ok(score(items))
+        });
+        let again = ProgramScorer::new(&cfg, Some(fixed), d.path()).unwrap();
+        let got: Vec<f64> = again
+            .scores(&items)
+            .unwrap()
+            .iter()
+            .map(|s| s.score)
+            .collect();
+        assert_eq!(got, [2.0, 3.0]);
+        assert_eq!(
+            *asked.lock().unwrap(),
+            ["bad"],
+            "only the failed share again"
+        );
     }
 }

@@ -106,13 +106,19 @@ impl<'a> GrpoLearner<'a> {
     /// `dynamic_sampling_rounds` the groups with spread of up to that many
     /// more rounds (made up with groups without spread where still
     /// short). Also the extra rounds sampled, and the first round's mean
-    /// score (the policy's own, unselected).
-    fn rollout(&self, iteration: i64, ranks: &Ranks) -> Result<(Sampled, usize, f64), StageError> {
+    /// score and reward components (the policy's own, unselected).
+    fn rollout(&self, iteration: i64, ranks: &Ranks) -> Result<Rollout, StageError> {
         let cfg = self.cfg;
         let first = self.round(iteration, 0, ranks)?;
         let score = first.scores.iter().sum::<f64>() / first.scores.len().max(1) as f64;
+        let components = first.components.clone();
         if cfg.dynamic_sampling_rounds == 0 {
-            return Ok((first, 0, score));
+            return Ok(Rollout {
+                kept: first,
+                extra_rounds: 0,
+                score,
+                components,
+            });
         }
         let (g, want) = (cfg.group_size, cfg.prompts_per_iteration);
         let spread = |r: &Sampled, k: usize| has_spread(&r.scores[k * g..(k + 1) * g]);
@@ -141,7 +147,12 @@ impl<'a> GrpoLearner<'a> {
         let pad = self.policy.tokenizer.pad_id();
         let extra = parts.len() - 1;
         let kept = crate::rl::shard::select_groups(&parts, &keep, g, pad);
-        Ok((kept, extra, score))
+        Ok(Rollout {
+            kept,
+            extra_rounds: extra,
+            score,
+            components,
+        })
     }
 
     /// This rank's share of a round of prompts, each answered `group_size`
@@ -277,6 +288,16 @@ impl<'a> GrpoLearner<'a> {
     }
 }
 
+/// An iteration's answers: the groups kept, how many extra rounds were
+/// sampled for them, and the first round's mean score and per-answer
+/// reward components (what the policy itself scores, unselected).
+struct Rollout {
+    kept: Sampled,
+    extra_rounds: usize,
+    score: f64,
+    components: Vec<std::collections::BTreeMap<String, f64>>,
+}
+
 /// What the policy steps read besides the rollout: every answer token's
 /// advantage and which tokens count in the loss, `(B, N)` on the device.
 struct UpdateInputs {
@@ -399,7 +420,12 @@ impl Learner for GrpoLearner<'_> {
         rows: bool,
     ) -> Result<Outcome, StageError> {
         let started = Instant::now();
-        let (r, extra_rounds, sampled_score) = self.rollout(iteration, ranks)?;
+        let Rollout {
+            kept: r,
+            extra_rounds,
+            score: sampled_score,
+            components,
+        } = self.rollout(iteration, ranks)?;
         let mask = loss_mask(self.cfg, &r);
         let (adv, zero_spread) = advantages(self.cfg, &r, &mask);
         let inputs = UpdateInputs {
@@ -433,7 +459,7 @@ impl Learner for GrpoLearner<'_> {
             record["kept_score"] = (r.scores.iter().sum::<f64>() / b).into();
         }
         r.seconds.record(&mut record);
-        crate::rl::reward::record_components(&r.components, &mut record);
+        crate::rl::reward::record_components(&components, &mut record);
         Ok(Outcome {
             mean_score: sampled_score,
             mean_kl: kl,

@@ -860,8 +860,57 @@ fn load_examples(
     Ok((groups, labels, skipped))
 }
 
-/// KTO's paper and TRL advise weights with `w_d n_d / (w_u n_u)` in
-/// [1, 4/3]; outside, say so (it still runs).
+/// The training and held-out examples: their groups and labels with the
+/// reference's log-probabilities (computed once by `start`, the policy
+/// before its first step when `fresh`, or read back; zeros for a loss
+/// without a reference).
+fn with_reference(
+    cfg: &DpoConfig,
+    ctx: &StageContext,
+    (start, fresh): (&Model, bool),
+    sets: [(Vec<TokenizedGroup>, Vec<Option<bool>>); 2],
+) -> Result<[Vec<DpoExample>; 2], StageError> {
+    let [reference, held_out] = match cfg.loss.needs_reference() {
+        true => reference_of(cfg, ctx, start, fresh, [&sets[0].0, &sets[1].0])?,
+        false => [&sets[0].0, &sets[1].0]
+            .map(|d| d.iter().map(|g| vec![0.0; g.responses.len()]).collect()),
+    };
+    Ok(sets
+        .into_iter()
+        .zip([reference, held_out])
+        .map(|((groups, labels), reference)| {
+            groups
+                .into_iter()
+                .zip(reference)
+                .zip(labels)
+                .map(|((group, reference), desirable)| DpoExample {
+                    group,
+                    reference,
+                    desirable,
+                })
+                .collect()
+        })
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("two sets"))
+}
+
+/// KTO's good and bad training answers. KTO's paper and TRL advise
+/// weights with `w_d n_d / (w_u n_u)` in [1, 4/3]; outside, say so (it
+/// still runs).
+fn kto_balance(cfg: &DpoConfig, examples: &[&DpoExample]) -> Labelled {
+    let desirable = examples
+        .iter()
+        .filter(|e| e.desirable == Some(true))
+        .count();
+    let undesirable = examples.len() - desirable;
+    log_kto_balance(cfg, desirable, undesirable);
+    Labelled {
+        desirable,
+        undesirable,
+    }
+}
+
 fn log_kto_balance(cfg: &DpoConfig, desirable: usize, undesirable: usize) {
     let ratio = (cfg.desirable_weight * desirable as f64)
         / (cfg.undesirable_weight * undesirable as f64).max(f64::MIN_POSITIVE);
@@ -903,30 +952,13 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
     crate::train::check_step_memory(&start.model, rows, longest)?;
     let fresh = start.state.is_none();
     let reference_started = Instant::now();
-    let [reference, held_out_reference] = match cfg.loss.needs_reference() {
-        true => reference_of(cfg, ctx, &start.model, fresh, [&all, &held_out])?,
-        false => {
-            [&all, &held_out].map(|d| d.iter().map(|g| vec![0.0; g.responses.len()]).collect())
-        }
-    };
+    let [all, held_out] = with_reference(
+        cfg,
+        ctx,
+        (&start.model, fresh),
+        [(all, labels), (held_out, held_out_labels)],
+    )?;
     let reference_seconds = reference_started.elapsed().as_secs_f64();
-    let with_reference = |groups: Vec<TokenizedGroup>,
-                          reference: Vec<Vec<f64>>,
-                          labels: Vec<Option<bool>>|
-     -> Vec<DpoExample> {
-        groups
-            .into_iter()
-            .zip(reference)
-            .zip(labels)
-            .map(|((group, reference), desirable)| DpoExample {
-                group,
-                reference,
-                desirable,
-            })
-            .collect()
-    };
-    let all = with_reference(all, reference, labels);
-    let held_out = with_reference(held_out, held_out_reference, held_out_labels);
     let (train_idx, eval_idx) = match &cfg.eval_data {
         Some(_) => ((0..all.len()).collect(), vec![]),
         None => train_eval_split(all.len(), cfg.eval_fraction, usize::MAX, train.seed()),
@@ -943,17 +975,7 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         device: ctx.device,
     };
     let train_pairs: usize = examples.iter().map(|e| e.group.pairs.len()).sum();
-    let labelled = (cfg.loss == DpoLoss::Kto).then(|| {
-        let desirable = examples
-            .iter()
-            .filter(|e| e.desirable == Some(true))
-            .count();
-        log_kto_balance(cfg, desirable, examples.len() - desirable);
-        Labelled {
-            desirable,
-            undesirable: examples.len() - desirable,
-        }
-    });
+    let labelled = (cfg.loss == DpoLoss::Kto).then(|| kto_balance(cfg, &examples));
     tracing::info!(
         "dpo: {} train prompts ({train_pairs} pairs) / {} eval prompts, {} steps of {} prompts, beta {}, {:?} loss",
         examples.len(),

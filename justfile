@@ -135,6 +135,11 @@ compare: build
     {{rlhf}} run configs/grpo.yaml
     {{rlhf}} eval runs/compare --with runs/dpo --with runs/grpo
 
+# RL from a verifiable reward: SFT then GRPO scored by the math checker on rlhf task arithmetic's problems; pass@1/pass@8/cons@8 before and after (runs/arithmetic/report/).
+arithmetic: build
+    {{rlhf}} run configs/arithmetic.yaml
+    {{rlhf}} eval runs/arithmetic --prompts datasets/arithmetic/prompts_eval.jsonl --checker math
+
 # PPO's KL coefficient swept over three values in one experiment, judged in one report (runs/sweep/report/).
 sweep: build
     {{rlhf}} run configs/sweep.yaml

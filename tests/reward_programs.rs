@@ -173,3 +173,86 @@ fn a_reward_server_scores_grpo_over_http() {
         "{sizes:?}"
     );
 }
+
+/// `rlhf eval --checker math` adds greedy accuracy, pass@1, pass@k and
+/// cons@k per policy; the greedy share equals the checker run here on the
+/// report's own greedy answers, and pass@k is at least pass@1.
+#[test]
+fn eval_reports_pass_at_k_and_majority_vote_with_the_math_checker() {
+    let d = tempfile::tempdir().unwrap();
+    let exp = experiment(d.path(), "{checker: math}");
+    common::rlhf_ok(&["run", exp.to_str().unwrap()]);
+    let run = d.path().join("runs/rp");
+    let prompts = d.path().join("prompts_eval.jsonl");
+    common::rlhf_ok(&[
+        "eval",
+        run.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "8",
+        "--kl-samples",
+        "1",
+        "--checker",
+        "math",
+        "--checker-samples",
+        "4",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report/report.json")).unwrap())
+            .unwrap();
+    let refs: Vec<String> = std::fs::read_to_string(&prompts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let answers: Vec<serde_json::Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let policies = report["policies"].as_array().unwrap();
+    assert_eq!(policies.len(), 2, "sft and grpo");
+    for p in policies {
+        let v = &p["verifiable"];
+        assert_eq!(v["k"], 4, "{p}");
+        let label = p["label"].as_str().unwrap();
+        let greedy: Vec<bool> = answers
+            .iter()
+            .zip(&refs)
+            .map(|(a, r)| {
+                let mine = a["answers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["policy"] == label)
+                    .unwrap();
+                rlhf_datasets::math_answer::is_correct(mine["answer"].as_str().unwrap(), r)
+            })
+            .collect();
+        let share = greedy.iter().filter(|&&g| g).count() as f64 / greedy.len() as f64;
+        assert!(
+            (v["greedy"].as_f64().unwrap() - share).abs() < 1e-12,
+            "{label}: {v}"
+        );
+        let (p1, pk, cons) = (
+            v["pass_at_1"].as_f64().unwrap(),
+            v["pass_at_k"].as_f64().unwrap(),
+            v["cons_at_k"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=1.0).contains(&p1) && pk >= p1 && (0.0..=1.0).contains(&cons),
+            "{label}: {v}"
+        );
+    }
+    let md = std::fs::read_to_string(run.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("| policy | greedy accepted | pass@1 | pass@4 | cons@4 |"),
+        "{md}"
+    );
+}

@@ -12,6 +12,17 @@ pub fn final_answer(text: &str) -> Option<String> {
     last_boxed(text).or_else(|| last_number(text))
 }
 
+/// What two answers agreeing on their final answer share: the exact
+/// number (`n/d` in lowest terms, `%` noted) or the text without spaces;
+/// `None` when the answer has no final answer. For majority votes.
+pub fn final_answer_key(answer: &str) -> Option<String> {
+    let given = final_answer(answer)?;
+    Some(match Rational::parse(&given) {
+        Some((r, percent)) => format!("{}/{}{}", r.num, r.den, if percent { "%" } else { "" }),
+        None => squeeze(&given),
+    })
+}
+
 /// Whether `answer`'s final answer is `reference` (see the module).
 pub fn is_correct(answer: &str, reference: &str) -> bool {
     let Some(given) = final_answer(answer) else {

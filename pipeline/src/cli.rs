@@ -113,6 +113,12 @@ pub enum LabelCommand {
     },
 }
 
+/// The built-in answer checkers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckerArg {
+    Math,
+}
+
 /// The labelling tools `rlhf label export/import` speak.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ExchangeFormat {
@@ -248,6 +254,14 @@ pub struct EvalArgs {
     /// Seconds the judge may take.
     #[arg(long, default_value_t = 3600.0)]
     pub judge_timeout: f64,
+    /// Check answers against the prompts' `answer` column: `math` (the
+    /// final answer as an exact number). Adds greedy accuracy, pass@1,
+    /// pass@k and cons@k (majority vote) over `--checker-samples` answers.
+    #[arg(long, value_enum)]
+    pub checker: Option<CheckerArg>,
+    /// Sampled answers per prompt for pass@k and cons@k.
+    #[arg(long, default_value_t = 8)]
+    pub checker_samples: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: i64,
     /// fp32, or bf16 autocast as a stage's `precision: bf16` (faster on

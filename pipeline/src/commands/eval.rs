@@ -21,6 +21,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             ..EvalSettings::default()
         },
         skip_kl: false,
+        checker_samples: args.checker.map(|_| args.checker_samples),
         with_runs: args.with.clone(),
         judge: args
             .judge
@@ -50,6 +51,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             rlhf_stages::check::shown(args.judge_timeout)
         );
     }
+    anyhow::ensure!(
+        (1..=1024).contains(&args.checker_samples),
+        "--checker-samples: must be in [1, 1024], got {}",
+        args.checker_samples
+    );
     anyhow::ensure!(
         args.run.is_dir(),
         "{}: no such run folder",

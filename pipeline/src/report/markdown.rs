@@ -141,6 +141,32 @@ fn examples(out: &mut String, examples: &[PromptAnswers]) {
     }
 }
 
+/// Greedy accuracy, pass@1, pass@k and cons@k, where a checker ran.
+fn verifiable_table(out: &mut String, r: &Report) {
+    let Some(k) = r.policies.iter().find_map(|p| p.verifiable).map(|v| v.k) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "### Verifiable answers (the math checker against the prompts' `answer`)
+"
+    );
+    let _ = writeln!(
+        out,
+        "| policy | greedy accepted | pass@1 | pass@{k} | cons@{k} |\n|---|---|---|---|---|"
+    );
+    for p in &r.policies {
+        if let Some(v) = p.verifiable {
+            let cells = [v.greedy, v.pass_at_1, v.pass_at_k, v.cons_at_k].map(|x| pct(Some(x)));
+            let _ = writeln!(out, "| {} | {} |", p.label, cells.join(" | "));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\npass@1: the share of the {k} answers sampled per prompt (temperature 1) the checker accepts; pass@{k}: prompts with at least one accepted; cons@{k}: prompts whose majority final answer is accepted.\n"
+    );
+}
+
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Evaluation of `{}`\n", r.run.display());
@@ -184,6 +210,7 @@ pub fn render(r: &Report) -> String {
         "\nWin rates count only the prompts where the two answers' scores differ; ties are shown apart. In brackets: the win rate's 95% Wilson interval over the non-tied prompts. Stage minutes: the stage's own wall time; route minutes: with every stage it was trained from (SFT, reward models, earlier rounds and their labelling), each counted once.\n"
     );
     length_line(&mut out, r);
+    verifiable_table(&mut out, r);
     let families: std::collections::BTreeSet<&String> = r
         .policies
         .iter()

@@ -27,6 +27,7 @@ use tch::Device;
 
 use crate::run_folder::finished::{self, finished_stages, FinishedStage};
 use crate::run_folder::relative_to;
+use rlhf_stages::eval::verifiable::Verifiable;
 use rlhf_stages::kind::LoopRole;
 
 pub use crate::run_folder::REPORT_DIR;
@@ -47,6 +48,9 @@ pub struct EvalOptions {
     pub settings: EvalSettings,
     /// Skip the KL estimate (for `rlhf samples`: answers only).
     pub skip_kl: bool,
+    /// Check answers against the prompts' `answer` column with the math
+    /// checker, with this many samples per prompt (`--checker math`).
+    pub checker_samples: Option<usize>,
     /// Other run folders whose policies join the report (`--with`).
     pub with_runs: Vec<PathBuf>,
     /// A program judging the answers (`--judge`); default: the run's
@@ -98,6 +102,10 @@ pub struct PolicyRow {
     pub reward_vs_reference: Option<VersusReference>,
     /// KL(policy || reference), nats per answer, on sampled answers.
     pub kl_to_reference: Option<f64>,
+    /// Accepted by the checker (`--checker`): greedy, pass@1, pass@k,
+    /// cons@k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifiable: Option<rlhf_stages::eval::verifiable::Verifiable>,
     /// Mean answer length in tokens (EOS included).
     pub answer_tokens: f64,
     /// Share of answers that ended with EOS.
@@ -291,6 +299,10 @@ pub fn evaluate_run(
     // Prompts in the policies' chat format (their tokenizer is SFT's).
     let chat = rlhf_datasets::schema::ChatTemplate::for_tokenizer(&reference.tokenizer);
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts, &chat)?;
+    let references = match opts.checker_samples {
+        Some(_) => Some(references(&prompts_path, prompts.len())?),
+        None => None,
+    };
     let gold = judge::Gold::choose(run_dir, opts.judge.clone(), &stages, device)?;
     // The latest reward model scores every policy; a held-out judge is
     // none of theirs.
@@ -312,19 +324,25 @@ pub fn evaluate_run(
         )
         .collect();
     let task_judge = gold.while_answering();
-    let (mut all_answers, kls) = answer_all(
+    let (mut all_answers, kls, verified) = answer_all(
         &policy_stages,
         &models,
-        &prompts,
+        (&prompts, references.as_deref()),
         opts,
         task_judge.as_ref(),
         device,
     )?;
     gold.score(&prompts, &mut all_answers, &opts.settings, device)?;
     let mut policies = Vec::new();
-    for ((stage, (_, answers)), kl) in policy_stages.iter().zip(&all_answers).zip(kls) {
+    for (((stage, (_, answers)), kl), verified) in policy_stages
+        .iter()
+        .zip(&all_answers)
+        .zip(kls)
+        .zip(verified)
+    {
         let base = &all_answers[0].1;
         let mut row = policy_row(stage, answers, base, families.as_deref(), kl);
+        row.verifiable = verified;
         if !gold.scores_exactness() {
             row.exact = None;
         }
@@ -365,19 +383,23 @@ pub fn evaluate_run(
 /// A policy's label and its answers.
 type Labelled = (String, PolicyAnswers);
 
+/// Every policy's answers, KL to the reference and checked accuracy.
+type Answered = (Vec<Labelled>, Vec<Option<f64>>, Vec<Option<Verifiable>>);
+
 /// Every policy's greedy answers to `prompts`, scored by the task's judge
-/// (where it judges) and the run's reward model, and its KL to the
-/// reference (unless skipped).
+/// (where it judges) and the run's reward model, its KL to the reference
+/// (unless skipped), and, given the prompts' reference answers, what the
+/// checker accepts.
 fn answer_all(
     policy_stages: &[&FinishedStage],
     models: &RunModels,
-    prompts: &[String],
+    (prompts, references): (&[String], Option<&[String]>),
     opts: &EvalOptions,
     task_judge: Option<&rlhf_stages::eval::answer::Judge>,
     device: Device,
-) -> anyhow::Result<(Vec<Labelled>, Vec<Option<f64>>)> {
+) -> anyhow::Result<Answered> {
     let mut all_answers = Vec::new();
-    let mut kls = Vec::new();
+    let (mut kls, mut verified) = (Vec::new(), Vec::new());
     for stage in policy_stages {
         tracing::info!("evaluating {} on {} prompts", stage.label, prompts.len());
         let model = load_model(stage, device)?;
@@ -399,11 +421,48 @@ fn answer_all(
                 device,
             )?),
         });
+        verified.push(match (references, opts.checker_samples) {
+            (Some(refs), Some(k)) => Some(rlhf_stages::eval::verifiable::verifiable(
+                &model,
+                prompts,
+                refs,
+                &answers.answers,
+                k,
+                &opts.settings,
+                device,
+            )?),
+            _ => None,
+        });
         all_answers.push((stage.label.clone(), answers));
         drop(model);
         rlhf_stages::memory::release_free_memory();
     }
-    Ok((all_answers, kls))
+    Ok((all_answers, kls, verified))
+}
+
+/// Each prompt's reference answer (the `answer` column) for the checker.
+fn references(path: &Path, n: usize) -> anyhow::Result<Vec<String>> {
+    let table = rlhf_datasets::load::read_table(path)?;
+    let Some(answers) = rlhf_datasets::load::optional_text_column(&table, path, "answer")? else {
+        bail!(
+            "{}: --checker needs each prompt's reference answer in an `answer` column",
+            path.display()
+        );
+    };
+    answers
+        .into_iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, a)| {
+            a.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: row {}: `answer` is missing (null)",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
 }
 
 /// The stages' own warnings (did not learn), and a reward model older than
@@ -476,6 +535,7 @@ fn policy_row(
         kl_to_reference: kl,
         answer_tokens: answers.answer_tokens.iter().sum::<usize>() as f64 / n,
         finished: answers.finished.iter().filter(|&&f| f).count() as f64 / n,
+        verifiable: None,
         seconds: None,
         route_seconds: None,
     }

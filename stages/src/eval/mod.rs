@@ -6,6 +6,7 @@
 //! the same run give the same report.
 
 pub mod answer;
+pub mod verifiable;
 
 use serde::{Deserialize, Serialize};
 use tch::Device;

@@ -70,7 +70,15 @@ impl Prompts {
     pub fn load(path: &Path, policy: &Model, max_new_tokens: i64) -> Result<Self, StageError> {
         let (texts, ids) = prompts_with_room(path, policy, max_new_tokens)?;
         let table = read_table(path)?;
-        let answers = rlhf_datasets::load::optional_text_column(&table, path, "answer")?;
+        // Only a checker reads it: a column of another type is left
+        // unread (a checker then names the prompts without one).
+        let answers = match rlhf_datasets::load::optional_text_column(&table, path, "answer") {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("{e}; the column is not read");
+                None
+            }
+        };
         let answers = answers.unwrap_or_else(|| vec![None; texts.len()]);
         Ok(Self {
             texts,

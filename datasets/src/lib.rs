@@ -13,12 +13,14 @@
 //! - [`jinja`]: a model folder's chat template, rendered as transformers does.
 //! - [`template_check`]: whether a chat template keeps earlier turns a prefix of later ones.
 //! - [`render_guard`]: the memory bound on a chat template's rendering.
+//! - [`append_log`]: append-only JSON-lines files (a torn last line cut off).
 //! - [`arithmetic`]: a verifiable task (`rlhf task arithmetic`): prompts with exact answers.
 //! - [`math_answer`]: a math answer's final value checked against the known one.
 //! - [`unpaired`]: answers labelled good or bad on their own (KTO), also from rankings.
 //! - [`labels`]: a loop round's labelling queue: groups, who saw what, submissions (Parquet).
 //! - [`label_exchange`]: a queue to and from Label Studio's and Argilla's JSON.
 
+pub mod append_log;
 pub mod arithmetic;
 pub mod atomic;
 pub mod batch;

@@ -88,6 +88,9 @@ impl Format {
 /// memory.
 pub const MAX_TEXT_BYTES: usize = 4_000_000;
 
+/// A table as [`read_table`] reads it, for crates that do not name Polars.
+pub type Table = DataFrame;
+
 /// Reads a whole table. An empty file is an error.
 pub fn read_table(path: &Path) -> Result<DataFrame, DataError> {
     let io = |source| DataError::Io {

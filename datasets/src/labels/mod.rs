@@ -52,6 +52,15 @@ pub enum LabelError {
     Busy { dir: PathBuf, pid: String },
 }
 
+impl From<crate::append_log::AppendLogError> for LabelError {
+    fn from(e: crate::append_log::AppendLogError) -> Self {
+        LabelError::File {
+            path: e.path,
+            message: e.message,
+        }
+    }
+}
+
 /// One prompt and its sampled answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Group {
@@ -159,7 +168,6 @@ pub struct LabelSummary {
     pub median_seconds: Option<f64>,
 }
 
-mod log;
 mod queue;
 mod table;
 

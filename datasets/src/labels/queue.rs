@@ -13,8 +13,8 @@ use std::sync::Arc;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::log::AppendLog;
 use super::*;
+use crate::append_log::AppendLog;
 
 /// The queue folder's lock file.
 pub const LOCK_FILE: &str = ".lock";

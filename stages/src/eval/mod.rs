@@ -160,6 +160,24 @@ pub fn reward_scores(
     ))
 }
 
+/// `k` answers to each prompt sampled at temperature 1, the RNG seeded
+/// with `settings.seed`: what the KL estimate and a checker's pass@k read.
+pub fn sampled_answers(
+    policy: &Model,
+    prompts: &[String],
+    k: usize,
+    settings: &EvalSettings,
+    device: Device,
+) -> Result<answer::Answered, StageError> {
+    let sampling = SamplingConfig {
+        temperature: 1.0,
+        max_new_tokens: settings.max_new_tokens,
+        ..SamplingConfig::default()
+    };
+    tch::manual_seed(settings.seed);
+    answer_prompts(policy, prompts, k, &sampling, settings.batch_size, device)
+}
+
 /// KL(policy || reference) in nats per answer, estimated on answers sampled
 /// from the policy at temperature 1: the mean over samples of
 /// `sum_t log p(y_t) - log p_ref(y_t)`, the quantity PPO penalises.
@@ -170,18 +188,11 @@ pub fn kl_to_reference(
     settings: &EvalSettings,
     device: Device,
 ) -> Result<f64, StageError> {
-    let sampling = SamplingConfig {
-        temperature: 1.0,
-        max_new_tokens: settings.max_new_tokens,
-        ..SamplingConfig::default()
-    };
-    tch::manual_seed(settings.seed);
-    let answered = answer_prompts(
+    let answered = sampled_answers(
         policy,
         prompts,
         settings.kl_samples_per_prompt.max(1),
-        &sampling,
-        settings.batch_size,
+        settings,
         device,
     )?;
     let seqs: Vec<Vec<i64>> = answered

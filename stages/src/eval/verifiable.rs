@@ -10,11 +10,9 @@ use rlhf_datasets::math_answer::{final_answer_key, is_correct};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::answer::answer_prompts;
 use super::EvalSettings;
 use crate::error::StageError;
 use crate::model::checkpoint::Model;
-use crate::model::sample::SamplingConfig;
 
 /// A policy's verifiable accuracy on held-out prompts.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -38,13 +36,7 @@ pub fn verifiable(
     settings: &EvalSettings,
     device: Device,
 ) -> Result<Verifiable, StageError> {
-    let sampling = SamplingConfig {
-        temperature: 1.0,
-        max_new_tokens: settings.max_new_tokens,
-        ..SamplingConfig::default()
-    };
-    tch::manual_seed(settings.seed);
-    let answered = answer_prompts(policy, prompts, k, &sampling, settings.batch_size, device)?;
+    let answered = super::sampled_answers(policy, prompts, k, settings, device)?;
     let texts = answered.texts(&policy.tokenizer)?;
     Ok(tally(references, greedy_answers, &texts, k))
 }

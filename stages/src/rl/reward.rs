@@ -15,10 +15,10 @@
 //! value}`, each logged per iteration as `reward/NAME` (its mean).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use rlhf_datasets::append_log::AppendLog;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -130,9 +130,11 @@ impl RewardConfig {
     }
 }
 
-/// Scores kept across iterations and restarts.
+/// Scores kept across iterations and restarts: an append-only log in the
+/// stage folder (made at the first score), read back whole.
 struct Cache {
     path: PathBuf,
+    log: Option<AppendLog>,
     known: HashMap<String, Scored>,
 }
 
@@ -143,43 +145,42 @@ struct CacheLine {
     scored: Scored,
 }
 
+fn log_err(e: rlhf_datasets::append_log::AppendLogError) -> StageError {
+    StageError::Config(e.to_string())
+}
+
 impl Cache {
-    /// The cache of `dir`; a torn or unreadable line (a crash mid-write)
-    /// is passed over: that answer is scored again.
-    fn open(dir: &Path) -> Self {
+    /// The cache of `dir`; a torn last line (a crash mid-write) is cut
+    /// off, so that answer is scored again.
+    fn open(dir: &Path) -> Result<Self, StageError> {
         let path = dir.join(CACHE_FILE);
-        let known = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<CacheLine>(l).ok())
-            .map(|l| (l.key, l.scored))
-            .collect();
-        Self { path, known }
+        let (log, lines) = match path.exists() {
+            true => {
+                let (log, lines) = AppendLog::open::<CacheLine>(&path).map_err(log_err)?;
+                (Some(log), lines)
+            }
+            false => (None, vec![]),
+        };
+        let known = lines.into_iter().map(|l| (l.key, l.scored)).collect();
+        Ok(Self { path, log, known })
     }
 
     fn add(&mut self, new: Vec<(String, Scored)>) -> Result<(), StageError> {
         if new.is_empty() {
             return Ok(());
         }
-        let mut text = String::new();
-        for (key, scored) in &new {
-            let line = CacheLine {
+        if self.log.is_none() {
+            self.log = Some(AppendLog::open::<CacheLine>(&self.path).map_err(log_err)?.0);
+        }
+        let lines: Vec<CacheLine> = new
+            .iter()
+            .map(|(key, scored)| CacheLine {
                 key: key.clone(),
                 scored: scored.clone(),
-            };
-            text.push_str(&serde_json::to_string(&line).expect("scores serialise"));
-            text.push('\n');
-        }
-        let io = |e: std::io::Error| StageError::Io {
-            path: self.path.clone(),
-            source: e,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io)?;
-        file.write_all(text.as_bytes()).map_err(io)?;
+            })
+            .collect();
+        let log = self.log.as_mut().expect("opened above");
+        log.append(&lines, false).map_err(log_err)?;
         self.known.extend(new);
         Ok(())
     }
@@ -212,7 +213,7 @@ impl ProgramScorer {
             cfg: cfg.clone(),
             runner,
             identity: cfg.identity(),
-            cache: Mutex::new(Cache::open(out_dir)),
+            cache: Mutex::new(Cache::open(out_dir)?),
         })
     }
 

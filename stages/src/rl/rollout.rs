@@ -68,8 +68,8 @@ pub struct Prompts {
 
 impl Prompts {
     pub fn load(path: &Path, policy: &Model, max_new_tokens: i64) -> Result<Self, StageError> {
-        let (texts, ids) = prompts_with_room(path, policy, max_new_tokens)?;
         let table = read_table(path)?;
+        let (texts, ids) = prompts_with_room(&table, path, policy, max_new_tokens)?;
         // Only a checker reads it: a column of another type is left
         // unread (a checker then names the prompts without one).
         let answers = match rlhf_datasets::load::optional_text_column(&table, path, "answer") {
@@ -316,13 +316,13 @@ pub fn from_rows(rows: &[Vec<f64>], n: usize, device: Device) -> Tensor {
 /// The prompts of `path` as text and tokens; each must leave room for
 /// `max_new_tokens` in the model's context.
 pub fn prompts_with_room(
+    table: &rlhf_datasets::load::Table,
     path: &Path,
     policy: &Model,
     max_new_tokens: i64,
 ) -> Result<(Vec<String>, Vec<Vec<i64>>), StageError> {
-    let table = read_table(path)?;
     let tok = &policy.tokenizer;
-    let prompts = prompt_texts(&table, path, &ChatTemplate::for_tokenizer(tok))?;
+    let prompts = prompt_texts(table, path, &ChatTemplate::for_tokenizer(tok))?;
     let ids = prompts
         .iter()
         .map(|p| tok.encode(p))

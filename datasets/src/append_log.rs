@@ -1,20 +1,35 @@
 //! An append-only JSON-lines file: each record is one line added at the
 //! end, so a write costs the line, not the file. A torn last line (a crash
 //! while it was written, before it was acknowledged) is cut off when the
-//! file is opened, so the next line starts clean.
+//! file is opened, so the next line starts clean. A labelling queue keeps
+//! its submissions in one; an RL stage its reward programs' scores.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{file_err, LabelError};
+/// Why a log could not be read or added to.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct AppendLogError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> AppendLogError {
+    AppendLogError {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
 
 /// Largest line read back: a label holds a prompt, K answers and two
-/// 4 KiB notes; 64 MiB is far above that and keeps a damaged file bounded.
+/// 4 KiB notes, a score a prompt and an answer; 64 MiB is far above that
+/// and keeps a damaged file bounded.
 const MAX_LINE: usize = 64 << 20;
 
 #[derive(Debug)]
-pub(super) struct AppendLog {
+pub struct AppendLog {
     path: PathBuf,
     file: File,
     /// Bytes known to be whole lines; a failed append is cut back to it.
@@ -24,7 +39,9 @@ pub(super) struct AppendLog {
 impl AppendLog {
     /// Opens `path` (made if missing) and reads its records; a torn last
     /// line is dropped from the file too.
-    pub fn open<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(Self, Vec<T>), LabelError> {
+    pub fn open<T: serde::de::DeserializeOwned>(
+        path: &Path,
+    ) -> Result<(Self, Vec<T>), AppendLogError> {
         let err = |e: std::io::Error| file_err(path, e);
         if let Some(kind) = crate::files::not_a_regular_file(path) {
             return Err(file_err(
@@ -71,7 +88,7 @@ impl AppendLog {
         &mut self,
         records: &[T],
         durable: bool,
-    ) -> Result<(), LabelError> {
+    ) -> Result<(), AppendLogError> {
         let mut text = String::new();
         for r in records {
             text.push_str(&serde_json::to_string(r).expect("records serialise"));

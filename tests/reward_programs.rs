@@ -255,4 +255,96 @@ fn eval_reports_pass_at_k_and_majority_vote_with_the_math_checker() {
         md.contains("| policy | greedy accepted | pass@1 | pass@4 | cons@4 |"),
         "{md}"
     );
+    eval_with_the_code_checker(&run, &refs, d.path());
+}
+
+/// `--checker code` on the same run: each prompt's `answer` becomes tests
+/// (some that any runnable answer passes, some none can); the report
+/// names the checker and its greedy share is the checker's own verdict on
+/// the report's greedy answers.
+fn eval_with_the_code_checker(run: &Path, refs: &[String], dir: &Path) {
+    let prompts = dir.join("prompts_code.jsonl");
+    let texts = std::fs::read_to_string(dir.join("prompts_eval.jsonl")).unwrap();
+    let tests: Vec<&str> = (0..refs.len())
+        .map(|i| {
+            if i % 2 == 0 {
+                "assert True"
+            } else {
+                "assert False"
+            }
+        })
+        .collect();
+    let lines: Vec<String> = texts
+        .lines()
+        .zip(&tests)
+        .map(|(l, t)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["answer"] = (*t).into();
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let (run_s, prompts_s) = (run.to_str().unwrap(), prompts.to_str().unwrap());
+    common::rlhf_ok(&[
+        "eval",
+        run_s,
+        "--prompts",
+        prompts_s,
+        "--max-new-tokens",
+        "8",
+        "--kl-samples",
+        "1",
+        "--checker",
+        "code",
+        "--checker-samples",
+        "2",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report/report.json")).unwrap())
+            .unwrap();
+    let answers: Vec<serde_json::Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let limits = rlhf_stages::programs::sandbox::Limits {
+        wall_seconds: 10.0,
+        memory_mb: 1024,
+        file_mb: 16,
+    };
+    let checker = rlhf_stages::programs::code_check::CodeChecker::new("python3", limits).unwrap();
+    for p in report["policies"].as_array().unwrap() {
+        let v = &p["verifiable"];
+        assert_eq!(
+            (v["checker"].as_str(), v["k"].as_u64()),
+            (Some("code"), Some(2)),
+            "{p}"
+        );
+        let label = p["label"].as_str().unwrap();
+        let passed = answers
+            .iter()
+            .zip(&tests)
+            .filter(|(a, t)| {
+                let mine = a["answers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["policy"] == label);
+                let answer = mine.unwrap()["answer"].as_str().unwrap();
+                checker.check(answer, t).unwrap()
+                    == rlhf_stages::programs::code_check::Verdict::Passed
+            })
+            .count();
+        let share = passed as f64 / tests.len() as f64;
+        assert!(
+            (v["greedy"].as_f64().unwrap() - share).abs() < 1e-12,
+            "{label}: {v}"
+        );
+        assert!(
+            v["pass_at_k"].as_f64().unwrap() <= 0.5,
+            "odd prompts cannot pass: {v}"
+        );
+    }
+    let md = std::fs::read_to_string(run.join("report/report.md")).unwrap();
+    assert!(md.contains("(the code checker against"), "{md}");
 }

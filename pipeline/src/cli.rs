@@ -117,6 +117,7 @@ pub enum LabelCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CheckerArg {
     Math,
+    Code,
 }
 
 /// The labelling tools `rlhf label export/import` speak.
@@ -255,8 +256,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 3600.0)]
     pub judge_timeout: f64,
     /// Check answers against the prompts' `answer` column: `math` (the
-    /// final answer as an exact number). Adds greedy accuracy, pass@1,
-    /// pass@k and cons@k (majority vote) over `--checker-samples` answers.
+    /// final answer as an exact number) or `code` (the answer's Python run
+    /// confined against the column's Python tests). Adds greedy accuracy,
+    /// pass@1, pass@k and cons@k (majority vote) over `--checker-samples`
+    /// answers.
     #[arg(long, value_enum)]
     pub checker: Option<CheckerArg>,
     /// Sampled answers per prompt for pass@k and cons@k.

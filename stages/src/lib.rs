@@ -16,7 +16,8 @@
 //! - [`dist`]: data-parallel ranks on libtorch's c10d (Gloo, NCCL).
 //! - [`bench`]: the timed kernels of `rlhf bench`.
 //! - [`error`]: the error every stage returns; [`check`]: setting checks.
-//! - [`programs`]: what the pipeline passes in to run reward programs.
+//! - [`programs`]: what the pipeline passes in to run reward programs;
+//!   the code checker and the sandbox it runs answers in.
 //!
 //! Imports run one way, each room from those before it: check, programs, model,
 //! dist, optim, error (the error every stage returns wraps theirs),

@@ -3,7 +3,11 @@
 use rlhf_stages::eval::EvalSettings;
 use rlhf_stages::model::device::parse_device;
 
-use crate::cli::EvalArgs;
+use rlhf_stages::eval::verifiable::AnswerChecker;
+use rlhf_stages::programs::code_check::CodeChecker;
+use rlhf_stages::programs::sandbox::Limits;
+
+use crate::cli::{CheckerArg, EvalArgs};
 use crate::report::judge::CommandJudge;
 use crate::report::{evaluate_run, write_report, EvalOptions, REPORT_JSON, REPORT_MD};
 
@@ -21,7 +25,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             ..EvalSettings::default()
         },
         skip_kl: false,
-        checker_samples: args.checker.map(|_| args.checker_samples),
+        checker: args
+            .checker
+            .map(|c| -> anyhow::Result<_> {
+                let checker = match c {
+                    CheckerArg::Math => AnswerChecker::Math,
+                    CheckerArg::Code => AnswerChecker::Code(code_checker()?),
+                };
+                Ok((checker, args.checker_samples))
+            })
+            .transpose()?,
         with_runs: args.with.clone(),
         judge: args
             .judge
@@ -86,4 +99,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         dir.join(REPORT_JSON).display()
     );
     Ok(())
+}
+
+/// `--checker code`: the first `python3` on PATH, 10 s, 1 GiB and 16 MiB
+/// files per answer.
+fn code_checker() -> anyhow::Result<CodeChecker> {
+    let limits = Limits {
+        wall_seconds: 10.0,
+        memory_mb: 1024,
+        file_mb: 16,
+    };
+    CodeChecker::new("python3", limits).map_err(|e| anyhow::anyhow!("--checker code: {e}"))
 }

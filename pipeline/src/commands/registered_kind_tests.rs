@@ -133,7 +133,7 @@ fn a_kind_registered_only_in_a_test_is_planned_evaluated_and_plotted() {
         max_prompts: None,
         settings: Default::default(),
         skip_kl: true,
-        checker_samples: None,
+        checker: None,
         with_runs: vec![],
         judge: None,
     };

@@ -43,7 +43,7 @@ pub fn run(args: SamplesArgs) -> anyhow::Result<()> {
                     ..EvalSettings::default()
                 },
                 skip_kl: true,
-                checker_samples: None,
+                checker: None,
                 with_runs: vec![],
                 judge: None,
             };

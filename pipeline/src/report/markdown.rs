@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use rlhf_stages::eval::verifiable::CheckerKind;
+
 use super::{PolicyRow, PromptAnswers, Report, VersusReference};
 
 fn num(x: Option<f64>, digits: usize) -> String {
@@ -143,12 +145,17 @@ fn examples(out: &mut String, examples: &[PromptAnswers]) {
 
 /// Greedy accuracy, pass@1, pass@k and cons@k, where a checker ran.
 fn verifiable_table(out: &mut String, r: &Report) {
-    let Some(k) = r.policies.iter().find_map(|p| p.verifiable).map(|v| v.k) else {
+    let Some(first) = r.policies.iter().find_map(|p| p.verifiable) else {
         return;
+    };
+    let (k, checker) = (first.k, first.checker.name());
+    let vote = match first.checker {
+        CheckerKind::Math => "final answer",
+        CheckerKind::Code => "code, blank space collapsed",
     };
     let _ = writeln!(
         out,
-        "### Verifiable answers (the math checker against the prompts' `answer`)
+        "### Verifiable answers (the {checker} checker against the prompts' `answer`)
 "
     );
     let _ = writeln!(
@@ -163,7 +170,7 @@ fn verifiable_table(out: &mut String, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\npass@1: the share of the {k} answers sampled per prompt (temperature 1) the checker accepts; pass@{k}: prompts with at least one accepted; cons@{k}: prompts whose majority final answer is accepted.\n"
+        "\npass@1: the share of the {k} answers sampled per prompt (temperature 1) the checker accepts; pass@{k}: prompts with at least one accepted; cons@{k}: prompts whose majority answer (by {vote}) is accepted.\n"
     );
 }
 

@@ -48,9 +48,9 @@ pub struct EvalOptions {
     pub settings: EvalSettings,
     /// Skip the KL estimate (for `rlhf samples`: answers only).
     pub skip_kl: bool,
-    /// Check answers against the prompts' `answer` column with the math
-    /// checker, with this many samples per prompt (`--checker math`).
-    pub checker_samples: Option<usize>,
+    /// Check answers against the prompts' `answer` column with this
+    /// checker, with this many samples per prompt (`--checker`).
+    pub checker: Option<(rlhf_stages::eval::verifiable::AnswerChecker, usize)>,
     /// Other run folders whose policies join the report (`--with`).
     pub with_runs: Vec<PathBuf>,
     /// A program judging the answers (`--judge`); default: the run's
@@ -299,7 +299,7 @@ pub fn evaluate_run(
     // Prompts in the policies' chat format (their tokenizer is SFT's).
     let chat = rlhf_datasets::schema::ChatTemplate::for_tokenizer(&reference.tokenizer);
     let (prompts, families) = read_prompts(&prompts_path, opts.max_prompts, &chat)?;
-    let references = match opts.checker_samples {
+    let references = match opts.checker {
         Some(_) => Some(references(&prompts_path, prompts.len())?),
         None => None,
     };
@@ -421,13 +421,14 @@ fn answer_all(
                 device,
             )?),
         });
-        verified.push(match (references, opts.checker_samples) {
-            (Some(refs), Some(k)) => Some(rlhf_stages::eval::verifiable::verifiable(
+        verified.push(match (references, &opts.checker) {
+            (Some(refs), Some((checker, k))) => Some(rlhf_stages::eval::verifiable::verifiable(
+                checker,
                 &model,
                 prompts,
                 refs,
                 &answers.answers,
-                k,
+                *k,
                 &opts.settings,
                 device,
             )?),

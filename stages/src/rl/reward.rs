@@ -1,6 +1,7 @@
 //! Rewards from programs (`reward:` of PPO and GRPO): a built-in checker
 //! (`checker: math`: the answer's final number against the prompt's
-//! `answer` column), a user's program speaking JSON lines (`command`), or
+//! `answer` column; `checker: code`: the answer's Python run confined
+//! against the tests in that column), a user's program speaking JSON lines (`command`), or
 //! a reward server (`url`: `POST` a JSON array of the items below, get the
 //! array of their results), called `workers` at once on shares of the
 //! answers, each call stopped after `timeout_seconds` and retried up to
@@ -23,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::check;
+use crate::programs::code_check::{CodeChecker, Verdict};
+use crate::programs::sandbox::Limits;
 pub use crate::programs::{Endpoint, ProgramRunner, ScoreItem, Scored};
 use crate::train::StageError;
 
@@ -33,8 +36,15 @@ pub const CACHE_FILE: &str = "reward_cache.jsonl";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
-    /// A built-in checker: `math`.
+    /// A built-in checker: `math` or `code`.
     pub checker: Option<Checker>,
+    /// The code checker's interpreter (a name on PATH or a path); it runs
+    /// with its standard library only.
+    pub python: Option<String>,
+    /// The code checker's memory per answer (MiB of address space).
+    pub memory_mb: Option<u64>,
+    /// The largest file an answer's code may write (MiB).
+    pub file_mb: Option<u64>,
     /// A program (and its arguments), run in the experiment file's folder.
     pub command: Option<Vec<String>>,
     /// A reward server's address (`http://HOST:PORT/PATH`).
@@ -51,6 +61,9 @@ impl Default for RewardConfig {
     fn default() -> Self {
         Self {
             checker: None,
+            python: None,
+            memory_mb: None,
+            file_mb: None,
             command: None,
             url: None,
             timeout_seconds: 60.0,
@@ -67,6 +80,9 @@ pub enum Checker {
     /// 1 when the answer's final answer (its last `\boxed{}`, else its last
     /// number) equals the prompt's `answer` as a number, else 0.
     Math,
+    /// 1 when the answer's Python (its last fenced block, else all of it)
+    /// passes the prompt's `answer` (Python tests), run confined, else 0.
+    Code,
 }
 
 impl RewardConfig {
@@ -98,6 +114,26 @@ impl RewardConfig {
                 ));
             }
         }
+        let code_only = [
+            ("python", self.python.is_some()),
+            ("memory_mb", self.memory_mb.is_some()),
+            ("file_mb", self.file_mb.is_some()),
+        ];
+        if let Some((name, _)) = code_only.iter().find(|(_, given)| *given) {
+            if self.checker != Some(Checker::Code) {
+                return Err(StageError::setting(
+                    format!("reward.{name}"),
+                    "is a setting of the code checker: give it with `checker: code`",
+                ));
+            }
+        }
+        check::count(
+            "reward.memory_mb",
+            self.memory_mb.unwrap_or(1024),
+            64,
+            1 << 20,
+        )?;
+        check::count("reward.file_mb", self.file_mb.unwrap_or(16), 1, 1 << 20)?;
         let t = self.timeout_seconds;
         check::require(
             "reward.timeout_seconds",
@@ -113,11 +149,33 @@ impl RewardConfig {
     /// What the cache keys on besides the answer: the scorer itself.
     fn identity(&self) -> String {
         match (&self.checker, &self.command, &self.url) {
+            (Some(Checker::Code), _, _) => format!(
+                "checker:Code:{}:{}:{}:{}",
+                self.python_name(),
+                self.memory_mb.unwrap_or(1024),
+                self.file_mb.unwrap_or(16),
+                self.timeout_seconds
+            ),
             (Some(c), _, _) => format!("checker:{c:?}"),
             (None, Some(c), _) => format!("command:{}", c.join("\u{1f}")),
             (None, None, Some(u)) => format!("url:{u}"),
             (None, None, None) => String::new(),
         }
+    }
+
+    fn python_name(&self) -> &str {
+        self.python.as_deref().unwrap_or("python3")
+    }
+
+    /// The code checker these settings describe (checked to work here).
+    fn code_checker(&self) -> Result<CodeChecker, StageError> {
+        let limits = Limits {
+            wall_seconds: self.timeout_seconds,
+            memory_mb: self.memory_mb.unwrap_or(1024),
+            file_mb: self.file_mb.unwrap_or(16),
+        };
+        CodeChecker::new(self.python_name(), limits)
+            .map_err(|e| StageError::setting("reward.checker", format!("code: {e}")))
     }
 
     /// The program or server to call (none for a built-in checker).
@@ -190,6 +248,7 @@ impl Cache {
 pub struct ProgramScorer {
     cfg: RewardConfig,
     runner: Option<ProgramRunner>,
+    code: Option<CodeChecker>,
     identity: String,
     cache: Mutex<Cache>,
 }
@@ -209,9 +268,14 @@ impl ProgramScorer {
                 "needs the pipeline to call programs and servers (run the stage with rlhf)",
             ));
         }
+        let code = match cfg.checker {
+            Some(Checker::Code) => Some(cfg.code_checker()?),
+            _ => None,
+        };
         Ok(Self {
             cfg: cfg.clone(),
             runner,
+            code,
             identity: cfg.identity(),
             cache: Mutex::new(Cache::open(out_dir)?),
         })
@@ -259,44 +323,57 @@ impl ProgramScorer {
         if items.is_empty() {
             return (vec![], None);
         }
-        match self.cfg.checker {
-            Some(Checker::Math) => {
+        match (self.cfg.checker, &self.code) {
+            (Some(Checker::Math), _) => {
                 match items.iter().map(math_score).collect::<Result<Vec<_>, _>>() {
                     Ok(scores) => (scores.into_iter().map(Some).collect(), None),
                     Err(e) => (vec![None; items.len()], Some(e)),
                 }
             }
-            None => self.run_program(items),
+            (Some(Checker::Code), Some(code)) => {
+                self.in_shares(items, "reward.checker", |part| code_scores(code, part))
+            }
+            _ => {
+                let (endpoint, setting) = self.cfg.endpoint().expect("validated");
+                self.in_shares(items, setting, |part| self.call(endpoint, part))
+            }
         }
     }
 
-    /// The items in `workers` shares, each share one call (retried).
-    fn run_program(&self, items: &[ScoreItem]) -> (Vec<Option<Scored>>, Option<StageError>) {
+    /// One call of the program or server on `part`, retried.
+    fn call(&self, endpoint: Endpoint<'_>, part: &[ScoreItem]) -> Result<Vec<Scored>, String> {
         let (cfg, runner) = (&self.cfg, self.runner.as_ref().expect("checked in new"));
-        let (endpoint, setting) = cfg.endpoint().expect("a checker is not a program");
-        let share = items.len().div_ceil(cfg.workers);
-        let call = |part: &[ScoreItem]| -> Result<Vec<Scored>, String> {
-            let mut last = String::new();
-            for attempt in 0..=cfg.retries {
-                match runner(endpoint, cfg.timeout_seconds, part) {
-                    Ok(s) if s.len() == part.len() => return Ok(s),
-                    Ok(s) => last = format!("{} scores for {} answers", s.len(), part.len()),
-                    Err(e) => last = e,
-                }
-                if attempt < cfg.retries {
-                    tracing::warn!(
-                        "reward program: {last}; trying again ({}/{})",
-                        attempt + 1,
-                        cfg.retries
-                    );
-                }
+        let mut last = String::new();
+        for attempt in 0..=cfg.retries {
+            match runner(endpoint, cfg.timeout_seconds, part) {
+                Ok(s) if s.len() == part.len() => return Ok(s),
+                Ok(s) => last = format!("{} scores for {} answers", s.len(), part.len()),
+                Err(e) => last = e,
             }
-            Err(last)
-        };
+            if attempt < cfg.retries {
+                tracing::warn!(
+                    "reward program: {last}; trying again ({}/{})",
+                    attempt + 1,
+                    cfg.retries
+                );
+            }
+        }
+        Err(format!("{last} (after {} tries)", cfg.retries + 1))
+    }
+
+    /// The items in `workers` shares scored at once by `score`.
+    fn in_shares(
+        &self,
+        items: &[ScoreItem],
+        setting: &str,
+        score: impl Fn(&[ScoreItem]) -> Result<Vec<Scored>, String> + Sync,
+    ) -> (Vec<Option<Scored>>, Option<StageError>) {
+        let share = items.len().div_ceil(self.cfg.workers);
+        let score = &score;
         let results: Vec<Result<Vec<Scored>, String>> = std::thread::scope(|s| {
             let handles: Vec<_> = items
                 .chunks(share)
-                .map(|part| s.spawn(move || call(part)))
+                .map(|part| s.spawn(move || score(part)))
                 .collect();
             handles
                 .into_iter()
@@ -309,15 +386,34 @@ impl ProgramScorer {
                 Ok(scores) => out.extend(scores.into_iter().map(Some)),
                 Err(e) => {
                     out.extend(std::iter::repeat_n(None, part.len()));
-                    failed.get_or_insert_with(|| {
-                        let e = format!("{e} (after {} tries)", cfg.retries + 1);
-                        StageError::setting(setting, e)
-                    });
+                    failed.get_or_insert_with(|| StageError::setting(setting, e));
                 }
             }
         }
         (out, failed)
     }
+}
+
+/// The code checker's scores of some answers: 1 passed, else 0, with the
+/// component `stopped` (1 when a limit stopped the code).
+fn code_scores(code: &CodeChecker, items: &[ScoreItem]) -> Result<Vec<Scored>, String> {
+    items
+        .iter()
+        .map(|item| {
+            let tests = item.answer.as_deref().ok_or_else(|| {
+                format!(
+                    "code needs each prompt's tests (an `answer` column in `prompts`); the prompt {:?} has none",
+                    item.prompt.chars().take(80).collect::<String>()
+                )
+            })?;
+            let verdict = code.check(&item.response, tests)?;
+            let stopped = matches!(verdict, Verdict::Stopped(_));
+            Ok(Scored {
+                score: f64::from(u8::from(verdict == Verdict::Passed)),
+                components: BTreeMap::from([("stopped".into(), f64::from(u8::from(stopped)))]),
+            })
+        })
+        .collect()
 }
 
 /// The math checker's score of one answer.
@@ -384,6 +480,52 @@ mod tests {
         assert_eq!((got[0].score, got[1].score), (1.0, 0.0));
         let e = s.scores(&[item("2+3?", "5", None)]).unwrap_err();
         assert!(e.to_string().contains("`answer` column"), "{e}");
+    }
+
+    /// The code checker through the scorer: answers in two shares at
+    /// once, right code 1, wrong or stopped code 0 (`stopped` says
+    /// which), and a prompt without tests named.
+    #[test]
+    fn the_code_checker_scores_answers_run_against_their_tests() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = RewardConfig {
+            checker: Some(Checker::Code),
+            python: std::env::var("RLHF_PYTHON").ok(),
+            timeout_seconds: 2.0,
+            workers: 2,
+            memory_mb: Some(256),
+            ..RewardConfig::default()
+        };
+        let s = ProgramScorer::new(&cfg, None, d.path()).unwrap();
+        let tests = Some("assert double(4) == 8");
+        let got = s
+            .scores(&[
+                item(
+                    "double?",
+                    "```python\ndef double(x):\n    return 2 * x\n```",
+                    tests,
+                ),
+                item("double?", "def double(x):\n    return x", tests),
+                item("double?", "while True: pass", tests),
+            ])
+            .unwrap();
+        let scores: Vec<(f64, f64)> = got
+            .iter()
+            .map(|g| (g.score, g.components["stopped"]))
+            .collect();
+        assert_eq!(scores, [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0)]);
+        let e = s.scores(&[item("p", "x = 1", None)]).unwrap_err();
+        assert!(e.to_string().contains("tests (an `answer` column"), "{e}");
+        let misplaced = RewardConfig {
+            checker: Some(Checker::Math),
+            memory_mb: Some(256),
+            ..RewardConfig::default()
+        };
+        let e = misplaced.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("reward.memory_mb") && e.contains("checker: code"),
+            "{e}"
+        );
     }
 
     /// Shares run at once, a failing call is retried, and a second

@@ -1,6 +1,11 @@
 //! What the pipeline passes a stage to run users' reward programs (it
 //! owns process groups and deadlines), and what travels through it.
 
+#[cfg(target_os = "linux")]
+pub mod code_check;
+#[cfg(target_os = "linux")]
+pub mod sandbox;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -135,6 +135,10 @@ compare: build
     {{rlhf}} run configs/grpo.yaml
     {{rlhf}} eval runs/compare --with runs/dpo --with runs/grpo
 
+# Multi-turn episodes with a tool: SFT then GRPO against the calculator environment (configs/calculator_env.py) on rlhf task calculator's problems; metrics' `turns` and `score` show the policy learning to call it.
+calculator: build
+    {{rlhf}} run configs/calculator.yaml
+
 # RL from a verifiable reward: SFT then GRPO scored by the math checker on rlhf task arithmetic's problems; pass@1/pass@8/cons@8 before and after (runs/arithmetic/report/).
 arithmetic: build
     {{rlhf}} run configs/arithmetic.yaml

@@ -13,6 +13,7 @@ mod chat_templates;
 mod cli;
 mod concurrent;
 mod data_parallel;
+mod episodes;
 mod eval_report;
 mod gpt_reference;
 mod hostile;

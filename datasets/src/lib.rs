@@ -24,6 +24,7 @@ pub mod append_log;
 pub mod arithmetic;
 pub mod atomic;
 pub mod batch;
+pub mod calculator;
 pub mod checksum;
 pub mod files;
 pub mod hh;

@@ -23,8 +23,22 @@ pub struct RolloutRow {
     pub returns: Vec<f64>,
     /// The reward model's score of the whole answer.
     pub score: f64,
-    /// Whether the answer ended with EOS.
+    /// Whether the answer ended with EOS (an episode: its environment
+    /// said done).
     pub finished: bool,
+    /// A multi-turn episode's turns in order (empty for one answer):
+    /// the `turn_roles`, `turn_texts` and `turn_tokens` columns; `answer`
+    /// and `token_ids` hold them all, the environment's too.
+    pub turns: Vec<RolloutTurn>,
+}
+
+/// One turn of an episode: who wrote it (`policy` or `environment`), its
+/// text and its number of tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutTurn {
+    pub role: String,
+    pub text: String,
+    pub tokens: u32,
 }
 
 fn list_f64(name: &str, rows: &[RolloutRow], get: impl Fn(&RolloutRow) -> &Vec<f64>) -> Column {
@@ -33,6 +47,27 @@ fn list_f64(name: &str, rows: &[RolloutRow], get: impl Fn(&RolloutRow) -> &Vec<f
         .map(|r| Series::new("".into(), get(r).as_slice()))
         .collect();
     Series::new(name.into(), items).into()
+}
+
+fn turn_texts(name: &str, rows: &[RolloutRow], get: fn(&RolloutTurn) -> &str) -> Column {
+    let items: Vec<Series> = rows
+        .iter()
+        .map(|r| Series::new("".into(), r.turns.iter().map(get).collect::<Vec<&str>>()))
+        .collect();
+    Series::new(name.into(), items).into()
+}
+
+fn turn_tokens(rows: &[RolloutRow]) -> Column {
+    let items: Vec<Series> = rows
+        .iter()
+        .map(|r| {
+            Series::new(
+                "".into(),
+                r.turns.iter().map(|t| t.tokens).collect::<Vec<u32>>(),
+            )
+        })
+        .collect();
+    Series::new("turn_tokens".into(), items).into()
 }
 
 /// The rows as a DataFrame.
@@ -69,6 +104,9 @@ pub fn rollout_frame(rows: &[RolloutRow]) -> Result<DataFrame, PolarsError> {
             "finished".into(),
             rows.iter().map(|r| r.finished).collect::<Vec<_>>(),
         ),
+        turn_texts("turn_roles", rows, |t| &t.role),
+        turn_texts("turn_texts", rows, |t| &t.text),
+        turn_tokens(rows),
     ])
 }
 
@@ -110,13 +148,30 @@ mod tests {
             returns: vec![0.6, 0.5],
             score: 1.0,
             finished: true,
+            turns: vec![],
+        };
+        let episode = RolloutRow {
+            answer: "CALC 1+2= 3A: 3".into(),
+            turns: ["CALC 1+2", "= 3", "A: 3"]
+                .iter()
+                .zip(["policy", "environment", "policy"])
+                .map(|(text, role)| RolloutTurn {
+                    role: role.into(),
+                    text: (*text).into(),
+                    tokens: text.len() as u32,
+                })
+                .collect(),
+            ..row.clone()
         };
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("iter-0003.parquet");
-        write_rollouts(&p, &[row.clone(), row]).unwrap();
+        write_rollouts(&p, &[row.clone(), episode]).unwrap();
         assert_eq!(
             read_prompts_and_answers(&p).unwrap(),
-            vec![("Add: 1+2\n".to_string(), "3".to_string()); 2]
+            vec![
+                ("Add: 1+2\n".to_string(), "3".to_string()),
+                ("Add: 1+2\n".to_string(), "CALC 1+2= 3A: 3".to_string())
+            ]
         );
         let df = read_table(&p).unwrap();
         assert_eq!(df.height(), 2);
@@ -150,5 +205,37 @@ mod tests {
             ids.i64().unwrap().iter().collect::<Vec<_>>(),
             vec![Some(51), Some(256)]
         );
+        let turns = |c: &str, row: usize| {
+            df.column(c)
+                .unwrap()
+                .list()
+                .unwrap()
+                .get_as_series(row)
+                .unwrap()
+        };
+        assert_eq!(turns("turn_roles", 0).len(), 0, "one answer: no turns");
+        let roles: Vec<_> = turns("turn_roles", 1)
+            .str()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(roles, ["policy", "environment", "policy"]);
+        let texts: Vec<_> = turns("turn_texts", 1)
+            .str()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(texts, ["CALC 1+2", "= 3", "A: 3"]);
+        let tokens: Vec<_> = turns("turn_tokens", 1)
+            .u32()
+            .unwrap()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(tokens, [8, 3, 4]);
     }
 }

@@ -437,6 +437,23 @@ pub enum TaskCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Write a tool-use task: products of two-digit numbers
+    /// (`{prompt, answer}`) for a multi-turn stage whose environment is a
+    /// calculator (`configs/calculator_env.py`), and demonstrations that
+    /// call it only some of the time.
+    Calculator {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Prompts for RL (default 2000).
+        #[arg(long)]
+        prompts: Option<usize>,
+        /// Replace the files where they already exist.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -379,3 +379,170 @@ fn grpo_learns_arithmetic_from_a_checker_alone() {
     let cached = std::fs::read_to_string(out.join(CACHE_FILE)).unwrap();
     assert!(cached.lines().count() >= 8, "scores kept");
 }
+
+/// Multi-turn episodes with a tool: after SFT on demonstrations that call
+/// the calculator 30% of the time (else guess), GRPO with the calculator
+/// environment (`env`), which answers `CALC a*b` turns and scores the
+/// final answer, teaches the policy to call it: the share of episodes
+/// that call it and their score both rise by at least 0.3. The
+/// environment's tokens carry no advantage (they are out of the loss and
+/// the KL), the policy's do, and the rollout files record every turn.
+#[test]
+fn grpo_learns_to_call_a_calculator_tool() {
+    use rlhf_datasets::calculator::{generate, reply, CalculatorConfig, CALL};
+    use rlhf_stages::kinds::sft::SftConfig;
+    use rlhf_stages::rl::episode::EnvConfig;
+    const ITERATIONS: i64 = 12;
+    let _serial = common::serial();
+    let d = tempfile::tempdir().unwrap();
+    let task = CalculatorConfig {
+        sft_examples: 4000,
+        prompts: 400,
+        eval_prompts: 10,
+        ..CalculatorConfig::default()
+    };
+    generate(d.path(), &task).unwrap();
+    tch::manual_seed(11);
+    let sft = SftConfig {
+        eval_fraction: 0.0,
+        max_len: 44,
+        train: rlhf_stages::train::TrainSettings {
+            batch_size: 32,
+            epochs: 8,
+            optimizer: rlhf_stages::optim::AdamWConfig {
+                lr: 3e-3,
+                ..Default::default()
+            },
+            eval_every: 10_000,
+            checkpoint_every: 10_000,
+            ..SftConfig::default().train
+        },
+        ..SftConfig::default()
+    };
+    let mut job = common::sft_job(d.path().join("sft.jsonl"), d.path().join("sft"), sft);
+    // Wide enough to copy four digits reliably.
+    job.ctx.scratch.config = rlhf_stages::GptConfig {
+        vocab_size: 264,
+        n_positions: 48,
+        n_embd: 128,
+        n_layer: 3,
+        n_head: 4,
+        ..rlhf_stages::GptConfig::default()
+    }
+    .into();
+    rlhf_stages::kinds::sft::run(&job.config, &job.ctx).unwrap();
+    let cfg = GrpoConfig {
+        gold_reward: false,
+        env: Some(EnvConfig {
+            command: vec!["calculator".into()],
+            max_turns: 3,
+            ..EnvConfig::default()
+        }),
+        group_size: 8,
+        prompts_per_iteration: 8,
+        minibatch_size: 16,
+        beta: 0.04,
+        sampling: SamplingConfig {
+            temperature: 1.0,
+            max_new_tokens: 12,
+            ..SamplingConfig::default()
+        },
+        save_rollouts: true,
+        optimizer: rlhf_stages::optim::AdamWConfig {
+            lr: 5e-4,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        ..config(
+            d.path().join("sft").join(FINAL_DIR),
+            d.path().join("prompts.jsonl"),
+            ITERATIONS,
+        )
+    };
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let ctx = StageContext {
+        env_runner: Some(Arc::new(move |command, _, requests| {
+            assert_eq!(command, ["calculator"]);
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(requests
+                .iter()
+                .map(|r| reply(r["response"].as_str().unwrap(), r["answer"].as_str()))
+                .collect())
+        })),
+        ..common::ctx(d.path().join("grpo"))
+    };
+    run(&cfg, &ctx).unwrap();
+    let out = d.path().join("grpo");
+    let (all, _, _) = scores(&out);
+    // Per iteration: the share of episodes whose first turn calls the
+    // tool; and every environment token's advantage is 0.
+    let mut tool_share = vec![];
+    for it in 1..=ITERATIONS {
+        let df =
+            rlhf_datasets::load::read_table(&out.join(format!("rollouts/iter-{it:04}.parquet")))
+                .unwrap();
+        let texts = df.column("turn_texts").unwrap().list().unwrap().clone();
+        let roles = df.column("turn_roles").unwrap().list().unwrap().clone();
+        let tokens = df.column("turn_tokens").unwrap().list().unwrap().clone();
+        let adv = df.column("advantages").unwrap().list().unwrap().clone();
+        let mut called = 0;
+        for row in 0..df.height() {
+            let strings = |l: &polars::prelude::ListChunked| -> Vec<String> {
+                let s = l.get_as_series(row).unwrap();
+                s.str()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.unwrap().to_owned())
+                    .collect()
+            };
+            let (texts, roles) = (strings(&texts), strings(&roles));
+            assert!(!texts.is_empty(), "an episode has turns");
+            called += usize::from(texts[0].starts_with(CALL.trim_end()));
+            let sizes: Vec<u32> = tokens
+                .get_as_series(row)
+                .unwrap()
+                .u32()
+                .unwrap()
+                .iter()
+                .flatten()
+                .collect();
+            let a: Vec<f64> = adv
+                .get_as_series(row)
+                .unwrap()
+                .f64()
+                .unwrap()
+                .iter()
+                .flatten()
+                .collect();
+            let mut at = 0;
+            for (role, n) in roles.iter().zip(&sizes) {
+                let part = &a[at..at + *n as usize];
+                if role == "environment" {
+                    assert!(
+                        part.iter().all(|&x| x == 0.0),
+                        "iteration {it}: environment tokens in the loss: {part:?}"
+                    );
+                } else {
+                    assert_eq!(role, "policy");
+                }
+                at += *n as usize;
+            }
+            assert_eq!(at, a.len(), "the turns cover the answer's tokens");
+        }
+        tool_share.push(called as f64 / df.height() as f64);
+    }
+    // The SFT policy's own episodes (iteration 1) against the last five
+    // iterations'.
+    let last5 = |x: &[f64]| x[x.len() - 5..].iter().sum::<f64>() / 5.0;
+    let (tool_early, tool_late) = (tool_share[0], last5(&tool_share));
+    let (early, late) = (all[0], last5(&all));
+    eprintln!("score {early:.3} -> {late:.3}; calls the tool {tool_early:.3} -> {tool_late:.3}");
+    eprintln!("scores {all:?}\ntool share {tool_share:?}");
+    assert!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= 20,
+        "the environment ran"
+    );
+    assert!(tool_late > tool_early + 0.3, "tool calls {tool_share:?}");
+    assert!(late > early + 0.3, "scores {all:?}");
+}

@@ -99,6 +99,7 @@ fn context(
     };
     let base = planned.experiment_dir();
     let reward_base = base.clone();
+    let env_base = base.clone();
     Ok(StageContext {
         out_dir: planned.out_dir.clone(),
         device,
@@ -132,6 +133,18 @@ fn context(
                 Endpoint::Url(url) => crate::reward_server::scores(url, timeout, items),
             };
             scored.map_err(|e| format!("{e:#}"))
+        })),
+        // And a multi-turn stage's environment.
+        env_runner: Some(Arc::new(move |command, timeout, requests| {
+            let program = crate::label::programs::LineProgram {
+                command,
+                role: "environment",
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                limit: "env.timeout_seconds",
+                cwd: Some(&env_base),
+            };
+            crate::label::programs::env_with_command(&program, requests)
+                .map_err(|e| format!("{e:#}"))
         })),
     })
 }

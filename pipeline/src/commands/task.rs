@@ -1,5 +1,6 @@
 //! `rlhf task generate`: the bundled task's files; `rlhf task
-//! arithmetic`: a verifiable task.
+//! arithmetic`: a verifiable task; `rlhf task calculator`: a tool-use
+//! task for multi-turn episodes.
 
 use anyhow::Context;
 use rlhf_datasets::task::generate::{generate, TaskConfig, TASK_FILES};
@@ -33,6 +34,25 @@ pub fn run(cmd: TaskCommand) -> anyhow::Result<()> {
             check_free(&out, &FILES, force)?;
             let defaults = ArithmeticConfig::default();
             let cfg = ArithmeticConfig {
+                seed: seed.unwrap_or(defaults.seed),
+                prompts: prompts.unwrap_or(defaults.prompts),
+                ..defaults
+            };
+            generate(&out, &cfg).with_context(|| format!("writing {}", out.display()))?;
+            for f in FILES {
+                println!("{}", out.join(f).display());
+            }
+        }
+        TaskCommand::Calculator {
+            out,
+            seed,
+            prompts,
+            force,
+        } => {
+            use rlhf_datasets::calculator::{generate, CalculatorConfig, FILES};
+            check_free(&out, &FILES, force)?;
+            let defaults = CalculatorConfig::default();
+            let cfg = CalculatorConfig {
                 seed: seed.unwrap_or(defaults.seed),
                 prompts: prompts.unwrap_or(defaults.prompts),
                 ..defaults

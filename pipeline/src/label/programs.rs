@@ -158,6 +158,19 @@ pub(crate) fn reward_with_command(
     })
 }
 
+/// An environment program's replies (`env:` of a multi-turn stage): one
+/// request line in per live episode, one JSON object line out for each
+/// (read by the stage).
+pub(crate) fn env_with_command(
+    program: &LineProgram,
+    requests: &[Value],
+) -> anyhow::Result<Vec<Value>> {
+    program.exchange_lines(requests, "turns", |_, v| match v.is_object() {
+        true => Ok(v.clone()),
+        false => Err("expected {\"observation\", \"done\", \"reward\"}".into()),
+    })
+}
+
 /// The largest score magnitude a judge may give (as a reward program's).
 const MAX_SCORE: f64 = rlhf_stages::programs::MAX_SCORE;
 

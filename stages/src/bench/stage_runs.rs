@@ -38,6 +38,7 @@ impl StageRun {
             judge: None,
             ranker: None,
             reward_runner: None,
+            env_runner: None,
             stop_after: None,
             ranks: std::sync::Arc::new(crate::dist::Ranks::single()),
         };

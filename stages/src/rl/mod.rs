@@ -10,6 +10,7 @@
 //! supervised kind.
 
 pub mod driver;
+pub mod episode;
 pub mod grpo;
 pub mod ppo;
 pub mod reward;

@@ -19,6 +19,7 @@ use crate::model::sample::{generate, Generation, SamplingConfig, SharedPrompts, 
 use crate::model::score::gather_logprobs;
 use crate::train::{check_finite, StageError};
 
+use super::episode::{play, Environment, EpisodeStarts, Turn};
 pub use super::scorer::Scorer;
 
 /// The frozen reference: its own model, or the policy with its LoRA
@@ -122,6 +123,9 @@ pub struct Sampled {
     /// Per answer, a reward program's named parts of its score (empty for
     /// other scorers).
     pub components: Vec<std::collections::BTreeMap<String, f64>>,
+    /// Per answer, its turns when it is a multi-turn episode (else empty);
+    /// `answer_mask` is then 1 on the policy's tokens only.
+    pub turns: Vec<Vec<Turn>>,
     /// This rank's time in the rollout's parts.
     pub seconds: RolloutSeconds,
 }
@@ -155,6 +159,8 @@ pub struct RolloutInputs<'a> {
     pub sampling: &'a SamplingConfig,
     /// Answers per prompt: 1 (PPO) or the group size (GRPO).
     pub group: usize,
+    /// Multi-turn episodes with this environment, which scores them.
+    pub env: Option<&'a Environment>,
     pub device: Device,
 }
 
@@ -168,6 +174,9 @@ impl RolloutInputs<'_> {
             .flat_map(|&i| std::iter::repeat_n(i, self.group))
             .collect();
         let prompt_ids: Vec<Vec<i64>> = rows.iter().map(|&i| self.prompts.ids[i].clone()).collect();
+        if let Some(env) = self.env {
+            return self.episodes(env, rows, &prompt_ids, iteration);
+        }
         let tok = &self.policy.tokenizer;
         let clock = std::time::Instant::now();
         let g = generate(
@@ -177,32 +186,11 @@ impl RolloutInputs<'_> {
             TokenSpec::of(tok),
             self.device,
         )?;
-        let (width, vocab) = (g.prompt_width, tok.vocab_size() as i64);
+        let width = g.prompt_width;
         let n = g.tokens.size()[1] - width;
         let answer_mask = g.attention_mask.narrow(1, width, n).to_kind(Kind::Float);
         let sampling = clock.elapsed().as_secs_f64();
-        let (old_lp, ref_lp) = tch::no_grad(|| {
-            // A group's prompt is computed once (real vocabularies only).
-            let shared = self
-                .policy
-                .net
-                .has_real_vocabulary()
-                .then(|| SharedPrompts::of(&prompt_ids, self.device))
-                .flatten();
-            let of = |net: &Network| {
-                rollout_logprobs(
-                    net,
-                    &g.tokens,
-                    &g.attention_mask,
-                    width,
-                    vocab,
-                    shared.as_ref(),
-                )
-            };
-            let lp = of(&self.policy.net);
-            let rlp = self.reference.with(self.policy, |r| of(&r.net));
-            (lp, rlp)
-        });
+        let (old_lp, ref_lp) = self.logprobs(&g, &prompt_ids);
         let logprobs = clock.elapsed().as_secs_f64() - sampling;
         let answers: Vec<String> = g
             .answers
@@ -227,7 +215,7 @@ impl RolloutInputs<'_> {
             self.device,
         )?;
         let scores: Vec<f64> = scored.iter().map(|s| s.score).collect();
-        let components = scored.into_iter().map(|s| s.components).collect();
+        let components: Vec<_> = scored.into_iter().map(|s| s.components).collect();
         let what = match self.scorer {
             Scorer::Model(_) => "reward-model score",
             _ => "score",
@@ -242,12 +230,98 @@ impl RolloutInputs<'_> {
             values: None,
             answers,
             scores,
+            turns: vec![vec![]; components.len()],
             components,
             seconds: RolloutSeconds {
                 sampling,
                 logprobs,
                 scoring: clock.elapsed().as_secs_f64() - sampling - logprobs,
             },
+        })
+    }
+
+    /// Multi-turn episodes from `env` for `rows`, their environment's sums
+    /// of rewards as scores.
+    fn episodes(
+        &self,
+        env: &Environment,
+        rows: Vec<usize>,
+        prompt_ids: &[Vec<i64>],
+        iteration: i64,
+    ) -> Result<Sampled, StageError> {
+        let clock = std::time::Instant::now();
+        let texts: Vec<&str> = rows
+            .iter()
+            .map(|&i| self.prompts.texts[i].as_str())
+            .collect();
+        let references: Vec<Option<&str>> = rows
+            .iter()
+            .map(|&i| self.prompts.answers[i].as_deref())
+            .collect();
+        let starts = EpisodeStarts {
+            ids: prompt_ids,
+            texts: &texts,
+            references: &references,
+        };
+        let e = play(env, self.policy, &starts, self.sampling, self.device)?;
+        let sampling = clock.elapsed().as_secs_f64();
+        let (old_lp, ref_lp) = self.logprobs(&e.generation, prompt_ids);
+        let logprobs = clock.elapsed().as_secs_f64() - sampling;
+        let tok = &self.policy.tokenizer;
+        let answers: Vec<String> = e
+            .generation
+            .answers
+            .iter()
+            .map(|a| tok.decode(a, false))
+            .collect::<Result<_, _>>()?;
+        check_finite(
+            iteration + 1,
+            "environment reward",
+            e.scores.iter().sum::<f64>(),
+        )?;
+        Ok(Sampled {
+            components: vec![Default::default(); rows.len()],
+            rows,
+            generation: e.generation,
+            answer_mask: e.policy_mask,
+            old_lp,
+            ref_lp,
+            values: None,
+            answers,
+            scores: e.scores,
+            turns: e.turns,
+            seconds: RolloutSeconds {
+                sampling,
+                logprobs,
+                scoring: 0.0,
+            },
+        })
+    }
+
+    /// The policy's and the reference's log-probabilities of `g`'s answers.
+    fn logprobs(&self, g: &Generation, prompt_ids: &[Vec<i64>]) -> (Tensor, Tensor) {
+        let (width, vocab) = (g.prompt_width, self.policy.tokenizer.vocab_size() as i64);
+        tch::no_grad(|| {
+            // A group's prompt is computed once (real vocabularies only).
+            let shared = self
+                .policy
+                .net
+                .has_real_vocabulary()
+                .then(|| SharedPrompts::of(prompt_ids, self.device))
+                .flatten();
+            let of = |net: &Network| {
+                rollout_logprobs(
+                    net,
+                    &g.tokens,
+                    &g.attention_mask,
+                    width,
+                    vocab,
+                    shared.as_ref(),
+                )
+            };
+            let lp = of(&self.policy.net);
+            let rlp = self.reference.with(self.policy, |r| of(&r.net));
+            (lp, rlp)
         })
     }
 }
@@ -372,11 +446,11 @@ pub fn columns_of(r: &Sampled, rows: &Tensor, trim: bool) -> (i64, i64, i64) {
         return (0, width, answer);
     }
     let pick = |t: &Tensor| t.index_select(0, rows);
-    minibatch_span(
-        &pick(&r.generation.attention_mask),
-        &pick(&r.answer_mask),
-        width,
-    )
+    let attention = pick(&r.generation.attention_mask);
+    // The answers' real tokens, the environment's in episodes too (the
+    // answer mask has only the policy's).
+    let real = attention.narrow(1, width, answer);
+    minibatch_span(&attention, &real, width)
 }
 
 /// Log-probabilities `(B, N)` of the answer tokens in `tokens` (answers

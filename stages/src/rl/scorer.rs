@@ -21,6 +21,9 @@ pub enum Scorer {
     Judge(Judge),
     Ranked(RankedBy),
     Program(Box<ProgramScorer>),
+    /// Multi-turn episodes: their environment scores them as they are
+    /// played (`rl::episode`); nothing is scored after.
+    Environment,
 }
 
 /// A program that ranks groups (the loop's labeller protocol), and how
@@ -160,6 +163,11 @@ impl Scorer {
                 .collect(),
             Scorer::Ranked(r) => r.scores(prompts, texts, group)?,
             Scorer::Program(_) => unreachable!("scored above"),
+            Scorer::Environment => {
+                return Err(StageError::Config(
+                    "episodes are scored by their environment, not after".into(),
+                ))
+            }
         };
         Ok(scores
             .into_iter()

@@ -7,8 +7,9 @@
 //! gradients summed.
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use super::episode::{policy_tokens, Turn};
 use super::rollout::{from_rows, to_rows, Sampled};
 use crate::dist::Ranks;
 use crate::model::sample::Generation;
@@ -24,6 +25,8 @@ struct Row {
     text: String,
     score: f64,
     components: std::collections::BTreeMap<String, f64>,
+    /// A multi-turn episode's turns (else empty).
+    turns: Vec<Turn>,
     /// Per answer token.
     sampled_lp: Vec<f64>,
     old_lp: Vec<f64>,
@@ -102,6 +105,7 @@ fn rows_of(r: &Sampled) -> Vec<Row> {
                 text: r.answers[i].clone(),
                 score: r.scores[i],
                 components: r.components[i].clone(),
+                turns: r.turns[i].clone(),
                 sampled_lp: sampled[i][..len].to_vec(),
                 old_lp: lp[i][..len].to_vec(),
                 ref_lp: rlp[i][..len].to_vec(),
@@ -130,11 +134,17 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device, with_values: bool) ->
     let shape = [rows.len() as i64, (p + n) as i64];
     let tokens = Tensor::from_slice(&ids).view(shape).to_device(device);
     let attention = Tensor::from_slice(&mask).view(shape).to_device(device);
-    let answer_mask = attention.narrow(1, p as i64, n as i64).to_kind(Kind::Float);
     let table = |f: fn(&Row) -> &Vec<f64>| {
         let rows: Vec<Vec<f64>> = rows.iter().map(|r| f(r).clone()).collect();
         from_rows(&rows, n, device)
     };
+    // The policy's tokens: every answer token, less an episode's
+    // environment tokens.
+    let policy: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| policy_tokens(&r.turns, r.answer.len()))
+        .collect();
+    let answer_mask = from_rows(&policy, n, device);
     Sampled {
         old_lp: table(|r| &r.old_lp),
         ref_lp: table(|r| &r.ref_lp),
@@ -144,6 +154,7 @@ fn assemble(rows: Vec<Row>, pad: i64, device: tch::Device, with_values: bool) ->
         answers: rows.iter().map(|r| r.text.clone()).collect(),
         scores: rows.iter().map(|r| r.score).collect(),
         components: rows.iter().map(|r| r.components.clone()).collect(),
+        turns: rows.iter().map(|r| r.turns.clone()).collect(),
         generation: Generation {
             tokens,
             attention_mask: attention,

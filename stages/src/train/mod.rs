@@ -985,6 +985,9 @@ pub struct StageContext {
     /// Runs a user's reward program (`reward.command`), passed in by the
     /// pipeline.
     pub reward_runner: Option<crate::programs::ProgramRunner>,
+    /// Runs a multi-turn stage's environment program (`env.command`),
+    /// passed in by the pipeline.
+    pub env_runner: Option<crate::rl::episode::EnvRunner>,
 }
 
 /// Rankings (0 the best) of `(prompt, answers)` groups from a program.

@@ -55,6 +55,7 @@ pub fn ctx(out_dir: PathBuf) -> StageContext {
         judge: None,
         ranker: None,
         reward_runner: None,
+        env_runner: None,
         stop_after: None,
         ranks: std::sync::Arc::new(rlhf_stages::dist::Ranks::single()),
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use rlhf_datasets::batch::epoch_order;
-use rlhf_datasets::rollout::RolloutRow;
+use rlhf_datasets::rollout::{RolloutRow, RolloutTurn};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -21,6 +21,7 @@ use crate::model::checkpoint::{HeadChoice, Model};
 use crate::model::gpt::Head;
 use crate::optim::AdamW;
 use crate::rl::driver::{Learner, Outcome, RlState};
+use crate::rl::episode::{Environment, Role};
 use crate::rl::rollout::{
     answer_logprobs, columns_of, rollout_logprob_diff, rollout_padding_waste, to_rows, Prompts,
     Reference, RolloutInputs, Sampled, Scorer,
@@ -50,6 +51,8 @@ pub(super) struct GrpoLearner<'a> {
     vars: Vec<Tensor>,
     reference: Reference,
     scorer: Scorer,
+    /// Multi-turn episodes' environment (`env`), which then scores.
+    env: Option<Environment>,
     prompts: Prompts,
     own: GrpoOwn,
     device: Device,
@@ -82,11 +85,17 @@ impl<'a> GrpoLearner<'a> {
             opt.load_state_tensors(m)?;
         }
         let reference = Reference::load(cfg.reference.as_deref(), &cfg.policy, &policy, device)?;
-        let scorer = match (&cfg.ranker_command, &cfg.reward) {
-            (Some(command), _) => Scorer::ranked(command, cfg.ranker_timeout_seconds, ctx)?,
-            (None, Some(reward)) => Scorer::program(reward, ctx)?,
-            (None, None) => Scorer::load(cfg.reward_model.as_deref(), cfg.gold_reward, ctx)?,
+        let scorer = match (&cfg.ranker_command, &cfg.reward, &cfg.env) {
+            (Some(command), _, _) => Scorer::ranked(command, cfg.ranker_timeout_seconds, ctx)?,
+            (None, Some(reward), _) => Scorer::program(reward, ctx)?,
+            (None, None, Some(_)) => Scorer::Environment,
+            (None, None, None) => Scorer::load(cfg.reward_model.as_deref(), cfg.gold_reward, ctx)?,
         };
+        let env = cfg
+            .env
+            .as_ref()
+            .map(|e| Environment::new(e, ctx.env_runner.clone(), &policy, &cfg.policy))
+            .transpose()?;
         let prompts = Prompts::load(&cfg.prompts, &policy, cfg.sampling.max_new_tokens)?;
         let learner = Self {
             cfg,
@@ -95,6 +104,7 @@ impl<'a> GrpoLearner<'a> {
             opt,
             reference,
             scorer,
+            env,
             prompts,
             own: state.as_ref().map(|s| s.own.clone()).unwrap_or_default(),
             device,
@@ -169,6 +179,7 @@ impl<'a> GrpoLearner<'a> {
             .prompts
             .of_iteration(cfg.prompts_per_iteration, seed, iteration);
         let inputs = RolloutInputs {
+            env: self.env.as_ref(),
             policy: &self.policy,
             reference: &self.reference,
             scorer: &self.scorer,
@@ -282,6 +293,17 @@ impl<'a> GrpoLearner<'a> {
                     returns: vec![],
                     score: r.scores[row],
                     finished: r.generation.finished[row],
+                    turns: r.turns[row]
+                        .iter()
+                        .map(|t| RolloutTurn {
+                            role: match t.role {
+                                Role::Policy => "policy".into(),
+                                Role::Environment => "environment".into(),
+                            },
+                            text: t.text.clone(),
+                            tokens: t.tokens as u32,
+                        })
+                        .collect(),
                 }
             })
             .collect()
@@ -443,7 +465,8 @@ impl Learner for GrpoLearner<'_> {
         let prompts = self.cfg.prompts_per_iteration;
         self.own.groups += prompts;
         self.own.zero_spread += zero_spread;
-        let lengths = r.generation.answers.iter().map(Vec::len).sum::<usize>() as f64;
+        // The policy's tokens (an episode's environment tokens left out).
+        let lengths = r.answer_mask.sum(Kind::Double).double_value(&[]);
         let [diff_max, diff_mean] = rollout_logprob_diff(&r);
         let mut record = json!({
             "policy_loss": loss, "clip_fraction": clip_fraction,
@@ -457,6 +480,10 @@ impl Learner for GrpoLearner<'_> {
             // groups' is higher by construction.
             record["extra_rounds"] = extra_rounds.into();
             record["kept_score"] = (r.scores.iter().sum::<f64>() / b).into();
+        }
+        if r.turns.iter().any(|t| !t.is_empty()) {
+            let policy_turns = r.turns.iter().flatten().filter(|t| t.role == Role::Policy);
+            record["turns"] = (policy_turns.count() as f64 / b).into();
         }
         r.seconds.record(&mut record);
         crate::rl::reward::record_components(&components, &mut record);
@@ -525,6 +552,7 @@ mod tests {
             answers: vec![String::new(); 2],
             scores: vec![0.0, 1.0],
             components: vec![Default::default(); 2],
+            turns: vec![vec![]; 2],
             seconds: Default::default(),
         };
         let cfg = GrpoConfig::default();

@@ -60,6 +60,10 @@ pub struct GrpoConfig {
     /// (`reward: {checker: math}`, `reward: {command: [python3, r.py]}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward: Option<crate::rl::reward::RewardConfig>,
+    /// Or multi-turn episodes: an environment program answers each policy
+    /// turn (a tool's result) and scores the episode (see `rl::episode`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<crate::rl::episode::EnvConfig>,
     /// Prompts to answer: `{prompt}` (or `{messages}`) rows.
     pub prompts: PathBuf,
     pub iterations: i64,
@@ -140,6 +144,7 @@ impl Default for GrpoConfig {
             ranker_command: None,
             ranker_timeout_seconds: 3600.0,
             reward: None,
+            env: None,
             prompts: PathBuf::new(),
             iterations: 40,
             prompts_per_iteration: 16,
@@ -209,15 +214,19 @@ impl KindConfig for GrpoConfig {
             self.gold_reward,
             self.ranker_command.is_some(),
             self.reward.is_some(),
+            self.env.is_some(),
         ];
         if scorers.iter().filter(|&&s| s).count() > 1 {
             return Err(StageError::setting(
                 "reward_model",
-                "give one scorer: `reward_model`, `gold_reward: true`, `ranker_command` or `reward`",
+                "give one scorer: `reward_model`, `gold_reward: true`, `ranker_command`, `reward` or `env` (whose environment scores its episodes)",
             ));
         }
         if let Some(r) = &self.reward {
             r.validate()?;
+        }
+        if let Some(e) = &self.env {
+            e.validate()?;
         }
         if let Some(c) = &self.ranker_command {
             if c.is_empty() {
@@ -235,7 +244,10 @@ impl KindConfig for GrpoConfig {
             check::shown(t),
         )?;
         crate::rl::check_scorer_and_iterations(
-            self.reward_model.is_some() || self.ranker_command.is_some() || self.reward.is_some(),
+            self.reward_model.is_some()
+                || self.ranker_command.is_some()
+                || self.reward.is_some()
+                || self.env.is_some(),
             self.gold_reward,
             self.iterations,
         )?;

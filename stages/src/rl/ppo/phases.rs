@@ -223,6 +223,7 @@ impl<'a> PpoLearner<'a> {
             .prompts
             .of_iteration(cfg.rollout_batch, seed, iteration);
         let inputs = RolloutInputs {
+            env: None,
             policy: &m.policy,
             reference: &m.reference,
             scorer: &m.scorer,
@@ -557,6 +558,7 @@ impl PpoLearner<'_> {
             .map(|row| {
                 let len = e.lens[row];
                 RolloutRow {
+                    turns: vec![],
                     iteration: it,
                     prompt: self.data.prompts.texts[r.rows[row]].clone(),
                     answer: r.answers[row].clone(),

@@ -27,7 +27,11 @@ pub fn unregister(pid: u32) {
 
 fn signal_group(signal: &str, pid: u32) {
     let group = format!("-{pid}");
-    let _ = Command::new("kill").args([signal, "--", &group]).status();
+    // A group that already ended is no error: `kill`'s complaint is dropped.
+    let _ = Command::new("kill")
+        .args([signal, "--", &group])
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn alive(pid: u32) -> bool {

@@ -91,6 +91,83 @@ fn a_reward_program_scores_grpo_with_components_and_a_cache() {
         sizes.iter().sum::<usize>(),
         "every score kept once"
     );
+    eval_with_the_reward_program(d.path());
+}
+
+/// `rlhf eval --reward-command` scores every policy's greedy answers with
+/// the same program: each policy's mean score and components are the
+/// program's formula on the report's own answers.
+fn eval_with_the_reward_program(dir: &Path) {
+    let run = dir.join("runs/rp");
+    let prompts = dir.join("prompts_eval.jsonl");
+    let command = format!("python3 {}", dir.join("reward.py").display());
+    common::rlhf_ok(&[
+        "eval",
+        run.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "8",
+        "--kl-samples",
+        "1",
+        "--reward-command",
+        &command,
+        "--reward-workers",
+        "2",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report/report.json")).unwrap())
+            .unwrap();
+    let refs: Vec<String> = std::fs::read_to_string(&prompts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let answers: Vec<serde_json::Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for p in report["policies"].as_array().unwrap() {
+        let label = p["label"].as_str().unwrap();
+        let (mut digits, mut right) = (0.0, 0.0);
+        for (a, r) in answers.iter().zip(&refs) {
+            let mine = a["answers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["policy"] == label);
+            let text = mine.unwrap()["answer"].as_str().unwrap();
+            let n = text.chars().count().max(1) as f64;
+            digits += text.chars().filter(|c| c.is_ascii_digit()).count() as f64 / n;
+            right += f64::from(u8::from(text.contains(r.as_str())));
+        }
+        let n = refs.len() as f64;
+        let s = &p["program_score"];
+        assert!(
+            (s["components"]["digits"].as_f64().unwrap() - digits / n).abs() < 1e-9,
+            "{label}: {s}"
+        );
+        assert!(
+            (s["components"]["right"].as_f64().unwrap() - right / n).abs() < 1e-9,
+            "{label}: {s}"
+        );
+        assert!(
+            (s["mean"].as_f64().unwrap() - (digits + right) / n).abs() < 1e-9,
+            "{label}: {s}"
+        );
+    }
+    let md = std::fs::read_to_string(run.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("### Reward program (`python3 ")
+            && md.contains("| policy | mean score | digits | right |"),
+        "{md}"
+    );
 }
 
 #[test]

@@ -265,6 +265,21 @@ pub struct EvalArgs {
     /// Sampled answers per prompt for pass@k and cons@k.
     #[arg(long, default_value_t = 8)]
     pub checker_samples: usize,
+    /// Score every policy's greedy answers with a reward program (split
+    /// as a shell would; run here), speaking `reward:`'s protocol
+    /// (`{prompt, response, answer}` lines in, `{score, components}`
+    /// out). Adds each policy's mean score and components.
+    #[arg(long, value_name = "COMMAND", conflicts_with = "reward_url")]
+    pub reward_command: Option<String>,
+    /// The same with a reward server (`POST` a JSON array of the items).
+    #[arg(long, value_name = "URL")]
+    pub reward_url: Option<String>,
+    /// Seconds a call of the reward program or server may take.
+    #[arg(long, default_value_t = 60.0)]
+    pub reward_timeout: f64,
+    /// Calls of the reward program or server at once.
+    #[arg(long, default_value_t = 1)]
+    pub reward_workers: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: i64,
     /// fp32, or bf16 autocast as a stage's `precision: bf16` (faster on

@@ -6,6 +6,7 @@ use rlhf_stages::model::device::parse_device;
 use rlhf_stages::eval::verifiable::AnswerChecker;
 use rlhf_stages::programs::code_check::CodeChecker;
 use rlhf_stages::programs::sandbox::Limits;
+use rlhf_stages::rl::reward::RewardConfig;
 
 use crate::cli::{CheckerArg, EvalArgs};
 use crate::report::judge::CommandJudge;
@@ -13,6 +14,7 @@ use crate::report::{evaluate_run, write_report, EvalOptions, REPORT_JSON, REPORT
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
+    let reward_program = reward_program(&args)?;
     let opts = EvalOptions {
         prompts: args.prompts,
         preferences: args.preferences,
@@ -35,6 +37,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 Ok((checker, args.checker_samples))
             })
             .transpose()?,
+        reward_program,
         with_runs: args.with.clone(),
         judge: args
             .judge
@@ -110,4 +113,33 @@ fn code_checker() -> anyhow::Result<CodeChecker> {
         file_mb: 16,
     };
     CodeChecker::new("python3", limits).map_err(|e| anyhow::anyhow!("--checker code: {e}"))
+}
+
+/// `--reward-command` or `--reward-url` as a stage's `reward:` block.
+fn reward_program(args: &EvalArgs) -> anyhow::Result<Option<RewardConfig>> {
+    let command = match &args.reward_command {
+        Some(line) => Some(shlex::split(line).filter(|c| !c.is_empty()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--reward-command {line:?}: name the program to run, quoted as a shell would, e.g. --reward-command 'python3 reward.py'"
+            )
+        })?),
+        None => None,
+    };
+    if command.is_none() && args.reward_url.is_none() {
+        return Ok(None);
+    }
+    let cfg = RewardConfig {
+        command,
+        url: args.reward_url.clone(),
+        timeout_seconds: args.reward_timeout,
+        workers: args.reward_workers,
+        ..RewardConfig::default()
+    };
+    cfg.validate().map_err(|e| {
+        let e = e.to_string();
+        let e = e.replace("reward.timeout_seconds", "--reward-timeout");
+        let e = e.replace("reward.workers", "--reward-workers");
+        anyhow::anyhow!("{}", e.replace("reward.url", "--reward-url"))
+    })?;
+    Ok(Some(cfg))
 }

@@ -134,6 +134,7 @@ fn a_kind_registered_only_in_a_test_is_planned_evaluated_and_plotted() {
         settings: Default::default(),
         skip_kl: true,
         checker: None,
+        reward_program: None,
         with_runs: vec![],
         judge: None,
     };

@@ -44,6 +44,7 @@ pub fn run(args: SamplesArgs) -> anyhow::Result<()> {
                 },
                 skip_kl: true,
                 checker: None,
+                reward_program: None,
                 with_runs: vec![],
                 judge: None,
             };

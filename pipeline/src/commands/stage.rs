@@ -8,7 +8,6 @@ use anyhow::Context;
 use rlhf_datasets::{task, Tokenizer};
 use rlhf_stages::dist::{Ranks, Topology};
 use rlhf_stages::model::device::{device_name, parse_device};
-use rlhf_stages::programs::Endpoint;
 use rlhf_stages::train::{ScratchModel, StageContext};
 
 use crate::cli::StageArgs;
@@ -117,23 +116,10 @@ fn context(
                 .map_err(|e| format!("{e:#}"))
         })),
         // So does a reward program.
-        reward_runner: Some(Arc::new(move |endpoint, timeout, items| {
-            let timeout = std::time::Duration::from_secs_f64(timeout);
-            let scored = match endpoint {
-                Endpoint::Command(command) => {
-                    let program = crate::label::programs::LineProgram {
-                        command,
-                        role: "reward program",
-                        timeout,
-                        limit: "reward.timeout_seconds",
-                        cwd: Some(&reward_base),
-                    };
-                    crate::label::programs::reward_with_command(&program, items)
-                }
-                Endpoint::Url(url) => crate::reward_server::scores(url, timeout, items),
-            };
-            scored.map_err(|e| format!("{e:#}"))
-        })),
+        reward_runner: Some(crate::label::programs::reward_runner(
+            reward_base,
+            "reward.timeout_seconds",
+        )),
         // And a multi-turn stage's environment.
         env_runner: Some(Arc::new(move |command, timeout, requests| {
             let program = crate::label::programs::LineProgram {

@@ -158,6 +158,33 @@ pub(crate) fn reward_with_command(
     })
 }
 
+/// Runs reward programs in `base` (their relative paths point there) and
+/// asks reward servers; `limit` names the timeout's setting in messages.
+pub(crate) fn reward_runner(
+    base: std::path::PathBuf,
+    limit: &'static str,
+) -> rlhf_stages::programs::ProgramRunner {
+    std::sync::Arc::new(move |endpoint, timeout, items| {
+        let timeout = std::time::Duration::from_secs_f64(timeout);
+        let scored = match endpoint {
+            rlhf_stages::programs::Endpoint::Command(command) => {
+                let program = LineProgram {
+                    command,
+                    role: "reward program",
+                    timeout,
+                    limit,
+                    cwd: Some(&base),
+                };
+                reward_with_command(&program, items)
+            }
+            rlhf_stages::programs::Endpoint::Url(url) => {
+                crate::reward_server::scores(url, timeout, items)
+            }
+        };
+        scored.map_err(|e| format!("{e:#}"))
+    })
+}
+
 /// An environment program's replies (`env:` of a multi-turn stage): one
 /// request line in per live episode, one JSON object line out for each
 /// (read by the stage).

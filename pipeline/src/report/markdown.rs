@@ -174,6 +174,45 @@ fn verifiable_table(out: &mut String, r: &Report) {
     );
 }
 
+/// Each policy's mean score from the reward program, and its components.
+fn program_table(out: &mut String, r: &Report) {
+    let Some(first) = r.policies.iter().find_map(|p| p.program_score.as_ref()) else {
+        return;
+    };
+    let names: Vec<&String> = r
+        .policies
+        .iter()
+        .filter_map(|p| p.program_score.as_ref())
+        .flat_map(|s| s.components.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let _ = writeln!(out, "### Reward program (`{}`)\n", first.scorer);
+    let header: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+    let _ = writeln!(
+        out,
+        "| policy | mean score |{}\n|---|---|{}",
+        header.iter().map(|n| format!(" {n} |")).collect::<String>(),
+        "---|".repeat(names.len())
+    );
+    for p in &r.policies {
+        if let Some(s) = &p.program_score {
+            let cells: String = names
+                .iter()
+                .map(|n| match s.components.get(*n) {
+                    Some(v) => format!(" {v:.3} |"),
+                    None => " |".into(),
+                })
+                .collect();
+            let _ = writeln!(out, "| {} | {:.3} |{cells}", p.label, s.mean);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nThe mean over the greedy answers; each component's over the answers that have it.\n"
+    );
+}
+
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Evaluation of `{}`\n", r.run.display());
@@ -218,6 +257,7 @@ pub fn render(r: &Report) -> String {
     );
     length_line(&mut out, r);
     verifiable_table(&mut out, r);
+    program_table(&mut out, r);
     let families: std::collections::BTreeSet<&String> = r
         .policies
         .iter()

@@ -51,6 +51,9 @@ pub struct EvalOptions {
     /// Check answers against the prompts' `answer` column with this
     /// checker, with this many samples per prompt (`--checker`).
     pub checker: Option<(rlhf_stages::eval::verifiable::AnswerChecker, usize)>,
+    /// A reward program or server scoring every policy's greedy answers
+    /// (`--reward-command`, `--reward-url`).
+    pub reward_program: Option<rlhf_stages::rl::reward::RewardConfig>,
     /// Other run folders whose policies join the report (`--with`).
     pub with_runs: Vec<PathBuf>,
     /// A program judging the answers (`--judge`); default: the run's
@@ -106,6 +109,10 @@ pub struct PolicyRow {
     /// cons@k.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifiable: Option<rlhf_stages::eval::verifiable::Verifiable>,
+    /// The reward program's or server's mean score of the greedy answers
+    /// and of each of its components (`--reward-command`, `--reward-url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_score: Option<ProgramScore>,
     /// Mean answer length in tokens (EOS included).
     pub answer_tokens: f64,
     /// Share of answers that ended with EOS.
@@ -118,6 +125,17 @@ pub struct PolicyRow {
     /// earlier rounds and their labelling), each counted once.
     #[serde(default)]
     pub route_seconds: Option<f64>,
+}
+
+/// A reward program's scores of one policy's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramScore {
+    /// The program or server as given.
+    pub scorer: String,
+    pub mean: f64,
+    /// Each component's mean over the answers that have it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -351,6 +369,12 @@ pub fn evaluate_run(
         row.route_seconds = finished::route_seconds(&stage.manifest.key, &times);
         policies.push(row);
     }
+    if let Some(cfg) = &opts.reward_program {
+        let scored = program_scores(cfg, run_dir, &prompts, &prompts_path, &all_answers)?;
+        for (row, score) in policies.iter_mut().zip(scored) {
+            row.program_score = Some(score);
+        }
+    }
     let reward_models = reward_rows(&stages, opts, run_dir, device)?;
     let answers = prompt_answers(&prompts, &all_answers);
     Ok(Evaluation {
@@ -439,6 +463,63 @@ fn answer_all(
         rlhf_stages::memory::release_free_memory();
     }
     Ok((all_answers, kls, verified))
+}
+
+/// Every policy's greedy answers scored by the reward program or server
+/// of `cfg` (run in this folder; its cache in `RUN/report/`), with the
+/// prompts' `answer` column where they have one.
+fn program_scores(
+    cfg: &rlhf_stages::rl::reward::RewardConfig,
+    run_dir: &Path,
+    prompts: &[String],
+    prompts_path: &Path,
+    all: &[Labelled],
+) -> anyhow::Result<Vec<ProgramScore>> {
+    use rlhf_stages::programs::ScoreItem;
+    let table = rlhf_datasets::load::read_table(prompts_path)?;
+    let answers = rlhf_datasets::load::optional_text_column(&table, prompts_path, "answer")
+        .unwrap_or(None)
+        .unwrap_or_default();
+    let cache = run_dir.join(REPORT_DIR);
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let here = std::env::current_dir().context("the current folder")?;
+    let runner = crate::label::programs::reward_runner(here, "--reward-timeout");
+    let scorer = rlhf_stages::rl::reward::ProgramScorer::new(cfg, Some(runner), &cache)?;
+    let shown = match (&cfg.command, &cfg.url) {
+        (Some(c), _) => c.join(" "),
+        (None, Some(u)) => u.clone(),
+        (None, None) => String::new(),
+    };
+    all.iter()
+        .map(|(label, policy)| {
+            let items: Vec<ScoreItem> = prompts
+                .iter()
+                .zip(&policy.answers)
+                .enumerate()
+                .map(|(i, (p, a))| ScoreItem {
+                    prompt: p.clone(),
+                    response: a.clone(),
+                    answer: answers.get(i).cloned().flatten(),
+                })
+                .collect();
+            tracing::info!("scoring {label}'s answers with {shown}");
+            let scored = scorer.scores(&items)?;
+            let mut record = serde_json::json!({});
+            let parts: Vec<_> = scored.iter().map(|s| s.components.clone()).collect();
+            rlhf_stages::rl::reward::record_components(&parts, &mut record);
+            let components = record
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.strip_prefix("reward/")?.to_owned(), v.as_f64()?)))
+                .collect();
+            Ok(ProgramScore {
+                scorer: shown.clone(),
+                mean: mean(scored.iter().map(|s| s.score)).unwrap_or(0.0),
+                components,
+            })
+        })
+        .collect()
 }
 
 /// Each prompt's reference answer (the `answer` column) for the checker.
@@ -537,6 +618,7 @@ fn policy_row(
         answer_tokens: answers.answer_tokens.iter().sum::<usize>() as f64 / n,
         finished: answers.finished.iter().filter(|&&f| f).count() as f64 / n,
         verifiable: None,
+        program_score: None,
         seconds: None,
         route_seconds: None,
     }

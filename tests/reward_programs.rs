@@ -115,24 +115,8 @@ fn eval_with_the_reward_program(dir: &Path) {
         "--reward-workers",
         "2",
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("report/report.json")).unwrap())
-            .unwrap();
-    let refs: Vec<String> = std::fs::read_to_string(&prompts)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    let answers: Vec<serde_json::Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (report, answers) = report_and_answers(&run);
+    let refs = references(&prompts);
     for p in report["policies"].as_array().unwrap() {
         let label = p["label"].as_str().unwrap();
         let (mut digits, mut right) = (0.0, 0.0);
@@ -275,24 +259,8 @@ fn eval_reports_pass_at_k_and_majority_vote_with_the_math_checker() {
         "--checker-samples",
         "4",
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("report/report.json")).unwrap())
-            .unwrap();
-    let refs: Vec<String> = std::fs::read_to_string(&prompts)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    let answers: Vec<serde_json::Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (report, answers) = report_and_answers(&run);
+    let refs = references(&prompts);
     let policies = report["policies"].as_array().unwrap();
     assert_eq!(policies.len(), 2, "sft and grpo");
     for p in policies {
@@ -376,14 +344,7 @@ fn eval_with_the_code_checker(run: &Path, refs: &[String], dir: &Path) {
         "--checker-samples",
         "2",
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("report/report.json")).unwrap())
-            .unwrap();
-    let answers: Vec<serde_json::Value> = std::fs::read_to_string(run.join("report/answers.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (report, answers) = report_and_answers(run);
     let limits = rlhf_stages::programs::sandbox::Limits {
         wall_seconds: 10.0,
         memory_mb: 1024,
@@ -424,4 +385,27 @@ fn eval_with_the_code_checker(run: &Path, refs: &[String], dir: &Path) {
     }
     let md = std::fs::read_to_string(run.join("report/report.md")).unwrap();
     assert!(md.contains("(the code checker against"), "{md}");
+}
+
+/// A run's `report.json` and its `answers.jsonl` lines, after `rlhf eval`.
+fn report_and_answers(run: &Path) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let read = |f: &str| std::fs::read_to_string(run.join("report").join(f)).unwrap();
+    let report = serde_json::from_str(&read("report.json")).unwrap();
+    let answers = read("answers.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (report, answers)
+}
+
+/// Each prompt's `answer` in a prompts file.
+fn references(prompts: &Path) -> Vec<String> {
+    std::fs::read_to_string(prompts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["answer"].as_str().unwrap().to_owned()
+        })
+        .collect()
 }

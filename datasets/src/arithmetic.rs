@@ -73,14 +73,8 @@ pub const FILES: [&str; 3] = ["sft.jsonl", "prompts.jsonl", "prompts_eval.jsonl"
 /// `prompts.jsonl` and `prompts_eval.jsonl` (`{prompt, answer}`) to `out`.
 pub fn generate(out: &Path, cfg: &ArithmeticConfig) -> Result<(), AtomicWriteError> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut lines = |n: usize, row: &mut dyn FnMut(&mut ChaCha8Rng) -> serde_json::Value| {
-        let mut text = String::new();
-        for _ in 0..n {
-            text.push_str(&row(&mut rng).to_string());
-            text.push('\n');
-        }
-        text
-    };
+    let mut lines =
+        |n, row: &mut dyn FnMut(&mut ChaCha8Rng) -> serde_json::Value| jsonl_rows(&mut rng, n, row);
     let sft = lines(cfg.sft_examples, &mut |rng| {
         let p = Problem::random(rng, cfg.max_operand);
         let off = match rng.random_bool(cfg.demonstration_accuracy) {
@@ -96,7 +90,30 @@ pub fn generate(out: &Path, cfg: &ArithmeticConfig) -> Result<(), AtomicWriteErr
         })
     };
     let (train, eval) = (prompts(cfg.prompts), prompts(cfg.eval_prompts));
-    for (name, text) in FILES.iter().zip([sft, train, eval]) {
+    write_files(out, &FILES, [sft, train, eval])
+}
+
+/// `n` JSON lines, each `row` of the generator.
+pub(crate) fn jsonl_rows(
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    row: &mut dyn FnMut(&mut ChaCha8Rng) -> serde_json::Value,
+) -> String {
+    let mut text = String::new();
+    for _ in 0..n {
+        text.push_str(&row(rng).to_string());
+        text.push('\n');
+    }
+    text
+}
+
+/// Each of `files` in `out` with its text, atomically.
+pub(crate) fn write_files(
+    out: &Path,
+    files: &[&str],
+    texts: [String; 3],
+) -> Result<(), AtomicWriteError> {
+    for (name, text) in files.iter().zip(texts) {
         atomic::write_file(&out.join(name), text.as_bytes())?;
     }
     Ok(())

@@ -17,7 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::atomic::{self, AtomicWriteError};
+use crate::arithmetic::{jsonl_rows, write_files};
+use crate::atomic::AtomicWriteError;
 use crate::tokenizer::EOS_TOKEN;
 
 /// What to generate.
@@ -71,14 +72,8 @@ pub fn observation(result: &str) -> String {
 /// `prompts_eval.jsonl` (`{prompt, answer}`) to `out`.
 pub fn generate(out: &Path, cfg: &CalculatorConfig) -> Result<(), AtomicWriteError> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut lines = |n: usize, row: &mut dyn FnMut(&mut ChaCha8Rng) -> serde_json::Value| {
-        let mut text = String::new();
-        for _ in 0..n {
-            text.push_str(&row(&mut rng).to_string());
-            text.push('\n');
-        }
-        text
-    };
+    let mut lines =
+        |n, row: &mut dyn FnMut(&mut ChaCha8Rng) -> serde_json::Value| jsonl_rows(&mut rng, n, row);
     let sft = lines(cfg.sft_examples, &mut |rng| {
         let (a, b) = problem(rng);
         let completion = match rng.random_bool(cfg.tool_share) {
@@ -98,10 +93,7 @@ pub fn generate(out: &Path, cfg: &CalculatorConfig) -> Result<(), AtomicWriteErr
         })
     };
     let (train, eval) = (prompts(cfg.prompts), prompts(cfg.eval_prompts));
-    for (name, text) in FILES.iter().zip([sft, train, eval]) {
-        atomic::write_file(&out.join(name), text.as_bytes())?;
-    }
-    Ok(())
+    write_files(out, &FILES, [sft, train, eval])
 }
 
 /// The calculator environment's reply to a policy turn `response` (with

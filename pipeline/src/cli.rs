@@ -439,36 +439,28 @@ pub enum TaskCommand {
     /// Write a verifiable task: arithmetic prompts with exact answers
     /// (`{prompt, answer}`, for `reward: {checker: math}`) and noisy
     /// demonstrations to fine-tune on first.
-    Arithmetic {
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Prompts for RL (default 2000).
-        #[arg(long)]
-        prompts: Option<usize>,
-        /// Replace the files where they already exist.
-        #[arg(long)]
-        force: bool,
-    },
+    Arithmetic(TaskFilesArgs),
     /// Write a tool-use task: products of two-digit numbers
     /// (`{prompt, answer}`) for a multi-turn stage whose environment is a
     /// calculator (`configs/calculator_env.py`), and demonstrations that
     /// call it only some of the time.
-    Calculator {
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Prompts for RL (default 2000).
-        #[arg(long)]
-        prompts: Option<usize>,
-        /// Replace the files where they already exist.
-        #[arg(long)]
-        force: bool,
-    },
+    Calculator(TaskFilesArgs),
+}
+
+/// Where a generated task goes, and its size.
+#[derive(Debug, Args)]
+pub struct TaskFilesArgs {
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Prompts for RL (default 2000).
+    #[arg(long)]
+    pub prompts: Option<usize>,
+    /// Replace the files where they already exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -67,6 +67,28 @@ pub(crate) fn tiny_gpt(
     (vs, Network::Gpt(gpt))
 }
 
+/// A seeded one-layer byte-level GPT with its tokenizer, 16 wide, for
+/// unit tests that sample and decode text.
+#[cfg(test)]
+pub(crate) fn tiny_byte_model(seed: i64, n_positions: i64) -> Model {
+    tch::manual_seed(seed);
+    let cfg = GptConfig {
+        vocab_size: 264,
+        n_positions,
+        n_embd: 16,
+        n_layer: 1,
+        n_head: 2,
+        ..GptConfig::default()
+    };
+    Model::init(
+        &cfg.into(),
+        Head::Lm,
+        rlhf_datasets::Tokenizer::bytes(),
+        tch::Device::Cpu,
+    )
+    .expect("a tiny model")
+}
+
 /// A seeded tiny Llama-layout model for unit tests: 16 wide, 4 query
 /// heads sharing 2 key/value heads, untied.
 #[cfg(test)]

@@ -316,7 +316,6 @@ fn dynamic_sampling_replaces_groups_without_spread() {
 #[test]
 fn grpo_learns_arithmetic_from_a_checker_alone() {
     use rlhf_datasets::arithmetic::{generate, ArithmeticConfig};
-    use rlhf_stages::kinds::sft::SftConfig;
     use rlhf_stages::rl::reward::{Checker, RewardConfig, CACHE_FILE};
     let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
@@ -328,25 +327,7 @@ fn grpo_learns_arithmetic_from_a_checker_alone() {
         ..ArithmeticConfig::default()
     };
     generate(d.path(), &task).unwrap();
-    tch::manual_seed(11);
-    let sft = SftConfig {
-        eval_fraction: 0.0,
-        max_len: 24,
-        train: rlhf_stages::train::TrainSettings {
-            batch_size: 32,
-            epochs: 8,
-            optimizer: rlhf_stages::optim::AdamWConfig {
-                lr: 3e-3,
-                ..Default::default()
-            },
-            eval_every: 10_000,
-            checkpoint_every: 10_000,
-            ..SftConfig::default().train
-        },
-        ..SftConfig::default()
-    };
-    let job = common::sft_job(d.path().join("sft.jsonl"), d.path().join("sft"), sft);
-    rlhf_stages::kinds::sft::run(&job.config, &job.ctx).unwrap();
+    fine_tune(d.path(), 24, None);
     let cfg = GrpoConfig {
         gold_reward: false,
         reward: Some(RewardConfig {
@@ -390,7 +371,6 @@ fn grpo_learns_arithmetic_from_a_checker_alone() {
 #[test]
 fn grpo_learns_to_call_a_calculator_tool() {
     use rlhf_datasets::calculator::{generate, reply, CalculatorConfig, CALL};
-    use rlhf_stages::kinds::sft::SftConfig;
     use rlhf_stages::rl::episode::EnvConfig;
     const ITERATIONS: i64 = 12;
     let _serial = common::serial();
@@ -402,35 +382,16 @@ fn grpo_learns_to_call_a_calculator_tool() {
         ..CalculatorConfig::default()
     };
     generate(d.path(), &task).unwrap();
-    tch::manual_seed(11);
-    let sft = SftConfig {
-        eval_fraction: 0.0,
-        max_len: 44,
-        train: rlhf_stages::train::TrainSettings {
-            batch_size: 32,
-            epochs: 8,
-            optimizer: rlhf_stages::optim::AdamWConfig {
-                lr: 3e-3,
-                ..Default::default()
-            },
-            eval_every: 10_000,
-            checkpoint_every: 10_000,
-            ..SftConfig::default().train
-        },
-        ..SftConfig::default()
-    };
-    let mut job = common::sft_job(d.path().join("sft.jsonl"), d.path().join("sft"), sft);
     // Wide enough to copy four digits reliably.
-    job.ctx.scratch.config = rlhf_stages::GptConfig {
+    let shape = rlhf_stages::GptConfig {
         vocab_size: 264,
         n_positions: 48,
         n_embd: 128,
         n_layer: 3,
         n_head: 4,
         ..rlhf_stages::GptConfig::default()
-    }
-    .into();
-    rlhf_stages::kinds::sft::run(&job.config, &job.ctx).unwrap();
+    };
+    fine_tune(d.path(), 44, Some(shape));
     let cfg = GrpoConfig {
         gold_reward: false,
         env: Some(EnvConfig {
@@ -545,4 +506,32 @@ fn grpo_learns_to_call_a_calculator_tool() {
     );
     assert!(tool_late > tool_early + 0.3, "tool calls {tool_share:?}");
     assert!(late > early + 0.3, "scores {all:?}");
+}
+
+/// SFT of the scratch model (or one of `shape`) on `dir/sft.jsonl` into
+/// `dir/sft`: 8 epochs at lr 3e-3, examples cut to `max_len` tokens.
+fn fine_tune(dir: &std::path::Path, max_len: usize, shape: Option<rlhf_stages::GptConfig>) {
+    use rlhf_stages::kinds::sft::SftConfig;
+    tch::manual_seed(11);
+    let sft = SftConfig {
+        eval_fraction: 0.0,
+        max_len,
+        train: rlhf_stages::train::TrainSettings {
+            batch_size: 32,
+            epochs: 8,
+            optimizer: rlhf_stages::optim::AdamWConfig {
+                lr: 3e-3,
+                ..Default::default()
+            },
+            eval_every: 10_000,
+            checkpoint_every: 10_000,
+            ..SftConfig::default().train
+        },
+        ..SftConfig::default()
+    };
+    let mut job = common::sft_job(dir.join("sft.jsonl"), dir.join("sft"), sft);
+    if let Some(shape) = shape {
+        job.ctx.scratch.config = shape.into();
+    }
+    rlhf_stages::kinds::sft::run(&job.config, &job.ctx).unwrap();
 }

@@ -15,6 +15,7 @@ use crate::report::{evaluate_run, write_report, EvalOptions, REPORT_JSON, REPORT
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device.device)?;
     let reward_program = reward_program(&args)?;
+    let (checker, judge) = (checker(&args)?, judge(&args)?);
     let opts = EvalOptions {
         prompts: args.prompts,
         preferences: args.preferences,
@@ -27,51 +28,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             ..EvalSettings::default()
         },
         skip_kl: false,
-        checker: args
-            .checker
-            .map(|c| -> anyhow::Result<_> {
-                let checker = match c {
-                    CheckerArg::Math => AnswerChecker::Math,
-                    CheckerArg::Code => AnswerChecker::Code(code_checker()?),
-                };
-                Ok((checker, args.checker_samples))
-            })
-            .transpose()?,
+        checker,
         reward_program,
         with_runs: args.with.clone(),
-        judge: args
-            .judge
-            .as_deref()
-            .map(|line| -> anyhow::Result<CommandJudge> {
-                let command = shlex::split(line).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--judge {line:?}: unbalanced quotes or a trailing backslash; quote it as a shell would"
-                    )
-                })?;
-                Ok(CommandJudge {
-                    command,
-                    timeout_seconds: args.judge_timeout,
-                    cwd: None,
-                })
-            })
-            .transpose()?,
+        judge,
     };
-    if let Some(j) = &opts.judge {
-        anyhow::ensure!(
-            !j.command.is_empty(),
-            "--judge: name the program to run, e.g. --judge 'python3 judge.py'"
-        );
-        anyhow::ensure!(
-            args.judge_timeout > 0.0 && args.judge_timeout <= 1e9,
-            "--judge-timeout: must be in (0, 1e9] seconds, got {}",
-            rlhf_stages::check::shown(args.judge_timeout)
-        );
-    }
-    anyhow::ensure!(
-        (1..=1024).contains(&args.checker_samples),
-        "--checker-samples: must be in [1, 1024], got {}",
-        args.checker_samples
-    );
     anyhow::ensure!(
         args.run.is_dir(),
         "{}: no such run folder",
@@ -142,4 +103,47 @@ fn reward_program(args: &EvalArgs) -> anyhow::Result<Option<RewardConfig>> {
         anyhow::anyhow!("{}", e.replace("reward.url", "--reward-url"))
     })?;
     Ok(Some(cfg))
+}
+
+/// `--checker` with its sample count.
+fn checker(args: &EvalArgs) -> anyhow::Result<Option<(AnswerChecker, usize)>> {
+    anyhow::ensure!(
+        (1..=1024).contains(&args.checker_samples),
+        "--checker-samples: must be in [1, 1024], got {}",
+        args.checker_samples
+    );
+    let Some(arg) = args.checker else {
+        return Ok(None);
+    };
+    let checker = match arg {
+        CheckerArg::Math => AnswerChecker::Math,
+        CheckerArg::Code => AnswerChecker::Code(code_checker()?),
+    };
+    Ok(Some((checker, args.checker_samples)))
+}
+
+/// `--judge` (split as a shell would) with `--judge-timeout`.
+fn judge(args: &EvalArgs) -> anyhow::Result<Option<CommandJudge>> {
+    let Some(line) = args.judge.as_deref() else {
+        return Ok(None);
+    };
+    let command = shlex::split(line).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--judge {line:?}: unbalanced quotes or a trailing backslash; quote it as a shell would"
+        )
+    })?;
+    anyhow::ensure!(
+        !command.is_empty(),
+        "--judge: name the program to run, e.g. --judge 'python3 judge.py'"
+    );
+    anyhow::ensure!(
+        args.judge_timeout > 0.0 && args.judge_timeout <= 1e9,
+        "--judge-timeout: must be in (0, 1e9] seconds, got {}",
+        rlhf_stages::check::shown(args.judge_timeout)
+    );
+    Ok(Some(CommandJudge {
+        command,
+        timeout_seconds: args.judge_timeout,
+        cwd: None,
+    }))
 }

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use rlhf_datasets::task::generate::{generate, TaskConfig, TASK_FILES};
 
-use crate::cli::TaskCommand;
+use crate::cli::{TaskCommand, TaskFilesArgs};
 
 /// Refuses to overwrite `files` of `out` unless `force`.
 fn check_free(out: &std::path::Path, files: &[&str], force: bool) -> anyhow::Result<()> {
@@ -22,45 +22,40 @@ fn check_free(out: &std::path::Path, files: &[&str], force: bool) -> anyhow::Res
     Ok(())
 }
 
+/// Writes a generated task's `files` into `args.out` with `generate`,
+/// and prints their paths.
+fn write_task(
+    args: &TaskFilesArgs,
+    files: &[&str],
+    generate: impl FnOnce(&std::path::Path) -> Result<(), rlhf_datasets::atomic::AtomicWriteError>,
+) -> anyhow::Result<()> {
+    check_free(&args.out, files, args.force)?;
+    generate(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    for f in files {
+        println!("{}", args.out.join(f).display());
+    }
+    Ok(())
+}
+
 pub fn run(cmd: TaskCommand) -> anyhow::Result<()> {
     match cmd {
-        TaskCommand::Arithmetic {
-            out,
-            seed,
-            prompts,
-            force,
-        } => {
+        TaskCommand::Arithmetic(args) => {
             use rlhf_datasets::arithmetic::{generate, ArithmeticConfig, FILES};
-            check_free(&out, &FILES, force)?;
-            let defaults = ArithmeticConfig::default();
-            let cfg = ArithmeticConfig {
-                seed: seed.unwrap_or(defaults.seed),
-                prompts: prompts.unwrap_or(defaults.prompts),
-                ..defaults
-            };
-            generate(&out, &cfg).with_context(|| format!("writing {}", out.display()))?;
-            for f in FILES {
-                println!("{}", out.join(f).display());
-            }
+            let d = ArithmeticConfig::default();
+            write_task(&args, &FILES, |out| {
+                let seed = args.seed.unwrap_or(d.seed);
+                let prompts = args.prompts.unwrap_or(d.prompts);
+                generate(out, &ArithmeticConfig { seed, prompts, ..d })
+            })?;
         }
-        TaskCommand::Calculator {
-            out,
-            seed,
-            prompts,
-            force,
-        } => {
+        TaskCommand::Calculator(args) => {
             use rlhf_datasets::calculator::{generate, CalculatorConfig, FILES};
-            check_free(&out, &FILES, force)?;
-            let defaults = CalculatorConfig::default();
-            let cfg = CalculatorConfig {
-                seed: seed.unwrap_or(defaults.seed),
-                prompts: prompts.unwrap_or(defaults.prompts),
-                ..defaults
-            };
-            generate(&out, &cfg).with_context(|| format!("writing {}", out.display()))?;
-            for f in FILES {
-                println!("{}", out.join(f).display());
-            }
+            let d = CalculatorConfig::default();
+            write_task(&args, &FILES, |out| {
+                let seed = args.seed.unwrap_or(d.seed);
+                let prompts = args.prompts.unwrap_or(d.prompts);
+                generate(out, &CalculatorConfig { seed, prompts, ..d })
+            })?;
         }
         TaskCommand::Generate {
             out,

@@ -351,24 +351,14 @@ pub fn evaluate_run(
         device,
     )?;
     gold.score(&prompts, &mut all_answers, &opts.settings, device)?;
-    let mut policies = Vec::new();
-    for (((stage, (_, answers)), kl), verified) in policy_stages
-        .iter()
-        .zip(&all_answers)
-        .zip(kls)
-        .zip(verified)
-    {
-        let base = &all_answers[0].1;
-        let mut row = policy_row(stage, answers, base, families.as_deref(), kl);
-        row.verifiable = verified;
-        if !gold.scores_exactness() {
-            row.exact = None;
-        }
-        row.checkpoint = relative_to(&row.checkpoint, run_dir);
-        row.seconds = Some(stage.manifest.seconds);
-        row.route_seconds = finished::route_seconds(&stage.manifest.key, &times);
-        policies.push(row);
-    }
+    let measured = Measured {
+        answers: &all_answers,
+        kls,
+        verified,
+        families: families.as_deref(),
+        exactness: gold.scores_exactness(),
+    };
+    let mut policies = policy_rows(&policy_stages, measured, run_dir, &times);
     if let Some(cfg) = &opts.reward_program {
         let scored = program_scores(cfg, run_dir, &prompts, &prompts_path, &all_answers)?;
         for (row, score) in policies.iter_mut().zip(scored) {
@@ -406,6 +396,39 @@ pub fn evaluate_run(
 
 /// A policy's label and its answers.
 type Labelled = (String, PolicyAnswers);
+
+/// What was measured of every policy, in the order of its stages.
+struct Measured<'a> {
+    answers: &'a [Labelled],
+    kls: Vec<Option<f64>>,
+    verified: Vec<Option<Verifiable>>,
+    families: Option<&'a [String]>,
+    /// The gold judge scores exactness (only the bundled task's does).
+    exactness: bool,
+}
+
+/// The report's row of each policy stage.
+fn policy_rows(
+    stages: &[&FinishedStage],
+    m: Measured,
+    run_dir: &Path,
+    times: &BTreeMap<String, (f64, Vec<String>)>,
+) -> Vec<PolicyRow> {
+    let base = &m.answers[0].1;
+    let rows = stages.iter().zip(m.answers).zip(m.kls).zip(m.verified);
+    rows.map(|(((stage, (_, answers)), kl), verified)| {
+        let mut row = policy_row(stage, answers, base, m.families, kl);
+        row.verifiable = verified;
+        if !m.exactness {
+            row.exact = None;
+        }
+        row.checkpoint = relative_to(&row.checkpoint, run_dir);
+        row.seconds = Some(stage.manifest.seconds);
+        row.route_seconds = finished::route_seconds(&stage.manifest.key, times);
+        row
+    })
+    .collect()
+}
 
 /// Every policy's answers, KL to the reference and checked accuracy.
 type Answered = (Vec<Labelled>, Vec<Option<f64>>, Vec<Option<Verifiable>>);

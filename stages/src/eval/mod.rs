@@ -228,25 +228,9 @@ pub fn mean_present(xs: &[Option<f64>]) -> Option<f64> {
 mod tests {
     use super::*;
     use crate::model::checkpoint::Model;
-    use crate::model::gpt::{GptConfig, Head};
 
     fn tiny(seed: i64) -> Model {
-        tch::manual_seed(seed);
-        let cfg = GptConfig {
-            vocab_size: 264,
-            n_positions: 48,
-            n_embd: 16,
-            n_layer: 1,
-            n_head: 2,
-            ..GptConfig::default()
-        };
-        Model::init(
-            &cfg.into(),
-            Head::Lm,
-            rlhf_datasets::Tokenizer::bytes(),
-            Device::Cpu,
-        )
-        .unwrap()
+        crate::tiny_byte_model(seed, 48)
     }
 
     #[test]

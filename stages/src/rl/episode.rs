@@ -465,25 +465,9 @@ fn lay_out(eps: Vec<Running>, prompts: &[Vec<i64>], pad: i64, device: Device) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::gpt::{GptConfig, Head};
 
     fn tiny(seed: i64, n_positions: i64) -> Model {
-        tch::manual_seed(seed);
-        let cfg = GptConfig {
-            vocab_size: 264,
-            n_positions,
-            n_embd: 16,
-            n_layer: 1,
-            n_head: 2,
-            ..GptConfig::default()
-        };
-        Model::init(
-            &cfg.into(),
-            Head::Lm,
-            rlhf_datasets::Tokenizer::bytes(),
-            Device::Cpu,
-        )
-        .unwrap()
+        crate::tiny_byte_model(seed, n_positions)
     }
 
     /// An environment that answers every turn `<obs N>` with reward 0.5

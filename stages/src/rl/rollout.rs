@@ -88,6 +88,13 @@ impl Prompts {
         })
     }
 
+    /// The text and reference answer of each prompt of `rows`.
+    pub fn texts_and_references(&self, rows: &[usize]) -> (Vec<&str>, Vec<Option<&str>>) {
+        rows.iter()
+            .map(|&i| (self.texts[i].as_str(), self.answers[i].as_deref()))
+            .unzip()
+    }
+
     /// The `per_iteration` prompts of iteration `iteration`: each epoch
     /// goes through them in its own seeded order; fewer prompts than an
     /// iteration takes come round again.
@@ -197,14 +204,7 @@ impl RolloutInputs<'_> {
             .iter()
             .map(|a| tok.decode(a, false))
             .collect::<Result<_, _>>()?;
-        let texts: Vec<&str> = rows
-            .iter()
-            .map(|&i| self.prompts.texts[i].as_str())
-            .collect();
-        let references: Vec<Option<&str>> = rows
-            .iter()
-            .map(|&i| self.prompts.answers[i].as_deref())
-            .collect();
+        let (texts, references) = self.prompts.texts_and_references(&rows);
         let scored = self.scorer.score(
             &prompt_ids,
             &texts,
@@ -250,14 +250,7 @@ impl RolloutInputs<'_> {
         iteration: i64,
     ) -> Result<Sampled, StageError> {
         let clock = std::time::Instant::now();
-        let texts: Vec<&str> = rows
-            .iter()
-            .map(|&i| self.prompts.texts[i].as_str())
-            .collect();
-        let references: Vec<Option<&str>> = rows
-            .iter()
-            .map(|&i| self.prompts.answers[i].as_deref())
-            .collect();
+        let (texts, references) = self.prompts.texts_and_references(&rows);
         let starts = EpisodeStarts {
             ids: prompt_ids,
             texts: &texts,

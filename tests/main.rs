@@ -30,4 +30,5 @@ mod sigkill;
 mod slurm;
 mod smollm2;
 mod sweep;
+mod tensorboard;
 mod trl_reference;

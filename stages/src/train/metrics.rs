@@ -1,5 +1,6 @@
-//! What a run shows while it trains and leaves behind: `metrics.jsonl`,
-//! the progress bar, and `summary.json`.
+//! What a run shows while it trains and leaves behind: `metrics.jsonl`
+//! (and the same numbers as TensorBoard event files beside it), the
+//! progress bar, and `summary.json`.
 
 use std::fs;
 use std::io::Write;
@@ -10,15 +11,18 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::{io_err, StageError};
 use crate::train::checkpoints::{FINAL_DIR, STATE_FILE};
+use crate::train::tensorboard::EventWriter;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Appends one JSON object per line, flushed at once, so a crash loses
-/// nothing already logged and `tail -f` shows progress.
+/// nothing already logged and `tail -f` shows progress; every line's
+/// numbers also go to a TensorBoard event file in the same folder.
 #[derive(Debug)]
 pub struct MetricsLog {
     file: Option<fs::File>,
+    events: Option<EventWriter>,
 }
 
 impl MetricsLog {
@@ -43,12 +47,33 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .map_err(io_err(path))?;
-        Ok(Self { file: Some(file) })
+        // The event file is rewritten with what was kept, so it always
+        // holds what metrics.jsonl holds.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let events = match EventWriter::create(dir) {
+            Ok(mut w) => {
+                kept.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .for_each(|v| drop(w.write(&v)));
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!("{}: no TensorBoard event file ({e})", dir.display());
+                None
+            }
+        };
+        Ok(Self {
+            file: Some(file),
+            events,
+        })
     }
 
     /// A log that writes nothing: ranks other than 0 of several.
     pub fn disabled() -> Self {
-        Self { file: None }
+        Self {
+            file: None,
+            events: None,
+        }
     }
 
     pub fn write(&mut self, record: &serde_json::Value) {
@@ -56,6 +81,9 @@ impl MetricsLog {
         if let Some(file) = &mut self.file {
             let _ = writeln!(file, "{record}");
             let _ = file.flush();
+        }
+        if let Some(events) = &mut self.events {
+            let _ = events.write(record);
         }
     }
 }

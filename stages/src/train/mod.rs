@@ -13,6 +13,7 @@
 pub mod batches;
 pub mod checkpoints;
 pub mod metrics;
+pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -725,6 +725,14 @@ fn experiments_share_finished_stages_and_one_report_judges_them() {
     assert_eq!(manifest("b/sft")["copied_from"], "../a/sft");
     assert_eq!(manifest("b/sft")["stage"], "sft");
     assert_eq!(manifest("b/sft")["seconds"], manifest("a/sft")["seconds"]);
+    // Its TensorBoard events come along, byte for byte.
+    let events = |run: &str| -> Vec<Vec<u8>> {
+        let dir = runs.join(run).join("sft");
+        let files = rlhf_stages::train::tensorboard::event_files(&dir);
+        files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+    };
+    assert_eq!(events("a").len(), 1);
+    assert_eq!(events("a"), events("b"));
     // A source whose checkpoint no longer matches its checksums is passed over.
     let damaged = runs.join("a/sft/checkpoint/model.safetensors");
     let mut bytes = std::fs::read(&damaged).unwrap();

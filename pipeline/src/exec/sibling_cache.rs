@@ -126,6 +126,15 @@ fn copy_stage(from: &Path, to: &Path) -> anyhow::Result<u64> {
             bytes += copy_file(&from.join(name), &to.join(name))?;
         }
     }
+    // Its TensorBoard events (what metrics.jsonl holds), regular files only.
+    for events in rlhf_stages::train::tensorboard::event_files(from) {
+        if let (Some(name), true) = (
+            events.file_name(),
+            events.symlink_metadata().is_ok_and(|m| m.is_file()),
+        ) {
+            bytes += copy_file(&events, &to.join(name))?;
+        }
+    }
     let checkpoint = Path::new(rlhf_stages::train::FINAL_DIR);
     bytes += copy_listed(&from.join(checkpoint), &to.join(checkpoint))?;
     let adapter = checkpoint.join("adapter");

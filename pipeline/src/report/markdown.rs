@@ -213,8 +213,8 @@ fn program_table(out: &mut String, r: &Report) {
     );
 }
 
-pub fn render(r: &Report) -> String {
-    let mut out = String::new();
+/// The title, what was evaluated and how, and the stages' warnings.
+fn heading(out: &mut String, r: &Report) {
     let _ = writeln!(out, "# Evaluation of `{}`\n", r.run.display());
     let _ = writeln!(
         out,
@@ -241,6 +241,11 @@ pub fn render(r: &Report) -> String {
         }
         out.push('\n');
     }
+}
+
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    heading(&mut out, r);
     let _ = writeln!(out, "## Policies\n");
     let _ = writeln!(
         out,

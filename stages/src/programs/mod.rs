@@ -73,3 +73,27 @@ pub enum Endpoint<'a> {
 /// process groups).
 pub type ProgramRunner =
     Arc<dyn Fn(Endpoint<'_>, f64, &[ScoreItem]) -> Result<Vec<Scored>, String> + Send + Sync>;
+
+/// `call` until it gives `want` results, at most `retries + 1` times; a
+/// wrong count counts as a failure (`"{n} {results} for {want} {items}"`),
+/// each retry is logged as `role`'s, and the last failure is returned
+/// with the number of tries.
+pub fn call_with_retries<T>(
+    role: &str,
+    retries: usize,
+    (want, results, items): (usize, &str, &str),
+    mut call: impl FnMut() -> Result<Vec<T>, String>,
+) -> Result<Vec<T>, String> {
+    let mut last = String::new();
+    for attempt in 0..=retries {
+        match call() {
+            Ok(got) if got.len() == want => return Ok(got),
+            Ok(got) => last = format!("{} {results} for {want} {items}", got.len()),
+            Err(e) => last = e,
+        }
+        if attempt < retries {
+            tracing::warn!("{role}: {last}; trying again ({}/{retries})", attempt + 1);
+        }
+    }
+    Err(format!("{last} (after {} tries)", retries + 1))
+}

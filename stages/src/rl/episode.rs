@@ -140,6 +140,9 @@ impl Reply {
     /// `{"observation": text | null, "done": bool, "reward": number}`
     /// (each optional: no observation, not done, reward 0).
     pub fn from_json(v: &Value) -> Result<Self, String> {
+        if !v.is_object() {
+            return Err("expected {\"observation\", \"done\", \"reward\"}".into());
+        }
         let observation = match v.get("observation") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
@@ -156,9 +159,6 @@ impl Reply {
                 .filter(|r| r.abs() <= crate::programs::MAX_SCORE)
                 .ok_or("`reward` must be a finite number within ±1e15")?,
         };
-        if !v.is_object() {
-            return Err("expected {\"observation\", \"done\", \"reward\"}".into());
-        }
         Ok(Self {
             observation,
             done,
@@ -214,29 +214,18 @@ impl Environment {
     /// One call on `requests`, retried; one reply each.
     fn call(&self, requests: &[Value]) -> Result<Vec<Reply>, StageError> {
         let fail = |m: String| StageError::setting("env.command", m);
-        let mut last = String::new();
-        for attempt in 0..=self.cfg.retries {
-            match (self.runner)(&self.cfg.command, self.cfg.timeout_seconds, requests) {
-                Ok(v) if v.len() == requests.len() => {
-                    return v
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| {
-                            Reply::from_json(r).map_err(|e| fail(format!("reply {}: {e}", i + 1)))
-                        })
-                        .collect();
-                }
-                Ok(v) => last = format!("{} replies for {} turns", v.len(), requests.len()),
-                Err(e) => last = e,
-            }
-            if attempt < self.cfg.retries {
-                tracing::warn!("environment: {last}; trying again");
-            }
-        }
-        Err(fail(format!(
-            "{last} (after {} tries)",
-            self.cfg.retries + 1
-        )))
+        let cfg = &self.cfg;
+        let counts = (requests.len(), "replies", "turns");
+        let replies =
+            crate::programs::call_with_retries("environment", cfg.retries, counts, || {
+                (self.runner)(&cfg.command, cfg.timeout_seconds, requests)
+            })
+            .map_err(fail)?;
+        replies
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Reply::from_json(r).map_err(|e| fail(format!("reply {}: {e}", i + 1))))
+            .collect()
     }
 
     /// The text that follows a policy turn for `observation`.

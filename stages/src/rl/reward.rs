@@ -343,22 +343,10 @@ impl ProgramScorer {
     /// One call of the program or server on `part`, retried.
     fn call(&self, endpoint: Endpoint<'_>, part: &[ScoreItem]) -> Result<Vec<Scored>, String> {
         let (cfg, runner) = (&self.cfg, self.runner.as_ref().expect("checked in new"));
-        let mut last = String::new();
-        for attempt in 0..=cfg.retries {
-            match runner(endpoint, cfg.timeout_seconds, part) {
-                Ok(s) if s.len() == part.len() => return Ok(s),
-                Ok(s) => last = format!("{} scores for {} answers", s.len(), part.len()),
-                Err(e) => last = e,
-            }
-            if attempt < cfg.retries {
-                tracing::warn!(
-                    "reward program: {last}; trying again ({}/{})",
-                    attempt + 1,
-                    cfg.retries
-                );
-            }
-        }
-        Err(format!("{last} (after {} tries)", cfg.retries + 1))
+        let counts = (part.len(), "scores", "answers");
+        crate::programs::call_with_retries("reward program", cfg.retries, counts, || {
+            runner(endpoint, cfg.timeout_seconds, part)
+        })
     }
 
     /// The items in `workers` shares scored at once by `score`.

@@ -108,7 +108,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one repetition, smallest sizes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench"))
-    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "real", "real_sft", "real_rl"],
+    ap.add_argument("--section", choices=["data_parallel", "side_by_side", "label_queue", "watch", "real", "real_sft",
+                             "real_rl"],
                     help="rerun one section into the existing results.json (the others are kept)")
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -181,6 +182,7 @@ def main():
     results["data_parallel"] = data_parallel(reps)
     results["side_by_side"] = side_by_side(reps)
     results["label_queue"] = label_queue(reps)
+    results["watch"] = watch_overhead(reps)
     results["real"] = real(reps)
     results["real_sft"] = real_sft(reps)
     results["real_rl"] = real_rl(reps)
@@ -196,7 +198,7 @@ def rerun_section(name, reps, out):
     path = out / "results.json"
     results = json.loads(path.read_text())
     sections = {"data_parallel": data_parallel, "side_by_side": side_by_side, "label_queue": label_queue,
-                "real": real, "real_sft": real_sft, "real_rl": real_rl}
+                "watch": watch_overhead, "real": real, "real_sft": real_sft, "real_rl": real_rl}
     results[name] = sections[name](reps)
     results[name]["rerun"] = {"date": machine()["date"], "reps": reps}
     path.write_text(json.dumps(results, indent=2))
@@ -655,6 +657,88 @@ def side_by_side(reps):
             "ratio": med(one) / med(two), "runs": {"sequential": one, "side_by_side": two}}
 
 
+def watch_overhead(reps):
+    """The cost of `rlhf watch` to the training it watches: an SFT stage
+    (the small model, 300 steps of 16) run alone, then with `rlhf watch`
+    on its run folder and a client asking what the page asks each second
+    (the state, and each stage's metrics from where it had read), in turns.
+    Timed by the stage's own manifest."""
+    import threading
+    import urllib.request
+    tmp = Path(tempfile.mkdtemp())
+    exp = tmp / "watched.yaml"
+    data = ROOT / "datasets/task/sft.jsonl"
+    exp.write_text(
+        "name: watched\ndevice: cpu\nmodel: {n_layer: 4, n_head: 4, n_embd: 128, n_positions: 128}\nstages:\n"
+        f"  sft: {{kind: sft, data: {data}, max_steps: 300, batch_size: 16, eval_every: 1000,"
+        " checkpoint_every: 1000, eval_max_examples: 8}\n")
+    run_dir = tmp / "runs/watched"
+
+    def poll(url, stop, requests):
+        offsets = {}
+        while not stop.is_set():
+            try:
+                state = json.loads(urllib.request.urlopen(url + "/api/state").read())
+                requests[0] += 1
+                for st in state["stages"]:
+                    got = json.loads(urllib.request.urlopen(
+                        f"{url}/api/metrics?stage={st['label']}&from={offsets.get(st['label'], 0)}").read())
+                    offsets[st["label"]] = got["offset"]
+                    requests[0] += 1
+            except OSError:
+                pass
+            stop.wait(1.0)
+
+    def run(watched):
+        cmd = [RLHF, "run", str(exp), "--force", "sft"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        watcher, stop, requests = None, threading.Event(), [0]
+        if watched:
+            watcher = subprocess.Popen([RLHF, "watch", str(run_dir), "--bind", "127.0.0.1:0"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            url = watcher.stdout.readline().split()[-1]
+            threading.Thread(target=poll, args=(url, stop, requests), daemon=True).start()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        stop.set()
+        if watcher:
+            watcher.terminate()
+            watcher.wait()
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        return json.loads((run_dir / "sft/manifest.json").read_text())["seconds"], requests[0]
+    print("a stage watched and not ...", file=sys.stderr, flush=True)
+    run(False)  # warm the file cache and the binary
+    alone, watched, requests = [], [], []
+    for _ in range(max(reps, 3)):
+        alone.append(run(False)[0])
+        seconds, n = run(True)
+        watched.append(seconds)
+        requests.append(n)
+    med = statistics.median
+    return {"alone_s": med(alone), "watched_s": med(watched), "overhead": med(watched) / med(alone) - 1,
+            "requests": med(requests), "runs": {"alone": alone, "watched": watched}}
+
+
+def markdown_watch(r):
+    p = r.get("watch")
+    if not p:
+        return []
+    return [
+        "## Watching a run: what `rlhf watch` costs the training",
+        "",
+        *rerun_note(p, "watch"),
+        "An SFT stage (the small model, 300 steps of 16 on the bundled demonstrations) alone, then with "
+        "`rlhf watch` on its run folder and a client asking what the page asks each second (the state, "
+        "and each stage's metrics from where it had read), in turns; the stage's own time from its manifest, "
+        "median of the runs.",
+        "",
+        "| alone | watched | overhead | requests served per watched run |",
+        "|---|---|---|---|",
+        f"| {p['alone_s']:.2f} s | {p['watched_s']:.2f} s | **{100 * p['overhead']:+.1f}%** | {p['requests']:.0f} |",
+        "",
+    ]
+
+
 def write_queue(d, labels, open_groups, labellers=100, per_group=2):
     """A queue folder holding `labels` labels (two per group, from
     `labellers` people) and `open_groups` groups still waiting, as
@@ -874,6 +958,7 @@ def markdown(r):
         ]
     lines += markdown_side_by_side(r)
     lines += markdown_label_queue(r)
+    lines += markdown_watch(r)
     text = "\n".join(lines)
     if r.get("real"):
         text += markdown_real(r["real"], r.get("real_sft"), r.get("real_rl"))

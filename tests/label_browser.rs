@@ -46,7 +46,7 @@ fn chromedriver() -> PathBuf {
 }
 
 /// chromedriver on a free port, once it accepts connections.
-fn start_driver(dir: &Path) -> (Child, u16) {
+pub(crate) fn start_driver(dir: &Path) -> (Child, u16) {
     let port = common::free_port();
     let mut child = Command::new(chromedriver())
         .arg(format!("--port={port}"))
@@ -65,7 +65,7 @@ fn start_driver(dir: &Path) -> (Child, u16) {
     panic!("chromedriver did not listen on {port}");
 }
 
-async fn browser(driver_port: u16, profile: &Path) -> Client {
+pub(crate) async fn browser(driver_port: u16, profile: &Path) -> Client {
     let args = [
         "--headless",
         "--no-sandbox",
@@ -95,7 +95,7 @@ async fn browser(driver_port: u16, profile: &Path) -> Client {
         .expect("a Chromium session through chromedriver")
 }
 
-async fn js(c: &Client, script: &str) -> serde_json::Value {
+pub(crate) async fn js(c: &Client, script: &str) -> serde_json::Value {
     c.execute(script, vec![]).await.unwrap()
 }
 

@@ -32,3 +32,4 @@ mod smollm2;
 mod sweep;
 mod tensorboard;
 mod trl_reference;
+mod watch;

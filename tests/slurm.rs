@@ -13,23 +13,54 @@ use std::time::Duration;
 
 /// Whether a Slurm answers here; without one the tests fail, unless
 /// `RLHF_ALLOW_NO_SLURM` is set (then they are skipped, said on stderr).
+/// Asked for up to a minute: beside the other tests `sinfo` can be slow,
+/// or show the node `completing` another test's job for a moment.
 fn slurm() -> bool {
-    let up = Command::new("timeout")
-        .args(["5", "sinfo", "--noheader", "--format=%T"])
-        .output()
-        .is_ok_and(|o| {
-            let text = String::from_utf8_lossy(&o.stdout);
-            o.status.success()
-                && text
-                    .lines()
-                    .any(|l| ["idle", "mixed", "allocated"].contains(&l.trim()))
-        });
-    if !up && std::env::var_os("RLHF_ALLOW_NO_SLURM").is_some() {
+    let mut seen = String::from("nothing");
+    for _ in 0..30 {
+        let out = Command::new("timeout")
+            .args(["10", "sinfo", "--noheader", "--format=%T"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                if text.lines().any(node_takes_jobs) {
+                    return true;
+                }
+                seen = format!("node states {:?}", text.trim());
+            }
+            Ok(o) => seen = String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+            Err(e) => seen = e.to_string(),
+        }
+        if std::env::var_os("RLHF_ALLOW_NO_SLURM").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if std::env::var_os("RLHF_ALLOW_NO_SLURM").is_some() {
         eprintln!("skipped: no running Slurm here (RLHF_ALLOW_NO_SLURM is set)");
         return false;
     }
-    assert!(up, "no running Slurm (sinfo shows no node): run .ci/slurm-up as root (just test does), or set RLHF_ALLOW_NO_SLURM=1 to skip");
-    true
+    panic!("no running Slurm (sinfo said {seen}): run .ci/slurm-up as root (just test does), or set RLHF_ALLOW_NO_SLURM=1 to skip");
+}
+
+/// A node state (`sinfo %T`, e.g. `idle`, `mixed+cloud`, `completing`)
+/// in which the node runs or will run jobs (`*`: not responding).
+fn node_takes_jobs(state: &str) -> bool {
+    if state.contains('*') {
+        return false;
+    }
+    let base = state.trim().split('+').next().unwrap_or("");
+    let base = base.trim_end_matches(|c: char| !c.is_ascii_alphabetic());
+    [
+        "idle",
+        "mixed",
+        "allocated",
+        "completing",
+        "planned",
+        "reserved",
+    ]
+    .contains(&base)
 }
 
 fn experiment(dir: &Path, executor: &str, sft_steps: usize, slurm: &str) -> PathBuf {

@@ -29,7 +29,7 @@ fn experiment(dir: &Path, extra: &str) -> std::path::PathBuf {
             "name: sweep\ndevice: cpu\nmax_parallel: 3\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}\nstages:\n\
              \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}}\n\
              \x20 rm: {{kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}}\n\
-             \x20 ppo: {{kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 2, rollout_batch: 4, minibatch_size: 4, sampling: {{max_new_tokens: 4}}, policy_optimizer: {{lr: 0.01}}}}\n\
+             \x20 ppo: {{kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 2, rollout_batch: 4, minibatch_size: 4, sampling: {{max_new_tokens: 4}}, policy_optimizer: {{lr: 0.01}}, save_rollouts: true}}\n\
              sweep:\n  stages.ppo.kl_coef: [0.01, 0.1, 1.0]\n\
              judge: {{kind: command, command: [{}, judge.py]}}\n{extra}",
             python.display()
@@ -150,6 +150,45 @@ fn a_sweep_shares_its_upstream_stages_and_one_report_judges_every_value() {
         md.contains("| ppo[kl_coef=1.0] |") && md.contains("judge.py`."),
         "{md}"
     );
+    rollouts_are_judged_for_the_overoptimisation_plot(&run, &report);
+}
+
+/// The over-optimisation plot's judged half comes from the experiment's
+/// judge (not the bundled task's): each variant's saved rollouts' mean
+/// judge score by iteration, recomputed here from the Parquet files.
+fn rollouts_are_judged_for_the_overoptimisation_plot(run: &Path, report: &serde_json::Value) {
+    for v in ["0.01", "0.1", "1.0"] {
+        let label = format!("ppo[kl_coef={v}]");
+        let got = report["rollout_judge_scores"][&label].as_array().unwrap();
+        assert_eq!(got.len(), 2, "two iterations of {label}: {got:?}");
+        for (i, point) in got.iter().enumerate() {
+            assert_eq!(point[0].as_i64(), Some(i as i64 + 1));
+            let file = run.join(format!(
+                "ppo.kl_coef={v}/rollouts/iter-{:04}.parquet",
+                i + 1
+            ));
+            let rows = rlhf_datasets::rollout::read_prompts_and_answers(&file).unwrap();
+            let mean = rows
+                .iter()
+                .map(|(_, a)| {
+                    a.chars().filter(char::is_ascii_uppercase).count() as f64
+                        / a.chars().count().max(1) as f64
+                })
+                .sum::<f64>()
+                / rows.len() as f64;
+            assert!(
+                (point[1].as_f64().unwrap() - mean).abs() < 1e-12,
+                "{label} {point}"
+            );
+        }
+    }
+    let plots: Vec<&str> = report["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    assert!(plots.contains(&"overoptimization.png"), "{plots:?}");
 }
 
 #[test]

@@ -128,6 +128,28 @@ pub fn read_prompts_and_answers(path: &Path) -> Result<Vec<(String, String)>, Da
     Ok(prompts.into_iter().zip(answers).collect())
 }
 
+/// Each row's prompt, answer and score (NaN where a score is missing),
+/// for a page that shows the newest rollouts.
+pub fn read_scored(path: &Path) -> Result<Vec<(String, String, f64)>, DataError> {
+    let df = crate::load::read_table(path)?;
+    let prompts = crate::load::string_column(&df, path, "prompt", "the prompt text")?;
+    let answers = crate::load::string_column(&df, path, "answer", "the sampled answer")?;
+    let scores = df
+        .column("score")
+        .and_then(|c| c.cast(&DataType::Float64))
+        .map_err(|e| DataError::Parse {
+            path: path.to_owned(),
+            message: format!("no numeric score column ({e})"),
+        })?;
+    let scores = scores.f64().expect("cast to f64");
+    Ok(prompts
+        .into_iter()
+        .zip(answers)
+        .zip(scores.iter())
+        .map(|((prompt, answer), score)| (prompt, answer, score.unwrap_or(f64::NAN)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +188,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("iter-0003.parquet");
         write_rollouts(&p, &[row.clone(), episode]).unwrap();
+        let scored = read_scored(&p).unwrap();
+        assert_eq!(scored.len(), 2);
+        assert_eq!((scored[0].1.as_str(), scored[0].2), ("3", 1.0));
         assert_eq!(
             read_prompts_and_answers(&p).unwrap(),
             vec![

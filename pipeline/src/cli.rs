@@ -57,6 +57,16 @@ pub enum Command {
     Eval(EvalArgs),
     /// Prompts with each policy's answer side by side, with their scores.
     Samples(SamplesArgs),
+    /// A live page of a run folder: the DAG and each stage's state, every
+    /// metric's curve as it grows, the newest rollouts, labelling progress
+    /// and the report (read-only; until Ctrl-C).
+    Watch {
+        /// The run folder (runs/NAME), running, finished or copied here.
+        run: PathBuf,
+        /// Address to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:8700")]
+        bind: std::net::SocketAddr,
+    },
     /// Time one piece of work for `just bench` (one JSON line).
     #[command(hide = true)]
     Bench(BenchArgs),

@@ -10,6 +10,7 @@ mod report;
 mod reward_server;
 mod run_folder;
 mod threads;
+mod watch;
 
 use std::process::ExitCode;
 

@@ -298,15 +298,16 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str
 
 /// `rlhf label serve QUEUE` on a free port: the server and its port.
 pub fn label_serve(queue: &Path) -> (std::process::Child, u16) {
+    serve(&["label", "serve", queue.to_str().unwrap()])
+}
+
+/// Starts a server command of `rlhf` (`label serve`, `watch`) on a free
+/// port; it and the port its first line of stdout names.
+pub fn serve(args: &[&str]) -> (std::process::Child, u16) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args([
-            "label",
-            "serve",
-            queue.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1:0",
-        ])
+        .args(args)
+        .args(["--bind", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

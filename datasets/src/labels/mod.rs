@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -171,7 +172,7 @@ pub struct LabelSummary {
 mod queue;
 mod table;
 
-pub use queue::{read_groups, Queue, DEFAULT_LEASE_MS, LOCK_FILE};
+pub use queue::{peek, read_groups, Queue, DEFAULT_LEASE_MS, LOCK_FILE};
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -213,48 +214,66 @@ impl Queue {
     /// thumbs, the share of labels alike), and the mean Kendall's tau-b
     /// between two labellers' rankings (0 for thumbs alone).
     pub fn agreement(&self) -> Option<(f64, f64)> {
-        let mut by_group: BTreeMap<i64, Vec<&LabelRow>> = BTreeMap::new();
-        for r in self.rows().iter().filter(|r| !r.skipped && !r.not_rankable) {
-            by_group.entry(r.group).or_default().push(r.as_ref());
-        }
-        let (mut agree, mut pairs, mut taus) = (0usize, 0usize, Vec::new());
-        for rows in by_group.values().filter(|v| v.len() >= 2) {
-            for (i, a) in rows.iter().enumerate() {
-                for b in &rows[i + 1..] {
-                    if let (Some(x), Some(y)) = (a.label, b.label) {
-                        agree += usize::from(x == y);
-                        pairs += 1;
-                        continue;
-                    }
-                    let (same, total, tau) = compare(&a.ranking, &b.ranking);
-                    agree += same;
-                    pairs += total;
-                    taus.extend(tau);
-                }
-            }
-        }
-        (pairs > 0).then(|| {
-            let tau = taus.iter().sum::<f64>() / taus.len().max(1) as f64;
-            (agree as f64 / pairs as f64, tau)
-        })
+        agreement_of(self.rows())
     }
 
     /// The labels in numbers.
     pub fn summary(&self) -> LabelSummary {
-        let count = |f: fn(&LabelRow) -> bool| self.rows().iter().filter(|r| f(r)).count();
+        LabelSummary::of(self.rows(), self.groups().len(), self.labels_per_group())
+    }
+
+    /// Labellers who answered at least one group.
+    pub fn labellers(&self) -> BTreeSet<String> {
+        self.rows().iter().map(|r| r.labeller.clone()).collect()
+    }
+}
+
+/// [`Queue::agreement`] of any labels.
+pub fn agreement_of(rows: &[Arc<LabelRow>]) -> Option<(f64, f64)> {
+    let mut by_group: BTreeMap<i64, Vec<&LabelRow>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| !r.skipped && !r.not_rankable) {
+        by_group.entry(r.group).or_default().push(r.as_ref());
+    }
+    let (mut agree, mut pairs, mut taus) = (0usize, 0usize, Vec::new());
+    for rows in by_group.values().filter(|v| v.len() >= 2) {
+        for (i, a) in rows.iter().enumerate() {
+            for b in &rows[i + 1..] {
+                if let (Some(x), Some(y)) = (a.label, b.label) {
+                    agree += usize::from(x == y);
+                    pairs += 1;
+                    continue;
+                }
+                let (same, total, tau) = compare(&a.ranking, &b.ranking);
+                agree += same;
+                pairs += total;
+                taus.extend(tau);
+            }
+        }
+    }
+    (pairs > 0).then(|| {
+        let tau = taus.iter().sum::<f64>() / taus.len().max(1) as f64;
+        (agree as f64 / pairs as f64, tau)
+    })
+}
+
+impl LabelSummary {
+    /// The numbers of `rows`, labels of a queue of `groups` groups that
+    /// each want `labels_per_group` labels.
+    pub fn of(rows: &[Arc<LabelRow>], groups: usize, labels_per_group: usize) -> Self {
+        let count = |f: fn(&LabelRow) -> bool| rows.iter().filter(|r| f(r)).count();
         // Ranked labels with a known time (an import may not say).
-        let mut seconds: Vec<f64> = self
-            .rows()
+        let mut seconds: Vec<f64> = rows
             .iter()
             .filter(|r| !r.skipped && !r.not_rankable && r.seconds > 0.0)
             .map(|r| r.seconds)
             .collect();
         seconds.sort_by(f64::total_cmp);
-        let agreement = self.agreement();
+        let agreement = agreement_of(rows);
+        let labellers: BTreeSet<&str> = rows.iter().map(|r| r.labeller.as_str()).collect();
         LabelSummary {
-            groups: self.groups().len(),
-            labels_per_group: self.labels_per_group(),
-            labellers: self.labellers().len(),
+            groups,
+            labels_per_group,
+            labellers: labellers.len(),
             ranked: count(|r| !r.skipped && !r.not_rankable),
             skipped: count(|r| r.skipped),
             not_rankable: count(|r| r.not_rankable),
@@ -262,11 +281,6 @@ impl Queue {
             kendall_tau: agreement.map(|a| a.1),
             median_seconds: seconds.get(seconds.len() / 2).copied(),
         }
-    }
-
-    /// Labellers who answered at least one group.
-    pub fn labellers(&self) -> BTreeSet<String> {
-        self.rows().iter().map(|r| r.labeller.clone()).collect()
     }
 }
 

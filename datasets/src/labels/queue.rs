@@ -98,6 +98,26 @@ pub fn read_groups(dir: &Path) -> Result<Vec<Group>, LabelError> {
     serde_json::from_str(&text).map_err(|e| file_err(&path, e))
 }
 
+/// A queue's number of groups and its labels, read without its lock and
+/// without mending anything (a torn last line is left out), for a page
+/// that watches a round while its server writes.
+pub fn peek(dir: &Path) -> Result<(usize, Vec<Arc<LabelRow>>), LabelError> {
+    let groups = read_groups(dir)?.len();
+    let path = dir.join(LABELS_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(file_err(&path, e)),
+    };
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    let rows = complete
+        .lines()
+        .filter_map(|l| serde_json::from_str::<LabelRow>(l).ok())
+        .map(Arc::new)
+        .collect();
+    Ok((groups, rows))
+}
+
 impl Queue {
     /// The queue in `dir`: created with `groups` the first time, read back
     /// (its groups unchanged, its labels kept) after that. Fails with

@@ -36,6 +36,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Samples(args) => samples::run(args),
         Command::Task(cmd) => task::run(cmd),
+        Command::Watch { run, bind } => crate::watch::serve(run, bind),
     }
 }
 

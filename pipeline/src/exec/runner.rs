@@ -54,6 +54,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
             crate::threads::cores()
         );
     }
+    write_plan(exp, &order)?;
     let finished = crate::plan::schedule::run_dag(
         &order,
         &exp.deps,
@@ -93,6 +94,38 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
         write_rounds_log(exp, spec)?;
     }
     Ok(outcomes)
+}
+
+/// `plan.json` in the run folder: the stages this run will bring up to
+/// date, for `rlhf watch`.
+fn write_plan(exp: &Experiment, order: &[String]) -> anyhow::Result<()> {
+    use crate::run_folder::plan_file::{PlannedEntry, RunPlan};
+    let mut stages = Vec::new();
+    for name in order {
+        let folder = exp.stage_dir(name);
+        let folder = folder.strip_prefix(&exp.run_dir).unwrap_or(&folder);
+        stages.push(PlannedEntry {
+            label: name.clone(),
+            kind: exp.stage(name)?.kind().into(),
+            folder: folder.to_string_lossy().into_owned(),
+            upstream: exp.deps.get(name).into_iter().flatten().cloned().collect(),
+            executor: match exp.executor(name).0 {
+                ExecutorKind::Local => "local".into(),
+                ExecutorKind::Slurm => "slurm".into(),
+            },
+        });
+    }
+    let plan = RunPlan {
+        experiment: exp
+            .file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        started_at: crate::run_folder::manifest::unix_now(),
+        pid: std::process::id(),
+        stages,
+    };
+    plan.write(&exp.run_dir)
+        .with_context(|| format!("writing the plan into {}", exp.run_dir.display()))
 }
 
 /// The stages of `order` that will run rather than be found done (here or
@@ -228,6 +261,10 @@ fn ensure_stage(job: &StageRun) -> anyhow::Result<(String, Outcome)> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     rlhf_datasets::atomic::write_file(&dir.join(KEY_FILE), key.as_bytes())?;
+    // A failed or interrupted attempt's manifest says nothing of this one
+    // (a watcher would show it failed while it runs); its successor is
+    // written when this attempt ends.
+    let _ = std::fs::remove_file(dir.join(crate::run_folder::MANIFEST_FILE));
     let (t0, started_at) = (Instant::now(), crate::run_folder::manifest::unix_now());
     let result = launch(exp, job, &key);
     let (status, summary) = match &result {

@@ -329,21 +329,26 @@ fn job_name(label: &str, dir: &Path, key: &str) -> String {
 /// running: before the runner clears the folder to start the stage over,
 /// so that no old job writes into the new one.
 pub fn cancel_recorded(dir: &Path) {
-    let file = dir.join("slurm").join(JOB_FILE);
-    let Some(record) = std::fs::read_to_string(&file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<JobRecord>(&t).ok())
-    else {
+    let Some(job_id) = recorded_job(dir) else {
         return;
     };
-    if queue_state(&record.job_id).ok().flatten().is_some() {
+    if queue_state(&job_id).ok().flatten().is_some() {
         tracing::warn!(
-            "cancelling Slurm job {} of {}: the stage starts over",
-            record.job_id,
+            "cancelling Slurm job {job_id} of {}: the stage starts over",
             dir.display()
         );
-        let _ = Command::new("scancel").arg(&record.job_id).status();
+        let _ = Command::new("scancel").arg(&job_id).status();
     }
+}
+
+/// The id of the job a stage folder records (its last submission).
+pub fn recorded_job(dir: &Path) -> Option<String> {
+    let file = dir.join("slurm").join(JOB_FILE);
+    let text =
+        rlhf_datasets::files::read_bounded(&file, 1 << 16, "the limit for a job record").ok()?;
+    serde_json::from_str::<JobRecord>(&text)
+        .ok()
+        .map(|r| r.job_id)
 }
 
 /// `'text'` for bash, single quotes escaped.

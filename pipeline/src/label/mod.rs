@@ -15,7 +15,7 @@
 
 mod collect;
 mod exchange;
-mod page;
+pub mod page;
 pub mod programs;
 mod server;
 mod tokens;

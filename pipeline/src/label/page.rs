@@ -15,14 +15,16 @@ pub fn render(guidelines: Option<&str>) -> String {
         GUIDELINES_SLOT,
         &format!(
             "<details id=\"guidelines\" open><summary>Guidelines</summary>\n{}</details>",
-            markdown_to_html(markdown)
+            markdown_to_html(markdown, None)
         ),
     )
 }
 
 /// CommonMark to HTML; HTML written in the Markdown is escaped, and links
-/// keep only http(s), mailto and relative targets.
-fn markdown_to_html(markdown: &str) -> String {
+/// keep only http(s), mailto and relative targets. Images are dropped,
+/// unless `images` names where plain file names (`plot.png`) are served:
+/// those become `images` + name.
+pub fn markdown_to_html(markdown: &str, images: Option<&str>) -> String {
     use pulldown_cmark::{Event, Options, Parser, Tag};
     let safe_url = |url: &str| {
         let lower = url.trim().to_ascii_lowercase();
@@ -31,6 +33,7 @@ fn markdown_to_html(markdown: &str) -> String {
                 .iter()
                 .any(|p| lower.starts_with(p))
     };
+    let mut dropped_images = 0usize;
     let events = Parser::new_ext(
         markdown,
         Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH,
@@ -48,7 +51,26 @@ fn markdown_to_html(markdown: &str) -> String {
             title,
             id,
         }),
-        Event::Start(Tag::Image { .. }) | Event::End(pulldown_cmark::TagEnd::Image) => {
+        Event::Start(Tag::Image {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) => match images.filter(|_| is_plain_file_name(&dest_url)) {
+            Some(base) => Event::Start(Tag::Image {
+                link_type,
+                dest_url: format!("{base}{dest_url}").into(),
+                title,
+                id,
+            }),
+            // Its alt text stays, as text.
+            None => {
+                dropped_images += 1;
+                Event::Text("".into())
+            }
+        },
+        Event::End(pulldown_cmark::TagEnd::Image) if dropped_images > 0 => {
+            dropped_images -= 1;
             Event::Text("".into())
         }
         other => other,
@@ -56,6 +78,16 @@ fn markdown_to_html(markdown: &str) -> String {
     let mut html = String::new();
     pulldown_cmark::html::push_html(&mut html, events);
     html
+}
+
+/// A file name with no folder and nothing to escape: letters, digits,
+/// `.`, `-` and `_`, not starting with a dot.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
 #[cfg(test)]
@@ -73,5 +105,14 @@ mod tests {
         assert!(!page.contains("javascript:"));
         assert!(page.contains("href=\"https://example.org\""));
         assert!(!render(None).contains("id=\"guidelines\""));
+        let report = markdown_to_html(
+            "![kl](kl.png) ![x](../x.png) ![y](http://h/y.png)",
+            Some("/report/"),
+        );
+        assert!(report.contains("src=\"/report/kl.png\""), "{report}");
+        assert!(
+            !report.contains("../x.png") && !report.contains("http://h"),
+            "{report}"
+        );
     }
 }

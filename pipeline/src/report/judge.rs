@@ -272,6 +272,43 @@ impl Gold {
         }
     }
 
+    /// Scores of single answers to their prompts (a stage's rollouts):
+    /// none where the bundled judge does not know a prompt.
+    pub fn score_pairs(
+        &self,
+        pairs: &[(String, String)],
+        settings: &rlhf_stages::eval::EvalSettings,
+        device: Device,
+    ) -> anyhow::Result<Vec<Option<f64>>> {
+        match self {
+            Self::Task => Ok(pairs
+                .iter()
+                .map(|(p, a)| rlhf_datasets::task::judge(p, a))
+                .collect()),
+            Self::Command(command) => {
+                let prompts: Vec<String> = pairs.iter().map(|(p, _)| p.clone()).collect();
+                let n = pairs.len();
+                let answers = PolicyAnswers {
+                    answers: pairs.iter().map(|(_, a)| a.clone()).collect(),
+                    answer_tokens: vec![0; n],
+                    finished: vec![true; n],
+                    gold: vec![None; n],
+                    reward: None,
+                };
+                let mut one = vec![(String::new(), answers)];
+                command.score(&prompts, &mut one)?;
+                Ok(one.remove(0).1.gold)
+            }
+            Self::RewardModel { model, .. } => {
+                let prompts: Vec<String> = pairs.iter().map(|(p, _)| p.clone()).collect();
+                let answers: Vec<String> = pairs.iter().map(|(_, a)| a.clone()).collect();
+                let scores =
+                    rlhf_stages::eval::reward_scores(model, &prompts, &answers, settings, device)?;
+                Ok(scores.into_iter().map(Some).collect())
+            }
+        }
+    }
+
     /// How the report names it.
     pub fn shown(&self) -> String {
         match self {

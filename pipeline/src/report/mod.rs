@@ -185,6 +185,10 @@ pub struct Report {
     /// The first prompts with every policy's answer, side by side.
     #[serde(default)]
     pub examples: Vec<PromptAnswers>,
+    /// Each RL stage's saved rollouts scored by the judge: (iteration,
+    /// mean score), the over-optimisation plot's judged half.
+    #[serde(default, skip_serializing_if = "plots::RolloutGold::is_empty")]
+    pub rollout_judge_scores: plots::RolloutGold,
 }
 
 /// One prompt and every policy's answer to it (the `answers.jsonl` line).
@@ -367,6 +371,9 @@ pub fn evaluate_run(
     }
     let reward_models = reward_rows(&stages, opts, run_dir, device)?;
     let answers = prompt_answers(&prompts, &all_answers);
+    let rollout_judge_scores = plots::rollout_gold(&stages, |pairs| {
+        gold.score_pairs(pairs, &opts.settings, device)
+    })?;
     Ok(Evaluation {
         report: Report {
             run: PathBuf::from(run_dir.file_name().unwrap_or(run_dir.as_os_str())),
@@ -387,6 +394,7 @@ pub fn evaluate_run(
                 None => vec![],
             }),
             examples: answers.iter().take(EXAMPLES).cloned().collect(),
+            rollout_judge_scores,
         },
         answers,
         stages,
@@ -761,7 +769,11 @@ fn gold_tally(
 pub fn write_report(evaluation: &mut Evaluation) -> anyhow::Result<PathBuf> {
     let dir = evaluation.run_dir.join(REPORT_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    evaluation.report.plots = plots::write_all(&evaluation.stages, &dir)?;
+    evaluation.report.plots = plots::write_all(
+        &evaluation.stages,
+        &evaluation.report.rollout_judge_scores,
+        &dir,
+    )?;
     let json = serde_json::to_string_pretty(&evaluation.report)?;
     atomic::write_file(&dir.join(REPORT_JSON), json.as_bytes())?;
     atomic::write_file(

@@ -8,7 +8,6 @@ use std::sync::Once;
 
 use anyhow::anyhow;
 use plotters::prelude::*;
-use rlhf_datasets::task;
 
 use rlhf_stages::kind::Plot;
 
@@ -188,46 +187,70 @@ fn line(name: &str, points: Vec<(f64, f64)>, color: usize) -> Line {
     }
 }
 
-/// Mean gold score of each PPO iteration's sampled rollouts (from
-/// `rollouts/iter-NNNN.parquet`), by iteration; empty where the judge does
-/// not know the prompts or the rollouts were not saved.
-fn rollout_gold_by_iteration(stage: &FinishedStage) -> Vec<(i64, f64)> {
-    let dir = stage.dir.join("rollouts");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return vec![];
-    };
-    let mut out = Vec::new();
-    for e in entries.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(it) = name
-            .strip_prefix("iter-")
-            .and_then(|n| n.strip_suffix(".parquet"))
-            .and_then(|n| n.parse::<i64>().ok())
-        else {
-            continue;
-        };
-        let Ok(rows) = rlhf_datasets::rollout::read_prompts_and_answers(&e.path()) else {
-            continue;
-        };
-        let scores: Vec<f64> = rows.iter().filter_map(|(p, a)| task::judge(p, a)).collect();
-        if !scores.is_empty() {
-            out.push((it, scores.iter().sum::<f64>() / scores.len() as f64));
+/// The judge's mean score of each RL stage's saved rollouts
+/// (`rollouts/iter-NNNN.parquet`), by iteration, with `score` scoring
+/// (prompt, answer) pairs; a stage with none saved, or whose prompts the
+/// judge does not know, has none.
+pub fn rollout_gold(
+    stages: &[FinishedStage],
+    mut score: impl FnMut(&[(String, String)]) -> anyhow::Result<Vec<Option<f64>>>,
+) -> anyhow::Result<RolloutGold> {
+    let mut out = RolloutGold::new();
+    for stage in stages {
+        let mut by_iteration = Vec::new();
+        for (it, path) in rollout_files(&stage.dir.join("rollouts")) {
+            let Ok(rows) = rlhf_datasets::rollout::read_prompts_and_answers(&path) else {
+                continue;
+            };
+            let scores: Vec<f64> = score(&rows)?.into_iter().flatten().collect();
+            if !scores.is_empty() {
+                by_iteration.push((it, scores.iter().sum::<f64>() / scores.len() as f64));
+            }
+        }
+        if !by_iteration.is_empty() {
+            out.insert(stage.label.clone(), by_iteration);
         }
     }
-    out.sort_by_key(|&(it, _)| it);
+    Ok(out)
+}
+
+/// A stage label's (iteration, mean judge score of its rollouts).
+pub type RolloutGold = std::collections::BTreeMap<String, Vec<(i64, f64)>>;
+
+/// `iter-NNNN.parquet` files of a folder, by iteration.
+fn rollout_files(dir: &Path) -> Vec<(i64, std::path::PathBuf)> {
+    let mut out: Vec<(i64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let it = name
+                .strip_prefix("iter-")?
+                .strip_suffix(".parquet")?
+                .parse::<i64>()
+                .ok()?;
+            Some((it, e.path()))
+        })
+        .collect();
+    out.sort();
     out
 }
 
 /// Every plot this run has data for, as each kind declares its plots;
 /// returns the file names written.
-pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<String>> {
+pub fn write_all(
+    stages: &[FinishedStage],
+    gold: &RolloutGold,
+    dir: &Path,
+) -> anyhow::Result<Vec<String>> {
     let mut plots = Vec::new();
     for kind in rlhf_stages::kinds::all() {
         let of_kind: Vec<&FinishedStage> = stages.iter().filter(|s| s.kind == kind.name).collect();
         if of_kind.is_empty() {
             continue;
         }
-        plots.extend(kind.plots.iter().map(|plot| figure(plot, &of_kind)));
+        plots.extend(kind.plots.iter().map(|plot| figure(plot, &of_kind, gold)));
     }
     let mut written = Vec::new();
     for (name, panels, cols) in plots {
@@ -248,7 +271,11 @@ pub fn write_all(stages: &[FinishedStage], dir: &Path) -> anyhow::Result<Vec<Str
 
 /// A declared plot drawn from its kind's stages: the file, its panels and
 /// how many columns they take.
-fn figure(plot: &Plot, stages: &[&FinishedStage]) -> (&'static str, Vec<Panel>, usize) {
+fn figure(
+    plot: &Plot,
+    stages: &[&FinishedStage],
+    gold: &RolloutGold,
+) -> (&'static str, Vec<Panel>, usize) {
     match *plot {
         Plot::Loss { file, title } => (file, vec![loss(stages, title)], 1),
         Plot::PairwiseAccuracy { file, title } => (file, vec![pairwise_accuracy(stages, title)], 1),
@@ -258,7 +285,7 @@ fn figure(plot: &Plot, stages: &[&FinishedStage]) -> (&'static str, Vec<Panel>, 
         }
         Plot::ScoreAgainstKl { file } => {
             let metrics: Vec<Vec<serde_json::Value>> = stages.iter().map(|s| metrics(s)).collect();
-            (file, overoptimization(stages, &metrics), 2)
+            (file, overoptimization(stages, &metrics, gold), 2)
         }
     }
 }
@@ -372,7 +399,11 @@ fn kl_path(name: &str, points: Vec<(f64, f64)>, color: usize) -> [Line; 2] {
 }
 
 /// Over-optimisation (Gao et al.): gold and proxy score against KL.
-fn overoptimization(stages: &[&FinishedStage], metrics: &[Vec<serde_json::Value>]) -> Vec<Panel> {
+fn overoptimization(
+    stages: &[&FinishedStage],
+    metrics: &[Vec<serde_json::Value>],
+    rollout_gold: &RolloutGold,
+) -> Vec<Panel> {
     let mut gold_lines = Vec::new();
     let mut proxy_lines = Vec::new();
     for (i, (s, m)) in stages.iter().zip(metrics).enumerate() {
@@ -380,9 +411,11 @@ fn overoptimization(stages: &[&FinishedStage], metrics: &[Vec<serde_json::Value>
             .iter()
             .filter_map(|r| Some((r["iteration"].as_i64()?, r["kl"].as_f64()?)))
             .collect();
-        let gold: Vec<(f64, f64)> = rollout_gold_by_iteration(s)
+        let gold: Vec<(f64, f64)> = rollout_gold
+            .get(&s.label)
             .into_iter()
-            .filter_map(|(it, g)| Some((*kl_by_it.get(&it)?, g)))
+            .flatten()
+            .filter_map(|&(it, g)| Some((*kl_by_it.get(&it)?, g)))
             .collect();
         if !gold.is_empty() {
             gold_lines.extend(kl_path(&s.label, gold, i));
@@ -392,16 +425,16 @@ fn overoptimization(stages: &[&FinishedStage], metrics: &[Vec<serde_json::Value>
     let mut panels = Vec::new();
     if gold_lines.iter().any(|l| !l.points.is_empty()) {
         panels.push(Panel {
-            title: "Gold score of rollouts against KL".into(),
+            title: "The judge's score of rollouts against KL".into(),
             x_label: "KL to the reference (nats)".into(),
-            y_label: "gold score".into(),
+            y_label: "judge's score".into(),
             lines: gold_lines,
         });
     }
     panels.push(Panel {
-        title: "Reward-model score against KL".into(),
+        title: "Score trained on (reward model or program) against KL".into(),
         x_label: "KL to the reference (nats)".into(),
-        y_label: "reward-model score".into(),
+        y_label: "training score".into(),
         lines: proxy_lines,
     });
     panels

@@ -8,6 +8,7 @@
 //!   round-1/collect/   a loop round's stages, and its labelling queue/
 //!   round-1/rm/ ...
 //!   rounds.jsonl       one line per finished round
+//!   plan.json          what `rlhf run` set out to do (plan_file)
 //!   report/            what `rlhf eval` wrote
 //! ```
 //!
@@ -20,6 +21,7 @@
 pub mod finished;
 pub mod lock;
 pub mod manifest;
+pub mod plan_file;
 
 use std::path::{Path, PathBuf};
 
@@ -60,7 +62,9 @@ pub fn is_round_like(folder: &str) -> bool {
 /// Whether a stage folder of this name would collide with what the runner
 /// and `rlhf eval` write beside the stages.
 pub fn is_reserved(name: &str) -> bool {
-    round_of(name).is_some() || name.starts_with('.') || [REPORT_DIR, ROUNDS_LOG].contains(&name)
+    round_of(name).is_some()
+        || name.starts_with('.')
+        || [REPORT_DIR, ROUNDS_LOG, plan_file::PLAN_FILE].contains(&name)
 }
 
 /// Top-level stage folders of a run and those of its loop rounds.

@@ -19,8 +19,8 @@ use crate::eval::answer::{judged_eval, read_judged, JudgedScore};
 use crate::model::checkpoint::Model;
 use crate::rl::score_did_not_rise;
 use crate::train::{
-    finished_summary, prepare_out_dir, progress_bar, same_on_every_rank, step_seed, write_summary,
-    Checkpointer, MetricsLog, StageContext, StageError, METRICS_FILE,
+    finished_summary, prepare_out_dir, same_on_every_rank, stage_progress, step_seed,
+    write_summary, Checkpointer, MetricsLog, StageContext, StageError, METRICS_FILE,
 };
 
 /// The settings the driver reads from a kind's config.
@@ -166,7 +166,7 @@ pub fn run<L: Learner>(
             false => MetricsLog::disabled(),
         },
         bar: match main {
-            true => progress_bar(s.iterations as u64, from as u64, s.kind),
+            true => stage_progress(out, s.iterations as u64, from as u64, s.kind),
             false => indicatif::ProgressBar::hidden(),
         },
         checkpointer: Checkpointer {

@@ -97,6 +97,29 @@ pub fn start_eval_loss(path: &Path) -> Option<f64> {
         .as_f64()
 }
 
+/// `progress.json` in a stage folder: how many steps (or iterations) the
+/// stage runs, how many were done when this process started and when, so
+/// that `rlhf watch` shows its progress and an ETA from the metrics alone.
+pub const PROGRESS_FILE: &str = "progress.json";
+
+/// The progress bar of a stage's main process, with its `progress.json`
+/// written (best effort: a watcher's help, not the run's).
+pub fn stage_progress(
+    out_dir: &Path,
+    total: u64,
+    done: u64,
+    label: &str,
+) -> indicatif::ProgressBar {
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let line = serde_json::json!({"total": total, "done_at_start": done, "started_at": started_at});
+    if let Err(e) = atomic::write_file(&out_dir.join(PROGRESS_FILE), line.to_string().as_bytes()) {
+        tracing::warn!("{}: {e}", out_dir.display());
+    }
+    progress_bar(total, done, label)
+}
+
 /// A progress bar on stderr; invisible when stderr is not a terminal.
 pub fn progress_bar(total: u64, done: u64, label: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);

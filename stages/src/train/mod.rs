@@ -38,7 +38,8 @@ pub use checkpoints::{
     STATE_FILE,
 };
 pub use metrics::{
-    finished_summary, progress_bar, write_summary, MetricsLog, METRICS_FILE, SUMMARY_FILE,
+    finished_summary, progress_bar, stage_progress, write_summary, MetricsLog, METRICS_FILE,
+    PROGRESS_FILE, SUMMARY_FILE,
 };
 
 /// The settings every supervised stage shares. A stage config holds them
@@ -469,7 +470,12 @@ pub fn fit<O: Objective>(
     };
     let checkpointer = checkpointer(run, total_steps);
     let bar = match main {
-        true => progress_bar(total_steps as u64, start_step as u64, run.label),
+        true => stage_progress(
+            &run.out_dir,
+            total_steps as u64,
+            start_step as u64,
+            run.label,
+        ),
         false => indicatif::ProgressBar::hidden(),
     };
     let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed());

@@ -186,19 +186,24 @@ impl KindConfig for GrpoConfig {
     const KIND: &'static str = "grpo";
     const PRODUCES: Produces = Produces::Policy;
     const LOOP_ROLE: LoopRole = LoopRole::OptimisesScorer;
-    const PLOTS: &'static [Plot] = &[Plot::Iterations {
-        file: "grpo_training.png",
-        panels: &[
-            ("score", "Score of the sampled groups", "mean score"),
-            ("kl", "KL to the reference (per answer)", "nats"),
-            ("clip_fraction", "Clip fraction", "fraction"),
-            (
-                "zero_spread",
-                "Groups whose answers all scored alike",
-                "fraction",
-            ),
-        ],
-    }];
+    const PLOTS: &'static [Plot] = &[
+        Plot::Iterations {
+            file: "grpo_training.png",
+            panels: &[
+                ("score", "Score of the sampled groups", "mean score"),
+                ("kl", "KL to the reference (per answer)", "nats"),
+                ("clip_fraction", "Clip fraction", "fraction"),
+                (
+                    "zero_spread",
+                    "Groups whose answers all scored alike",
+                    "fraction",
+                ),
+            ],
+        },
+        Plot::ScoreAgainstKl {
+            file: "grpo_overoptimization.png",
+        },
+    ];
     type Summary = RlSummary;
 
     fn precision(&mut self) -> crate::model::precision::Precision {

@@ -148,6 +148,24 @@ fn a_cancelled_job_fails_its_stage_and_the_rerun_resumes_it() {
         std::fs::read_dir(&checkpoints).is_ok_and(|d| d.count() > 0)
     });
     let id = job_id(cluster.path(), "sft").unwrap();
+    // `rlhf watch` shows the stage running as that job, rm waiting.
+    let run_dir = cluster.path().join("runs/cluster");
+    let (mut watch, port) = common::serve(&["watch", run_dir.to_str().unwrap()]);
+    let shown = |stage: &str| {
+        let (code, body) = common::http(port, "GET", "/api/state", None, "");
+        assert_eq!(code, 200, "{body}");
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let all = state["stages"].as_array().unwrap().clone();
+        all.into_iter().find(|s| s["label"] == stage).unwrap()
+    };
+    let sft = shown("sft");
+    assert_eq!(
+        (&sft["state"], &sft["executor"]),
+        (&"running".into(), &"slurm".into()),
+        "{sft}"
+    );
+    assert_eq!(sft["slurm_job"], id.as_str(), "{sft}");
+    assert_eq!(shown("rm")["state"], "waiting");
     assert!(Command::new("scancel").arg(&id).status().unwrap().success());
     let (status, stderr) = child.wait();
     assert!(!status.success(), "{stderr}");
@@ -155,6 +173,14 @@ fn a_cancelled_job_fails_its_stage_and_the_rerun_resumes_it() {
         stderr.contains(&format!("Slurm job {id} ended CANCELLED")),
         "{stderr}"
     );
+    let sft = shown("sft");
+    assert_eq!(sft["state"], "failed", "{sft}");
+    assert!(
+        sft["detail"].as_str().unwrap().contains("CANCELLED"),
+        "{sft}"
+    );
+    watch.kill().unwrap();
+    watch.wait().unwrap();
     assert!(
         !cluster.path().join("runs/cluster/rm").exists(),
         "rm started after sft failed"

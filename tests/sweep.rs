@@ -29,7 +29,7 @@ fn experiment(dir: &Path, extra: &str) -> std::path::PathBuf {
             "name: sweep\ndevice: cpu\nmax_parallel: 3\nmodel: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}\nstages:\n\
              \x20 sft: {{kind: sft, data: sft.jsonl, max_steps: 4, batch_size: 4}}\n\
              \x20 rm: {{kind: reward, init: sft, data: prefs.jsonl, max_steps: 2, batch_size: 2, max_len: 48}}\n\
-             \x20 ppo: {{kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 2, rollout_batch: 4, minibatch_size: 4, sampling: {{max_new_tokens: 4}}, policy_optimizer: {{lr: 0.01}}, save_rollouts: true}}\n\
+             \x20 ppo: {{kind: ppo, policy: sft, reward_model: rm, prompts: prompts.jsonl, iterations: 2, rollout_batch: 4, minibatch_size: 4, sampling: {{max_new_tokens: 4}}, policy_optimizer: {{lr: 0.01}}, save_rollouts: true, eval_prompts: prompts.jsonl}}\n\
              sweep:\n  stages.ppo.kl_coef: [0.01, 0.1, 1.0]\n\
              judge: {{kind: command, command: [{}, judge.py]}}\n{extra}",
             python.display()
@@ -151,6 +151,41 @@ fn a_sweep_shares_its_upstream_stages_and_one_report_judges_every_value() {
         "{md}"
     );
     rollouts_are_judged_for_the_overoptimisation_plot(&run, &report);
+    stage_evals_are_judged_by_the_experiments_judge(&run);
+}
+
+/// Each PPO stage's own evals (greedy answers to `eval_prompts` before
+/// and after) are scored by the experiment's judge program.
+fn stage_evals_are_judged_by_the_experiments_judge(run: &Path) {
+    let share = |a: &str| {
+        a.chars().filter(char::is_ascii_uppercase).count() as f64 / a.chars().count().max(1) as f64
+    };
+    for v in ["0.01", "0.1", "1.0"] {
+        let dir = run.join(format!("ppo.kl_coef={v}"));
+        let summary = json(&dir.join("summary.json"));
+        for (file, key) in [
+            ("samples_before.jsonl", "eval_gold_before"),
+            ("samples.jsonl", "eval_gold_after"),
+        ] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            let mut scores = Vec::new();
+            for line in text.lines() {
+                let row: serde_json::Value = serde_json::from_str(line).unwrap();
+                let expected = share(row["answer"].as_str().unwrap());
+                assert!(
+                    (row["gold_score"].as_f64().unwrap() - expected).abs() < 1e-12,
+                    "{line}"
+                );
+                scores.push(expected);
+            }
+            assert_eq!(scores.len(), 8, "{file}");
+            let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+            assert!(
+                (summary[key].as_f64().unwrap() - mean).abs() < 1e-12,
+                "{key} of {v}: {summary}"
+            );
+        }
+    }
 }
 
 /// The over-optimisation plot's judged half comes from the experiment's

@@ -131,6 +131,21 @@ fn the_run_page_follows_a_live_run_in_a_real_browser() {
 
         until(&c, "the run ending", Duration::from_secs(180), "return document.getElementById('live').textContent === 'not running'").await;
         assert_eq!(js(&c, &state_of("ppo")).await, "finished");
+
+        // A round's labelling and the report appear as they are written.
+        label_one_of_two_groups(&run_dir.join("round-1/queue"));
+        std::fs::create_dir_all(run_dir.join("report")).unwrap();
+        std::fs::write(
+            run_dir.join("report/report.md"),
+            format!("# The report\n\n{XSS}\n\n| policy | gold |\n|---|---|\n| ppo | 0.5 |\n"),
+        )
+        .unwrap();
+        let row = until(&c, "the round's labelling", Duration::from_secs(30), "const r = document.querySelector('#labelling tr[data-queue=\"round-1/queue\"]'); return r && r.textContent;").await;
+        assert!(row.as_str().unwrap().contains("1 / 2"), "{row}");
+        let report = until(&c, "the report", Duration::from_secs(30), "const h = document.querySelector('#report h1'); return h && document.getElementById('report').textContent;").await;
+        assert!(report.as_str().unwrap().contains(XSS), "the report's HTML shown as text: {report}");
+        assert_eq!(js(&c, "return document.querySelectorAll('#report script, #report table').length").await, 1, "a table, no script");
+        assert_eq!(js(&c, "return window.__pwned === undefined").await, true);
         c.close().await.unwrap();
     });
     let (status, log) = run.wait();
@@ -142,6 +157,29 @@ fn the_run_page_follows_a_live_run_in_a_real_browser() {
     let png = std::fs::read(&screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot of the page");
     copied_run_reads_the_same(d.path(), &run_dir);
+}
+
+/// A round's queue of two groups, one labelled by ann.
+fn label_one_of_two_groups(dir: &Path) {
+    use rlhf_datasets::labels::{Group, Queue, Submission};
+    let groups: Vec<Group> = (0..2)
+        .map(|i| Group {
+            prompt: format!("Upper: q{i}\n"),
+            responses: vec!["A".into(), "B".into()],
+            round: 1,
+            policy: "ppo".into(),
+        })
+        .collect();
+    let mut queue = Queue::open(dir, &groups, 1).unwrap();
+    let served = queue.serve("ann").unwrap().unwrap();
+    queue
+        .submit(&Submission {
+            group: served.group,
+            labeller: "ann".into(),
+            ranking: vec![0, 1],
+            ..Default::default()
+        })
+        .unwrap();
 }
 
 /// The run folder copied elsewhere: the same stages, finished, and the

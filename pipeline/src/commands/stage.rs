@@ -105,6 +105,18 @@ fn context(
         scratch: scratch_model(planned.model_config()?, tokenizer),
         // The bundled task's judge scores the prompts it knows.
         judge: Some(Arc::new(task::judge)),
+        // The experiment's judge program, where it names one, scores the
+        // stage's evals instead, from the experiment file's folder.
+        eval_judge: planned.judge.as_ref().map(|j| {
+            let judge = crate::report::judge::CommandJudge {
+                command: j.command.clone(),
+                timeout_seconds: j.timeout_seconds,
+                cwd: Some(planned.experiment_dir()),
+            };
+            let batch: rlhf_stages::eval::answer::BatchJudge =
+                Arc::new(move |pairs| judge.score_pairs(pairs).map_err(|e| format!("{e:#}")));
+            batch
+        }),
         stop_after,
         ranks: Arc::new(ranks),
         // A stage's ranking program runs in the experiment file's folder,

@@ -50,6 +50,18 @@ pub struct PlannedStage {
     pub tokenizer: Option<PathBuf>,
     /// How long a rank waits for the others, seconds.
     pub rank_timeout_seconds: u64,
+    /// The experiment's judge program (`judge: {kind: command}`), which
+    /// scores the stage's own evals; run in the experiment file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<PlannedJudge>,
+}
+
+/// A judging program as the stage runs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedJudge {
+    pub command: Vec<String>,
+    pub timeout_seconds: f64,
 }
 
 impl PlannedStage {
@@ -79,6 +91,16 @@ impl PlannedStage {
             model: without_nulls(serde_json::to_value(&exp.spec.model)?),
             tokenizer: exp.spec.tokenizer.clone(),
             rank_timeout_seconds: exp.spec.distributed.timeout_seconds,
+            judge: match &exp.spec.judge {
+                crate::experiment::JudgeSpec::Command {
+                    command,
+                    timeout_seconds,
+                } => Some(PlannedJudge {
+                    command: command.clone(),
+                    timeout_seconds: *timeout_seconds,
+                }),
+                _ => None,
+            },
         })
     }
 

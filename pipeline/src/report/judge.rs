@@ -129,6 +129,22 @@ impl CommandJudge {
         format!("`{}`", self.command.join(" "))
     }
 
+    /// Scores single answers to their prompts: one line per answer.
+    pub fn score_pairs(&self, pairs: &[(String, String)]) -> anyhow::Result<Vec<Option<f64>>> {
+        let prompts: Vec<String> = pairs.iter().map(|(p, _)| p.clone()).collect();
+        let n = pairs.len();
+        let answers = PolicyAnswers {
+            answers: pairs.iter().map(|(_, a)| a.clone()).collect(),
+            answer_tokens: vec![0; n],
+            finished: vec![true; n],
+            gold: vec![None; n],
+            reward: None,
+        };
+        let mut one = vec![(String::new(), answers)];
+        self.score(&prompts, &mut one)?;
+        Ok(one.remove(0).1.gold)
+    }
+
     /// Fills every policy's `gold` scores: one line per prompt holding
     /// every policy's answer.
     pub fn score(
@@ -285,20 +301,7 @@ impl Gold {
                 .iter()
                 .map(|(p, a)| rlhf_datasets::task::judge(p, a))
                 .collect()),
-            Self::Command(command) => {
-                let prompts: Vec<String> = pairs.iter().map(|(p, _)| p.clone()).collect();
-                let n = pairs.len();
-                let answers = PolicyAnswers {
-                    answers: pairs.iter().map(|(_, a)| a.clone()).collect(),
-                    answer_tokens: vec![0; n],
-                    finished: vec![true; n],
-                    gold: vec![None; n],
-                    reward: None,
-                };
-                let mut one = vec![(String::new(), answers)];
-                command.score(&prompts, &mut one)?;
-                Ok(one.remove(0).1.gold)
-            }
+            Self::Command(command) => command.score_pairs(pairs),
             Self::RewardModel { model, .. } => {
                 let prompts: Vec<String> = pairs.iter().map(|(p, _)| p.clone()).collect();
                 let answers: Vec<String> = pairs.iter().map(|(_, a)| a.clone()).collect();

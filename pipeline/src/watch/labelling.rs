@@ -63,3 +63,51 @@ fn labels_per_group(round_dir: &Path) -> usize {
         .and_then(|v| v["settings"]["labeller"]["labels_per_group"].as_u64())
         .map_or(1, |n| n.max(1) as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rlhf_datasets::labels::{Group, Queue, Submission};
+
+    #[test]
+    fn a_rounds_queue_is_read_while_its_server_holds_it() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path();
+        let collect = run.join("round-1/collect");
+        std::fs::create_dir_all(&collect).unwrap();
+        std::fs::write(
+            collect.join("stage.json"),
+            r#"{"settings": {"labeller": {"kind": "web", "labels_per_group": 2}}}"#,
+        )
+        .unwrap();
+        let groups: Vec<Group> = (0..3)
+            .map(|i| Group {
+                prompt: format!("p{i}"),
+                responses: vec!["a".into(), "b".into(), "c".into()],
+                round: 1,
+                policy: "round-1/ppo".into(),
+            })
+            .collect();
+        // Held open (locked) as the round's server holds it.
+        let mut queue = Queue::open(&run.join("round-1/queue"), &groups, 2).unwrap();
+        for who in ["ann", "bob"] {
+            for ranking in [vec![0, 1, 2], vec![2, 1, 0]] {
+                let served = queue.serve(who).unwrap().unwrap();
+                let submission = Submission {
+                    group: served.group,
+                    labeller: who.into(),
+                    ranking,
+                    ..Default::default()
+                };
+                queue.submit(&submission).unwrap();
+            }
+        }
+        let shown = queues(run);
+        assert_eq!(shown.len(), 1);
+        assert_eq!(shown[0].queue, "round-1/queue");
+        assert_eq!(shown[0].summary, queue.summary());
+        assert_eq!(shown[0].summary.labellers, 2);
+        assert_eq!(shown[0].done, 2, "two groups have both their labels");
+        assert!(shown[0].summary.agreement.is_some());
+    }
+}

@@ -36,6 +36,7 @@ impl StageRun {
                 tokenizer: policy.tokenizer.clone(),
             },
             judge: None,
+            eval_judge: None,
             ranker: None,
             reward_runner: None,
             env_runner: None,

@@ -29,6 +29,12 @@ pub const ANSWER_BATCH: usize = 64;
 /// task's gold judge); the pipeline passes it to the stages.
 pub type Judge = Arc<dyn Fn(&str, &str) -> Option<f64> + Send + Sync>;
 
+/// Scores many (prompt, answer) pairs in one call (a judging program gets
+/// them all at once); `None` where it does not know a prompt, `Err` with
+/// what went wrong.
+pub type BatchJudge =
+    Arc<dyn Fn(&[(String, String)]) -> Result<Vec<Option<f64>>, String> + Send + Sync>;
+
 /// `k` answers to each prompt, in prompt order with a prompt's `k`
 /// together, and the prompts' token ids repeated to match.
 #[derive(Debug, Clone, Default)]
@@ -130,7 +136,7 @@ pub fn judged_eval(
     model: &Model,
     path: &Path,
     max_new_tokens: i64,
-    judge: Option<&Judge>,
+    judge: &dyn Fn(&[(String, String)]) -> Result<Vec<Option<f64>>, StageError>,
     device: Device,
     samples_out: &Path,
 ) -> Result<Option<JudgedScore>, StageError> {
@@ -146,10 +152,11 @@ pub fn judged_eval(
         device,
     )?;
     let answers = answered.texts(&model.tokenizer)?;
+    let pairs: Vec<(String, String)> = prompts.iter().cloned().zip(answers).collect();
+    let judged = judge(&pairs)?;
     let mut lines = String::new();
     let mut scores = Vec::new();
-    for (p, a) in prompts.iter().zip(&answers) {
-        let score = judge.and_then(|j| j(p, a));
+    for ((p, a), &score) in pairs.iter().zip(&judged) {
         scores.extend(score);
         lines.push_str(&json!({"prompt": p, "answer": a, "gold_score": score}).to_string());
         lines.push('\n');

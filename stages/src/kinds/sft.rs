@@ -234,7 +234,7 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
             &fitted.model,
             path,
             cfg.eval_max_new_tokens,
-            ctx.judge.as_ref(),
+            &|pairs| ctx.judge_answers(pairs),
             ctx.device,
             &out.join("samples.jsonl"),
         )?,

@@ -377,7 +377,7 @@ fn judge_eval(
         model,
         prompts,
         s.max_new_tokens,
-        ctx.judge.as_ref(),
+        &|pairs| ctx.judge_answers(pairs),
         ctx.device,
         &out,
     )

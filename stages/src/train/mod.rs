@@ -981,6 +981,9 @@ pub struct StageContext {
     /// Scores (prompt, answer) text where it knows the prompt: the bundled
     /// task's gold judge, passed in by the pipeline.
     pub judge: Option<crate::eval::answer::Judge>,
+    /// The experiment's own judge (`judge: {kind: command}`), passed in by
+    /// the pipeline: when set, it scores the stage's evals instead.
+    pub eval_judge: Option<crate::eval::answer::BatchJudge>,
     /// Stop (as if killed) after this step, leaving its checkpoint: for
     /// resume tests.
     pub stop_after: Option<i64>,
@@ -1004,12 +1007,32 @@ pub type Ranker = std::sync::Arc<
         + Sync,
 >;
 
+impl StageContext {
+    /// Scores of the stage's eval answers: the experiment's judge program,
+    /// all at once, when it names one; else the bundled task's judge where
+    /// it knows the prompt.
+    pub fn judge_answers(
+        &self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<Option<f64>>, StageError> {
+        match (&self.eval_judge, &self.judge) {
+            (Some(program), _) => program(pairs).map_err(|message| StageError::Setting {
+                field: "judge.command".into(),
+                message,
+            }),
+            (None, Some(judge)) => Ok(pairs.iter().map(|(p, a)| judge(p, a)).collect()),
+            (None, None) => Ok(vec![None; pairs.len()]),
+        }
+    }
+}
+
 impl std::fmt::Debug for StageContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StageContext")
             .field("out_dir", &self.out_dir)
             .field("device", &self.device)
             .field("judge", &self.judge.is_some())
+            .field("eval_judge", &self.eval_judge.is_some())
             .field("stop_after", &self.stop_after)
             .field("ranks", &self.ranks)
             .finish()

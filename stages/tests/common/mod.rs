@@ -53,6 +53,7 @@ pub fn ctx(out_dir: PathBuf) -> StageContext {
         device: Device::Cpu,
         scratch: tiny_model(),
         judge: None,
+        eval_judge: None,
         ranker: None,
         reward_runner: None,
         env_runner: None,

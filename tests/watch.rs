@@ -46,6 +46,16 @@ fn experiment(dir: &Path) -> PathBuf {
     exp
 }
 
+/// A server or driver, killed when the test ends, failed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits (polling the page) until `check` holds, or fails naming `what`.
 async fn until(
     c: &fantoccini::Client,
@@ -88,8 +98,10 @@ fn the_run_page_follows_a_live_run_in_a_real_browser() {
     run.wait_until("the run's plan", Duration::from_secs(60), || {
         run_dir.join("plan.json").exists()
     });
-    let (mut watch, port) = common::serve(&["watch", run_dir.to_str().unwrap()]);
-    let (mut driver, driver_port) = start_driver(d.path());
+    let (watch, port) = common::serve(&["watch", run_dir.to_str().unwrap()]);
+    let watch = Killed(watch);
+    let (driver, driver_port) = start_driver(d.path());
+    let driver = Killed(driver);
     let screenshot = std::env::var_os("RLHF_SCREENSHOT_WATCH")
         .map_or_else(|| d.path().join("watch.png"), PathBuf::from);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -150,10 +162,7 @@ fn the_run_page_follows_a_live_run_in_a_real_browser() {
     });
     let (status, log) = run.wait();
     assert!(status.success(), "{log}");
-    watch.kill().unwrap();
-    watch.wait().unwrap();
-    driver.kill().unwrap();
-    driver.wait().unwrap();
+    drop((watch, driver));
     let png = std::fs::read(&screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot of the page");
     copied_run_reads_the_same(d.path(), &run_dir);
@@ -193,7 +202,8 @@ fn copied_run_reads_the_same(dir: &Path, run_dir: &Path) {
         .unwrap();
     assert!(status.success());
     std::fs::write(dir.join("elsewhere/secret.txt"), "{\"step\": 1}\n").unwrap();
-    let (mut watch, port) = common::serve(&["watch", copy.to_str().unwrap()]);
+    let (watch, port) = common::serve(&["watch", copy.to_str().unwrap()]);
+    let _watch = Killed(watch);
     let (code, body) = common::http(port, "GET", "/api/state", None, "");
     assert_eq!(code, 200, "{body}");
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -226,6 +236,4 @@ fn copied_run_reads_the_same(dir: &Path, run_dir: &Path) {
     }
     let (_, page) = common::http(port, "GET", "/", None, "");
     assert!(page.contains("watch.js") && !page.contains("<script>\n"));
-    watch.kill().unwrap();
-    watch.wait().unwrap();
 }

@@ -180,10 +180,17 @@ fn router(app: Shared) -> Router {
 /// on as the first line of stdout.
 pub fn serve(run: PathBuf, bind: SocketAddr) -> anyhow::Result<()> {
     anyhow::ensure!(
-        run.is_dir(),
-        "{}: no such run folder (rlhf run writes runs/NAME)",
+        run.is_dir() || !run.exists(),
+        "{}: not a run folder (rlhf run writes runs/NAME)",
         run.display()
     );
+    if !run.exists() {
+        // Started before `rlhf run` made it: the page fills once it does.
+        tracing::warn!(
+            "{}: no run folder yet; the page shows it once it appears",
+            run.display()
+        );
+    }
     let app = Arc::new(App { run: run.clone() });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -29,6 +29,10 @@ pub const ANSWER_BATCH: usize = 64;
 /// task's gold judge); the pipeline passes it to the stages.
 pub type Judge = Arc<dyn Fn(&str, &str) -> Option<f64> + Send + Sync>;
 
+/// How a stage scores its eval answers: every (prompt, answer) at once.
+pub type JudgeAnswers<'a> =
+    dyn Fn(&[(String, String)]) -> Result<Vec<Option<f64>>, StageError> + 'a;
+
 /// Scores many (prompt, answer) pairs in one call (a judging program gets
 /// them all at once); `None` where it does not know a prompt, `Err` with
 /// what went wrong.
@@ -136,7 +140,7 @@ pub fn judged_eval(
     model: &Model,
     path: &Path,
     max_new_tokens: i64,
-    judge: &dyn Fn(&[(String, String)]) -> Result<Vec<Option<f64>>, StageError>,
+    judge: &JudgeAnswers<'_>,
     device: Device,
     samples_out: &Path,
 ) -> Result<Option<JudgedScore>, StageError> {

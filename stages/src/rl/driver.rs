@@ -166,7 +166,7 @@ pub fn run<L: Learner>(
             false => MetricsLog::disabled(),
         },
         bar: match main {
-            true => stage_progress(out, s.iterations as u64, from as u64, s.kind),
+            true => stage_progress(out, s.iterations, from, s.kind),
             false => indicatif::ProgressBar::hidden(),
         },
         checkpointer: Checkpointer {

@@ -106,10 +106,11 @@ pub const PROGRESS_FILE: &str = "progress.json";
 /// written (best effort: a watcher's help, not the run's).
 pub fn stage_progress(
     out_dir: &Path,
-    total: u64,
-    done: u64,
+    total: i64,
+    done: i64,
     label: &str,
 ) -> indicatif::ProgressBar {
+    let (total, done) = (total.max(0) as u64, done.max(0) as u64);
     let started_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

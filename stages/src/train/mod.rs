@@ -470,12 +470,7 @@ pub fn fit<O: Objective>(
     };
     let checkpointer = checkpointer(run, total_steps);
     let bar = match main {
-        true => stage_progress(
-            &run.out_dir,
-            total_steps as u64,
-            start_step as u64,
-            run.label,
-        ),
+        true => stage_progress(run.out_dir, total_steps, start_step, run.label),
         false => indicatif::ProgressBar::hidden(),
     };
     let mut micro_batches = EpochBatches::new(train.len(), cfg.batch_size, cfg.seed());

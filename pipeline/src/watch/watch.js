@@ -82,7 +82,7 @@ function drawDag(stages) {
   const svg = document.getElementById("dag");
   svg.replaceChildren();
   const depth = depths(stages);
-  const W = 170, H = 48, GX = 40, GY = 14;
+  const W = 150, H = 44, GX = 26, GY = 12;
   const rows = new Map();
   const at = new Map();
   for (const s of stages) {
@@ -108,10 +108,10 @@ function drawDag(stages) {
     const p = at.get(s.label);
     const g = el("svg:g", { class: "node n-" + s.state.replace(" ", "-"), "data-stage": s.label, transform: `translate(${p.x},${p.y})` });
     g.append(el("svg:rect", { width: W, height: H, rx: 6 }));
-    g.append(el("svg:text", { x: 8, y: 17, "font-weight": "600" }, s.label.length > 26 ? s.label.slice(0, 25) + "…" : s.label));
+    g.append(el("svg:text", { x: 8, y: 16, "font-weight": "600" }, s.label.length > 22 ? s.label.slice(0, 21) + "…" : s.label));
     const eta = s.eta_seconds ? " · " + duration(s.eta_seconds) : "";
     const line = s.state === "running" && s.total ? progressText(s) + eta : stateText(s);
-    g.append(el("svg:text", { x: 8, y: 35 }, s.kind + " · " + line));
+    g.append(el("svg:text", { x: 8, y: 33 }, line.length > 24 ? line.slice(0, 23) + "…" : line));
     g.append(el("svg:title", {}, s.label + ": " + stateText(s) + (s.detail ? "\n" + s.detail : "")));
     svg.append(g);
   }

@@ -143,6 +143,7 @@ fn the_run_page_follows_a_live_run_in_a_real_browser() {
 
         until(&c, "the run ending", Duration::from_secs(180), "return document.getElementById('live').textContent === 'not running'").await;
         assert_eq!(js(&c, &state_of("ppo")).await, "finished");
+        zoom_in_and_out(&c).await;
 
         // A round's labelling and the report appear as they are written.
         label_one_of_two_groups(&run_dir.join("round-1/queue"));
@@ -166,6 +167,33 @@ fn the_run_page_follows_a_live_run_in_a_real_browser() {
     let png = std::fs::read(&screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot of the page");
     copied_run_reads_the_same(d.path(), &run_dir);
+}
+
+/// Dragging across SFT's loss chart keeps only the steps in between;
+/// a double-click shows them all again.
+async fn zoom_in_and_out(c: &fantoccini::Client) {
+    let all = js(c, &format!("return {LOSS_POINTS}"))
+        .await
+        .as_u64()
+        .unwrap();
+    let drag = "const c = document.querySelector('#charts svg[data-metric=\"loss\"]'); const r = c.getBoundingClientRect();\
+                const at = (type, f) => c.dispatchEvent(new MouseEvent(type, {bubbles: true, clientX: r.left + r.width * f, clientY: r.top + r.height / 2}));\
+                at('mousedown', 0.4); at('mousemove', 0.6); at('mouseup', 0.6);";
+    js(c, drag).await;
+    let zoomed = js(c, &format!("return {LOSS_POINTS}"))
+        .await
+        .as_u64()
+        .unwrap();
+    assert!(
+        zoomed > 0 && zoomed < all / 2,
+        "{zoomed} of {all} points after zooming in"
+    );
+    js(c, "document.querySelector('#charts svg[data-metric=\"loss\"]').dispatchEvent(new MouseEvent('dblclick', {bubbles: true}))").await;
+    let again = js(c, &format!("return {LOSS_POINTS}"))
+        .await
+        .as_u64()
+        .unwrap();
+    assert_eq!(again, all, "a double-click shows every step again");
 }
 
 /// A round's queue of two groups, one labelled by ann.

@@ -262,6 +262,23 @@ fn copied_run_reads_the_same(dir: &Path, run_dir: &Path) {
         assert_eq!(code, 404, "{bad}: {body}");
         assert!(!body.contains("step"), "{bad}: {body}");
     }
+    // A site whose name was rebound to 127.0.0.1 is refused.
+    let rebound = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET /api/state HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        rebound.starts_with("HTTP/1.1 403") && !rebound.contains("sft"),
+        "{rebound}"
+    );
     let (_, page) = common::http(port, "GET", "/", None, "");
     assert!(page.contains("watch.js") && !page.contains("<script>\n"));
 }

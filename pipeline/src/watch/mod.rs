@@ -154,7 +154,39 @@ async fn report_file(State(app): State<Shared>, UrlPath(name): UrlPath<String>) 
     }
 }
 
-fn router(app: Shared) -> Router {
+/// Whether a request's `Host` names this machine's loopback: a page of
+/// another site that rebinds its name to 127.0.0.1 cannot read the run.
+/// A server bound beyond loopback (`--bind 0.0.0.0:PORT`) was opened to
+/// the network on purpose and answers any name.
+fn host_allowed(host: Option<&str>, open_to_network: bool) -> bool {
+    if open_to_network {
+        return true;
+    }
+    let Some(host) = host else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    };
+    ["127.0.0.1", "localhost", "[::1]"].contains(&name.to_ascii_lowercase().as_str())
+}
+
+fn router(app: Shared, open_to_network: bool) -> Router {
+    let guard = move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        if host_allowed(host, open_to_network) {
+            next.run(request).await
+        } else {
+            error(
+                StatusCode::FORBIDDEN,
+                "this page answers requests to 127.0.0.1 or localhost only",
+            )
+        }
+    };
     Router::new()
         .route(
             "/",
@@ -173,6 +205,7 @@ fn router(app: Shared) -> Router {
         .route("/api/rollouts", get(rollouts))
         .route("/api/report", get(report))
         .route("/report/{name}", get(report_file))
+        .layer(axum::middleware::from_fn(guard))
         .with_state(app)
 }
 
@@ -204,7 +237,9 @@ pub fn serve(run: PathBuf, bind: SocketAddr) -> anyhow::Result<()> {
         let url = format!("http://{}", listener.local_addr()?);
         println!("watching {} on {url}", run.display());
         tracing::info!("run page: {url}");
-        let server = axum::serve(listener, router(app)).with_graceful_shutdown(interrupted());
+        let open_to_network = !bind.ip().is_loopback();
+        let server = axum::serve(listener, router(app, open_to_network))
+            .with_graceful_shutdown(interrupted());
         // A browser's keep-alive connection may not hold the stop up long.
         let deadline = async {
             interrupted().await;
@@ -215,6 +250,27 @@ pub fn serve(run: PathBuf, bind: SocketAddr) -> anyhow::Result<()> {
             () = deadline => Ok(()),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_loopback_names_are_answered_unless_bound_beyond_it() {
+        use super::host_allowed;
+        for ok in ["127.0.0.1:8700", "localhost", "LOCALHOST:1", "[::1]:8700"] {
+            assert!(host_allowed(Some(ok), false), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8700",
+            "127.0.0.1.evil.example",
+            "localhost.evil",
+        ] {
+            assert!(!host_allowed(Some(bad), false), "{bad}");
+        }
+        assert!(!host_allowed(None, false));
+        assert!(host_allowed(Some("evil.example"), true));
+    }
 }
 
 /// Returns once Ctrl-C (or SIGTERM) was asked.

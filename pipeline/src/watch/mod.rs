@@ -252,6 +252,13 @@ pub fn serve(run: PathBuf, bind: SocketAddr) -> anyhow::Result<()> {
     })
 }
 
+/// Returns once Ctrl-C (or SIGTERM) was asked.
+async fn interrupted() {
+    while !rlhf_stages::train::interrupt_requested() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -270,12 +277,5 @@ mod tests {
         }
         assert!(!host_allowed(None, false));
         assert!(host_allowed(Some("evil.example"), true));
-    }
-}
-
-/// Returns once Ctrl-C (or SIGTERM) was asked.
-async fn interrupted() {
-    while !rlhf_stages::train::interrupt_requested() {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

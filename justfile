@@ -166,6 +166,10 @@ real: build smollm2
 eval run="runs/default" *args: build
     {{rlhf}} eval {{run}} {{args}}
 
+# A live page of a run (running, finished or copied) on 127.0.0.1:8700, until Ctrl-C.
+watch run="runs/default" *args: build
+    {{rlhf}} watch {{run}} {{args}}
+
 # Speed and memory against PyTorch eager, HF generate and TRL (PPO; on SmolLM2: SFT, DPO, GRPO), into bench/results.md (--quick: short).
 bench *args: build trl smollm2
     RLHF_BIN={{rlhf}} python bench/bench.py {{args}}

@@ -6,19 +6,6 @@
 
 use crate::common;
 
-const READ: &str = r#"
-import glob, json, sys
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-files = sorted(glob.glob(sys.argv[1] + "/events.out.tfevents.*"))
-scalars, versions = [], 0
-for path in files:
-    for e in LegacyEventFileLoader(path).Load():
-        versions += e.file_version == "brain.Event:2"
-        for v in e.summary.value:
-            scalars.append([v.tag, e.step, v.simple_value])
-print(json.dumps({"files": len(files), "versions": versions, "scalars": scalars}))
-"#;
-
 #[test]
 fn tensorboard_reads_back_every_metric_of_every_stage() {
     let d = tempfile::tempdir().unwrap();
@@ -34,20 +21,10 @@ fn tensorboard_reads_back_every_metric_of_every_stage() {
     )
     .unwrap();
     common::rlhf_ok(&["run", exp.to_str().unwrap()]);
-    let script = d.path().join("read_events.py");
-    std::fs::write(&script, READ).unwrap();
     for stage in ["sft", "grpo"] {
         let folder = d.path().join("runs/tb").join(stage);
-        let out = std::process::Command::new(common::python())
-            .args([script.to_str().unwrap(), folder.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let out = common::run_python("read_tensorboard_events.py", &[folder.to_str().unwrap()]);
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(
             (got["files"].as_u64(), got["versions"].as_u64()),
             (Some(1), Some(1)),

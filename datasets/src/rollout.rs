@@ -110,6 +110,36 @@ pub fn rollout_frame(rows: &[RolloutRow]) -> Result<DataFrame, PolarsError> {
     ])
 }
 
+/// Where a stage keeps its rollouts: `<stage>/rollouts/iter-NNNN.parquet`.
+pub const ROLLOUTS_DIR: &str = "rollouts";
+
+/// The rollouts file of iteration `it` in a stage folder.
+pub fn rollouts_file(stage_dir: &Path, it: i64) -> std::path::PathBuf {
+    stage_dir
+        .join(ROLLOUTS_DIR)
+        .join(format!("iter-{it:04}.parquet"))
+}
+
+/// A stage folder's rollouts files, by iteration.
+pub fn rollouts_files(stage_dir: &Path) -> Vec<(i64, std::path::PathBuf)> {
+    let mut out: Vec<(i64, std::path::PathBuf)> = std::fs::read_dir(stage_dir.join(ROLLOUTS_DIR))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let it = name
+                .strip_prefix("iter-")?
+                .strip_suffix(".parquet")?
+                .parse()
+                .ok()?;
+            Some((it, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Writes rollouts as Parquet, atomically.
 pub fn write_rollouts(path: &Path, rows: &[RolloutRow]) -> Result<(), DataError> {
     let mut df = rollout_frame(rows).map_err(|e| DataError::Parse {
@@ -186,8 +216,9 @@ mod tests {
             ..row.clone()
         };
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("iter-0003.parquet");
+        let p = rollouts_file(d.path(), 3);
         write_rollouts(&p, &[row.clone(), episode]).unwrap();
+        assert_eq!(rollouts_files(d.path()), vec![(3, p.clone())]);
         let scored = read_scored(&p).unwrap();
         assert_eq!(scored.len(), 2);
         assert_eq!((scored[0].1.as_str(), scored[0].2), ("3", 1.0));

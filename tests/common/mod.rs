@@ -30,8 +30,8 @@ pub fn python() -> PathBuf {
 }
 
 /// Runs a Python script from tests/python with arguments; panics with its
-/// stderr if it fails.
-pub fn run_python(script: &str, args: &[&str]) {
+/// stderr if it fails. Its stdout.
+pub fn run_python(script: &str, args: &[&str]) -> String {
     let out = Command::new(python())
         .arg(workspace().join("tests/python").join(script))
         .args(args)
@@ -44,6 +44,7 @@ pub fn run_python(script: &str, args: &[&str]) {
         "{script} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The tensors of a safetensors file (a Python reference's output), by name.

@@ -189,26 +189,41 @@ fn line(name: &str, points: Vec<(f64, f64)>, color: usize) -> Line {
 
 /// The judge's mean score of each RL stage's saved rollouts
 /// (`rollouts/iter-NNNN.parquet`), by iteration, with `score` scoring
-/// (prompt, answer) pairs; a stage with none saved, or whose prompts the
-/// judge does not know, has none.
+/// every (prompt, answer) pair of the run in one call (a judging program
+/// starts once); a stage with none saved, or whose prompts the judge does
+/// not know, has none.
 pub fn rollout_gold(
     stages: &[FinishedStage],
-    mut score: impl FnMut(&[(String, String)]) -> anyhow::Result<Vec<Option<f64>>>,
+    score: impl FnOnce(&[(String, String)]) -> anyhow::Result<Vec<Option<f64>>>,
 ) -> anyhow::Result<RolloutGold> {
-    let mut out = RolloutGold::new();
+    // (stage, iteration, where its rows start) and every row, in order.
+    let mut files: Vec<(&str, i64, usize)> = Vec::new();
+    let mut pairs = Vec::new();
     for stage in stages {
-        let mut by_iteration = Vec::new();
-        for (it, path) in rollout_files(&stage.dir.join("rollouts")) {
-            let Ok(rows) = rlhf_datasets::rollout::read_prompts_and_answers(&path) else {
-                continue;
-            };
-            let scores: Vec<f64> = score(&rows)?.into_iter().flatten().collect();
-            if !scores.is_empty() {
-                by_iteration.push((it, scores.iter().sum::<f64>() / scores.len() as f64));
+        for (it, path) in rlhf_datasets::rollout::rollouts_files(&stage.dir) {
+            if let Ok(rows) = rlhf_datasets::rollout::read_prompts_and_answers(&path) {
+                files.push((&stage.label, it, pairs.len()));
+                pairs.extend(rows);
             }
         }
-        if !by_iteration.is_empty() {
-            out.insert(stage.label.clone(), by_iteration);
+    }
+    if pairs.is_empty() {
+        return Ok(RolloutGold::new());
+    }
+    let scores = score(&pairs)?;
+    anyhow::ensure!(
+        scores.len() == pairs.len(),
+        "the judge gave {} scores for {} rollout answers",
+        scores.len(),
+        pairs.len()
+    );
+    let mut out = RolloutGold::new();
+    for (i, &(label, it, start)) in files.iter().enumerate() {
+        let end = files.get(i + 1).map_or(scores.len(), |f| f.2);
+        let known: Vec<f64> = scores[start..end].iter().flatten().copied().collect();
+        if !known.is_empty() {
+            let mean = known.iter().sum::<f64>() / known.len() as f64;
+            out.entry(label.to_owned()).or_default().push((it, mean));
         }
     }
     Ok(out)
@@ -216,26 +231,6 @@ pub fn rollout_gold(
 
 /// A stage label's (iteration, mean judge score of its rollouts).
 pub type RolloutGold = std::collections::BTreeMap<String, Vec<(i64, f64)>>;
-
-/// `iter-NNNN.parquet` files of a folder, by iteration.
-fn rollout_files(dir: &Path) -> Vec<(i64, std::path::PathBuf)> {
-    let mut out: Vec<(i64, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let it = name
-                .strip_prefix("iter-")?
-                .strip_suffix(".parquet")?
-                .parse::<i64>()
-                .ok()?;
-            Some((it, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
 
 /// Every plot this run has data for, as each kind declares its plots;
 /// returns the file names written.

@@ -59,12 +59,23 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-async fn run_state(State(app): State<Shared>) -> Response {
-    let run = app.run.clone();
-    match tokio::task::spawn_blocking(move || state::read(&run)).await {
-        Ok(s) => Json(s).into_response(),
+/// Runs `read` (file reads, a Parquet decode) off the server's thread;
+/// its value as JSON, or a 500 naming what failed.
+async fn off_thread<T, E>(read: impl FnOnce() -> Result<T, E> + Send + 'static) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(value)) => Json(value).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+async fn run_state(State(app): State<Shared>) -> Response {
+    let run = app.run.clone();
+    off_thread(move || Ok::<_, std::convert::Infallible>(state::read(&run))).await
 }
 
 #[derive(Deserialize)]
@@ -74,37 +85,34 @@ struct StageQuery {
     from: u64,
 }
 
+/// The 404 for a query naming no stage of this run.
+fn no_stage(q: &StageQuery) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no stage {:?} in this run", q.stage),
+    )
+}
+
 async fn metrics(State(app): State<Shared>, Query(q): Query<StageQuery>) -> Response {
     let Some(dir) = state::folder_of(&app.run, &q.stage) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no stage {:?} in this run", q.stage),
-        );
+        return no_stage(&q);
     };
     let path = dir.join(rlhf_stages::train::metrics::METRICS_FILE);
-    match tokio::task::spawn_blocking(move || follow::metrics_from(&path, q.from)).await {
-        Ok(Ok(chunk)) => Json(chunk).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    off_thread(move || follow::metrics_from(&path, q.from)).await
 }
 
 async fn rollouts(State(app): State<Shared>, Query(q): Query<StageQuery>) -> Response {
     let Some(dir) = state::folder_of(&app.run, &q.stage) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no stage {:?} in this run", q.stage),
-        );
+        return no_stage(&q);
     };
     let Some(file) = state::newest_rollouts(&dir) else {
         return Json(json!({"file": null, "rows": []})).into_response();
     };
-    let path = dir.join("rollouts").join(&file);
-    match tokio::task::spawn_blocking(move || follow::rollouts(&path, SHOWN_ANSWERS)).await {
-        Ok(Ok(rows)) => Json(json!({"file": file, "rows": rows})).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    let path = dir.join(rlhf_datasets::rollout::ROLLOUTS_DIR).join(&file);
+    off_thread(move || {
+        follow::rollouts(&path, SHOWN_ANSWERS).map(|rows| json!({"file": file, "rows": rows}))
+    })
+    .await
 }
 
 fn report_dir(app: &App) -> PathBuf {

@@ -247,13 +247,10 @@ fn read_progress(dir: &Path) -> Option<Progress> {
     serde_json::from_str(&text).ok()
 }
 
-/// The newest `rollouts/iter-*.parquet` of a stage folder.
+/// The newest `rollouts/iter-*.parquet` of a stage folder, by name.
 pub fn newest_rollouts(dir: &Path) -> Option<String> {
-    std::fs::read_dir(dir.join("rollouts"))
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("iter-") && n.ends_with(".parquet"))
-        .max()
+    let (_, path) = rlhf_datasets::rollout::rollouts_files(dir).pop()?;
+    Some(path.file_name()?.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

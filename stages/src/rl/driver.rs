@@ -242,8 +242,8 @@ impl Iterations<'_> {
         }
         self.metrics.write(&record);
         if s.save_rollouts && main {
-            let path = self.ctx.out_dir.join("rollouts");
-            write_rollouts(&path.join(format!("iter-{it:04}.parquet")), &step.rows)?;
+            let path = rlhf_datasets::rollout::rollouts_file(&self.ctx.out_dir, it);
+            write_rollouts(&path, &step.rows)?;
         }
         let (score, kl) = (step.mean_score, step.mean_kl);
         self.bar.set_position(it as u64);

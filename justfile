@@ -136,6 +136,11 @@ pipeline: build
     {{rlhf}} run configs/default.yaml
     {{rlhf}} eval runs/default
 
+# The default experiment once per seed (1, 2, 3), sharing nothing, then each policy's mean and spread over the seeds in runs/seeds/report/ (the README's main table).
+seeds: build
+    {{rlhf}} run configs/default.yaml --set name=seeds --set 'seeds=[1, 2, 3]'
+    {{rlhf}} eval runs/seeds
+
 # Every route (PPO; DPO, SimPO, ORPO, KTO; GRPO and its six variants) from one SFT and one reward model, and two loop rounds of PPO, DPO and GRPO, judged in one report (runs/compare/report/).
 compare: build
     {{rlhf}} run configs/compare.yaml

@@ -20,6 +20,7 @@ mod hostile;
 mod interrupt;
 mod label_browser;
 mod label_http;
+mod learning;
 mod llama_reference;
 mod lora;
 mod memory;

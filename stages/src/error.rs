@@ -48,8 +48,6 @@ pub enum StageError {
         quantity: &'static str,
         value: f64,
     },
-    #[error("{0} (fail_if_not_learning is set)")]
-    NotLearning(String),
     #[error("stopped after step {0} as asked")]
     StoppedEarly(i64),
     #[error("interrupted after step {0}; its checkpoint is saved: rerun to continue")]

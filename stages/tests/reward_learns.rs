@@ -55,22 +55,59 @@ fn reward_model_learns_a_ranking_rule() {
         eval.accuracy
     );
     assert!(eval.mean_margin > 0.0);
-    assert_eq!(summary.warning, None, "a learning stage is not flagged");
+    assert!(
+        summary.flags.is_empty(),
+        "a learning stage is not flagged: {:?}",
+        summary.flags
+    );
+    // The length-only rule on the same pairs, where length says nothing
+    // of the first digit: near chance, far below the model.
+    let length = eval.length_accuracy.unwrap();
+    assert!(
+        (0.35..0.65).contains(&length) && eval.accuracy > length + 0.2,
+        "{length}"
+    );
 }
 
 #[test]
-fn a_reward_model_on_shuffled_labels_is_flagged_and_can_stop_the_pipeline() {
+fn a_reward_model_on_shuffled_labels_is_flagged() {
     let _serial = common::serial();
     let d = tempfile::tempdir().unwrap();
     let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
     write_rankings(&train, 400, 1, true);
     write_rankings(&eval, 60, 2, true);
     let mut config = config(train, eval, 2);
-    let summary = run(&config, &common::ctx(d.path().join("warn"))).unwrap();
-    let warning = summary.warning.expect("shuffled labels are flagged");
-    assert!(warning.contains("may not be learning"), "{warning}");
     config.train.fail_if_not_learning = true;
-    let err = run(&config, &common::ctx(d.path().join("fail"))).unwrap_err();
-    assert!(err.to_string().contains("fail_if_not_learning"), "{err}");
-    assert!(!d.path().join("fail/checkpoint").exists());
+    let summary = run(&config, &common::ctx(d.path().join("warn"))).unwrap();
+    assert!(
+        summary
+            .flags
+            .iter()
+            .any(|f| f.contains("may not be learning")),
+        "shuffled labels are flagged: {:?}",
+        summary.flags
+    );
+    // The stage itself finishes (the runner stops what depends on it).
+    assert!(d.path().join("warn/checkpoint/model.safetensors").exists());
+}
+
+/// The length-only baseline on a fixture, by hand. Group 1 ranks "aaa"
+/// over "a" over "aa": the longer wins 2 of its 3 pairs. Group 2 ranks
+/// "bb" over "cc": equal lengths, one half. (2 + 0.5) / 4 = 0.625.
+#[test]
+fn the_length_baseline_on_a_fixture_matches_the_hand_count() {
+    let _serial = common::serial();
+    let d = tempfile::tempdir().unwrap();
+    let (train, eval) = (d.path().join("train.jsonl"), d.path().join("eval.jsonl"));
+    synthetic(&train, 16, 1);
+    std::fs::write(
+        &eval,
+        "{\"prompt\": \"Q: 1\\n\", \"responses\": [\"aaa\", \"a\", \"aa\"], \"ranking\": [0, 1, 2]}\n\
+         {\"prompt\": \"Q: 2\\n\", \"responses\": [\"bb\", \"cc\"], \"ranking\": [0, 1]}\n",
+    )
+    .unwrap();
+    let summary = run(&config(train, eval, 1), &common::ctx(d.path().join("run"))).unwrap();
+    let eval = summary.eval.unwrap();
+    assert_eq!(eval.pairs, 4);
+    assert_eq!(eval.length_accuracy, Some(0.625));
 }

@@ -38,6 +38,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "{}: no such run folder",
         args.run.display()
     );
+    let seeds = crate::run_folder::seed_runs(&args.run);
+    if !seeds.is_empty() {
+        anyhow::ensure!(
+            args.with.is_empty(),
+            "--with: {} holds one run per seed; compare other runs with one seed's folder ({}/seed-N)",
+            args.run.display(),
+            args.run.display()
+        );
+        return evaluate_seeds(&args.run, &seeds, &opts, device);
+    }
     let _lock = crate::run_folder::lock::lock_run_folder(&args.run)?;
     let mut _other_locks = Vec::new();
     for other in &args.with {
@@ -59,6 +69,38 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     print!("{}", crate::report::markdown::render(&evaluation.report));
     eprintln!(
         "report: {} and {} (plots and answers.jsonl beside them)",
+        dir.join(REPORT_MD).display(),
+        dir.join(REPORT_JSON).display()
+    );
+    Ok(())
+}
+
+/// A folder of seed runs (`seeds:`): each seed's report in its folder,
+/// then the report over the seeds in `RUN/report/`.
+fn evaluate_seeds(
+    run: &std::path::Path,
+    seeds: &[(u64, std::path::PathBuf)],
+    opts: &EvalOptions,
+    device: tch::Device,
+) -> anyhow::Result<()> {
+    let _lock = crate::run_folder::lock::lock_run_folder(run)?;
+    let mut reports = Vec::new();
+    for (seed, dir) in seeds {
+        tracing::info!("seed {seed}: evaluating {}", dir.display());
+        let _seed_lock = crate::run_folder::lock::lock_run_folder(dir)?;
+        let precision = opts.settings.precision;
+        let mut evaluation = precision
+            .run(device, || evaluate_run(dir, opts, device))
+            .map_err(|e| anyhow::anyhow!("seed {seed} ({}): {e:#}", dir.display()))?;
+        write_report(&mut evaluation)?;
+        reports.push((*seed, evaluation.report));
+    }
+    let over = crate::report::seeds::aggregate(run, &reports);
+    let dir = crate::report::seeds::write(run, &over)?;
+    print!("{}", crate::report::seeds::render(&over));
+    eprintln!(
+        "report over {} seeds: {} and {} (each seed's report in its own folder)",
+        seeds.len(),
         dir.join(REPORT_MD).display(),
         dir.join(REPORT_JSON).display()
     );

@@ -21,6 +21,12 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
         (Some(path), _, _) => (PlannedStage::read(path)?, None),
         (None, Some(config), Some(name)) => {
             let exp = Experiment::load(config, &args.overrides)?;
+            anyhow::ensure!(
+                exp.spec.seeds.is_empty(),
+                "{}: the experiment runs once per seed (seeds: {:?}); to run one stage alone, choose its seed: --set seeds=[] --set seed=N",
+                config.display(),
+                exp.spec.seeds
+            );
             let out_dir = args.out.clone().unwrap_or_else(|| exp.stage_dir(name));
             let (key, _, _) = stage_key(&exp, name, &Default::default())?;
             let planned = PlannedStage::of(&exp, name, name, &out_dir, &key, &Default::default())?;

@@ -71,9 +71,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> anyhow::Result<Vec<(String, O
                 force: forced.contains(name),
                 side_by_side: shares.get(name).copied().unwrap_or(1),
             };
-            let result = ensure_stage(&job);
-            if let Err(e) = &result {
-                tracing::error!("[{name}] failed: {e:#}");
+            let result = ensure_stage(&job)
+                .and_then(|done| stop_if_flagged(exp, name, &job.out_dir).map(|()| done));
+            match &result {
+                Err(e) if e.is::<Flagged>() => tracing::error!(
+                    "[{name}] flagged as not learning: what depends on it will not start (fail_if_not_learning)"
+                ),
+                Err(e) => tracing::error!("[{name}] failed: {e:#}"),
+                Ok(_) => {}
             }
             result
         },
@@ -193,17 +198,54 @@ fn core_shares(
         .collect()
 }
 
+/// A finished stage flagged as not learning, where the run must not go on
+/// past it (`fail_if_not_learning`): its dependents are not started.
+#[derive(Debug, thiserror::Error)]
+#[error("{stage} finished but was flagged as not learning, and fail_if_not_learning stops the run before the stages that depend on it:\n  {}", flags.join("\n  "))]
+pub struct Flagged {
+    pub stage: String,
+    pub flags: Vec<String>,
+}
+
+/// Whether the run stops after stage `name` when it is flagged: the
+/// experiment's `fail_if_not_learning`, or the stage's own.
+pub fn stops_when_flagged(exp: &Experiment, name: &str) -> bool {
+    let own = exp
+        .stage(name)
+        .ok()
+        .and_then(|s| s.config.to_json()["fail_if_not_learning"].as_bool());
+    exp.spec.fail_if_not_learning || own == Some(true)
+}
+
+/// Fails with [`Flagged`] when the finished stage in `dir` is flagged and
+/// the run must stop before what depends on it.
+fn stop_if_flagged(exp: &Experiment, name: &str, dir: &Path) -> anyhow::Result<()> {
+    let flags =
+        read_manifest(dir).map_or_else(Vec::new, |m| crate::run_folder::summary_flags(&m.summary));
+    if flags.is_empty() || !stops_when_flagged(exp, name) {
+        return Ok(());
+    }
+    Err(Flagged {
+        stage: name.to_owned(),
+        flags,
+    }
+    .into())
+}
+
 /// The first failure's error, then the others' and the stages left
 /// waiting on them.
 fn failure_report<T>(finished: &crate::plan::schedule::Finished<T>) -> String {
     let mut text = format!("{:#}", finished.failed[0].error);
     for f in &finished.failed[1..] {
-        text.push_str(&format!("\n{} failed too: {:#}", f.job, f.error));
+        match f.error.is::<Flagged>() {
+            true => text.push_str(&format!("\n{:#}", f.error)),
+            false => text.push_str(&format!("\n{} failed too: {:#}", f.job, f.error)),
+        }
     }
     if !finished.not_run.is_empty() {
         let why = match rlhf_stages::train::interrupt_requested() {
             true => "not started (interrupted, or downstream of a failure)",
-            false => "not run (downstream of a failure)",
+            false => "not run (downstream of a failure or a flagged stage)",
         };
         text.push_str(&format!("\n{why}: {}", finished.not_run.join(", ")));
     }
@@ -458,6 +500,26 @@ fn describe_executor(exp: &Experiment, name: &str) -> String {
     }
 }
 
+/// A finished stage's flags for `rlhf plan`, and whether the run stops
+/// there; nothing for a stage not finished or not flagged.
+fn describe_flags(exp: &Experiment, name: &str, done_in: Option<&Path>) -> String {
+    let summary = done_in.and_then(read_manifest).map(|m| m.summary);
+    let flags = summary.map_or_else(Vec::new, |s| crate::run_folder::summary_flags(&s));
+    if flags.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    for f in &flags {
+        out.push_str(&format!("   flagged: {f}\n"));
+    }
+    if stops_when_flagged(exp, name) {
+        out.push_str(
+            "   fail_if_not_learning: the run stops here, before the stages that depend on it\n",
+        );
+    }
+    out
+}
+
 /// The plan as text: order, dependencies and whether each stage is cached.
 pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
     let order = dag::plan(&exp.deps).with_context(|| exp.file.display().to_string())?;
@@ -469,15 +531,16 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
             .map(|u| (u.clone(), keys.get(u).cloned().unwrap_or_default()))
             .collect();
         let (key, _, _) = stage_key(exp, name, &upstream)?;
-        let state = if is_cached(&exp.stage_dir(name), &key) {
-            "cached".to_owned()
+        let (state, done_in) = if is_cached(&exp.stage_dir(name), &key) {
+            ("cached".to_owned(), Some(exp.stage_dir(name)))
         } else if let Some(from) = sibling_cache::find(exp, &key) {
-            format!(
-                "finished in {} (copied)",
-                crate::run_folder::relative_to(&from, &exp.run_dir).display()
+            let shown = crate::run_folder::relative_to(&from, &exp.run_dir);
+            (
+                format!("finished in {} (copied)", shown.display()),
+                Some(from),
             )
         } else {
-            "to run".to_owned()
+            ("to run".to_owned(), None)
         };
         let after: Vec<&String> = exp.deps[name]
             .iter()
@@ -504,6 +567,7 @@ pub fn describe_plan(exp: &Experiment) -> anyhow::Result<String> {
         if let Some(b) = exp.batch_arithmetic(name) {
             out.push_str(&format!("   {b}\n"));
         }
+        out.push_str(&describe_flags(exp, name, done_in.as_deref()));
         out.push_str(&format!("   runs {}\n", describe_executor(exp, name)));
         keys.insert(name.clone(), key);
     }

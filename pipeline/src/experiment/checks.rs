@@ -3,6 +3,44 @@
 
 use super::*;
 
+/// Most seeds one experiment runs.
+const MAX_SEEDS: usize = 100;
+
+/// `seeds:` lists distinct seeds, and no stage fixes its own: every seed's
+/// run must differ in every stage, or they would share it.
+pub(super) fn check_seeds(spec: &ExperimentFile) -> Result<(), Problem> {
+    let seeds = &spec.seeds;
+    if seeds.is_empty() {
+        return Ok(());
+    }
+    if seeds.len() > MAX_SEEDS {
+        return Err(Problem::at_key(
+            "seeds",
+            format!("seeds: at most {MAX_SEEDS} seeds, got {}", seeds.len()),
+        ));
+    }
+    let distinct: BTreeSet<&u64> = seeds.iter().collect();
+    if distinct.len() < seeds.len() {
+        return Err(Problem::at_key(
+            "seeds",
+            format!("seeds: {seeds:?} names a seed twice; each seed is one run"),
+        ));
+    }
+    if let Some((name, s)) = spec
+        .stages
+        .iter()
+        .find_map(|(n, s)| Some((n, (*s.config.clone_box().seed_mut())?)))
+    {
+        return Err(Problem::at_key(
+            name,
+            format!(
+                "stages.{name}.seed: {s} would be the same in every run of `seeds:`; remove it (each run gives every stage its seed)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The names that become folders, and the run-wide settings' ranges;
 /// each problem names the key whose line it is at.
 pub(super) fn check_names_and_settings(spec: &ExperimentFile) -> Result<(), Problem> {
@@ -37,7 +75,7 @@ pub(super) fn check_names_and_settings(spec: &ExperimentFile) -> Result<(), Prob
             taken,
             format!(
                 "stages: the stage name \"{taken}\" is taken by the run folder's own files \
-                 (report/, round-N/, rounds.jsonl, hidden files); choose another"
+                 (report/, round-N/, seed-N/, rounds.jsonl, plan.json, hidden files); choose another"
             ),
         ));
     }

@@ -11,6 +11,16 @@ pub struct ExperimentFile {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
+    /// Run the whole experiment once per seed, each in its own run folder
+    /// (`<out_dir>/<name>/seed-N/`), sharing nothing; `seed` is then
+    /// unused. `rlhf eval <out_dir>/<name>` reports the spread over them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
+    /// When a finished stage is flagged as not learning (its summary's
+    /// `flags`), start no stage that depends on it; a stage's own
+    /// `fail_if_not_learning` asks the same for that stage alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_if_not_learning: bool,
     /// libtorch's threads for every stage that sets none (default: the
     /// cores the process may use); not part of any stage's key.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -55,12 +55,34 @@ pub struct Experiment {
     pub run_dir: PathBuf,
     /// Each stage's upstream stages (the ones whose checkpoints it reads).
     pub deps: BTreeMap<String, BTreeSet<String>>,
+    /// The `--set` overrides it was loaded with (each seed's run is
+    /// loaded again with them).
+    pub overrides: Vec<String>,
 }
 
 impl Experiment {
     /// Reads, parses and resolves an experiment file; `overrides` are
     /// `dotted.key=value` settings applied before parsing.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::load_at(path, overrides, None)
+    }
+
+    /// The runs this experiment makes: one per seed of its `seeds:` list,
+    /// each with that seed and its own run folder `RUN/seed-N`; itself
+    /// alone without the list.
+    pub fn seed_runs(&self) -> Result<Vec<Self>, ConfigError> {
+        if self.spec.seeds.is_empty() {
+            return Ok(vec![self.clone()]);
+        }
+        self.spec
+            .seeds
+            .iter()
+            .map(|&s| Self::load_at(&self.file, &self.overrides, Some(s)))
+            .collect()
+    }
+
+    /// `seed`: the run of one seed of the file's `seeds:` list.
+    fn load_at(path: &Path, overrides: &[String], seed: Option<u64>) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::in_file(path, message);
         // An experiment file is a page of YAML, not a device or a FIFO.
         if path.exists() {
@@ -94,7 +116,7 @@ impl Experiment {
             let problem = dotted(&e.to_string()).into();
             ConfigError::located(path, as_written.then_some(&*text), overrides, problem)
         })?;
-        Self::resolve(path, &text, spec, overrides)
+        Self::resolve(path, &text, spec, overrides, seed)
     }
 
     fn resolve(
@@ -102,10 +124,12 @@ impl Experiment {
         text: &str,
         mut spec: ExperimentFile,
         overrides: &[String],
+        seed: Option<u64>,
     ) -> Result<Self, ConfigError> {
         let located = |p: Problem| ConfigError::located(path, Some(text), overrides, p);
         let invalid = |message: String| located(message.into());
         check_names_and_settings(&spec).map_err(located)?;
+        check_seeds(&spec).map_err(located)?;
         spec.model
             .validate()
             .map_err(|e| invalid(format!("model: {e}")))?;
@@ -132,7 +156,11 @@ impl Experiment {
                 spec.tokenizer.as_ref().expect("checked").display()
             )));
         }
-        let run_dir = spec.out_dir.join(&spec.name);
+        let mut run_dir = spec.out_dir.join(&spec.name);
+        if let Some(s) = seed {
+            run_dir.push(crate::run_folder::seed_folder(s));
+            spec.seed = s;
+        }
         let stage_names: Vec<String> = spec.stages.keys().cloned().collect();
         let mut deps = BTreeMap::new();
         for (name, stage) in spec.stages.iter_mut() {
@@ -184,6 +212,7 @@ impl Experiment {
             spec,
             run_dir,
             deps,
+            overrides: overrides.to_vec(),
         })
     }
 

@@ -241,6 +241,52 @@ fn heading(out: &mut String, r: &Report) {
         }
         out.push('\n');
     }
+    if !r.flagged.is_empty() {
+        let _ = writeln!(out, "## Flagged stages\n");
+        let _ = writeln!(
+            out,
+            "These stages did not clear a baseline; what depends on them was trained on a stage that may not have learnt.\n"
+        );
+        for f in &r.flagged {
+            for why in &f.flags {
+                let _ = writeln!(out, "- `{}`: {why}", f.stage);
+            }
+        }
+        out.push('\n');
+    }
+}
+
+/// Each SFT stage's held-out loss beside the frequency baseline, and the
+/// judge's score at step 0 and at the end.
+fn sft_baselines(out: &mut String, r: &Report) {
+    if r.sft_baselines.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## SFT against its baselines\n");
+    let _ = writeln!(
+        out,
+        "| stage | held-out loss per answer token | frequency baseline | share of it | judge score at step 0 | at the end |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for b in &r.sft_baselines {
+        let share = match (b.eval_loss, b.frequency_loss) {
+            (Some(l), Some(f)) if f > 0.0 => format!("{:.0}%", 100.0 * l / f),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {share} | {} | {} |",
+            b.stage,
+            num(b.eval_loss, 3),
+            num(b.frequency_loss, 3),
+            num(b.eval_gold_before, 3),
+            num(b.eval_gold_after, 3),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe frequency baseline is the loss of a model that knows only how often each answer token occurs in the training answers (their entropy); a stage ending above 75% of it is flagged.\n"
+    );
 }
 
 pub fn render(r: &Report) -> String {
@@ -290,16 +336,17 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out, "## Reward models\n");
         let _ = writeln!(
             out,
-            "| reward model | trained on (groups) | held-out pairwise accuracy | pairs | held-out loss | held-out rankings |"
+            "| reward model | trained on (groups) | held-out pairwise accuracy | longer answer wins | chance | pairs | held-out loss | held-out rankings |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
         for m in &r.reward_models {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | 50.0% | {} | {} | {} |",
                 m.label,
                 m.train_groups.map_or_else(|| "-".into(), |g| g.to_string()),
                 pct(m.accuracy),
+                pct(m.length_accuracy),
                 m.pairs,
                 num(m.loss, 3),
                 m.eval_data
@@ -307,8 +354,12 @@ pub fn render(r: &Report) -> String {
                     .map_or_else(|| "-".into(), |p| format!("`{}`", p.display())),
             );
         }
-        out.push('\n');
+        let _ = writeln!(
+            out,
+            "\n\"Longer answer wins\": the same held-out pairs ranked by answer length alone (an equal length counts one half), what a reward model must beat besides chance.\n"
+        );
     }
+    sft_baselines(&mut out, r);
     labelling(&mut out, &r.rounds);
     examples(&mut out, &r.examples);
     if !r.plots.is_empty() {

@@ -14,6 +14,7 @@
 pub mod judge;
 pub mod markdown;
 pub mod plots;
+pub mod seeds;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,32 @@ pub struct RewardRow {
     pub loss: Option<f64>,
     /// Groups (prompts with ranked answers) it was trained on.
     pub train_groups: Option<u64>,
+    /// The same pairs ranked by "the longer answer wins" (tokens; equal
+    /// lengths count one half): what length alone gets right. Chance is
+    /// one half.
+    #[serde(default)]
+    pub length_accuracy: Option<f64>,
+}
+
+/// A stage that may not have learnt: why, each reason naming its
+/// baseline and the numbers (its summary's `flags`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlaggedStage {
+    pub stage: String,
+    pub flags: Vec<String>,
+}
+
+/// An SFT stage's held-out numbers beside what knows nothing of the task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftBaselineRow {
+    pub stage: String,
+    /// Held-out loss per answer token at the end.
+    pub eval_loss: Option<f64>,
+    /// A model that knows only the answer tokens' frequencies.
+    pub frequency_loss: Option<f64>,
+    /// The judge's score of greedy answers at step 0 and at the end.
+    pub eval_gold_before: Option<f64>,
+    pub eval_gold_after: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,9 +195,16 @@ pub struct Report {
     pub rounds: Vec<serde_json::Value>,
     /// PNG files written beside the report.
     pub plots: Vec<String>,
-    /// Stages that may not have learnt (`stage: why`), from their summaries.
+    /// What the report's reader should know of how it was made (a reward
+    /// model older than the run's last round scored the answers).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Stages that did not clear their baselines, and why.
+    #[serde(default)]
+    pub flagged: Vec<FlaggedStage>,
+    /// Each SFT stage against the frequency baseline and its step 0.
+    #[serde(default)]
+    pub sft_baselines: Vec<SftBaselineRow>,
     /// Who gave the gold scores: the bundled task's judge, a program or a
     /// held-out reward stage.
     #[serde(default)]
@@ -387,6 +421,8 @@ pub fn evaluate_run(
             rounds: crate::run_folder::read_log_lines(&run_dir.join(crate::run_folder::ROUNDS_LOG)),
             plots: vec![],
             warnings: warnings(&stages, models.reward_stage),
+            flagged: flagged(&stages),
+            sft_baselines: sft_baselines(&stages),
             judge: gold.shown(),
             gold_length_correlation: length_correlation(&all_answers, |a| a.gold.clone()),
             reward_length_correlation: length_correlation(&all_answers, |a| match &a.reward {
@@ -578,16 +614,41 @@ fn references(path: &Path, n: usize) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
-/// The stages' own warnings (did not learn), and a reward model older than
-/// the run's last round, which scores the answers in its stead.
-fn warnings(stages: &[FinishedStage], reward_stage: Option<&FinishedStage>) -> Vec<String> {
-    let mut out: Vec<String> = stages
+/// The stages whose summaries carry flags (did not learn), in order.
+fn flagged(stages: &[FinishedStage]) -> Vec<FlaggedStage> {
+    stages
         .iter()
-        .filter_map(|s| {
-            let w = s.manifest.summary["warning"].as_str()?;
-            Some(format!("{}: {w}", s.label))
+        .map(|s| FlaggedStage {
+            stage: s.label.clone(),
+            flags: crate::run_folder::summary_flags(&s.manifest.summary),
         })
-        .collect();
+        .filter(|f| !f.flags.is_empty())
+        .collect()
+}
+
+/// Each SFT stage's numbers against its baselines, from its summary.
+fn sft_baselines(stages: &[FinishedStage]) -> Vec<SftBaselineRow> {
+    let sft = <rlhf_stages::kinds::sft::SftConfig as rlhf_stages::kind::KindConfig>::KIND;
+    stages
+        .iter()
+        .filter(|s| s.manifest.kind == sft)
+        .map(|s| {
+            let summary = &s.manifest.summary;
+            SftBaselineRow {
+                stage: s.label.clone(),
+                eval_loss: summary["final_eval_loss"].as_f64(),
+                frequency_loss: summary["baselines"]["frequency_loss"].as_f64(),
+                eval_gold_before: summary["baselines"]["eval_gold_before"].as_f64(),
+                eval_gold_after: summary["eval_gold_score"].as_f64(),
+            }
+        })
+        .collect()
+}
+
+/// A reward model older than the run's last round, which scores the
+/// answers in its stead.
+fn warnings(stages: &[FinishedStage], reward_stage: Option<&FinishedStage>) -> Vec<String> {
+    let mut out = Vec::new();
     let last_round = stages.iter().map(|s| s.round).max().unwrap_or(0);
     if let Some(rm) = reward_stage.filter(|rm| rm.round < last_round) {
         let w = format!(
@@ -690,6 +751,7 @@ fn reward_rows(
             pairs: result.as_ref().map_or(0, |r| r.pairs),
             loss: result.as_ref().map(|r| r.loss),
             train_groups: stage.manifest.summary["train_groups"].as_u64(),
+            length_accuracy: result.as_ref().and_then(|r| r.length_accuracy),
         });
     }
     Ok(rows)

@@ -38,6 +38,31 @@ pub const REPORT_DIR: &str = "report";
 /// A round's labelling queue, inside its collect folder's parent.
 pub const QUEUE_DIR: &str = "queue";
 const ROUND_PREFIX: &str = "round-";
+const SEED_PREFIX: &str = "seed-";
+
+/// `seed-N`, the run folder of seed `n` of an experiment with `seeds:`
+/// (inside the experiment's own folder, beside the seeds' `report/`).
+pub fn seed_folder(n: u64) -> String {
+    format!("{SEED_PREFIX}{n}")
+}
+
+/// The seed a folder name `seed-N` stands for.
+pub fn seed_of(folder: &str) -> Option<u64> {
+    let n = folder.strip_prefix(SEED_PREFIX)?;
+    n.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| n.parse().ok())?
+}
+
+/// The seed run folders (`seed-N/`) inside `dir`, by seed.
+pub fn seed_runs(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = sorted_dirs(dir)
+        .into_iter()
+        .filter_map(|d| Some((seed_of(d.file_name()?.to_str()?)?, d)))
+        .collect();
+    out.sort();
+    out
+}
 
 /// `round-N`, the folder of loop round `n`.
 pub fn round_folder(n: usize) -> String {
@@ -63,6 +88,7 @@ pub fn is_round_like(folder: &str) -> bool {
 /// and `rlhf eval` write beside the stages.
 pub fn is_reserved(name: &str) -> bool {
     round_of(name).is_some()
+        || seed_of(name).is_some()
         || name.starts_with('.')
         || [REPORT_DIR, ROUNDS_LOG, plan_file::PLAN_FILE].contains(&name)
 }
@@ -111,6 +137,16 @@ pub fn read_summary(stage_dir: &Path) -> anyhow::Result<Value> {
             )
         })?;
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))
+}
+
+/// Why a finished stage may not have learnt, from its summary: its
+/// `flags` (and the single `warning` of summaries written before them).
+pub fn summary_flags(summary: &Value) -> Vec<String> {
+    let flags = summary["flags"].as_array().into_iter().flatten();
+    flags
+        .chain(std::iter::once(&summary["warning"]))
+        .filter_map(|f| f.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Largest log read back: far above a long run's metrics.
@@ -164,6 +200,9 @@ mod tests {
             assert!(is_reserved(taken), "{taken}");
         }
         assert!(!is_reserved("rm"));
+        assert_eq!(seed_of(&seed_folder(7)), Some(7));
+        assert!(is_reserved("seed-3") && !is_reserved("seed-x"));
+        assert_eq!(seed_of("seed-+3"), None);
     }
 
     /// A FIFO or a device where a log should be is passed over at once.

@@ -225,6 +225,19 @@ pub fn serve(run: PathBuf, bind: SocketAddr) -> anyhow::Result<()> {
         "{}: not a run folder (rlhf run writes runs/NAME)",
         run.display()
     );
+    let seeds = crate::run_folder::seed_runs(&run);
+    if let Some((_, first)) = seeds.first() {
+        anyhow::bail!(
+            "{} holds one run per seed ({}): watch one of them, e.g. rlhf watch {}",
+            run.display(),
+            seeds
+                .iter()
+                .map(|(s, _)| crate::run_folder::seed_folder(*s))
+                .collect::<Vec<_>>()
+                .join(", "),
+            first.display()
+        );
+    }
     if !run.exists() {
         // Started before `rlhf run` made it: the page fills once it does.
         tracing::warn!(

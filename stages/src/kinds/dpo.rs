@@ -49,8 +49,8 @@ use crate::model::gpt::Head;
 use crate::model::network::Network;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
-    StageError, Tokens, TrainSettings,
+    finish, fit, learning, write_summary, Evaluation, FitRun, Objective, Ratio, Share,
+    StageContext, StageError, Tokens, TrainSettings, SAMPLES_AFTER,
 };
 
 /// Where the reference's log-probabilities are kept in the stage folder.
@@ -88,6 +88,18 @@ pub struct DpoConfig {
     /// KTO's weight of a bad answer's loss.
     #[serde(skip_serializing_if = "is_one")]
     pub undesirable_weight: f64,
+    /// Prompts to answer greedily before and after training, scored by
+    /// the judge: the stage is flagged when its answers score no better.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_prompts: Option<PathBuf>,
+    #[serde(skip_serializing_if = "is_default_eval_tokens")]
+    pub eval_max_new_tokens: i64,
+}
+
+const DEFAULT_EVAL_TOKENS: i64 = 24;
+
+fn is_default_eval_tokens(n: &i64) -> bool {
+    *n == DEFAULT_EVAL_TOKENS
 }
 
 fn is_one(x: &f64) -> bool {
@@ -157,6 +169,8 @@ impl Default for DpoConfig {
             simpo_gamma: DEFAULT_SIMPO_GAMMA,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
+            eval_prompts: None,
+            eval_max_new_tokens: DEFAULT_EVAL_TOKENS,
         }
     }
 }
@@ -241,6 +255,7 @@ impl KindConfig for DpoConfig {
             PathSetting::optional_data("eval_data", &mut self.eval_data),
             PathSetting::optional_model("policy", &mut self.policy),
             PathSetting::optional_model("reference", &mut self.reference),
+            PathSetting::optional_data("eval_prompts", &mut self.eval_prompts),
         ]
     }
 
@@ -634,9 +649,17 @@ pub struct DpoSummary {
     /// when read back on resume).
     #[serde(default)]
     pub reference_seconds: f64,
-    /// Set when the eval loss hardly moved: the stage may not be learning.
+    /// The judge's mean score of greedy answers to `eval_prompts`: the
+    /// starting policy's, the trained one's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
+    pub eval_gold_before: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_gold_after: Option<f64>,
+    /// Why the stage may not have learnt, each naming its baseline (the
+    /// eval loss at its start or by chance; the judge's score of the
+    /// starting policy's answers) and the numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 /// KTO's training answers.
@@ -985,9 +1008,20 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         cfg.beta,
         cfg.loss
     );
+    let main = run.ranks.is_main();
+    let (prompts, max_new) = (cfg.eval_prompts.as_deref(), cfg.eval_max_new_tokens);
+    let gold_before = match main {
+        true => ctx.judged_start(&start.model, prompts, max_new, fresh)?,
+        false => None,
+    };
     let fitted = fit(&run, start, &objective, &examples)?;
     let final_eval = objective.evaluate(&fitted.model.net).or(fitted.last_eval);
     finish(&run, &fitted)?;
+    let gold_after = match main {
+        true => ctx.judged_eval(&fitted.model, prompts, max_new, SAMPLES_AFTER)?,
+        false => None,
+    };
+    let (gold_before, gold_after) = (gold_before.map(|j| j.mean), gold_after.map(|j| j.mean));
     let summary = DpoSummary {
         steps: fitted.steps,
         train_groups: examples.len(),
@@ -998,9 +1032,17 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         tokens_per_second: fitted.tokens_per_second,
         wall_seconds: started.elapsed().as_secs_f64(),
         reference_seconds,
-        warning: fitted.warning.clone(),
+        eval_gold_before: gold_before,
+        eval_gold_after: gold_after,
+        flags: learning::flags(
+            main,
+            [
+                fitted.warning.clone(),
+                learning::no_judge_gain("dpo", "the starting policy's", gold_before, gold_after),
+            ],
+        ),
     };
-    if run.ranks.is_main() {
+    if main {
         write_summary(&ctx.out_dir, &summary)?;
     }
     Ok(summary)

@@ -37,8 +37,8 @@ use crate::objectives::rankings::{
 };
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
-    StageError, TrainSettings,
+    finish, fit, learning, write_summary, Evaluation, FitRun, Objective, Ratio, Share,
+    StageContext, StageError, TrainSettings,
 };
 
 /// Settings of a reward stage (`kind: reward`).
@@ -145,6 +145,10 @@ pub struct RewardEval {
     pub reward_mean: f64,
     pub reward_std: f64,
     pub pairs: usize,
+    /// The same pairs ranked by "the longer answer wins" (in tokens; an
+    /// equal length counts one half): a baseline that knows no content.
+    #[serde(default)]
+    pub length_accuracy: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,9 +164,11 @@ pub struct RewardSummary {
     /// Mean and sd of the demonstrations' rewards before the shift.
     pub normalization: Option<RewardNormalization>,
     pub wall_seconds: f64,
-    /// Set when the eval loss hardly moved: the stage may not be learning.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
+    /// Why the stage may not have learnt, each naming its baseline (the
+    /// eval loss by chance, ln 2; chance and length-only accuracy) and the
+    /// numbers; empty when it cleared them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -222,6 +228,7 @@ pub fn evaluate(
             reward_mean: mean,
             reward_std: std,
             pairs,
+            length_accuracy: learning::length_accuracy(groups),
         })
     })
 }
@@ -392,7 +399,17 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         eval: final_eval,
         normalization,
         wall_seconds: started.elapsed().as_secs_f64(),
-        warning: fitted.warning.clone(),
+        flags: learning::flags(
+            run.ranks.is_main(),
+            [
+                fitted.warning.clone(),
+                learning::below_accuracy_baselines(
+                    "reward",
+                    final_eval.map(|e| e.accuracy),
+                    final_eval.and_then(|e| e.length_accuracy),
+                ),
+            ],
+        ),
     };
     // Rank 0 alone writes the run folder.
     if run.ranks.is_main() {

@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::check;
-use crate::eval::answer::judged_eval;
 use crate::kind::{KindConfig, PathSetting, Plot, Produces};
 use crate::model::checkpoint::Model;
 use crate::model::gpt::Head;
@@ -24,8 +23,8 @@ use crate::model::network::Network;
 use crate::objectives::nll::masked_nll_sum;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::{
-    finish, fit, write_summary, Evaluation, FitRun, Objective, Ratio, Share, StageContext,
-    StageError, TrainSettings,
+    finish, fit, learning, write_summary, Evaluation, FitRun, Objective, Ratio, Share,
+    StageContext, StageError, TrainSettings, SAMPLES_AFTER,
 };
 
 /// Settings of the SFT stage (`kind: sft`).
@@ -129,9 +128,25 @@ pub struct SftSummary {
     pub eval_exact: Option<f64>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
-    /// Set when the eval loss hardly moved: the stage may not be learning.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
+    /// What the stage's numbers are set against.
+    #[serde(default)]
+    pub baselines: SftBaselines,
+    /// Why the stage may not have learnt, each naming its baseline and
+    /// the numbers ([`crate::train::learning`]); empty when it cleared them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+}
+
+/// The numbers an SFT stage must beat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SftBaselines {
+    /// Loss per answer token of a model that knows only how often each
+    /// answer token occurs in the training answers (their entropy, nats).
+    pub frequency_loss: Option<f64>,
+    /// The judge's mean score and exact share of the starting model's
+    /// greedy answers to `eval_prompts` (step 0).
+    pub eval_gold_before: Option<f64>,
+    pub eval_exact_before: Option<f64>,
 }
 
 /// Next-token loss on answer tokens: a step's loss is the mean over every
@@ -224,22 +239,36 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         .max(1)
         .min(examples.len());
     crate::train::check_step_memory(&start.model, rows, longest)?;
-    let fitted = fit(&run, start, &objective, &examples)?;
+    let frequency_loss = learning::frequency_loss(examples.iter().map(|e| &e.completion[..]));
     let out = &ctx.out_dir;
-    finish(&run, &fitted)?;
     // Rank 0 alone writes the run folder (samples, summary).
     let main = run.ranks.is_main();
-    let judged = match &cfg.eval_prompts {
-        Some(path) if main => judged_eval(
-            &fitted.model,
-            path,
-            cfg.eval_max_new_tokens,
-            &|pairs| ctx.judge_answers(pairs),
-            ctx.device,
-            &out.join("samples.jsonl"),
-        )?,
-        _ => None,
+    let (prompts, max_new) = (cfg.eval_prompts.as_deref(), cfg.eval_max_new_tokens);
+    let fresh = start.state.is_none();
+    let judge_before = match main {
+        true => ctx.judged_start(&start.model, prompts, max_new, fresh)?,
+        false => None,
     };
+    let fitted = fit(&run, start, &objective, &examples)?;
+    finish(&run, &fitted)?;
+    let judge_after = match main {
+        true => ctx.judged_eval(&fitted.model, prompts, max_new, SAMPLES_AFTER)?,
+        false => None,
+    };
+    let final_eval_loss = fitted.last_eval.map(|e| e.0);
+    let flags = learning::flags(
+        main,
+        [
+            fitted.warning.clone(),
+            learning::near_frequency_baseline("sft", final_eval_loss, frequency_loss),
+            learning::no_judge_gain(
+                "sft",
+                "the starting model's (step 0)",
+                judge_before.map(|j| j.mean),
+                judge_after.map(|j| j.mean),
+            ),
+        ],
+    );
     let summary = SftSummary {
         steps: fitted.steps,
         train_examples: examples.len(),
@@ -247,12 +276,17 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         prompts_cut: cut.prompts_cut,
         completions_cut: cut.completions_cut,
         final_train_loss: fitted.last_loss,
-        final_eval_loss: fitted.last_eval.map(|e| e.0),
-        eval_gold_score: judged.map(|j| j.mean),
-        eval_exact: judged.map(|j| j.exact),
+        final_eval_loss,
+        eval_gold_score: judge_after.map(|j| j.mean),
+        eval_exact: judge_after.map(|j| j.exact),
         tokens_per_second: fitted.tokens_per_second,
         wall_seconds: started.elapsed().as_secs_f64(),
-        warning: fitted.warning,
+        baselines: SftBaselines {
+            frequency_loss,
+            eval_gold_before: judge_before.map(|j| j.mean),
+            eval_exact_before: judge_before.map(|j| j.exact),
+        },
+        flags,
     };
     if main {
         write_summary(out, &summary)?;

@@ -15,12 +15,12 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::check;
 use crate::dist::Ranks;
-use crate::eval::answer::{judged_eval, read_judged, JudgedScore};
+use crate::eval::answer::JudgedScore;
 use crate::model::checkpoint::Model;
 use crate::rl::score_did_not_rise;
 use crate::train::{
-    finished_summary, prepare_out_dir, same_on_every_rank, stage_progress, step_seed,
-    write_summary, Checkpointer, MetricsLog, StageContext, StageError, METRICS_FILE,
+    finished_summary, learning, prepare_out_dir, same_on_every_rank, stage_progress, step_seed,
+    write_summary, Checkpointer, MetricsLog, StageContext, StageError, METRICS_FILE, SAMPLES_AFTER,
 };
 
 /// The settings the driver reads from a kind's config.
@@ -34,7 +34,6 @@ pub struct Schedule {
     pub eval_prompts: Option<PathBuf>,
     pub max_new_tokens: i64,
     pub save_rollouts: bool,
-    pub fail_if_not_learning: bool,
     /// The setting that weighs the KL penalty, which the did-not-learn
     /// warning suggests lowering.
     pub kl_setting: &'static str,
@@ -111,18 +110,14 @@ pub struct RlSummary {
     #[serde(default)]
     pub training_seconds: f64,
     pub wall_seconds: f64,
-    /// Set when the rollouts' score did not rise: the stage may not be
-    /// learning.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
+    /// Why the stage may not have learnt, each naming its baseline (its
+    /// first rollouts' score; the judge's score of the reference's answers)
+    /// and the numbers; empty when it cleared them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
     #[serde(flatten)]
     pub own: BTreeMap<String, serde_json::Value>,
 }
-
-/// Greedy answers of the reference, written by the first run of a stage
-/// (a resumed run reads their scores back).
-const SAMPLES_BEFORE: &str = "samples_before.jsonl";
-const SAMPLES_AFTER: &str = "samples.jsonl";
 
 /// Runs (or resumes, or finds done) an RL stage; `start` loads its
 /// learner, from the newest usable periodic checkpoint if there is one.
@@ -151,8 +146,14 @@ pub fn run<L: Learner>(
     let (mut learner, state) = start()?;
     let eval_before = match (&state, main) {
         (_, false) => None,
-        (None, true) => learner.with_reference(|r| judge_eval(r, s, ctx, SAMPLES_BEFORE))?,
-        (Some(_), true) => read_judged(&out.join(SAMPLES_BEFORE)),
+        (fresh, true) => learner.with_reference(|r| {
+            ctx.judged_start(
+                r,
+                s.eval_prompts.as_deref(),
+                s.max_new_tokens,
+                fresh.is_none(),
+            )
+        })?,
     };
     let first = state.as_ref().and_then(|s| s.first_mean_score);
     let from = state.map_or(0, |s| s.iteration);
@@ -189,9 +190,21 @@ pub fn run<L: Learner>(
     if !main {
         return Ok(summary);
     }
-    let eval_after = judge_eval(learner.policy(), s, ctx, SAMPLES_AFTER)?;
+    let prompts = s.eval_prompts.as_deref();
+    let eval_after = ctx.judged_eval(learner.policy(), prompts, s.max_new_tokens, SAMPLES_AFTER)?;
     summary.judged([eval_before, eval_after]);
-    summary.warning = learning_warning(s, out)?;
+    summary.flags = learning::flags(
+        true,
+        [
+            score_did_not_rise(&out.join(METRICS_FILE), s.kind, s.kl_setting),
+            learning::no_judge_gain(
+                s.kind,
+                "the reference's (its starting policy)",
+                summary.eval_gold_before,
+                summary.eval_gold_after,
+            ),
+        ],
+    );
     write_summary(out, &summary)?;
     Ok(summary)
 }
@@ -325,7 +338,7 @@ impl Tallies {
             generation_seconds: self.generation_seconds,
             training_seconds: self.training_seconds,
             wall_seconds: started.elapsed().as_secs_f64(),
-            warning: None,
+            flags: vec![],
             own,
         }
     }
@@ -341,46 +354,11 @@ impl RlSummary {
     }
 }
 
-/// The did-not-learn warning from the rollouts' scores (logged); an error
-/// instead where `fail_if_not_learning` asks for one.
-fn learning_warning(s: &Schedule, out: &Path) -> Result<Option<String>, StageError> {
-    let warning = score_did_not_rise(&out.join(METRICS_FILE), s.kind, s.kl_setting);
-    if let Some(w) = &warning {
-        tracing::warn!("{w}");
-        if s.fail_if_not_learning {
-            return Err(StageError::NotLearning(w.clone()));
-        }
-    }
-    Ok(warning)
-}
-
 /// Whether any rank was interrupted: every rank stops after the same
 /// iteration.
 fn any_interrupted(ranks: &Ranks) -> Result<bool, StageError> {
     let mine = f64::from(u8::from(crate::train::interrupt_requested()));
     Ok(ranks.sum(&[mine])?[0] > 0.0)
-}
-
-/// Greedy answers of `model` to `eval_prompts`, written with their judge
-/// scores to `file` in the stage folder; `None` without prompts.
-fn judge_eval(
-    model: &Model,
-    s: &Schedule,
-    ctx: &StageContext,
-    file: &str,
-) -> Result<Option<JudgedScore>, StageError> {
-    let Some(prompts) = &s.eval_prompts else {
-        return Ok(None);
-    };
-    let out = ctx.out_dir.join(file);
-    judged_eval(
-        model,
-        prompts,
-        s.max_new_tokens,
-        &|pairs| ctx.judge_answers(pairs),
-        ctx.device,
-        &out,
-    )
 }
 
 #[cfg(test)]

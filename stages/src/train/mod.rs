@@ -12,6 +12,7 @@
 
 pub mod batches;
 pub mod checkpoints;
+pub mod learning;
 pub mod metrics;
 pub mod tensorboard;
 
@@ -37,6 +38,7 @@ pub use checkpoints::{
     save_training, Checkpointer, FINAL_DIR, KEEP_PERIODIC, OPTIMIZER_FILE, PERIODIC_DIR,
     STATE_FILE,
 };
+pub use learning::{not_learning, MIN_IMPROVEMENT};
 pub use metrics::{
     finished_summary, progress_bar, stage_progress, write_summary, MetricsLog, METRICS_FILE,
     PROGRESS_FILE, SUMMARY_FILE,
@@ -64,8 +66,9 @@ pub struct TrainSettings {
     pub checkpoint_every: i64,
     /// Unset: the experiment's seed.
     pub seed: Option<u64>,
-    /// Fail the stage (and so the pipeline) when its eval loss fell by
-    /// less than [`MIN_IMPROVEMENT`] of its start; unset, it only warns.
+    /// When the stage is flagged as not learning ([`learning`]: its eval
+    /// loss hardly fell, or it did not clear its baselines), `rlhf run`
+    /// starts no stage that depends on it; unset, the flags only warn.
     pub fail_if_not_learning: bool,
     /// Train LoRA adapters on the frozen `init` model instead of every
     /// weight (a scalar head is trained in full).
@@ -87,25 +90,6 @@ pub struct TrainSettings {
     /// of all, for about a third more time. Needs dropout off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
-}
-
-/// The share of its start an eval loss must fall by for a stage to count
-/// as learning: a stage stuck at chance (an unlucky seed, labels that say
-/// nothing) moves it by a percent or less.
-pub const MIN_IMPROVEMENT: f64 = 0.02;
-
-/// A warning when the eval loss fell by less than [`MIN_IMPROVEMENT`] of
-/// its start (or rose).
-pub fn not_learning(label: &str, start: Option<f64>, end: Option<f64>) -> Option<String> {
-    let (start, end) = (start?, end?);
-    let fell = (start - end) / start.abs().max(1e-12);
-    (fell < MIN_IMPROVEMENT).then(|| {
-        format!(
-            "{label} may not be learning: its eval loss ended at {end:.4} against {start:.4} at its start or by chance ({:+.1}%; a learning stage falls by at least {:.0}%): check the data, the learning rate and the seed",
-            -100.0 * fell,
-            100.0 * MIN_IMPROVEMENT
-        )
-    })
 }
 
 impl TrainSettings {
@@ -436,7 +420,8 @@ pub struct Fitted<E> {
     pub last_loss: f64,
     pub last_eval: Option<E>,
     pub tokens_per_second: f64,
-    /// Set when the eval loss hardly moved ([`not_learning`]).
+    /// Set when the eval loss hardly moved ([`not_learning`]); the stage
+    /// logs it with its other flags ([`learning::flags`]).
     pub warning: Option<String>,
 }
 
@@ -531,7 +516,7 @@ pub fn fit<O: Objective>(
     }
     bar.finish_and_clear();
     let baseline = objective.chance_loss().or(start_eval);
-    let warning = learning_warning(run, baseline, last_eval.as_ref().map(|e| e.loss()))?;
+    let warning = not_learning(run.label, baseline, last_eval.as_ref().map(|e| e.loss()));
     Ok(Fitted {
         model,
         opt,
@@ -616,25 +601,6 @@ pub fn padding_waste(real: usize, computed: usize) -> f64 {
         0 => 0.0,
         n => 1.0 - real as f64 / n as f64,
     }
-}
-
-/// The did-not-learn warning, logged by rank 0; an error when the stage
-/// must learn. Every rank evaluated alike, so every rank decides alike.
-fn learning_warning(
-    run: &FitRun,
-    baseline: Option<f64>,
-    last_eval: Option<f64>,
-) -> Result<Option<String>, StageError> {
-    let warning = not_learning(run.label, baseline, last_eval);
-    if let Some(w) = &warning {
-        if run.ranks.is_main() {
-            tracing::warn!("{w}");
-        }
-        if run.settings.fail_if_not_learning {
-            return Err(StageError::NotLearning(w.clone()));
-        }
-    }
-    Ok(warning)
 }
 
 /// Adds an eval to the step's record, and logs it every `eval_every`.
@@ -1002,7 +968,53 @@ pub type Ranker = std::sync::Arc<
         + Sync,
 >;
 
+/// Greedy answers to a stage's eval prompts, judged: the starting
+/// model's (written when the stage starts; a resumed stage reads their
+/// scores back) and the trained model's.
+pub const SAMPLES_BEFORE: &str = "samples_before.jsonl";
+pub const SAMPLES_AFTER: &str = "samples.jsonl";
+
 impl StageContext {
+    /// `model`'s greedy answers to `prompts`, judged and written to `file`
+    /// in the stage folder; `None` without prompts, or where the judge
+    /// knows none of them.
+    pub fn judged_eval(
+        &self,
+        model: &Model,
+        prompts: Option<&Path>,
+        max_new_tokens: i64,
+        file: &str,
+    ) -> Result<Option<crate::eval::answer::JudgedScore>, StageError> {
+        let Some(path) = prompts else {
+            return Ok(None);
+        };
+        crate::eval::answer::judged_eval(
+            model,
+            path,
+            max_new_tokens,
+            &|pairs| self.judge_answers(pairs),
+            self.device,
+            &self.out_dir.join(file),
+        )
+    }
+
+    /// The starting model's judged answers ([`SAMPLES_BEFORE`]): judged now
+    /// on a `fresh` run, read back on a resumed one.
+    pub fn judged_start(
+        &self,
+        model: &Model,
+        prompts: Option<&Path>,
+        max_new_tokens: i64,
+        fresh: bool,
+    ) -> Result<Option<crate::eval::answer::JudgedScore>, StageError> {
+        match fresh {
+            true => self.judged_eval(model, prompts, max_new_tokens, SAMPLES_BEFORE),
+            false => Ok(prompts.and_then(|_| {
+                crate::eval::answer::read_judged(&self.out_dir.join(SAMPLES_BEFORE))
+            })),
+        }
+    }
+
     /// Scores of the stage's eval answers: the experiment's judge program,
     /// all at once, when it names one; else the bundled task's judge where
     /// it knows the prompt.

@@ -120,8 +120,9 @@ pub struct GrpoConfig {
     pub eval_prompts: Option<PathBuf>,
     /// Write each iteration's answers as Parquet (`rollouts/`).
     pub save_rollouts: bool,
-    /// Fail the stage when the sampled groups' score did not rise; unset,
-    /// warn.
+    /// When the stage is flagged (its rollouts' score did not rise, or the
+    /// judge scores its eval answers no better than the reference's),
+    /// `rlhf run` starts no stage that depends on it; unset, flags warn.
     pub fail_if_not_learning: bool,
     /// Train LoRA adapters on the frozen policy; the reference is then the
     /// policy with its adapters off.
@@ -395,7 +396,6 @@ pub fn run(cfg: &GrpoConfig, ctx: &StageContext) -> Result<RlSummary, StageError
         eval_prompts: cfg.eval_prompts.clone(),
         max_new_tokens: cfg.sampling.max_new_tokens,
         save_rollouts: cfg.save_rollouts,
-        fail_if_not_learning: cfg.fail_if_not_learning,
         kl_setting: "beta",
         max_grad_norm: cfg.max_grad_norm,
     };

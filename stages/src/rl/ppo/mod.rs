@@ -114,7 +114,9 @@ pub struct PpoConfig {
     pub save_rollouts: bool,
     /// Unset: the experiment's seed.
     pub seed: Option<u64>,
-    /// Fail the stage when the rollouts' score did not rise; unset, warn.
+    /// When the stage is flagged (its rollouts' score did not rise, or the
+    /// judge scores its eval answers no better than the reference's),
+    /// `rlhf run` starts no stage that depends on it; unset, flags warn.
     pub fail_if_not_learning: bool,
     /// Train LoRA adapters on the frozen policy and critic. The reference
     /// is then the policy with its adapters off: one copy of the base in
@@ -314,7 +316,6 @@ pub fn run(cfg: &PpoConfig, ctx: &StageContext) -> Result<RlSummary, StageError>
         eval_prompts: cfg.eval_prompts.clone(),
         max_new_tokens: cfg.sampling.max_new_tokens,
         save_rollouts: cfg.save_rollouts,
-        fail_if_not_learning: cfg.fail_if_not_learning,
         kl_setting: "kl_coef",
         max_grad_norm: cfg.max_grad_norm,
     };

@@ -181,9 +181,43 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
     // Reward models: one per round, measured on the held-out rankings.
     let rms = report["reward_models"].as_array().unwrap();
     assert_eq!(rms.len(), 2);
+    // Beside each accuracy, "the longer answer wins" on the same pairs,
+    // recounted from the rankings file (bytes: the byte tokenizer's tokens).
+    let (mut right, mut pairs) = (0.0, 0usize);
+    for line in std::fs::read_to_string(d.path().join("gold.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let row: Value = serde_json::from_str(line).unwrap();
+        let (answers, ranks) = (
+            row["responses"].as_array().unwrap(),
+            row["ranking"].as_array().unwrap(),
+        );
+        for i in 0..answers.len() {
+            for j in 0..answers.len() {
+                if ranks[i].as_u64() < ranks[j].as_u64() {
+                    let (a, b) = (
+                        answers[i].as_str().unwrap().len(),
+                        answers[j].as_str().unwrap().len(),
+                    );
+                    right += if a > b {
+                        1.0
+                    } else if a == b {
+                        0.5
+                    } else {
+                        0.0
+                    };
+                    pairs += 1;
+                }
+            }
+        }
+    }
     for m in rms {
         let acc = m["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc) && m["pairs"].as_u64().unwrap() > 0);
+        assert_eq!(m["pairs"].as_u64(), Some(pairs as u64));
+        let length = m["length_accuracy"].as_f64().unwrap();
+        assert!((length - right / pairs as f64).abs() < 1e-12, "{length}");
     }
 
     // Plots: real PNGs, listed in the report and linked from the Markdown.
@@ -232,9 +266,12 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["answers"].as_array().unwrap().len(), 3);
 
-    // A stage's own warning (did not learn) reaches the report.
+    // A stage's own flags (did not learn) reach the report, and so does
+    // the single warning of a summary written before flags.
     let manifest_path = run.join("ppo/manifest.json");
     let mut manifest = json_file(&manifest_path);
+    manifest["summary"]["flags"] =
+        serde_json::json!(["ppo did not improve by the judge: (written by the test)"]);
     manifest["summary"]["warning"] = Value::from("ppo may not be learning: (written by the test)");
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
     assert!(
@@ -244,9 +281,19 @@ fn eval_report_agrees_with_its_answers_and_samples_shows_them() {
     );
     let md = std::fs::read_to_string(report_dir.join("report.md")).unwrap();
     assert!(
-        md.contains("## Warnings") && md.contains("ppo may not be learning: (written by the test)"),
+        md.contains("## Flagged stages")
+            && md.contains("- `ppo`: ppo did not improve by the judge: (written by the test)")
+            && md.contains("- `ppo`: ppo may not be learning: (written by the test)"),
         "{md}"
     );
+    let report = json_file(&report_dir.join("report.json"));
+    let ppo = report["flagged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["stage"] == "ppo")
+        .unwrap_or_else(|| panic!("{}", report["flagged"]));
+    assert_eq!(ppo["flags"].as_array().unwrap().len(), 2);
 
     // The round's reward model gone: the report says which one scored.
     std::fs::remove_dir_all(run.join("round-1/rm")).unwrap();

@@ -241,19 +241,25 @@ fn heading(out: &mut String, r: &Report) {
         }
         out.push('\n');
     }
-    if !r.flagged.is_empty() {
-        let _ = writeln!(out, "## Flagged stages\n");
-        let _ = writeln!(
-            out,
-            "These stages did not clear a baseline; what depends on them was trained on a stage that may not have learnt.\n"
-        );
-        for f in &r.flagged {
-            for why in &f.flags {
-                let _ = writeln!(out, "- `{}`: {why}", f.stage);
-            }
-        }
-        out.push('\n');
+    flagged_section(out, &r.flagged);
+}
+
+/// The stages that did not clear a baseline, each reason on its line.
+pub(super) fn flagged_section(out: &mut String, flagged: &[super::FlaggedStage]) {
+    if flagged.is_empty() {
+        return;
     }
+    let _ = writeln!(out, "## Flagged stages\n");
+    let _ = writeln!(
+        out,
+        "These stages did not clear a baseline; what depends on them was trained on a stage that may not have learnt.\n"
+    );
+    for f in flagged {
+        for why in &f.flags {
+            let _ = writeln!(out, "- `{}`: {why}", f.stage);
+        }
+    }
+    out.push('\n');
 }
 
 /// Each SFT stage's held-out loss beside the frequency baseline, and the

@@ -372,13 +372,7 @@ pub fn evaluate_run(
         reward_stage,
         reward_model: reward_stage.map(|s| load_model(s, device)).transpose()?,
     };
-    let policy_stages: Vec<&FinishedStage> = std::iter::once(reference_stage)
-        .chain(
-            stages
-                .iter()
-                .filter(|s| s.is_policy() && s.label != reference_stage.label),
-        )
-        .collect();
+    let policy_stages = policies_after_reference(&stages, reference_stage);
     let task_judge = gold.while_answering();
     let (mut all_answers, kls, verified) = answer_all(
         &policy_stages,
@@ -436,6 +430,17 @@ pub fn evaluate_run(
         stages,
         run_dir: run_dir.to_owned(),
     })
+}
+
+/// The reference first, then every other policy stage in order.
+fn policies_after_reference<'a>(
+    stages: &'a [FinishedStage],
+    reference: &'a FinishedStage,
+) -> Vec<&'a FinishedStage> {
+    let others = stages
+        .iter()
+        .filter(|s| s.is_policy() && s.label != reference.label);
+    std::iter::once(reference).chain(others).collect()
 }
 
 /// A policy's label and its answers.

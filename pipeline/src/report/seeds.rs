@@ -234,11 +234,11 @@ pub fn render(r: &SeedsReport) -> String {
         if r.judge.is_empty() { "the bundled task's judge" } else { &r.judge },
         r.reference
     );
-    flagged(&mut out, &r.flagged);
+    super::markdown::flagged_section(&mut out, &r.flagged);
     let _ = writeln!(out, "## Policies over the seeds\n");
     let _ = writeln!(
         out,
-        "| policy | gold score | exactly right | gold win rate vs {} | KL to it |",
+        "| policy | gold score | exactly right | gold win rate vs {0} | KL to {0} |",
         r.reference
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
@@ -260,19 +260,6 @@ pub fn render(r: &SeedsReport) -> String {
         let _ = writeln!(out, "- seed {seed}: `{}`", path.display());
     }
     out
-}
-
-fn flagged(out: &mut String, flagged: &[FlaggedStage]) {
-    if flagged.is_empty() {
-        return;
-    }
-    let _ = writeln!(out, "## Flagged stages\n");
-    for f in flagged {
-        for why in &f.flags {
-            let _ = writeln!(out, "- `{}`: {why}", f.stage);
-        }
-    }
-    out.push('\n');
 }
 
 fn per_seed(out: &mut String, r: &SeedsReport) {

@@ -966,13 +966,7 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
         None => (vec![], vec![]),
     };
     // Checked before the reference pass, the stage's first long step.
-    let answers = all.iter().map(|g| g.responses.len()).max().unwrap_or(0);
-    let longest = all
-        .iter()
-        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()));
-    let longest = longest.max().unwrap_or(0);
-    let rows = (train.batch_size / run.ranks.world()).max(1).min(all.len()) * answers;
-    crate::train::check_step_memory(&start.model, rows, longest)?;
+    crate::train::check_groups_memory(&start.model, all.iter(), train.batch_size, run.ranks)?;
     let fresh = start.state.is_none();
     let reference_started = Instant::now();
     let [all, held_out] = with_reference(

@@ -362,21 +362,8 @@ pub fn run(cfg: &RewardConfig, ctx: &StageContext) -> Result<RewardSummary, Stag
         train.total_steps(examples.len()),
         train.batch_size * train.grad_accum
     );
-    // A micro-batch holds every answer of its groups, each after its prompt.
-    let answers = examples
-        .iter()
-        .map(|g| g.responses.len())
-        .max()
-        .unwrap_or(0);
-    let longest = examples
-        .iter()
-        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()));
-    let longest = longest.max().unwrap_or(0);
-    let rows = (train.batch_size / run.ranks.world())
-        .max(1)
-        .min(examples.len())
-        * answers;
-    crate::train::check_step_memory(&start.model, rows, longest)?;
+    let groups = examples.iter().copied();
+    crate::train::check_groups_memory(&start.model, groups, train.batch_size, run.ranks)?;
     let mut fitted = fit(&run, start, &objective, &examples)?;
     let normalization = match &cfg.normalize_on {
         Some(path) => Some(normalize(

@@ -672,6 +672,24 @@ pub fn check_step_memory(model: &Model, rows: usize, len: usize) -> Result<(), S
     ))
 }
 
+/// [`check_step_memory`] for ranked groups: a micro-batch holds every
+/// answer of `batch_size` groups (this rank's share), each after its prompt.
+pub fn check_groups_memory<'a>(
+    model: &Model,
+    groups: impl Iterator<Item = &'a rlhf_datasets::batch::TokenizedGroup> + Clone,
+    batch_size: usize,
+    ranks: &Ranks,
+) -> Result<(), StageError> {
+    let answers = groups.clone().map(|g| g.responses.len()).max().unwrap_or(0);
+    let count = groups.clone().count();
+    let longest = groups
+        .flat_map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()))
+        .max()
+        .unwrap_or(0);
+    let rows = (batch_size / ranks.world()).max(1).min(count) * answers;
+    check_step_memory(model, rows, longest)
+}
+
 /// The trainable variables by name: the same order on every rank (a
 /// VarStore's own order comes from a hash map).
 pub fn trainable_by_name(model: &Model) -> Vec<Tensor> {

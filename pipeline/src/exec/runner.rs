@@ -243,9 +243,12 @@ fn failure_report<T>(finished: &crate::plan::schedule::Finished<T>) -> String {
         }
     }
     if !finished.not_run.is_empty() {
-        let why = match rlhf_stages::train::interrupt_requested() {
-            true => "not started (interrupted, or downstream of a failure)",
-            false => "not run (downstream of a failure or a flagged stage)",
+        let flagged = finished.failed.iter().filter(|f| f.error.is::<Flagged>());
+        let why = match (rlhf_stages::train::interrupt_requested(), flagged.count()) {
+            (true, _) => "not started (interrupted, or downstream of a failure)",
+            (false, 0) => "not run (downstream of a failure)",
+            (false, n) if n == finished.failed.len() => "not run (downstream of a flagged stage)",
+            (false, _) => "not run (downstream of a failure or a flagged stage)",
         };
         text.push_str(&format!("\n{why}: {}", finished.not_run.join(", ")));
     }

@@ -178,6 +178,8 @@ fn ended_state(
     let before_this_run =
         matches!((m.ended_at, live_run_started), (Some(end), Some(start)) if end < start);
     let error = || m.summary["error"].as_str().map(str::to_owned);
+    let flags = crate::run_folder::summary_flags(&m.summary);
+    let flagged = || (!flags.is_empty()).then(|| format!("flagged: {}", flags.join("; ")));
     match m.status {
         // An earlier run's failure, which this one has not reached yet.
         Status::Failed | Status::Interrupted if before_this_run => (
@@ -188,8 +190,8 @@ fn ended_state(
             )),
         ),
         Status::Complete if m.copied_from.is_some() => ("copied", m.copied_from.clone()),
-        Status::Complete if before_this_run => ("cached", None),
-        Status::Complete => ("finished", None),
+        Status::Complete if before_this_run => ("cached", flagged()),
+        Status::Complete => ("finished", flagged()),
         Status::Failed => ("failed", error()),
         Status::Interrupted => ("interrupted", None),
     }
@@ -306,6 +308,13 @@ mod tests {
             Some("../other/sft"),
         );
         ended(&run.join("failed"), Status::Failed, 10.0, None);
+        ended(&run.join("flagged"), Status::Complete, 10.0, None);
+        let manifest = run.join("flagged").join(crate::run_folder::MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        m["summary"]["flags"] =
+            serde_json::json!(["sft did not get clear of the frequency baseline"]);
+        std::fs::write(&manifest, m.to_string()).unwrap();
         ended(&run.join("failed_before"), Status::Failed, 200.0, None);
         started(&run.join("running"));
         std::fs::write(
@@ -340,6 +349,13 @@ mod tests {
         assert_eq!(got("before", false), ("finished", None));
         assert_eq!(got("copied", true), ("copied", Some("../other/sft".into())));
         assert_eq!(got("failed", true), ("failed", Some("boom".into())));
+        assert_eq!(
+            got("flagged", true),
+            (
+                "finished",
+                Some("flagged: sft did not get clear of the frequency baseline".into())
+            )
+        );
         assert_eq!(
             got("failed_before", true),
             ("waiting", Some("its last run: boom".into()))

@@ -147,7 +147,8 @@ fn a_stage_on_the_plateau_is_flagged_and_stops_the_run_before_the_reward_model()
         Some(freq)
     );
 
-    // A stage's own setting stops the run too (its key changes: SFT runs again).
+    // A stage's own setting stops the run too; it is no part of the stage's
+    // key (it changes nothing the stage makes), so SFT stays cached.
     let out = rlhf(&[
         "run",
         exp.to_str().unwrap(),
@@ -159,7 +160,8 @@ fn a_stage_on_the_plateau_is_flagged_and_stops_the_run_before_the_reward_model()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("not run (downstream of a flagged stage): rm"),
+        stderr.contains("not run (downstream of a flagged stage): rm")
+            && stderr.contains("[sft] cached"),
         "{stderr}"
     );
 }
@@ -337,6 +339,32 @@ fn seeds_run_apart_and_eval_reports_their_spread() {
     );
     // Each seed's own report stands beside its stages.
     assert!(run.join("seed-3/report/report.md").exists());
+    // A seed that finished no policy is left out, and the report says so.
+    std::fs::remove_dir_all(run.join("seed-3/sft")).unwrap();
+    std::fs::remove_dir_all(run.join("seed-3/ppo")).unwrap();
+    let out = rlhf(&[
+        "eval",
+        run.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--kl-samples",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_file(&run.join("report/report.json"));
+    assert_eq!(report["seeds"], serde_json::json!([1, 2]));
+    assert!(
+        report["left_out"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("seed 3 (seed-3): "),
+        "{report}"
+    );
+    assert_eq!(report["policies"][1]["gold_score"]["seeds"], 2);
     // The seeds' folder is no run to watch: the error names one that is.
     let out = rlhf(&["watch", run.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

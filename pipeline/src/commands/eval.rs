@@ -84,18 +84,33 @@ fn evaluate_seeds(
     device: tch::Device,
 ) -> anyhow::Result<()> {
     let _lock = crate::run_folder::lock::lock_run_folder(run)?;
-    let mut reports = Vec::new();
+    let (mut reports, mut left_out) = (Vec::new(), Vec::new());
     for (seed, dir) in seeds {
         tracing::info!("seed {seed}: evaluating {}", dir.display());
         let _seed_lock = crate::run_folder::lock::lock_run_folder(dir)?;
         let precision = opts.settings.precision;
-        let mut evaluation = precision
-            .run(device, || evaluate_run(dir, opts, device))
-            .map_err(|e| anyhow::anyhow!("seed {seed} ({}): {e:#}", dir.display()))?;
-        write_report(&mut evaluation)?;
-        reports.push((*seed, evaluation.report));
+        // A seed whose run finished nothing to evaluate is left out (and
+        // said so); the others are still reported.
+        match precision.run(device, || evaluate_run(dir, opts, device)) {
+            Ok(mut evaluation) => {
+                write_report(&mut evaluation)?;
+                reports.push((*seed, evaluation.report));
+            }
+            Err(e) => {
+                let folder = crate::run_folder::seed_folder(*seed);
+                let why = format!("seed {seed} ({folder}): {e:#}");
+                tracing::warn!("left out: {why}");
+                left_out.push(why);
+            }
+        }
     }
-    let over = crate::report::seeds::aggregate(run, &reports);
+    anyhow::ensure!(
+        !reports.is_empty(),
+        "no seed of {} could be evaluated:\n{}",
+        run.display(),
+        left_out.join("\n")
+    );
+    let over = crate::report::seeds::aggregate(run, &reports, left_out);
     let dir = crate::report::seeds::write(run, &over)?;
     print!("{}", crate::report::seeds::render(&over));
     eprintln!(

@@ -23,7 +23,7 @@ pub fn run(args: StageArgs) -> anyhow::Result<()> {
             let exp = Experiment::load(config, &args.overrides)?;
             anyhow::ensure!(
                 exp.spec.seeds.is_empty(),
-                "{}: the experiment runs once per seed (seeds: {:?}); to run one stage alone, choose its seed: --set seeds=[] --set seed=N",
+                "{}: the experiment runs once per seed (seeds: {:?}), each in its own folder: run one stage of every seed with `rlhf run FILE --only STAGE`",
                 config.display(),
                 exp.spec.seeds
             );

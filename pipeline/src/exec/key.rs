@@ -64,10 +64,15 @@ pub fn stage_key(
         })?;
         inputs.insert(f.display().to_string(), hash);
     }
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "stage": serde_json::to_value(stage)?,
         "model": serde_json::to_value(&exp.spec.model)?,
     });
+    // Whether the run stops after a flagged stage changes nothing the
+    // stage makes: hashed as unset, switching it keeps the stage cached.
+    if config["stage"]["fail_if_not_learning"] == true {
+        config["stage"]["fail_if_not_learning"] = false.into();
+    }
     // Paths inside the run folder are other stages' outputs, which the
     // upstream keys already identify: hashed relative to the run folder, a
     // copied or moved run folder stays cached.

@@ -108,22 +108,44 @@ pub struct SeedsReport {
     pub flagged: Vec<FlaggedStage>,
     /// Each seed's own report, relative to this report's folder.
     pub reports: Vec<PathBuf>,
+    /// Seeds left out, and why (their run did not finish a policy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
-/// Every policy and reward model of the seeds' reports, in the first
-/// seed's order; a policy missing from a seed counts over the others.
-pub fn aggregate(run: &Path, reports: &[(u64, Report)]) -> SeedsReport {
+/// Every label the reports hold, in order of first appearance.
+fn labels_over<'a>(
+    reports: &'a [(u64, Report)],
+    of: fn(&'a Report) -> Vec<&'a str>,
+) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for (_, r) in reports {
+        for label in of(r) {
+            if !out.contains(&label) {
+                out.push(label);
+            }
+        }
+    }
+    out
+}
+
+/// Every policy and reward model of the seeds' reports, in order of first
+/// appearance; one missing from a seed is summarised over the others (each
+/// cell says over how many). `reports` is not empty.
+pub fn aggregate(run: &Path, reports: &[(u64, Report)], left_out: Vec<String>) -> SeedsReport {
     let first = &reports[0].1;
-    let policies = first
-        .policies
-        .iter()
-        .map(|p| policy_over_seeds(&p.label, reports))
-        .collect();
-    let reward_models = first
-        .reward_models
-        .iter()
-        .map(|m| reward_over_seeds(&m.label, reports))
-        .collect();
+    let policies = labels_over(reports, |r| {
+        r.policies.iter().map(|p| p.label.as_str()).collect()
+    })
+    .into_iter()
+    .map(|label| policy_over_seeds(label, reports))
+    .collect();
+    let reward_models = labels_over(reports, |r| {
+        r.reward_models.iter().map(|m| m.label.as_str()).collect()
+    })
+    .into_iter()
+    .map(|label| reward_over_seeds(label, reports))
+    .collect();
     let folder = |seed: u64| PathBuf::from(crate::run_folder::seed_folder(seed));
     SeedsReport {
         run: PathBuf::from(run.file_name().unwrap_or(run.as_os_str())),
@@ -146,6 +168,7 @@ pub fn aggregate(run: &Path, reports: &[(u64, Report)]) -> SeedsReport {
             .iter()
             .map(|(s, _)| Path::new("..").join(folder(*s)).join("report/report.md"))
             .collect(),
+        left_out,
     }
 }
 
@@ -197,15 +220,19 @@ fn reward_over_seeds(label: &str, reports: &[(u64, Report)]) -> RewardOverSeeds 
 }
 
 /// `0.806 [0.79-0.82]` style: the mean, then min-max, at `digits`.
-fn spread_cell(s: &Option<Spread>, d: usize, scale: f64, unit: &str) -> String {
+fn spread_cell(s: &Option<Spread>, d: usize, scale: f64, unit: &str, seeds: usize) -> String {
     let Some(s) = s else {
         return "-".into();
     };
     let interval = s.interval_95.map_or_else(String::new, |[lo, hi]| {
         format!(" [{:.d$}, {:.d$}]", lo * scale, hi * scale)
     });
+    let over = match s.seeds < seeds {
+        true => format!(" over {} seeds", s.seeds),
+        false => String::new(),
+    };
     format!(
-        "{:.d$}{unit} ({:.d$}-{:.d$}){interval}",
+        "{:.d$}{unit} ({:.d$}-{:.d$}){interval}{over}",
         s.mean * scale,
         s.min * scale,
         s.max * scale,
@@ -234,6 +261,9 @@ pub fn render(r: &SeedsReport) -> String {
         if r.judge.is_empty() { "the bundled task's judge" } else { &r.judge },
         r.reference
     );
+    for why in &r.left_out {
+        let _ = writeln!(out, "**Left out:** {why}\n");
+    }
     super::markdown::flagged_section(&mut out, &r.flagged);
     let _ = writeln!(out, "## Policies over the seeds\n");
     let _ = writeln!(
@@ -242,19 +272,20 @@ pub fn render(r: &SeedsReport) -> String {
         r.reference
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
+    let n = r.seeds.len();
     for p in &r.policies {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} |",
             p.label,
-            spread_cell(&p.gold_score, 3, 1.0, ""),
-            spread_cell(&p.exact, 1, 100.0, "%"),
-            spread_cell(&p.win_rate, 1, 100.0, "%"),
-            spread_cell(&p.kl_to_reference, 2, 1.0, ""),
+            spread_cell(&p.gold_score, 3, 1.0, "", n),
+            spread_cell(&p.exact, 1, 100.0, "%", n),
+            spread_cell(&p.win_rate, 1, 100.0, "%", n),
+            spread_cell(&p.kl_to_reference, 2, 1.0, "", n),
         );
     }
     per_seed(&mut out, r);
-    reward_models(&mut out, &r.reward_models);
+    reward_models(&mut out, &r.reward_models, n);
     let _ = writeln!(out, "## Each seed's report\n");
     for (seed, path) in r.seeds.iter().zip(&r.reports) {
         let _ = writeln!(out, "- seed {seed}: `{}`", path.display());
@@ -289,7 +320,7 @@ fn per_seed(out: &mut String, r: &SeedsReport) {
     out.push('\n');
 }
 
-fn reward_models(out: &mut String, models: &[RewardOverSeeds]) {
+fn reward_models(out: &mut String, models: &[RewardOverSeeds], n: usize) {
     if models.is_empty() {
         return;
     }
@@ -304,8 +335,8 @@ fn reward_models(out: &mut String, models: &[RewardOverSeeds]) {
             out,
             "| {} | {} | {} | 50.0% |",
             m.label,
-            spread_cell(&m.accuracy, 1, 100.0, "%"),
-            spread_cell(&m.length_accuracy, 1, 100.0, "%"),
+            spread_cell(&m.accuracy, 1, 100.0, "%", n),
+            spread_cell(&m.length_accuracy, 1, 100.0, "%", n),
         );
     }
     out.push('\n');

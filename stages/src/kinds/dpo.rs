@@ -186,6 +186,7 @@ impl KindConfig for DpoConfig {
     type Summary = DpoSummary;
 
     fn validate(&self) -> Result<(), StageError> {
+        check::at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)?;
         self.train.validate()?;
         check::example_split(self.eval_fraction, self.max_len)?;
         check::require(
@@ -1004,9 +1005,11 @@ pub fn run(cfg: &DpoConfig, ctx: &StageContext) -> Result<DpoSummary, StageError
     );
     let main = run.ranks.is_main();
     let (prompts, max_new) = (cfg.eval_prompts.as_deref(), cfg.eval_max_new_tokens);
-    let gold_before = match main {
-        true => ctx.judged_start(&start.model, prompts, max_new, fresh)?,
-        false => None,
+    // One process only: with several ranks, rank 0 would judge while the
+    // others wait in fit's first collective, which has a timeout.
+    let gold_before = match run.ranks.world() {
+        1 => ctx.judged_start(&start.model, prompts, max_new, fresh)?,
+        _ => None,
     };
     let fitted = fit(&run, start, &objective, &examples)?;
     let final_eval = objective.evaluate(&fitted.model.net).or(fitted.last_eval);

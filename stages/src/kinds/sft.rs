@@ -239,15 +239,17 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         .max(1)
         .min(examples.len());
     crate::train::check_step_memory(&start.model, rows, longest)?;
-    let frequency_loss = learning::frequency_loss(examples.iter().map(|e| &e.completion[..]));
+    let frequency_loss = learning::frequency_loss(examples.iter().map(|e| learned_tokens(e)));
     let out = &ctx.out_dir;
     // Rank 0 alone writes the run folder (samples, summary).
     let main = run.ranks.is_main();
     let (prompts, max_new) = (cfg.eval_prompts.as_deref(), cfg.eval_max_new_tokens);
     let fresh = start.state.is_none();
-    let judge_before = match main {
-        true => ctx.judged_start(&start.model, prompts, max_new, fresh)?,
-        false => None,
+    // One process only: with several ranks, rank 0 would judge while the
+    // others wait in fit's first collective, which has a timeout.
+    let judge_before = match run.ranks.world() {
+        1 => ctx.judged_start(&start.model, prompts, max_new, fresh)?,
+        _ => None,
     };
     let fitted = fit(&run, start, &objective, &examples)?;
     finish(&run, &fitted)?;
@@ -292,6 +294,21 @@ pub fn run(cfg: &SftConfig, ctx: &StageContext) -> Result<SftSummary, StageError
         write_summary(out, &summary)?;
     }
     Ok(summary)
+}
+
+/// The completion tokens the loss counts (a conversation's assistant
+/// turns; all of them without a mask).
+fn learned_tokens(pair: &TokenizedPair) -> Vec<i64> {
+    match &pair.learn {
+        Some(mask) => pair
+            .completion
+            .iter()
+            .zip(mask)
+            .filter(|(_, &learn)| learn)
+            .map(|(&t, _)| t)
+            .collect(),
+        None => pair.completion.clone(),
+    }
 }
 
 /// The demonstrations tokenized for `model`, and how many were cut.

@@ -38,11 +38,11 @@ pub fn not_learning(label: &str, start: Option<f64>, end: Option<f64>) -> Option
 /// The loss per token of a model that knows only how often each token
 /// occurs among `answers` (the tokens a stage's loss counts): their
 /// entropy in nats. `None` without tokens.
-pub fn frequency_loss<'a>(answers: impl IntoIterator<Item = &'a [i64]>) -> Option<f64> {
+pub fn frequency_loss<A: AsRef<[i64]>>(answers: impl IntoIterator<Item = A>) -> Option<f64> {
     let mut counts: HashMap<i64, u64> = HashMap::new();
     let mut total = 0u64;
     for answer in answers {
-        for &t in answer {
+        for &t in answer.as_ref() {
             *counts.entry(t).or_default() += 1;
             total += 1;
         }
@@ -162,7 +162,7 @@ mod tests {
         let h = frequency_loss(answers).unwrap();
         let by_hand = -(0.5f64 * 0.5f64.ln() + 2.0 * 0.25 * 0.25f64.ln());
         assert!((h - by_hand).abs() < 1e-12, "{h} vs {by_hand}");
-        assert_eq!(frequency_loss(std::iter::empty::<&[i64]>()), None);
+        assert_eq!(frequency_loss(std::iter::empty::<Vec<i64>>()), None);
         // One token alone: nothing to learn beyond its frequency.
         assert_eq!(frequency_loss([&[7i64, 7][..]]), Some(0.0));
     }

@@ -339,6 +339,12 @@ fn seeds_run_apart_and_eval_reports_their_spread() {
     );
     // Each seed's own report stands beside its stages.
     assert!(run.join("seed-3/report/report.md").exists());
+    // A folder of an earlier, longer seeds list is not averaged in.
+    assert_eq!(
+        json_file(&run.join("seeds.json"))["seeds"],
+        serde_json::json!([1, 2, 3])
+    );
+    std::fs::create_dir_all(run.join("seed-9/sft")).unwrap();
     // A seed that finished no policy is left out, and the report says so.
     std::fs::remove_dir_all(run.join("seed-3/sft")).unwrap();
     std::fs::remove_dir_all(run.join("seed-3/ppo")).unwrap();
@@ -363,6 +369,11 @@ fn seeds_run_apart_and_eval_reports_their_spread() {
             .unwrap()
             .starts_with("seed 3 (seed-3): "),
         "{report}"
+    );
+    assert_eq!(
+        report["left_out"].as_array().unwrap().len(),
+        1,
+        "seed-9 is passed over"
     );
     assert_eq!(report["policies"][1]["gold_score"]["seeds"], 2);
     // The seeds' folder is no run to watch: the error names one that is.

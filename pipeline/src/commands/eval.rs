@@ -38,7 +38,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "{}: no such run folder",
         args.run.display()
     );
-    let seeds = crate::run_folder::seed_runs(&args.run);
+    let seeds = crate::run_folder::listed_seed_runs(&args.run);
     if !seeds.is_empty() {
         anyhow::ensure!(
             args.with.is_empty(),

@@ -32,6 +32,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // The seeds' folder, where `rlhf eval` writes their report.
     let _lock = crate::run_folder::lock::lock_run_folder(&exp.run_dir)?;
+    crate::run_folder::write_seeds(&exp.run_dir, &exp.spec.seeds)?;
     tracing::info!(
         "{}: one run per seed ({}), each in its own folder under {}",
         exp.spec.name,

@@ -54,6 +54,40 @@ pub fn seed_of(folder: &str) -> Option<u64> {
         .then(|| n.parse().ok())?
 }
 
+/// The seeds the last `rlhf run` of an experiment with `seeds:` ran, in
+/// the experiment's folder: folders of an earlier, longer list are not
+/// its runs.
+pub const SEEDS_FILE: &str = "seeds.json";
+
+/// Records `seeds` as the experiment's (in `dir`, its folder).
+pub fn write_seeds(dir: &Path, seeds: &[u64]) -> anyhow::Result<()> {
+    let text = serde_json::json!({ "seeds": seeds }).to_string();
+    rlhf_datasets::atomic::write_file(&dir.join(SEEDS_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+/// The seed run folders of `dir` that its `seeds.json` lists (all of
+/// them without one), by seed; those it does not list are named in the log.
+pub fn listed_seed_runs(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let all = seed_runs(dir);
+    let listed: Option<Vec<u64>> =
+        rlhf_datasets::files::read_bounded(&dir.join(SEEDS_FILE), 1 << 20, "the limit")
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| serde_json::from_value(v["seeds"].clone()).ok());
+    let Some(listed) = listed else {
+        return all;
+    };
+    let (keep, old): (Vec<_>, Vec<_>) = all.into_iter().partition(|(s, _)| listed.contains(s));
+    for (_, d) in &old {
+        tracing::info!(
+            "{}: not a seed of the last run ({SEEDS_FILE}); passed over",
+            d.display()
+        );
+    }
+    keep
+}
+
 /// The seed run folders (`seed-N/`) inside `dir`, by seed.
 pub fn seed_runs(dir: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = sorted_dirs(dir)
@@ -90,7 +124,7 @@ pub fn is_reserved(name: &str) -> bool {
     round_of(name).is_some()
         || seed_of(name).is_some()
         || name.starts_with('.')
-        || [REPORT_DIR, ROUNDS_LOG, plan_file::PLAN_FILE].contains(&name)
+        || [REPORT_DIR, ROUNDS_LOG, SEEDS_FILE, plan_file::PLAN_FILE].contains(&name)
 }
 
 /// Top-level stage folders of a run and those of its loop rounds.

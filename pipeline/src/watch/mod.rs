@@ -225,7 +225,7 @@ pub fn serve(run: PathBuf, bind: SocketAddr) -> anyhow::Result<()> {
         "{}: not a run folder (rlhf run writes runs/NAME)",
         run.display()
     );
-    let seeds = crate::run_folder::seed_runs(&run);
+    let seeds = crate::run_folder::listed_seed_runs(&run);
     if let Some((_, first)) = seeds.first() {
         anyhow::bail!(
             "{} holds one run per seed ({}): watch one of them, e.g. rlhf watch {}",

@@ -8,7 +8,20 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::common::{rlhf, task_head};
+use crate::common::{rlhf, rlhf_ok, task_head};
+
+/// `rlhf eval RUN` with short answers and one KL sample; its stdout.
+fn evaluate(run: &Path, max_new_tokens: &str) -> String {
+    let run = run.to_str().unwrap();
+    rlhf_ok(&[
+        "eval",
+        run,
+        "--max-new-tokens",
+        max_new_tokens,
+        "--kl-samples",
+        "1",
+    ])
+}
 
 fn json_file(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -114,19 +127,7 @@ fn a_stage_on_the_plateau_is_flagged_and_stops_the_run_before_the_reward_model()
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(run.join("rm/manifest.json").exists());
-    let out = rlhf(&[
-        "eval",
-        run.to_str().unwrap(),
-        "--max-new-tokens",
-        "8",
-        "--kl-samples",
-        "1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    evaluate(&run, "8");
     let report = json_file(&run.join("report/report.json"));
     let flagged = report["flagged"].as_array().unwrap();
     assert!(
@@ -297,20 +298,7 @@ fn seeds_run_apart_and_eval_reports_their_spread() {
         "no stage of its own beside the seeds"
     );
 
-    let out = rlhf(&[
-        "eval",
-        run.to_str().unwrap(),
-        "--max-new-tokens",
-        "12",
-        "--kl-samples",
-        "1",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = evaluate(&run, "12");
     assert!(stdout.contains("over 3 seeds (1, 2, 3)"), "{stdout}");
     let report = json_file(&run.join("report/report.json"));
     assert_eq!(report["seeds"], serde_json::json!([1, 2, 3]));
@@ -348,19 +336,7 @@ fn seeds_run_apart_and_eval_reports_their_spread() {
     // A seed that finished no policy is left out, and the report says so.
     std::fs::remove_dir_all(run.join("seed-3/sft")).unwrap();
     std::fs::remove_dir_all(run.join("seed-3/ppo")).unwrap();
-    let out = rlhf(&[
-        "eval",
-        run.to_str().unwrap(),
-        "--max-new-tokens",
-        "12",
-        "--kl-samples",
-        "1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    evaluate(&run, "12");
     let report = json_file(&run.join("report/report.json"));
     assert_eq!(report["seeds"], serde_json::json!([1, 2]));
     assert!(

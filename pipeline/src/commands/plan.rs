@@ -22,7 +22,6 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let exp = Experiment::load(&args.config, &args.overrides)?;
-    let runs = exp.seed_runs()?;
     let opts = RunOptions {
         force: args.force,
         only: args.only,
@@ -30,6 +29,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if exp.spec.seeds.is_empty() {
         return run_one(&exp, &opts);
     }
+    // Each seed's experiment, resolved (and so checked) before any runs.
+    let runs = exp.seed_runs()?;
     // The seeds' folder, where `rlhf eval` writes their report.
     let _lock = crate::run_folder::lock::lock_run_folder(&exp.run_dir)?;
     crate::run_folder::write_seeds(&exp.run_dir, &exp.spec.seeds)?;
